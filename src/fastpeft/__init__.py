@@ -1,0 +1,41 @@
+"""fastpeft: parameter-efficient fine-tuning, a drop-in for HF PEFT (same names, same adapter files)."""
+
+from . import methods  # noqa: F401  (registers every method)
+from .api import get_peft_config, get_peft_model, inject_adapter_in_model
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .checkpoint.io import load_peft_weights
+from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from .config import PeftConfig, PromptLearningConfig
+from .methods.lora import LoraConfig, LoraModel
+from .peft_model import PeftModel
+from .tasks import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .types import PeftType, TaskType
+from .utils import get_layer_status, get_model_status, prepare_model_for_kbit_training
+
+__version__ = "0.1.0"
+
+__all__ = sorted([
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
+    "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftType", "PromptLearningConfig", "TaskType", "get_layer_status", "get_model_status", "get_peft_config",
+    "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "load_peft_weights",
+    "prepare_model_for_kbit_training", "set_peft_model_state_dict",
+])

@@ -1,0 +1,43 @@
+"""Entry points: `get_peft_model`, `inject_adapter_in_model`, `get_peft_config`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import PeftConfig
+from .core.tuner import check_adapter_name
+from .peft_model import PeftModel, refuse_second_wrap
+from .registry import get_spec
+from .tasks import TASK_CLASSES
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    return PeftConfig.from_peft_type(**config_dict)
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap `model` with a new, trainable adapter; the task class follows `peft_config.task_type`."""
+    if mixed:
+        raise NotImplementedError("Mixed-method models (mixed=True) are not supported by fastpeft yet.")
+    check_adapter_name(adapter_name)
+    refuse_second_wrap(model)
+    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None)
+    if revision is not None:
+        peft_config.revision = revision
+    klass = TASK_CLASSES.get(getattr(peft_config.task_type, "value", peft_config.task_type), PeftModel)
+    return klass(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                 low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
+    """Add adapter layers to `model` in place (no PeftModel wrapper) and return it."""
+    spec = get_spec(peft_config.peft_type)
+    if spec.tuner_cls is None:
+        raise ValueError(f"{spec.peft_type.value} cannot be injected into a model: it transforms the inputs.")
+    tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return tuner.model

@@ -1,0 +1,1 @@
+"""Adapter checkpoints: key mapping (`keys`), files and the Hub (`io`)."""

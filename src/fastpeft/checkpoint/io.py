@@ -1,0 +1,148 @@
+"""Adapter files on disk and on the Hub: locating, reading and atomically writing them.
+
+Only `safetensors` and `torch.load(weights_only=True)` are used to read weights: no pickle code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import torch as safe_torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+
+# keyword arguments that belong to huggingface_hub downloads, not to the adapter
+HUB_KWARGS = ("revision", "cache_dir", "force_download", "proxies", "token", "local_files_only", "subfolder")
+
+
+class AdapterFileNotFoundError(FileNotFoundError, ValueError):
+    """An adapter folder or Hub repo lacks a file it must have (ValueError too, as HF PEFT raises)."""
+
+
+def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `kwargs` into (huggingface_hub download kwargs, the rest)."""
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
+    return hub, rest
+
+
+def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str | None:
+    """Path to `filename` in a local adapter folder or a Hub repo (cached copy when offline); None if absent."""
+    subfolder = hub_kwargs.pop("subfolder", None) or ""
+    local = Path(model_id) / subfolder / filename
+    if Path(model_id).is_dir():
+        return str(local) if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        return hf_hub_download(str(model_id), filename, subfolder=subfolder or None, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+        logger.debug("%s not found for %s: %s", filename, model_id, err)
+        return None
+    except ValueError as err:  # malformed repo id: treat as "no such adapter" and report below
+        logger.debug("could not resolve %s for %s: %s", filename, model_id, err)
+        return None
+
+
+def where(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """Human-readable location used in error messages."""
+    return f"{model_id}/{subfolder}" if subfolder else str(model_id)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object; it is not an adapter config.")
+    return data
+
+
+def atomic_write_many(jobs: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
+    """Write every file to a temp name first, then rename them all: a crash while writing changes nothing."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in jobs:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def json_writer(data: dict[str, Any]) -> Callable[[str], None]:
+    text = json.dumps(data, indent=2, sort_keys=True)
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return _write
+
+
+def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True) -> Callable[[str], None]:
+    """A writer for `atomic_write_many`: safetensors (default) or a torch `.bin`."""
+    # safetensors refuses tensors sharing storage: give those their own contiguous copy
+    ptrs = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
+    tensors = {k: _own_copy(v) if ptrs[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
+               for k, v in tensors.items()}
+    if safe:
+        # looked up at call time (not imported by name) so tests can simulate a crash mid-write
+        return lambda tmp: safe_torch.save_file(tensors, tmp, metadata={"format": "pt"})
+    return lambda tmp: torch.save(tensors, tmp)
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write_many([(path, json_writer(data))])
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().clone()
+
+
+def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a `.safetensors` or legacy `.bin` adapter file without executing pickled code."""
+    if path.endswith(".safetensors"):
+        return safe_torch.load_file(path, device=str(device))
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # weights_only unpickler refuses anything but tensors and plain containers
+        raise ValueError(
+            f"{path} could not be read with torch.load(weights_only=True): {err}. fastpeft never unpickles "
+            "arbitrary objects; re-save the adapter as safetensors with a trusted tool."
+        ) from err
+
+
+def load_peft_weights(model_id: str, device: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """Load the adapter weights (as saved, adapter names stripped) from a folder or Hub repo id."""
+    hub_kwargs, _ = split_hub_kwargs(hub_kwargs)
+    subfolder = hub_kwargs.get("subfolder")
+    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, **dict(hub_kwargs))
+    if path is None:
+        path = resolve_file(model_id, WEIGHTS_NAME, **dict(hub_kwargs))
+    if path is None:
+        raise AdapterFileNotFoundError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} found at '{where(model_id, subfolder)}'. "
+            "Pass the folder that save_pretrained wrote (or a Hub repo id that holds an adapter)."
+        )
+    return load_weights_file(path, device or "cpu")

@@ -1,0 +1,121 @@
+"""Pure mapping between a model's adapter parameters and the keys of an adapter file.
+
+A file key is the parameter's name in the model with the adapter name removed
+(`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`; a modules_to_save copy
+`head.modules_to_save.default.weight` -> `head.weight`). Built from the layers' declared parameters, never by
+matching substrings, and used in both directions (save and load).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.aux import ModulesToSaveWrapper
+from ..core.layer import AdapterHolder, AdapterLayer
+
+logger = logging.getLogger(__name__)
+
+
+def _file_key(prefix: str, local_key: str, adapter_name: str, holder: AdapterHolder) -> str:
+    parts = local_key.split(".")
+    parts.remove(adapter_name)  # the adapter name is exactly one path component of the local key
+    if isinstance(holder, ModulesToSaveWrapper):
+        parts = parts[1:]  # drop "modules_to_save": the copy is stored at the module's own path
+    return ".".join([prefix, *parts]) if prefix else ".".join(parts)
+
+
+def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, str]:
+    """{file key: model parameter name} for every tensor of `adapter_name` stored in adapter files."""
+    mapping: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, AdapterHolder):
+            continue
+        for local_key, _ in module.adapter_parameters(adapter_name):
+            model_key = f"{prefix}.{local_key}" if prefix else local_key
+            mapping[_file_key(prefix, local_key, adapter_name, module)] = model_key
+    for key in _bias_keys(model, adapter_name, getattr(config, "bias", "none")):
+        mapping.setdefault(key, key)
+    return mapping
+
+
+def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
+    """Base-model biases trained with LoRA's `bias` option (saved under their own names)."""
+    if bias == "all":
+        return [n for n, _ in model.named_parameters()
+                if n.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in n]
+    if bias == "lora_only":
+        keys = []
+        for prefix, module in model.named_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
+                if getattr(module.get_base_layer(), "bias", None) is not None:
+                    keys.append(f"{prefix}.base_layer.bias" if prefix else "base_layer.bias")
+        return keys
+    return []
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto"
+                              ) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter_name` keyed as in `adapter_model.safetensors`."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    config = _config_of(model, adapter_name)
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    if state_dict is None:
+        source.update(model.state_dict(keep_vars=True))
+    return {fk: source[mk].detach() for fk, mk in adapter_key_map(model, adapter_name, config).items()
+            if mk in source}
+
+
+@dataclass
+class LoadResult:
+    """Same fields as torch's `_IncompatibleKeys`: adapter keys the file lacked, file keys the model lacked."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.missing_keys, self.unexpected_keys))
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> LoadResult:
+    """Copy file tensors into the model's adapter `adapter_name`. Checks every shape before writing any."""
+    config = _config_of(model, adapter_name)
+    mapping = adapter_key_map(model, adapter_name, config)
+    params = dict(model.named_parameters())
+    result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping)))
+    result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in peft_model_state_dict)
+    writes = []
+    for file_key, value in peft_model_state_dict.items():
+        model_key = mapping.get(file_key)
+        if model_key is None:
+            continue
+        target = params[model_key]
+        if tuple(target.shape) != tuple(value.shape):
+            if ignore_mismatched_sizes:
+                logger.warning("Skipping %s: shape %s in file vs %s in model.", file_key, tuple(value.shape),
+                               tuple(target.shape))
+                continue
+            raise ValueError(
+                f"Adapter weight '{file_key}' has shape {tuple(value.shape)} in the file but "
+                f"{tuple(target.shape)} in the model: the adapter was trained for a different base model (or a "
+                "different r / rank_pattern). Nothing was loaded; load it onto the base model it was made for."
+            )
+        writes.append((target, value))
+    with torch.no_grad():
+        for target, value in writes:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return result
+
+
+def _config_of(model: nn.Module, adapter_name: str):
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter_name in configs:
+        return configs[adapter_name]
+    return None

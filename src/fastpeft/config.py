@@ -1,0 +1,146 @@
+"""`PeftConfig` and `PromptLearningConfig`: the dataclasses behind `adapter_config.json`.
+
+They read and write the same JSON as HF PEFT; keys written by newer versions are ignored with a logged note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .checkpoint import io
+from .types import PeftType, TaskType
+
+logger = logging.getLogger(__name__)
+
+# The file-format version written into `peft_version`: fastpeft writes HF PEFT 0.21.2's layout.
+COMPAT_PEFT_VERSION = "0.21.2"
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by every adapter method (same names and defaults as HF PEFT)."""
+
+    task_type: str | TaskType | None = field(default=None, metadata={"help": "The model head, see TaskType."})
+    peft_type: str | PeftType | None = field(default=None, metadata={"help": "The adapter method."})
+    auto_mapping: dict | None = field(default=None, metadata={"help": "Base class to rebuild a custom model."})
+    peft_version: str | None = field(default=None, metadata={"help": "File-format version, filled on save."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "The base model."})
+    revision: str | None = field(default=None, metadata={"help": "The base model's revision."})
+    inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (no training)."})
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:
+            raise ValueError(
+                f"Invalid task_type {self.task_type!r}; use one of: {', '.join(t.value for t in TaskType)}."
+            )
+        if self.peft_version is None:
+            self.peft_version = COMPAT_PEFT_VERSION
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ dict / JSON
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """`to_dict()` made JSON-safe: sets become lists, enums their values."""
+        return {k: _jsonable(v) for k, v in self.to_dict().items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write `adapter_config.json` into `save_directory` (atomically)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder.")
+        data = self.to_json_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
+        io.write_json(os.path.join(save_directory, io.CONFIG_NAME), data)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Build the config class registered for `kwargs['peft_type']`."""
+        from .registry import get_spec
+
+        if "peft_type" not in kwargs:
+            raise ValueError("The config has no 'peft_type'; it is not an adapter config.")
+        config_cls = get_spec(kwargs["peft_type"]).config_cls
+        return config_cls.from_dict(kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build from a dict, ignoring (and logging) keys this version does not know."""
+        if cls in (PeftConfig, PromptLearningConfig):
+            return cls.from_peft_type(**data)
+        declared = getattr(cls, "PEFT_TYPE", None)
+        found = _jsonable(data.get("peft_type"))
+        if declared is not None and found not in (None, declared):
+            raise ValueError(
+                f"This config is for peft_type {found!r}, not {declared!r}; load it with PeftConfig.from_pretrained "
+                f"or the matching config class instead of {cls.__name__}."
+            )
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(
+                "Ignoring config keys %s unknown to fastpeft's %s (probably written by a newer version).",
+                unknown, cls.__name__,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str) -> dict[str, Any]:
+        return io.read_json(path)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Load `adapter_config.json` from a folder or Hub repo id; extra kwargs override its fields."""
+        hub_kwargs, overrides = io.split_hub_kwargs(kwargs)
+        path = io.resolve_file(pretrained_model_name_or_path, io.CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        if path is None:
+            raise io.AdapterFileNotFoundError(
+                f"Can't find '{io.CONFIG_NAME}' at '{io.where(pretrained_model_name_or_path, subfolder)}'. "
+                "Pass a folder written by save_pretrained (fastpeft or HF PEFT) or a Hub repo id of an adapter."
+            )
+        data = {**io.read_json(path), **overrides}
+        return cls.from_dict(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value) if all(isinstance(v, str) for v in value) else list(value)
+    if isinstance(value, (PeftType, TaskType)):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Shared fields of the soft-prompt methods (prompt, prefix, p-tuning)."""
+
+    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens."})
+    token_dim: int = field(default=None, metadata={"help": "Hidden size of the base model."})
+    num_transformer_submodules: int | None = field(default=None, metadata={"help": "1 (decoder) or 2 (enc-dec)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Attention heads of the base."})
+    num_layers: int | None = field(default=None, metadata={"help": "Layers of the base model."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

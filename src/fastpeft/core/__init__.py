@@ -1,0 +1,1 @@
+"""Method-agnostic machinery: adapter layers, the tuner that injects them, targeting and dispatch."""

@@ -1,0 +1,81 @@
+"""Auxiliary trainable modules: `ModulesToSaveWrapper` keeps a trainable copy of a whole module per adapter."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from .layer import AdapterHolder
+
+
+class ModulesToSaveWrapper(nn.Module, AdapterHolder):
+    """Holds `original_module` (frozen) and one trainable deep copy per adapter in `modules_to_save`."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            return
+        copied = copy.deepcopy(self.original_module)
+        self.modules_to_save[adapter_name] = copied
+        for param in self.original_module.parameters():
+            param.requires_grad_(False)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active_adapters[0] if self._active_adapters else None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def weight(self):
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        if self._disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def adapter_names(self) -> set[str]:
+        return set(self.modules_to_save.keys())
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        if name in self.modules_to_save:
+            for pname, param in self.modules_to_save[name].named_parameters():
+                yield f"modules_to_save.{name}.{pname}", param
+
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(
+                f"Adapters {present} each have their own copy of a modules_to_save module; only one can be active."
+            )
+        self._active_adapters = present
+        trainable = set(trainable)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in present and name in trainable)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self._active_adapters = [n for n in self._active_adapters if n != name]
+
+    def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        # as HF PEFT: the active trained copy replaces the module (the trained head is part of the result)
+        return self._current() if not self._disable_adapters else self.original_module

@@ -1,0 +1,226 @@
+"""`AdapterLayer`: the wrapper every layer-based method subclasses.
+
+The control flow (forward with disabled / merged / mixed-batch paths, merge, unmerge, activation, delete) is
+written once here. A method supplies `update_layer`, `adapter_output` and `delta_weight`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterHolder:
+    """Protocol of modules that hold per-adapter state (adapter layers and modules_to_save wrappers)."""
+
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def enable_adapters(self, enabled: bool) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def adapter_names(self) -> set[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def unloaded(self, merge: bool) -> nn.Module:  # pragma: no cover
+        """The plain module that replaces this holder in `unload` / `merge_and_unload`."""
+        raise NotImplementedError
+
+
+class AdapterLayer(nn.Module, AdapterHolder):
+    """Wraps `base_layer` and adds per-adapter parameters kept in the dicts named by `adapter_param_names`."""
+
+    # attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) holding trainable adapter tensors
+    adapter_param_names: tuple[str, ...] = ()
+    # set on layers owned by another adapter layer (e.g. MHA's out_proj): the owner merges / unloads them
+    nested: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    # ------------------------------------------------------------------ to implement per method
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+        raise NotImplementedError
+
+    def adapter_output(self, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The adapter's additive contribution to the base output for input `x`."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change to `base_layer.weight` equivalent to the adapter (same shape and layout)."""
+        raise NotImplementedError
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        return None
+
+    # ------------------------------------------------------------------ state
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> set[str]:
+        names: set[str] = set()
+        for attr in self.adapter_param_names:
+            names.update(getattr(self, attr).keys())
+        return names
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(key relative to this layer as in its state dict, parameter) for adapter `name`."""
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name not in holder:
+                continue
+            item = holder[name]
+            if isinstance(item, nn.Parameter):
+                yield f"{attr}.{name}", item
+            else:
+                for pname, param in item.named_parameters():
+                    yield f"{attr}.{name}.{pname}", param
+
+    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+        """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not."""
+        trainable = set(trainable)
+        own = self.adapter_names()
+        self._active_adapters = [n for n in names if n in own]
+        for name in own:
+            for _, param in self.adapter_parameters(name):
+                param.requires_grad_(name in trainable and name in self._active_adapters)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"Adapter '{name}' is merged into the base weights; call unmerge_adapter() first.")
+        for key, value in vars(self).items():  # per-adapter settings such as r / scaling
+            if not key.startswith("_") and isinstance(value, dict) and name in value:
+                del value[name]
+        for module in self._modules.values():
+            if isinstance(module, (nn.ModuleDict, nn.ParameterDict)) and name in module:
+                del module[name]
+        self._active_adapters = [n for n in self._active_adapters if n != name]
+
+    def release(self) -> nn.Module:
+        """Undo any change this wrapper made to its base layer at construction; return the base layer."""
+        return self.base_layer
+
+    # ------------------------------------------------------------------ forward
+    def base_forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+    def forward(self, x, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_forward(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self.mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
+        if self.merged:
+            return result
+        return self.add_adapters(result, x, self._active_adapters, *args, **kwargs)
+
+    def add_adapters(self, result: torch.Tensor, x: torch.Tensor, names: Iterable[str], *args, **kwargs):
+        out_dtype = result.dtype
+        own = self.adapter_names()
+        for name in names:
+            if name in own:
+                result = result + self.adapter_output(name, x, *args, **kwargs)
+        return result.to(out_dtype)
+
+    def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """Each sample uses its own adapter (`adapter_names[i]`); "__base__" means no adapter."""
+        if self.merged:
+            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
+        result = self.base_forward(x, *args, **kwargs)
+        out_dtype = result.dtype
+        own = self.adapter_names()
+        for name in sorted(set(adapter_names) & own):
+            idx = [i for i, n in enumerate(adapter_names) if n == name]
+            sub = self.adapter_output(name, x[idx], *args, **kwargs)
+            result = result.index_add(0, torch.tensor(idx, device=result.device), sub.to(result.dtype))
+        return result.to(out_dtype)
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = self._active_adapters if adapter_names is None else adapter_names
+        own = self.adapter_names()
+        for name in names:
+            if name not in own:
+                continue
+            if name in self.merged_adapters:
+                logger.info("Adapter '%s' is already merged; skipping.", name)
+                continue
+            self.merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.unmerge_one(self.merged_adapters.pop())
+
+    def merge_one(self, name: str, safe_merge: bool) -> None:
+        base = self.get_base_layer()
+        updates = [(base.weight, self.delta_weight(name))]
+        delta_b = self.delta_bias(name)
+        if delta_b is not None:
+            updates.append((base.bias, delta_b))
+        new_values = [(p, p.data + d.to(p.dtype)) for p, d in updates]
+        if safe_merge:
+            for p, value in new_values:
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
+        for p, value in new_values:
+            p.data = value
+
+    def unmerge_one(self, name: str) -> None:
+        base = self.get_base_layer()
+        base.weight.data -= self.delta_weight(name).to(base.weight.dtype)
+        delta_b = self.delta_bias(name)
+        if delta_b is not None:
+            base.bias.data -= delta_b.to(base.bias.dtype)
+
+    def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.release()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"

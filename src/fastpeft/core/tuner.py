@@ -1,0 +1,302 @@
+"""`Tuner`: injects a method's adapter layers into a model and manages them as a group.
+
+Generic over methods: a method subclasses it to supply its layer dispatch (`dispatch`), per-target layer
+arguments and config preparation. Injection is all-or-nothing: every new layer is built before the model
+is touched, so a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import targeting
+from .aux import ModulesToSaveWrapper
+from .dispatch import DispatchChain
+from .layer import AdapterHolder, AdapterLayer
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$")
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become folder names and state-dict key parts: refuse anything path-like."""
+    if not isinstance(name, str) or not _ADAPTER_NAME_RE.match(name) or ".." in name or "." in name:
+        raise ValueError(
+            f"Invalid adapter name {name!r}: use letters, digits, '_' or '-' only (no '/', '\\\\', '.' or '..'), "
+            "since the name is used as a sub-folder of the save directory and inside state-dict keys."
+        )
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class Tuner(nn.Module):
+    """Holds the user's model as `.model` (hence the `base_model.model.` key prefix) and its adapters."""
+
+    dispatch: DispatchChain
+    prefix: str = ""
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        self.active_adapter: str | list[str] = adapter_name
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # as HF PEFT: the injected model carries its configs (used by get_peft_model_state_dict)
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ method hooks
+    def prepare_config(self, config, model: nn.Module):
+        """Fill defaults (e.g. target_modules from the model type) and refuse unsupported options."""
+        return config
+
+    def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
+        """Per-target arguments for `update_layer` (e.g. rank / alpha from patterns)."""
+        return {}
+
+    def check_new_adapter(self, config) -> None:
+        """Refuse a config that cannot live next to the adapters already present."""
+
+    # ------------------------------------------------------------------ injection
+    def holders(self) -> Iterator[tuple[str, AdapterHolder]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterHolder):
+                yield name, module
+
+    def adapter_layers(self) -> Iterator[AdapterLayer]:
+        for _, module in self.holders():
+            if isinstance(module, AdapterLayer):
+                yield module
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        check_adapter_name(adapter_name)
+        config = self.prepare_config(self.peft_config[adapter_name], model)
+        self.peft_config[adapter_name] = config
+        self.check_new_adapter(config)
+        candidates = targeting.candidate_modules(model, (AdapterHolder,))
+        targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
+        if not targets:
+            del self.peft_config[adapter_name]
+            raise ValueError(self._no_target_message(config, [n for n, _ in candidates]))
+        created, updated = self._build_layers(targets, adapter_name, config)
+        for name, layer in created:
+            set_submodule(model, name, layer)
+        try:
+            self._wrap_modules_to_save(model, adapter_name, config)
+        except Exception:
+            self._rollback(model, adapter_name, created, updated)
+            raise
+        for layer in [layer for _, layer in created] + updated:
+            self._place_adapter(layer, adapter_name, autocast_adapter_dtype)
+        self._apply_adapter_state()
+
+    def _build_layers(self, targets, adapter_name, config):
+        created: list[tuple[str, AdapterLayer]] = []
+        updated: list[AdapterLayer] = []
+        try:
+            for name, module in targets:
+                kwargs = self.layer_kwargs(config, name, module)
+                if isinstance(module, AdapterLayer):
+                    updated.append(module)
+                    module.update_layer(adapter_name, config, **kwargs)
+                    continue
+                layer_cls = self.dispatch.resolve(module, name)
+                created.append((name, layer_cls(module, adapter_name, config, **kwargs)))
+        except Exception:
+            self._rollback(None, adapter_name, created, updated)
+            del self.peft_config[adapter_name]
+            raise
+        return created, updated
+
+    def _rollback(self, model, adapter_name, created, updated) -> None:
+        for name, layer in created:
+            base = layer.release()
+            if model is not None:
+                set_submodule(model, name, base)
+        for layer in updated:
+            layer.delete_adapter(adapter_name)
+        if model is not None:
+            for _, holder in list(self.holders()):
+                if isinstance(holder, ModulesToSaveWrapper):
+                    holder.delete_adapter(adapter_name)
+            self.peft_config.pop(adapter_name, None)
+
+    def _no_target_message(self, config, names: list[str]) -> str:
+        close = targeting.close_matches(config, names)
+        return (
+            f"target_modules={config.target_modules!r} matched no module of the model"
+            + (f" (after exclude_modules={config.exclude_modules!r})" if getattr(config, "exclude_modules", None)
+               else "")
+            + f". Module names that look close: {close}. Set target_modules to names (or dotted suffixes) of "
+            "modules in model.named_modules(), a full-match regex string, or 'all-linear'."
+        )
+
+    def _wrap_modules_to_save(self, model: nn.Module, adapter_name: str, config) -> None:
+        wanted = getattr(config, "modules_to_save", None)
+        if not wanted:
+            return
+        for name, module in targeting.candidate_modules(model, (AdapterHolder,)):
+            if not any(name.endswith(w) for w in wanted):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            elif isinstance(module, AdapterLayer):
+                raise ValueError(
+                    f"Module '{name}' matches both target_modules and modules_to_save; pick one of the two."
+                )
+            else:
+                set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name))
+
+    def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
+        """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if autocast."""
+        ref = next((p for p in layer.get_base_layer().parameters()), None)
+        if ref is None:
+            return
+        for _, param in layer.adapter_parameters(adapter_name):
+            dtype = ref.dtype if ref.is_floating_point() else param.dtype
+            if autocast and dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            param.data = param.data.to(device=ref.device, dtype=dtype)
+
+    # ------------------------------------------------------------------ activity and training state
+    @property
+    def active_adapters(self) -> list[str]:
+        active = self.active_adapter
+        return [active] if isinstance(active, str) else list(active)
+
+    def _apply_adapter_state(self) -> None:
+        """Freeze the base, then (re)activate the active adapters; trainable unless in inference mode."""
+        active = self.active_adapters
+        trainable = [n for n in active if not self.peft_config[n].inference_mode]
+        for _, param in self.model.named_parameters():
+            param.requires_grad_(False)
+        for _, holder in self.holders():
+            holder.set_adapter(active, trainable)
+        for name in trainable:
+            self.mark_extra_trainable(name, self.peft_config[name])
+
+    def mark_extra_trainable(self, adapter_name: str, config) -> None:
+        """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
+        self.active_adapter = adapter_name
+        if inference_mode:
+            for n in names:
+                self.peft_config[n].inference_mode = True
+        self._apply_adapter_state()
+
+    def enable_adapter_layers(self) -> None:
+        for _, holder in self.holders():
+            holder.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for _, holder in self.holders():
+            holder.enable_adapters(False)
+
+    @contextmanager
+    def adapters_disabled(self):
+        grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(grads.get(n, p.requires_grad))
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str] | None):
+        """Inside the block every adapter layer runs sample i with adapter `adapter_names[i]`."""
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: {sorted(self.peft_config)}.")
+
+        def add_names(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": adapter_names}
+
+        hooks = [layer.register_forward_pre_hook(add_names, with_kwargs=True)
+                 for layer in self.adapter_layers() if not layer.nested]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter '{adapter_name}' does not exist; loaded: {sorted(self.peft_config)}.")
+        for _, holder in list(self.holders()):
+            holder.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        self._drop_empty_layers()
+        self._apply_adapter_state()
+
+    def _drop_empty_layers(self) -> None:
+        for name, holder in reversed(list(self.holders())):
+            if not holder.adapter_names() and not getattr(holder, "nested", False):
+                set_submodule(self.model, name, holder.unloaded(merge=False))
+
+    # ------------------------------------------------------------------ merging and unloading
+    def _top_layers(self) -> list[AdapterLayer]:
+        return [layer for layer in self.adapter_layers() if not layer.nested]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for layer in self._top_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._top_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
+                adapter_names: list[str] | None = None) -> nn.Module:
+        holders = [(n, h) for n, h in self.holders() if not getattr(h, "nested", False)]
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            holders = tqdm(holders, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for name, holder in reversed(list(holders)):
+            set_submodule(self.model, name, holder.unloaded(merge, safe_merge=safe_merge,
+                                                            adapter_names=adapter_names))
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self._unload(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._unload(False)

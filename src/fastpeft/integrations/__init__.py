@@ -1,0 +1,1 @@
+"""Integrations with other libraries (transformers defaults, Trainer, diffusers, bitsandbytes); lazy imports."""

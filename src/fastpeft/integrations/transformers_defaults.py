@@ -1,0 +1,44 @@
+"""Default `target_modules` per transformers `model_type`, used when a config names none (as HF PEFT does)."""
+
+from __future__ import annotations
+
+_QV = ["q_proj", "v_proj"]
+
+LORA_TARGETS: dict[str, list[str]] = {
+    **{t: _QV for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "bart",
+        "gptj", "stablelm", "mbart", "m2m_100", "marian", "blenderbot", "blenderbot-small", "pegasus",
+        "xglm", "llava", "idefics", "gpt_neo", "olmo", "qwen2_moe", "cohere", "granite", "phi3small",
+    )},
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "switch_transformers")},
+    **{t: ["query", "value"] for t in (
+        "bert", "roberta", "xlm-roberta", "electra", "layoutlm", "camembert", "ernie", "roberta-prelayernorm",
+    )},
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "RefinedWeb", "RefinedWebModel", "chatglm")},
+    **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+    "btlm": ["c_proj", "c_attn"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+}
+
+
+def model_type_of(model) -> str | None:
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        return config.get("model_type")
+    return getattr(config, "model_type", None)
+
+
+def default_targets(table: dict[str, list[str]], model, method: str) -> set[str]:
+    model_type = model_type_of(model)
+    if model_type not in table:
+        raise ValueError(
+            f"{method}: no default target_modules for model_type={model_type!r}; pass target_modules explicitly "
+            "(module names such as ['q_proj', 'v_proj'], a regex string, or 'all-linear')."
+        )
+    return set(table[model_type])

@@ -1,0 +1,111 @@
+"""`LoraConfig`: the fields and defaults of HF PEFT 0.21's LoRA config (all of them, so files round-trip).
+
+Options fastpeft does not implement yet are accepted in files but refused with a clear error when used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ...config import PeftConfig
+from .init import INIT_SCHEMES
+
+# option -> value meaning "off"; anything else is refused at injection time until implemented
+UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "use_dora": False,
+    "use_qalora": False,
+    "layer_replication": None,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "ensure_weight_tying": False,
+    "kasa_config": None,
+    "velora_config": None,
+    "lora_ga_config": None,
+    "monteclora_config": None,
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Low-Rank Adaptation (Hu et al., 2021): W + (alpha / r) * B @ A with A: (r, in), B: (out, r)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Names, regex or 'all-linear'."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored as (in, out), e.g. Conv1D."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    init_lora_weights: bool | str = field(default=True, metadata={"help": "True, False or 'gaussian'."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> rank overrides."})
+    alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> alpha overrides."})
+    megatron_config: dict | None = field(default=None, metadata={"help": "Not supported by fastpeft."})
+    megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported by fastpeft."})
+    trainable_token_indices: list[int] | dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    loftq_config: dict = field(default_factory=dict, metadata={"help": "Not supported yet."})
+    eva_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    corda_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_dora: bool = field(default=False, metadata={"help": "Not supported yet."})
+    use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
+    qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA group size."})
+    layer_replication: list | None = field(default=None, metadata={"help": "Not supported yet."})
+    runtime_config: dict = field(default_factory=dict, metadata={"help": "Runtime-only options, never saved."})
+    lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported yet."})
+    alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_bdlora: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    arrow_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    ensure_weight_tying: bool = field(default=False, metadata={"help": "Not supported yet."})
+    kasa_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    velora_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    lora_ga_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    monteclora_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "LORA"
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.rank_pattern = self.rank_pattern or {}
+        self.alpha_pattern = self.alpha_pattern or {}
+        self.loftq_config = self.loftq_config or {}
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in INIT_SCHEMES:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
+                f"choose one of {list(INIT_SCHEMES)}."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used when target_modules is a regex string.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform: say which layer indices to adapt.")
+
+    def unsupported_options(self) -> list[str]:
+        return [k for k, off in UNSUPPORTED_OPTIONS.items() if getattr(self, k) not in (off, None, {}, False)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("runtime_config", None)
+        return data

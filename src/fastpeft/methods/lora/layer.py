@@ -1,0 +1,272 @@
+"""LoRA layers: `y = base(x) + (alpha / r) * B(A(dropout(x)))` (Hu et al., 2021, eq. 3).
+
+One subclass per kind of base layer: linear (incl. GPT-2 `Conv1D`), embedding, Conv1d/2d/3d and
+`nn.MultiheadAttention`. Parameter names match HF PEFT (`lora_A`, `lora_B`, `lora_embedding_A/B`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.layer import AdapterLayer
+from .init import INIT_SCHEMES
+
+logger = logging.getLogger(__name__)
+
+
+class LoraLayer(AdapterLayer):
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    is_embedding = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
+                 **kwargs) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = self.feature_sizes(base_layer)
+        self.update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
+        self._active_adapters = [adapter_name]
+
+    def feature_sizes(self, base: nn.Module) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def build(self, name: str, r: int, lora_bias: bool) -> None:
+        """Create the A and B factors of adapter `name`."""
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config, r: int, lora_alpha: float, **kwargs) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r} for adapter '{adapter_name}'.")
+        if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            logger.warning("lora_bias=True on a layer without bias: merging will not be possible.")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.lora_bias[adapter_name] = config.lora_bias
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.build(adapter_name, r, config.lora_bias)
+        INIT_SCHEMES[config.init_lora_weights](self, adapter_name)
+
+    def lora_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def lora_B_bias(self, name: str) -> nn.Parameter | None:
+        return self.lora_B[name].bias if name in self.lora_B else None
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        bias = self.lora_B_bias(name)
+        if bias is None:
+            return None
+        if self.get_base_layer().bias is None:
+            raise ValueError(f"Cannot merge adapter '{name}': lora_bias=True but the base layer has no bias.")
+        return bias * self.scaling[name]
+
+    def _product(self, name: str) -> torch.Tensor:
+        """(B @ A) * scaling in float32 when the adapter is half precision on CPU (no half matmul there)."""
+        a, b = self.lora_weights(name)
+        if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+            return ((b.float() @ a.float()) * self.scaling[name]).to(a.dtype)
+        return (b @ a) * self.scaling[name]
+
+
+class Linear(LoraLayer):
+    """LoRA for `nn.Linear` and transformers' `Conv1D` (weight stored (in, out): fan_in_fan_out)."""
+
+    def __init__(self, base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out: bool = False, **kw):
+        super().__init__(base_layer, adapter_name, config, r, lora_alpha, **kw)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def feature_sizes(self, base):
+        if isinstance(base, nn.Linear):
+            return base.in_features, base.out_features
+        in_f, out_f = base.weight.shape  # Conv1D: (in, out)
+        return in_f, out_f
+
+    def build(self, name, r, lora_bias):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def adapter_output(self, name, x, *args, **kwargs):
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = x.to(a.weight.dtype)
+        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def delta_weight(self, name):
+        delta = self._product(name)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class Embedding(LoraLayer):
+    """LoRA for `nn.Embedding`: A (r, vocab) is looked up like an embedding table, B (dim, r) projects."""
+
+    is_embedding = True
+
+    def feature_sizes(self, base):
+        return base.num_embeddings, base.embedding_dim
+
+    def build(self, name, r, lora_bias):
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for embedding layers; set lora_bias=False.")
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def lora_weights(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def lora_B_bias(self, name):
+        return None
+
+    def adapter_output(self, name, x, *args, **kwargs):
+        base = self.get_base_layer()
+        a, b = self.lora_weights(name)
+        looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                                base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return (looked_up @ b.T) * self.scaling[name]
+
+    def delta_weight(self, name):
+        return self._product(name).T  # (vocab, dim) like the base table
+
+
+class Conv(LoraLayer):
+    """LoRA for Conv1d/2d/3d: A is a conv with the base kernel, B a 1x..x1 conv (grouped like the base)."""
+
+    def feature_sizes(self, base):
+        return base.in_channels, base.out_channels
+
+    def build(self, name, r, lora_bias):
+        base = self.get_base_layer()
+        if r % base.groups:
+            raise ValueError(
+                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by groups; "
+                f"got r={r}. Pick r as a multiple of {base.groups} (rank_pattern can set it for this layer)."
+            )
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def adapter_output(self, name, x, *args, **kwargs):
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = x.to(a.weight.dtype)
+        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def delta_weight(self, name):
+        if self.get_base_layer().groups > 1:
+            raise NotImplementedError("Merging LoRA into a grouped convolution (groups > 1) is not supported.")
+        a, b = self.lora_weights(name)
+        # W'[o, i, k...] = sum_r B[o, r] A[r, i, k...]
+        delta = torch.einsum("or,ri...->oi...", b.flatten(1).float(), a.float()) * self.scaling[name]
+        return delta.to(a.dtype)
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA for `nn.MultiheadAttention` (packed q/k/v): on `in_proj_weight` and, nested, on `out_proj`.
+
+    MHA's forward never calls `out_proj.forward`, so both deltas are added to the weights functionally.
+    """
+
+    # HF PEFT 0.21 applies out_proj's delta twice (its MHA merge adds it, then the nested layer's merge adds it
+    # again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
+    # merges here use the same effective out_proj update, 2 * (alpha / r) * B @ A, to load them unchanged.
+    OUT_PROJ_DELTA_FACTOR = 2.0
+
+    def __init__(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs):
+        if not base_layer._qkv_same_embed_dim:
+            raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim.")
+        out = Linear(base_layer.out_proj, adapter_name, config, r, lora_alpha)
+        out.nested = True
+        base_layer.out_proj = out
+        super().__init__(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
+
+    @property
+    def out_lora(self) -> Linear:
+        return self.base_layer.out_proj
+
+    def feature_sizes(self, base):
+        return base.embed_dim, 3 * base.embed_dim
+
+    def build(self, name, r, lora_bias):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def update_layer(self, adapter_name, config, r, lora_alpha, **kwargs):
+        super().update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
+        if adapter_name not in self.out_lora.adapter_names():
+            self.out_lora.update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha)
+
+    def delta_weight(self, name):
+        return self._product(name)
+
+    @property
+    def weight(self):
+        return self.base_layer.in_proj_weight
+
+    def out_delta(self, name):
+        return self.OUT_PROJ_DELTA_FACTOR * self.out_lora.delta_weight(name)
+
+    def merge_one(self, name, safe_merge):
+        w_in, w_out = self.base_layer.in_proj_weight, self.out_lora.base_layer.weight
+        merged_in = w_in.data + self.delta_weight(name).to(w_in.dtype)
+        merged_out = w_out.data + self.out_delta(name).to(w_out.dtype)
+        if safe_merge and not (torch.isfinite(merged_in).all() and torch.isfinite(merged_out).all()):
+            raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
+        w_in.data, w_out.data = merged_in, merged_out
+
+    def unmerge_one(self, name):
+        w_in, w_out = self.base_layer.in_proj_weight, self.out_lora.base_layer.weight
+        w_in.data -= self.delta_weight(name).to(w_in.dtype)
+        w_out.data -= self.out_delta(name).to(w_out.dtype)
+
+    def delete_adapter(self, name):
+        super().delete_adapter(name)
+        self.out_lora.delete_adapter(name)
+
+    def release(self):
+        self.base_layer.out_proj = self.out_lora.release()
+        return self.base_layer
+
+    def adapter_output(self, name, x, *args, **kwargs):  # pragma: no cover - MHA overrides forward
+        raise NotImplementedError
+
+    def forward(self, query, key, value, **kwargs):
+        if kwargs.pop("adapter_names", None) is not None:
+            raise TypeError("LoRA on nn.MultiheadAttention does not support mixed-adapter batches.")
+        if self._disable_adapters and self.merged:
+            self.unmerge()
+        active = [] if self._disable_adapters or self.merged else [
+            n for n in self._active_adapters if n in self.adapter_names()]
+        if not active:
+            return self.base_layer(query, key, value, **kwargs)
+        return self._forward_with_deltas(query, key, value, active, **kwargs)
+
+    def _forward_with_deltas(self, query, key, value, active, key_padding_mask=None, need_weights=True,
+                             attn_mask=None, average_attn_weights=True, is_causal=False):
+        mha, out = self.base_layer, self.out_lora.base_layer
+        w_in = mha.in_proj_weight + sum(self.delta_weight(n).to(mha.in_proj_weight.dtype) for n in active)
+        w_out = out.weight + sum(self.out_delta(n).to(out.weight.dtype) for n in active)
+        batched = query.dim() == 3
+        if mha.batch_first and batched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        attn, weights = F.multi_head_attention_forward(
+            query, key, value, mha.embed_dim, mha.num_heads, w_in, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+            mha.add_zero_attn, mha.dropout, w_out, out.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if mha.batch_first and batched:
+            attn = attn.transpose(0, 1)
+        return attn, weights

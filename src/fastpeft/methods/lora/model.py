@@ -1,0 +1,92 @@
+"""`LoraModel`: the LoRA tuner (dispatch table, per-target rank/alpha, config defaults, bias training)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ...core import targeting
+from ...core.dispatch import DispatchChain
+from ...core.tuner import Tuner
+from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
+from . import layer
+
+logger = logging.getLogger(__name__)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style `Conv1D` (checked by class so importing fastpeft needs no transformers)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+DISPATCH = DispatchChain("LoRA")
+DISPATCH.register(nn.Embedding, layer.Embedding)
+DISPATCH.register((nn.Conv1d, nn.Conv2d, nn.Conv3d), layer.Conv)
+DISPATCH.register(nn.MultiheadAttention, layer.MultiheadAttention)
+DISPATCH.register(is_linear, layer.Linear)
+
+
+class LoraModel(Tuner):
+    dispatch = DISPATCH
+    prefix = "lora_"
+
+    def prepare_config(self, config, model):
+        unsupported = config.unsupported_options()
+        if unsupported:
+            raise NotImplementedError(
+                f"LoraConfig options {unsupported} are not implemented in fastpeft yet; reset them to their "
+                "defaults (or use HF PEFT for these options)."
+            )
+        if config.target_modules is None:
+            config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
+        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
+            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
+        return config
+
+    def check_new_adapter(self, config):
+        others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
+        if others and config.bias != "none":
+            raise ValueError(
+                f"Adapter '{others[0]}' already trains base biases (bias={self.peft_config[others[0]].bias!r}); "
+                "only one adapter per model may set bias other than 'none'."
+            )
+
+    def layer_kwargs(self, config, key, module):
+        kwargs = {
+            "r": targeting.pattern_value(config.rank_pattern, key, config.r),
+            "lora_alpha": targeting.pattern_value(config.alpha_pattern, key, config.lora_alpha),
+        }
+        if is_linear(module):
+            kwargs["fan_in_fan_out"] = self._fan_in_fan_out(config, module, key)
+        return kwargs
+
+    @staticmethod
+    def _fan_in_fan_out(config, module, key) -> bool:
+        conv1d = is_conv1d(module)
+        if conv1d and not config.fan_in_fan_out:
+            logger.warning("'%s' is a Conv1D (weight stored (in, out)): setting fan_in_fan_out=True.", key)
+            config.fan_in_fan_out = True
+        elif not conv1d and config.fan_in_fan_out:
+            logger.warning("'%s' is an nn.Linear: setting fan_in_fan_out=False.", key)
+            config.fan_in_fan_out = False
+        return config.fan_in_fan_out
+
+    def mark_extra_trainable(self, adapter_name, config):
+        if config.bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and not _is_adapter_param(name):
+                    param.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for lora_layer in self.adapter_layers():
+                bias = getattr(lora_layer.get_base_layer(), "bias", None)
+                if adapter_name in lora_layer.adapter_names() and bias is not None:
+                    bias.requires_grad_(True)
+
+
+def _is_adapter_param(name: str) -> bool:
+    return ".modules_to_save." in name or ".original_module." in name

@@ -1,0 +1,261 @@
+"""`PeftModel`: a user's model plus adapters, with HF PEFT's methods (save / load / switch / merge).
+
+Method-agnostic: everything method-specific sits behind the registry's tuner class. The nesting
+`PeftModel.base_model` (the tuner) `.model` (the user's model) gives file keys their `base_model.model.` prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import io
+from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from .config import PeftConfig
+from .core.layer import AdapterHolder
+from .core.tuner import check_adapter_name
+from .registry import get_spec
+
+logger = logging.getLogger(__name__)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel) or any(isinstance(m, AdapterHolder) for m in model.modules())
+
+
+def refuse_second_wrap(model: nn.Module) -> None:
+    if has_adapters(model):
+        raise ValueError(
+            "This model already has adapters. To add another one use peft_model.add_adapter(name, config) "
+            "(or load_adapter(path, adapter_name=name)); to start over, call unload() or merge_and_unload() first."
+        )
+
+
+class PeftModel(nn.Module):
+    """Wraps `model` with the adapter described by `peft_config` under the name `adapter_name`."""
+
+    # module names trained whole for this task (classifier heads); extended into config.modules_to_save
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        check_adapter_name(adapter_name)
+        spec = get_spec(peft_config.peft_type)
+        if spec.tuner_cls is None:
+            raise NotImplementedError(f"{spec.peft_type.value} models are not supported by fastpeft yet.")
+        self._add_task_modules_to_save(peft_config)
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        self.base_model = spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name,
+                                         low_cpu_mem_usage=low_cpu_mem_usage,
+                                         autocast_adapter_dtype=autocast_adapter_dtype)
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
+            model.enable_input_require_grads()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _add_task_modules_to_save(self, config: PeftConfig) -> None:
+        if not self.task_modules_to_save or not hasattr(config, "modules_to_save"):
+            return
+        if config.modules_to_save is None:
+            config.modules_to_save = list(self.task_modules_to_save)
+        else:
+            config.modules_to_save = list(config.modules_to_save) + [
+                m for m in self.task_modules_to_save if m not in config.modules_to_save]
+
+    # ------------------------------------------------------------------ state
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a new name.")
+        if get_spec(peft_config.peft_type).tuner_cls is not type(self.base_model):
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model: one PeftModel holds "
+                "adapters of a single method type."
+            )
+        self._add_task_modules_to_save(peft_config)
+        self.base_model.peft_config[adapter_name] = peft_config
+        self.base_model.inject_adapter(self.base_model.model, adapter_name,
+                                       autocast_adapter_dtype=self.base_model.autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model without adapters inside the `with` block; state is restored afterwards."""
+        with self.base_model.adapters_disabled():
+            yield
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any):
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs: Any) -> None:
+        """Write each adapter's `adapter_config.json` + weights; non-default adapters go to `<dir>/<name>/`."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder.")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion (PiSSA/OLoRA) is not supported yet.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} do not exist; loaded: {sorted(self.peft_config)}.")
+        if not is_main_process:
+            return
+        for name in names:
+            check_adapter_name(name)
+            out_dir = str(save_directory) if name == "default" else os.path.join(save_directory, name)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
+            io.atomic_write_many([
+                (os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
+                (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(self._config_for_file(name))),
+            ])
+
+    def _config_for_file(self, name: str) -> dict[str, Any]:
+        config = copy.copy(self.peft_config[name])
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None)
+        config.inference_mode = True
+        data = config.to_json_dict()
+        if config.task_type is None:
+            base_cls = type(self.get_base_model())
+            data["auto_mapping"] = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+        return data
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict | None = None,
+                        **kwargs: Any) -> PeftModel:
+        """Load an adapter folder (or Hub repo id) onto `model`. Frozen unless `is_trainable=True`."""
+        from .tasks import TASK_CLASSES
+
+        check_adapter_name(adapter_name)
+        refuse_second_wrap(model)
+        hub_kwargs, _ = io.split_hub_kwargs(kwargs)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+        elif not isinstance(config, PeftConfig):
+            raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
+        config.inference_mode = not is_trainable
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        klass = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
+        peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                           low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        except BaseException:
+            peft_model.base_model.delete_adapter(adapter_name)
+            for name, param in model.named_parameters():
+                param.requires_grad_(grads.get(name, param.requires_grad))
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any):
+        """Load weights from a folder / repo into adapter `adapter_name` (added first if new)."""
+        check_adapter_name(adapter_name)
+        hub_kwargs, _ = io.split_hub_kwargs(kwargs)
+        added = adapter_name not in self.peft_config
+        if added:
+            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        try:
+            weights = io.load_peft_weights(model_id, device=torch_device, **hub_kwargs)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+        except BaseException:
+            if added:
+                self.base_model.delete_adapter(adapter_name)
+            raise
+        if result.unexpected_keys:
+            logger.warning("Keys in %s not used by adapter '%s': %s", model_id, adapter_name, result.unexpected_keys)
+        if result.missing_keys:
+            logger.warning("Adapter weights missing from %s (left at init): %s", model_id, result.missing_keys)
+        if not is_trainable:
+            self.eval()
+        return result
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload adapter", revision: str | None = None, **kwargs: Any):
+        """Save to a temporary folder and upload it with huggingface_hub."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                     revision=revision)
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
