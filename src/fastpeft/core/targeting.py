@@ -106,7 +106,13 @@ def close_matches(config, names: list[str], limit: int = 8) -> list[str]:
 
 def all_linear_targets(model: nn.Module, task_type, is_linear) -> set[str]:
     """`target_modules="all-linear"`: every linear layer (`is_linear(module)`) except the output head."""
-    names = {n for n, m in model.named_modules() if is_linear(m)}
+    from .layer import AdapterHolder, AdapterLayer
+
+    names = set()
+    for name, module in candidate_modules(model, (AdapterHolder,)):
+        inner = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if is_linear(inner):
+            names.add(name)
     head = None
     get_output = getattr(model, "get_output_embeddings", None)
     if callable(get_output):

@@ -146,8 +146,11 @@ class Tuner(nn.Module):
 
     def _no_target_message(self, config, names: list[str]) -> str:
         close = targeting.close_matches(config, names)
+        wanted = config.target_modules
+        shown = repr(sorted(wanted)[:10]) + ("..." if len(wanted) > 10 else "") if isinstance(wanted, set) else repr(
+            wanted)
         return (
-            f"target_modules={config.target_modules!r} matched no module of the model"
+            f"target_modules={shown} matched no module of the model"
             + (f" (after exclude_modules={config.exclude_modules!r})" if getattr(config, "exclude_modules", None)
                else "")
             + f". Module names that look close: {close}. Set target_modules to names (or dotted suffixes) of "
@@ -172,6 +175,7 @@ class Tuner(nn.Module):
 
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
         """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if autocast."""
+        layer.train(layer.get_base_layer().training)  # new dropout etc. follow the model's train/eval mode
         ref = next((p for p in layer.get_base_layer().parameters()), None)
         if ref is None:
             return

@@ -1,0 +1,45 @@
+"""METHOD_CASES: one row per (method, model, config) for the contract-property matrix.
+
+A row: `Case(id, model, config_cls name, config kwargs, mergeable)`. Adding a method adds rows here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    model: str  # key of tests/models.py MODELS
+    method: str  # config class name exported by fastpeft and peft
+    kwargs: dict = field(default_factory=dict)
+    mergeable: bool = True  # merge_adapter supported for every targeted layer
+    identity_init: bool = True
+
+
+METHOD_CASES = [
+    Case("lora-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("lora-mlp-save-head", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0"], "modules_to_save": ["head"]}),
+    Case("lora-mlp-rslora-bias-dropout", "mlp", "LoraConfig",
+         {"r": 4, "lora_alpha": 16, "target_modules": ["lin0", "lin1"], "use_rslora": True, "lora_bias": True,
+          "lora_dropout": 0.1}),
+    Case("lora-mlp-gaussian-patterns", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "gaussian", "rank_pattern": {"lin1": 2},
+          "alpha_pattern": {"lin0": 32}}),
+    Case("lora-mlp-bias-all", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin1"], "bias": "all"}),
+    Case("lora-embedding", "emb", "LoraConfig", {"r": 4, "target_modules": ["emb", "lin"]}),
+    Case("lora-gpt2-conv1d", "conv1d_gpt2", "LoraConfig", {"r": 4, "target_modules": ["c_fc", "c_proj"]}),
+    Case("lora-conv1d", "conv1d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
+    Case("lora-conv2d", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
+    Case("lora-conv2d-groups", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["gconv"]}, mergeable=False),
+    Case("lora-conv3d", "conv3d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
+    Case("lora-mha", "mha", "LoraConfig", {"r": 4, "target_modules": ["mha"]}),
+    Case("lora-llama", "llama", "LoraConfig", {"r": 4, "target_modules": ["q_proj", "v_proj"],
+                                                "task_type": "CAUSAL_LM"}),
+    Case("lora-llama-all-linear-layer0", "llama", "LoraConfig",
+         {"r": 4, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}),
+    Case("lora-gpt2-default-targets", "gpt2", "LoraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    Case("lora-t5", "t5", "LoraConfig", {"r": 4, "task_type": "SEQ_2_SEQ_LM"}),
+    Case("lora-bert-cls", "bert_cls", "LoraConfig", {"r": 4, "task_type": "SEQ_CLS"}),
+]

@@ -1,0 +1,196 @@
+"""Contract properties 1-7 (docs/architecture.md) for every row of METHOD_CASES."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import METHOD_CASES
+from models import MODELS, forward
+
+import fastpeft
+from fastpeft.core.layer import AdapterHolder
+
+ATOL = 1e-5
+
+
+def build(case, seed_adapter: bool = False):
+    factory, inputs_fn = MODELS[case.model]
+    base = factory()
+    config = getattr(fastpeft, case.method)(**copy.deepcopy(case.kwargs))
+    model = fastpeft.get_peft_model(base, config)
+    model.eval()
+    if seed_adapter:
+        perturb(model)
+    return model, inputs_fn()
+
+
+def perturb(model, scale: float = 0.1, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def base_outputs(case):
+    factory, inputs_fn = MODELS[case.model]
+    return forward(factory(), inputs_fn())
+
+
+def expected_trainable(name: str, case) -> bool:
+    """Independent statement of what may train: LoRA factors, modules_to_save copies, biases if asked."""
+    if ".lora_" in name or ".modules_to_save." in name:
+        return True
+    bias = case.kwargs.get("bias", "none")
+    return bias != "none" and name.endswith("bias") and ".original_module." not in name
+
+
+@pytest.fixture(params=METHOD_CASES, ids=lambda c: c.id)
+def case(request):
+    return request.param
+
+
+def test_identity_at_init(case):
+    model, inputs = build(case)
+    assert torch.allclose(forward(model, inputs), base_outputs(case), atol=ATOL)
+
+
+def test_only_adapter_params_train_and_step_changes_outputs(case):
+    model, inputs = build(case)
+    base_before = {n: p.detach().clone() for n, p in MODELS[case.model][0]().named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing to train"
+    assert all(expected_trainable(n, case) for n in trainable), sorted(trainable)
+    before = forward(model, inputs)
+    model.train()
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    logits.float().pow(2).mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    model.eval()
+    assert not torch.allclose(forward(model, inputs), before, atol=1e-6)
+    frozen = {n: p for n, p in model.get_base_model().named_parameters() if not p.requires_grad}
+    for name, param in frozen.items():
+        plain = name.replace(".base_layer", "").replace(".original_module", "")
+        if plain in base_before:
+            assert torch.equal(param, base_before[plain]), f"base weight {name} changed"
+
+
+def test_save_load_roundtrip(case, tmp_path):
+    model, inputs = build(case, seed_adapter=True)
+    expected = forward(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path)
+    assert torch.allclose(forward(loaded, inputs), expected, atol=ATOL)
+    sd_a = fastpeft.get_peft_model_state_dict(model)
+    sd_b = fastpeft.get_peft_model_state_dict(loaded)
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert not any(p.requires_grad for p in loaded.parameters()), "loaded adapters must be frozen by default"
+    trainable = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path, is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+def _target_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n and ".lora_" not in n}
+
+
+def test_merge_unmerge_merge_and_unload(case):
+    model, inputs = build(case, seed_adapter=True)
+    expected = forward(model, inputs)
+    if not case.mergeable:
+        with pytest.raises(NotImplementedError):
+            model.merge_adapter()
+        return
+    before = _target_weights(model)
+    model.merge_adapter()
+    assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
+    model.merge_adapter()  # second merge is a no-op
+    assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
+    model.unmerge_adapter()
+    after = _target_weights(model)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, AdapterHolder) for m in merged.modules())
+    assert torch.allclose(forward(merged, inputs), expected, atol=ATOL)
+
+
+def test_safe_merge_refuses_nan(case):
+    if not case.mergeable:
+        pytest.skip("merging is not supported for this layer type (checked in the merge test)")
+    model, _ = build(case, seed_adapter=True)
+    name, param = next((n, p) for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad)
+    with torch.no_grad():
+        param.fill_(float("nan"))
+    before = _target_weights(model)
+    with pytest.raises(ValueError, match="NaN"):
+        model.merge_adapter(safe_merge=True)
+    layer_prefix = name.split(".lora_")[0]
+    for key, value in _target_weights(model).items():
+        if key.startswith(layer_prefix):
+            assert torch.equal(value, before[key]), f"{key} modified by a refused safe merge"
+
+
+def test_unload_gives_base_model(case):
+    model, inputs = build(case, seed_adapter=True)
+    reference = MODELS[case.model][0]()
+    unloaded = model.unload()
+    assert not any(isinstance(m, AdapterHolder) for m in unloaded.modules())
+    ref_types = {n: type(m) for n, m in reference.named_modules()}
+    got_types = {n: type(m) for n, m in unloaded.named_modules()}
+    assert ref_types == got_types
+    saved_modules = tuple(case.kwargs.get("modules_to_save") or ()) + (
+        ("classifier", "score") if case.kwargs.get("task_type") == "SEQ_CLS" else ())
+    ref_sd = reference.state_dict()
+    for key, value in unloaded.state_dict().items():
+        if any(key.startswith(m + ".") or f".{m}." in key for m in saved_modules):
+            continue  # as HF PEFT, unload keeps the trained copy of modules_to_save
+        if case.kwargs.get("bias", "none") != "none" and key.endswith("bias"):
+            continue  # biases were perturbed as trainable
+        assert torch.equal(value, ref_sd[key]), key
+    if not saved_modules and case.kwargs.get("bias", "none") == "none":
+        assert torch.allclose(forward(unloaded, inputs), base_outputs(case), atol=ATOL)
+
+
+def test_disable_adapter_context(case):
+    model, inputs = build(case, seed_adapter=True)
+    model.train()
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+    adapted = forward(model, inputs)
+    with model.disable_adapter():
+        disabled = forward(model, inputs)
+    if case.kwargs.get("bias", "none") == "none":
+        assert torch.allclose(disabled, base_outputs(case), atol=ATOL)
+    assert not torch.allclose(disabled, adapted, atol=1e-6)
+    assert torch.allclose(forward(model, inputs), adapted, atol=ATOL)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def test_multiple_adapters_add_set_delete(case, tmp_path):
+    model, inputs = build(case, seed_adapter=True)
+    first = forward(model, inputs)
+    kwargs = {k: v for k, v in copy.deepcopy(case.kwargs).items() if k != "bias"}
+    model.add_adapter("other", getattr(fastpeft, case.method)(**kwargs))
+    assert model.active_adapter == "default"
+    assert torch.allclose(forward(model, inputs), first, atol=ATOL), "adding an adapter must not change outputs"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+    model.set_adapter("other")
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
+    perturb(model, seed=1)
+    second = forward(model, inputs)
+    assert not torch.allclose(second, first, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    model.set_adapter("default")
+    assert torch.allclose(forward(model, inputs), first, atol=1e-4)
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert not any(".other" in k for k in model.state_dict())
+    assert torch.allclose(forward(model, inputs), first, atol=ATOL)
+    if case.kwargs.get("bias", "none") == "none":  # else "second" also includes default's trained biases
+        loaded = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path / "other", adapter_name="other")
+        assert torch.allclose(forward(loaded, inputs), second, atol=ATOL)
