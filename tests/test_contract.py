@@ -118,9 +118,8 @@ def test_merge_unmerge_merge_and_unload(case):
     assert torch.allclose(forward(merged, inputs), expected, atol=ATOL)
 
 
+@pytest.mark.parametrize("case", [c for c in METHOD_CASES if c.mergeable], ids=lambda c: c.id)
 def test_safe_merge_refuses_nan(case):
-    if not case.mergeable:
-        pytest.skip("merging is not supported for this layer type (checked in the merge test)")
     model, _ = build(case, seed_adapter=True)
     name, param = next((n, p) for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad)
     with torch.no_grad():
