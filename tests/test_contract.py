@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from cases import METHOD_CASES
-from models import MODELS, forward
 
 import fastpeft
 from fastpeft.core.layer import AdapterHolder
+
+from cases import METHOD_CASES
+from models import MODELS, forward
 
 ATOL = 1e-5
 

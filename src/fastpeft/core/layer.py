@@ -204,11 +204,11 @@ class AdapterLayer(nn.Module, AdapterHolder):
             updates.append((base.bias, delta_b))
         new_values = [(p, p.data + d.to(p.dtype)) for p, d in updates]
         if safe_merge:
-            for p, value in new_values:
+            for _, value in new_values:
                 if not torch.isfinite(value).all():
                     raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
-        for p, value in new_values:
-            p.data = value
+        for param, value in new_values:
+            param.data = value
 
     def unmerge_one(self, name: str) -> None:
         base = self.get_base_layer()
