@@ -453,16 +453,18 @@ def test_invalid_init_lora_weights_lists_accepted_values():
 
 
 # ---------------------------------------------------------------------------------------------- file modes
-def test_saved_adapter_files_get_the_same_permissions_as_hf_peft(tmp_path):
-    """Atomic saves stage in mkstemp files (mode 0600): the final files must still get the usual umask mode."""
-    import peft
-
-    torch.manual_seed(0)
-    ours = get_peft_model(make_mlp(), lora_cfg())
-    ours.save_pretrained(tmp_path / "ours")
-    theirs = peft.get_peft_model(make_mlp(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
-    theirs.save_pretrained(tmp_path / "theirs")
+def test_saved_adapter_files_get_the_usual_file_mode(tmp_path):
+    """Atomic saves stage in mkstemp files (mode 0600): the final files must get what a plain open() gives
+    under the current umask (HF PEFT's config is 0644 under umask 022), so other accounts can read them."""
+    umask = os.umask(0o022)
+    try:
+        ours = get_peft_model(make_mlp(), lora_cfg())
+        ours.save_pretrained(tmp_path / "ours")
+        with open(tmp_path / "plain", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(umask)
+    expected = os.stat(tmp_path / "plain").st_mode & 0o777
     for fname in ("adapter_model.safetensors", "adapter_config.json"):
         mode_ours = os.stat(tmp_path / "ours" / fname).st_mode & 0o777
-        mode_theirs = os.stat(tmp_path / "theirs" / fname).st_mode & 0o777
-        assert mode_ours == mode_theirs, f"{fname}: {oct(mode_ours)} vs HF PEFT {oct(mode_theirs)}"
+        assert mode_ours == expected, f"{fname}: {oct(mode_ours)}, a plain file gets {oct(expected)}"

@@ -25,7 +25,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise NotImplementedError("Mixed-method models (mixed=True) are not supported by fastpeft yet.")
     check_adapter_name(adapter_name)
     refuse_second_wrap(model)
-    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None)
+    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
     if revision is not None:
         peft_config.revision = revision
     klass = TASK_CLASSES.get(getattr(peft_config.task_type, "value", peft_config.task_type), PeftModel)

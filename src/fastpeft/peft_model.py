@@ -178,7 +178,7 @@ class PeftModel(nn.Module):
     def _config_for_file(self, name: str) -> dict[str, Any]:
         config = copy.copy(self.peft_config[name])
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None)
+            config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
         config.inference_mode = True
         data = config.to_json_dict()
         if config.task_type is None:
@@ -204,6 +204,7 @@ class PeftModel(nn.Module):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
         config.inference_mode = not is_trainable
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        had_config_attr = "peft_config" in model.__dict__
         klass = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                            low_cpu_mem_usage=low_cpu_mem_usage)
@@ -213,6 +214,8 @@ class PeftModel(nn.Module):
             peft_model.base_model.delete_adapter(adapter_name)
             for name, param in model.named_parameters():
                 param.requires_grad_(grads.get(name, param.requires_grad))
+            if not had_config_attr:
+                model.__dict__.pop("peft_config", None)
             raise
         return peft_model
 

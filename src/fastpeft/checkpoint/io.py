@@ -82,12 +82,20 @@ def atomic_write_many(jobs: list[tuple[str | os.PathLike, Callable[[str], None]]
             os.close(fd)
             staged.append((tmp, path))
             write(tmp)
+        mode = _default_file_mode()
         for tmp, path in staged:
+            os.chmod(tmp, mode)  # mkstemp creates 0600; give the file the mode a plain open() would
             os.replace(tmp, path)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def json_writer(data: dict[str, Any]) -> Callable[[str], None]:

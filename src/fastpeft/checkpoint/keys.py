@@ -37,24 +37,65 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
         for local_key, _ in module.adapter_parameters(adapter_name):
             model_key = f"{prefix}.{local_key}" if prefix else local_key
             mapping[_file_key(prefix, local_key, adapter_name, module)] = model_key
-    for key in _bias_keys(model, adapter_name, getattr(config, "bias", "none")):
-        mapping.setdefault(key, key)
+    for file_key, model_key in _bias_keys(model, adapter_name, getattr(config, "bias", "none")):
+        mapping.setdefault(file_key, model_key)
     return mapping
 
 
-def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[str]:
-    """Base-model biases trained with LoRA's `bias` option (saved under their own names)."""
+def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str, str]]:
+    """(file key, model key) of base-model biases trained with LoRA's `bias` option.
+
+    "all" follows HF PEFT's file layout: every bias under its own name, including the frozen
+    `original_module` ones and, a second time, a modules_to_save copy's bias as `<module>.modules_to_save.bias`.
+    """
+    pairs = []
     if bias == "all":
-        return [n for n, _ in model.named_parameters()
-                if n.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in n]
-    if bias == "lora_only":
-        keys = []
+        copy_marker = f".modules_to_save.{adapter_name}."
+        for name, _ in model.named_parameters():
+            if name.rsplit(".", 1)[-1] != "bias":
+                continue
+            if copy_marker in name:
+                pairs.append((name.replace(copy_marker, ".modules_to_save."), name))
+            elif ".modules_to_save." not in name:
+                pairs.append((name, name))
+    elif bias == "lora_only":
         for prefix, module in model.named_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
                 if getattr(module.get_base_layer(), "bias", None) is not None:
-                    keys.append(f"{prefix}.base_layer.bias" if prefix else "base_layer.bias")
-        return keys
-    return []
+                    key = f"{prefix}.base_layer.bias" if prefix else "base_layer.bias"
+                    pairs.append((key, key))
+    return pairs
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_layers: str | bool) -> list[str]:
+    """Full embedding weights stored with the adapter (for a resized vocabulary), as HF PEFT does.
+
+    "auto" saves them when target_modules names an embedding layer; True also saves the model's untargeted
+    input / output embeddings.
+    """
+    targets = getattr(config, "target_modules", None)
+    targets_embedding = not isinstance(targets, str) and any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = targets_embedding
+    if not save_embedding_layers:
+        return []
+    keys = []
+    wanted: set[int] = set()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(base, getter, lambda: None)()
+        if layer is not None:
+            wanted.add(id(layer))
+    for prefix, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
+            if prefix.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
+                keys.append(f"{prefix}.base_layer.weight")
+        elif id(module) in wanted and not targets_embedding and getattr(module, "weight", None) is not None:
+            keys.append(f"{prefix}.weight")
+    return keys
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
@@ -67,8 +108,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     if state_dict is None:
         source.update(model.state_dict(keep_vars=True))
-    return {fk: source[mk].detach() for fk, mk in adapter_key_map(model, adapter_name, config).items()
-            if mk in source}
+    mapping = adapter_key_map(model, adapter_name, config)
+    mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers)})
+    return {fk: source[mk].detach() for fk, mk in mapping.items() if mk in source}
 
 
 @dataclass
@@ -88,12 +130,13 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     """Copy file tensors into the model's adapter `adapter_name`. Checks every shape before writing any."""
     config = _config_of(model, adapter_name)
     mapping = adapter_key_map(model, adapter_name, config)
+    embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True) if k in peft_model_state_dict}
     params = dict(model.named_parameters())
-    result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping)))
+    result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping) - set(embeddings)))
     result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in peft_model_state_dict)
     writes = []
     for file_key, value in peft_model_state_dict.items():
-        model_key = mapping.get(file_key)
+        model_key = mapping.get(file_key) or embeddings.get(file_key)
         if model_key is None:
             continue
         target = params[model_key]
