@@ -7,10 +7,11 @@ import logging
 
 import pytest
 import torch
-from models import MODELS, forward
 
 import fastpeft
 from fastpeft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+from models import MODELS, forward
 
 
 def _trained_mlp():

@@ -94,6 +94,17 @@ CASES = [
             lora_bias=True,
         ),
     ),
+    Case(
+        "llama_embeddings_and_head",  # HF PEFT then also stores the full base embedding weights
+        "llama",
+        dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "lm_head", "q_proj"], r=4, lora_alpha=8),
+    ),
+    Case(
+        "llama_layers_pattern_exclude",
+        "llama",
+        dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=1,
+             layers_pattern="layers", exclude_modules=["v_proj"], init_lora_weights="gaussian", r=4),
+    ),
     Case("gpt2_default_targets", "gpt2", dict(task_type="CAUSAL_LM")),
     Case("t5_default_targets", "t5", dict(task_type="SEQ_2_SEQ_LM")),
     Case("bert_seq_cls", "bert_cls", dict(task_type="SEQ_CLS")),
