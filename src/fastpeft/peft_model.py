@@ -57,7 +57,10 @@ class PeftModel(nn.Module):
         self.base_model = spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name,
                                          low_cpu_mem_usage=low_cpu_mem_usage,
                                          autocast_adapter_dtype=autocast_adapter_dtype)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5 only has the older name
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
             model.enable_input_require_grads()
 

@@ -18,15 +18,18 @@ def _call(model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]):
     return PeftModel.forward(model, **args, **kwargs)
 
 
+def _labels_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """Forward of the classification and causal-LM task classes (HF PEFT's signature)."""
+    named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                 return_dict=return_dict, task_ids=task_ids)
+    return _call(self, named, kwargs)
+
+
 class PeftModelForSequenceClassification(PeftModel):
     task_modules_to_save = ("classifier", "score")
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                     labels=labels, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids)
-        return _call(self, named, kwargs)
+    forward = _labels_forward
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
@@ -47,12 +50,7 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 
 class PeftModelForCausalLM(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                     labels=labels, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids)
-        return _call(self, named, kwargs)
+    forward = _labels_forward
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
