@@ -5,9 +5,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from models import make_llama, llama_inputs
 
 import fastpeft
+
+from models import llama_inputs, make_llama
 
 
 def _build(lib, dtype, autocast):

@@ -7,8 +7,10 @@ Method-agnostic: everything method-specific sits behind the registry's tuner cla
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
+import types
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +39,28 @@ def refuse_second_wrap(model: nn.Module) -> None:
         )
 
 
+def _expose_base_signature(peft_model: PeftModel) -> None:
+    """Give this instance's generic `forward` the base model's signature (plus `adapter_names`).
+
+    transformers' Trainer drops dataset columns that `forward` does not name; `(*args, **kwargs)` names none.
+    A bound method of a per-instance function keeps `deepcopy` working (it rebinds to the copy).
+    """
+    try:
+        sig = inspect.signature(peft_model.get_base_model().forward)
+    except (TypeError, ValueError):
+        return
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()]
+    if "adapter_names" not in sig.parameters:
+        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    ordered = sorted(params, key=lambda p: p.kind)  # stable: keeps Python's parameter-kind order valid
+
+    def forward(self, *args, **kwargs):
+        return PeftModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=ordered)
+    peft_model.__dict__["forward"] = types.MethodType(forward, peft_model)
+
+
 class PeftModel(nn.Module):
     """Wraps `model` with the adapter described by `peft_config` under the name `adapter_name`."""
 
@@ -60,6 +84,8 @@ class PeftModel(nn.Module):
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:  # transformers < 5 only has the older name
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if type(self).forward is PeftModel.forward:
+            _expose_base_signature(self)
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
             model.enable_input_require_grads()
@@ -129,8 +155,34 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(self.base_model.model, adapter_name,
                                        autocast_adapter_dtype=self.base_model.autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch training on or off for the named adapters' parameters (modules_to_save copies included)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
+        for _, holder in self.base_model.holders():
+            for name in names:
+                for _, param in holder.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    def get_layer_status(self):
+        from .utils import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        from .utils import get_model_status
+
+        return get_model_status(self)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)

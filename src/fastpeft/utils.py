@@ -10,19 +10,24 @@ from torch import nn
 from .core.layer import AdapterLayer
 
 
+def _is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "quantization_method", None) or getattr(model, "hf_quantizer", None))
+
+
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
                                     gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
-    """Freeze the base, upcast non-quantized half-precision params to fp32, enable input grads/checkpointing."""
+    """Freeze the base and upcast half-precision params to fp32; for quantized models also enable input
+    gradients and gradient checkpointing (frozen quantized weights otherwise leave adapters without grads)."""
     for param in model.parameters():
         param.requires_grad_(False)
         if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ == "Parameter":
             param.data = param.data.float()
-    if use_gradient_checkpointing:
+    if use_gradient_checkpointing and _is_quantized(model):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if hasattr(model, "gradient_checkpointing_enable"):
-            kwargs = gradient_checkpointing_kwargs or {"use_reentrant": True}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {})
     return model
 
 

@@ -34,7 +34,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
     for prefix, module in model.named_modules():
         if not isinstance(module, AdapterHolder):
             continue
-        for local_key, _ in module.adapter_parameters(adapter_name):
+        for local_key, _ in module.adapter_tensors(adapter_name):
             model_key = f"{prefix}.{local_key}" if prefix else local_key
             mapping[_file_key(prefix, local_key, adapter_name, module)] = model_key
     for file_key, model_key in _bias_keys(model, adapter_name, getattr(config, "bias", "none")):
@@ -131,7 +131,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     config = _config_of(model, adapter_name)
     mapping = adapter_key_map(model, adapter_name, config)
     embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True) if k in peft_model_state_dict}
-    params = dict(model.named_parameters())
+    params = model.state_dict(keep_vars=True)
     result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping) - set(embeddings)))
     result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in peft_model_state_dict)
     writes = []

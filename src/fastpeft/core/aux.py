@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .layer import AdapterHolder
@@ -37,17 +38,35 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
 
-    @property
-    def weight(self):
-        return self._current().weight
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "_active_adapters", "_disable_adapters"):
+                raise
+            return getattr(self._current(), name)  # e.g. .weight, .bias, .out_features of the wrapped module
 
-    def _current(self) -> nn.Module:
-        if self._disable_adapters or self.active_adapter is None:
+    def _current(self, adapter: str | None = None) -> nn.Module:
+        adapter = self.active_adapter if adapter is None else adapter
+        if self._disable_adapters or adapter is None or adapter not in self.modules_to_save:
             return self.original_module
-        return self.modules_to_save[self.active_adapter]
+        return self.modules_to_save[adapter]
 
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None or self._disable_adapters:
+            return self._current()(*args, **kwargs)
+        return self._mixed_forward(adapter_names, *args, **kwargs)
+
+    def _mixed_forward(self, adapter_names: list[str], x, *args, **kwargs):
+        """Each sample through its own adapter's copy ("__base__" and adapters without one: the original)."""
+        out = None
+        for name in sorted(set(adapter_names)):
+            idx = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            sub = self._current(name)(x[idx], *args, **kwargs)
+            if out is None:
+                out = sub.new_empty((len(adapter_names), *sub.shape[1:]))
+            out[idx] = sub
+        return out
 
     def adapter_names(self) -> set[str]:
         return set(self.modules_to_save.keys())
@@ -56,6 +75,11 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
         if name in self.modules_to_save:
             for pname, param in self.modules_to_save[name].named_parameters():
                 yield f"modules_to_save.{name}.{pname}", param
+
+    def adapter_tensors(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        if name in self.modules_to_save:  # the whole state: buffers such as BatchNorm statistics too
+            for key, tensor in self.modules_to_save[name].state_dict(keep_vars=True).items():
+                yield f"modules_to_save.{name}.{key}", tensor
 
     def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
         present = [n for n in names if n in self.modules_to_save]
@@ -70,6 +94,8 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
+        if not enabled:
+            self.modules_to_save.requires_grad_(False)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:

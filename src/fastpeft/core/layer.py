@@ -30,6 +30,14 @@ class AdapterHolder:
     def adapter_names(self) -> set[str]:  # pragma: no cover
         raise NotImplementedError
 
+    def adapter_parameters(self, name: str):  # pragma: no cover
+        """(key relative to the holder, parameter) for each trainable tensor of adapter `name`."""
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str):
+        """(relative key, tensor) for everything of adapter `name` stored in adapter files."""
+        return self.adapter_parameters(name)
+
     def unloaded(self, merge: bool) -> nn.Module:  # pragma: no cover
         """The plain module that replaces this holder in `unload` / `merge_and_unload`."""
         raise NotImplementedError
@@ -122,7 +130,12 @@ class AdapterLayer(nn.Module, AdapterHolder):
                 param.requires_grad_(name in trainable and name in self._active_adapters)
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on enable)."""
         self._disable_adapters = not enabled
+        if not enabled:
+            for name in self.adapter_names():
+                for _, param in self.adapter_parameters(name):
+                    param.requires_grad_(False)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:

@@ -52,6 +52,7 @@ class Tuner(nn.Module):
         self.model = model
         self.peft_config: dict = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         self.active_adapter: str | list[str] = adapter_name
+        self.trainable_adapters: set[str] = set()
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         # as HF PEFT: the injected model carries its configs (used by get_peft_model_state_dict)
@@ -111,6 +112,9 @@ class Tuner(nn.Module):
             raise
         for layer in [layer for _, layer in created] + updated:
             self._place_adapter(layer, adapter_name, autocast_adapter_dtype)
+        if adapter_name in self.active_adapters and not config.inference_mode:
+            self.trainable_adapters.add(adapter_name)
+        self._freeze_base()
         self._apply_adapter_state()
 
     def _build_layers(self, targets, adapter_name, config):
@@ -191,12 +195,15 @@ class Tuner(nn.Module):
         active = self.active_adapter
         return [active] if isinstance(active, str) else list(active)
 
-    def _apply_adapter_state(self) -> None:
-        """Freeze the base, then (re)activate the active adapters; trainable unless in inference mode."""
-        active = self.active_adapters
-        trainable = [n for n in active if not self.peft_config[n].inference_mode]
+    def _freeze_base(self) -> None:
+        """On injection (as HF PEFT): every parameter except adapter ones stops training."""
         for _, param in self.model.named_parameters():
             param.requires_grad_(False)
+
+    def _apply_adapter_state(self) -> None:
+        """Activate the active adapters; those in `self.trainable_adapters` get requires_grad, others not."""
+        active = self.active_adapters
+        trainable = [n for n in active if n in self.trainable_adapters]
         for _, holder in self.holders():
             holder.set_adapter(active, trainable)
         for name in trainable:
@@ -206,19 +213,19 @@ class Tuner(nn.Module):
         """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate `adapter_name`(s); they become trainable unless `inference_mode` (as HF PEFT)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
         self.active_adapter = adapter_name
-        if inference_mode:
-            for n in names:
-                self.peft_config[n].inference_mode = True
+        self.trainable_adapters = set() if inference_mode else set(names)
         self._apply_adapter_state()
 
     def enable_adapter_layers(self) -> None:
         for _, holder in self.holders():
             holder.enable_adapters(True)
+        self._apply_adapter_state()
 
     def disable_adapter_layers(self) -> None:
         for _, holder in self.holders():
@@ -248,8 +255,8 @@ class Tuner(nn.Module):
         def add_names(module, args, kwargs):
             return args, {**kwargs, "adapter_names": adapter_names}
 
-        hooks = [layer.register_forward_pre_hook(add_names, with_kwargs=True)
-                 for layer in self.adapter_layers() if not layer.nested]
+        hooks = [holder.register_forward_pre_hook(add_names, with_kwargs=True)
+                 for _, holder in self.holders() if not getattr(holder, "nested", False)]
         try:
             yield
         finally:
@@ -262,9 +269,11 @@ class Tuner(nn.Module):
         for _, holder in list(self.holders()):
             holder.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self.trainable_adapters.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
+            remaining = [sorted(self.peft_config)[0]]
+            self.trainable_adapters.add(remaining[0])  # as HF PEFT: the adapter taking over can train
         self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
         self._drop_empty_layers()
         self._apply_adapter_state()
