@@ -21,6 +21,7 @@ from .checkpoint import io
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig
 from .core.layer import AdapterHolder
+from .core.prompt_adapters import PromptAdapters
 from .core.tuner import check_adapter_name
 from .registry import get_spec
 
@@ -61,6 +62,14 @@ def _expose_base_signature(peft_model: PeftModel) -> None:
     peft_model.__dict__["forward"] = types.MethodType(forward, peft_model)
 
 
+def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
+    if is_trainable and config.is_prompt_learning:
+        raise ValueError(
+            f"A saved {config.peft_type} adapter holds the encoder's output, not its trainable parts, so it cannot be "
+            "loaded with is_trainable=True (as in HF PEFT). Load it for inference, or train a new adapter."
+        )
+
+
 class PeftModel(nn.Module):
     """Wraps `model` with the adapter described by `peft_config` under the name `adapter_name`."""
 
@@ -72,15 +81,19 @@ class PeftModel(nn.Module):
         super().__init__()
         check_adapter_name(adapter_name)
         spec = get_spec(peft_config.peft_type)
-        if spec.tuner_cls is None:
-            raise NotImplementedError(f"{spec.peft_type.value} models are not supported by fastpeft yet.")
         self._add_task_modules_to_save(peft_config)
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._is_prompt_learning = peft_config.is_prompt_learning
-        self.base_model = spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name,
-                                         low_cpu_mem_usage=low_cpu_mem_usage,
-                                         autocast_adapter_dtype=autocast_adapter_dtype)
+        if spec.prompt_cls is not None:
+            # as HF PEFT: base_model is the user's model, encoders sit in prompt_encoder[adapter]
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict()
+            self.__dict__["_prompts"] = PromptAdapters(model, self.prompt_encoder, peft_config, adapter_name)
+        else:
+            self.base_model = spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name,
+                                             low_cpu_mem_usage=low_cpu_mem_usage,
+                                             autocast_adapter_dtype=autocast_adapter_dtype)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:  # transformers < 5 only has the older name
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -96,6 +109,9 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            prompts = self.__dict__.get("_prompts")
+            if prompts is not None and hasattr(prompts, name):  # e.g. merge_and_unload -> a clear refusal
+                return getattr(prompts, name)
             return getattr(self.base_model, name)
 
     def _add_task_modules_to_save(self, config: PeftConfig) -> None:
@@ -109,23 +125,28 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ state
     @property
+    def tuner(self):
+        """What manages the adapters: the Tuner (layer methods) or PromptAdapters (prompt methods)."""
+        return self.__dict__.get("_prompts") or self.base_model
+
+    @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+        return self.tuner.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self.base_model.active_adapter
+        return self.tuner.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
+        return self.tuner.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.tuner.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
@@ -145,18 +166,18 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a new name.")
-        if get_spec(peft_config.peft_type).tuner_cls is not type(self.base_model):
+        if get_spec(peft_config.peft_type).peft_type != get_spec(self.peft_type).peft_type:
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model: one PeftModel holds "
                 "adapters of a single method type."
             )
         self._add_task_modules_to_save(peft_config)
-        self.base_model.peft_config[adapter_name] = peft_config
-        self.base_model.inject_adapter(self.base_model.model, adapter_name,
-                                       autocast_adapter_dtype=self.base_model.autocast_adapter_dtype)
+        self.tuner.peft_config[adapter_name] = peft_config
+        self.tuner.inject_adapter(self.get_base_model(), adapter_name,
+                                  autocast_adapter_dtype=getattr(self.tuner, "autocast_adapter_dtype", True))
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.tuner.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Switch training on or off for the named adapters' parameters (modules_to_save copies included)."""
@@ -164,7 +185,7 @@ class PeftModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
-        for _, holder in self.base_model.holders():
+        for _, holder in self.tuner.holders():
             for name in names:
                 for _, param in holder.adapter_parameters(name):
                     param.requires_grad_(requires_grad)
@@ -185,24 +206,20 @@ class PeftModel(nn.Module):
         return get_model_status(self)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        self.tuner.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self):
         """Run the base model without adapters inside the `with` block; state is restored afterwards."""
-        with self.base_model.adapters_disabled():
+        with self.tuner.adapters_disabled():
             yield
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any):
-        adapter_names = kwargs.pop("adapter_names", None)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+        return self.tuner.model_forward(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any):
-        adapter_names = kwargs.pop("adapter_names", None)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
+        return self.tuner.model_generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -257,6 +274,7 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
+        _check_trainable_load(config, is_trainable)
         config.inference_mode = not is_trainable
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
         had_config_attr = "peft_config" in model.__dict__
@@ -266,7 +284,7 @@ class PeftModel(nn.Module):
         try:
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         except BaseException:
-            peft_model.base_model.delete_adapter(adapter_name)
+            peft_model.tuner.delete_adapter(adapter_name)
             for name, param in model.named_parameters():
                 param.requires_grad_(grads.get(name, param.requires_grad))
             if not had_config_attr:
@@ -283,6 +301,7 @@ class PeftModel(nn.Module):
         added = adapter_name not in self.peft_config
         if added:
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            _check_trainable_load(config, is_trainable)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config)
         try:
@@ -290,7 +309,7 @@ class PeftModel(nn.Module):
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
         except BaseException:
             if added:
-                self.base_model.delete_adapter(adapter_name)
+                self.tuner.delete_adapter(adapter_name)
             raise
         if result.unexpected_keys:
             logger.warning("Keys in %s not used by adapter '%s': %s", model_id, adapter_name, result.unexpected_keys)

@@ -110,7 +110,11 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
         source.update(model.state_dict(keep_vars=True))
     mapping = adapter_key_map(model, adapter_name, config)
     mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers)})
-    return {fk: source[mk].detach() for fk, mk in mapping.items() if mk in source}
+    out = {fk: source[mk].detach() for fk, mk in mapping.items() if mk in source}
+    tuner = getattr(model, "tuner", None)
+    if tuner is not None:
+        out.update(tuner.extra_file_state(adapter_name))
+    return out
 
 
 @dataclass
@@ -151,6 +155,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                 "different r / rank_pattern). Nothing was loaded; load it onto the base model it was made for."
             )
         writes.append((target, value))
+    tuner = getattr(model, "tuner", None)
+    if tuner is not None:  # tensors kept outside the module tree (e.g. prompt embeddings): checked and loaded
+        rest = {k: v for k, v in peft_model_state_dict.items() if k in result.unexpected_keys}
+        consumed = tuner.load_extra_file_state(adapter_name, rest)
+        result.unexpected_keys = [k for k in result.unexpected_keys if k not in consumed]
     with torch.no_grad():
         for target, value in writes:
             target.copy_(value.to(device=target.device, dtype=target.dtype))

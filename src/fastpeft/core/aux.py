@@ -105,3 +105,23 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
     def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         # as HF PEFT: the active trained copy replaces the module (the trained head is part of the result)
         return self._current() if not self._disable_adapters else self.original_module
+
+
+def wrap_modules_to_save(model: nn.Module, adapter_name: str, wanted) -> None:
+    """Wrap each module named (as a suffix) in `wanted` with a ModulesToSaveWrapper for `adapter_name`."""
+    from .layer import AdapterHolder, AdapterLayer
+    from .targeting import candidate_modules
+
+    if not wanted:
+        return
+    for name, module in candidate_modules(model, (AdapterHolder,)):
+        if not any(name.endswith(w) for w in wanted):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        elif isinstance(module, AdapterLayer):
+            raise ValueError(f"Module '{name}' matches both target_modules and modules_to_save; pick one of the two.")
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    ModulesToSaveWrapper(module, adapter_name))

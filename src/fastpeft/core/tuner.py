@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import targeting
-from .aux import ModulesToSaveWrapper
+from .aux import ModulesToSaveWrapper, wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer
 
@@ -69,6 +69,21 @@ class Tuner(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def model_forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def model_generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self.mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors stored in adapter files outside the module tree (none for layer methods)."""
+        return {}
+
+    def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
+        return set()
+
     # ------------------------------------------------------------------ method hooks
     def prepare_config(self, config, model: nn.Module):
         """Fill defaults (e.g. target_modules from the model type) and refuse unsupported options."""
@@ -106,7 +121,7 @@ class Tuner(nn.Module):
         for name, layer in created:
             set_submodule(model, name, layer)
         try:
-            self._wrap_modules_to_save(model, adapter_name, config)
+            wrap_modules_to_save(model, adapter_name, getattr(config, "modules_to_save", None))
         except Exception:
             self._rollback(model, adapter_name, created, updated)
             raise
@@ -160,22 +175,6 @@ class Tuner(nn.Module):
             + f". Module names that look close: {close}. Set target_modules to names (or dotted suffixes) of "
             "modules in model.named_modules(), a full-match regex string, or 'all-linear'."
         )
-
-    def _wrap_modules_to_save(self, model: nn.Module, adapter_name: str, config) -> None:
-        wanted = getattr(config, "modules_to_save", None)
-        if not wanted:
-            return
-        for name, module in targeting.candidate_modules(model, (AdapterHolder,)):
-            if not any(name.endswith(w) for w in wanted):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            elif isinstance(module, AdapterLayer):
-                raise ValueError(
-                    f"Module '{name}' matches both target_modules and modules_to_save; pick one of the two."
-                )
-            else:
-                set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name))
 
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
         """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if autocast."""
