@@ -15,6 +15,9 @@ from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
 from .methods.lora import LoraConfig, LoraModel
+from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .peft_model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -48,7 +51,15 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "get_layer_status",
     "get_model_status",

@@ -1,0 +1,111 @@
+"""Prefix tuning: an encoder of (n, 2 * layers * dim) rows turned into a pre-filled key/value cache.
+
+Each virtual token holds, per layer, a key and a value for every KV head. The model attends to them as if
+they were n earlier tokens (Li & Liang, 2021, sec. 4.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.prompt import TOKEN_TYPE_TASKS, PromptMethod, _drop, _extend_mask, cache_argument
+
+
+class PrefixEncoder(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        n, dim, layers = config.num_virtual_tokens, config.token_dim, config.num_layers
+        self.projected = config.prefix_projection and not config.inference_mode
+        if self.projected:
+            self.embedding = nn.Embedding(n, dim)
+            self.transform = nn.Sequential(nn.Linear(dim, config.encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(config.encoder_hidden_size, layers * 2 * dim))
+        else:
+            self.embedding = nn.Embedding(n, layers * 2 * dim)
+        if config.init_weights == "zero":
+            last = self.transform[2] if self.projected else self.embedding
+            for param in last.parameters():
+                nn.init.zeros_(param)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        embeds = self.embedding(indices)
+        return self.transform(embeds) if self.projected else embeds
+
+
+def _new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except Exception:  # configs without layer-type information
+        return DynamicCache()
+
+
+def build_cache(prefix: torch.Tensor, config, model: nn.Module):
+    """(batch, n, 2 * layers * dim) -> a transformers Cache holding each layer's prefix keys and values."""
+    batch, n, _ = prefix.shape
+    layers, heads = config.num_layers, config.num_attention_heads
+    head_dim = config.token_dim // heads
+    # feature layout per virtual token: [layer][key|value][head][head_dim]
+    kv = prefix.view(batch, n, layers, 2, heads, head_dim).permute(2, 3, 0, 4, 1, 5)  # (L, 2, B, H, n, hd)
+    cache = _new_cache(model)
+    if config.num_transformer_submodules == 1:
+        for layer in range(layers):
+            cache.update(kv[layer, 0], kv[layer, 1], layer)
+        return cache
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    # Encoder-decoders: only the decoder's self-attention gets a prefix. HF PEFT fills decoder layer l from
+    # stored layer (2 * l) % L (it duplicates the rows, then reads them 4 at a time); adapters trained there
+    # depend on that mapping, so it is kept to load them unchanged.
+    for layer in range(layers):
+        source = (2 * layer) % layers
+        cache.update(kv[source, 0], kv[source, 1], layer)
+    return EncoderDecoderCache(cache, DynamicCache())
+
+
+class PrefixTuning(PromptMethod):
+    def rows(self, config) -> int:
+        return config.num_virtual_tokens
+
+    def prepare_config(self, config, model):
+        config = super().prepare_config(config, model)
+        cache_argument(model)  # refuse models that cannot take a KV cache now, not at the first forward
+        if getattr(model, "is_gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
+            raise ValueError("Prefix tuning does not work with gradient checkpointing; disable it on the model.")
+        model_cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+        kv_heads = model_cfg.get("num_key_value_heads")
+        if kv_heads:  # grouped-query attention: the cache holds kv_heads heads, not num_attention_heads
+            head_dim = model_cfg.get("head_dim") or config.token_dim // config.num_attention_heads
+            config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
+        if config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim
+        return config
+
+    def build_encoder(self, config, word_embeddings):
+        return PrefixEncoder(config)
+
+    def encode(self, encoder, config, batch_size, task_ids=None):
+        rows = torch.arange(config.num_virtual_tokens, device=encoder.embedding.weight.device)[None]
+        return self.encoder_output(encoder, config, rows).expand(batch_size, -1, -1)
+
+    def transform(self, encoder, config, model, word_embeddings, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.pop("task_ids", None)
+        task, n = config.task_type, config.num_virtual_tokens
+        reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if reference is None:
+            raise ValueError("Pass input_ids or inputs_embeds to the model.")
+        dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
+        prefix = self.encode(encoder, config, reference.shape[0]).to(dtype)
+        kwargs[cache_argument(model)] = build_cache(prefix, config, model)
+        if task == "SEQ_2_SEQ_LM":
+            kwargs["decoder_attention_mask"] = _extend_mask(kwargs.get("decoder_attention_mask"), n)
+        else:
+            kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), n)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n
+        if task not in TOKEN_TYPE_TASKS:
+            _drop(kwargs, "token_type_ids", f"task {task}")
+        return {k: v for k, v in kwargs.items() if v is not None}
