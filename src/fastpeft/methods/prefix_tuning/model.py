@@ -109,3 +109,43 @@ class PrefixTuning(PromptMethod):
         if task not in TOKEN_TYPE_TASKS:
             _drop(kwargs, "token_type_ids", f"task {task}")
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    def generate(self, encoder, config, model, word_embeddings, kwargs):
+        """Generate with the prefix pre-filled in the cache.
+
+        generate() treats a cache of length n as n already-processed tokens, so n placeholder ids go in front of
+        the (decoder) input and are cut from the result; positions and masks then line up with forward().
+        """
+        kwargs = dict(kwargs)
+        kwargs.pop("task_ids", None)
+        n = config.num_virtual_tokens
+        seq2seq = config.task_type == "SEQ_2_SEQ_LM"
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("Prefix-tuned generate needs input_ids.")
+        batch = input_ids.shape[0]
+        copies = max(kwargs.get("num_beams") or 1, 1) * max(kwargs.get("num_return_sequences") or 1, 1)
+        dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
+        prefix = self.encode(encoder, config, batch * copies).to(dtype)
+        kwargs[cache_argument(model)] = build_cache(prefix, config, model)
+        ids_key, mask_key = ("decoder_input_ids", "decoder_attention_mask") if seq2seq else ("input_ids",
+                                                                                             "attention_mask")
+        ids = kwargs.get(ids_key)
+        if ids is None:  # seq2seq: start from the decoder start token
+            start = model.generation_config.decoder_start_token_id
+            if start is None:
+                start = model.config.decoder_start_token_id
+            ids = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
+        if kwargs.get("max_length") is not None and "max_new_tokens" not in kwargs:
+            kwargs["max_new_tokens"] = kwargs.pop("max_length") - ids.shape[1]
+        mask = kwargs.get(mask_key)
+        if mask is None:
+            mask = torch.ones_like(ids)
+        placeholders = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
+        kwargs[ids_key] = torch.cat([placeholders, ids], dim=1)
+        kwargs[mask_key] = _extend_mask(mask, n)
+        out = model.generate(**kwargs)
+        if isinstance(out, torch.Tensor):
+            return out[:, n:]
+        out.sequences = out.sequences[:, n:]
+        return out
