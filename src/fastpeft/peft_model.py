@@ -1,7 +1,8 @@
 """`PeftModel`: a user's model plus adapters, with HF PEFT's methods (save / load / switch / merge).
 
-Method-agnostic: everything method-specific sits behind the registry's tuner class. The nesting
-`PeftModel.base_model` (the tuner) `.model` (the user's model) gives file keys their `base_model.model.` prefix.
+Method-agnostic: everything method-specific sits behind `self.tuner` (a layer method's Tuner, or PromptAdapters).
+For layer methods `base_model` is the tuner and `base_model.model` the user's model (hence the `base_model.model.`
+key prefix); for prompt methods `base_model` is the user's model itself, as in HF PEFT.
 """
 
 from __future__ import annotations
