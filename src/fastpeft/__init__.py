@@ -15,6 +15,7 @@ from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
 from .methods.lora import LoraConfig, LoraModel
+from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -42,6 +43,8 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraModel",
+    "MultitaskPromptTuningConfig",
+    "MultitaskPromptTuningInit",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

@@ -13,7 +13,6 @@ from .types import TaskType
 
 def _call(model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]):
     """Forward `named` (dropping unset optionals) and `kwargs` to the base model."""
-    named.pop("task_ids", None)  # only used by multitask prompt methods
     args = {k: v for k, v in named.items() if v is not None}
     return PeftModel.forward(model, **args, **kwargs)
 

@@ -70,6 +70,7 @@ class Tuner(nn.Module):
         return self.model(*args, **kwargs)
 
     def model_forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        kwargs.pop("task_ids", None)  # read by multitask prompt methods only
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
