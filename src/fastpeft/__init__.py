@@ -14,6 +14,7 @@ from .auto import (
 from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
+from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.lora import LoraConfig, LoraModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -34,6 +35,8 @@ from .utils import get_layer_status, get_model_status, prepare_model_for_kbit_tr
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",

@@ -110,14 +110,14 @@ class Tuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         check_adapter_name(adapter_name)
-        config = self.prepare_config(self.peft_config[adapter_name], model)
+        try:
+            config = self.prepare_config(self.peft_config[adapter_name], model)
+            self.check_new_adapter(config)
+            targets = self.select_targets(model, config)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            raise
         self.peft_config[adapter_name] = config
-        self.check_new_adapter(config)
-        candidates = targeting.candidate_modules(model, (AdapterHolder,))
-        targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
-        if not targets:
-            del self.peft_config[adapter_name]
-            raise ValueError(self._no_target_message(config, [n for n, _ in candidates]))
         created, updated = self._build_layers(targets, adapter_name, config)
         for name, layer in created:
             set_submodule(model, name, layer)
@@ -132,6 +132,14 @@ class Tuner(nn.Module):
             self.trainable_adapters.add(adapter_name)
         self._freeze_base()
         self._apply_adapter_state()
+
+    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+        """(name, module) pairs that get the adapter; HF PEFT's target_modules rules unless a method overrides."""
+        candidates = targeting.candidate_modules(model, (AdapterHolder,))
+        targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
+        if not targets:
+            raise ValueError(self._no_target_message(config, [n for n, _ in candidates]))
+        return targets
 
     def _build_layers(self, targets, adapter_name, config):
         created: list[tuple[str, AdapterLayer]] = []
