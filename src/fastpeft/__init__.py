@@ -15,6 +15,7 @@ from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.lora import LoraConfig, LoraModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -44,6 +45,8 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "CPTConfig",
+    "CPTEmbedding",
     "LoraConfig",
     "LoraModel",
     "MultitaskPromptTuningConfig",

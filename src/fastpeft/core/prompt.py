@@ -83,6 +83,10 @@ class PromptMethod:
     def build_encoder(self, config, word_embeddings: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def finish(self, encoder: nn.Module, config, outputs, kwargs: dict[str, Any]):
+        """Post-process the base model's outputs (`kwargs`: the caller's inputs), e.g. a method-specific loss."""
+        return outputs
+
     def after_activation(self, encoder: nn.Module) -> None:
         """Hook after an adapter becomes trainable (e.g. to keep a frozen part frozen)."""
 

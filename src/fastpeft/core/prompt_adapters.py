@@ -118,9 +118,9 @@ class PromptAdapters:
             kwargs.pop("task_ids", None)
             return self.model(**kwargs)
         name = self.active_adapter
-        inputs = self.method(name).transform(self.encoders[name], self.peft_config[name], self.model,
-                                             self.word_embeddings, kwargs)
-        return self.model(**inputs)
+        method, encoder, config = self.method(name), self.encoders[name], self.peft_config[name]
+        inputs = method.transform(encoder, config, self.model, self.word_embeddings, kwargs)
+        return method.finish(encoder, config, self.model(**inputs), kwargs)
 
     def model_generate(self, *args, **kwargs):
         if args:

@@ -1,3 +1,3 @@
 """Adapter methods, one folder each; importing a folder registers its method."""
 
-from . import adaption_prompt, lora, multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
+from . import adaption_prompt, cpt, lora, multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
