@@ -124,7 +124,9 @@ class PrefixTuning(PromptMethod):
         if input_ids is None:
             raise ValueError("Prefix-tuned generate needs input_ids.")
         batch = input_ids.shape[0]
-        copies = max(kwargs.get("num_beams") or 1, 1) * max(kwargs.get("num_return_sequences") or 1, 1)
+        # rows generate() runs: batch * num_beams for beam search, batch * num_return_sequences when sampling
+        beams = kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", 1) or 1
+        copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or 1)
         dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
         prefix = self.encode(encoder, config, batch * copies).to(dtype)
         kwargs[cache_argument(model)] = build_cache(prefix, config, model)
