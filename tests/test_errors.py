@@ -333,13 +333,13 @@ def test_save_killed_midway_keeps_previous_adapter_files(tmp_path):
     assert "NOT_KILLED" not in proc.stdout
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
-    assert sorted(os.listdir(v1_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(v1_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     for fname in ("adapter_model.safetensors", "adapter_config.json"):
         assert (out_dir / fname).read_bytes() == (v1_dir / fname).read_bytes(), fname
     assert json.loads((out_dir / "adapter_config.json").read_text())["lora_alpha"] == 8
 
     # only the two final files, plus at most hidden temp files (atomic_write_many stages to '.<name>.*.tmp')
-    extra = sorted(set(os.listdir(out_dir)) - {"adapter_model.safetensors", "adapter_config.json"})
+    extra = sorted(set(os.listdir(out_dir)) - {"adapter_model.safetensors", "adapter_config.json", "README.md"})
     for fname in extra:
         assert re.fullmatch(r"\.(adapter_model\.safetensors|adapter_config\.json)\..*\.tmp", fname), extra
     assert any(f.startswith(".adapter_model.safetensors.") for f in extra), "the crash did not hit the write"

@@ -65,13 +65,17 @@ def test_push_to_hub_uploads_saved_folder(monkeypatch):
 
         seen["files"] = sorted(os.listdir(folder_path))
         seen["config"] = json.loads(open(os.path.join(folder_path, "adapter_config.json")).read())
+        seen["card"] = open(os.path.join(folder_path, "README.md")).read()
         return "ok"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
     assert _trained_mlp().push_to_hub("me/my-lora") == "ok"
     assert seen["repo"] == "me/my-lora"
-    assert seen["files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert seen["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "base_model: " not in seen["card"]  # built from a config: no base model to name
+    assert "library_name: peft" in seen["card"] and "LORA adapter" in seen["card"]
+    assert "trainable parameters" in seen["card"]
     assert seen["config"]["peft_type"] == "LORA" and seen["config"]["inference_mode"] is True
 
 
@@ -106,3 +110,15 @@ def test_mixed_batch_equals_each_adapter_alone():
         assert torch.allclose(mixed[i], alone[name][i], atol=1e-6), name
     with pytest.raises(ValueError, match="unknown adapters"):
         forward(model, {"x": x, "adapter_names": ["nope"] * 3})
+
+
+def test_model_card_names_base_and_keeps_user_card(tmp_path):
+    model = _trained_mlp()
+    model.peft_config["default"].base_model_name_or_path = "org/tiny-base"
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    n_params = sum(t.numel() for t in fastpeft.load_peft_weights(str(tmp_path)).values())
+    assert "base_model: org/tiny-base" in card and f"{n_params:,d} trainable parameters" in card
+    (tmp_path / "README.md").write_text("my own card")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my own card"

@@ -8,6 +8,7 @@ key prefix); for prompt methods `base_model` is the user's model itself, as in H
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -20,10 +21,12 @@ from torch import nn
 
 from .checkpoint import io
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint.model_card import model_card
 from .config import PeftConfig
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
 from .core.tuner import check_adapter_name
+from .integrations.transformers import enable_trainer_support
 from .registry import get_spec
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,16 @@ def _expose_base_signature(peft_model: PeftModel) -> None:
 
     forward.__signature__ = sig.replace(parameters=ordered)
     peft_model.__dict__["forward"] = types.MethodType(forward, peft_model)
+
+
+def _field_defaults(config: PeftConfig) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
@@ -103,6 +116,7 @@ class PeftModel(nn.Module):
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
             model.enable_input_require_grads()
+        enable_trainer_support()  # transformers' Trainer / TRL: save and resume adapters (integrations/transformers.py)
 
     def __getattr__(self, name: str):
         try:
@@ -243,10 +257,15 @@ class PeftModel(nn.Module):
             out_dir = str(save_directory) if name == "default" else os.path.join(save_directory, name)
             tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
-            io.atomic_write_many([
-                (os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
-                (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(self._config_for_file(name))),
-            ])
+            config_dict = self._config_for_file(name)
+            jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
+                    (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
+            card = os.path.join(out_dir, "README.md")
+            if not os.path.exists(card):  # never overwrite a card the user wrote
+                text = model_card(config_dict, name, sum(t.numel() for t in tensors.values()),
+                                  type(self.get_base_model()).__name__, _field_defaults(self.peft_config[name]))
+                jobs.append((card, io.text_writer(text)))
+            io.atomic_write_many(jobs)
 
     def _config_for_file(self, name: str) -> dict[str, Any]:
         config = copy.copy(self.peft_config[name])

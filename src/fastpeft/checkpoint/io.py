@@ -98,14 +98,16 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def json_writer(data: dict[str, Any]) -> Callable[[str], None]:
-    text = json.dumps(data, indent=2, sort_keys=True)
-
+def text_writer(text: str) -> Callable[[str], None]:
     def _write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
     return _write
+
+
+def json_writer(data: dict[str, Any]) -> Callable[[str], None]:
+    return text_writer(json.dumps(data, indent=2, sort_keys=True))
 
 
 def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True) -> Callable[[str], None]:
