@@ -75,6 +75,11 @@ class Tuner(nn.Module):
             return self.model(*args, **kwargs)
 
     def model_generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is not None:
+            # generate runs num_beams (or num_return_sequences) rows per sample, next to each other
+            beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
+            copies = beams if (beams or 1) > 1 else (kwargs.get("num_return_sequences") or 1)
+            adapter_names = [name for name in adapter_names for _ in range(copies)]
         with self.mixed_batch(adapter_names):
             return self.model.generate(*args, **kwargs)
 
