@@ -1,4 +1,4 @@
-"""Tests for the ``fastpeft`` command line: argument handling and a ``demo --quick`` end-to-end run.
+"""Tests for the ``fastpeft`` command line: argument handling and a ``demo --quick`` end-to-end run (with its plot).
 
 The quick demo trains LoRA on all-MiniLM-L6-v2 for a few steps, saves the adapter, and the
 tests reload it (with fastpeft and with HF PEFT as an oracle) to compare predictions.
@@ -23,7 +23,8 @@ def test_help_lists_demo(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("demo", "train", "inspect", "merge"))
 
 
 def test_demo_help_lists_flags(capsys):
@@ -50,8 +51,9 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 def test_cli_import_is_lazy():
     code = (
-        "import sys, fastpeft; before = set(sys.modules); import fastpeft.cli, fastpeft.cli.demo; "
-        "new = set(sys.modules) - before; print(sorted(m for m in new if m.split('.')[0] in ('torch', 'transformers')))"
+        "import sys, fastpeft; before = set(sys.modules); import fastpeft.cli, fastpeft.cli.demo, fastpeft.cli.train, "
+        "fastpeft.cli.merge, fastpeft.cli.inspect_adapter; "
+        "new = set(sys.modules) - before; print(sorted(m for m in new if m.split('.')[0] in ('torch', 'transformers', 'matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -94,6 +96,14 @@ def test_quick_demo_writes_lora_seq_cls_adapter(quick_demo):
     assert set(config["target_modules"]) == {"query", "value"}
     assert "classifier" in config["modules_to_save"]
     assert Path(config["base_model_name_or_path"]).resolve() == Path(get_model_path()).resolve()
+
+
+def test_quick_demo_writes_plot(quick_demo):
+    out = quick_demo[0]
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert Path(summary["plot"]) == out / "loss_curve.png"
+    data = (out / "loss_curve.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
 def test_quick_demo_summary(quick_demo):

@@ -1,6 +1,6 @@
 """``fastpeft demo``: LoRA-fine-tune all-MiniLM-L6-v2 on a toy sentiment task, end to end.
 
-Measures accuracy before/after training, saves the adapter, reloads it with
+Measures accuracy before, during and after training (plotted to loss_curve.png), saves the adapter, reloads it with
 ``AutoPeftModelForSequenceClassification`` and checks the predictions are identical.
 torch/transformers are imported inside functions so ``import fastpeft`` stays fast.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import make_dataset
+from .plots import PLOT_FILE, plot_training
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -84,19 +85,23 @@ def accuracy(logits, labels) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def train(model, enc: dict, labels, settings: DemoSettings) -> float:
-    """Plain AdamW loop over the trainable (LoRA + head) parameters; returns the last epoch's mean loss."""
+def train(model, enc: dict, labels, settings: DemoSettings, history: dict | None = None, on_epoch=None) -> float:
+    """Plain AdamW loop over the trainable (LoRA + head) parameters; returns the last epoch's mean loss.
+
+    ``history`` (if given) collects ``steps`` (loss per step) and ``epochs`` (mean loss per epoch);
+    ``on_epoch()`` runs after every epoch (the demo measures test accuracy there).
+    """
     import torch
     from tqdm.auto import tqdm
 
+    history = history if history is not None else {}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = settings.n_epochs * math.ceil(len(labels) / settings.batch_size)
-    model.train()
     bar = tqdm(total=steps, desc="training", unit="step", dynamic_ncols=True)
-    epoch_loss = float("nan")
     for epoch in range(settings.n_epochs):
+        model.train()
         losses = []
         order = torch.randperm(len(labels), generator=generator)
         for idx, batch in _batches(enc, order, settings.batch_size):
@@ -107,9 +112,12 @@ def train(model, enc: dict, labels, settings: DemoSettings) -> float:
             losses.append(loss.item())
             bar.set_postfix(epoch=f"{epoch + 1}/{settings.n_epochs}", loss=f"{losses[-1]:.3f}")
             bar.update(1)
-        epoch_loss = sum(losses) / len(losses)
+        history.setdefault("steps", []).extend(losses)
+        history.setdefault("epochs", []).append(sum(losses) / len(losses))
+        if on_epoch is not None:
+            on_epoch()
     bar.close()
-    return epoch_loss
+    return history["epochs"][-1]
 
 
 def _load_base(path: str, seed: int):
@@ -200,6 +208,16 @@ def _save_and_reload(model, out: Path, test_enc: dict):
     return predict_logits(reloaded, test_enc)
 
 
+def _write_plot(out: Path, history: dict, n_train: int, settings: DemoSettings) -> str | None:
+    """Loss per step and test accuracy per epoch as ``loss_curve.png`` next to the adapter."""
+    per_epoch = [math.ceil(n_train / settings.batch_size)] * len(history["epochs"])
+    title = "fastpeft demo: LoRA on all-MiniLM-L6-v2 (toy sentiment)"
+    path = plot_training(out / PLOT_FILE, title, history["steps"], history["epochs"], per_epoch, history["accuracy"])
+    if path is not None:
+        print(f"training plot: {path}")
+    return str(path) if path is not None else None
+
+
 def run_demo(settings: DemoSettings) -> int:
     """Run the whole demo; returns the process exit code (0 only if reloaded predictions match)."""
     start = time.perf_counter()
@@ -211,7 +229,12 @@ def run_demo(settings: DemoSettings) -> int:
     acc_before = accuracy(predict_logits(model, test_enc), test_y)
     print(f"accuracy before training: {100 * acc_before:.1f} %")
 
-    train_loss = train(model, train_enc, train_y, settings)
+    history = {"accuracy": [acc_before]}
+
+    def track_accuracy() -> None:
+        history["accuracy"].append(accuracy(predict_logits(model, test_enc), test_y))
+
+    train_loss = train(model, train_enc, train_y, settings, history, track_accuracy)
     logits = predict_logits(model, test_enc)
     acc_after = accuracy(logits, test_y)
     print(f"accuracy after training:  {100 * acc_after:.1f} %")
@@ -228,6 +251,7 @@ def run_demo(settings: DemoSettings) -> int:
         "predictions": logits.argmax(-1).tolist(), "seconds": time.perf_counter() - start,
         "output_dir": str(out), "seed": settings.seed,
     }  # fmt: skip
+    result["plot"] = _write_plot(out, history, len(train_y), settings)
     (out / SUMMARY_FILE).write_text(json.dumps(result) + "\n")
     _print_summary(_summary_rows(result))
     return 0 if identical else 1
