@@ -255,7 +255,9 @@ class PeftModel(nn.Module):
         for name in names:
             check_adapter_name(name)
             out_dir = str(save_directory) if name == "default" else os.path.join(save_directory, name)
-            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            # Trainer passes the gathered full state dict here under FSDP / DeepSpeed (as HF PEFT accepts)
+            tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
+                                                save_embedding_layers=save_embedding_layers)
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
             config_dict = self._config_for_file(name)
             jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
