@@ -10,7 +10,7 @@ from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
-from . import layer
+from . import layer, merge
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,22 @@ class LoraModel(Tuner):
                 bias = getattr(lora_layer.get_base_layer(), "bias", None)
                 if adapter_name in lora_layer.adapter_names() and bias is not None:
                     bias.requires_grad_(True)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name`, a weighted combination of existing LoRA `adapters` (HF PEFT's signature).
+
+        combination_type: 'linear' / 'ties' / 'dare_linear' / 'dare_ties' / 'magnitude_prune' merge the A and B
+        factors (same ranks needed); 'cat' stacks them (rank = sum); 'svd' and the '*_svd' variants merge the full
+        deltas and keep a rank-`svd_rank` SVD (default: the largest rank). `density` is the fraction kept by
+        pruning types; `majority_sign_method` ('total' / 'frequency') elects TIES signs. The new adapter has
+        lora_alpha = r and is not activated: call set_adapter(adapter_name) to use it.
+        """
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                                   svd_full_matrices, svd_driver, density, majority_sign_method)
 
 
 def _is_adapter_param(name: str) -> bool:
