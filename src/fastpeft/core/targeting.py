@@ -123,3 +123,30 @@ def all_linear_targets(model: nn.Module, task_type, is_linear) -> set[str]:
     if head is not None:
         names -= {n for n, m in model.named_modules() if m is head}
     return names
+
+
+CONDENSE_FROM = 20  # target lists this long (e.g. every module name, from diffusers loaders) get condensed
+
+
+def _suffixes(name: str) -> list[str]:
+    """Dotted suffixes of `name`, shortest first: "a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def condense_targets(targets: set[str], module_names: list[str]) -> set[str]:
+    """A smaller set of name suffixes selecting exactly the same modules (HF PEFT saves the condensed list).
+
+    Greedy, deterministic: for each target in sorted order of its suffix list, keep its shortest suffix that no
+    untargeted module ends with, unless a suffix kept already covers it.
+    """
+    ends = tuple(f".{t}" for t in targets)
+    others = {s for n in module_names if n not in targets and not n.endswith(ends) for s in _suffixes(n)}
+    kept: set[str] = set()
+    for name, suffixes in sorted(((t, _suffixes(t)) for t in targets), key=lambda item: item[1]):
+        if any(name.endswith(f".{k}") for k in kept):
+            continue
+        choice = next((s for s in suffixes if s not in kept and s not in others), None)
+        if choice is not None:
+            kept.add(choice)
+    return kept if kept and len(kept) < len(targets) else set(targets)

@@ -138,8 +138,14 @@ class Tuner(nn.Module):
         self._freeze_base()
         self._apply_adapter_state()
 
+    # methods whose other options refer to target_modules (IA3's feedforward_modules) keep the list as given
+    condense_target_list = True
+
     def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         """(name, module) pairs that get the adapter; HF PEFT's target_modules rules unless a method overrides."""
+        targets = getattr(config, "target_modules", None)
+        if self.condense_target_list and isinstance(targets, (list, set)) and len(targets) >= targeting.CONDENSE_FROM:
+            config.target_modules = targeting.condense_targets(set(targets), [n for n, _ in model.named_modules()])
         candidates = targeting.candidate_modules(model, (AdapterHolder,))
         targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
         if not targets:
