@@ -41,25 +41,34 @@ class TunerLayerStatus:
     requires_grad: dict[str, bool | str]
     available_adapters: list[str]
     devices: dict[str, list[str]] = field(default_factory=dict)
+    quantization_backend: str | None = None
+
+
+def _tuner_root(model: nn.Module) -> nn.Module:
+    """Layer names are reported relative to the tuner (`model.model.layers...`), as HF PEFT does."""
+    from .peft_model import PeftModel
+
+    return model.base_model if isinstance(model, PeftModel) else model
+
+
+def _agree(flags: set) -> bool | str:
+    return flags.pop() if len(flags) == 1 else "irregular"
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """One status row per adapter layer."""
     rows = []
-    for name, module in model.named_modules():
+    for name, module in _tuner_root(model).named_modules():
         if not isinstance(module, AdapterLayer):
             continue
-        grads: dict[str, bool | str] = {}
-        devices: dict[str, list[str]] = {}
-        for adapter in sorted(module.adapter_names()):
-            flags = {p.requires_grad for _, p in module.adapter_parameters(adapter)}
-            grads[adapter] = flags.pop() if len(flags) == 1 else "irregular"
-            devices[adapter] = sorted({str(p.device) for _, p in module.adapter_parameters(adapter)})
+        adapters = sorted(module.adapter_names())
+        params = {a: [p for _, p in module.adapter_parameters(a)] for a in adapters}
         rows.append(TunerLayerStatus(
             name=name, module_type=f"{type(module).__module__.split('.')[-2]}.{type(module).__name__}",
             enabled=not module.disable_adapters, active_adapters=module.active_adapters,
-            merged_adapters=list(module.merged_adapters), requires_grad=grads,
-            available_adapters=sorted(module.adapter_names()), devices=devices))
+            merged_adapters=list(module.merged_adapters),
+            requires_grad={a: _agree({p.requires_grad for p in params[a]}) for a in adapters},
+            available_adapters=adapters, devices={a: sorted({p.device.type for p in params[a]}) for a in adapters}))
     return rows
 
 
@@ -76,30 +85,46 @@ class TunerModelStatus:
     merged_adapters: list[str] | str
     requires_grad: dict[str, bool | str]
     available_adapters: list[str]
+    devices: dict[str, list[str]] = field(default_factory=dict)
+    quantization_backend: str | None = None
 
 
-def _agree(values: list, default):
-    unique = {repr(v): v for v in values}
-    return default if not unique else (next(iter(unique.values())) if len(unique) == 1 else "irregular")
+def _merged(layers: list[TunerLayerStatus]) -> list[str] | str:
+    """Adapters merged in some layer; "irregular" if one of them is unmerged in a layer that has it."""
+    merged = sorted({a for row in layers for a in row.merged_adapters})
+    for row in layers:
+        if (set(row.available_adapters) - set(row.merged_adapters)) & set(merged):
+            return "irregular"
+    return merged
+
+
+def _collect(layers: list[TunerLayerStatus], attr: str) -> dict:
+    out: dict = {}
+    for row in layers:
+        for adapter, value in getattr(row, attr).items():
+            out.setdefault(adapter, []).append(value)
+    return out
 
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """Summary of the adapters over all layers ("irregular" where layers disagree)."""
     from .peft_model import PeftModel
 
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    is_peft = isinstance(model, PeftModel)
+    base = model.get_base_model() if is_peft else model
     layers = get_layer_status(model)
-    configs = getattr(model, "peft_config", {}) or {}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    grads: dict[str, bool | str] = {}
-    for row in layers:
-        for adapter, flag in row.requires_grad.items():
-            grads[adapter] = flag if grads.get(adapter, flag) == flag else "irregular"
+    actives = {tuple(row.active_adapters) for row in layers}
+    grads = {a: (v[0] if all(x is v[0] for x in v) and v[0] in (True, False) else "irregular")
+             for a, v in _collect(layers, "requires_grad").items()}
     return TunerModelStatus(
-        base_model_type=type(base).__name__, adapter_model_type=type(model).__name__,
-        peft_types={k: getattr(v.peft_type, "value", v.peft_type) for k, v in configs.items()},
-        trainable_params=trainable, total_params=sum(p.numel() for p in model.parameters()),
-        num_adapter_layers=len(layers), enabled=_agree([r.enabled for r in layers], True),
-        active_adapters=_agree([r.active_adapters for r in layers], []),
-        merged_adapters=_agree([r.merged_adapters for r in layers], []), requires_grad=grads,
-        available_adapters=sorted({a for r in layers for a in r.available_adapters}))
+        base_model_type=type(base).__name__ if is_peft or hasattr(base, "config") else "other",
+        adapter_model_type=type(model.tuner).__name__ if is_peft else "None",
+        peft_types={k: getattr(v.peft_type, "value", v.peft_type) for k, v in model.peft_config.items()}
+        if is_peft else {},
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()), num_adapter_layers=len(layers),
+        enabled=_agree({row.enabled for row in layers}) if layers else True,
+        active_adapters=(list(actives.pop()) if len(actives) == 1 else "irregular") if actives else [],
+        merged_adapters=_merged(layers), requires_grad=grads,
+        available_adapters=sorted({a for row in layers for a in row.available_adapters}),
+        devices={a: sorted({d for ds in v for d in ds}) for a, v in _collect(layers, "devices").items()})

@@ -124,7 +124,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not."""
         trainable = set(trainable)
         own = self.adapter_names()
-        self._active_adapters = [n for n in names if n in own]
+        # kept as asked (as HF PEFT, for status reports); forward and merge skip names this layer lacks
+        self._active_adapters = list(names)
         for name in own:
             for _, param in self.adapter_parameters(name):
                 param.requires_grad_(name in trainable and name in self._active_adapters)
