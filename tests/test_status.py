@@ -6,9 +6,10 @@ import dataclasses
 
 import peft
 import pytest
-from models import make_llama
 
 import fastpeft
+
+from models import make_llama
 
 
 def _model(lib):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
+from . import gathered
 from .init import INIT_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,14 @@ class Linear(LoraLayer):
     def delta_weight(self, name):
         delta = self._product(name)
         return delta.T if self.fan_in_fan_out else delta
+
+    # --- gathered mixed batches (methods/lora/gathered.py): batched matmuls when the batch has many adapters
+    def mixed_forward(self, x, *args, adapter_names, **kwargs):
+        groups = gathered.rank_groups(self, adapter_names)
+        if groups is None:
+            return super().mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return gathered.mixed_forward(self, x, groups, adapter_names, *args, **kwargs)
+    # --- end gathered mixed batches
 
 
 class Embedding(LoraLayer):
