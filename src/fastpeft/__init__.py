@@ -1,6 +1,9 @@
 """fastpeft: parameter-efficient fine-tuning, a drop-in for HF PEFT (same names, same adapter files)."""
 
-from . import methods  # noqa: F401  (registers every method)
+from . import (
+    hotswap,  # noqa: F401  (HF PEFT's peft.utils.hotswap API, also as fastpeft.utils.hotswap)
+    methods,  # noqa: F401  (registers every method)
+)
 from .api import get_peft_config, get_peft_model, inject_adapter_in_model
 from .auto import (
     AutoPeftModel,

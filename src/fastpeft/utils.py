@@ -128,3 +128,10 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         merged_adapters=_merged(layers), requires_grad=grads,
         available_adapters=sorted({a for row in layers for a in row.available_adapters}),
         devices={a: sorted({d for ds in v for d in ds}) for a, v in _collect(layers, "devices").items()})
+
+
+import sys as _sys  # noqa: E402
+
+from . import hotswap  # noqa: E402  HF PEFT's path peft.utils.hotswap -> fastpeft.utils.hotswap
+
+_sys.modules[f"{__name__}.hotswap"] = hotswap
