@@ -24,6 +24,7 @@ from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, Multit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .peft_model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -73,6 +74,8 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",

@@ -244,8 +244,9 @@ class PeftModel(nn.Module):
         """Write each adapter's `adapter_config.json` + weights; non-default adapters go to `<dir>/<name>/`."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder.")
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion (PiSSA/OLoRA) is not supported yet.")
+        convert = getattr(self.tuner, "converted_file_state", None)  # layer methods' Tuner only
+        if path_initial_model_for_weight_conversion is not None and convert is None:
+            raise NotImplementedError(f"path_initial_model_for_weight_conversion does not apply to {self.peft_type}.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -260,6 +261,8 @@ class PeftModel(nn.Module):
                                                 save_embedding_layers=save_embedding_layers)
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
             config_dict = self._config_for_file(name)
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, config_dict = convert(name, tensors, config_dict, path_initial_model_for_weight_conversion)
             jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
             card = os.path.join(out_dir, "README.md")

@@ -78,8 +78,9 @@ def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_
     """
     targets = getattr(config, "target_modules", None)
     targets_embedding = not isinstance(targets, str) and any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
-    if save_embedding_layers == "auto":
-        save_embedding_layers = targets_embedding
+    if save_embedding_layers == "auto":  # trainable tokens store their rows, never the whole table (as HF PEFT)
+        save_embedding_layers = targets_embedding and getattr(config, "trainable_token_indices", None) is None \
+            and getattr(config, "token_indices", None) is None
     if not save_embedding_layers:
         return []
     keys = []

@@ -90,6 +90,15 @@ class Tuner(nn.Module):
     def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
         return set()
 
+    def converted_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], config_dict: dict,
+                             initial_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """Files of an adapter that changed the base weights, rewritten for the original base model (save_pretrained's
+        `path_initial_model_for_weight_conversion`; LoRA's PiSSA / OLoRA). Methods without such a form refuse."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot convert adapter '{adapter_name}' on save: "
+            "path_initial_model_for_weight_conversion applies to LoRA adapters initialised with PiSSA or OLoRA."
+        )
+
     # ------------------------------------------------------------------ method hooks
     def prepare_config(self, config, model: nn.Module):
         """Fill defaults (e.g. target_modules from the model type) and refuse unsupported options."""

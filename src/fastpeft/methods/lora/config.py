@@ -5,11 +5,14 @@ Options fastpeft does not implement yet are accepted in files but refused with a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...config import PeftConfig
-from .init import INIT_SCHEMES
+from .init import INIT_SCHEMES, LORA_BIAS_SCHEMES, modifies_base
+
+logger = logging.getLogger(__name__)
 
 # option -> value meaning "off"; anything else is refused at injection time until implemented
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
@@ -17,7 +20,6 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_qalora": False,
     "layer_replication": None,
     "megatron_config": None,
-    "trainable_token_indices": None,
     "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
@@ -25,7 +27,6 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "use_bdlora": None,
     "arrow_config": None,
-    "ensure_weight_tying": False,
     "kasa_config": None,
     "velora_config": None,
     "lora_ga_config": None,
@@ -46,14 +47,16 @@ class LoraConfig(PeftConfig):
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
-    init_lora_weights: bool | str = field(default=True, metadata={"help": "True, False or 'gaussian'."})
+    init_lora_weights: bool | str = field(default=True, metadata={
+        "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K' or 'olora' (methods/lora/init.py)."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> rank overrides."})
     alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> alpha overrides."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported by fastpeft."})
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported by fastpeft."})
-    trainable_token_indices: list[int] | dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    trainable_token_indices: list[int] | dict | None = field(
+        default=None, metadata={"help": "Token ids whose embedding rows train too (list, or module -> ids)."})
     loftq_config: dict = field(default_factory=dict, metadata={"help": "Not supported yet."})
     eva_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     corda_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
@@ -67,7 +70,7 @@ class LoraConfig(PeftConfig):
     alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
     use_bdlora: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     arrow_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    ensure_weight_tying: bool = field(default=False, metadata={"help": "Not supported yet."})
+    ensure_weight_tying: bool = field(default=False, metadata={"help": "Keep tied embeddings tied."})
     kasa_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     velora_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     lora_ga_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
@@ -90,17 +93,30 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in INIT_SCHEMES:
-            raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
-                f"choose one of {list(INIT_SCHEMES)}."
-            )
+        self._validate_init()
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("layers_pattern cannot be used when target_modules is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform: say which layer indices to adapt.")
+
+    def _validate_init(self) -> None:
+        if self.init_lora_weights not in INIT_SCHEMES:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
+                f"choose one of {INIT_SCHEMES.names()}."
+            )
+        if self.lora_bias and self.init_lora_weights not in LORA_BIAS_SCHEMES:
+            raise ValueError(
+                f"lora_bias=True needs init_lora_weights in {list(LORA_BIAS_SCHEMES)} (which start lora_B's bias "
+                f"at zero), got {self.init_lora_weights!r}."
+            )
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and modifies_base(self.init_lora_weights):
+            logger.warning(
+                "use_rslora with rank_pattern/alpha_pattern and init_lora_weights=%r: save_pretrained cannot "
+                "convert this adapter to plain LoRA (path_initial_model_for_weight_conversion).",
+                self.init_lora_weights)
 
     def unsupported_options(self) -> list[str]:
         return [k for k, off in UNSUPPORTED_OPTIONS.items() if getattr(self, k) not in (off, None, {}, False)]

@@ -113,7 +113,7 @@ class Linear(LoraLayer):
 
     # --- gathered mixed batches (methods/lora/gathered.py): batched matmuls when the batch has many adapters
     def mixed_forward(self, x, *args, adapter_names, **kwargs):
-        groups = gathered.rank_groups(self, adapter_names)
+        groups = gathered.plan(self, adapter_names)
         if groups is None:
             return super().mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
         return gathered.mixed_forward(self, x, groups, adapter_names, *args, **kwargs)

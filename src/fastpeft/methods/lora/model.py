@@ -10,6 +10,7 @@ from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
+from ..trainable_tokens import in_lora as trainable_tokens
 from . import layer, merge
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,14 @@ class LoraModel(Tuner):
             config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
+        trainable_tokens.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
         return config
+
+    # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's layers
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
+    # ---- end of trainable tokens
 
     def check_new_adapter(self, config):
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
