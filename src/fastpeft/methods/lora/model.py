@@ -11,7 +11,7 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ..trainable_tokens import in_lora as trainable_tokens
-from . import layer, merge
+from . import conversion, layer, merge
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class LoraModel(Tuner):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
     # ---- end of trainable tokens
+
+    def converted_file_state(self, adapter_name, tensors, config_dict, initial_dir):
+        """PiSSA / OLoRA adapters rewritten to apply to the original base (see conversion.py)."""
+        return conversion.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
 
     def check_new_adapter(self, config):
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
