@@ -28,3 +28,12 @@ def adapter_dir(tmp_path):
     d = tmp_path / "adapter"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine two threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -69,13 +69,7 @@ CASES = {
 CASE_IDS = list(CASES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs gain nothing from intra-op threads; on a busy 2-core box they only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(kind):

@@ -24,13 +24,7 @@ ATOL = 1e-5
 N = 4  # num_virtual_tokens everywhere unless a test says otherwise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------------------------
 # bases and method configs

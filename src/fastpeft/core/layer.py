@@ -178,12 +178,15 @@ class AdapterLayer(nn.Module, AdapterHolder):
                 result = result + self.adapter_output(name, x, *args, **kwargs)
         return result.to(out_dtype)
 
-    def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
-        """Each sample uses its own adapter (`adapter_names[i]`); "__base__" means no adapter."""
+    def check_mixed_batch(self, x, adapter_names: list[str]) -> None:
         if self.merged:
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
+
+    def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        """Each sample uses its own adapter (`adapter_names[i]`); "__base__" means no adapter."""
+        self.check_mixed_batch(x, adapter_names)
         result = self.base_forward(x, *args, **kwargs)
         out_dtype = result.dtype
         own = self.adapter_names()

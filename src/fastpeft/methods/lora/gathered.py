@@ -67,8 +67,7 @@ def _factors(layer, modules: tuple[dict, dict], name: str):
 
 def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: list[str], *args, **kwargs):
     """base(x) plus, for row i, adapter `adapter_names[i]`'s LoRA output (rows of no adapter get nothing)."""
-    if len(adapter_names) != x.shape[0]:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
+    layer.check_mixed_batch(x, adapter_names)
     result = layer.base_forward(x, *args, **kwargs)  # (batch, ..., out)
     out_dtype = result.dtype
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)

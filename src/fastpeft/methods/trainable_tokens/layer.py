@@ -120,10 +120,7 @@ class TrainableTokensLayer(AdapterLayer):
         return result.index_copy(-1, index, cols.to(result.dtype))
 
     def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
-        if self.merged:
-            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
+        self.check_mixed_batch(x, adapter_names)
         result = self.base_forward(x, *args, **kwargs)
         for name in sorted(set(adapter_names) & set(self.trainable_tokens_delta)):
             idx = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=result.device)
