@@ -427,13 +427,13 @@ def test_unknown_config_key_is_logged_and_ignored(tmp_path, caplog):
         assert torch.allclose(loaded(x), pm(x))
 
 
-def test_use_dora_is_refused_at_get_peft_model_naming_the_option():
+def test_unimplemented_lora_option_is_refused_at_get_peft_model_naming_the_option():
     model = make_mlp()
     before = snapshot(model)
-    cfg = lora_cfg(use_dora=True)
+    cfg = lora_cfg(use_qalora=True)
     with pytest.raises(NotImplementedError) as err:
         get_peft_model(model, cfg)
-    assert "use_dora" in str(err.value)
+    assert "use_qalora" in str(err.value)
     assert_unchanged(model, before)
 
 

@@ -16,7 +16,6 @@ logger = logging.getLogger(__name__)
 
 # option -> value meaning "off"; anything else is refused at injection time until implemented
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "use_dora": False,
     "use_qalora": False,
     "layer_replication": None,
     "megatron_config": None,
@@ -60,7 +59,8 @@ class LoraConfig(PeftConfig):
     loftq_config: dict = field(default_factory=dict, metadata={"help": "Not supported yet."})
     eva_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     corda_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    use_dora: bool = field(default=False, metadata={"help": "Not supported yet."})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (methods/lora/variants.py)."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA group size."})
     layer_replication: list | None = field(default=None, metadata={"help": "Not supported yet."})

@@ -1,7 +1,8 @@
 """LoRA layers: `y = base(x) + (alpha / r) * B(A(dropout(x)))` (Hu et al., 2021, eq. 3).
 
 One subclass per kind of base layer: linear (incl. GPT-2 `Conv1D`), embedding, Conv1d/2d/3d and
-`nn.MultiheadAttention`. Parameter names match HF PEFT (`lora_A`, `lora_B`, `lora_embedding_A/B`).
+`nn.MultiheadAttention`. Parameter names match HF PEFT (`lora_A`, `lora_B`, `lora_embedding_A/B`,
+`lora_magnitude_vector`). Variants such as DoRA plug in per adapter through `variants.py`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from . import gathered
+from . import gathered, variants
 from .init import INIT_SCHEMES
 
 logger = logging.getLogger(__name__)
 
 
 class LoraLayer(AdapterLayer):
-    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     is_embedding = False
+    variant_kind = "linear"  # row of variants.VARIANTS used by this layer class
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
-                 **kwargs) -> None:
+                 fan_in_fan_out: bool = False, **kwargs) -> None:
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -37,7 +39,10 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.fan_in_fan_out = False
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (variants.Dora)
+        self.lora_variant: dict[str, variants.LoraVariant] = {}  # adapters with a variant; plain LoRA: absent
+        self._variant_cache: dict = {}  # variants' derived tensors (never saved)
+        self.fan_in_fan_out = fan_in_fan_out  # base weight stored (in, out) (Conv1D); set before variants init
         self.in_features, self.out_features = self.feature_sizes(base_layer)
         self.update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
         self._active_adapters = [adapter_name]
@@ -52,6 +57,7 @@ class LoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config, r: int, lora_alpha: float, **kwargs) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r} for adapter '{adapter_name}'.")
+        variant = variants.choose(self.variant_kind, config)
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             logger.warning("lora_bias=True on a layer without bias: merging will not be possible.")
         self.r[adapter_name] = r
@@ -62,6 +68,12 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.build(adapter_name, r, config.lora_bias)
         INIT_SCHEMES[config.init_lora_weights](self, adapter_name)
+        self.lora_variant.pop(adapter_name, None)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        if variant is not None:
+            self.lora_variant[adapter_name] = variant
+            variant.init(self, adapter_name)
 
     def lora_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -77,6 +89,50 @@ class LoraLayer(AdapterLayer):
             raise ValueError(f"Cannot merge adapter '{name}': lora_bias=True but the base layer has no bias.")
         return bias * self.scaling[name]
 
+    # ------------------------------------------------------------------ outputs (variants hook in here)
+    def lora_path(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s * B A x for an input already through dropout."""
+        raise NotImplementedError
+
+    def base_path(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output without its bias (used by variants)."""
+        raise NotImplementedError
+
+    def adapter_output(self, name, x, *args, **kwargs):
+        variant = self.lora_variant.get(name)
+        if variant is not None:  # alone, e.g. in mixed batches: against the base output
+            return variant.contribution(self, name, x, None)
+        x = x.to(self.lora_weights(name)[0].dtype)  # cast before dropout, as HF PEFT
+        return self.lora_path(name, self.lora_dropout[name](x))
+
+    def add_adapters(self, result, x, names, *args, **kwargs):
+        if not self.lora_variant:
+            return super().add_adapters(result, x, names, *args, **kwargs)
+        out_dtype, own = result.dtype, self.adapter_names()
+        for name in names:  # in order: a variant may depend on the output so far (as in HF PEFT)
+            if name in own:
+                variant = self.lora_variant.get(name)
+                result = result + (self.adapter_output(name, x) if variant is None
+                                   else variant.contribution(self, name, x, result))
+        return result.to(out_dtype)
+
+    def merge_one(self, name, safe_merge):
+        self._variant_cache.pop("row-sq-key", None)  # the base weight changes
+        variant = self.lora_variant.get(name)
+        if variant is None:
+            return super().merge_one(name, safe_merge)
+        merged = variant.merged_weight(self, name)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
+        self.get_base_layer().weight.data = merged
+
+    def unmerge_one(self, name):
+        self._variant_cache.pop("row-sq-key", None)
+        variant = self.lora_variant.get(name)
+        if variant is None:
+            return super().unmerge_one(name)
+        self.get_base_layer().weight.data = variant.unmerged_weight(self, name)
+
     def _product(self, name: str) -> torch.Tensor:
         """(B @ A) * scaling in float32 when the adapter is half precision on CPU (no half matmul there)."""
         a, b = self.lora_weights(name)
@@ -88,10 +144,6 @@ class LoraLayer(AdapterLayer):
 class Linear(LoraLayer):
     """LoRA for `nn.Linear` and transformers' `Conv1D` (weight stored (in, out): fan_in_fan_out)."""
 
-    def __init__(self, base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out: bool = False, **kw):
-        super().__init__(base_layer, adapter_name, config, r, lora_alpha, **kw)
-        self.fan_in_fan_out = fan_in_fan_out
-
     def feature_sizes(self, base):
         if isinstance(base, nn.Linear):
             return base.in_features, base.out_features
@@ -102,10 +154,13 @@ class Linear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
 
-    def adapter_output(self, name, x, *args, **kwargs):
+    def lora_path(self, name, x):
         a, b = self.lora_A[name], self.lora_B[name]
-        x = x.to(a.weight.dtype)
-        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+        return b(a(x.to(a.weight.dtype))) * self.scaling[name]
+
+    def base_path(self, x):
+        w = self.get_base_layer().weight
+        return F.linear(x, (w.T if self.fan_in_fan_out else w).to(x.dtype))
 
     def delta_weight(self, name):
         delta = self._product(name)
@@ -113,7 +168,8 @@ class Linear(LoraLayer):
 
     # --- gathered mixed batches (methods/lora/gathered.py): batched matmuls when the batch has many adapters
     def mixed_forward(self, x, *args, adapter_names, **kwargs):
-        groups = gathered.plan(self, adapter_names)
+        with_variant = not self.lora_variant.keys().isdisjoint(adapter_names)  # DoRA etc.: the loop
+        groups = None if with_variant else gathered.plan(self, adapter_names)
         if groups is None:
             return super().mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
         return gathered.mixed_forward(self, x, groups, adapter_names, *args, **kwargs)
@@ -124,6 +180,7 @@ class Embedding(LoraLayer):
     """LoRA for `nn.Embedding`: A (r, vocab) is looked up like an embedding table, B (dim, r) projects."""
 
     is_embedding = True
+    variant_kind = "embedding"
 
     def feature_sizes(self, base):
         return base.num_embeddings, base.embedding_dim
@@ -141,11 +198,20 @@ class Embedding(LoraLayer):
         return None
 
     def adapter_output(self, name, x, *args, **kwargs):
-        base = self.get_base_layer()
+        variant = self.lora_variant.get(name)
+        return self.lora_path(name, x) if variant is None else variant.contribution(self, name, x, None)
+
+    def lora_path(self, name, x):  # no dropout on embeddings (as HF PEFT)
         a, b = self.lora_weights(name)
-        looked_up = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
-                                base.scale_grad_by_freq, base.sparse)  # (..., r)
-        return (looked_up @ b.T) * self.scaling[name]
+        return (self._embed(x, a.T) @ b.T) * self.scaling[name]  # (..., r) @ (r, dim)
+
+    def base_path(self, x):
+        return self._embed(x, self.get_base_layer().weight)
+
+    def _embed(self, x, table):
+        base = self.get_base_layer()
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
 
     def delta_weight(self, name):
         return self._product(name).T  # (vocab, dim) like the base table
@@ -153,6 +219,8 @@ class Embedding(LoraLayer):
 
 class Conv(LoraLayer):
     """LoRA for Conv1d/2d/3d: A is a conv with the base kernel, B a 1x..x1 conv (grouped like the base)."""
+
+    variant_kind = "conv"
 
     def feature_sizes(self, base):
         return base.in_channels, base.out_channels
@@ -169,10 +237,13 @@ class Conv(LoraLayer):
         self.lora_A[name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
         self.lora_B[name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
 
-    def adapter_output(self, name, x, *args, **kwargs):
+    def lora_path(self, name, x):
         a, b = self.lora_A[name], self.lora_B[name]
-        x = x.to(a.weight.dtype)
-        return b(a(self.lora_dropout[name](x))) * self.scaling[name]
+        return b(a(x.to(a.weight.dtype))) * self.scaling[name]
+
+    def base_path(self, x):
+        base = self.get_base_layer()
+        return base._conv_forward(x, base.weight.to(x.dtype), None)
 
     def delta_weight(self, name):
         if self.get_base_layer().groups > 1:
@@ -193,8 +264,10 @@ class MultiheadAttention(LoraLayer):
     # again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
     # merges here use the same effective out_proj update, 2 * (alpha / r) * B @ A, to load them unchanged.
     OUT_PROJ_DELTA_FACTOR = 2.0
+    variant_kind = "nn.MultiheadAttention"  # in no row of variants.VARIANTS: DoRA is refused, as in HF PEFT
 
     def __init__(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs):
+        variants.choose(self.variant_kind, config)  # refuse before out_proj gets wrapped
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim.")
         out = Linear(base_layer.out_proj, adapter_name, config, r, lora_alpha)

@@ -1,0 +1,244 @@
+"""LoRA variants: strategies that change how an adapter is initialised, applied and merged (DoRA here).
+
+A variant is chosen once per adapter from its config (`choose`, table `VARIANTS`); plain LoRA has none.
+DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5 and section 4.3.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Rows whose squared norm lost more than this fraction to cancellation are recomputed directly (see row_norm).
+CANCELLATION = 1e-2
+
+
+class LoraVariant:
+    """Hooks a LoRA layer calls for adapters that use this variant (all take the layer and adapter name)."""
+
+    def init(self, layer, name: str) -> None:
+        """Create the variant's extra parameters, after A and B are initialised."""
+
+    def contribution(self, layer, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """What the adapter adds to `result` (the output so far; None: only the base output is wanted)."""
+        raise NotImplementedError
+
+    def merged_weight(self, layer, name: str) -> torch.Tensor:
+        """The base weight (stored layout) with the adapter merged in."""
+        raise NotImplementedError
+
+    def unmerged_weight(self, layer, name: str) -> torch.Tensor:
+        """The base weight with the adapter, merged last, taken out again."""
+        raise NotImplementedError
+
+
+def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
+             w_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """||W_o + s (B A)_o||_2 for every row o, in the factored form; w (out, n), b (out, r), a (r, n) -> (out,).
+
+    ||W_o + s B_o A||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T, so only (out, r) and (r, r)
+    products are formed, never an (out, n) one. `w_sq` is ||W_o||^2 (cached by the caller for a frozen W).
+    Computed in float32 at least; rows where cancellation ate the precision are recomputed directly.
+    """
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a = a.to(dtype)
+    b = b.to(dtype)
+    w = w.to(dtype)  # a no-op for float32 weights
+    wa = w @ a.T  # (out, r)
+    if w_sq is None:
+        w_sq = w.square().sum(1)  # (out,)
+    lora_sq = ((b @ (a @ a.T)) * b).sum(1) * (s * s)  # (out,)
+    sq = w_sq + 2 * s * (b * wa).sum(1) + lora_sq
+    bad = sq < CANCELLATION * (w_sq + lora_sq)  # W_o and s (BA)_o nearly cancel: fp error is no longer relative
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        exact = (w[rows] + s * (b[rows] @ a)).square().sum(1)
+        sq = sq.index_put((rows,), exact)
+    return sq.clamp_min(0).sqrt()
+
+
+class Dora(LoraVariant):
+    """DoRA on a linear layer (incl. Conv1D): W' = m (W + s B A) / ||W + s B A||_row (Liu et al. 2024, eq. 5).
+
+    Output: base(x) + (m / n - 1) * (x W^T) + (m / n) * s B A x, with n = ||W + s B A||_row treated as a
+    constant (detached, section 4.3). m, n: (out,). The hooks below give each layer kind's geometry.
+    """
+
+    # -------- geometry of the base layer (overridden for embeddings and convolutions)
+    def factors(self, layer, name: str, weight: torch.Tensor):
+        """(W (out, n), B (out, r), A (r, n)) with the norm taken over n, from `weight` in stored layout."""
+        a, b = layer.lora_weights(name)
+        return (weight.T if layer.fan_in_fan_out else weight), b, a
+
+    def channel_view(self, layer, out: int) -> tuple[int, ...]:
+        """Shape that broadcasts an (out,) vector over the layer's output: the feature dim is last."""
+        return (out,)
+
+    def weight_view(self, layer, out: int) -> tuple[int, ...]:
+        """Shape that broadcasts an (out,) vector over the base weight in stored layout."""
+        return (1, out) if layer.fan_in_fan_out else (out, 1)
+
+    def base_without_bias(self, layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """x W^T from the output so far (HF PEFT's choice, also with several adapters): result - bias."""
+        bias = layer.get_base_layer().bias
+        return result if bias is None else result - bias.view(self.channel_view(layer, -1))
+
+    # -------- the weight norm n = ||W + s B A||_row, detached (section 4.3)
+    @torch.no_grad()
+    def weight_norm(self, layer, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """n (out,) against the live base weight (its ||W_o||^2 cached) or a given one (merging)."""
+        param = layer.get_base_layer().weight
+        w, b, a = self.factors(layer, name, (param if weight is None else weight).detach())
+        w_sq = _cached_row_sq(layer, param, w) if weight is None else None
+        return row_norm(w, b, a, layer.scaling[name], w_sq)
+
+    def magnitude_scale(self, layer, name: str) -> torch.Tensor:
+        """m / n, (out,): grads reach m only."""
+        m = layer.lora_magnitude_vector[name]
+        return m.flatten() / self.weight_norm(layer, name).to(m.dtype)
+
+    # -------- hooks
+    def init(self, layer, name):
+        with torch.no_grad():
+            norm = self.weight_norm(layer, name)  # m starts at ||W + s B A||_row: identity at init
+        shape = self.magnitude_shape(layer, norm.shape[0])
+        layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
+
+    def magnitude_shape(self, layer, out: int) -> tuple[int, ...]:
+        return (out,)
+
+    def contribution(self, layer, name, x, result):
+        x = x.to(layer.lora_weights(name)[0].dtype)
+        scale = self.magnitude_scale(layer, name).view(self.channel_view(layer, -1))  # (out,) broadcast
+        dropout = layer.lora_dropout[name]
+        if result is None or (layer.training and not isinstance(dropout, nn.Identity)):
+            x = dropout(x)
+            base = layer.base_path(x)  # x W^T on the dropped-out input (no bias)
+        else:
+            base = self.base_without_bias(layer, x, result)
+        return (scale - 1) * base + scale * layer.lora_path(name, x)
+
+    def merged_weight(self, layer, name):
+        delta = layer.delta_weight(name)  # s B A in stored layout
+        with unmerged_base_weight(layer) as original:
+            norm = self.weight_norm(layer, name, original)  # against the weight forward sees (no merges)
+        layer._variant_cache[f"{name}-weight-norm"] = norm
+        factor = self._factor(layer, name, norm)
+        weight = layer.get_base_layer().weight.data
+        return (factor * (weight + delta.to(weight.dtype))).to(weight.dtype)
+
+    def unmerged_weight(self, layer, name):
+        norm = layer._variant_cache.pop(f"{name}-weight-norm")
+        weight = layer.get_base_layer().weight.data
+        factor = self._factor(layer, name, norm)
+        return (weight / factor - layer.delta_weight(name).to(weight.dtype)).to(weight.dtype)
+
+    def _factor(self, layer, name, norm):
+        m = layer.lora_magnitude_vector[name].detach().flatten()
+        return (m / norm.to(m.dtype)).view(self.weight_view(layer, -1))
+
+
+class DoraEmbedding(Dora):
+    """DoRA on an embedding table W (vocab, dim): the norm is per embedding dimension, over the vocabulary
+    (HF PEFT's layout), so W^T (dim, vocab) plays the linear weight; m, n: (dim,)."""
+
+    def factors(self, layer, name, weight):
+        a, b = layer.lora_weights(name)  # A (r, vocab), B (dim, r)
+        return weight.T, b, a
+
+    def weight_view(self, layer, out):
+        return (1, out)
+
+    def contribution(self, layer, name, x, result):
+        scale = self.magnitude_scale(layer, name)  # (dim,)
+        base = layer.base_path(x) if result is None else result  # no dropout on embeddings (as HF PEFT)
+        return (scale - 1) * base + scale * layer.lora_path(name, x)
+
+
+class DoraConv(Dora):
+    """DoRA on Conv1d/2d/3d: W (out, in/groups, k...) flattened to (out, n); m has shape (1, out, 1, ...)."""
+
+    def factors(self, layer, name, weight):
+        a, b = layer.lora_weights(name)  # A (r, in, k...), B (out, r, 1...)
+        return weight.flatten(1), b.flatten(1), a.flatten(1)
+
+    @torch.no_grad()
+    def weight_norm(self, layer, name, weight=None):
+        if layer.get_base_layer().groups == 1:
+            return super().weight_norm(layer, name, weight)
+        # grouped: HF PEFT views B (out, r/groups) as (out/groups, r) and reshapes B A to W's shape; computed
+        # directly, as that product has no row-wise factored form
+        weight = (layer.get_base_layer().weight if weight is None else weight).detach()
+        a, b = layer.lora_weights(name)
+        r, dtype = a.shape[0], torch.promote_types(a.dtype, torch.float32)
+        delta = (b.reshape(-1, r).to(dtype) @ a.reshape(r, -1).to(dtype)).reshape(weight.shape)
+        return (weight.to(dtype) + layer.scaling[name] * delta).flatten(1).norm(dim=1)  # (out,)
+
+    def channel_view(self, layer, out):
+        return (1, out) + (1,) * (layer.get_base_layer().weight.dim() - 2)
+
+    def weight_view(self, layer, out):
+        return (out,) + (1,) * (layer.get_base_layer().weight.dim() - 1)
+
+    def magnitude_shape(self, layer, out):
+        return self.channel_view(layer, out)
+
+
+def _cached_row_sq(layer, param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """||W_o||^2 (out,) in float32 of `w`, the rows of the frozen base weight `param`, recomputed when `param`
+    changes: merge / unmerge clear the cache, other in-place writes bump the version counter, new tensors move
+    the pointer. (Writes through `param.data` in place are invisible: call `layer._variant_cache.clear()`.)"""
+    key = (param.data_ptr(), param._version, param.shape, param.dtype, param.device)
+    cache = layer._variant_cache
+    if cache.get("row-sq-key") != key:
+        cache["row-sq"] = w.to(torch.promote_types(w.dtype, torch.float32)).square().sum(1)
+        cache["row-sq-key"] = key
+    return cache["row-sq"]
+
+
+@contextmanager
+def unmerged_base_weight(layer):
+    """The base weight with every merged adapter of `layer` taken out (they are merged back on exit).
+
+    Merging re-enters this for DoRA adapters merged back; they reuse the outer weight (no repeated unmerging).
+    """
+    cache = layer._variant_cache
+    if "unmerged" in cache:
+        yield cache["unmerged"]
+        return
+    merged = list(layer.merged_adapters)
+    if not merged:
+        yield layer.get_base_layer().weight.data  # not modified in place by the callers
+        return
+    try:
+        layer.unmerge()
+        cache["unmerged"] = layer.get_base_layer().weight.data.clone()
+        yield cache["unmerged"]
+    finally:
+        try:
+            layer.merge(adapter_names=[n for n in merged if n not in layer.merged_adapters])
+        finally:
+            cache.pop("unmerged", None)
+
+
+# option of LoraConfig -> {layer kind -> variant}; a layer kind missing from a row does not support it
+VARIANTS: dict[str, dict[str, type[LoraVariant]]] = {
+    "use_dora": {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv},
+}
+
+
+def choose(kind: str, config) -> LoraVariant | None:
+    """The variant the config asks for on a layer of `kind`; None for plain LoRA. Refuses what HF PEFT refuses."""
+    for option, by_kind in VARIANTS.items():
+        if not getattr(config, option, False):
+            continue
+        if option == "use_dora" and getattr(config, "lora_bias", False):
+            raise ValueError("lora_bias=True is not supported with DoRA (as in HF PEFT); set use_dora=False or "
+                             "lora_bias=False.")
+        if kind not in by_kind:
+            raise ValueError(f"{option}=True is not supported on {kind} layers (as in HF PEFT); set {option}=False "
+                             "or leave these modules out of target_modules.")
+        return by_kind[kind]()
+    return None
