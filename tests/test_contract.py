@@ -1,4 +1,4 @@
-"""Contract properties 1-7 (docs/architecture.md) for every row of METHOD_CASES."""
+"""Contract properties 1-8 (docs/architecture.md; shared ARCHITECTURE.md sec. 5) for every row of METHOD_CASES."""
 
 from __future__ import annotations
 
@@ -194,3 +194,38 @@ def test_multiple_adapters_add_set_delete(case, tmp_path):
     if case.kwargs.get("bias", "none") == "none":  # else "second" also includes default's trained biases
         loaded = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path / "other", adapter_name="other")
         assert torch.allclose(forward(loaded, inputs), second, atol=ATOL)
+
+
+def _rows(inputs, i):
+    if isinstance(inputs, dict):
+        return {k: v[i:i + 1] for k, v in inputs.items()}
+    return inputs[i:i + 1]
+
+
+def _with_names(inputs, names):
+    return {**inputs, "adapter_names": names} if isinstance(inputs, dict) else {"x": inputs, "adapter_names": names}
+
+
+def test_mixed_batch_equals_each_sample_alone(case):
+    model, inputs = build(case, seed_adapter=True)
+    kwargs = {k: v for k, v in copy.deepcopy(case.kwargs).items() if k != "bias"}
+    model.add_adapter("other", getattr(fastpeft, case.method)(**kwargs))
+    perturb(model, seed=1, only=".other")
+    batch = (inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0]
+    names = (["default", "other", "__base__"] * batch)[:batch]
+    if case.model == "mha":  # LoRA on nn.MultiheadAttention has no per-sample path, as in HF PEFT
+        with pytest.raises(TypeError, match="mixed"):
+            forward(model, _with_names(inputs, names))
+        return
+    if case.model in ("emb",):
+        mixed = forward(model, {"input_ids": inputs, "adapter_names": names})
+    else:
+        mixed = forward(model, _with_names(inputs, names))
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = forward(model, _rows(inputs, i))
+        else:
+            model.set_adapter(name)
+            alone = forward(model, _rows(inputs, i))
+        assert torch.allclose(mixed[i:i + 1], alone, atol=ATOL), (i, name)
