@@ -315,7 +315,11 @@ class Tuner(nn.Module):
     def _top_layers(self) -> list[AdapterLayer]:
         return [layer for layer in self.adapter_layers() if not layer.nested]
 
+    def check_mergeable(self) -> None:
+        """Hook: refuse merging when the adapters' layout makes it wrong (e.g. LoRA's layer_replication)."""
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.check_mergeable()
         for layer in self._top_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -325,6 +329,8 @@ class Tuner(nn.Module):
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
                 adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.check_mergeable()
         holders = [(n, h) for n, h in self.holders() if not getattr(h, "nested", False)]
         if progressbar:
             from tqdm.auto import tqdm

@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 # option -> value meaning "off"; anything else is refused at injection time until implemented
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_qalora": False,
-    "layer_replication": None,
     "megatron_config": None,
     "loftq_config": {},
     "eva_config": None,
@@ -63,7 +62,8 @@ class LoraConfig(PeftConfig):
         "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (methods/lora/variants.py)."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA group size."})
-    layer_replication: list | None = field(default=None, metadata={"help": "Not supported yet."})
+    layer_replication: list | None = field(default=None, metadata={
+        "help": "[[start, end), ...] ranges of blocks stacked into a deeper model sharing base weights."})
     runtime_config: dict = field(default_factory=dict, metadata={"help": "Runtime-only options, never saved."})
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported yet."})

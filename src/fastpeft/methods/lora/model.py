@@ -11,7 +11,7 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ..trainable_tokens import in_lora as trainable_tokens
-from . import conversion, layer, merge
+from . import conversion, layer, merge, replication
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class LoraModel(Tuner):
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
         trainable_tokens.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
+        if config.layer_replication:  # layer_replication: stack shared-weight copies of blocks (replication.py)
+            replication.replicate_layers(model, config.layer_replication)
         return config
 
     # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's layers
@@ -59,6 +61,13 @@ class LoraModel(Tuner):
     def converted_file_state(self, adapter_name, tensors, config_dict, initial_dir):
         """PiSSA / OLoRA adapters rewritten to apply to the original base (see conversion.py)."""
         return conversion.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
+
+    def check_mergeable(self):
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError(
+                "Cannot merge adapters into a model built with layer_replication: the replicated layers share one base "
+                "weight, so every copy's update would land in it. Keep the adapter unmerged (or use unload())."
+            )
 
     def check_new_adapter(self, config):
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
