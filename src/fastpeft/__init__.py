@@ -3,6 +3,7 @@
 from . import (
     hotswap,  # noqa: F401  (HF PEFT's peft.utils.hotswap API, also as fastpeft.utils.hotswap)
     methods,  # noqa: F401  (registers every method)
+    optimizers,  # noqa: F401  (create_loraplus_optimizer / create_lorafa_optimizer, as peft.optimizers)
 )
 from .api import get_peft_config, get_peft_model, inject_adapter_in_model
 from .auto import (
