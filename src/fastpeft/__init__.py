@@ -21,6 +21,8 @@ from .config import PeftConfig, PromptLearningConfig
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.lora import LoraConfig, LoraModel
+from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora.eva_config import EvaConfig
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -52,6 +54,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "CPTConfig",
     "CPTEmbedding",
+    "EvaConfig",
     "LoraConfig",
     "LoraModel",
     "MultitaskPromptTuningConfig",
@@ -77,11 +80,13 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",

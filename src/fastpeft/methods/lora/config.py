@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...config import PeftConfig
+from .eva_config import checked_eva_config
 from .init import INIT_SCHEMES, LORA_BIAS_SCHEMES, modifies_base
 
 logger = logging.getLogger(__name__)
@@ -19,9 +20,7 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_qalora": False,
     "megatron_config": None,
     "loftq_config": {},
-    "eva_config": None,
     "corda_config": None,
-    "target_parameters": None,
     "alora_invocation_tokens": None,
     "use_bdlora": None,
     "arrow_config": None,
@@ -56,7 +55,7 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: list[int] | dict | None = field(
         default=None, metadata={"help": "Token ids whose embedding rows train too (list, or module -> ids)."})
     loftq_config: dict = field(default_factory=dict, metadata={"help": "Not supported yet."})
-    eva_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    eva_config: dict | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
     corda_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={
         "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (methods/lora/variants.py)."})
@@ -66,7 +65,8 @@ class LoraConfig(PeftConfig):
         "help": "[[start, end), ...] ranges of blocks stacked into a deeper model sharing base weights."})
     runtime_config: dict = field(default_factory=dict, metadata={"help": "Runtime-only options, never saved."})
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported yet."})
+    target_parameters: list[str] | None = field(default=None, metadata={
+        "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
     alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
     use_bdlora: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     arrow_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
@@ -112,6 +112,7 @@ class LoraConfig(PeftConfig):
                 f"lora_bias=True needs init_lora_weights in {list(LORA_BIAS_SCHEMES)} (which start lora_B's bias "
                 f"at zero), got {self.init_lora_weights!r}."
             )
+        self.eva_config = checked_eva_config(self.init_lora_weights, self.eva_config)  # EVA (eva.py)
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and modifies_base(self.init_lora_weights):
             logger.warning(
                 "use_rslora with rank_pattern/alpha_pattern and init_lora_weights=%r: save_pretrained cannot "

@@ -43,6 +43,11 @@ def _init_random(layer, name: str) -> None:
     """init_lora_weights=False: keep the random init of both factors (not identity; for tests/debugging)."""
 
 
+def _eva_deferred(layer, name: str) -> None:
+    """init_lora_weights='eva': B zero, A kept as built; initialize_lora_eva_weights (eva.py) writes A later."""
+    nn.init.zeros_(layer.lora_weights(name)[1])
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _base_weight(layer, scheme: str) -> torch.Tensor:
     """The 2-D weight of a linear (or Conv1D) base layer; other layer kinds are refused before any change."""
@@ -178,6 +183,7 @@ INIT_SCHEMES = SchemeTable(
         "orthogonal": _orthogonal,
         "pissa": _pissa,
         "olora": _olora,
+        "eva": _eva_deferred,
     },
     families={r"pissa_niter_([1-9][0-9]*)": ("pissa_niter_K (K >= 1 subspace iterations)",
                                              lambda m: partial(_pissa, niter=int(m.group(1))))},

@@ -11,7 +11,7 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ..trainable_tokens import in_lora as trainable_tokens
-from . import conversion, layer, merge, replication
+from . import conversion, layer, merge, params, replication  # params: target_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ DISPATCH.register(nn.Embedding, layer.Embedding)
 DISPATCH.register((nn.Conv1d, nn.Conv2d, nn.Conv3d), layer.Conv)
 DISPATCH.register(nn.MultiheadAttention, layer.MultiheadAttention)
 DISPATCH.register(is_linear, layer.Linear)
+DISPATCH.register(params.ParamTarget, params.build_wrappers, first=True)  # target_parameters (params.py)
 
 
 class LoraModel(Tuner):
@@ -43,7 +44,7 @@ class LoraModel(Tuner):
                 f"LoraConfig options {unsupported} are not implemented in fastpeft yet; reset them to their "
                 "defaults (or use HF PEFT for these options)."
             )
-        if config.target_modules is None:
+        if config.target_modules is None and params.needs_default_modules(model, config, LORA_TARGETS):
             config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
@@ -57,6 +58,15 @@ class LoraModel(Tuner):
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
     # ---- end of trainable tokens
+
+    # ---- target_parameters: LoRA on bare nn.Parameters (params.py), added after the module targets
+    def select_targets(self, model, config):
+        params.check_same_parameters(self.peft_config, config)
+        if not config.target_parameters:
+            return super().select_targets(model, config)
+        modules = super().select_targets(model, config) if config.target_modules else []
+        return modules + params.parameter_targets(model, config, {name for name, _ in modules})
+    # ---- end of target_parameters
 
     def converted_file_state(self, adapter_name, tensors, config_dict, initial_dir):
         """PiSSA / OLoRA adapters rewritten to apply to the original base (see conversion.py)."""
@@ -121,6 +131,7 @@ class LoraModel(Tuner):
         pruning types; `majority_sign_method` ('total' / 'frequency') elects TIES signs. The new adapter has
         lora_alpha = r and is not activated: call set_adapter(adapter_name) to use it.
         """
+        params.refuse_weighted(self.peft_config, adapters)  # target_parameters
         merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                                    svd_full_matrices, svd_driver, density, majority_sign_method)
 
