@@ -1,0 +1,173 @@
+"""Shared bases, method configs and helpers for the soft-prompt test files (test_prompt_*.py)."""
+
+from __future__ import annotations
+
+import peft  # noqa: E402
+import torch
+
+import fastpeft  # noqa: E402
+
+import models
+
+ATOL = 1e-5
+N = 4  # num_virtual_tokens everywhere unless a test says otherwise
+
+
+# ----------------------------------------------------------------------------------------------
+# bases and method configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _bert_config(num_labels):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                      attn_implementation="eager")
+
+
+def make_bert_token_cls():
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(77)
+    return BertForTokenClassification(_bert_config(3)).eval()
+
+
+def make_bert_qa():
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(78)
+    return BertForQuestionAnswering(_bert_config(2)).eval()
+
+
+def make_bert_bare():
+    from transformers import BertModel
+
+    torch.manual_seed(79)
+    return BertModel(_bert_config(2)).eval()
+
+
+def bert_inputs_with_token_types():
+    inputs = models.bert_cls_inputs()
+    g = torch.Generator().manual_seed(21)
+    inputs["token_type_ids"] = torch.randint(0, 2, inputs["input_ids"].shape, generator=g)
+    return inputs
+
+
+def make_t5_for_generation():
+    """A tiny T5 whose greedy output is not all pad tokens (make_t5's is) and that has no eos to stop on."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=None, initializer_factor=3.0)
+    torch.manual_seed(1234)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+# name -> (factory, inputs, task_type)
+BASES = {
+    "llama": (models.make_llama, models.llama_inputs, "CAUSAL_LM"),
+    "gpt2": (models.make_gpt2, models.gpt2_inputs, "CAUSAL_LM"),
+    "t5": (models.make_t5, models.t5_inputs, "SEQ_2_SEQ_LM"),
+    "bert_seq_cls": (models.make_bert_cls, bert_inputs_with_token_types, "SEQ_CLS"),
+    "bert_token_cls": (make_bert_token_cls, bert_inputs_with_token_types, "TOKEN_CLS"),
+    # HF PEFT silently drops token_type_ids for QA (spec 0.6): compare without them
+    "bert_qa": (make_bert_qa, models.bert_cls_inputs, "QUESTION_ANS"),
+    "bert_bare": (make_bert_bare, bert_inputs_with_token_types, "FEATURE_EXTRACTION"),
+}
+
+# name -> (config class name, kwargs)
+METHODS = {
+    "prompt_tuning": ("PromptTuningConfig", {}),
+    "prompt_tuning_sample_vocab": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
+    "p_tuning_defaults": ("PromptEncoderConfig", {}),
+    "p_tuning_mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 16}),
+    "p_tuning_lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM",
+                                              "encoder_hidden_size": 16}),
+    "prefix": ("PrefixTuningConfig", {}),
+    "prefix_projection": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
+}
+MAIN_METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection"]
+EMBEDDING_METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"]
+
+
+def make_config(lib, method, task_type, **overrides):
+    cls_name, kwargs = METHODS[method]
+    kwargs = {"num_virtual_tokens": N, **kwargs, **overrides}
+    return getattr(lib, cls_name)(task_type=task_type, **kwargs)
+
+
+def perturb(model, seed):
+    """Add seeded noise to every trainable parameter (prompt encoders and modules_to_save heads)."""
+    g = torch.Generator().manual_seed(seed)
+    touched = 0
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+                touched += 1
+    assert touched > 0, "no trainable parameters"
+
+
+def outputs(model, inputs, **extra):
+    """The main output tensor of any task model (QA: start and end logits side by side)."""
+    with torch.no_grad():
+        out = model(**inputs, **extra)
+    if getattr(out, "start_logits", None) is not None:
+        return torch.cat([out.start_logits, out.end_logits], dim=-1)
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    return out.last_hidden_state
+
+
+def assert_close(actual, expected, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def assert_changes_base(adapted, base, what):
+    """The adapter must change the real-token outputs (those after the virtual tokens, if any)."""
+    if adapted.shape != base.shape:  # prompt rows prepended: compare the trailing real positions
+        adapted = adapted[:, -base.shape[1]:]
+    assert adapted.shape == base.shape, what
+    assert (adapted - base).abs().max().item() > 1e-3, f"{what}: the adapter does not change the outputs"
+
+
+def hf_adapter(base_name, method, seed=1):
+    make, inputs_fn, task = BASES[base_name]
+    model = peft.get_peft_model(make(), make_config(peft, method, task))
+    perturb(model, seed)
+    return model.eval()
+
+
+def fp_adapter(base_name, method, seed=2):
+    make, inputs_fn, task = BASES[base_name]
+    model = fastpeft.get_peft_model(make(), make_config(fastpeft, method, task))
+    perturb(model, seed)
+    return model.eval()
+
+
+ORACLE_CASES = (
+    [(b, m) for b in ("llama", "gpt2", "t5") for m in MAIN_METHODS]
+    + [("llama", "prompt_tuning_sample_vocab"), ("llama", "p_tuning_defaults"), ("t5", "p_tuning_defaults")]
+    + [(b, m) for b in ("bert_seq_cls", "bert_token_cls", "bert_qa") for m in EMBEDDING_METHODS]
+    + [("bert_bare", m) for m in MAIN_METHODS]
+)
+ORACLE_IDS = [f"{b}-{m}" for b, m in ORACLE_CASES]
+
+def _labelled(base_name, inputs):
+    inputs = dict(inputs)
+    if base_name == "t5":
+        inputs["labels"] = inputs.pop("decoder_input_ids")
+    elif base_name == "bert_seq_cls":
+        inputs["labels"] = torch.tensor([1, 1])
+    else:
+        labels = inputs["input_ids"].clone()
+        labels[inputs["attention_mask"] == 0] = -100
+        inputs["labels"] = labels
+    return inputs
+
+
+def _prompt_ids(seed, shape=(2, 5)):
+    return torch.randint(2, 100, shape, generator=torch.Generator().manual_seed(seed))
