@@ -181,7 +181,7 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a new name.")
-        if get_spec(peft_config.peft_type).peft_type != get_spec(self.peft_type).peft_type:
+        if get_spec(peft_config.peft_type) is not get_spec(self.peft_type):  # one method per PeftModel
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model: one PeftModel holds "
                 "adapters of a single method type."
