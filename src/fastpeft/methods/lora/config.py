@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from ...config import PeftConfig
 from .eva_config import checked_eva_config
@@ -28,6 +28,12 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "velora_config": None,
     "lora_ga_config": None,
     "monteclora_config": None,
+}
+
+# option -> check(config) run after the base checks: coerces a file's dict into the feature's own config class and
+# refuses bad combinations. Each feature's module provides its function (e.g. eva_config.checked_eva_config).
+SUBCONFIG_CHECKS: dict[str, Callable[[Any], None]] = {
+    "eva_config": lambda c: setattr(c, "eva_config", checked_eva_config(c.init_lora_weights, c.eva_config)),
 }
 
 
@@ -112,7 +118,8 @@ class LoraConfig(PeftConfig):
                 f"lora_bias=True needs init_lora_weights in {list(LORA_BIAS_SCHEMES)} (which start lora_B's bias "
                 f"at zero), got {self.init_lora_weights!r}."
             )
-        self.eva_config = checked_eva_config(self.init_lora_weights, self.eva_config)  # EVA (eva.py)
+        for check in SUBCONFIG_CHECKS.values():  # eva_config, loftq_config, ...
+            check(self)
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and modifies_base(self.init_lora_weights):
             logger.warning(
                 "use_rslora with rank_pattern/alpha_pattern and init_lora_weights=%r: save_pretrained cannot "
