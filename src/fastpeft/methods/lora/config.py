@@ -6,8 +6,9 @@ Options fastpeft does not implement yet are accepted in files but refused with a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ...config import PeftConfig
 from .eva_config import checked_eva_config

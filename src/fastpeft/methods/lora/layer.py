@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from . import gathered, variants
+from . import gathered, variant_table, variants
 from .init import INIT_SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class LoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     is_embedding = False
-    variant_kind = "linear"  # row of variants.VARIANTS used by this layer class
+    variant_kind = "linear"  # row of variant_table.VARIANTS used by this layer class
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  fan_in_fan_out: bool = False, **kwargs) -> None:
@@ -57,7 +57,7 @@ class LoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config, r: int, lora_alpha: float, **kwargs) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r} for adapter '{adapter_name}'.")
-        variant = variants.choose(self.variant_kind, config)
+        variant = variant_table.choose(self.variant_kind, config)
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             logger.warning("lora_bias=True on a layer without bias: merging will not be possible.")
         self.r[adapter_name] = r
@@ -264,10 +264,10 @@ class MultiheadAttention(LoraLayer):
     # again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
     # merges here use the same effective out_proj update, 2 * (alpha / r) * B @ A, to load them unchanged.
     OUT_PROJ_DELTA_FACTOR = 2.0
-    variant_kind = "nn.MultiheadAttention"  # in no row of variants.VARIANTS: DoRA is refused, as in HF PEFT
+    variant_kind = "nn.MultiheadAttention"  # in no row of variant_table.VARIANTS: DoRA is refused, as in HF PEFT
 
     def __init__(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs):
-        variants.choose(self.variant_kind, config)  # refuse before out_proj gets wrapped
+        variant_table.choose(self.variant_kind, config)  # refuse before out_proj gets wrapped
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim.")
         out = Linear(base_layer.out_proj, adapter_name, config, r, lora_alpha)

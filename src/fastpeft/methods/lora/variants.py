@@ -1,6 +1,6 @@
 """LoRA variants: strategies that change how an adapter is initialised, applied and merged (DoRA here).
 
-A variant is chosen once per adapter from its config (`choose`, table `VARIANTS`); plain LoRA has none.
+A variant is chosen once per adapter from its config (`variant_table.choose`); plain LoRA has none.
 DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5 and section 4.3.
 """
 
@@ -221,24 +221,3 @@ def unmerged_base_weight(layer):
             layer.merge(adapter_names=[n for n in merged if n not in layer.merged_adapters])
         finally:
             cache.pop("unmerged", None)
-
-
-# option of LoraConfig -> {layer kind -> variant}; a layer kind missing from a row does not support it
-VARIANTS: dict[str, dict[str, type[LoraVariant]]] = {
-    "use_dora": {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv},
-}
-
-
-def choose(kind: str, config) -> LoraVariant | None:
-    """The variant the config asks for on a layer of `kind`; None for plain LoRA. Refuses what HF PEFT refuses."""
-    for option, by_kind in VARIANTS.items():
-        if not getattr(config, option, False):
-            continue
-        if option == "use_dora" and getattr(config, "lora_bias", False):
-            raise ValueError("lora_bias=True is not supported with DoRA (as in HF PEFT); set use_dora=False or "
-                             "lora_bias=False.")
-        if kind not in by_kind:
-            raise ValueError(f"{option}=True is not supported on {kind} layers (as in HF PEFT); set {option}=False "
-                             "or leave these modules out of target_modules.")
-        return by_kind[kind]()
-    return None
