@@ -332,3 +332,41 @@ def test_shared_modules_to_save_refused():
     model = build(fastpeft, "mlp", adapters)
     with pytest.raises(ValueError, match="modules_to_save"):
         model.add_weighted_adapter(["t1", "t2"], [1, 1], "n", combination_type="cat")
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+def test_rslora_source_combines_exactly(combination_type):
+    """A single rsLoRA adapter with weight 1 gives back the same outputs. HF PEFT keeps use_rslora on the new
+    adapter and so scales it by sqrt(r) (peft issue #3761); the result here has alpha = r and use_rslora off."""
+    model = build(fastpeft, "mlp", {"t1": dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=16, use_rslora=True)})
+    inputs = models.mlp_inputs()
+    before = models.forward(model, inputs)
+    model.add_weighted_adapter(["t1"], [1.0], "n", combination_type=combination_type)
+    model.set_adapter("n")
+    assert model.peft_config["n"].use_rslora is False
+    torch.testing.assert_close(models.forward(model, inputs), before, atol=ATOL, rtol=0)
+
+
+def test_rslora_result_loads_in_hf_peft(tmp_path):
+    adapters = {n: dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=a, use_rslora=True)
+                for n, a in (("t1", 16), ("t2", 4))}
+    model = build(fastpeft, "mlp", adapters)
+    model.add_weighted_adapter(["t1", "t2"], [0.6, -1.1], "n", combination_type="cat")
+    model.set_adapter("n")
+    model.save_pretrained(tmp_path, selected_adapters=["n"])
+    theirs = peft.PeftModel.from_pretrained(models.make_mlp(), tmp_path / "n")
+    inputs = models.mlp_inputs()
+    torch.testing.assert_close(models.forward(theirs, inputs), models.forward(model, inputs), atol=ATOL, rtol=0)
+
+
+def test_dora_sources_refused_with_model_unchanged():
+    """HF PEFT builds a new DoRA adapter whose magnitude is recomputed from the combined factors, silently
+    different from every source (peft issue #3761); fastpeft refuses."""
+    adapters = {n: dict(target_modules=["lin0", "lin1"], r=4, use_dora=True) for n in ("t1", "t2")}
+    model = build(fastpeft, "mlp", adapters)
+    inputs = models.mlp_inputs()
+    before = models.forward(model, inputs)
+    with pytest.raises(NotImplementedError, match="use_dora.*magnitude vector"):
+        model.add_weighted_adapter(["t1", "t2"], [1, 1], "n", combination_type="cat")
+    assert "n" not in model.peft_config
+    torch.testing.assert_close(models.forward(model, inputs), before)

@@ -16,6 +16,7 @@ import torch
 
 from ... import merging
 from ...core.aux import ModulesToSaveWrapper
+from . import variant_table
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,12 @@ def merged_target_modules(configs: list):
 
 
 def new_adapter_config(configs: list, rank: int):
-    """The first adapter's config with the new rank, alpha = rank (scaling 1) and the combined targets."""
-    return replace(configs[0], r=rank, lora_alpha=rank, target_modules=merged_target_modules(configs),
+    """The first adapter's config with the new rank, alpha = rank and use_rslora off (scaling exactly 1: the
+    combined factors already carry each source's scaling) and the combined targets.
+
+    HF PEFT keeps use_rslora from the first adapter, which scales the result by sqrt(rank) (peft issue #3761).
+    """
+    return replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, target_modules=merged_target_modules(configs),
                    alpha_pattern={}, rank_pattern={})
 
 
@@ -226,6 +231,14 @@ def _check_sources(tuner, adapters: list[str], weights: list[float], adapter_nam
         raise NotImplementedError(
             f"Adapter(s) {biased} use lora_bias=True; add_weighted_adapter combines only the A/B factors and "
             "would drop their biases. Combine adapters trained with lora_bias=False."
+        )
+    with_variant = {a: opt for a in adapters if (opt := variant_table.active_option(tuner.peft_config[a]))}
+    if with_variant:
+        raise NotImplementedError(
+            f"Adapter(s) {with_variant} use a LoRA variant; add_weighted_adapter combines only the A/B factors, and "
+            "the variant's own weights (e.g. DoRA's magnitude vector) have no weighted combination, so the result "
+            "would silently differ from every source. Merge such adapters into the base instead "
+            "(merge_and_unload), or combine adapters trained without the variant."
         )
     shared = [name for name, h in tuner.holders() if isinstance(h, ModulesToSaveWrapper)
               and sum(a in h.modules_to_save for a in adapters) > 1]

@@ -34,6 +34,11 @@ VARIANTS: list[VariantRow] = [
 ]
 
 
+def active_option(config) -> str | None:
+    """The option of the variant `config` turns on (e.g. 'use_dora'); None for plain LoRA."""
+    return next((row.option for row in VARIANTS if row.active(config)), None)
+
+
 def choose(kind: str, config) -> LoraVariant | None:
     """The variant the config asks for on a layer of `kind`; None for plain LoRA. Refuses what HF PEFT refuses."""
     for row in VARIANTS:
