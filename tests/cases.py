@@ -53,4 +53,20 @@ METHOD_CASES = [
          {"r": 4, "target_modules": ["c_fc", "c_proj"], "use_dora": True}),
     Case("dora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "task_type": "CAUSAL_LM"}),
+    # MiCA / VeLoRA (KaSA truncates the base weight, so identity at init and an untouched base do not hold)
+    Case("mica-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "mica"}),
+    Case("mica-embedding", "emb", "LoraConfig", {"r": 4, "target_modules": ["emb", "lin"], "init_lora_weights": "mica"}),
+    Case("velora-mlp", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"], "velora_config": {"num_groups": 4}}),
+    Case("velora-llama", "llama", "LoraConfig",
+         {"r": 4, "target_modules": ["q_proj", "v_proj"], "velora_config": {"num_groups": 8}, "task_type": "CAUSAL_LM"}),
+    # BD-LoRA; MonteCLoRA (stochastic only in training mode: the contract checks run in eval mode, plain LoRA there)
+    Case("bdlora-mlp", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"],
+          "use_bdlora": {"target_modules_bd_a": ["lin1"], "target_modules_bd_b": ["lin0"], "nblocks": 2}}),
+    Case("bdlora-llama", "llama", "LoraConfig",
+         {"r": 4, "target_modules": ["q_proj", "o_proj"], "task_type": "CAUSAL_LM",
+          "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}}),
+    Case("monteclora-mlp", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"], "monteclora_config": {"num_samples": 2, "buffer_size": 2}}),
 ]

@@ -255,14 +255,6 @@ def test_ensure_weight_tying_with_different_indices_is_refused():
         fastpeft.get_peft_model(models.make_gpt2(), cfg)
 
 
-def test_ensure_weight_tying_of_saved_embeddings_is_not_silently_ignored():
-    model = make_llama_tied()
-    cfg = lora_config(fastpeft, modules_to_save=["embed_tokens"], ensure_weight_tying=True)
-    with pytest.raises(NotImplementedError, match="ensure_weight_tying"):
-        fastpeft.get_peft_model(model, cfg)
-    assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_modules())
-
-
 def test_token_indices_and_modules_to_save_on_the_same_layer_are_refused():
     cfg = lora_config(fastpeft, trainable_token_indices={"wte": IDS}, modules_to_save=["wte"])
     with pytest.raises(ValueError, match="modules_to_save"):

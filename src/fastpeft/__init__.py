@@ -21,8 +21,17 @@ from .config import PeftConfig, PromptLearningConfig
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.lora import LoraConfig, LoraModel
+from .methods.lora.arrow import ArrowConfig, create_arrow_model
+from .methods.lora.bdlora import BdLoraConfig
+from .methods.lora.corda import CordaConfig, preprocess_corda
 from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .methods.lora.eva_config import EvaConfig
+from .methods.lora.kasa import KasaConfig
+from .methods.lora.loftq import replace_lora_weights_loftq
+from .methods.lora.loftq_config import LoftQConfig
+from .methods.lora.lora_ga import LoraGAConfig, preprocess_loraga
+from .methods.lora.monteclora import MontecloraConfig
+from .methods.lora.velora import VeloraConfig
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -45,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
+    "ArrowConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -52,11 +62,17 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BdLoraConfig",
     "CPTConfig",
     "CPTEmbedding",
+    "CordaConfig",
     "EvaConfig",
+    "KasaConfig",
+    "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "LoraModel",
+    "MontecloraConfig",
     "MultitaskPromptTuningConfig",
     "MultitaskPromptTuningInit",
     "PeftConfig",
@@ -80,6 +96,8 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "VeloraConfig",
+    "create_arrow_model",
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
@@ -90,5 +108,8 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
+    "preprocess_loraga",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

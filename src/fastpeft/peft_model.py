@@ -97,7 +97,7 @@ class PeftModel(nn.Module):
         spec = get_spec(peft_config.peft_type)
         self._add_task_modules_to_save(peft_config)
         self.peft_type = peft_config.peft_type
-        self.special_peft_forward_args = {"adapter_names"}
+        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
         self._is_prompt_learning = peft_config.is_prompt_learning
         if spec.prompt_cls is not None:
             # as HF PEFT: base_model is the user's model, encoders sit in prompt_encoder[adapter]
@@ -202,8 +202,9 @@ class PeftModel(nn.Module):
             raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
         for _, holder in self.tuner.holders():
             for name in names:
+                frozen = {id(p) for p in holder.frozen_parameters(name)}
                 for _, param in holder.adapter_parameters(name):
-                    param.requires_grad_(requires_grad)
+                    param.requires_grad_(requires_grad and id(param) not in frozen)
 
     @property
     def modules_to_save(self) -> set[str] | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.aux import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
+from ..core.targeting import is_target
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,22 @@ def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
+def _targets_embedding(model: nn.Module, config) -> bool:
+    """Whether target_modules names an embedding layer (a regex: matches a module called like one)."""
+    targets = getattr(config, "target_modules", None)
+    if not isinstance(targets, str):
+        return any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
+    return any(is_target(config, name) for name, _ in model.named_modules()
+               if name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+
+
 def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_layers: str | bool) -> list[str]:
     """Full embedding weights stored with the adapter (for a resized vocabulary), as HF PEFT does.
 
     "auto" saves them when target_modules names an embedding layer; True also saves the model's untargeted
     input / output embeddings.
     """
-    targets = getattr(config, "target_modules", None)
-    targets_embedding = not isinstance(targets, str) and any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
+    targets_embedding = _targets_embedding(model, config)
     if save_embedding_layers == "auto":  # trainable tokens store their rows, never the whole table (as HF PEFT)
         save_embedding_layers = targets_embedding and getattr(config, "trainable_token_indices", None) is None \
             and getattr(config, "token_indices", None) is None
@@ -133,6 +142,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
                               low_cpu_mem_usage: bool = False) -> LoadResult:
     """Copy file tensors into the model's adapter `adapter_name`. Checks every shape before writing any."""
+    convert = getattr(getattr(model, "tuner", None), "convert_loaded_state", None)
+    if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
+        peft_model_state_dict = convert(adapter_name, peft_model_state_dict, model)
     config = _config_of(model, adapter_name)
     mapping = adapter_key_map(model, adapter_name, config)
     embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True) if k in peft_model_state_dict}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -14,18 +14,19 @@ from .layer import AdapterHolder
 class ModulesToSaveWrapper(nn.Module, AdapterHolder):
     """Holds `original_module` (frozen) and one trainable deep copy per adapter in `modules_to_save`."""
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, copy: nn.Module | None = None) -> None:
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict()
         self._active_adapters: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, copy=copy)
 
-    def update(self, adapter_name: str) -> None:
+    def update(self, adapter_name: str, copy: nn.Module | None = None) -> None:
+        """Add `adapter_name`'s trainable copy: a deep copy of the original, or `copy` (e.g. one sharing weights)."""
         if adapter_name in self.modules_to_save:
             return
-        copied = copy.deepcopy(self.original_module)
+        copied = deepcopy(self.original_module) if copy is None else copy
         self.modules_to_save[adapter_name] = copied
         for param in self.original_module.parameters():
             param.requires_grad_(False)

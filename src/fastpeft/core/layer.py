@@ -38,6 +38,10 @@ class AdapterHolder:
         """(relative key, tensor) for everything of adapter `name` stored in adapter files."""
         return self.adapter_parameters(name)
 
+    def frozen_parameters(self, name: str):
+        """Parameters of adapter `name` that are saved but never trained (e.g. MiCA's fixed B)."""
+        return ()
+
     def unloaded(self, merge: bool) -> nn.Module:  # pragma: no cover
         """The plain module that replaces this holder in `unload` / `merge_and_unload`."""
         raise NotImplementedError
@@ -129,6 +133,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         for name in own:
             for _, param in self.adapter_parameters(name):
                 param.requires_grad_(name in trainable and name in self._active_adapters)
+            for param in self.frozen_parameters(name):
+                param.requires_grad_(False)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on enable)."""

@@ -71,17 +71,44 @@ class Tuner(nn.Module):
 
     def model_forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         kwargs.pop("task_ids", None)  # read by multitask prompt methods only
-        with self.mixed_batch(adapter_names):
+        context = self.call_context(args, kwargs, adapter_names)
+        with self.mixed_batch(adapter_names), self.forward_context(context):
             return self.model(*args, **kwargs)
 
     def model_generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        # generate runs num_beams (or num_return_sequences) rows per sample, next to each other
+        beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
+        copies = beams if (beams or 1) > 1 else (kwargs.get("num_return_sequences") or 1)
         if adapter_names is not None:
-            # generate runs num_beams (or num_return_sequences) rows per sample, next to each other
-            beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
-            copies = beams if (beams or 1) > 1 else (kwargs.get("num_return_sequences") or 1)
             adapter_names = [name for name in adapter_names for _ in range(copies)]
-        with self.mixed_batch(adapter_names):
+        context = self.call_context(args, kwargs, adapter_names, copies)
+        with self.mixed_batch(adapter_names), self.forward_context(context):
             return self.model.generate(*args, **kwargs)
+
+    # ---- per-call data for adapter layers (e.g. LoRA's aLoRA offsets): computed once per forward / generate
+    def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None, copies: int = 1) -> dict:
+        """Values the adapter layers need for this call, from its arguments (pop method-only ones from `kwargs`);
+        `copies`: rows generate makes per input row. Layers read them as `layer.forward_context`. None by default."""
+        return {}
+
+    @contextmanager
+    def forward_context(self, values: dict):
+        """Inside the block every adapter layer has `forward_context = values` (the previous one is restored)."""
+        if not values:
+            yield
+            return
+        layers = list(self.adapter_layers())
+        saved = [layer.__dict__.get("forward_context") for layer in layers]
+        for layer in layers:
+            layer.forward_context = values
+        try:
+            yield
+        finally:
+            for layer, old in zip(layers, saved):
+                layer.__dict__.pop("forward_context", None)
+                if old is not None:
+                    layer.forward_context = old
+    # ---- end per-call data
 
     def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Tensors stored in adapter files outside the module tree (none for layer methods)."""
@@ -89,6 +116,11 @@ class Tuner(nn.Module):
 
     def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
         return set()
+
+    def convert_loaded_state(self, adapter_name: str, tensors: dict[str, torch.Tensor],
+                             root: nn.Module) -> dict[str, torch.Tensor]:
+        """File tensors of `adapter_name` rewritten before loading (e.g. LoRA: v4 MoE layouts); keys as in `root`."""
+        return tensors
 
     def converted_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], config_dict: dict,
                              initial_dir: str) -> tuple[dict[str, torch.Tensor], dict]:

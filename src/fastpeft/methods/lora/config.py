@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...config import PeftConfig
+from .alora import check_config as check_alora
+from .arrow import checked_arrow_config
+from .bdlora import checked_bdlora_config
+from .corda import checked_corda_config
 from .eva_config import checked_eva_config
 from .init import INIT_SCHEMES, LORA_BIAS_SCHEMES, modifies_base
+from .kasa import checked_kasa_config
+from .loftq_config import check_loftq
+from .lora_ga import checked_lora_ga_config
+from .monteclora import checked_monteclora_config
+from .velora import checked_velora_config
 
 logger = logging.getLogger(__name__)
 
@@ -20,21 +29,22 @@ logger = logging.getLogger(__name__)
 UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "use_qalora": False,
     "megatron_config": None,
-    "loftq_config": {},
-    "corda_config": None,
-    "alora_invocation_tokens": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "velora_config": None,
-    "lora_ga_config": None,
-    "monteclora_config": None,
 }
 
 # option -> check(config) run after the base checks: coerces a file's dict into the feature's own config class and
 # refuses bad combinations. Each feature's module provides its function (e.g. eva_config.checked_eva_config).
 SUBCONFIG_CHECKS: dict[str, Callable[[Any], None]] = {
     "eva_config": lambda c: setattr(c, "eva_config", checked_eva_config(c.init_lora_weights, c.eva_config)),
+    "loftq_config": check_loftq,
+    "kasa_config": lambda c: setattr(c, "kasa_config", checked_kasa_config(c.kasa_config)),
+    "velora_config": lambda c: setattr(c, "velora_config", checked_velora_config(c.velora_config)),
+    "corda_config": lambda c: setattr(c, "corda_config", checked_corda_config(c.init_lora_weights, c.corda_config)),
+    "lora_ga_config": lambda c: setattr(c, "lora_ga_config",
+                                        checked_lora_ga_config(c.init_lora_weights, c.lora_ga_config)),
+    "arrow_config": lambda c: setattr(c, "arrow_config", checked_arrow_config(c.arrow_config)),
+    "alora_invocation_tokens": check_alora,
+    "use_bdlora": lambda c: setattr(c, "use_bdlora", checked_bdlora_config(c)),
+    "monteclora_config": lambda c: setattr(c, "monteclora_config", checked_monteclora_config(c.monteclora_config)),
 }
 
 
@@ -52,7 +62,8 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
     init_lora_weights: bool | str = field(default=True, metadata={
-        "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K' or 'olora' (methods/lora/init.py)."})
+        "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K', 'olora', 'mica', 'corda' (after "
+                "corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see methods/lora/init.py."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> rank overrides."})
@@ -61,9 +72,12 @@ class LoraConfig(PeftConfig):
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported by fastpeft."})
     trainable_token_indices: list[int] | dict | None = field(
         default=None, metadata={"help": "Token ids whose embedding rows train too (list, or module -> ids)."})
-    loftq_config: dict = field(default_factory=dict, metadata={"help": "Not supported yet."})
+    loftq_config: dict = field(default_factory=dict, metadata={
+        "help": "LoftQConfig (or its dict) for init_lora_weights='loftq': NF4/int8 base + error-fitting adapter "
+                "(methods/lora/loftq.py)."})
     eva_config: dict | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
-    corda_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    corda_config: dict | None = field(default=None, metadata={
+        "help": "CordaConfig for init_lora_weights='corda' (run corda.preprocess_corda first)."})
     use_dora: bool = field(default=False, metadata={
         "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (methods/lora/variants.py)."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
@@ -74,14 +88,22 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
     target_parameters: list[str] | None = field(default=None, metadata={
         "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
-    alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
-    use_bdlora: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    arrow_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    alora_invocation_tokens: list[int] | None = field(default=None, metadata={
+        "help": "Activated LoRA: token ids of the invocation string; the adapter acts only from their last "
+                "occurrence on (linear layers, CAUSAL_LM; not mergeable). See methods/lora/alora.py."})
+    use_bdlora: dict | None = field(default=None, metadata={
+        "help": "BdLoraConfig: block-diagonal LoRA A or B per target, for tensor-parallel serving (bdlora.py)."})
+    arrow_config: dict | None = field(default=None, metadata={
+        "help": "ArrowConfig: route tokens among loaded LoRA experts (methods/lora/arrow.py, create_arrow_model)."})
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Keep tied embeddings tied."})
-    kasa_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    velora_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    lora_ga_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    monteclora_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    kasa_config: dict | None = field(default=None, metadata={
+        "help": "KasaConfig: KaSA (kasa.py): truncate the base's r minor singular components, learn s B diag(d) A."})
+    velora_config: dict | None = field(default=None, metadata={
+        "help": "VeloraConfig: VeLoRA (velora.py): A's backward from rank-1 sub-token projections of the input."})
+    lora_ga_config: dict | None = field(default=None, metadata={
+        "help": "LoraGAConfig for init_lora_weights='lora_ga' (run lora_ga.preprocess_loraga first)."})
+    monteclora_config: dict | None = field(default=None, metadata={
+        "help": "MontecloraConfig: Monte Carlo perturbed LoRA A in training, plain LoRA in eval (monteclora.py)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

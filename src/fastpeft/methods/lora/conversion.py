@@ -61,9 +61,10 @@ def _check_convertible(adapter_name: str, config) -> None:
     # True: HF PEFT's documented workflow relabels a PiSSA adapter True before saving its initial state
     if not (value is True or modifies_base(value)):
         raise ValueError(
-            f"path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters (init_lora_weights 'pissa', "
-            f"'pissa_niter_K' or 'olora'); adapter '{adapter_name}' has init_lora_weights={value!r}, whose base "
-            "model is unchanged: save it without path_initial_model_for_weight_conversion."
+            "path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters and others that rewrite the "
+            "base (init_lora_weights 'pissa', 'pissa_niter_K', 'olora', 'corda' or 'lora_ga'); adapter "
+            f"'{adapter_name}' has init_lora_weights={value!r}, whose base model is unchanged: save it without "
+            "path_initial_model_for_weight_conversion."
         )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(

@@ -14,6 +14,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from .mica import mica_init
+
 HALF_OR_FULL = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -46,6 +48,33 @@ def _init_random(layer, name: str) -> None:
 def _eva_deferred(layer, name: str) -> None:
     """init_lora_weights='eva': B zero, A kept as built; initialize_lora_eva_weights (eva.py) writes A later."""
     nn.init.zeros_(layer.lora_weights(name)[1])
+
+
+def _corda(layer, name: str) -> None:
+    """init_lora_weights='corda': from preprocess_corda's decompositions (corda.py; imported here lazily)."""
+    from .corda import corda_init
+
+    corda_init(layer, name)
+
+
+def _lora_ga(layer, name: str, config) -> None:
+    """init_lora_weights='lora_ga': from preprocess_loraga's gradients (lora_ga.py; imported here lazily)."""
+    from .lora_ga import lora_ga_init
+
+    lora_ga_init(layer, name, config)
+
+
+_lora_ga.takes_config = True  # lora_ga_config (direction, scale) is read from the LoraConfig
+
+
+def _loftq(layer, name: str, config) -> None:
+    """init_lora_weights='loftq': quantised base, adapter fitted to the error (loftq.py; imported here lazily)."""
+    from .loftq import loftq_init
+
+    loftq_init(layer, name, config)
+
+
+_loftq.takes_config = True  # SchemeTable.run passes the LoraConfig (loftq_config holds bits and rounds)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -170,6 +199,11 @@ class SchemeTable(dict):
             return False
         return True
 
+    def run(self, layer, name: str, config) -> None:
+        """Apply `config.init_lora_weights`' scheme to adapter `name`; schemes marked `takes_config` get config."""
+        scheme = self[config.init_lora_weights]
+        scheme(layer, name, *((config,) if getattr(scheme, "takes_config", False) else ()))
+
     def names(self) -> list:
         """Accepted values, families shown in their documented form (for error messages)."""
         return [*self, *(shown for shown, _ in self.families.values())]
@@ -184,6 +218,10 @@ INIT_SCHEMES = SchemeTable(
         "pissa": _pissa,
         "olora": _olora,
         "eva": _eva_deferred,
+        "corda": _corda,
+        "lora_ga": _lora_ga,
+        "loftq": _loftq,
+        "mica": mica_init,  # MiCA (mica.py): B from the minor singular vectors, frozen; its variant row too
     },
     families={r"pissa_niter_([1-9][0-9]*)": ("pissa_niter_K (K >= 1 subspace iterations)",
                                              lambda m: partial(_pissa, niter=int(m.group(1))))},
@@ -193,9 +231,9 @@ INIT_SCHEMES = SchemeTable(
 LORA_BIAS_SCHEMES = (True, False, "gaussian")
 
 # schemes that subtract the initial adapter from the base weight (post-training conversion applies to them)
-BASE_MODIFYING = ("pissa", "olora")
+BASE_MODIFYING = ("pissa", "olora", "corda", "lora_ga")
 
 
 def modifies_base(value) -> bool:
-    """Whether `init_lora_weights=value` rewrites the base weight (PiSSA, pissa_niter_K, OLoRA)."""
+    """Whether `init_lora_weights=value` rewrites the base weight (PiSSA, pissa_niter_K, OLoRA, CorDA, LoRA-GA)."""
     return isinstance(value, str) and value in INIT_SCHEMES and value.split("_niter_")[0] in BASE_MODIFYING

@@ -67,12 +67,13 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.build(adapter_name, r, config.lora_bias)
-        INIT_SCHEMES[config.init_lora_weights](self, adapter_name)
+        INIT_SCHEMES.run(self, adapter_name, config)
         self.lora_variant.pop(adapter_name, None)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         if variant is not None:
             self.lora_variant[adapter_name] = variant
+            self.target_name = kwargs.get("target_name", getattr(self, "target_name", ""))  # module key (BD-LoRA)
             variant.init(self, adapter_name)
 
     def lora_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
@@ -121,17 +122,41 @@ class LoraLayer(AdapterLayer):
         variant = self.lora_variant.get(name)
         if variant is None:
             return super().merge_one(name, safe_merge)
+        base, delta_b = self.get_base_layer(), self.delta_bias(name)  # lora_bias merges as for plain LoRA
         merged = variant.merged_weight(self, name)
-        if safe_merge and not torch.isfinite(merged).all():
+        bias = None if delta_b is None else base.bias.data + delta_b.to(base.bias.dtype)
+        if safe_merge and not all(torch.isfinite(t).all() for t in (merged, bias) if t is not None):
             raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
-        self.get_base_layer().weight.data = merged
+        base.weight.data = merged
+        if bias is not None:
+            base.bias.data = bias
 
     def unmerge_one(self, name):
         self._variant_cache.pop("row-sq-key", None)
         variant = self.lora_variant.get(name)
         if variant is None:
             return super().unmerge_one(name)
-        self.get_base_layer().weight.data = variant.unmerged_weight(self, name)
+        base, delta_b = self.get_base_layer(), self.delta_bias(name)
+        base.weight.data = variant.unmerged_weight(self, name)
+        if delta_b is not None:
+            base.bias.data -= delta_b.to(base.bias.dtype)
+
+    # ---- variants' own state: frozen factors, saved buffers, deletion (variants.LoraVariant hooks)
+    def frozen_parameters(self, name):
+        variant = self.lora_variant.get(name)
+        return () if variant is None else variant.frozen_parameters(self, name)
+
+    def adapter_tensors(self, name):
+        yield from self.adapter_parameters(name)
+        variant = self.lora_variant.get(name)
+        if variant is not None:
+            yield from variant.extra_tensors(self, name)
+
+    def delete_adapter(self, name):
+        variant = self.lora_variant.get(name)
+        super().delete_adapter(name)
+        if variant is not None:
+            variant.delete(self, name)
 
     def _product(self, name: str) -> torch.Tensor:
         """(B @ A) * scaling in float32 when the adapter is half precision on CPU (no half matmul there)."""

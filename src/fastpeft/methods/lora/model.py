@@ -11,7 +11,8 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ..trainable_tokens import in_lora as trainable_tokens
-from . import conversion, layer, merge, params, replication  # params: target_parameters
+from . import alora, conversion, layer, merge, params, replication, tied  # params: target_parameters
+from .moe_conversion import convert_config, convert_state  # v4 MoE adapters on transformers v5
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ class LoraModel(Tuner):
                 f"LoraConfig options {unsupported} are not implemented in fastpeft yet; reset them to their "
                 "defaults (or use HF PEFT for these options)."
             )
+        convert_config(config, model, lambda m: targeting.all_linear_targets(m, config.task_type, is_linear))
         if config.target_modules is None and params.needs_default_modules(model, config, LORA_TARGETS):
             config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
         trainable_tokens.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
+        self._pending_tie = tied.plan(model, config)  # ensure_weight_tying of embedding layers (tied.py)
         if config.layer_replication:  # layer_replication: stack shared-weight copies of blocks (replication.py)
             replication.replicate_layers(model, config.layer_replication)
         return config
@@ -57,20 +60,45 @@ class LoraModel(Tuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
+        tie, self._pending_tie = getattr(self, "_pending_tie", None), None
+        if tie is not None:
+            tied.apply(self, model, adapter_name, tie)
+            self._freeze_base()
+            self._apply_adapter_state()
     # ---- end of trainable tokens
 
     # ---- target_parameters: LoRA on bare nn.Parameters (params.py), added after the module targets
     def select_targets(self, model, config):
         params.check_same_parameters(self.peft_config, config)
         if not config.target_parameters:
-            return super().select_targets(model, config)
+            return tied.without_tied(super().select_targets(model, config), getattr(self, "_pending_tie", None))
         modules = super().select_targets(model, config) if config.target_modules else []
         return modules + params.parameter_targets(model, config, {name for name, _ in modules})
     # ---- end of target_parameters
 
+    def call_context(self, args, kwargs, adapter_names, copies=1):
+        """aLoRA adapters: where each row's invocation sequence starts (alora.py)."""
+        return alora.call_context(self, args, kwargs, adapter_names, copies)
+
     def converted_file_state(self, adapter_name, tensors, config_dict, initial_dir):
         """PiSSA / OLoRA adapters rewritten to apply to the original base (see conversion.py)."""
         return conversion.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
+
+    def convert_loaded_state(self, adapter_name, tensors, root):
+        """Adapters saved on transformers v4 MoE models (per-expert linears), in the v5 layout (moe_conversion.py)."""
+        return convert_state(root, self.model, tensors)
+
+    def _get_monteclora_loss(self, adapter_names=None):
+        """MonteCLoRA's variational regulariser for the given (default: active) adapters; add it to the task loss."""
+        from .monteclora import monteclora_loss
+
+        return monteclora_loss(self, adapter_names)
+
+    def _get_kasa_loss(self, adapter_names=None):
+        """KaSA's regularisers for the given (default: active) adapters; add them to the task loss (kasa.py)."""
+        from .kasa import kasa_loss
+
+        return kasa_loss(self, adapter_names)
 
     def check_mergeable(self):
         if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
@@ -80,6 +108,9 @@ class LoraModel(Tuner):
             )
 
     def check_new_adapter(self, config):
+        from .kasa import check_new_adapter as check_kasa
+
+        check_kasa(self.peft_config, config)  # KaSA truncates the base: no mixing with other adapters
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
         if others and config.bias != "none":
             raise ValueError(
@@ -91,6 +122,7 @@ class LoraModel(Tuner):
         kwargs = {
             "r": targeting.pattern_value(config.rank_pattern, key, config.r),
             "lora_alpha": targeting.pattern_value(config.alpha_pattern, key, config.lora_alpha),
+            "target_name": key,  # read by variants that depend on the module's name (BD-LoRA)
         }
         if is_linear(module):
             kwargs["fan_in_fan_out"] = self._fan_in_fan_out(config, module, key)

@@ -11,7 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .alora import Alora
+from .alora import refuse_combinations as alora_check
+from .arrow import ArrowRouter, arrow_check
+from .bdlora import BdLora
+from .kasa import Kasa
+from .mica import MiCA, MiCAEmbedding
+from .monteclora import Monteclora
 from .variants import Dora, DoraConv, DoraEmbedding, LoraVariant
+from .velora import Velora
 
 
 @dataclass(frozen=True)
@@ -29,9 +37,37 @@ def _dora_check(config) -> None:
 
 
 VARIANTS: list[VariantRow] = [
+    # aLoRA first: its check refuses any other active row (HF PEFT has no combined variants with it)
+    VariantRow("alora_invocation_tokens", lambda c: bool(getattr(c, "alora_invocation_tokens", None)),
+               {"linear": Alora}, alora_check),
+    VariantRow("arrow_config", lambda c: getattr(c, "arrow_config", None) is not None,
+               {"linear": ArrowRouter}, arrow_check),  # arrow.py; before DoRA: refuses use_dora
+    # MiCA / KaSA / VeLoRA (mica.py, kasa.py, velora.py): before DoRA, so that their check refuses combinations
+    VariantRow("init_lora_weights='mica'", lambda c: getattr(c, "init_lora_weights", None) == "mica",
+               {"linear": MiCA, "embedding": MiCAEmbedding}, lambda c: _alone("init_lora_weights='mica'", c)),
+    VariantRow("kasa_config", lambda c: getattr(c, "kasa_config", None) is not None,
+               {"linear": Kasa}, lambda c: _alone("kasa_config", c)),
+    VariantRow("velora_config", lambda c: getattr(c, "velora_config", None) is not None,
+               {"linear": Velora}, lambda c: _alone("velora_config", c)),
+    # BD-LoRA / MonteCLoRA (bdlora.py, monteclora.py): before DoRA, so that their check refuses combinations
+    VariantRow("use_bdlora", lambda c: getattr(c, "use_bdlora", None) is not None,
+               {"linear": BdLora}, lambda c: _alone("use_bdlora", c)),
+    VariantRow("monteclora_config", lambda c: getattr(c, "monteclora_config", None) is not None,
+               {"linear": Monteclora}, lambda c: _alone("monteclora_config", c)),
     VariantRow("use_dora", lambda c: bool(getattr(c, "use_dora", False)),
                {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv}, _dora_check),
 ]
+
+
+def _alone(option: str, config) -> None:
+    """Refuse other active variants and target_parameters next to `option` (HF PEFT has no such combination)."""
+    others = [row.option for row in VARIANTS if row.option != option and row.active(config)]
+    if others:
+        raise ValueError(f"{option} cannot be combined with {others} (HF PEFT has no such combined LoRA variant); "
+                         "turn one of them off.")
+    if getattr(config, "target_parameters", None):
+        raise ValueError(f"{option} does not work with target_parameters (LoRA on bare parameters takes no "
+                         "variants, as in HF PEFT); adapt modules via target_modules instead.")
 
 
 def active_option(config) -> str | None:
@@ -49,5 +85,5 @@ def choose(kind: str, config) -> LoraVariant | None:
         if kind not in row.by_kind:
             raise ValueError(f"{row.option} is not supported on {kind} layers (as in HF PEFT); turn it off or leave "
                              "these modules out of target_modules.")
-        return row.by_kind[kind]()
+        return row.by_kind[kind](config)
     return None

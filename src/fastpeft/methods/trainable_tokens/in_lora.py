@@ -67,7 +67,6 @@ def matches(model: nn.Module, target: str) -> list[tuple[str, nn.Module]]:
 
 def check_lora_config(model: nn.Module, config) -> None:
     """Refuse what cannot be done, before anything is injected."""
-    _check_weight_tying_scope(model, config)
     if config.trainable_token_indices is None:
         return
     if config.ensure_weight_tying and not ties_word_embeddings(model):
@@ -98,22 +97,6 @@ def _check_target(model: nn.Module, config, target: str, ids: list[int]) -> None
             bad = next(i for i in ids if i >= rows.shape[0])
             raise ValueError(f"Token index {bad} in trainable_token_indices is out of range for '{name}' with "
                              f"vocabulary size {rows.shape[0]} (valid ids: 0..{rows.shape[0] - 1}).")
-
-
-def _check_weight_tying_scope(model: nn.Module, config) -> None:
-    """ensure_weight_tying also ties embedding LoRA layers / modules_to_save copies in HF PEFT: not done here."""
-    if not config.ensure_weight_tying or not tied_module_names(model):
-        return
-    saved = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in config.modules_to_save or [])
-    targets = config.target_modules
-    if isinstance(targets, str):
-        targeted = any(targeting.is_target(config, n) for n in EMBEDDING_LAYER_NAMES)
-    else:
-        targeted = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in targets or [])
-    if saved or targeted:
-        raise NotImplementedError(
-            "ensure_weight_tying=True with a tied embedding in modules_to_save or target_modules is not implemented "
-            "in fastpeft yet (only trainable_token_indices are tied); set ensure_weight_tying=False.")
 
 
 def add_token_wrappers(tuner, model: nn.Module, adapter_name: str, config) -> None:

@@ -1,0 +1,269 @@
+"""CorDA init (Yang et al. 2024): fastpeft's preprocess_corda + init_lora_weights='corda' against HF PEFT 0.21 on the
+same base weights and calibration data (factors, residual base weights, outputs), cache / covariance files read
+across libraries, saved adapters loaded both ways, save-time conversion to plain LoRA, and errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora.config import CordaConfig as HFCordaConfig  # noqa: E402
+from peft.tuners.lora.corda import preprocess_corda as hf_preprocess_corda  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft.methods.lora.corda import CordaConfig, preprocess, preprocess_corda  # noqa: E402
+
+TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
+LIBS = {"fastpeft": (fastpeft, CordaConfig, preprocess_corda), "hf": (peft, HFCordaConfig, hf_preprocess_corda)}
+
+
+def _calibration(model_name: str) -> list:
+    """Calibration samples, one per forward call (HF PEFT's hook takes a single sample per call)."""
+    g = torch.Generator().manual_seed(11)
+    if model_name == "llama":
+        return [torch.randint(0, 100, (1, 12), generator=g) for _ in range(4)]
+    if model_name == "conv1d_gpt2":
+        return [torch.randn(1, 8, 10, generator=g) for _ in range(3)]
+    return [torch.randn(16, 10, generator=g) for _ in range(3)]
+
+
+def _runner(model, samples):
+    def run_model():
+        for sample in samples:
+            model(sample)
+    return run_model
+
+
+def _config(lib_name: str, model_name: str, method: str = "ipm", **kw):
+    lib, corda_cls, _ = LIBS[lib_name]
+    corda_kw = {k: kw.pop(k) for k in ("cache_file", "covariance_file") if k in kw}
+    kw = {"target_modules": TARGETS[model_name], "r": 4, "lora_alpha": 8, "init_lora_weights": "corda",
+          "corda_config": corda_cls(corda_method=method, **corda_kw), **kw}
+    return lib.LoraConfig(**kw)
+
+
+def _build(lib_name: str, model_name: str, method: str = "ipm", run: bool = True, **kw):
+    lib, _, pre = LIBS[lib_name]
+    model = models.MODELS[model_name][0]()
+    config = _config(lib_name, model_name, method, **kw)
+    pre(model, config, run_model=_runner(model, _calibration(model_name)) if run else None)
+    return lib.get_peft_model(model, config)
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """Adapter factors and (residual) base weights of the targets."""
+    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n or "base_layer.weight" in n}
+
+
+def _assert_same(fp, hf, atol=1e-5):
+    fp_t, hf_t = _tensors(fp), _tensors(hf)
+    assert sorted(fp_t) == sorted(hf_t)
+    for key in hf_t:
+        torch.testing.assert_close(fp_t[key], hf_t[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def _inputs(model_name: str):
+    return models.MODELS[model_name][1]()
+
+
+def _residual(peft_model):
+    """A plain model holding the rewritten base weights (what a CorDA user saves as the residual model)."""
+    return copy.deepcopy(peft_model).unload()
+
+
+# ---------------------------------------------------------------------------------------------- init
+@pytest.mark.parametrize("model_name, method", [("mlp", "ipm"), ("mlp", "kpm"), ("llama", "ipm"), ("llama", "kpm"),
+                                                ("conv1d_gpt2", "ipm")])
+def test_factors_and_residual_match_hf_and_outputs_are_kept(model_name, method):
+    fp, hf = _build("fastpeft", model_name, method), _build("hf", model_name, method)
+    _assert_same(fp, hf)
+    original = models.MODELS[model_name][0]()
+    out = models.forward(fp, _inputs(model_name))
+    torch.testing.assert_close(out, models.forward(hf, _inputs(model_name)), atol=1e-5, rtol=1e-5)
+    # step 0: residual base + adapter reproduces the original model
+    torch.testing.assert_close(out, models.forward(original, _inputs(model_name)), atol=1e-4, rtol=1e-4)
+    for name, module in fp.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            base = dict(original.named_modules())[name.removeprefix("base_model.model.")].weight
+            assert not torch.allclose(module.base_layer.weight, base), name  # the base was rewritten
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_base_matches_hf(autocast):
+    built = {}
+    for name, (lib, _, pre) in LIBS.items():
+        model = models.make_mlp().bfloat16()
+        config = _config(name, "mlp", "ipm")
+        pre(model, config, run_model=_runner(model, [x.bfloat16() for x in _calibration("mlp")]))
+        built[name] = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
+    fp_t, hf_t = _tensors(built["fastpeft"]), _tensors(built["hf"])
+    for key in hf_t:
+        assert fp_t[key].dtype == hf_t[key].dtype, key
+        assert torch.equal(fp_t[key], hf_t[key]), key
+    assert fp_t["base_model.model.lin0.lora_A.default.weight"].dtype == (torch.float32 if autocast else torch.bfloat16)
+
+
+def test_ipm_keeps_the_largest_triplets_and_kpm_the_smallest():
+    ipm, kpm = _build("fastpeft", "mlp", "ipm", lora_alpha=4), _build("fastpeft", "mlp", "kpm", lora_alpha=4)
+    layers = {m: dict(model.named_modules())["base_model.model.lin1"] for m, model in (("ipm", ipm), ("kpm", kpm))}
+    deltas = {m: (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+              for m, layer in layers.items()}
+    assert torch.linalg.matrix_rank(deltas["ipm"]) == 4
+    assert deltas["ipm"].norm() > 3 * deltas["kpm"].norm()
+
+
+def test_rank_pattern_and_hooked_model_match_hf():
+    kw = {"rank_pattern": {"lin1": 2}, "alpha_pattern": {"lin0": 16}}
+    built = {}
+    for name, (lib, _, pre) in LIBS.items():
+        model, hooked = models.make_mlp(), models.make_mlp()
+        config = _config(name, "mlp", "kpm", **kw)
+        pre(model, config, run_model=_runner(hooked, _calibration("mlp")), hooked_model=hooked)
+        built[name] = lib.get_peft_model(model, config)
+    _assert_same(built["fastpeft"], built["hf"])
+    assert built["fastpeft"].base_model.model.lin1.lora_A["default"].weight.shape == (2, 10 * 2)
+    assert preprocess is preprocess_corda
+
+
+# ---------------------------------------------------------------------------------------------- files
+@pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
+def test_cache_and_covariance_files_are_read_across_libraries(writer, reader, tmp_path):
+    files = {"cache_file": str(tmp_path / "c" / "cache.pt"), "covariance_file": str(tmp_path / "cov.pt")}
+    written = _build(writer, "mlp", "kpm", **files)
+    assert (tmp_path / "c" / "cache.pt").exists() and (tmp_path / "cov.pt").exists()
+    from_cache = _build(reader, "mlp", "kpm", run=False, **files)  # no run_model: the cache is used
+    _assert_same(from_cache, written)
+    (tmp_path / "c" / "cache.pt").unlink()  # the covariance file alone is enough to decompose again
+    from_cov = _build(reader, "mlp", "kpm", run=False, **files)
+    _assert_same(from_cov, written)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "llama"])
+@pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
+def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tmp_path):
+    built = {name: _build(name, model_name) for name in LIBS}
+    source = built[writer]
+    source.peft_config["default"].init_lora_weights = True  # HF PEFT's workflow: the saved adapter is plain LoRA
+    source.save_pretrained(str(tmp_path / "a"))
+    other = built[reader]
+    other.peft_config["default"].init_lora_weights = True
+    other.save_pretrained(str(tmp_path / "b"))
+    saved_a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    saved_b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert sorted(saved_a) == sorted(saved_b)
+    for key in saved_a:
+        torch.testing.assert_close(saved_a[key], saved_b[key], atol=1e-5, rtol=1e-5, msg=key)
+    lib = LIBS[reader][0]
+    loaded = lib.PeftModel.from_pretrained(_residual(source), str(tmp_path / "a"))
+    inputs = _inputs(model_name)
+    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_config_file_round_trips_corda_config(tmp_path):
+    config = _config("fastpeft", "mlp", "kpm", cache_file="x.pt")
+    config.save_pretrained(str(tmp_path / "fp"))
+    hf_config = peft.LoraConfig.from_pretrained(str(tmp_path / "fp"))
+    assert isinstance(hf_config.corda_config, HFCordaConfig)
+    assert dataclasses.asdict(hf_config.corda_config) == dataclasses.asdict(config.corda_config)
+    hf_config.save_pretrained(str(tmp_path / "hf"))
+    back = fastpeft.LoraConfig.from_pretrained(str(tmp_path / "hf"))
+    assert back.corda_config == config.corda_config and isinstance(back.corda_config, CordaConfig)
+
+
+def test_loading_an_unrelabelled_corda_adapter_needs_preprocessing_in_both(tmp_path):
+    model = _build("fastpeft", "mlp")
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="preprocess_corda"):
+        fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
+    with pytest.raises(ValueError, match="preprocess_corda"):
+        peft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
+
+
+def _train_step(model, model_name: str) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    inputs = _inputs(model_name)
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"]).loss if model_name == "llama" else model(inputs).pow(2).mean()
+    out.backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "llama"])
+def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
+    fp, hf = _build("fastpeft", model_name), _build("hf", model_name)
+    fp.save_pretrained(str(tmp_path / "init"))
+    shutil.copytree(tmp_path / "init", tmp_path / "init_hf")
+    _train_step(fp, model_name)
+    trained = models.forward(fp, _inputs(model_name))
+    fp.save_pretrained(str(tmp_path / "trained"))
+    fp.save_pretrained(str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    peft.set_peft_model_state_dict(hf, load_file(str(tmp_path / "trained" / "adapter_model.safetensors")))
+    hf.save_pretrained(str(tmp_path / "conv_hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
+
+    fp_sd = load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))
+    hf_sd = load_file(str(tmp_path / "conv_hf" / "adapter_model.safetensors"))
+    assert sorted(fp_sd) == sorted(hf_sd)
+    for key in hf_sd:
+        torch.testing.assert_close(fp_sd[key], hf_sd[key], atol=1e-5, rtol=1e-5, msg=key)
+    fp_cfg = fastpeft.LoraConfig.from_pretrained(str(tmp_path / "conv"))
+    hf_cfg = peft.LoraConfig.from_pretrained(str(tmp_path / "conv_hf"))
+    assert (fp_cfg.r, fp_cfg.lora_alpha, fp_cfg.init_lora_weights) == (hf_cfg.r, hf_cfg.lora_alpha, True) == (8, 16, True)
+    factory = models.MODELS[model_name][0]
+    for lib in (fastpeft, peft):  # plain LoRA on the ORIGINAL base model gives the trained outputs
+        loaded = lib.PeftModel.from_pretrained(factory(), str(tmp_path / "conv"))
+        torch.testing.assert_close(models.forward(loaded, _inputs(model_name)), trained, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_get_peft_model_without_preprocessing_is_refused():
+    with pytest.raises(ValueError, match=r"preprocess_corda\(model, lora_config, run_model=\.\.\.\)"):
+        fastpeft.get_peft_model(models.make_mlp(), _config("fastpeft", "mlp"))
+
+
+def test_preprocessing_with_another_rank_is_refused():
+    model = models.make_mlp()
+    pre_config = _config("fastpeft", "mlp", r=2)
+    preprocess_corda(model, pre_config, run_model=_runner(model, _calibration("mlp")))
+    with pytest.raises(ValueError, match=r"U_WC has shape \(20, 2\), expected \(20, 4\).*same model and LoraConfig"):
+        fastpeft.get_peft_model(model, _config("fastpeft", "mlp", r=4))
+
+
+def test_bad_config_and_preprocessing_input_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="corda_method must be 'ipm' or 'kpm'"):
+        CordaConfig(corda_method="svd")
+    with pytest.raises(TypeError, match="corda_config must be a CordaConfig"):
+        fastpeft.LoraConfig(init_lora_weights="corda", corda_config=3)
+    assert fastpeft.LoraConfig(init_lora_weights="corda").corda_config == CordaConfig()
+    coerced = fastpeft.LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "kpm", "verbose": True})
+    assert coerced.corda_config == CordaConfig(corda_method="kpm", verbose=True)
+    model = models.make_mlp()
+    with pytest.raises(ValueError, match="needs run_model"):
+        preprocess_corda(model, _config("fastpeft", "mlp"))
+    with pytest.raises(ValueError, match="corda_config"):
+        preprocess_corda(model, fastpeft.LoraConfig(target_modules=["lin0"]), run_model=lambda: None)
+    with pytest.raises(ValueError, match="'lin1' never ran during run_model"):
+        preprocess_corda(model, _config("fastpeft", "mlp"), run_model=lambda: model.lin0(torch.randn(4, 10)))
+    with pytest.raises(ValueError, match=r"r=4 for layer 'head' exceeds min\(in_features, out_features\) = 2"):
+        preprocess_corda(model, _config("fastpeft", "mlp", target_modules=["head"]),
+                         run_model=_runner(model, _calibration("mlp")))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        preprocess_corda(model, _config("fastpeft", "mlp"), run_model=lambda: model(torch.full((2, 10), float("nan"))))
+    assert not any(hasattr(m, "_fastpeft_corda_eigens") for m in model.modules())  # nothing half-done left
+
+
+def test_non_linear_targets_are_refused():
+    model = models.make_emb()
+    config = fastpeft.LoraConfig(target_modules=["emb"], r=2, init_lora_weights="corda")
+    preprocess_corda(model, config, run_model=lambda: model(models.emb_inputs()))  # nothing linear targeted
+    with pytest.raises(ValueError, match="linear layers"):
+        fastpeft.get_peft_model(model, config)
