@@ -330,6 +330,28 @@ MODELS = {
 }
 
 
+def perturb(model, seed: int = 0, scale: float = 0.3, wanted=None):
+    """Move every trainable tensor (or, given `wanted`, every one whose name it accepts) off its init by seeded
+    noise, in sorted name order, so two libraries with the same parameter names get the same values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if (p.requires_grad if wanted is None else wanted(name)):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def assert_merge_roundtrip(model, inputs, expected, close, safe_merge: bool = False) -> None:
+    """Merging keeps the outputs (`close(actual, expected, what)`), unmerging restores every base weight."""
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.base_model.merge_adapter(safe_merge=safe_merge)
+    close(forward(model, inputs), expected, "merged")
+    model.base_model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in weights:
+            close(p, weights[n], f"restored {n}")
+
+
 def forward(model, inputs) -> torch.Tensor:
     """Run ``model`` on ``inputs`` (a tensor or a kwargs dict) without grad; return a float tensor."""
     with torch.no_grad():

@@ -37,12 +37,7 @@ def config(lib, tokens=INVOKE, **extra):
 
 
 def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return models.perturb(model, seed, 0.3)
 
 
 def pair(**extra):

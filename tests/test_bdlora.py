@@ -56,11 +56,7 @@ def build(lib, case, perturb=True, **extra):
     tensor is perturbed by the same generator (B starts at zero)."""
     model = lib.get_peft_model(factory(case)(), config(lib, case, **extra))
     if perturb:
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        models.perturb(model, 0, 0.3)
     return model.eval()
 
 

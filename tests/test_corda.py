@@ -13,6 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conversion_helpers import (
+    adapter_and_base_tensors,
+    assert_bitwise_same,
+    assert_converted_like_hf,
+    assert_same_tensors,
+)
+
 import models
 
 peft = pytest.importorskip("peft")
@@ -59,16 +66,7 @@ def _build(lib_name: str, model_name: str, method: str = "ipm", run: bool = True
     return lib.get_peft_model(model, config)
 
 
-def _tensors(model) -> dict[str, torch.Tensor]:
-    """Adapter factors and (residual) base weights of the targets."""
-    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n or "base_layer.weight" in n}
-
-
-def _assert_same(fp, hf, atol=1e-5):
-    fp_t, hf_t = _tensors(fp), _tensors(hf)
-    assert sorted(fp_t) == sorted(hf_t)
-    for key in hf_t:
-        torch.testing.assert_close(fp_t[key], hf_t[key], atol=atol, rtol=1e-5, msg=key)
+_tensors, _assert_same = adapter_and_base_tensors, assert_same_tensors
 
 
 def _inputs(model_name: str):
@@ -105,11 +103,7 @@ def test_half_precision_base_matches_hf(autocast):
         config = _config(name, "mlp", "ipm")
         pre(model, config, run_model=_runner(model, [x.bfloat16() for x in _calibration("mlp")]))
         built[name] = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
-    fp_t, hf_t = _tensors(built["fastpeft"]), _tensors(built["hf"])
-    for key in hf_t:
-        assert fp_t[key].dtype == hf_t[key].dtype, key
-        assert torch.equal(fp_t[key], hf_t[key]), key
-    assert fp_t["base_model.model.lin0.lora_A.default.weight"].dtype == (torch.float32 if autocast else torch.bfloat16)
+    assert_bitwise_same(built["fastpeft"], built["hf"], autocast)
 
 
 def test_ipm_keeps_the_largest_triplets_and_kpm_the_smallest():
@@ -204,24 +198,7 @@ def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
     fp.save_pretrained(str(tmp_path / "init"))
     shutil.copytree(tmp_path / "init", tmp_path / "init_hf")
     _train_step(fp, model_name)
-    trained = models.forward(fp, _inputs(model_name))
-    fp.save_pretrained(str(tmp_path / "trained"))
-    fp.save_pretrained(str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    peft.set_peft_model_state_dict(hf, load_file(str(tmp_path / "trained" / "adapter_model.safetensors")))
-    hf.save_pretrained(str(tmp_path / "conv_hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
-
-    fp_sd = load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))
-    hf_sd = load_file(str(tmp_path / "conv_hf" / "adapter_model.safetensors"))
-    assert sorted(fp_sd) == sorted(hf_sd)
-    for key in hf_sd:
-        torch.testing.assert_close(fp_sd[key], hf_sd[key], atol=1e-5, rtol=1e-5, msg=key)
-    fp_cfg = fastpeft.LoraConfig.from_pretrained(str(tmp_path / "conv"))
-    hf_cfg = peft.LoraConfig.from_pretrained(str(tmp_path / "conv_hf"))
-    assert (fp_cfg.r, fp_cfg.lora_alpha, fp_cfg.init_lora_weights) == (hf_cfg.r, hf_cfg.lora_alpha, True) == (8, 16, True)
-    factory = models.MODELS[model_name][0]
-    for lib in (fastpeft, peft):  # plain LoRA on the ORIGINAL base model gives the trained outputs
-        loaded = lib.PeftModel.from_pretrained(factory(), str(tmp_path / "conv"))
-        torch.testing.assert_close(models.forward(loaded, _inputs(model_name)), trained, atol=1e-4, rtol=1e-4)
+    assert_converted_like_hf(fp, hf, tmp_path, models.MODELS[model_name][0], _inputs(model_name), (8, 16))
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -44,12 +44,7 @@ def build(lib, case, seed=0, **extra):
     """A DoRA model of `lib` on the case's base model, every trainable tensor (magnitude too) perturbed."""
     factory, _ = models.MODELS[CASES[case][0]]
     model = lib.get_peft_model(factory(), config(lib, case, **extra))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return models.perturb(model, seed, 0.1).eval()
 
 
 def inputs(case):
@@ -173,12 +168,7 @@ def _two_adapters(lib, case="mlp"):
     model.add_adapter("plain", config(lib, case, use_dora=False, target_modules=["lin1", "head"]))
     model.add_adapter("dora2", config(lib, case, target_modules=["lin1"], r=2))
     model.base_model.set_adapter(["default", "plain", "dora2"])
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if ".plain" in name or ".dora2" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return models.perturb(model, 5, 0.1, wanted=lambda name: ".plain" in name or ".dora2" in name).eval()
 
 
 def test_dora_and_plain_adapters_together_match_hf():
@@ -186,13 +176,7 @@ def test_dora_and_plain_adapters_together_match_hf():
     x = inputs("mlp")
     expected = models.forward(hf, x)
     close(models.forward(fp, x), expected, "three active adapters")
-    weights = {n: p.detach().clone() for n, p in fp.named_parameters() if "base_layer" in n}
-    fp.base_model.merge_adapter()  # later DoRA adapters need the norm of the unmerged weight
-    close(models.forward(fp, x), expected, "merged")
-    fp.base_model.unmerge_adapter()
-    for n, p in fp.named_parameters():
-        if n in weights:
-            close(p, weights[n], f"restored {n}")
+    models.assert_merge_roundtrip(fp, x, expected, close)  # later DoRA adapters need the unmerged weight's norm
     hf_w = dict(hf.merge_and_unload().named_parameters())
     for n, p in fp.merge_and_unload().named_parameters():
         close(p, hf_w[n], f"merged weight {n}")

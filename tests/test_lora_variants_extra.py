@@ -67,11 +67,7 @@ def build(lib, variant, case, perturb=True):
     torch.manual_seed(7)  # same RNG stream for the adapter's random parts on both sides
     model = lib.get_peft_model(base(case), config(lib, variant, case))
     if perturb:  # move every trainable tensor off its init (same noise on both sides: sorted names)
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        models.perturb(model, 3, 0.2)
     return model.eval()
 
 

@@ -55,11 +55,7 @@ def build(lib, case, perturb=True):
     """Factories seed torch, so both libraries build (and pre-draw) identically; then the same perturbation."""
     model = lib.get_peft_model(factory(case)(), config(lib, case))
     if perturb:
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        models.perturb(model, 0, 0.3)
     return model.eval()
 
 
@@ -177,13 +173,7 @@ def test_merge_unmerge_and_unload_match_hf(case):
     hf, fp = _trained(peft, case), _trained(fastpeft, case)
     x = inputs(case)
     expected = models.forward(fp, x)
-    weights = {n: p.detach().clone() for n, p in fp.named_parameters() if "base_layer" in n}
-    fp.base_model.merge_adapter(safe_merge=True)
-    close(models.forward(fp, x), expected, "merged")
-    fp.base_model.unmerge_adapter()
-    for n, p in fp.named_parameters():
-        if n in weights:
-            close(p, weights[n], f"restored {n}")
+    models.assert_merge_roundtrip(fp, x, expected, close, safe_merge=True)
     hf_w = dict(hf.merge_and_unload().named_parameters())
     merged = fp.merge_and_unload()
     close(models.forward(merged, x), expected, "merge_and_unload")

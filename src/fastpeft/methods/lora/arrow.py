@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .subconfig import coerce
 from .variants import LoraVariant
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,7 @@ class ArrowConfig:
 
 def checked_arrow_config(arrow_config):
     """LoraConfig's `arrow_config` as an ArrowConfig; a file's dict keeps only the constructor's fields."""
-    if arrow_config is None or isinstance(arrow_config, ArrowConfig):
-        return arrow_config
-    if isinstance(arrow_config, dict):
-        accepted = {f.name for f in fields(ArrowConfig) if f.init}
-        return ArrowConfig(**{k: v for k, v in arrow_config.items() if k in accepted})
-    raise TypeError(f"arrow_config must be an ArrowConfig, a dict or None, got {type(arrow_config).__name__}.")
+    return coerce(arrow_config, ArrowConfig, "arrow_config")
 
 
 def arrow_check(config) -> None:

@@ -13,11 +13,12 @@ file keys `lora_A.weight` / `lora_B.weight`. Block k maps input slice k to outpu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .subconfig import coerce
 from .variants import AdditiveMerge
 
 logger = logging.getLogger(__name__)
@@ -53,18 +54,9 @@ class BdLoraConfig:
 
 def checked_bdlora_config(config) -> BdLoraConfig | None:
     """LoraConfig.use_bdlora as a BdLoraConfig (files hold a dict); refuses options BD-LoRA cannot combine with."""
-    value = config.use_bdlora
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        known = {f.name for f in fields(BdLoraConfig)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            logger.warning("use_bdlora: ignoring unknown keys %s.", unknown)
-        value = BdLoraConfig(**{k: v for k, v in value.items() if k in known})
-    elif not isinstance(value, BdLoraConfig):
-        raise TypeError(f"use_bdlora must be a BdLoraConfig, a dict or None, got {type(value).__name__}.")
-    _refuse_inits(config.init_lora_weights)
+    value = coerce(config.use_bdlora, BdLoraConfig, "use_bdlora")
+    if value is not None:
+        _refuse_inits(config.init_lora_weights)
     return value
 
 

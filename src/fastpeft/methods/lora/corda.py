@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ...core import targeting
+from .subconfig import for_init
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +58,7 @@ class CordaConfig:
 
 def checked_corda_config(init_lora_weights, corda_config):
     """LoraConfig's `corda_config` as a CordaConfig (files hold a dict); the default one when init is 'corda'."""
-    if isinstance(corda_config, dict):
-        known = {f.name for f in fields(CordaConfig)}
-        corda_config = CordaConfig(**{k: v for k, v in corda_config.items() if k in known})
-    elif corda_config is not None and not isinstance(corda_config, CordaConfig):
-        raise TypeError(f"corda_config must be a CordaConfig, a dict or None, got {type(corda_config).__name__}.")
-    if init_lora_weights == "corda" and corda_config is None:
-        logger.warning("init_lora_weights='corda' without corda_config: using the default CordaConfig().")
-        corda_config = CordaConfig()
-    elif init_lora_weights != "corda" and corda_config is not None:
-        logger.warning("corda_config is ignored unless init_lora_weights='corda'.")
-    return corda_config
+    return for_init(corda_config, CordaConfig, "corda_config", init_lora_weights, "corda")
 
 
 @dataclass

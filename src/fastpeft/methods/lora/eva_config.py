@@ -5,7 +5,9 @@ them All: Fine-tuning via Explained Variance Adaptation"); HF PEFT 0.21's field 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from .subconfig import for_init
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,4 @@ class EvaConfig:
 
 def checked_eva_config(init_lora_weights, eva_config):
     """LoraConfig's `eva_config` as an EvaConfig (files hold a dict); the default one when init is 'eva'."""
-    if isinstance(eva_config, dict):
-        known = {f.name for f in fields(EvaConfig)}
-        eva_config = EvaConfig(**{k: v for k, v in eva_config.items() if k in known})
-    elif eva_config is not None and not isinstance(eva_config, EvaConfig):
-        raise TypeError(f"eva_config must be an EvaConfig, a dict or None, got {type(eva_config).__name__}.")
-    if init_lora_weights == "eva" and eva_config is None:
-        logger.warning("init_lora_weights='eva' without eva_config: using the default EvaConfig().")
-        eva_config = EvaConfig()
-    elif init_lora_weights != "eva" and eva_config is not None:
-        logger.warning("eva_config is ignored unless init_lora_weights='eva'.")
-    return eva_config
+    return for_init(eva_config, EvaConfig, "eva_config", init_lora_weights, "eva")

@@ -12,11 +12,12 @@ The paper's regularisers (eq. 9-11), beta ||d||^2 + gamma (||B^T B - I||_F + ||A
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .subconfig import coerce
 from .variants import AdditiveMerge
 
 
@@ -36,12 +37,7 @@ class KasaConfig:
 
 def checked_kasa_config(value):
     """LoraConfig's `kasa_config` as a KasaConfig (files hold a dict), or None when KaSA is off."""
-    if value is None or isinstance(value, KasaConfig):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in fields(KasaConfig)}
-        return KasaConfig(**{k: v for k, v in value.items() if k in known})
-    raise TypeError(f"kasa_config must be a KasaConfig, a dict or None, got {type(value).__name__}.")
+    return coerce(value, KasaConfig, "kasa_config")
 
 
 def uses_kasa(config) -> bool:

@@ -8,7 +8,9 @@ is built, so the saved `adapter_config.json` carries the same object in both lib
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+
+from .subconfig import coerce
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +32,7 @@ class LoftQConfig:
 
 def _as_dict(loftq_config) -> dict:
     """The settings as a dict with every field present (a file may omit some; unknown keys are dropped)."""
-    if isinstance(loftq_config, LoftQConfig):
-        return asdict(loftq_config)
-    if not isinstance(loftq_config, dict):
-        raise TypeError(f"loftq_config must be a LoftQConfig or a dict, got {type(loftq_config).__name__}.")
-    known = {f.name for f in fields(LoftQConfig)}
-    unknown = sorted(set(loftq_config) - known)
-    if unknown:
-        logger.warning("loftq_config keys %s are not LoftQ settings of HF PEFT 0.21 and are ignored.", unknown)
-    return asdict(LoftQConfig(**{k: v for k, v in loftq_config.items() if k in known}))
+    return asdict(coerce(loftq_config, LoftQConfig, "loftq_config"))
 
 
 def _check_settings(settings: dict) -> None:

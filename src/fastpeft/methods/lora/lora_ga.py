@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from .corda import linear_targets
+from .subconfig import for_init
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,7 @@ class LoraGAConfig:
 
 def checked_lora_ga_config(init_lora_weights, lora_ga_config):
     """LoraConfig's `lora_ga_config` as a LoraGAConfig (files hold a dict)."""
-    if isinstance(lora_ga_config, dict):
-        known = {f.name for f in fields(LoraGAConfig)}
-        lora_ga_config = LoraGAConfig(**{k: v for k, v in lora_ga_config.items() if k in known})
-    elif lora_ga_config is not None and not isinstance(lora_ga_config, LoraGAConfig):
-        raise TypeError(
-            f"lora_ga_config must be a LoraGAConfig, a dict or None, got {type(lora_ga_config).__name__}.")
-    if init_lora_weights != "lora_ga" and lora_ga_config is not None:
-        logger.warning("lora_ga_config is ignored unless init_lora_weights='lora_ga'.")
-    return lora_ga_config
+    return for_init(lora_ga_config, LoraGAConfig, "lora_ga_config", init_lora_weights, "lora_ga", default=False)
 
 
 @dataclass

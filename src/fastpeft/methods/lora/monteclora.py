@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .subconfig import coerce
 from .variants import AdditiveMerge
 
 logger = logging.getLogger(__name__)
@@ -67,15 +68,7 @@ class MontecloraConfig:
 
 def checked_monteclora_config(value) -> MontecloraConfig | None:
     """LoraConfig.monteclora_config as a MontecloraConfig (files hold a dict)."""
-    if value is None or isinstance(value, MontecloraConfig):
-        return value
-    if not isinstance(value, dict):
-        raise TypeError(f"monteclora_config must be a MontecloraConfig, a dict or None, got {type(value).__name__}.")
-    known = {f.name for f in fields(MontecloraConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        logger.warning("monteclora_config: ignoring unknown keys %s.", unknown)
-    return MontecloraConfig(**{k: v for k, v in value.items() if k in known})
+    return coerce(value, MontecloraConfig, "monteclora_config")
 
 
 # ---------------------------------------------------------------------------------------------- random draws

@@ -11,13 +11,14 @@ the first one ("batch_average_once") or random ("random").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .subconfig import coerce
 from .variants import AdditiveMerge
 
 INIT_TYPES = ("batch_average", "batch_average_once", "random")
@@ -45,12 +46,7 @@ class VeloraConfig:
 
 def checked_velora_config(value):
     """LoraConfig's `velora_config` as a VeloraConfig (files hold a dict), or None when VeLoRA is off."""
-    if value is None or isinstance(value, VeloraConfig):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in fields(VeloraConfig)}
-        return VeloraConfig(**{k: v for k, v in value.items() if k in known})
-    raise TypeError(f"velora_config must be a VeloraConfig, a dict or None, got {type(value).__name__}.")
+    return coerce(value, VeloraConfig, "velora_config")
 
 
 # ---------------------------------------------------------------------------------------------- the projection
