@@ -69,4 +69,8 @@ METHOD_CASES = [
           "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}}),
     Case("monteclora-mlp", "mlp", "LoraConfig",
          {"r": 4, "target_modules": ["lin0", "lin1"], "monteclora_config": {"num_samples": 2, "buffer_size": 2}}),
+    # aLoRA: token 5 occurs in both rows of llama_inputs, so the adapter acts from there on; it cannot merge
+    Case("alora-llama", "llama", "LoraConfig",
+         {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
+         mergeable=False),
 ]
