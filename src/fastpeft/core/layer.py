@@ -54,6 +54,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
     adapter_param_names: tuple[str, ...] = ()
     # set on layers owned by another adapter layer (e.g. MHA's out_proj): the owner merges / unloads them
     nested: bool = False
+    # adapters add to the base output (adapter_output / delta_weight); False: the layer overrides adapted_forward
+    additive: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -171,10 +173,16 @@ class AdapterLayer(nn.Module, AdapterHolder):
             return self.base_forward(x, *args, **kwargs)
         if adapter_names is not None:
             return self.mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_forward(x, *args, **kwargs)
         if self.merged:
-            return result
-        return self.add_adapters(result, x, self._active_adapters, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
+        return self.adapted_forward(x, self._active_adapters, *args, **kwargs)
+
+    def adapted_forward(self, x, names: list[str], *args, **kwargs):
+        """The output with the unmerged adapters `names` applied: additive by default. Layers of methods that
+        rescale or transform the input / output / weight (IA3, OFT, ...) override this together with
+        `merge_one` / `unmerge_one`, and set `additive = False` so mixed batches run each group through it."""
+        result = self.base_forward(x, *args, **kwargs)
+        return self.add_adapters(result, x, names, *args, **kwargs)
 
     def add_adapters(self, result: torch.Tensor, x: torch.Tensor, names: Iterable[str], *args, **kwargs):
         out_dtype = result.dtype
@@ -193,6 +201,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
     def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Each sample uses its own adapter (`adapter_names[i]`); "__base__" means no adapter."""
         self.check_mixed_batch(x, adapter_names)
+        if not self.additive:
+            return self._grouped_forward(x, adapter_names, *args, **kwargs)
         result = self.base_forward(x, *args, **kwargs)
         out_dtype = result.dtype
         own = self.adapter_names()
@@ -201,6 +211,16 @@ class AdapterLayer(nn.Module, AdapterHolder):
             sub = self.adapter_output(name, x[idx], *args, **kwargs)
             result = result.index_add(0, torch.tensor(idx, device=result.device), sub.to(result.dtype))
         return result.to(out_dtype)
+
+    def _grouped_forward(self, x, adapter_names: list[str], *args, **kwargs):
+        """Mixed batch for non-additive layers: the rows of each adapter through `adapted_forward` together."""
+        result = self.base_forward(x, *args, **kwargs)
+        own = self.adapter_names()
+        for name in sorted(set(adapter_names) & own):
+            idx = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=result.device)
+            rows = self.adapted_forward(x[idx], [name], *args, **kwargs)
+            result = result.index_copy(0, idx, rows.to(result.dtype))
+        return result
 
     # ------------------------------------------------------------------ merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
