@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft import registry
 from fastpeft.core.layer import AdapterHolder
 
 from cases import METHOD_CASES
@@ -16,10 +17,15 @@ from models import MODELS, forward
 ATOL = 1e-5
 
 
+def config_class(name: str):
+    """The registered config class called `name` (found through the registry: no export needed)."""
+    return next(spec.config_cls for spec in registry.registered().values() if spec.config_cls.__name__ == name)
+
+
 def build(case, seed_adapter: bool = False):
     factory, inputs_fn = MODELS[case.model]
     base = factory()
-    config = getattr(fastpeft, case.method)(**copy.deepcopy(case.kwargs))
+    config = config_class(case.method)(**copy.deepcopy(case.kwargs))
     model = fastpeft.get_peft_model(base, config)
     model.eval()
     if seed_adapter:
@@ -41,8 +47,10 @@ def base_outputs(case):
 
 
 def expected_trainable(name: str, case) -> bool:
-    """Independent statement of what may train: LoRA factors, modules_to_save copies, biases if asked."""
-    if ".lora_" in name or ".modules_to_save." in name:
+    """Independent statement of what may train: the method's adapter tensors (named with its registered prefix,
+    e.g. `lora_`), modules_to_save copies, biases if asked."""
+    prefix = registry.get_spec(config_class(case.method).PEFT_TYPE).prefix
+    if f".{prefix}" in name or ".modules_to_save." in name:
         return True
     bias = case.kwargs.get("bias", "none")
     return bias != "none" and name.endswith("bias") and ".original_module." not in name
@@ -94,8 +102,13 @@ def test_save_load_roundtrip(case, tmp_path):
     assert any(p.requires_grad for p in trainable.parameters())
 
 
-def _target_weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n and ".lora_" not in n}
+def _prefix(case) -> str:
+    return "." + registry.get_spec(config_class(case.method).PEFT_TYPE).prefix
+
+
+def _target_weights(model, case):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if ".base_layer." in n and _prefix(case) not in n}
 
 
 def test_merge_unmerge_merge_and_unload(case):
@@ -105,13 +118,13 @@ def test_merge_unmerge_merge_and_unload(case):
         with pytest.raises(NotImplementedError):
             model.merge_adapter()
         return
-    before = _target_weights(model)
+    before = _target_weights(model, case)
     model.merge_adapter()
     assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
     model.merge_adapter()  # second merge is a no-op
     assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
     model.unmerge_adapter()
-    after = _target_weights(model)
+    after = _target_weights(model, case)
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     assert torch.allclose(forward(model, inputs), expected, atol=ATOL)
     merged = model.merge_and_unload(safe_merge=True)
@@ -122,14 +135,14 @@ def test_merge_unmerge_merge_and_unload(case):
 @pytest.mark.parametrize("case", [c for c in METHOD_CASES if c.mergeable], ids=lambda c: c.id)
 def test_safe_merge_refuses_nan(case):
     model, _ = build(case, seed_adapter=True)
-    name, param = next((n, p) for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad)
+    name, param = next((n, p) for n, p in model.named_parameters() if _prefix(case) in n and p.requires_grad)
     with torch.no_grad():
         param.fill_(float("nan"))
-    before = _target_weights(model)
+    before = _target_weights(model, case)
     with pytest.raises(ValueError, match="NaN"):
         model.merge_adapter(safe_merge=True)
-    layer_prefix = name.split(".lora_")[0]
-    for key, value in _target_weights(model).items():
+    layer_prefix = name.split(_prefix(case))[0]
+    for key, value in _target_weights(model, case).items():
         if key.startswith(layer_prefix):
             assert torch.equal(value, before[key]), f"{key} modified by a refused safe merge"
 
@@ -174,7 +187,7 @@ def test_multiple_adapters_add_set_delete(case, tmp_path):
     model, inputs = build(case, seed_adapter=True)
     first = forward(model, inputs)
     kwargs = {k: v for k, v in copy.deepcopy(case.kwargs).items() if k != "bias"}
-    model.add_adapter("other", getattr(fastpeft, case.method)(**kwargs))
+    model.add_adapter("other", config_class(case.method)(**kwargs))
     assert model.active_adapter == "default"
     assert torch.allclose(forward(model, inputs), first, atol=ATOL), "adding an adapter must not change outputs"
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
@@ -209,7 +222,7 @@ def _with_names(inputs, names):
 def test_mixed_batch_equals_each_sample_alone(case):
     model, inputs = build(case, seed_adapter=True)
     kwargs = {k: v for k, v in copy.deepcopy(case.kwargs).items() if k != "bias"}
-    model.add_adapter("other", getattr(fastpeft, case.method)(**kwargs))
+    model.add_adapter("other", config_class(case.method)(**kwargs))
     perturb(model, seed=1, only=".other")
     batch = (inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0]
     names = (["default", "other", "__base__"] * batch)[:batch]
