@@ -73,4 +73,8 @@ METHOD_CASES = [
     Case("alora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
          mergeable=False),
+    # methods other than LoRA
+    Case("trainable-tokens-emb", "emb", "TrainableTokensConfig", {"target_modules": ["emb"], "token_indices": [1, 3, 7]}),
+    Case("adaption-prompt-llama", "llama", "AdaptionPromptConfig",
+         {"adapter_len": 4, "adapter_layers": 1, "task_type": "CAUSAL_LM"}, mergeable=False),
 ]

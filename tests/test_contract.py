@@ -115,7 +115,7 @@ def test_merge_unmerge_merge_and_unload(case):
     model, inputs = build(case, seed_adapter=True)
     expected = forward(model, inputs)
     if not case.mergeable:
-        with pytest.raises(NotImplementedError):
+        with pytest.raises((NotImplementedError, ValueError), match="(?i)merg"):  # a refusal that says why
             model.merge_adapter()
         return
     before = _target_weights(model, case)

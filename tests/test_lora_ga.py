@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import models
 from conversion_helpers import (
     adapter_and_base_tensors,
     assert_bitwise_same,
     assert_converted_like_hf,
     assert_same_tensors,
 )
-
-import models
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402

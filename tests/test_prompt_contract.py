@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import fastpeft  # noqa: E402
+
+import models
 from prompt_helpers import (
     BASES,
     MAIN_METHODS,
@@ -22,8 +24,6 @@ from prompt_helpers import (
     outputs,
     perturb,
 )
-
-import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import fastpeft  # noqa: E402
+
+import models
 from prompt_helpers import (
     BASES,
     MAIN_METHODS,
@@ -24,8 +26,6 @@ from prompt_helpers import (
     outputs,
     perturb,
 )
-
-import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

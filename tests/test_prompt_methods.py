@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft  # noqa: E402
+
+import models
 from prompt_helpers import (
     ATOL,
     BASES,
@@ -32,8 +34,6 @@ from prompt_helpers import (
     make_config,
     outputs,
 )
-
-import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

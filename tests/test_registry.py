@@ -1,0 +1,68 @@
+"""The method registry against what the project claims: the README's method table and the test matrices.
+
+Every method the README lists is registered under HF PEFT's `peft_type`, importable from `fastpeft` under HF PEFT's
+config name, and every registered method has rows in a contract matrix (tests/cases.py for layer methods,
+tests/prompt_helpers.py for soft prompts) or a named dedicated suite.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import fastpeft
+from fastpeft import registry
+from fastpeft.types import PeftType
+
+from cases import METHOD_CASES
+from prompt_helpers import METHODS as PROMPT_METHODS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# prompt methods whose forward needs method-specific inputs: their contract lives in their own test file
+DEDICATED_SUITES = {
+    "MULTITASK_PROMPT_TUNING": "test_multitask_prompt_tuning.py",  # task_ids in every call
+    "CPT": "test_cpt.py",  # causal LM only, token-type masks of its own
+}
+
+
+def claimed_methods() -> dict[str, str]:
+    """{peft_type: config class name} from the README's method table (rows `| name | `PEFT_TYPE` | Config | ...`)."""
+    rows = re.findall(r"^\|[^|]+\|\s*`([A-Z_0-9]+)`\s*\|\s*`(\w+)`\s*\|", README.read_text(), flags=re.M)
+    assert rows, "README.md has no method table"
+    return dict(rows)
+
+
+def test_readme_table_is_registered_and_exported():
+    registered = registry.registered()
+    for peft_type, config_name in claimed_methods().items():
+        spec = registered.get(PeftType(peft_type))
+        assert spec is not None, f"README claims {peft_type} but it is not registered"
+        assert spec.config_cls.__name__ == config_name
+        assert getattr(fastpeft, config_name) is spec.config_cls, f"fastpeft.{config_name} is not exported"
+
+
+def test_every_registered_method_is_in_the_readme_table():
+    claimed = set(claimed_methods())
+    missing = sorted(p.value for p in registry.registered() if p.value not in claimed)
+    assert not missing, f"registered but not listed in README.md's method table: {missing}"
+
+
+@pytest.mark.parametrize("peft_type", sorted(p.value for p in registry.registered()))
+def test_every_registered_method_has_matrix_rows(peft_type):
+    spec = registry.get_spec(peft_type)
+    name = spec.config_cls.__name__
+    if spec.prompt_cls is not None and peft_type not in DEDICATED_SUITES:
+        assert any(cls == name for cls, _ in PROMPT_METHODS.values()), f"{name}: no row in prompt_helpers.METHODS"
+    elif peft_type in DEDICATED_SUITES:
+        assert (Path(__file__).parent / DEDICATED_SUITES[peft_type]).is_file()
+    else:
+        assert any(c.method == name for c in METHOD_CASES), f"{name}: no row in tests/cases.py"
+
+
+def test_unregistered_type_error_lists_the_supported_ones():
+    unsupported = next(p for p in PeftType if p not in registry.registered())
+    with pytest.raises(ValueError, match="not supported by fastpeft yet.*LORA"):
+        registry.get_spec(unsupported)
