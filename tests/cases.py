@@ -16,6 +16,7 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     mergeable: bool = True  # merge_adapter supported for every targeted layer
     identity_init: bool = True
+    one_trainable: bool = False  # the method trains one adapter at a time (AdaLoRA): others are inference-only
 
 
 METHOD_CASES = [
@@ -73,8 +74,97 @@ METHOD_CASES = [
     Case("alora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
          mergeable=False),
+    # LN tuning (trained copies of norm layers; default targets per model type), HRA, MiSS (balance / bat / mini)
+    Case("ln-tuning-mlp", "mlp", "LNTuningConfig", {"target_modules": ["lin1"]}),
+    Case("ln-tuning-llama", "llama", "LNTuningConfig", {"task_type": "CAUSAL_LM"}),
+    Case("ln-tuning-gpt2", "gpt2", "LNTuningConfig", {"task_type": "CAUSAL_LM"}),
+    Case("hra-mlp", "mlp", "HRAConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("hra-conv2d", "conv2d", "HRAConfig", {"r": 4, "target_modules": ["conv0"]}),
+    Case("hra-mlp-bias-only", "mlp", "HRAConfig", {"r": 2, "target_modules": ["lin1"], "bias": "hra_only"}),
+    Case("hra-llama", "llama", "HRAConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    Case("miss-mlp", "mlp", "MissConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("miss-mlp-bat", "mlp", "MissConfig", {"r": 2, "target_modules": ["lin0", "lin1"], "init_weights": "bat"}),
+    Case("miss-mlp-mini", "mlp", "MissConfig",
+         {"r": 4, "mini_r": 5, "target_modules": ["lin0", "lin1"], "init_weights": "mini"}),
+    Case("miss-llama", "llama", "MissConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # LoHa / LoKr (LyCORIS): Linear, Conv1d, Conv2d (incl. grouped; CP-factored kernels), default targets
+    Case("loha-mlp", "mlp", "LoHaConfig", {"r": 4, "alpha": 8, "target_modules": ["lin0", "lin1"]}),
+    Case("loha-conv1d", "conv1d", "LoHaConfig", {"r": 2, "target_modules": ["conv0", "conv1"]}),
+    Case("loha-conv2d-effective", "conv2d", "LoHaConfig",
+         {"r": 2, "alpha": 64, "target_modules": ["conv0", "gconv", "conv1"], "use_effective_conv2d": True}),
+    Case("loha-llama", "llama", "LoHaConfig", {"r": 4, "task_type": "CAUSAL_LM", "rank_pattern": {"v_proj": 2}}),
+    Case("lokr-mlp-decompose-both", "mlp", "LoKrConfig",
+         {"r": 1, "target_modules": ["lin0", "lin1"], "decompose_both": True}),
+    Case("lokr-conv2d", "conv2d", "LoKrConfig", {"r": 2, "target_modules": ["conv0", "gconv", "conv1"]}),
+    Case("lokr-bert-cls", "bert_cls", "LoKrConfig", {"r": 2, "task_type": "SEQ_CLS", "decompose_factor": 4}),
     # methods other than LoRA
     Case("trainable-tokens-emb", "emb", "TrainableTokensConfig", {"target_modules": ["emb"], "token_indices": [1, 3, 7]}),
     Case("adaption-prompt-llama", "llama", "AdaptionPromptConfig",
          {"adapter_len": 4, "adapter_layers": 1, "task_type": "CAUSAL_LM"}, mergeable=False),
+    # VeRA / RandLoRA: frozen random projections shared by all layers (small alpha: RandLoRA's default 640 / r
+    # blows perturbed outputs up beyond the contract's float tolerance)
+    Case("vera-mlp", "mlp", "VeraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("vera-mlp-bias-save-head", "mlp", "VeraConfig",
+         {"r": 4, "target_modules": ["lin0"], "bias": "vera_only", "modules_to_save": ["head"]}),
+    Case("vera-gpt2-conv1d", "conv1d_gpt2", "VeraConfig", {"r": 4, "target_modules": ["c_fc", "c_proj"]}),
+    Case("vera-llama", "llama", "VeraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    Case("randlora-mlp", "mlp", "RandLoraConfig",
+         {"r": 4, "randlora_alpha": 8, "target_modules": ["lin0", "lin1", "head"]}),
+    Case("randlora-mlp-sparse-no-projection", "mlp", "RandLoraConfig",
+         {"r": 3, "randlora_alpha": 6, "target_modules": ["lin0", "lin1"], "sparse": True, "save_projection": False}),
+    Case("randlora-gpt2-conv1d", "conv1d_gpt2", "RandLoraConfig",
+         {"r": 4, "randlora_alpha": 8, "target_modules": ["c_fc", "c_proj"], "very_sparse": True}),
+    Case("randlora-llama", "llama", "RandLoraConfig", {"r": 8, "randlora_alpha": 16, "task_type": "CAUSAL_LM"}),
+    # Poly / MHR: inputs carry task_ids (one per row); the per-task update has no merged form
+    Case("poly-mlp", "mlp_tasks", "PolyConfig",
+         {"r": 4, "n_tasks": 3, "n_skills": 3, "target_modules": ["lin0", "lin1"]}, mergeable=False),
+    Case("poly-mhr-mlp", "mlp_tasks", "PolyConfig",
+         {"r": 4, "n_tasks": 3, "n_skills": 2, "n_splits": 2, "target_modules": ["lin0", "lin1"]}, mergeable=False),
+    # IA3: vectors rescale outputs, or inputs of feedforward_modules; default targets for llama / bert
+    Case("ia3-mlp", "mlp", "IA3Config", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
+    Case("ia3-mlp-save-head", "mlp", "IA3Config",
+         {"target_modules": ["lin0"], "feedforward_modules": [], "modules_to_save": ["head"]}),
+    Case("ia3-gpt2-conv1d", "conv1d_gpt2", "IA3Config",
+         {"target_modules": ["c_fc", "c_proj"], "feedforward_modules": ["c_proj"]}),
+    Case("ia3-conv2d", "conv2d", "IA3Config",
+         {"target_modules": ["conv0", "gconv", "conv1"], "feedforward_modules": ["gconv"]}),
+    Case("ia3-conv3d", "conv3d", "IA3Config", {"target_modules": ["conv0", "conv1"], "feedforward_modules": ["conv1"]}),
+    Case("ia3-llama", "llama", "IA3Config", {"task_type": "CAUSAL_LM"}),
+    Case("ia3-bert-cls", "bert_cls", "IA3Config", {"task_type": "SEQ_CLS"}),
+    # FourierFT (init_weights=True: zero spectrum, identity at init); VB-LoRA (random bank and logits: no identity)
+    Case("fourierft-mlp", "mlp", "FourierFTConfig",
+         {"target_modules": ["lin0", "lin1"], "n_frequency": 30, "init_weights": True}),
+    Case("fourierft-gpt2-conv1d", "conv1d_gpt2", "FourierFTConfig",
+         {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "init_weights": True}),
+    Case("fourierft-llama", "llama", "FourierFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
+                                                         "init_weights": True}),
+    Case("vblora-mlp", "mlp", "VBLoRAConfig",
+         {"target_modules": ["lin0", "lin1"], "r": 2, "vector_length": 10, "num_vectors": 16}, identity_init=False),
+    Case("vblora-gpt2-conv1d", "conv1d_gpt2", "VBLoRAConfig",
+         {"target_modules": ["c_fc", "c_proj"], "r": 2, "vector_length": 2, "num_vectors": 8,
+          "init_vector_bank_bound": 0.5}, identity_init=False),
+    Case("vblora-llama", "llama", "VBLoRAConfig",
+         {"task_type": "CAUSAL_LM", "r": 2, "vector_length": 8, "num_vectors": 12}, identity_init=False),
+    # OFT / BOFT: orthogonal rotations of the layer input (OFT on a k x k Conv2d is not its merged form, as in HF:
+    # no contract row there; see tests/test_oft.py)
+    Case("oft-mlp", "mlp", "OFTConfig", {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}),
+    Case("oft-mlp-exact-coft-share", "mlp", "OFTConfig",
+         {"target_modules": ["lin0", "lin1"], "r": 2, "oft_block_size": 0, "use_cayley_neumann": False,
+          "coft": True, "eps": 0.1, "block_share": True}),
+    Case("oft-embedding", "emb", "OFTConfig", {"target_modules": ["emb", "lin"], "oft_block_size": 3}),
+    Case("oft-llama", "llama", "OFTConfig", {"task_type": "CAUSAL_LM", "oft_block_size": 8}),
+    Case("oft-bert-cls", "bert_cls", "OFTConfig", {"task_type": "SEQ_CLS", "oft_block_size": 8}),
+    Case("boft-mlp", "mlp", "BOFTConfig", {"target_modules": ["lin0", "lin1"], "boft_block_size": 5}),
+    Case("boft-mlp-blocknum-bias", "mlp", "BOFTConfig",
+         {"target_modules": ["lin0", "lin1", "head"], "boft_block_size": 0, "boft_block_num": 2,
+          "bias": "boft_only"}),
+    Case("boft-conv2d", "conv2d", "BOFTConfig", {"target_modules": ["conv0"], "boft_block_size": 6}),
+    Case("boft-llama", "llama", "BOFTConfig", {"task_type": "CAUSAL_LM", "boft_block_size": 8}),
+    # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
+    Case("adalora-mlp", "mlp", "AdaLoraConfig",
+         {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,
+          "init_lora_weights": False}, identity_init=False, one_trainable=True),
+    Case("adalora-llama", "llama", "AdaLoraConfig",
+         {"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"], "total_step": 10,
+          "init_lora_weights": False, "task_type": "CAUSAL_LM"}, identity_init=False, one_trainable=True),
 ]

@@ -204,6 +204,23 @@ def mha_inputs():
     return torch.randn(2, 5, 16, generator=g)
 
 
+class TaskMLP(MLP):
+    """MLP over (batch, tokens, features) whose forward accepts (and ignores) task_ids, for Poly's contract rows."""
+
+    def forward(self, x, task_ids=None):
+        return super().forward(x)
+
+
+def make_mlp_tasks():
+    _seeded()
+    return TaskMLP().eval()
+
+
+def mlp_tasks_inputs():
+    g = _seeded(8)
+    return {"x": torch.randn(3, 4, 10, generator=g), "task_ids": torch.tensor([0, 2, 1])}
+
+
 # ----------------------------------------------------------------------------------------------
 # tiny transformers models (from configs, offline)
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +340,7 @@ MODELS = {
     "conv2d": (make_conv2d, conv2d_inputs),
     "conv3d": (make_conv3d, conv3d_inputs),
     "mha": (make_mha, mha_inputs),
+    "mlp_tasks": (make_mlp_tasks, mlp_tasks_inputs),
     "llama": (make_llama, llama_inputs),
     "gpt2": (make_gpt2, gpt2_inputs),
     "t5": (make_t5, t5_inputs),

@@ -18,8 +18,16 @@ from .auto import (
 from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
+from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from .methods.boft import BOFTConfig, BOFTModel
 from .methods.cpt import CPTConfig, CPTEmbedding
+from .methods.fourierft import FourierFTConfig, FourierFTModel
+from .methods.hra import HRAConfig, HRAModel
+from .methods.ia3 import IA3Config, IA3Model
+from .methods.ln_tuning import LNTuningConfig, LNTuningModel
+from .methods.loha import LoHaConfig, LoHaModel
+from .methods.lokr import LoKrConfig, LoKrModel
 from .methods.lora import LoraConfig, LoraModel
 from .methods.lora.arrow import ArrowConfig, create_arrow_model
 from .methods.lora.bdlora import BdLoraConfig
@@ -32,11 +40,17 @@ from .methods.lora.loftq_config import LoftQConfig
 from .methods.lora.lora_ga import LoraGAConfig, preprocess_loraga
 from .methods.lora.monteclora import MontecloraConfig
 from .methods.lora.velora import VeloraConfig
+from .methods.miss import MissConfig, MissModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
+from .methods.oft import OFTConfig, OFTModel
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.poly import PolyConfig, PolyModel
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from .methods.vblora import VBLoRAConfig, VBLoRAModel
+from .methods.vera import VeraConfig, VeraModel
 from .peft_model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -52,6 +66,9 @@ from .utils import get_layer_status, get_model_status, prepare_model_for_kbit_tr
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
     "ArrowConfig",
@@ -62,19 +79,37 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BOFTConfig",
+    "BOFTModel",
     "BdLoraConfig",
     "CPTConfig",
     "CPTEmbedding",
     "CordaConfig",
     "EvaConfig",
+    "FourierFTConfig",
+    "FourierFTModel",
+    "HRAConfig",
+    "HRAModel",
+    "IA3Config",
+    "IA3Model",
     "KasaConfig",
+    "LNTuningConfig",
+    "LNTuningModel",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
     "LoraModel",
+    "MissConfig",
+    "MissModel",
     "MontecloraConfig",
     "MultitaskPromptTuningConfig",
     "MultitaskPromptTuningInit",
+    "OFTConfig",
+    "OFTModel",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -84,6 +119,8 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PolyConfig",
+    "PolyModel",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "PromptEmbedding",
@@ -93,10 +130,16 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "RandLoraConfig",
+    "RandLoraModel",
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "VBLoRAConfig",
+    "VBLoRAModel",
     "VeloraConfig",
+    "VeraConfig",
+    "VeraModel",
     "create_arrow_model",
     "get_eva_state_dict",
     "get_layer_status",
@@ -113,3 +156,11 @@ __all__ = [
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]
+
+
+def __getattr__(name: str):
+    if name == "AdaLoraCallback":  # a transformers TrainerCallback: transformers is imported on first use only
+        from .methods.adalora import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")

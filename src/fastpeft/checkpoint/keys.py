@@ -59,7 +59,7 @@ def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str
                 pairs.append((name.replace(copy_marker, ".modules_to_save."), name))
             elif ".modules_to_save." not in name:
                 pairs.append((name, name))
-    elif bias == "lora_only":
+    elif isinstance(bias, str) and bias.endswith("_only"):  # lora_only, vblora_only, fourier_only, ...
         for prefix, module in model.named_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
                 if getattr(module.get_base_layer(), "bias", None) is not None:

@@ -70,8 +70,8 @@ class Tuner(nn.Module):
         return self.model(*args, **kwargs)
 
     def model_forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        kwargs.pop("task_ids", None)  # read by multitask prompt methods only
-        context = self.call_context(args, kwargs, adapter_names)
+        context = self.call_context(args, kwargs, adapter_names)  # may pop method-only kwargs (Poly's task_ids)
+        kwargs.pop("task_ids", None)  # left over unless a method read it (multitask prompt methods read their own)
         with self.mixed_batch(adapter_names), self.forward_context(context):
             return self.model(*args, **kwargs)
 

@@ -1,12 +1,26 @@
 """Adapter methods, one folder each; importing a folder registers its method."""
 
 from . import (  # noqa: F401
+    adalora,
     adaption_prompt,
+    boft,
     cpt,
+    fourierft,
+    hra,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
     lora,
+    miss,
     multitask_prompt_tuning,
+    oft,
     p_tuning,
+    poly,
     prefix_tuning,
     prompt_tuning,
+    randlora,
     trainable_tokens,
+    vblora,
+    vera,
 )

@@ -1,0 +1,196 @@
+"""BOFT layers (Linear, Conv2d): input rotated by a butterfly of orthogonal factors, output scaled per channel.
+
+Per adapter: `boft_R` (N factors, D blocks, H x H free matrices; each block is the Cayley transform of its skew part)
+and `boft_s` (per-output-channel scale), named as in HF PEFT so file keys match. The butterfly factors are computed
+in plain PyTorch (no CUDA extension); unlike HF PEFT without that extension, boft_n_butterfly_factor > 1 is honoured.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...core.layer import AdapterLayer
+from .. import orthogonal as orth
+
+
+def _layout_problems(dim: int, size: int, num: int, extra: int, what: str) -> list[tuple[bool, str]]:
+    """(failed, message) checks of HF PEFT on a block layout; `extra` = boft_n_butterfly_factor - 1."""
+    if size == 0:
+        return [
+            (dim % num != 0, f"{what} ({dim}) must be divisible by boft_block_num ({num})"),
+            (extra > 0 and extra > int(math.log2(num)),
+             f"boft_n_butterfly_factor ({extra + 1}) is too large for boft_block_num ({num})"),
+            (extra > 0 and num % 2**extra != 0,
+             f"boft_block_num ({num}) must be a multiple of 2**(boft_n_butterfly_factor - 1) = {2**extra}"),
+        ]
+    return [
+        (dim % size != 0, f"{what} ({dim}) must be divisible by boft_block_size ({size})"),
+        (extra > 0 and dim % (size * 2**extra) != 0,
+         f"{what} ({dim}) must be a multiple of boft_block_size x 2**(boft_n_butterfly_factor - 1) = "
+         f"{size * 2**extra}"),
+    ]
+
+
+def boft_layout(dim: int, config, what: str) -> tuple[int, int]:
+    """(block_size, block_num) for a rotated dimension `dim`, or a clear error naming the options to change."""
+    size, num, extra = config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor - 1
+    problems = [message for failed, message in _layout_problems(dim, size, num, extra, what) if failed]
+    if not problems:
+        size, num = (dim // num, num) if size == 0 else (size, dim // size)
+        odd = extra > 0 and (num % 2 or size % 2)
+        problems = [f"with butterfly factors, boft_block_num ({num}) and boft_block_size ({size}) must be even"
+                    ] if odd else []
+    if problems:
+        raise ValueError(f"BOFT: {'; '.join(problems)}. Change boft_block_size / boft_block_num / "
+                         "boft_n_butterfly_factor or leave this module out of target_modules.")
+    return size, num
+
+
+class BOFTLayer(AdapterLayer):
+    additive = False
+    adapter_param_names = ("boft_R", "boft_s")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        super().__init__(base_layer)
+        self.boft_R = nn.ParameterDict()
+        self.boft_s = nn.ParameterDict()
+        self.boft_block_size: dict[str, int] = {}
+        self.boft_block_num: dict[str, int] = {}
+        self.boft_dropout: dict[str, float] = {}
+        self.boft_perms: dict[str, list[torch.Tensor]] = {}
+        self.rotation_cache: dict[str, tuple] = {}  # eval-time reuse of each adapter's rotation
+        self.check_base()
+        self.update_layer(adapter_name, config)
+
+    def check_base(self) -> None:
+        """Refuse base layers BOFT cannot rotate (overridden per layer type)."""
+
+    def rotated_dim(self) -> int:
+        raise NotImplementedError
+
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    def scale_shape(self) -> tuple[int, int]:
+        return (self.out_dim(), 1)
+
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+        dim = self.rotated_dim()
+        size, num = boft_layout(dim, config, f"the input size of {type(self.base_layer).__name__}")
+        factors = config.boft_n_butterfly_factor
+        blocks = torch.zeros(factors, num, size, size)
+        scale = torch.ones(self.scale_shape())
+        if config.init_weights is False:
+            nn.init.normal_(blocks, mean=0.0, std=0.1)
+            nn.init.normal_(scale, mean=1.0, std=0.1)
+        elif config.init_weights is not True:
+            raise ValueError(f"BOFTConfig.init_weights must be True or False, got {config.init_weights!r}.")
+        self.boft_R[adapter_name] = nn.Parameter(blocks)
+        self.boft_s[adapter_name] = nn.Parameter(scale)
+        self.boft_block_size[adapter_name] = size
+        self.boft_block_num[adapter_name] = num
+        self.boft_dropout[adapter_name] = config.boft_dropout
+        self.boft_perms[adapter_name] = orth.butterfly_permutations(dim, num, size, factors)
+        self.rotation_cache.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ rotation
+    def rotation(self, name: str) -> torch.Tensor:
+        """The dense (dim, dim) butterfly rotation of adapter `name` (block dropout applied while training)."""
+        if self.training and self.boft_dropout[name] > 0:
+            return self._rotation(name)
+        return orth.cached(self.rotation_cache, name, self.boft_R[name], lambda: self._rotation(name))
+
+    def _rotation(self, name: str) -> torch.Tensor:
+        free = self.boft_R[name]
+        n_factors, count, size, _ = free.shape
+        blocks = orth.cayley(orth.skew_from_square(free.reshape(n_factors * count, size, size)))
+        blocks = blocks.reshape(n_factors, count, size, size)
+        if self.training and self.boft_dropout[name] > 0:
+            blocks = orth.butterfly_block_dropout(blocks, self.boft_dropout[name])
+        return orth.butterfly_matrix(blocks, self.boft_perms[name])
+
+    def combined(self, names: list[str], dtype: torch.dtype):
+        """(rotation, (out, 1) scale) of the adapters in `names` applied in turn, or None if this layer has none."""
+        own = [n for n in names if n in self.boft_R]
+        if not own:
+            return None
+        rotation, scale = None, None
+        for name in own:
+            matrix = self.rotation(name).to(dtype)
+            column = self.boft_s[name].reshape(-1, 1).to(dtype)
+            rotation = matrix if rotation is None else matrix @ rotation
+            scale = column if scale is None else column * scale
+        return rotation, scale
+
+    # ------------------------------------------------------------------ merging
+    def weight_rows(self) -> torch.Tensor:
+        weight = self.base_layer.weight.data
+        return weight.reshape(weight.shape[0], -1)
+
+    def merge_one(self, name: str, safe_merge: bool) -> None:
+        rows = self.weight_rows()
+        rotation, scale = self.combined([name], torch.float32)
+        merged = (rows.to(torch.float32) @ rotation.T) * scale
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
+        self.base_layer.weight.data = merged.to(rows.dtype).reshape(self.base_layer.weight.shape)
+
+    def unmerge_one(self, name: str) -> None:
+        """Inverse of merge_one: orthogonal rotation -> its transpose, scale -> its reciprocal."""
+        rows = self.weight_rows()
+        rotation, scale = self.combined([name], torch.float32)
+        restored = (rows.to(torch.float32) @ rotation) / scale
+        self.base_layer.weight.data = restored.to(rows.dtype).reshape(self.base_layer.weight.shape)
+
+
+class Linear(BOFTLayer):
+    def rotated_dim(self) -> int:
+        return self.base_layer.in_features
+
+    def out_dim(self) -> int:
+        return self.base_layer.out_features
+
+    def adapted_forward(self, x, names: list[str], *args, **kwargs):
+        previous = x.dtype
+        parts = self.combined(names, previous)
+        if parts is None:
+            return self.base_forward(x, *args, **kwargs)
+        rotation, scale = parts
+        result = self.base_forward(x @ rotation, *args, **kwargs)
+        bias = self.base_layer.bias
+        if bias is None:
+            return (result * scale.squeeze(-1)).to(previous)
+        return ((result - bias) * scale.squeeze(-1) + bias).to(previous)
+
+
+class Conv2d(BOFTLayer):
+    """Conv2d: the (out, in * k * k) weight is rotated and scaled, then the convolution runs with it."""
+
+    def check_base(self) -> None:
+        base = self.base_layer
+        if base.groups > 1 or base.kernel_size[0] != base.kernel_size[1]:
+            raise ValueError(f"BOFT supports Conv2d with groups=1 and a square kernel (got {base}); remove this "
+                             "module from target_modules.")
+
+    def rotated_dim(self) -> int:
+        kh, kw = self.base_layer.kernel_size
+        return self.base_layer.in_channels * kh * kw
+
+    def out_dim(self) -> int:
+        return self.base_layer.out_channels
+
+    def scale_shape(self) -> tuple[int, int]:
+        return (1, self.out_dim())
+
+    def adapted_forward(self, x, names: list[str], *args, **kwargs):
+        previous = x.dtype
+        base = self.base_layer
+        parts = self.combined(names, base.weight.dtype)
+        if parts is None:
+            return self.base_forward(x, *args, **kwargs)
+        rotation, scale = parts
+        weight = ((base.weight.reshape(base.weight.shape[0], -1) @ rotation.T) * scale).reshape(base.weight.shape)
+        return base._conv_forward(x.to(weight.dtype), weight, base.bias).to(previous)

@@ -1,0 +1,56 @@
+"""`HRAConfig`: HF PEFT 0.21's fields and defaults for Householder reflection adaptation (Yuan et al., 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...config import PeftConfig
+
+BIAS_HELP = "'none', 'all' (every bias of the model) or '<method>_only' (biases of the adapted layers)"
+
+
+@dataclass
+class HRAConfig(PeftConfig):
+    """Multiply each targeted weight by a chain of `r` Householder reflections (https://arxiv.org/abs/2405.17484)."""
+
+    r: int = field(default=8, metadata={
+        "help": "Number of Householder reflections per layer; use an even number so init_weights=True starts at "
+                "the identity."})
+    apply_GS: bool = field(default=False, metadata={
+        "help": "Orthonormalise the reflection vectors (Gram-Schmidt) and use I - 2 U U^T."})
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "nn.Linear / nn.Conv2d modules to adapt: names, a full-match regex or 'all-linear'; default: "
+                "the model type's attention projections."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "True: pairs of equal vectors (the product is the identity); False: random vectors."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    bias: str = field(default="none", metadata={"help": f"Biases trained too: {BIAS_HELP}, e.g. 'hra_only'."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "HRA"
+        check_positive_int(self.r, "HRAConfig.r")
+        check_layer_options(self, "HRAConfig")
+
+
+def check_positive_int(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+
+
+def check_layer_options(config, what: str) -> None:
+    """Target-list normalisation and the checks shared by HRA and MiSS configs."""
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(getattr(config, name), list):
+            setattr(config, name, set(getattr(config, name)))
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        raise ValueError(f"{what}: layers_to_transform cannot be used when target_modules is a regex string.")
+    if isinstance(config.target_modules, str) and config.layers_pattern is not None:
+        raise ValueError(f"{what}: layers_pattern cannot be used when target_modules is a regex string.")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{what}: layers_pattern needs layers_to_transform (the layer indices to adapt).")
+    if not isinstance(config.bias, str) or not (config.bias in ("none", "all") or config.bias.endswith("_only")):
+        raise ValueError(f"{what}.bias={config.bias!r} is not valid; use {BIAS_HELP}.")

@@ -1,0 +1,12 @@
+"""`LoHaModel`: the LoHa tuner (Linear, Conv1d and Conv2d targets; defaults and patterns in ../lycoris.py)."""
+
+from __future__ import annotations
+
+from ..lycoris import LycorisTuner, lycoris_dispatch
+from . import layer
+
+
+class LoHaModel(LycorisTuner):
+    dispatch = lycoris_dispatch("LoHa", layer.Linear, layer.Conv1d, layer.Conv2d)
+    prefix = "hada_"
+    method_name = "LoHa"

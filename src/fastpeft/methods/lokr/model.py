@@ -1,0 +1,12 @@
+"""`LoKrModel`: the LoKr tuner (Linear, Conv1d and Conv2d targets; defaults and patterns in ../lycoris.py)."""
+
+from __future__ import annotations
+
+from ..lycoris import LycorisTuner, lycoris_dispatch
+from . import layer
+
+
+class LoKrModel(LycorisTuner):
+    dispatch = lycoris_dispatch("LoKr", layer.Linear, layer.Conv1d, layer.Conv2d)
+    prefix = "lokr_"
+    method_name = "LoKr"

@@ -1,0 +1,50 @@
+"""`PolyConfig`: the fields and defaults of HF PEFT 0.21's Poly config (all of them, so files round-trip).
+
+Polytropon (Ponti et al., 2022, "Combining Modular Skills in Multitask Learning", arXiv:2202.13914) and its
+Multi-Head Routing variant (Caccia et al., 2022, arXiv:2211.03831, `n_splits > 1`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ...config import PeftConfig
+
+POLY_TYPES = ("poly",)
+
+
+@dataclass
+class PolyConfig(PeftConfig):
+    """An inventory of `n_skills` low-rank modules per layer, mixed per task by a learned router."""
+
+    r: int = field(default=8, metadata={"help": "Rank of each skill's low-rank update."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names (or a full-match regex) of the nn.Linear modules to adapt."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Other modules trained in full and saved with the adapter."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: skill B matrices start at zero (adapter is a no-op at init)."})
+    poly_type: Literal["poly"] = field(default="poly", metadata={"help": "Router type; only 'poly' exists."})
+    n_tasks: int = field(default=1, metadata={"help": "Number of tasks (valid task_ids: 0..n_tasks-1)."})
+    n_skills: int = field(default=4, metadata={"help": "Number of skills (low-rank modules) per layer."})
+    n_splits: int = field(
+        default=1, metadata={"help": "Feature splits routed separately; > 1 is Multi-Head Routing (MHR)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = "POLY"
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        for option in ("r", "n_tasks", "n_skills", "n_splits"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PolyConfig.{option} must be a positive integer, got {value!r}.")
+        if self.poly_type not in POLY_TYPES:
+            raise ValueError(f"PolyConfig.poly_type must be one of {list(POLY_TYPES)}, got {self.poly_type!r}.")

@@ -1,0 +1,307 @@
+"""Frozen random projections shared by every adapted layer of a model (VeRA and RandLoRA).
+
+Both methods draw ONE pair of random matrices per model from a seeded generator (`projection_prng_key`), sized for
+the largest targeted layer: each layer uses the top-left slice it needs and trains only small scaling tensors.
+
+Where the matrices live (same as HF PEFT, so files and state dicts line up):
+- the tuner owns them as buffers `<tuner>.<a_name>.<adapter>` / `<tuner>.<b_name>.<adapter>` (persistent when
+  `save_projection=True`); every adapter of a model aliases the first adapter's tensors;
+- layers keep a plain (unregistered) reference to those buffer dicts, so moving the model moves them once;
+- in adapter files they are `base_model.<a_name>` / `base_model.<b_name>`; RandLoRA files also carry one copy per
+  adapted layer (`base_model.model.<layer>.randlora_A`), as HF PEFT writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..core import targeting
+from ..core.layer import AdapterLayer
+from ..core.tuner import Tuner
+from ..integrations.transformers_defaults import default_targets
+from .lora.model import is_conv1d, is_linear
+
+logger = logging.getLogger(__name__)
+
+FILE_PREFIX = "base_model."
+
+
+def check_projection_config(config, label: str, biases: tuple[str, ...], dropout: float) -> None:
+    """Checks shared by VeRA and RandLoRA configs."""
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
+        raise ValueError(f"{label}.r must be a positive integer, got {config.r!r}.")
+    if config.bias not in biases:
+        raise ValueError(f"{label}.bias must be one of {list(biases)}, got {config.bias!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{label} dropout must be in [0, 1), got {dropout!r}.")
+    if not config.save_projection:
+        logger.warning("%s.save_projection=False: the shared projections are not saved and will be redrawn from "
+                       "projection_prng_key on load; set save_projection=True to make files self-contained.", label)
+
+
+class BufferDict(nn.Module):
+    """Tensors registered as buffers under adapter names (non-trainable, moved with the module)."""
+
+    def __init__(self, persistent: bool) -> None:
+        super().__init__()
+        self.persistent = persistent
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=self.persistent)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+    def values(self):
+        return self._buffers.values()
+
+    def items(self):
+        return self._buffers.items()
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or a transformers Conv1D (whose weight is stored (in, out))."""
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return int(fan_in), int(fan_out)
+    return module.in_features, module.out_features
+
+
+def largest_shape(modules: list[nn.Module]) -> tuple[int, int]:
+    """(out, in): the largest output and input size over `modules` (each dimension separately)."""
+    sizes = [in_out_features(m) for m in modules if is_linear(m)]
+    if not sizes:
+        raise ValueError("No nn.Linear / Conv1D layer among the targets: the shared random projections are sized "
+                         "on them. Point target_modules at linear layers (VeRA / RandLoRA support no other type).")
+    return max(o for _, o in sizes), max(i for i, _ in sizes)
+
+
+def check_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:
+    """Conv1D stores (in, out) and needs fan_in_fan_out=True, nn.Linear False: fix the config with a warning."""
+    wanted = is_conv1d(module)
+    if config.fan_in_fan_out != wanted:
+        logger.warning("'%s' is %s: setting fan_in_fan_out=%s.", key,
+                       "a Conv1D (weight stored (in, out))" if wanted else "an nn.Linear", wanted)
+        config.fan_in_fan_out = wanted
+    return wanted
+
+
+class ProjectionLayer(AdapterLayer):
+    """An adapted Linear / Conv1D reading the tuner's shared projections (`projection_names`)."""
+
+    projection_names: tuple[str, str] = ("", "")
+    method_label = ""
+
+    def __init__(self, base_layer: nn.Module, projections: tuple[BufferDict, BufferDict]) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.share_projections(projections)
+
+    def share_projections(self, projections: tuple[BufferDict, BufferDict]) -> None:
+        # a plain attribute, not a submodule: the tuner owns (saves and moves) the buffers
+        for attr, store in zip(self.projection_names, projections):
+            object.__setattr__(self, attr, store)
+
+    def shared(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a_name, b_name = self.projection_names
+        return getattr(self, a_name)[name], getattr(self, b_name)[name]
+
+    def check_fits(self, name: str, needed: dict[str, tuple[int, int, int]]) -> None:
+        """`needed`: projection -> (dimension, size needed, size available); refuse a layer they cannot cover."""
+        for what, (dim, want, have) in needed.items():
+            if have < want:
+                raise ValueError(
+                    f"{self.method_label} adapter '{name}': {what} has size {have} in dimension {dim} but this layer "
+                    f"(in={self.in_features}, out={self.out_features}) needs {want}. The shared projections were "
+                    "sized for the first adapter's targets; add the adapter with the larger targets first."
+                )
+
+
+class ProjectionTuner(Tuner):
+    """Tuner owning the shared projections; a method supplies `make_projections` and its layer classes."""
+
+    projection_names: tuple[str, str] = ("", "")
+    method_label = ""
+    default_target_table: dict[str, list[str]] = {}
+    bias_only = ""  # the `bias` value that trains the adapted layers' biases (e.g. "vera_only")
+    per_layer_file_copies = False  # RandLoRA files hold one copy of the projections per adapted layer
+
+    def make_projections(self, config, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ config and targets
+    def prepare_config(self, config, model):
+        if config.target_modules is None:
+            config.target_modules = default_targets(self.default_target_table, model, self.method_label)
+        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
+            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
+        return config
+
+    def check_new_adapter(self, config) -> None:
+        others = [c for c in self.peft_config.values() if c is not config]
+        if config.bias != "none" and any(c.bias != "none" for c in others):
+            raise ValueError(f"Only one {self.method_label} adapter per model may train biases: set bias='none' for "
+                             "the new adapter (an existing adapter already uses bias other than 'none').")
+        for other in others:
+            if other.projection_prng_key != config.projection_prng_key:
+                raise ValueError(
+                    f"{self.method_label} adapters of one model share their random projections: projection_prng_key "
+                    f"must be the same for all of them (got {config.projection_prng_key}, existing adapters use "
+                    f"{other.projection_prng_key})."
+                )
+            if other.save_projection != config.save_projection:
+                raise ValueError(
+                    f"{self.method_label} adapters of one model must all save their projections or none: got "
+                    f"save_projection={config.save_projection} next to {other.save_projection}."
+                )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        self._adding, self._autocast = adapter_name, autocast_adapter_dtype
+        existed = self.projection_names[0] in self._modules and adapter_name in self._modules[self.projection_names[0]]
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        except Exception:
+            if not existed:  # a failed injection leaves no projections behind
+                self._drop_projections(adapter_name)
+            raise
+        finally:
+            self._adding = None
+
+    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+        targets = super().select_targets(model, config)
+        if getattr(self, "_adding", None) is not None:  # injecting: the new adapter's projections, sized on targets
+            bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
+            self._add_projections(self._adding, config, bases)
+        return targets
+
+    def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        return {"projections": self.projection_stores(),
+                "fan_in_fan_out": check_fan_in_fan_out(config, base, key) if is_linear(base) else False}
+
+    # ------------------------------------------------------------------ the shared tensors
+    def projection_stores(self) -> tuple[BufferDict, BufferDict]:
+        return tuple(self._modules[n] for n in self.projection_names)
+
+    def _add_projections(self, adapter_name: str, config, bases: list[nn.Module]) -> None:
+        if self.projection_names[0] not in self._modules:
+            for attr in self.projection_names:
+                self.add_module(attr, BufferDict(persistent=config.save_projection))
+        stores = self.projection_stores()
+        if len(stores[0]):  # later adapters reuse the first one's tensors (sizes checked by the layers)
+            tensors = [next(iter(store.values())) for store in stores]
+            self._check_rank(config, tensors[0])
+        else:
+            tensors = self.make_projections(config, *largest_shape(bases))
+            tensors = self._placed(tensors, bases)
+        for store, tensor in zip(stores, tensors):
+            store[adapter_name] = tensor
+
+    def _placed(self, tensors: list[torch.Tensor], bases: list[nn.Module]) -> list[torch.Tensor]:
+        """As HF PEFT: on the base layers' device, in their dtype; fp16 / bf16 ones autocast then makes fp32 again
+        (the values keep the half-precision rounding, as in HF PEFT)."""
+        ref = next((m.weight for m in bases if m.weight.is_floating_point()), None)
+        if ref is None:
+            return tensors
+        tensors = [t.to(device=ref.device, dtype=ref.dtype) for t in tensors]
+        if self._autocast and ref.dtype in (torch.float16, torch.bfloat16):
+            tensors = [t.to(torch.float32) for t in tensors]
+        return tensors
+
+    def _check_rank(self, config, projection_a: torch.Tensor) -> None:
+        if projection_a.shape[0] != config.r:
+            raise ValueError(
+                f"{self.method_label} adapters of one model share the projections built for the first adapter "
+                f"(r={projection_a.shape[0]}); a new adapter must use the same r, got r={config.r}."
+            )
+
+    def _drop_projections(self, adapter_name: str) -> None:
+        if self.projection_names[0] not in self._modules:
+            return
+        for store in self.projection_stores():
+            if adapter_name in store:
+                del store[adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._drop_projections(adapter_name)
+
+    def mark_extra_trainable(self, adapter_name: str, config) -> None:
+        """bias='all' trains every bias of the base model; bias='<method>_only' those of the adapted layers."""
+        if config.bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in name:
+                    param.requires_grad_(True)
+        elif config.bias == self.bias_only:
+            for layer in self.adapter_layers():
+                bias = getattr(layer.get_base_layer(), "bias", None)
+                if adapter_name in layer.adapter_names() and bias is not None:
+                    bias.requires_grad_(True)
+
+    # ------------------------------------------------------------------ adapter files
+    def _file_keys(self, adapter_name: str) -> dict[str, tuple[str, str]]:
+        """{file key: (store name, layer path or "")} of the projections saved with `adapter_name`."""
+        keys = {FILE_PREFIX + attr: (attr, "") for attr in self.projection_names}
+        if self.per_layer_file_copies:
+            for path, module in self.model.named_modules():
+                if isinstance(module, ProjectionLayer) and adapter_name in module.adapter_names():
+                    for attr in self.projection_names:
+                        keys[f"{FILE_PREFIX}model.{path}.{attr}"] = (attr, path)
+        return keys
+
+    def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        if not self.peft_config[adapter_name].save_projection:
+            return {}
+        return {key: self._modules[attr][adapter_name].detach()
+                for key, (attr, _) in self._file_keys(adapter_name).items()}
+
+    def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
+        keys = self._file_keys(adapter_name)
+        found = sorted(k for k in keys if k in tensors)
+        if not self.peft_config[adapter_name].save_projection:
+            if found:
+                logger.warning("The file holds %s but save_projection=False: the projections are regenerated from "
+                               "projection_prng_key instead.", found)
+            return set()
+        main = [FILE_PREFIX + attr for attr in self.projection_names]
+        missing = [k for k in main if k not in tensors]
+        if missing:
+            raise ValueError(
+                f"The adapter file lacks {missing}, but its config says save_projection=True. Set save_projection "
+                "to False (adapter_config.json) to regenerate the projections from projection_prng_key."
+            )
+        self._copy_projections(adapter_name, {k: tensors[k] for k in found}, keys)
+        return set(found)
+
+    def _copy_projections(self, adapter_name: str, tensors: dict[str, torch.Tensor], keys: dict) -> None:
+        for key, value in tensors.items():
+            attr, _ = keys[key]
+            target = self._modules[attr][adapter_name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(target.shape)} in the model: the "
+                    f"adapter was made for other target layers or another r. Nothing was loaded."
+                )
+        with torch.no_grad():  # the per-layer copies hold the same values: the model keeps one tensor
+            for key in [FILE_PREFIX + attr for attr in self.projection_names]:
+                target = self._modules[keys[key][0]][adapter_name]
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
