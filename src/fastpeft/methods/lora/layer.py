@@ -326,6 +326,12 @@ class MultiheadAttention(LoraLayer):
     def out_delta(self, name):
         return self.OUT_PROJ_DELTA_FACTOR * self.out_lora.delta_weight(name)
 
+    def _trained_out_delta(self, name):
+        """out_delta for the forward pass: HF PEFT's second copy sits in the weight's data, outside autograd, so
+        gradients see the delta once (training matches HF PEFT step for step)."""
+        delta = self.out_lora.delta_weight(name)
+        return delta + (self.OUT_PROJ_DELTA_FACTOR - 1) * delta.detach()
+
     def merge_one(self, name, safe_merge):
         w_in, w_out = self.base_layer.in_proj_weight, self.out_lora.base_layer.weight
         merged_in = w_in.data + self.delta_weight(name).to(w_in.dtype)
@@ -365,7 +371,7 @@ class MultiheadAttention(LoraLayer):
                              attn_mask=None, average_attn_weights=True, is_causal=False):
         mha, out = self.base_layer, self.out_lora.base_layer
         w_in = mha.in_proj_weight + sum(self.delta_weight(n).to(mha.in_proj_weight.dtype) for n in active)
-        w_out = out.weight + sum(self.out_delta(n).to(out.weight.dtype) for n in active)
+        w_out = out.weight + sum(self._trained_out_delta(n).to(out.weight.dtype) for n in active)
         batched = query.dim() == 3
         if mha.batch_first and batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

@@ -1,0 +1,90 @@
+"""HF PEFT as the oracle for every row of the contract matrix (tests/cases.py), whatever the method.
+
+For each row: an adapter trained away from its init in HF PEFT loads in fastpeft with the same outputs, and the
+reverse; the files fastpeft writes hold HF PEFT's keys, shapes and dtypes; one SGD step taken in both libraries on
+the same loss leaves the same outputs (so the gradients agree). Method files test what is specific to a method.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cases import METHOD_CASES
+from models import MODELS, forward, perturb
+
+peft = pytest.importorskip("peft")
+import fastpeft  # noqa: E402
+from fastpeft import registry  # noqa: E402
+
+ATOL = 1e-4
+ROWS = [c for c in METHOD_CASES if c.hf_oracle]
+
+
+def config(lib, case):
+    kwargs = copy.deepcopy(case.kwargs)
+    if "task_type" in kwargs:
+        kwargs["task_type"] = getattr(lib.TaskType, kwargs["task_type"])
+    if lib is peft:
+        return getattr(peft, case.method)(**kwargs)
+    cls = next(s.config_cls for s in registry.registered().values() if s.config_cls.__name__ == case.method)
+    return cls(**kwargs)
+
+
+def trained(lib, case, seed: int = 0):
+    """A model of `lib` with the row's adapter moved off its init by seeded noise, in eval mode."""
+    torch.manual_seed(seed)
+    model = lib.get_peft_model(MODELS[case.model][0](), config(lib, case))
+    return perturb(model, seed, 0.1).eval()
+
+
+def outputs(model, case):
+    return forward(model, MODELS[case.model][1]())
+
+
+@pytest.mark.parametrize("case", ROWS, ids=lambda c: c.id)
+def test_hf_adapter_loads_in_fastpeft(case, tmp_path):
+    theirs = trained(peft, case)
+    theirs.save_pretrained(str(tmp_path))
+    ours = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path)).eval()
+    torch.testing.assert_close(outputs(ours, case), outputs(theirs, case), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("case", ROWS, ids=lambda c: c.id)
+def test_fastpeft_adapter_loads_in_hf_with_hf_keys(case, tmp_path):
+    ours = trained(fastpeft, case)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs = peft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(outputs(theirs, case), outputs(ours, case), atol=ATOL, rtol=ATOL)
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    ours_sd = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    hf_sd = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
+    assert sorted(ours_sd) == sorted(hf_sd)
+    for key, value in hf_sd.items():
+        assert (ours_sd[key].shape, ours_sd[key].dtype) == (value.shape, value.dtype), key
+
+
+def _sgd_step(model, case) -> None:
+    model.train()
+    inputs = MODELS[case.model][1]()
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    (out if isinstance(out, torch.Tensor) else out.logits).float().pow(2).mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+
+
+@pytest.mark.parametrize("case", [c for c in ROWS if c.deterministic_training], ids=lambda c: c.id)
+def test_one_training_step_matches_hf(case, tmp_path):
+    theirs = trained(peft, case)
+    theirs.save_pretrained(str(tmp_path))
+    ours = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path), is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path), is_trainable=True)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    for model in (ours, theirs):
+        torch.manual_seed(0)
+        _sgd_step(model, case)
+    torch.testing.assert_close(outputs(ours, case), outputs(theirs, case), atol=ATOL, rtol=ATOL)
