@@ -79,10 +79,11 @@ class Tuner(nn.Module):
         # generate runs num_beams (or num_return_sequences) rows per sample, next to each other
         beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
         copies = beams if (beams or 1) > 1 else (kwargs.get("num_return_sequences") or 1)
+        per_input = adapter_names  # an encoder-decoder's encoder sees each input row once
         if adapter_names is not None:
             adapter_names = [name for name in adapter_names for _ in range(copies)]
         context = self.call_context(args, kwargs, adapter_names, copies)
-        with self.mixed_batch(adapter_names), self.forward_context(context):
+        with self.mixed_batch(adapter_names, encoder_names=per_input), self.forward_context(context):
             return self.model.generate(*args, **kwargs)
 
     # ---- per-call data for adapter layers (e.g. LoRA's aLoRA offsets): computed once per forward / generate
@@ -303,19 +304,23 @@ class Tuner(nn.Module):
                 p.requires_grad_(grads.get(n, p.requires_grad))
 
     @contextmanager
-    def mixed_batch(self, adapter_names: list[str] | None):
-        """Inside the block every adapter layer runs sample i with adapter `adapter_names[i]`."""
+    def mixed_batch(self, adapter_names: list[str] | None, encoder_names: list[str] | None = None):
+        """Inside the block every adapter layer runs sample i with adapter `adapter_names[i]`; layers inside an
+        encoder-decoder's encoder use `encoder_names` instead when given (generate: one row per input, not per beam)."""
         if adapter_names is None:
             yield
             return
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: {sorted(self.peft_config)}.")
+        seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+        in_encoder = {id(m) for m in self.model.get_encoder().modules()} if encoder_names and seq2seq else set()
 
-        def add_names(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": adapter_names}
+        def hook_for(names):
+            return lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names})
 
-        hooks = [holder.register_forward_pre_hook(add_names, with_kwargs=True)
+        hooks = [holder.register_forward_pre_hook(
+                     hook_for(encoder_names if id(holder) in in_encoder else adapter_names), with_kwargs=True)
                  for _, holder in self.holders() if not getattr(holder, "nested", False)]
         try:
             yield
