@@ -40,3 +40,18 @@ def test_half_base_forward_keeps_output_dtype_and_matches_hf(dtype, tmp_path):
         out_ours, out_theirs = ours(**inputs).logits, theirs.eval()(**inputs).logits
     assert out_ours.dtype == dtype
     assert torch.allclose(out_ours.float(), out_theirs.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_half_base_fresh_adapter_equals_hf_bitwise(dtype, autocast):
+    """HF PEFT builds adapters in the base dtype before widening them: the same seed gives the same values."""
+    torch.manual_seed(0)
+    ours = _build(fastpeft, dtype, autocast)
+    torch.manual_seed(0)
+    theirs = _build(peft, dtype, autocast)
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    other = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert sorted(mine) == sorted(other)
+    for name, param in mine.items():
+        assert param.dtype == other[name].dtype and torch.equal(param, other[name]), name

@@ -244,11 +244,15 @@ class Tuner(nn.Module):
         ref = next((p for p in layer.get_base_layer().parameters()), None)
         if ref is None:
             return
+        half = (torch.float16, torch.bfloat16)
         for _, param in layer.adapter_parameters(adapter_name):
-            dtype = ref.dtype if ref.is_floating_point() else param.dtype
-            if autocast and dtype in (torch.float16, torch.bfloat16):
-                dtype = torch.float32
-            param.data = param.data.to(device=ref.device, dtype=dtype)
+            data = param.data.to(device=ref.device)
+            if ref.is_floating_point() and data.is_floating_point():
+                # as HF PEFT: built in the base dtype, then widened, so a seed gives HF PEFT's exact init values
+                data = data.to(ref.dtype)
+                if autocast and ref.dtype in half:
+                    data = data.to(torch.float32)
+            param.data = data
 
     # ------------------------------------------------------------------ activity and training state
     @property
