@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from test_oft import (
-    close,
-    close_states,
-    compare_saved_configs,
-    compare_saved_files,
-    copy_hf_into_fastpeft,
-    differs,
-    training_grads,
-)
+from test_oft import close, close_states, pair, two_adapter_pair, two_adapters
 
 import models
+from oracle_helpers import (
+    ModelCaseTable,
+    assert_adapter_sets_like_hf,
+    assert_differs,
+    assert_gradients_like_hf,
+    assert_init_like_hf,
+    assert_loads_both_ways,
+    assert_merge_cycle_like_hf,
+    assert_mixed_batch_rows,
+)
 
 peft = pytest.importorskip("peft")
 import peft.tuners.boft.layer as hf_boft_layer  # noqa: E402
@@ -77,77 +77,29 @@ def hf_butterfly(request, monkeypatch):
         monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: _BlockDiagKernel())
 
 
-def config(lib, case, **extra):
-    kw = {**copy.deepcopy(CASES[case][1]), **extra}
-    if "task_type" in kw:
-        kw["task_type"] = getattr(lib.TaskType, kw["task_type"])
-    return (BOFTConfig if lib is fastpeft else lib.BOFTConfig)(**kw)
-
-
-def factory(case):
-    return MODELS[CASES[case][0]][0]
-
-
-def build(lib, case, seed=0, **extra):
-    model = lib.get_peft_model(factory(case)(), config(lib, case, **extra))
-    return models.perturb(model, seed, 0.1).eval()
-
-
-def inputs(case):
-    return MODELS[CASES[case][0]][1]()
-
-
-def base_out(case):
-    return models.forward(factory(case)(), inputs(case))
-
-
-def pair(case):
-    return copy_hf_into_fastpeft(lambda: build(peft, case), factory(case), config(fastpeft, case))
+TABLE = ModelCaseTable(CASES, BOFTConfig, peft.BOFTConfig, scale=0.1, model_table=MODELS)
+build, config, inputs = TABLE.build, TABLE.config, TABLE.inputs
+# the boft-* rows of tests/cases.py with these configs: tests/test_oracle_matrix.py loads them both ways
+ORACLE_MATRIX_ROWS = {"mlp", "mlp_blocknum_bias", "conv2d"}
 
 
 # ---------------------------------------------------------------------------------------------- files, both ways
-@pytest.mark.parametrize("case", list(CASES))
-def test_hf_adapter_loads_in_fastpeft(case, tmp_path):
-    hf = build(peft, case)
-    hf_out = models.forward(hf, inputs(case))
-    differs(hf_out, base_out(case))
-    hf.save_pretrained(str(tmp_path))
-    fp = fastpeft.PeftModel.from_pretrained(factory(case)(), str(tmp_path)).eval()
-    close(models.forward(fp, inputs(case)), hf_out, "fastpeft(HF adapter) vs HF PEFT")
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_fastpeft_adapter_loads_in_hf(case, tmp_path):
-    fp = build(fastpeft, case)
-    fp_out = models.forward(fp, inputs(case))
-    differs(fp_out, base_out(case))
-    fp.save_pretrained(str(tmp_path))
-    hf = peft.PeftModel.from_pretrained(factory(case)(), str(tmp_path)).eval()
-    close(models.forward(hf, inputs(case)), fp_out, "HF PEFT(fastpeft adapter) vs fastpeft")
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ORACLE_MATRIX_ROWS])
+def test_adapter_files_load_both_ways(case, tmp_path):
+    assert_loads_both_ways(TABLE, case, tmp_path, close)
 
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_blocknum_bias", "conv2d", "bert", "butterfly3"])
 def test_saved_files_config_and_init_match_hf(case, tmp_path):
-    fp_model = fastpeft.get_peft_model(factory(case)(), config(fastpeft, case)).eval()
-    hf_model = peft.get_peft_model(factory(case)(), config(peft, case)).eval()
-    close(models.forward(fp_model, inputs(case)), base_out(case), "identity at init")
-    close(models.forward(fp_model, inputs(case)), models.forward(hf_model, inputs(case)), "at init")
-    fp_model.save_pretrained(str(tmp_path / "fp"))
-    hf_model.save_pretrained(str(tmp_path / "hf"))
-    compare_saved_files(tmp_path, values=True)
-    compare_saved_configs(tmp_path)
+    assert_init_like_hf(TABLE, case, tmp_path, close)
 
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("case", ["mlp", "mlp_dropout", "mlp_blocknum_bias", "conv2d", "llama", "butterfly3"])
 def test_training_step_gradients_match_hf(case):
     """Same gradients; with boft_dropout the same blocks are dropped (same random draws in the same order)."""
-    hf, fp = pair(case)
-    got = training_grads([(hf, peft), (fp, fastpeft)], inputs(case))
-    assert set(got[fastpeft]) == set(got[peft])
-    for k in got[peft]:
-        close(got[fastpeft][k], got[peft][k], f"grad {k}")
-    assert max(g.abs().max().item() for g in got[fastpeft].values()) > 1e-5
+    hf, fp = pair(TABLE, case)
+    assert_gradients_like_hf(fp, hf, inputs(case), close, marker="boft_R")
     close_states(fp, hf)
 
 
@@ -157,7 +109,7 @@ def test_block_dropout_changes_training_outputs_only():
     eval_out = models.forward(fp, x)
     fp.train()
     torch.manual_seed(0)
-    differs(models.forward(fp, x), eval_out)
+    assert_differs(models.forward(fp, x), eval_out)
     fp.eval()
     close(models.forward(fp, x), eval_out, "eval is deterministic")
 
@@ -172,74 +124,25 @@ def test_bias_boft_only_trains_adapted_biases():
 # ---------------------------------------------------------------------------------------------- merging
 @pytest.mark.parametrize("case", ["mlp", "mlp_blocknum_bias", "conv2d", "llama", "butterfly2"])
 def test_merge_unmerge_and_unload_match_hf(case):
-    hf, fp = pair(case)
-    x = inputs(case)
-    expected = models.forward(fp, x)
-    weights = {n: p.detach().clone() for n, p in fp.named_parameters() if "base_layer" in n}
-    fp.base_model.merge_adapter(safe_merge=True)
-    close(models.forward(fp, x), expected, "merged")
-    assert any((weights[n] - p).abs().max() > 1e-4 for n, p in fp.named_parameters() if n in weights)
-    fp.base_model.unmerge_adapter()
-    close(models.forward(fp, x), expected, "unmerged")
-    for n, p in fp.named_parameters():
-        if n in weights:
-            close(p, weights[n], f"restored {n}")
-    with fp.disable_adapter(), hf.disable_adapter():
-        close(models.forward(fp, x), models.forward(hf, x), "disabled")
-    merged = fp.merge_and_unload()
-    hf_w = dict(hf.merge_and_unload().named_parameters())
-    for n, p in merged.named_parameters():
-        close(p, hf_w[n], f"merged weight {n}")
-    close(models.forward(merged, x), expected, "merge_and_unload")
+    hf, fp = pair(TABLE, case)
+    assert_merge_cycle_like_hf(fp, hf, inputs(case), close, safe_merge=True)
 
 
 # ---------------------------------------------------------------------------------------------- several adapters
-def two_adapters(lib):
-    model = build(lib, "mlp")
-    model.add_adapter("other", config(lib, "mlp", target_modules=["lin1", "head"], boft_block_size=4))
-    models.perturb(model, 5, 0.1, wanted=lambda n: ".other" in n)
-    return model
-
-
 def test_two_adapters_active_merge_and_switching_match_hf():
-    hf, fp = two_adapters(peft), two_adapters(fastpeft)
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf, adapter_name="other"), "other")
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
-    x = models.mlp_inputs()
-    for active in (["default", "other"], "other", "default"):
-        hf.base_model.set_adapter(active)
-        fp.base_model.set_adapter(active)
-        close(models.forward(fp, x), models.forward(hf, x), f"active={active}")
-    hf.base_model.set_adapter(["default", "other"])
-    fp.base_model.set_adapter(["default", "other"])
-    expected = models.forward(fp, x)
-    for model in (hf, fp):
-        model.merge_adapter(["default", "other"])
-    close(models.forward(fp, x), expected, "both merged")
-    close(models.forward(fp, x), models.forward(hf, x), "both merged vs HF")
-    fp.unmerge_adapter()
-    close(models.forward(fp, x), expected, "both unmerged")
+    hf, fp = two_adapter_pair(TABLE, boft_block_size=4)
+    assert_adapter_sets_like_hf(fp, hf, models.mlp_inputs(), close, merged_keeps_outputs=True)
 
 
 def test_mixed_batch_rows_equal_single_adapter_runs():
-    fp = two_adapters(fastpeft)
-    x = models.mlp_inputs()[:3]
-    names = ["other", "__base__", "default"]
-    mixed = fp(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with fp.disable_adapter():
-                want = fp(x[i:i + 1])
-        else:
-            fp.base_model.set_adapter(name)
-            want = fp(x[i:i + 1])
-        close(mixed[i:i + 1], want, f"row {i} ({name})")
+    fp = two_adapters(TABLE, fastpeft, boft_block_size=4)
+    assert_mixed_batch_rows(fp, models.mlp_inputs()[:3], ["other", "__base__", "default"], close)
 
 
 # ---------------------------------------------------------------------------------------------- math and errors
 @pytest.mark.parametrize("case", BUTTERFLY + ["mlp"])
 def test_butterfly_rotation_is_orthogonal_and_equals_hf(case):
-    hf, fp = pair(case)
+    hf, fp = pair(TABLE, case)
     ours = fp.base_model.model.lin1.rotation("default")
     theirs, _ = hf.base_model.model.lin1.get_delta_weight("default")
     close(ours, theirs, "rotation")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import models
+import oracle_helpers
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
@@ -35,102 +35,37 @@ CASES = {
     "llama_all_linear": ("llama", dict(task_type="CAUSAL_LM", target_modules="all-linear",
                                        feedforward_modules=r".*\.(down|up)_proj")),
 }
-
-
-def config(lib, case, **extra):
-    kw = {**copy.deepcopy(CASES[case][1]), **extra}
-    return (peft.IA3Config if lib is peft else IA3Config)(**kw)
-
-
-def factory(case):
-    return models.MODELS[CASES[case][0]][0]
-
-
-def inputs(case):
-    return models.MODELS[CASES[case][0]][1]()
-
-
-def build(lib, case, seed=0, **extra):
-    """An IA3 model of `lib` on the case's base model, every trainable tensor perturbed (seeded, by name)."""
-    model = lib.get_peft_model(factory(case)(), config(lib, case, **extra))
-    return models.perturb(model, seed, 0.3).eval()
+TABLE = oracle_helpers.CaseTable(CASES, IA3Config, peft.IA3Config, scale=0.3)
+config, base, inputs, build = TABLE.config, TABLE.base, TABLE.inputs, TABLE.build
 
 
 def close(a, b, what="", atol=ATOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-def differs(a, b):
-    assert (a - b).abs().max().item() > 1e-3, "the adapter does not change the outputs"
-
-
-def _json(path):
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    cfg.pop("peft_version")
-    return {k: sorted(map(str, v)) if isinstance(v, list) else v for k, v in cfg.items()}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_files_and_outputs_both_ways(case, tmp_path):
     """HF save -> fastpeft load and fastpeft save -> HF load give the same outputs, keys, values and config."""
     hf = build(peft, case)
-    hf_out = models.forward(hf, inputs(case))
-    differs(hf_out, models.forward(factory(case)(), inputs(case)))
-    hf.save_pretrained(str(tmp_path / "hf"))
-    fp = fastpeft.PeftModel.from_pretrained(factory(case)(), str(tmp_path / "hf")).eval()
-    close(models.forward(fp, inputs(case)), hf_out, "fastpeft(HF adapter) vs HF")
-    fp.save_pretrained(str(tmp_path / "fp"))
-    hf_sd = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    fp_sd = load_file(str(tmp_path / "fp" / "adapter_model.safetensors"))
-    assert set(fp_sd) == set(hf_sd) and any(".ia3_l" in k for k in hf_sd)
-    for key in hf_sd:
-        assert torch.equal(fp_sd[key], hf_sd[key]), key
-    assert _json(tmp_path / "fp") == _json(tmp_path / "hf")
-    back = peft.PeftModel.from_pretrained(factory(case)(), str(tmp_path / "fp")).eval()
-    close(models.forward(back, inputs(case)), hf_out, "HF(fastpeft adapter) vs HF")
+    oracle_helpers.assert_differs(models.forward(hf, inputs(case)), models.forward(base(case), inputs(case)))
+    oracle_helpers.assert_files_both_ways(hf, partial(base, case), inputs(case), tmp_path, close)
+    assert any(".ia3_l" in k for k in load_file(str(tmp_path / "hf" / "adapter_model.safetensors")))
 
 
 @pytest.mark.parametrize("case", ["mlp", "conv2d", "gpt2_conv1d", "llama", "t5"])
 def test_fresh_adapter_files_match_hf(case, tmp_path):
     """Built by each library from the same config: identical files (vectors of ones) and configs."""
     for lib, sub in ((peft, "hf"), (fastpeft, "fp")):
-        model = lib.get_peft_model(factory(case)(), config(lib, case))
-        close(models.forward(model.eval(), inputs(case)), models.forward(factory(case)(), inputs(case)), "init")
+        model = lib.get_peft_model(base(case), config(lib, case))
+        close(models.forward(model.eval(), inputs(case)), models.forward(base(case), inputs(case)), "init")
         model.save_pretrained(str(tmp_path / sub))
-    hf_sd = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    fp_sd = load_file(str(tmp_path / "fp" / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in fp_sd.items()} == {k: v.shape for k, v in hf_sd.items()}
-    assert all(torch.equal(fp_sd[k], hf_sd[k]) for k in hf_sd)
-    assert _json(tmp_path / "fp") == _json(tmp_path / "hf")
+    oracle_helpers.assert_same_files(tmp_path / "fp", tmp_path / "hf")
 
 
-def _copy_hf_into_fastpeft(case, **extra):
-    hf = build(peft, case, **extra)
-    fp = fastpeft.get_peft_model(factory(case)(), config(fastpeft, case, **extra)).eval()
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
-    return hf, fp
-
-
-def _grads(model, lib):
-    return lib.get_peft_model_state_dict(
-        model, state_dict={n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-
-
-@pytest.mark.parametrize("case", ["mlp", "conv2d", "gpt2_conv1d", "llama", "bert"])
-def test_training_step_gradients_match_hf(case):
-    hf, fp = _copy_hf_into_fastpeft(case)
-    x = inputs(case)
-    for model in (hf, fp):
-        model.train()
-        torch.manual_seed(1)  # the same dropout masks, drawn in the same order
-        out = model(**x) if isinstance(x, dict) else model(x)
-        out = out.logits if hasattr(out, "logits") else out
-        (out.float() ** 2).mean().backward()
-    hf_g, fp_g = _grads(hf, peft), _grads(fp, fastpeft)
-    assert set(fp_g) == set(hf_g) and any(".ia3_l" in k for k in hf_g)
-    for key in hf_g:
-        close(fp_g[key], hf_g[key], f"grad {key}")
-    assert max(g.abs().max().item() for g in fp_g.values()) > 1e-5
+# (mlp, gpt2_conv1d, llama and bert are the contract rows ia3-*: tests/test_oracle_matrix.py takes their training step)
+def test_training_step_gradients_match_hf():
+    oracle_helpers.assert_gradients_like_hf(build(fastpeft, "conv2d"), build(peft, "conv2d"), inputs("conv2d"), close,
+                                            ".ia3_l")
 
 
 def _two_adapters(lib, case):
@@ -143,57 +78,32 @@ def _two_adapters(lib, case):
 @pytest.mark.parametrize("case", ["mlp", "conv2d", "gpt2_conv1d", "llama"])
 def test_merge_unmerge_and_unload_match_hf(case):
     """Several adapters merged multiply in; unmerging divides (same eps as HF: bit-identical base weights)."""
-    hf, fp = _two_adapters(peft, case), _two_adapters(fastpeft, case)
-    base = {n: p.detach().clone() for n, p in fp.named_parameters() if "base_layer" in n}
-    x = inputs(case)
-    for model in (hf, fp):
-        model.base_model.set_adapter(["default", "other"])
-    both = models.forward(hf, x)
-    close(models.forward(fp, x), both, "two active adapters")
-    for model in (hf, fp):
-        model.merge_adapter()
-    close(models.forward(fp, x), both, "merged (two)")
-    close(models.forward(fp, x), models.forward(hf, x), "merged vs HF merged")
-    hf_w = {n: p for n, p in hf.named_parameters() if "base_layer" in n}
-    for n, p in fp.named_parameters():
-        if n in base:
-            close(p, hf_w[n], f"merged {n}")
-    for model in (hf, fp):
-        model.unmerge_adapter()
-    for n, p in fp.named_parameters():
-        if n in base:
-            assert torch.equal(p, hf_w[n]), n
-            close(p, base[n], f"restored {n}", atol=1e-6)
-    merged = fp.merge_and_unload(safe_merge=True)
-    hf_merged = hf.merge_and_unload(safe_merge=True)
-    assert {type(m) for m in merged.modules()} == {type(m) for m in hf_merged.modules()}
-    close(models.forward(merged, x), both, "merge_and_unload")
+    oracle_helpers.assert_adapters_merge_like_hf(_two_adapters(fastpeft, case), _two_adapters(peft, case),
+                                                 inputs(case), close, exact_unmerge=True)
 
 
 def test_disable_adapter_and_unload_give_base():
     fp = build(fastpeft, "llama")
-    x, base = inputs("llama"), models.forward(factory("llama")(), inputs("llama"))
+    x, base_out = inputs("llama"), models.forward(base("llama"), inputs("llama"))
     adapted = models.forward(fp, x)
-    differs(adapted, base)
+    oracle_helpers.assert_differs(adapted, base_out)
     with fp.disable_adapter():
-        close(models.forward(fp, x), base, "disabled")
+        close(models.forward(fp, x), base_out, "disabled")
     fp.merge_adapter()
     with fp.disable_adapter():  # a merged adapter is unmerged first
-        close(models.forward(fp, x), base, "disabled after merge")
+        close(models.forward(fp, x), base_out, "disabled after merge")
     close(models.forward(fp, x), adapted, "enabled again")
-    close(models.forward(fp.unload(), x), base, "unload")
+    close(models.forward(fp.unload(), x), base_out, "unload")
+
+
+def test_disable_set_delete_and_mixed_batch_match_hf():
+    x = inputs("llama")
+    oracle_helpers.assert_adapter_switching_like_hf(_two_adapters(fastpeft, "llama"), _two_adapters(peft, "llama"),
+                                                    x, models.forward(base("llama"), x), close)
 
 
 def test_mixed_batch_rows_match_hf_single_adapter_runs():
     """Each row with its own adapter (core's grouped path) equals HF PEFT run with that adapter alone."""
-    hf, fp = _two_adapters(peft, "llama"), _two_adapters(fastpeft, "llama")
-    x = inputs("llama")
-    names = ["other", "__base__"]
-    mixed = models.forward(fp, {**x, "adapter_names": names})
-    hf.set_adapter("other")
-    close(mixed[:1], models.forward(hf, {k: v[:1] for k, v in x.items()}), "row 0 (other)")
-    with hf.disable_adapter():
-        close(mixed[1:], models.forward(hf, {k: v[1:] for k, v in x.items()}), "row 1 (base)")
     x_mlp = inputs("mlp")
     hf, fp = _two_adapters(peft, "mlp"), _two_adapters(fastpeft, "mlp")
     names = ["default", "other", "__base__"] * (len(x_mlp) // 3 + 1)
@@ -210,8 +120,8 @@ def test_mixed_batch_rows_match_hf_single_adapter_runs():
 
 
 def _weighted(lib, first: dict, second: dict, weights):
-    model = lib.get_peft_model(models.make_mlp(), (peft.IA3Config if lib is peft else IA3Config)(**first))
-    model.add_adapter("b", (peft.IA3Config if lib is peft else IA3Config)(**second))
+    model = lib.get_peft_model(models.make_mlp(), TABLE.classes[lib](**first))
+    model.add_adapter("b", TABLE.classes[lib](**second))
     models.perturb(model, 3, 0.3, wanted=lambda n: ".ia3_l." in n)
     model.base_model.add_weighted_adapter(["default", "b"], weights, "mix")
     model.set_adapter("mix")
@@ -334,8 +244,8 @@ def test_fan_in_fan_out_corrected_per_layer_and_role_kept(caplog):
 def test_bf16_base_with_float32_vectors_matches_hf_bitwise(case):
     x = inputs(case)
     x = x if isinstance(x, dict) else x.to(torch.bfloat16)
-    hf = models.perturb(peft.get_peft_model(factory(case)().to(torch.bfloat16), config(peft, case)), 0, 0.3).eval()
-    fp = fastpeft.get_peft_model(factory(case)().to(torch.bfloat16), config(fastpeft, case)).eval()
+    hf = models.perturb(peft.get_peft_model(base(case).to(torch.bfloat16), config(peft, case)), 0, 0.3).eval()
+    fp = fastpeft.get_peft_model(base(case).to(torch.bfloat16), config(fastpeft, case)).eval()
     fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
     assert all(p.dtype == torch.float32 for n, p in fp.named_parameters() if ".ia3_l." in n)
     out = models.forward(fp, x)

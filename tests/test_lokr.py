@@ -3,15 +3,23 @@ kernels), outputs, gradients, dropout in training, merging, several adapters, er
 
 from __future__ import annotations
 
-import copy
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 import models
+from oracle_helpers import (
+    ModelCaseTable,
+    assert_dropout_draws_like_hf,
+    assert_dropout_never_merged,
+    assert_init_like_hf,
+    assert_loads_both_ways,
+    assert_merges_like_hf,
+    assert_same_config_json,
+    assert_same_training_step,
+    assert_two_adapters_like_hf,
+)
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
@@ -94,38 +102,12 @@ CASES.update(HF_CRASHES)
 HF_CASES = [c for c in CASES if c not in HF_CRASHES]
 
 
-def config(lib, case, **extra):
-    kw = {**copy.deepcopy(CASES[case][1]), **extra}
-    return (LoKrConfig if lib is fastpeft else peft.LoKrConfig)(**kw)
-
-
-def factory(case):
-    return MODELS[CASES[case][0]][0]
-
-
-def inputs(case):
-    return MODELS[CASES[case][0]][1]()
-
-
-def build(lib, case, seed=0, **extra):
-    model = lib.get_peft_model(factory(case)(), config(lib, case, **extra))
-    return models.perturb(model, seed, 0.3).eval()
+TABLE = ModelCaseTable(CASES, LoKrConfig, peft.LoKrConfig, scale=0.3, model_table=MODELS)
+build, inputs, base = TABLE.build, TABLE.inputs, TABLE.base
 
 
 def close(a, b, what=""):
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
-
-
-def step_grads(model, lib, x, seed):
-    torch.manual_seed(seed)
-    model.zero_grad()
-    out = model(**x) if isinstance(x, dict) else model(x)
-    out = out if isinstance(out, torch.Tensor) else out.logits
-    if out.requires_grad:  # False when module dropout skipped every adapter
-        out.float().pow(2).mean().backward()
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), lib.get_peft_model_state_dict(model, state_dict=grads)
 
 
 def saved(path):
@@ -146,65 +128,33 @@ def test_config_fields_defaults_and_json_match_hf(tmp_path):
     kw = dict(r=3, alpha=5, rank_dropout=0.2, module_dropout=0.1, use_effective_conv2d=True, decompose_both=True,
               decompose_factor=4, rank_dropout_scale=True, init_weights="lycoris", target_modules="lin.*",
               rank_pattern={"a": 2}, alpha_pattern={"b": 7}, exclude_modules=["head"])
-    peft.LoKrConfig(**kw).save_pretrained(str(tmp_path / "hf"))
-    LoKrConfig(**kw).save_pretrained(str(tmp_path / "fp"))
-    hf_json, fp_json = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("hf", "fp"))
-    for data in (hf_json, fp_json):
-        data.pop("peft_version")
-    assert fp_json == hf_json
+    assert_same_config_json(LoKrConfig(**kw), peft.LoKrConfig(**kw), tmp_path)
     loaded = fastpeft.PeftConfig.from_pretrained(str(tmp_path / "hf"))
     assert isinstance(loaded, LoKrConfig) and loaded.init_weights == "lycoris" and loaded.decompose_factor == 4
-    assert peft.PeftConfig.from_pretrained(str(tmp_path / "fp")).rank_dropout_scale is True
+    assert peft.PeftConfig.from_pretrained(str(tmp_path / "ours")).rank_dropout_scale is True
 
 
 # ------------------------------------------------------------------------------------------------ init and files
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_and_saved_files_match_hf(case, tmp_path):
-    """Same seed -> the same factors and layout (which of W1 / W2 are factored), same file keys and values."""
-    fp = fastpeft.get_peft_model(factory(case)(), config(fastpeft, case))
-    hf = peft.get_peft_model(factory(case)(), config(peft, case))
-    if config(fastpeft, case).init_weights:
-        close(models.forward(fp.eval(), inputs(case)), models.forward(factory(case)(), inputs(case)), "identity")
-    fp.save_pretrained(str(tmp_path / "fp"))
-    hf.save_pretrained(str(tmp_path / "hf"))
-    fp_sd, hf_sd = saved(tmp_path / "fp"), saved(tmp_path / "hf")
-    assert set(fp_sd) == set(hf_sd) and any(".lokr_w1" in k for k in fp_sd)
-    for key in hf_sd:
-        close(fp_sd[key], hf_sd[key], key)
+    """Same seed -> the same factors and layout (which of W1 / W2 are factored), bitwise the same file tensors
+    and the same adapter_config.json."""
+    identity = bool(TABLE.config(fastpeft, case).init_weights)
+    assert_init_like_hf(TABLE, case, tmp_path, close, identity, hf_runs=case not in HF_CRASHES)
+    assert any(".lokr_w1" in k for k in saved(tmp_path / "ours"))
 
 
 def test_cases_cover_every_factor_layout():
     kinds = set()
     for case in CASES:
-        model = fastpeft.get_peft_model(factory(case)(), config(fastpeft, case))
+        model = fastpeft.get_peft_model(base(case), TABLE.config(fastpeft, case))
         kinds |= {n.split(".")[-2] for n, _ in model.named_parameters() if ".lokr_" in n}
     assert kinds == {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 
 
 @pytest.mark.parametrize("case", HF_CASES)
-def test_hf_adapter_loads_in_fastpeft_and_back(case, tmp_path):
-    hf = build(peft, case)
-    hf_out = models.forward(hf, inputs(case))
-    assert (hf_out - models.forward(factory(case)(), inputs(case))).abs().max() > 1e-3
-    hf.save_pretrained(str(tmp_path / "hf"))
-    fp = fastpeft.PeftModel.from_pretrained(factory(case)(), str(tmp_path / "hf")).eval()
-    close(models.forward(fp, inputs(case)), hf_out, "fastpeft(HF adapter) vs HF")
-    fp.save_pretrained(str(tmp_path / "fp"))
-    fp_sd, hf_sd = saved(tmp_path / "fp"), saved(tmp_path / "hf")
-    assert set(fp_sd) == set(hf_sd)
-    for key in hf_sd:
-        close(fp_sd[key], hf_sd[key], key)
-    back = peft.PeftModel.from_pretrained(factory(case)(), str(tmp_path / "fp")).eval()
-    close(models.forward(back, inputs(case)), hf_out, "HF(fastpeft re-save) vs HF")
-
-
-@pytest.mark.parametrize("case", ["mlp_both_lycoris", "wide2d_effective", "bert_patterns"])
-def test_fastpeft_adapter_loads_in_hf(case, tmp_path):
-    fp = build(fastpeft, case, seed=3)
-    fp_out = models.forward(fp, inputs(case))
-    fp.save_pretrained(str(tmp_path))
-    hf = peft.PeftModel.from_pretrained(factory(case)(), str(tmp_path)).eval()
-    close(models.forward(hf, inputs(case)), fp_out, "HF(fastpeft adapter) vs fastpeft")
+def test_adapter_files_load_both_ways(case, tmp_path):
+    assert_loads_both_ways(TABLE, case, tmp_path, close)
 
 
 @pytest.mark.parametrize("case", list(HF_CRASHES))
@@ -217,19 +167,19 @@ def test_unit_dim_cp_kernels_where_hf_crashes(case, tmp_path):
     hf.save_pretrained(str(tmp_path))
     with pytest.raises(RuntimeError):  # the HF bug this case documents
         models.forward(hf, inputs(case))
-    fp = fastpeft.PeftModel.from_pretrained(factory(case)(), str(tmp_path)).eval()
-    expected_model = factory(case)()
+    fp = fastpeft.PeftModel.from_pretrained(base(case), str(tmp_path)).eval()
+    expected_model = base(case)
     for name in CASES[case][1]["target_modules"]:
         layer = getattr(hf.base_model.model, name)
         w1 = layer.lokr_w1["default"] if "default" in layer.lokr_w1 else (
             layer.lokr_w1_a["default"] @ layer.lokr_w1_b["default"])
         w2 = make_weight_cp(layer.lokr_t2["default"], layer.lokr_w2_a["default"], layer.lokr_w2_b["default"])
         w2 = torch.empty(w2.shape).copy_(w2)
-        base = getattr(expected_model, name)
-        delta = make_kron(w1, w2, layer.scaling["default"]).reshape(base.weight.shape).detach()
+        target = getattr(expected_model, name)
+        delta = make_kron(w1, w2, layer.scaling["default"]).reshape(target.weight.shape).detach()
         close(getattr(fp.base_model.model, name).delta_weight("default"), delta, f"dW {name}")
         with torch.no_grad():
-            base.weight += delta
+            target.weight += delta
     close(models.forward(fp, inputs(case)), models.forward(expected_model, inputs(case)), "output")
     fp.save_pretrained(str(tmp_path / "fp"))
     assert set(saved(tmp_path / "fp")) == set(saved(tmp_path))
@@ -238,83 +188,33 @@ def test_unit_dim_cp_kernels_where_hf_crashes(case, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("case", ["mlp_both_lycoris", "conv1d_full_w2", "wide2d_effective", "llama"])
 def test_gradients_match_hf(case):
-    hf, fp = build(peft, case).train(), build(fastpeft, case).train()
-    hf_out, hf_grads = step_grads(hf, peft, inputs(case), 0)
-    fp_out, fp_grads = step_grads(fp, fastpeft, inputs(case), 0)
-    close(fp_out, hf_out, "training output")
-    assert set(fp_grads) == set(hf_grads)
-    for key in hf_grads:
-        close(fp_grads[key], hf_grads[key], f"grad {key}")
+    assert_same_training_step(build(fastpeft, case), build(peft, case), inputs(case), close)
 
 
 @pytest.mark.parametrize("case, scale", [("mlp", False), ("wide2d_effective", True), ("bert_patterns", True)])
 def test_dropout_in_training_matches_hf_under_the_same_seed(case, scale):
     """rank_dropout (with / without rank_dropout_scale) and module_dropout draw the same random numbers as HF."""
     extra = dict(rank_dropout=0.5, module_dropout=0.3, rank_dropout_scale=scale)
-    hf, fp = build(peft, case, **extra).train(), build(fastpeft, case, **extra).train()
-    outs = []
-    for seed in range(3):
-        hf_out, hf_grads = step_grads(hf, peft, inputs(case), seed)
-        fp_out, fp_grads = step_grads(fp, fastpeft, inputs(case), seed)
-        close(fp_out, hf_out, f"training output, seed {seed}")
-        for key in hf_grads:
-            close(fp_grads[key], hf_grads[key], f"grad {key}, seed {seed}")
-        outs.append(fp_out)
-    assert any((outs[0] - o).abs().max() > 1e-4 for o in outs[1:]), "dropout did not change anything"
+    fp, hf = build(fastpeft, case, **extra), build(peft, case, **extra)
+    assert_dropout_draws_like_hf(fp, hf, inputs(case), close, seeds=range(3))
 
 
 def test_dropout_is_never_merged_and_eval_is_deterministic():
     extra = dict(rank_dropout=0.9, module_dropout=0.9, rank_dropout_scale=True)
     fp, hf = build(fastpeft, "wide2d", **extra), build(peft, "wide2d", **extra)
-    x = inputs("wide2d")
-    expected = models.forward(fp, x)
-    close(models.forward(fp, x), expected, "eval mode draws nothing")
-    fp.train()
-    hf.train()
-    fp.base_model.merge_adapter()
-    hf.base_model.merge_adapter()
-    fp.eval()
-    close(models.forward(fp, x), expected, "merged in training mode")
-    for name in ("conv0", "conv1"):
-        close(getattr(fp.base_model.model, name).base_layer.weight,
-              getattr(hf.base_model.model, name).base_layer.weight, f"merged {name} vs HF")
+    assert_dropout_never_merged(fp, hf, inputs("wide2d"), close, targets=("conv0", "conv1"))
 
 
 # ------------------------------------------------------------------------------------------------ merging
 @pytest.mark.parametrize("case", ["mlp_full_w2", "conv1d_full_w2", "conv2d", "wide2d_effective", "bert_patterns"])
 def test_merge_unmerge_and_unload_match_hf(case):
-    hf, fp = build(peft, case), build(fastpeft, case)
-    expected = models.forward(hf, inputs(case))
-    models.assert_merge_roundtrip(fp, inputs(case), expected, close, safe_merge=True)
-    merged_fp, merged_hf = fp.merge_and_unload(), hf.merge_and_unload()
-    close(models.forward(merged_fp, inputs(case)), expected, "merge_and_unload")
-    hf_weights = dict(merged_hf.named_parameters())
-    for name, param in merged_fp.named_parameters():
-        close(param, hf_weights[name], f"merged {name}")
+    assert_merges_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close, safe_merge=True)
 
 
 # ------------------------------------------------------------------------------------------------ adapters
 def test_two_adapters_set_disable_delete_match_hf(tmp_path):
-    case = "wide2d"
-    fp, hf = build(fastpeft, case), build(peft, case)
-    for lib, model in ((fastpeft, fp), (peft, hf)):
-        torch.manual_seed(7)  # same initial factors in both libraries
-        model.add_adapter("other", config(lib, case, r=1, use_effective_conv2d=True, init_weights="lycoris"))
-        models.perturb(model, 5, 0.3, wanted=lambda n: ".other" in n)
-    for names in ("default", "other"):
-        fp.set_adapter(names)
-        hf.set_adapter(names)
-        close(models.forward(fp, inputs(case)), models.forward(hf, inputs(case)), f"adapter {names}")
-    with fp.disable_adapter():
-        close(models.forward(fp, inputs(case)), models.forward(factory(case)(), inputs(case)), "disabled")
-    fp.save_pretrained(str(tmp_path))
-    reloaded = peft.PeftModel.from_pretrained(factory(case)(), str(tmp_path / "other"), adapter_name="other")
-    close(models.forward(reloaded.eval(), inputs(case)), models.forward(fp, inputs(case)), "HF loads 'other'")
-    fp.delete_adapter("other")
-    assert all("other" not in n for n, _ in fp.named_parameters())
-    fp.set_adapter("default")
-    hf.set_adapter("default")
-    close(models.forward(fp, inputs(case)), models.forward(hf, inputs(case)), "after delete")
+    other = dict(r=1, use_effective_conv2d=True, init_weights="lycoris")
+    assert_two_adapters_like_hf(TABLE, "wide2d", other, tmp_path, close)
 
 
 # ------------------------------------------------------------------------------------------------ errors

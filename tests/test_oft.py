@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import copy
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import models
+from oracle_helpers import (
+    CaseTable,
+    assert_adapter_sets_like_hf,
+    assert_gradients_like_hf,
+    assert_init_like_hf,
+    assert_loads_both_ways,
+    assert_merge_cycle_like_hf,
+    assert_mixed_batch_rows,
+)
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
@@ -35,33 +41,12 @@ CASES = {
 MERGE_KEEPS_OUTPUTS = ["mlp", "mlp_exact_r", "mlp_coft_share", "embedding", "llama"]
 
 
-def config(lib, case, **extra):
-    kw = {**copy.deepcopy(CASES[case][1]), **extra}
-    if "task_type" in kw:
-        kw["task_type"] = getattr(lib.TaskType, kw["task_type"])
-    return (OFTConfig if lib is fastpeft else lib.OFTConfig)(**kw)
-
-
-def build(lib, case, seed=0, **extra):
-    factory = models.MODELS[CASES[case][0]][0]
-    model = lib.get_peft_model(factory(), config(lib, case, **extra))
-    return models.perturb(model, seed, 0.1).eval()
-
-
-def inputs(case):
-    return models.MODELS[CASES[case][0]][1]()
-
-
-def base_out(case):
-    return models.forward(models.MODELS[CASES[case][0]][0](), inputs(case))
+TABLE = CaseTable(CASES, OFTConfig, peft.OFTConfig, scale=0.1)
+build, config, inputs = TABLE.build, TABLE.config, TABLE.inputs
 
 
 def close(a, b, what="", atol=ATOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
-
-
-def differs(a, b):
-    assert (a - b).abs().max().item() > 1e-3, "the adapter does not change the outputs"
 
 
 def copy_hf_into_fastpeft(build_fn, factory, fp_config):
@@ -72,97 +57,40 @@ def copy_hf_into_fastpeft(build_fn, factory, fp_config):
     return hf, fp.eval()
 
 
-def grads(model, lib):
-    return lib.get_peft_model_state_dict(
-        model, state_dict={n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-
-
-def training_grads(models_and_libs, x, seed=1):
-    """One backward pass of each model (same seed before each): {lib: gradient file state}."""
-    out = {}
-    for model, lib in models_and_libs:
-        model.train()
-        torch.manual_seed(seed)
-        result = model(**x) if isinstance(x, dict) else model(x)
-        result = result.logits if hasattr(result, "logits") else result
-        (result.float() ** 2).mean().backward()
-        out[lib] = grads(model, lib)
-    return out
-
-
-def compare_saved_configs(tmp_path):
-    fp_cfg, hf_cfg = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("fp", "hf"))
-    for cfg in (fp_cfg, hf_cfg):
-        cfg.pop("peft_version")
-        for k, v in cfg.items():
-            cfg[k] = sorted(map(str, v)) if isinstance(v, list) else v
-    assert fp_cfg == hf_cfg
-
-
-def compare_saved_files(tmp_path, values: bool):
-    fp_sd = load_file(str(tmp_path / "fp" / "adapter_model.safetensors"))
-    hf_sd = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    assert set(fp_sd) == set(hf_sd) and fp_sd
-    for k in hf_sd:
-        assert fp_sd[k].shape == hf_sd[k].shape, k
-        if values:
-            close(fp_sd[k], hf_sd[k], k)
+def pair(table, case):
+    """`copy_hf_into_fastpeft` for a case of a CaseTable."""
+    return copy_hf_into_fastpeft(lambda: table.build(peft, case), lambda: table.base(case), table.config(fastpeft, case))
 
 
 # ---------------------------------------------------------------------------------------------- files, both ways
-@pytest.mark.parametrize("case", list(CASES))
-def test_hf_adapter_loads_in_fastpeft(case, tmp_path):
-    hf = build(peft, case)
-    hf_out = models.forward(hf, inputs(case))
-    differs(hf_out, base_out(case))
-    hf.save_pretrained(str(tmp_path))
-    fp = fastpeft.PeftModel.from_pretrained(models.MODELS[CASES[case][0]][0](), str(tmp_path)).eval()
-    close(models.forward(fp, inputs(case)), hf_out, "fastpeft(HF adapter) vs HF PEFT")
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_fastpeft_adapter_loads_in_hf(case, tmp_path):
-    fp = build(fastpeft, case)
-    fp_out = models.forward(fp, inputs(case))
-    differs(fp_out, base_out(case))
-    fp.save_pretrained(str(tmp_path))
-    hf = peft.PeftModel.from_pretrained(models.MODELS[CASES[case][0]][0](), str(tmp_path)).eval()
-    close(models.forward(hf, inputs(case)), fp_out, "HF PEFT(fastpeft adapter) vs fastpeft")
+# "mlp" is the oracle matrix's oft-mlp row (tests/test_oracle_matrix.py)
+@pytest.mark.parametrize("case", [c for c in CASES if c != "mlp"])
+def test_adapter_files_load_both_ways(case, tmp_path):
+    assert_loads_both_ways(TABLE, case, tmp_path, close)
 
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_coft_share", "conv2d", "embedding", "bert"])
 def test_saved_files_config_and_init_match_hf(case, tmp_path):
-    factory = models.MODELS[CASES[case][0]][0]
-    fp_model = fastpeft.get_peft_model(factory(), config(fastpeft, case)).eval()
-    hf_model = peft.get_peft_model(factory(), config(peft, case)).eval()
-    close(models.forward(fp_model, inputs(case)), models.forward(hf_model, inputs(case)), "at init")
-    fp_model.save_pretrained(str(tmp_path / "fp"))
-    hf_model.save_pretrained(str(tmp_path / "hf"))
-    compare_saved_files(tmp_path, values=True)
-    compare_saved_configs(tmp_path)
+    # HF PEFT's unmerged k x k Conv2d path is not the base convolution even with identity rotations (as ours)
+    assert_init_like_hf(TABLE, case, tmp_path, close, identity=case != "conv2d")
 
 
 @pytest.mark.parametrize("case", ["mlp", "embedding"])
 def test_random_init_has_hf_shapes_and_scale(case, tmp_path):
     """init_weights=False: normal(0, 0.1) blocks in both libraries (same keys and shapes, similar spread)."""
-    for lib, sub in ((fastpeft, "fp"), (peft, "hf")):
-        model = lib.get_peft_model(models.MODELS[CASES[case][0]][0](), config(lib, case, init_weights=False))
-        model.save_pretrained(str(tmp_path / sub))
-    compare_saved_files(tmp_path, values=False)
-    for t in load_file(str(tmp_path / "fp" / "adapter_model.safetensors")).values():
-        assert 0.03 < t.std().item() < 0.3
+    saved = {}
+    for lib in (fastpeft, peft):
+        lib.get_peft_model(TABLE.base(case), config(lib, case, init_weights=False)).save_pretrained(str(tmp_path))
+        saved[lib] = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k: t.shape for k, t in saved[fastpeft].items()} == {k: t.shape for k, t in saved[peft].items()}
+    assert saved[fastpeft] and all(0.03 < t.std().item() < 0.3 for t in saved[fastpeft].values())
 
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("case", ["mlp", "mlp_exact_r", "mlp_coft_share", "conv2d", "embedding", "llama"])
 def test_training_step_gradients_match_hf(case):
-    hf, fp = copy_hf_into_fastpeft(lambda: build(peft, case), models.MODELS[CASES[case][0]][0],
-                                   config(fastpeft, case))
-    got = training_grads([(hf, peft), (fp, fastpeft)], inputs(case))
-    assert set(got[fastpeft]) == set(got[peft])
-    for k in got[peft]:
-        close(got[fastpeft][k], got[peft][k], f"grad {k}")
-    assert max(g.abs().max().item() for g in got[fastpeft].values()) > 1e-5
+    hf, fp = pair(TABLE, case)
+    assert_gradients_like_hf(fp, hf, inputs(case), close, marker="oft_R")
     # COFT projects the parameters in place during forward: the projected values agree too
     close_states(fp, hf)
 
@@ -185,26 +113,8 @@ def test_bias_oft_only_trains_adapted_biases():
 @pytest.mark.parametrize("case", MERGE_KEEPS_OUTPUTS + ["conv2d"])
 @pytest.mark.parametrize("safe", [False, True])
 def test_merge_unmerge_and_unload_match_hf(case, safe):
-    hf, fp = copy_hf_into_fastpeft(lambda: build(peft, case), models.MODELS[CASES[case][0]][0],
-                                   config(fastpeft, case))
-    x = inputs(case)
-    expected = models.forward(fp, x)
-    weights = {n: p.detach().clone() for n, p in fp.named_parameters() if "base_layer" in n}
-    fp.base_model.merge_adapter(safe_merge=safe)
-    if case in MERGE_KEEPS_OUTPUTS:
-        close(models.forward(fp, x), expected, "merged")
-    assert any((weights[n] - p).abs().max() > 1e-4 for n, p in fp.named_parameters() if n in weights)
-    fp.base_model.unmerge_adapter()
-    close(models.forward(fp, x), expected, "unmerged")
-    for n, p in fp.named_parameters():
-        if n in weights:
-            close(p, weights[n], f"restored {n}")
-    with fp.disable_adapter(), hf.disable_adapter():  # (trained biases stay, as in HF)
-        close(models.forward(fp, x), models.forward(hf, x), "disabled")
-    merged = fp.merge_and_unload(safe_merge=safe)
-    hf_w = dict(hf.merge_and_unload().named_parameters())
-    for n, p in merged.named_parameters():
-        close(p, hf_w[n], f"merged weight {n}")
+    hf, fp = pair(TABLE, case)
+    assert_merge_cycle_like_hf(fp, hf, inputs(case), close, safe, keeps_outputs=case in MERGE_KEEPS_OUTPUTS)
 
 
 def test_hf_unmerge_equals_ours_with_neumann_rotation():
@@ -227,50 +137,35 @@ def test_hf_unmerge_equals_ours_with_neumann_rotation():
 
 
 # ---------------------------------------------------------------------------------------------- several adapters
-def two_adapters(lib):
-    model = build(lib, "mlp")
-    model.add_adapter("other", config(lib, "mlp", target_modules=["lin1", "head"], oft_block_size=4))
-    models.perturb(model, 5, 0.1, wanted=lambda n: ".other." in n)
+def two_adapters(table, lib, **other):
+    """`table`'s "mlp" adapter and a perturbed second one, 'other', on lin1 and head (`other`: its block option)."""
+    model = table.build(lib, "mlp")
+    model.add_adapter("other", table.config(lib, "mlp", target_modules=["lin1", "head"], **other))
+    models.perturb(model, 5, 0.1, wanted=lambda n: ".other" in n)
     return model
 
 
-def test_two_adapters_active_and_switching_match_hf():
-    hf, fp = two_adapters(peft), two_adapters(fastpeft)
+def two_adapter_pair(table, **other):
+    """HF PEFT and fastpeft models with `two_adapters`, the fastpeft one holding HF PEFT's tensors."""
+    hf, fp = two_adapters(table, peft, **other), two_adapters(table, fastpeft, **other)
     fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf, adapter_name="other"), "other")
     fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
-    x = models.mlp_inputs()
-    for active in (["default", "other"], "other", "default"):
-        hf.base_model.set_adapter(active)
-        fp.base_model.set_adapter(active)
-        close(models.forward(fp, x), models.forward(hf, x), f"active={active}")
-    hf.base_model.set_adapter(["default", "other"])
-    fp.base_model.set_adapter(["default", "other"])
-    expected = models.forward(fp, x)
-    for model in (hf, fp):
-        model.merge_adapter(["default", "other"])
+    return hf, fp
+
+
+def test_two_adapters_active_and_switching_match_hf():
+    hf, fp = two_adapter_pair(TABLE, oft_block_size=4)
     # (two rotations of one layer do not commute: as in HF, merging both is not the unmerged forward)
-    close(models.forward(fp, x), models.forward(hf, x), "both merged vs HF")
-    fp.unmerge_adapter()
-    close(models.forward(fp, x), expected, "both unmerged")
+    assert_adapter_sets_like_hf(fp, hf, models.mlp_inputs(), close, merged_keeps_outputs=False)
 
 
 def test_mixed_batch_rows_equal_single_adapter_runs():
-    fp = two_adapters(fastpeft)
-    x = models.mlp_inputs()[:3]
-    names = ["default", "other", "__base__"]
-    mixed = fp(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with fp.disable_adapter():
-                want = fp(x[i:i + 1])
-        else:
-            fp.base_model.set_adapter(name)
-            want = fp(x[i:i + 1])
-        close(mixed[i:i + 1], want, f"row {i} ({name})")
+    fp = two_adapters(TABLE, fastpeft, oft_block_size=4)
+    assert_mixed_batch_rows(fp, models.mlp_inputs()[:3], ["default", "other", "__base__"], close)
 
 
 def test_delete_adapter_and_reload(tmp_path):
-    fp = two_adapters(fastpeft)
+    fp = two_adapters(TABLE, fastpeft, oft_block_size=4)
     x = models.mlp_inputs()
     fp.base_model.set_adapter("other")
     other_out = models.forward(fp, x)

@@ -7,8 +7,6 @@ them directly.
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
@@ -17,6 +15,7 @@ import fastpeft
 from fastpeft.methods.poly import PolyConfig
 
 from models import make_llama, make_mlp, make_t5, perturb, t5_inputs
+from oracle_helpers import assert_same_files, assert_same_state_dict
 
 MLP_KW = {"r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "target_modules": ["lin0", "lin1"]}
 TASKS = torch.tensor([0, 2, 1])
@@ -41,10 +40,6 @@ def pair(make, config_kwargs, seed=0):
     return hf.eval(), fp.eval()
 
 
-def state(model, lib):
-    return lib.get_peft_model_state_dict(model)
-
-
 # ---------------------------------------------------------------------------------------------- custom model
 @pytest.mark.parametrize("init_weights", [True, False])
 def test_same_seed_same_init(init_weights):
@@ -53,10 +48,7 @@ def test_same_seed_same_init(init_weights):
     hf = peft.get_peft_model(make_mlp(), peft.PolyConfig(**kw))
     torch.manual_seed(7)
     fp = fastpeft.get_peft_model(make_mlp(), PolyConfig(**kw))
-    a, b = state(hf, peft), state(fp, fastpeft)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_state_dict(fastpeft.get_peft_model_state_dict(fp), peft.get_peft_model_state_dict(hf))
 
 
 @pytest.mark.parametrize("n_splits", [1, 2])
@@ -89,18 +81,7 @@ def test_files_both_directions(tmp_path):
     expected = hf.base_model(x, task_ids=TASKS)
     hf.save_pretrained(tmp_path / "hf")
     fp.save_pretrained(tmp_path / "fp")
-    from safetensors.torch import load_file
-
-    file_hf = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
-    file_fp = load_file(str(tmp_path / "fp" / "adapter_model.safetensors"))
-    assert file_hf.keys() == file_fp.keys()
-    assert all(torch.equal(file_hf[k], file_fp[k]) for k in file_hf)
-    config_hf = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
-    config_fp = json.loads((tmp_path / "fp" / "adapter_config.json").read_text())
-    for config in (config_hf, config_fp):  # HF PEFT writes the target set in hash order
-        config["target_modules"] = sorted(config["target_modules"])
-    assert config_hf == config_fp
-
+    assert_same_files(tmp_path / "fp", tmp_path / "hf")
     loaded_fp = fastpeft.PeftModel.from_pretrained(make_mlp(), tmp_path / "hf").eval()
     close(loaded_fp(x, task_ids=TASKS), expected)
     loaded_hf = peft.PeftModel.from_pretrained(make_mlp(), tmp_path / "fp").eval()

@@ -26,7 +26,8 @@ from ..core import targeting
 from ..core.dispatch import DispatchChain
 from ..core.layer import AdapterLayer
 from ..core.tuner import Tuner
-from ..integrations.transformers_defaults import LORA_TARGETS, default_targets
+from ..integrations.transformers_defaults import LORA_TARGETS
+from .common import check_layer_selection, fill_targets, is_nn_linear, lists_to_sets
 
 # HF PEFT 0.21.2's LoHa and LoKr default target tables are copies of LoRA's
 LYCORIS_TARGETS: dict[str, list[str]] = dict(LORA_TARGETS)
@@ -67,10 +68,7 @@ class LycorisConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        lists_to_sets(self)
         self.rank_pattern = self.rank_pattern or {}
         self.alpha_pattern = self.alpha_pattern or {}
         self._validate()
@@ -89,8 +87,7 @@ class LycorisConfig(PeftConfig):
                 raise ValueError(f"{name}.{key} must be a probability in [0, 1], got {value!r}.")
         if not any(self.init_weights is c or self.init_weights == c for c in self.INIT_CHOICES):
             raise ValueError(f"{name}.init_weights must be one of {list(self.INIT_CHOICES)}, got {self.init_weights!r}.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(f"{name}: layers_pattern needs layers_to_transform (which layer indices to adapt).")
+        check_layer_selection(self, name)
 
 
 # ---------------------------------------------------------------------------------------------------- math
@@ -242,21 +239,13 @@ def lycoris_dispatch(method: str, linear: type, conv1d: type, conv2d: type) -> D
     return chain
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 class LycorisTuner(Tuner):
     """Config defaults and per-module rank / alpha shared by LoHa and LoKr."""
 
     method_name = "LyCORIS"
 
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = default_targets(LYCORIS_TARGETS, model, self.method_name)
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
-            config.target_modules = targeting.all_linear_targets(model, config.task_type, _is_linear)
-        return config
+        return fill_targets(config, model, LYCORIS_TARGETS, self.method_name, is_nn_linear)
 
     def layer_kwargs(self, config, key, module):
         return {

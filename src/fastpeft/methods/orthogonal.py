@@ -1,4 +1,4 @@
-"""Orthogonal-transform math shared by OFT and BOFT.
+"""Orthogonal-transform math shared by OFT and BOFT, and their common layer base (`RotationLayer`).
 
 OFT (Qiu et al., 2023, https://arxiv.org/abs/2306.07280) rotates a layer's input with a block-diagonal orthogonal
 matrix; BOFT (Liu et al., 2024, https://arxiv.org/abs/2311.06243) multiplies several permuted block-diagonal
@@ -10,6 +10,9 @@ truncated Neumann series when the config asks for it (HF PEFT's coefficients, se
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from ..core.layer import AdapterLayer
 
 
 # ---------------------------------------------------------------------------------------------- skew matrices
@@ -200,3 +203,33 @@ def butterfly_block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     full[chosen] = mask.view(count, 1, 1).to(blocks.device)
     eye = torch.eye(size, device=blocks.device).expand(n_factors, count, size, size)
     return (1 - full) * blocks + full * eye
+
+
+# ---------------------------------------------------------------------------------------------- layer base
+class RotationLayer(AdapterLayer):
+    """What the OFT and BOFT layers share: the base weight seen as rows over the rotated axis, written back after a
+    float32 merge or unmerge. Subclasses give `rotated_dim` and may refuse base layers in `check_base`."""
+
+    def check_base(self) -> None:
+        """Refuse base layers the method cannot rotate (overridden per layer type)."""
+
+    def rotated_dim(self) -> int:
+        raise NotImplementedError
+
+    def weight_rows(self) -> torch.Tensor:
+        """The base weight as (rows, rotated_dim), a view sharing storage."""
+        weight = self.base_layer.weight.data
+        return weight.reshape(weight.shape[0], -1)
+
+    def store_rows(self, rows: torch.Tensor, dtype: torch.dtype, checked_adapter: str | None = None) -> None:
+        """`rows` (as from `weight_rows`) become the base weight in `dtype`; with `checked_adapter` (safe_merge)
+        non-finite values are refused first."""
+        if checked_adapter is not None and not torch.isfinite(rows).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapter '{checked_adapter}' seems to be broken.")
+        self.base_layer.weight.data = rows.to(dtype).reshape(self.base_layer.weight.shape)
+
+
+def conv_rotated_dim(base: nn.Conv2d) -> int:
+    """A Conv2d's weight rotated as (out, in * kh * kw) rows."""
+    kh, kw = base.kernel_size
+    return base.in_channels * kh * kw

@@ -19,10 +19,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..core import targeting
 from ..core.layer import AdapterLayer
 from ..core.tuner import Tuner
-from ..integrations.transformers_defaults import default_targets
+from .common import (
+    align_fan_in_fan_out,
+    check_choice,
+    check_positive_ints,
+    fill_targets,
+    refuse_second_bias_adapter,
+    train_base_biases,
+)
 from .lora.model import is_conv1d, is_linear
 
 logger = logging.getLogger(__name__)
@@ -32,10 +38,8 @@ FILE_PREFIX = "base_model."
 
 def check_projection_config(config, label: str, biases: tuple[str, ...], dropout: float) -> None:
     """Checks shared by VeRA and RandLoRA configs."""
-    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
-        raise ValueError(f"{label}.r must be a positive integer, got {config.r!r}.")
-    if config.bias not in biases:
-        raise ValueError(f"{label}.bias must be one of {list(biases)}, got {config.bias!r}.")
+    check_positive_ints(config, label, ("r",))
+    check_choice(label, "bias", config.bias, biases)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{label} dropout must be in [0, 1), got {dropout!r}.")
     if not config.save_projection:
@@ -95,16 +99,6 @@ def largest_shape(modules: list[nn.Module]) -> tuple[int, int]:
     return max(o for _, o in sizes), max(i for i, _ in sizes)
 
 
-def check_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:
-    """Conv1D stores (in, out) and needs fan_in_fan_out=True, nn.Linear False: fix the config with a warning."""
-    wanted = is_conv1d(module)
-    if config.fan_in_fan_out != wanted:
-        logger.warning("'%s' is %s: setting fan_in_fan_out=%s.", key,
-                       "a Conv1D (weight stored (in, out))" if wanted else "an nn.Linear", wanted)
-        config.fan_in_fan_out = wanted
-    return wanted
-
-
 class ProjectionLayer(AdapterLayer):
     """An adapted Linear / Conv1D reading the tuner's shared projections (`projection_names`)."""
 
@@ -142,7 +136,6 @@ class ProjectionTuner(Tuner):
     projection_names: tuple[str, str] = ("", "")
     method_label = ""
     default_target_table: dict[str, list[str]] = {}
-    bias_only = ""  # the `bias` value that trains the adapted layers' biases (e.g. "vera_only")
     per_layer_file_copies = False  # RandLoRA files hold one copy of the projections per adapted layer
 
     def make_projections(self, config, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,17 +143,11 @@ class ProjectionTuner(Tuner):
 
     # ------------------------------------------------------------------ config and targets
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = default_targets(self.default_target_table, model, self.method_label)
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
-            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
-        return config
+        return fill_targets(config, model, self.default_target_table, self.method_label, is_linear)
 
     def check_new_adapter(self, config) -> None:
+        refuse_second_bias_adapter(self.peft_config, config, self.method_label)
         others = [c for c in self.peft_config.values() if c is not config]
-        if config.bias != "none" and any(c.bias != "none" for c in others):
-            raise ValueError(f"Only one {self.method_label} adapter per model may train biases: set bias='none' for "
-                             "the new adapter (an existing adapter already uses bias other than 'none').")
         for other in others:
             if other.projection_prng_key != config.projection_prng_key:
                 raise ValueError(
@@ -196,7 +183,7 @@ class ProjectionTuner(Tuner):
     def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
         return {"projections": self.projection_stores(),
-                "fan_in_fan_out": check_fan_in_fan_out(config, base, key) if is_linear(base) else False}
+                "fan_in_fan_out": align_fan_in_fan_out(config, base, key) if is_linear(base) else False}
 
     # ------------------------------------------------------------------ the shared tensors
     def projection_stores(self) -> tuple[BufferDict, BufferDict]:
@@ -247,15 +234,7 @@ class ProjectionTuner(Tuner):
 
     def mark_extra_trainable(self, adapter_name: str, config) -> None:
         """bias='all' trains every bias of the base model; bias='<method>_only' those of the adapted layers."""
-        if config.bias == "all":
-            for name, param in self.model.named_parameters():
-                if name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in name:
-                    param.requires_grad_(True)
-        elif config.bias == self.bias_only:
-            for layer in self.adapter_layers():
-                bias = getattr(layer.get_base_layer(), "bias", None)
-                if adapter_name in layer.adapter_names() and bias is not None:
-                    bias.requires_grad_(True)
+        train_base_biases(self, adapter_name, config.bias, skip=(".original_module.",))
 
     # ------------------------------------------------------------------ adapter files
     def _file_keys(self, adapter_name: str) -> dict[str, tuple[str, str]]:

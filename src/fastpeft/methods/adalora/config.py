@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config import PeftConfig
+from ..common import lists_to_sets
 from ..lora.config import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,7 @@ class AdaLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         PeftConfig.__post_init__(self)
         self.peft_type = "ADALORA"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        lists_to_sets(self)
         self.loftq_config = self.loftq_config or {}
         self.alpha_pattern = self.alpha_pattern or {}
         self._refuse_lora_only_options()

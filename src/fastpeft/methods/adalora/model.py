@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import model_type_of
+from ..common import fill_targets
 from ..lora.model import LoraModel, is_linear
 from .allocator import RankAllocator
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
@@ -48,16 +47,6 @@ ADALORA_TARGETS: dict[str, list[str]] = {
 FILE_PREFIX = "base_model.model."
 
 
-def _default_targets(model: nn.Module) -> set[str]:
-    model_type = model_type_of(model)
-    if model_type not in ADALORA_TARGETS:
-        raise ValueError(
-            f"AdaLoRA: no default target_modules for model_type={model_type!r}; pass target_modules explicitly "
-            "(module names such as ['q_proj', 'v_proj'], a regex string, or 'all-linear')."
-        )
-    return set(ADALORA_TARGETS[model_type])
-
-
 def _module_path(pattern_key: str, adapter_name: str) -> str:
     """'<path>.lora_E[.<adapter>]' (a rank_pattern key) -> '<path>'."""
     if pattern_key.endswith(f".{adapter_name}"):
@@ -79,11 +68,7 @@ class AdaLoraModel(Tuner):
 
     # ------------------------------------------------------------------ injection
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = _default_targets(model)
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
-            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
-        return config
+        return fill_targets(config, model, ADALORA_TARGETS, "AdaLoRA", is_linear)
 
     def check_new_adapter(self, config) -> None:
         trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..oft.config import check_bias, check_block_choice, check_layer_selection
+from ..common import check_choice, check_layer_selection, lists_to_sets
+from ..oft.config import check_block_choice
 
 BOFT_BIAS_VALUES = ("none", "all", "boft_only")
 
@@ -38,14 +39,11 @@ class BOFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "BOFT"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        check_layer_selection(self)
+        lists_to_sets(self)
+        check_layer_selection(self, "BOFTConfig")
         check_block_choice("BOFTConfig", "boft_block_num", self.boft_block_num, "boft_block_size",
                            self.boft_block_size)
-        check_bias("BOFTConfig", self.bias, BOFT_BIAS_VALUES)
+        check_choice("BOFTConfig", "bias", self.bias, BOFT_BIAS_VALUES)
         if self.boft_n_butterfly_factor < 1:
             raise ValueError(f"BOFTConfig.boft_n_butterfly_factor={self.boft_n_butterfly_factor} must be >= 1.")
         if not 0.0 <= self.boft_dropout < 1.0:

@@ -12,7 +12,6 @@ import math
 import torch
 from torch import nn
 
-from ...core.layer import AdapterLayer
 from .. import orthogonal as orth
 
 
@@ -49,7 +48,7 @@ def boft_layout(dim: int, config, what: str) -> tuple[int, int]:
     return size, num
 
 
-class BOFTLayer(AdapterLayer):
+class BOFTLayer(orth.RotationLayer):
     additive = False
     adapter_param_names = ("boft_R", "boft_s")
 
@@ -64,12 +63,6 @@ class BOFTLayer(AdapterLayer):
         self.rotation_cache: dict[str, tuple] = {}  # eval-time reuse of each adapter's rotation
         self.check_base()
         self.update_layer(adapter_name, config)
-
-    def check_base(self) -> None:
-        """Refuse base layers BOFT cannot rotate (overridden per layer type)."""
-
-    def rotated_dim(self) -> int:
-        raise NotImplementedError
 
     def out_dim(self) -> int:
         raise NotImplementedError
@@ -126,24 +119,18 @@ class BOFTLayer(AdapterLayer):
         return rotation, scale
 
     # ------------------------------------------------------------------ merging
-    def weight_rows(self) -> torch.Tensor:
-        weight = self.base_layer.weight.data
-        return weight.reshape(weight.shape[0], -1)
-
     def merge_one(self, name: str, safe_merge: bool) -> None:
         rows = self.weight_rows()
         rotation, scale = self.combined([name], torch.float32)
         merged = (rows.to(torch.float32) @ rotation.T) * scale
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
-        self.base_layer.weight.data = merged.to(rows.dtype).reshape(self.base_layer.weight.shape)
+        self.store_rows(merged, rows.dtype, name if safe_merge else None)
 
     def unmerge_one(self, name: str) -> None:
         """Inverse of merge_one: orthogonal rotation -> its transpose, scale -> its reciprocal."""
         rows = self.weight_rows()
         rotation, scale = self.combined([name], torch.float32)
         restored = (rows.to(torch.float32) @ rotation) / scale
-        self.base_layer.weight.data = restored.to(rows.dtype).reshape(self.base_layer.weight.shape)
+        self.store_rows(restored, rows.dtype)
 
 
 class Linear(BOFTLayer):
@@ -176,8 +163,7 @@ class Conv2d(BOFTLayer):
                              "module from target_modules.")
 
     def rotated_dim(self) -> int:
-        kh, kw = self.base_layer.kernel_size
-        return self.base_layer.in_channels * kh * kw
+        return orth.conv_rotated_dim(self.base_layer)
 
     def out_dim(self) -> int:
         return self.base_layer.out_channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
+from ..common import check_choice, check_layer_selection, lists_to_sets
 
 BIAS_CHOICES = ("none", "all", "fourier_only")
 
@@ -40,24 +41,13 @@ class FourierFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "FOURIERFT"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        lists_to_sets(self)
         self.n_frequency_pattern = self.n_frequency_pattern or {}
         self._validate()
 
     def _validate(self) -> None:
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("FourierFTConfig: layers_to_transform cannot be used when target_modules is a regex "
-                             "string; give target_modules as a list of names.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("FourierFTConfig: layers_pattern cannot be used when target_modules is a regex string; "
-                             "give target_modules as a list of names.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("FourierFTConfig: layers_pattern needs layers_to_transform (which layer indices to adapt).")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"FourierFTConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}.")
+        check_layer_selection(self, "FourierFTConfig", regex_targets=True)
+        check_choice("FourierFTConfig", "bias", self.bias, BIAS_CHOICES)
         if not isinstance(self.n_frequency_pattern, dict):
             raise ValueError("FourierFTConfig.n_frequency_pattern must be a dict {module regex: n_frequency}, got "
                              f"{self.n_frequency_pattern!r}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
+from ..common import check_layer_selection, check_positive_ints, lists_to_sets
 
 BIAS_HELP = "'none', 'all' (every bias of the model) or '<method>_only' (biases of the adapted layers)"
 
@@ -32,25 +33,13 @@ class HRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "HRA"
-        check_positive_int(self.r, "HRAConfig.r")
+        check_positive_ints(self, "HRAConfig", ("r",))
         check_layer_options(self, "HRAConfig")
-
-
-def check_positive_int(value, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
 
 
 def check_layer_options(config, what: str) -> None:
     """Target-list normalisation and the checks shared by HRA and MiSS configs."""
-    for name in ("target_modules", "exclude_modules"):
-        if isinstance(getattr(config, name), list):
-            setattr(config, name, set(getattr(config, name)))
-    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
-        raise ValueError(f"{what}: layers_to_transform cannot be used when target_modules is a regex string.")
-    if isinstance(config.target_modules, str) and config.layers_pattern is not None:
-        raise ValueError(f"{what}: layers_pattern cannot be used when target_modules is a regex string.")
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError(f"{what}: layers_pattern needs layers_to_transform (the layer indices to adapt).")
+    lists_to_sets(config)
+    check_layer_selection(config, what, regex_targets=True)
     if not isinstance(config.bias, str) or not (config.bias in ("none", "all") or config.bias.endswith("_only")):
         raise ValueError(f"{what}.bias={config.bias!r} is not valid; use {BIAS_HELP}.")

@@ -8,12 +8,11 @@ import re
 
 from torch import nn
 
-from ...core import targeting
 from ...core.aux import ModulesToSaveWrapper
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import default_targets
-from ..lora.model import is_conv1d, is_linear
+from ..common import align_fan_in_fan_out, fill_targets
+from ..lora.model import is_linear
 from . import layer
 from .defaults import IA3_TARGETS, default_feedforward
 
@@ -39,10 +38,7 @@ class IA3Model(Tuner):
     condense_target_list = False  # feedforward_modules names targets: keep target_modules as given (as HF PEFT)
 
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = default_targets(IA3_TARGETS, model, "IA3")
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
-            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
+        fill_targets(config, model, IA3_TARGETS, "IA3", is_linear)
         if config.feedforward_modules is None:
             config.feedforward_modules = default_feedforward(model)
         return config
@@ -50,7 +46,7 @@ class IA3Model(Tuner):
     def layer_kwargs(self, config, key, module):
         kwargs = {"is_feedforward": is_feedforward(config, key)}
         if not isinstance(module, layer.IA3Layer) and is_linear(module):
-            kwargs["fan_in_fan_out"] = _fan_in_fan_out(config, module, key)
+            kwargs["fan_in_fan_out"] = align_fan_in_fan_out(config, module, key)
         return kwargs
 
     # ------------------------------------------------------------------ weighted combinations
@@ -112,13 +108,3 @@ def _fill_weighted(ia3_layer, adapter_name: str, adapters: list[str], weights: l
     for source, weight in zip(adapters, weights):
         if source in ia3_layer.ia3_l:
             target.data += ia3_layer.ia3_l[source].data * weight
-
-
-def _fan_in_fan_out(config, module, key) -> bool:
-    """Conv1D stores (in, out), nn.Linear (out, in): the config's flag is corrected per layer (as HF PEFT)."""
-    conv1d = is_conv1d(module)
-    if conv1d != bool(config.fan_in_fan_out):
-        logger.warning("'%s' is a %s: setting fan_in_fan_out=%s.", key,
-                       "Conv1D (weight stored (in, out))" if conv1d else "nn.Linear", conv1d)
-        config.fan_in_fan_out = conv1d
-    return config.fan_in_fan_out

@@ -7,7 +7,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import default_targets
+from ..common import fill_targets
 from .layer import LNTuningLayer
 
 _DECODER_NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
@@ -49,9 +49,7 @@ class LNTuningModel(Tuner):
     prefix = "ln_tuning_"
 
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = default_targets(LN_TUNING_TARGETS, model, "LN tuning")
-        return config
+        return fill_targets(config, model, LN_TUNING_TARGETS, "LN tuning")
 
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
         """The copies keep the dtype and device of the module they copy (no fp32 autocast, as HF PEFT)."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
-from ..hra.config import BIAS_HELP, check_layer_options, check_positive_int
+from ..common import check_positive_ints
+from ..hra.config import BIAS_HELP, check_layer_options
 
 
 @dataclass
@@ -34,8 +35,7 @@ class MissConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "MISS"
-        check_positive_int(self.r, "MissConfig.r")
-        check_positive_int(self.mini_r, "MissConfig.mini_r")
+        check_positive_ints(self, "MissConfig", ("r", "mini_r"))
         if not (isinstance(self.init_weights, bool) or self.init_weights in ("bat", "mini")):
             raise ValueError(f"MissConfig.init_weights={self.init_weights!r} is not valid; use True, False, 'bat' "
                              "or 'mini'.")

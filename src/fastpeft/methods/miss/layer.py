@@ -113,20 +113,19 @@ class Linear(AdapterLayer):
         return x.reshape(*x.shape[:-1], x.shape[-1] // r, r).sum(dim=-2) @ block
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        block = self.miss_block[name]
-        dtype = _work_dtype(block.dtype)
-        weight, block = weight.to(dtype), block.to(dtype)
-        if self.miss_fn[name] == "bat":
-            return bat_merged(weight, block)
-        return weight + tiled_update(self.block(name).to(dtype), self.in_features)
+        return self._changed_weight(name, weight, bat_merged, torch.add)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._changed_weight(name, weight, bat_unmerged, torch.sub)
+
+    def _changed_weight(self, name: str, weight: torch.Tensor, bat_fn, combine) -> torch.Tensor:
+        """`weight` in a float32-or-wider dtype with the update applied ('bat': `bat_fn`) or `combine`d with dW."""
         block = self.miss_block[name]
         dtype = _work_dtype(block.dtype)
         weight, block = weight.to(dtype), block.to(dtype)
         if self.miss_fn[name] == "bat":
-            return bat_unmerged(weight, block)
-        return weight - tiled_update(self.block(name).to(dtype), self.in_features)
+            return bat_fn(weight, block)
+        return combine(weight, tiled_update(self.block(name).to(dtype), self.in_features))
 
     # ------------------------------------------------------------------ forward and merging
     def adapted_forward(self, x, names: list[str], *args, **kwargs):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
+from ..common import check_choice, check_layer_selection, lists_to_sets
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,10 @@ class OFTConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "OFT"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        check_layer_selection(self)
+        lists_to_sets(self)
+        check_layer_selection(self, "OFTConfig")
         check_block_choice("OFTConfig", "r", self.r, "oft_block_size", self.oft_block_size)
-        check_bias("OFTConfig", self.bias, OFT_BIAS_VALUES)
+        check_choice("OFTConfig", "bias", self.bias, OFT_BIAS_VALUES)
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OFTConfig.module_dropout={self.module_dropout} must be in [0, 1).")
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
@@ -85,11 +83,6 @@ def _older_than(version: str | None, reference: str) -> bool:
     return Version((version or "0.0.0").partition("@")[0]) < Version(reference)
 
 
-def check_layer_selection(config) -> None:
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError(f"{type(config).__name__}: layers_pattern needs layers_to_transform too.")
-
-
 def check_block_choice(owner: str, count_name: str, count: int, size_name: str, size: int) -> None:
     """Exactly one of the block count and the block size is given (non-zero); the other is derived per layer."""
     if count < 0 or size < 0:
@@ -101,6 +94,3 @@ def check_block_choice(owner: str, count_name: str, count: int, size_name: str, 
         )
 
 
-def check_bias(owner: str, bias: str, allowed: tuple[str, ...]) -> None:
-    if bias not in allowed:
-        raise ValueError(f"{owner}.bias={bias!r} is not one of {list(allowed)}.")

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterLayer
 from .. import orthogonal as orth
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def block_layout(dim: int, r: int, block_size: int, where: str) -> tuple[int, in
     return r, dim // r
 
 
-class OFTLayer(AdapterLayer):
+class OFTLayer(orth.RotationLayer):
     """Shared parts of the OFT layers; subclasses give the rotated size and how input / weight are rotated."""
 
     additive = False
@@ -87,12 +86,6 @@ class OFTLayer(AdapterLayer):
         self.oft_block_size: dict[str, int] = {}
         self.check_base()
         self.update_layer(adapter_name, config)
-
-    def check_base(self) -> None:
-        """Refuse base layers the method cannot rotate (overridden per layer type)."""
-
-    def rotated_dim(self) -> int:
-        raise NotImplementedError
 
     def rotations(self) -> nn.ModuleDict:
         return getattr(self, self.holder_name)
@@ -110,25 +103,18 @@ class OFTLayer(AdapterLayer):
         self.oft_block_size[adapter_name] = block_size
 
     # ------------------------------------------------------------------ merging
-    def weight_rows(self) -> torch.Tensor:
-        """The base weight as (rows, rotated_dim), a view sharing storage."""
-        weight = self.base_layer.weight.data
-        return weight.reshape(weight.shape[0], -1)
-
     def merge_one(self, name: str, safe_merge: bool) -> None:
         """Each weight row rotated block by block (by R^T for input rotations, R for outputs), in float32."""
         rows = self.weight_rows()
         blocks = self.rotations()[name].blocks(torch.float32)
         merged = orth.rotate_blocks(rows.to(torch.float32), blocks, transpose=self.merge_transpose)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
-        self.base_layer.weight.data = merged.to(rows.dtype).reshape(self.base_layer.weight.shape)
+        self.store_rows(merged, rows.dtype, name if safe_merge else None)
 
     def unmerge_one(self, name: str) -> None:
         rows = self.weight_rows()
         blocks = self.rotations()[name].blocks(torch.float32)
         restored = orth.unrotate_blocks(rows.to(torch.float32), blocks, transpose=self.merge_transpose)
-        self.base_layer.weight.data = restored.to(rows.dtype).reshape(self.base_layer.weight.shape)
+        self.store_rows(restored, rows.dtype)
 
     # ------------------------------------------------------------------ forward
     def rotate_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -168,8 +154,7 @@ class Conv2d(OFTLayer):
                              "from target_modules.")
 
     def rotated_dim(self) -> int:
-        kh, kw = self.base_layer.kernel_size
-        return self.base_layer.in_channels * kh * kw
+        return orth.conv_rotated_dim(self.base_layer)
 
     def rotate(self, module: OFTRotation, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
+from ..common import check_choice, check_positive_ints, lists_to_sets
 
 POLY_TYPES = ("poly",)
 
@@ -35,16 +36,9 @@ class PolyConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "POLY"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        lists_to_sets(self)
         self._validate()
 
     def _validate(self) -> None:
-        for option in ("r", "n_tasks", "n_skills", "n_splits"):
-            value = getattr(self, option)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"PolyConfig.{option} must be a positive integer, got {value!r}.")
-        if self.poly_type not in POLY_TYPES:
-            raise ValueError(f"PolyConfig.poly_type must be one of {list(POLY_TYPES)}, got {self.poly_type!r}.")
+        check_positive_ints(self, "PolyConfig", ("r", "n_tasks", "n_skills", "n_splits"))
+        check_choice("PolyConfig", "poly_type", self.poly_type, POLY_TYPES)

@@ -7,7 +7,8 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
+from ...integrations.transformers_defaults import LORA_TARGETS
+from ..common import fill_targets
 from .layer import CONTEXT_KEY, PolyLinear
 
 DISPATCH = DispatchChain("Poly")
@@ -21,9 +22,7 @@ class PolyModel(Tuner):
     prefix = "poly_"
 
     def prepare_config(self, config, model: nn.Module):
-        if config.target_modules is None:
-            config.target_modules = default_targets(POLY_TARGETS, model, "Poly")
-        return config
+        return fill_targets(config, model, POLY_TARGETS, "Poly")
 
     # as HF PEFT's PolyModel, the tuner itself takes task_ids in forward / generate
     def forward(self, *args, **kwargs):

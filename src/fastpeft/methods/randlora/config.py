@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
+from ..common import lists_to_sets
 from ..random_projections import check_projection_config
 
 RANDLORA_BIAS = ("none", "all", "randlora_only")
@@ -50,6 +51,5 @@ class RandLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "RANDLORA"
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
+        lists_to_sets(self, ("target_modules",), kinds=(list, tuple))
         check_projection_config(self, "RandLoraConfig", RANDLORA_BIAS, dropout=self.randlora_dropout)

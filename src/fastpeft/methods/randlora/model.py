@@ -57,7 +57,6 @@ class RandLoraModel(ProjectionTuner):
     projection_names = ("randlora_A", "randlora_B")
     method_label = "RandLoRA"
     default_target_table = LORA_TARGETS
-    bias_only = "randlora_only"
     per_layer_file_copies = True
 
     def make_projections(self, config, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

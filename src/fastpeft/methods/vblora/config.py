@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
+from ..common import check_choice, check_layer_selection, check_positive_ints, lists_to_sets
 
 BIAS_CHOICES = ("none", "all", "vblora_only")
 
@@ -41,21 +42,13 @@ class VBLoRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "VBLORA"
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        lists_to_sets(self)
         self._validate()
 
     def _validate(self) -> None:
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("VBLoRAConfig: layers_pattern needs layers_to_transform (which layer indices to adapt).")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"VBLoRAConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}.")
-        for name in ("r", "num_vectors", "vector_length", "topk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VBLoRAConfig.{name} must be a positive integer, got {value!r}.")
+        check_layer_selection(self, "VBLoRAConfig")
+        check_choice("VBLoRAConfig", "bias", self.bias, BIAS_CHOICES)
+        check_positive_ints(self, "VBLoRAConfig", ("r", "num_vectors", "vector_length", "topk"))
         if self.topk > self.num_vectors:
             raise ValueError(f"VBLoRAConfig.topk={self.topk} exceeds num_vectors={self.num_vectors}: the bank must "
                              "hold at least topk vectors; lower topk or raise num_vectors.")

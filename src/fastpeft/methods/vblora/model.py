@@ -7,12 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import default_targets
-from ..fourierft.model import align_fan_in_fan_out, mark_bias_trainable
+from ..common import align_fan_in_fan_out, fill_targets, train_base_biases
 from ..lora.model import is_linear
 from .layer import LOGIT_NAMES, VBLoRALinear
 
@@ -76,19 +74,15 @@ class VBLoRAModel(Tuner):
             raise
 
     def prepare_config(self, config, model):
-        if config.target_modules is None:
-            config.target_modules = default_targets(VBLORA_TARGETS, model, "VBLoRA")
-        elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
-            config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
-        return config
+        return fill_targets(config, model, VBLORA_TARGETS, "VBLoRA", is_linear)
 
     def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
         if not isinstance(module, AdapterLayer):
-            align_fan_in_fan_out(config, module, "VBLoRA")
+            align_fan_in_fan_out(config, module, key)
         return {"vector_bank": self.vblora_vector_bank}
 
     def mark_extra_trainable(self, adapter_name, config):
-        mark_bias_trainable(self, adapter_name, config.bias)
+        train_base_biases(self, adapter_name, config.bias)
 
     # ------------------------------------------------------------------ files
     def _logit_params(self, adapter_name: str):

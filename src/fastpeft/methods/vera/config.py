@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
+from ..common import check_layer_selection, lists_to_sets
 from ..random_projections import check_projection_config
 
 VERA_BIAS = ("none", "all", "vera_only")
@@ -41,9 +42,7 @@ class VeraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "VERA"
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
+        lists_to_sets(self, ("target_modules",), kinds=(list, tuple))
         check_projection_config(self, "VeraConfig", VERA_BIAS, dropout=self.vera_dropout)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("VeraConfig.layers_pattern needs layers_to_transform: say which layer indices to adapt.")
+        check_layer_selection(self, "VeraConfig")
 

@@ -34,7 +34,6 @@ class VeraModel(ProjectionTuner):
     projection_names = ("vera_A", "vera_B")
     method_label = "VeRA"
     default_target_table = VERA_TARGETS
-    bias_only = "vera_only"
 
     def make_projections(self, config, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A: (r, in_dim) then B: (out_dim, r), from one CPU generator seeded with projection_prng_key."""

@@ -1,0 +1,108 @@
+"""Small pieces several layer methods share: config checks, default targets, layout fixes and bias training.
+
+Nothing here knows a method by name: each caller passes its own label, table, layer test or option value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from ..core import targeting
+from ..integrations.transformers_defaults import default_targets
+from .lora.model import is_conv1d
+
+logger = logging.getLogger(__name__)
+
+# parameter-name parts of modules_to_save wrappers (their copies and the original they stand in for)
+WRAPPER_PARTS = (".modules_to_save.", ".original_module.")
+
+
+# ------------------------------------------------------------------ config checks (called from __post_init__)
+def lists_to_sets(config, names: Iterable[str] = ("target_modules", "exclude_modules"),
+                  kinds: tuple[type, ...] = (list,)) -> None:
+    """Name lists become sets, as HF PEFT stores them (a regex string stays as it is)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, kinds):
+            setattr(config, name, set(value))
+
+
+def check_positive_ints(config, owner: str, names: Iterable[str]) -> None:
+    """Each option in `names` must be an int > 0 (a bool is refused, though Python counts it as an int)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}.")
+
+
+def check_choice(owner: str, option: str, value, allowed: Iterable) -> None:
+    """`value` of `owner`.`option` must be one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{owner}.{option} must be one of {list(allowed)}, got {value!r}.")
+
+
+def check_layer_selection(config, owner: str, regex_targets: bool = False) -> None:
+    """layers_pattern only names where the indices of layers_to_transform are read; with `regex_targets` neither
+    option may be combined with a regex string target_modules (they select among a list of names)."""
+    if regex_targets and isinstance(config.target_modules, str):
+        for option in ("layers_to_transform", "layers_pattern"):
+            if getattr(config, option) is not None:
+                raise ValueError(f"{owner}: {option} cannot be used when target_modules is a regex string; give "
+                                 "target_modules as a list of names.")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{owner}: layers_pattern needs layers_to_transform (which layer indices to adapt).")
+
+
+# ------------------------------------------------------------------ tuner helpers
+def is_nn_linear(module: nn.Module) -> bool:
+    """'all-linear' test of methods that adapt torch's nn.Linear only (not transformers' Conv1D)."""
+    return isinstance(module, nn.Linear)
+
+
+def fill_targets(config, model: nn.Module, table: dict[str, list[str]], label: str,
+                 is_linear: Callable[[nn.Module], bool] | None = None):
+    """target_modules=None: the model type's row of `table`; with `is_linear`, 'all-linear' is expanded to the
+    names of the modules it accepts (the output head left out)."""
+    if config.target_modules is None:
+        config.target_modules = default_targets(table, model, label)
+    elif (is_linear is not None and isinstance(config.target_modules, str)
+          and config.target_modules.lower() == targeting.ALL_LINEAR):
+        config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
+    return config
+
+
+def align_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:
+    """transformers' Conv1D stores its weight (in, out), nn.Linear (out, in): the config's fan_in_fan_out follows
+    the layer type of each target (corrected with a warning, as HF PEFT). Returns the value for `module`."""
+    wanted = is_conv1d(module)
+    if bool(config.fan_in_fan_out) != wanted:
+        logger.warning("'%s' is %s: setting fan_in_fan_out=%s.", key,
+                       "a Conv1D (weight stored (in, out))" if wanted else "an nn.Linear", wanted)
+        config.fan_in_fan_out = wanted
+    return wanted
+
+
+def refuse_second_bias_adapter(peft_config: dict, config, label: str) -> None:
+    """Only one adapter per model may train base biases (bias other than 'none'), as HF PEFT."""
+    others = [n for n, c in peft_config.items() if c is not config and c.bias != "none"]
+    if others and config.bias != "none":
+        raise ValueError(
+            f"Only one {label} adapter per model may train biases, and adapter '{others[0]}' already does "
+            f"(bias={peft_config[others[0]].bias!r}): set bias='none' for the new adapter.")
+
+
+def train_base_biases(tuner, adapter_name: str, bias: str, skip: tuple[str, ...] = WRAPPER_PARTS) -> None:
+    """bias='all': every bias of the model trains (names containing a part of `skip` excepted); '<method>_only':
+    the base biases of the layers holding `adapter_name`; 'none': nothing."""
+    if bias == "all":
+        for name, param in tuner.model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias" and not any(part in name for part in skip):
+                param.requires_grad_(True)
+    elif bias.endswith("_only"):
+        for layer in tuner.adapter_layers():
+            base_bias = getattr(layer.get_base_layer(), "bias", None)
+            if adapter_name in layer.adapter_names() and base_bias is not None:
+                base_bias.requires_grad_(True)
