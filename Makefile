@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test demo lint install clean
+.PHONY: test demo lint install clean bench bench-full
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,23 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+
+# Benchmarks: fastpeft vs HF PEFT ratios (benchmarks/README.md). `bench`: quick runs; `bench-full`: the runs
+# behind the numbers in benchmarks/README.md (minutes each on a 2-core CPU).
+BENCH_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+BENCH_NEW := lora_train inference_overhead injection
+
+bench: $(STAMP)
+	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py --repeats 3
+	$(BENCH_ENV) $(PY) benchmarks/dora.py --repeats 3
+	$(BENCH_ENV) $(PY) benchmarks/load_speed.py --repeats 3 --layers 24
+	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py --quick || exit 1; done
+
+bench-full: $(STAMP)
+	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py
+	$(BENCH_ENV) $(PY) benchmarks/dora.py
+	$(BENCH_ENV) $(PY) benchmarks/load_speed.py
+	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV)

@@ -29,21 +29,41 @@ def _file_key(prefix: str, local_key: str, adapter_name: str, holder: AdapterHol
     return ".".join([prefix, *parts]) if prefix else ".".join(parts)
 
 
+Modules = list[tuple[str, nn.Module]]  # model.named_modules(), walked once per save / load and shared
+
+
 def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, str]:
     """{file key: model parameter name} for every tensor of `adapter_name` stored in adapter files."""
+    return _key_map_and_tensors(model, adapter_name, config, list(model.named_modules()))[0]
+
+
+def _key_map_and_tensors(model: nn.Module, adapter_name: str, config, modules: Modules
+                         ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """`adapter_key_map` plus {model key: tensor} for the keys found on adapter holders (not the bias ones)."""
     mapping: dict[str, str] = {}
-    for prefix, module in model.named_modules():
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules:
         if not isinstance(module, AdapterHolder):
             continue
-        for local_key, _ in module.adapter_tensors(adapter_name):
+        for local_key, tensor in module.adapter_tensors(adapter_name):
             model_key = f"{prefix}.{local_key}" if prefix else local_key
             mapping[_file_key(prefix, local_key, adapter_name, module)] = model_key
-    for file_key, model_key in _bias_keys(model, adapter_name, getattr(config, "bias", "none")):
+            tensors[model_key] = tensor
+    for file_key, model_key in _bias_keys(model, adapter_name, getattr(config, "bias", "none"), modules):
         mapping.setdefault(file_key, model_key)
-    return mapping
+    return mapping, tensors
 
 
-def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str, str]]:
+def _model_tensors(model: nn.Module, found: dict[str, torch.Tensor], wanted) -> dict[str, torch.Tensor]:
+    """`found` when it holds every `wanted` model key, else the model's full parameters and state (slower)."""
+    if all(key in found for key in wanted):
+        return found
+    source = dict(model.named_parameters())
+    source.update(model.state_dict(keep_vars=True))
+    return source
+
+
+def _bias_keys(model: nn.Module, adapter_name: str, bias: str, modules: Modules) -> list[tuple[str, str]]:
     """(file key, model key) of base-model biases trained with LoRA's `bias` option.
 
     "all" follows HF PEFT's file layout: every bias under its own name, including the frozen
@@ -60,7 +80,7 @@ def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str
             elif ".modules_to_save." not in name:
                 pairs.append((name, name))
     elif isinstance(bias, str) and bias.endswith("_only"):  # lora_only, vblora_only, fourier_only, ...
-        for prefix, module in model.named_modules():
+        for prefix, module in modules:
             if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
                 if getattr(module.get_base_layer(), "bias", None) is not None:
                     key = f"{prefix}.base_layer.bias" if prefix else "base_layer.bias"
@@ -71,22 +91,22 @@ def _bias_keys(model: nn.Module, adapter_name: str, bias: str) -> list[tuple[str
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def _targets_embedding(model: nn.Module, config) -> bool:
+def _targets_embedding(config, modules: Modules) -> bool:
     """Whether target_modules names an embedding layer (a regex: matches a module called like one)."""
     targets = getattr(config, "target_modules", None)
     if not isinstance(targets, str):
         return any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
-    return any(is_target(config, name) for name, _ in model.named_modules()
-               if name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+    return any(is_target(config, name) for name, _ in modules if name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
 
 
-def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_layers: str | bool) -> list[str]:
+def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_layers: str | bool,
+                    modules: Modules) -> list[str]:
     """Full embedding weights stored with the adapter (for a resized vocabulary), as HF PEFT does.
 
     "auto" saves them when target_modules names an embedding layer; True also saves the model's untargeted
     input / output embeddings.
     """
-    targets_embedding = _targets_embedding(model, config)
+    targets_embedding = _targets_embedding(config, modules)
     if save_embedding_layers == "auto":  # trainable tokens store their rows, never the whole table (as HF PEFT)
         save_embedding_layers = targets_embedding and getattr(config, "trainable_token_indices", None) is None \
             and getattr(config, "token_indices", None) is None
@@ -99,9 +119,12 @@ def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_
         layer = getattr(base, getter, lambda: None)()
         if layer is not None:
             wanted.add(id(layer))
-    for prefix, module in model.named_modules():
-        if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
-            if prefix.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES:
+    for prefix, module in modules:
+        named_embedding = prefix.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+        # adapter_names() only where it decides something: on embedding-named or wanted layers
+        if isinstance(module, AdapterLayer) and (named_embedding or id(module) in wanted) \
+                and adapter_name in module.adapter_names():
+            if named_embedding:
                 keys.append(f"{prefix}.base_layer.weight")
         elif id(module) in wanted and not targets_embedding and getattr(module, "weight", None) is not None:
             keys.append(f"{prefix}.weight")
@@ -115,11 +138,10 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     config = _config_of(model, adapter_name)
-    source = state_dict if state_dict is not None else dict(model.named_parameters())
-    if state_dict is None:
-        source.update(model.state_dict(keep_vars=True))
-    mapping = adapter_key_map(model, adapter_name, config)
-    mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers)})
+    modules = list(model.named_modules())
+    mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
+    mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers, modules)})
+    source = state_dict if state_dict is not None else _model_tensors(model, tensors, mapping.values())
     out = {fk: source[mk].detach() for fk, mk in mapping.items() if mk in source}
     tuner = getattr(model, "tuner", None)
     if tuner is not None:
@@ -146,9 +168,12 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
         peft_model_state_dict = convert(adapter_name, peft_model_state_dict, model)
     config = _config_of(model, adapter_name)
-    mapping = adapter_key_map(model, adapter_name, config)
-    embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True) if k in peft_model_state_dict}
-    params = model.state_dict(keep_vars=True)
+    modules = list(model.named_modules())
+    mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
+    embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules)
+                  if k in peft_model_state_dict}
+    used = [mk for fk, mk in mapping.items() if fk in peft_model_state_dict] + list(embeddings)
+    params = _model_tensors(model, tensors, used)
     result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping) - set(embeddings)))
     result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in peft_model_state_dict)
     writes = []

@@ -17,6 +17,7 @@ from torch import nn
 from ...core.layer import AdapterLayer
 from . import gathered, variant_table, variants
 from .init import INIT_SCHEMES
+from .lean_dropout import lean_applies, lean_lora_output
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,15 @@ class Linear(LoraLayer):
         a, b = self.lora_A[name], self.lora_B[name]
         return b(a(x.to(a.weight.dtype))) * self.scaling[name]
 
+    def adapter_output(self, name, x, *args, **kwargs):
+        dropout = self.lora_dropout[name]  # training with dropout: keep x, not dropout(x), for backward
+        if torch.compiler.is_compiling():  # RNG state capture does not trace; the compiled graph plans memory
+            return super().adapter_output(name, x, *args, **kwargs)
+        if name in self.lora_variant or type(self).lora_path is not Linear.lora_path or not lean_applies(dropout):
+            return super().adapter_output(name, x, *args, **kwargs)
+        a, b = self.lora_A[name], self.lora_B[name]
+        return lean_lora_output(x.to(a.weight.dtype), dropout, a, b, self.scaling[name])
+
     def base_path(self, x):
         w = self.get_base_layer().weight
         return F.linear(x, (w.T if self.fan_in_fan_out else w).to(x.dtype))
@@ -193,7 +203,8 @@ class Linear(LoraLayer):
 
     # --- gathered mixed batches (methods/lora/gathered.py): batched matmuls when the batch has many adapters
     def mixed_forward(self, x, *args, adapter_names, **kwargs):
-        with_variant = not self.lora_variant.keys().isdisjoint(adapter_names)  # DoRA etc.: the loop
+        # DoRA etc.: the loop (plain membership tests: dict_keys.isdisjoint does not trace under torch.compile)
+        with_variant = bool(self.lora_variant) and any(n in self.lora_variant for n in set(adapter_names))
         groups = None if with_variant else gathered.plan(self, adapter_names)
         if groups is None:
             return super().mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)

@@ -85,11 +85,22 @@ def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
     lora_sq = ((b @ (a @ a.T)) * b).sum(1) * (s * s)  # (out,)
     sq = w_sq + 2 * s * (b * wa).sum(1) + lora_sq
     bad = sq < CANCELLATION * (w_sq + lora_sq)  # W_o and s (BA)_o nearly cancel: fp error is no longer relative
-    if bool(bad.any()):
+    if torch.compiler.is_compiling():  # no data-dependent Python branch in a graph: torch.cond instead
+        sq = torch.cond(bad.any(), _exact_where, _unchanged, (sq, bad, w, b, a, torch.tensor(s, dtype=dtype)))
+    elif bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         exact = (w[rows] + s * (b[rows] @ a)).square().sum(1)
         sq = sq.index_put((rows,), exact)
     return sq.clamp_min(0).sqrt()
+
+
+def _exact_where(sq, bad, w, b, a, s):
+    """`sq` with the rows in `bad` replaced by ||W_o + s (B A)_o||^2 computed directly (all rows: no gather)."""
+    return torch.where(bad, (w + s * (b @ a)).square().sum(1), sq)
+
+
+def _unchanged(sq, bad, w, b, a, s):
+    return sq.clone()
 
 
 class Dora(LoraVariant):
@@ -223,6 +234,8 @@ def _cached_row_sq(layer, param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """||W_o||^2 (out,) in float32 of `w`, the rows of the frozen base weight `param`, recomputed when `param`
     changes: merge / unmerge clear the cache, other in-place writes bump the version counter, new tensors move
     the pointer. (Writes through `param.data` in place are invisible: call `layer._variant_cache.clear()`.)"""
+    if torch.compiler.is_compiling():  # data pointers do not trace: compute it in the graph (no cache)
+        return w.to(torch.promote_types(w.dtype, torch.float32)).square().sum(1)
     key = (param.data_ptr(), param._version, param.shape, param.dtype, param.device)
     cache = layer._variant_cache
     if cache.get("row-sq-key") != key:
