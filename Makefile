@@ -34,12 +34,14 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/dora.py --repeats 3
 	$(BENCH_ENV) $(PY) benchmarks/load_speed.py --repeats 3 --layers 24
 	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py --quick || exit 1; done
+	$(BENCH_ENV) $(PY) benchmarks/lora_dropout_memory.py --repeats 3
 
 bench-full: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py
 	$(BENCH_ENV) $(PY) benchmarks/dora.py
 	$(BENCH_ENV) $(PY) benchmarks/load_speed.py
 	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py || exit 1; done
+	$(BENCH_ENV) $(PY) benchmarks/lora_dropout_memory.py --repeats 11
 
 clean:
 	rm -rf $(VENV)
