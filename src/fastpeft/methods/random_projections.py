@@ -105,9 +105,12 @@ class ProjectionLayer(AdapterLayer):
     projection_names: tuple[str, str] = ("", "")
     method_label = ""
 
-    def __init__(self, base_layer: nn.Module, projections: tuple[BufferDict, BufferDict]) -> None:
+    def __init__(self, base_layer: nn.Module, projections: tuple[BufferDict, BufferDict],
+                 fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r: dict[str, int] = {}
         self.share_projections(projections)
 
     def share_projections(self, projections: tuple[BufferDict, BufferDict]) -> None:

@@ -30,9 +30,7 @@ class RandLoraLinear(ProjectionLayer):
     method_label = "RandLoRA"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections, fan_in_fan_out: bool = False):
-        super().__init__(base_layer, projections)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.r: dict[str, int] = {}
+        super().__init__(base_layer, projections, fan_in_fan_out)
         self.scaling: dict[str, float] = {}
         self.num_bases: dict[str, int] = {}
         self.randlora_dropout = nn.ModuleDict()

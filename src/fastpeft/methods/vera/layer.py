@@ -23,9 +23,7 @@ class VeraLinear(ProjectionLayer):
     method_label = "VeRA"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections, fan_in_fan_out: bool = False):
-        super().__init__(base_layer, projections)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.r: dict[str, int] = {}
+        super().__init__(base_layer, projections, fan_in_fan_out)
         self.vera_dropout = nn.ModuleDict()
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
