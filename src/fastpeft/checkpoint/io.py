@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import torch as safe_torch
 
+from ..errors import AdapterFileNotFoundError  # noqa: F401  (re-exported: io.AdapterFileNotFoundError)
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
@@ -25,10 +27,6 @@ WEIGHTS_NAME = "adapter_model.bin"
 
 # keyword arguments that belong to huggingface_hub downloads, not to the adapter
 HUB_KWARGS = ("revision", "cache_dir", "force_download", "proxies", "token", "local_files_only", "subfolder")
-
-
-class AdapterFileNotFoundError(FileNotFoundError, ValueError):
-    """An adapter folder or Hub repo lacks a file it must have (ValueError too, as HF PEFT raises)."""
 
 
 def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
