@@ -1,7 +1,12 @@
-"""Mixed-adapter batch forward: fastpeft (gathered path and per-adapter loop) vs HF PEFT, in one process.
+"""Mixed-adapter batch forward: fastpeft (each of its paths, and its default rule) vs HF PEFT, in one process.
 
-Run: `.venv/bin/python benchmarks/mixed_batch.py [--threads N] [--repeats N]`. Prints a table of median
-times and the ratio HF PEFT / fastpeft (above 1: fastpeft is faster). Small enough for a 2-core CPU.
+Run: `.venv/bin/python benchmarks/mixed_batch.py [--threads 1] [--repeats 9] [--only TEXT] [--clock cpu]`.
+Prints a table of median times (interleaved rounds, order reversed every other round) and the ratio fastpeft
+default / HF PEFT (below 1: fastpeft is faster). Outputs of every fastpeft path are checked against HF PEFT
+before timing. Small enough for a 2-core CPU; `--only "x 512"` runs the scenarios whose label contains the text.
+`--clock cpu` times the CPU the calling thread used (`time.thread_time`) instead of wall time: with 1 torch
+thread every op runs in that thread, and on a machine shared with other jobs it leaves out the time spent
+waiting for a core, the bulk of the noise there.
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peft  # noqa: E402
 import torch  # noqa: E402
+from common import check_close  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastpeft  # noqa: E402
@@ -32,12 +40,17 @@ SCENARIOS = [
     ("4 adapters x 128 tokens", 4, 8, 128),
     ("3 adapters x 128 tokens", 3, 6, 128),
     ("2 adapters x 256 tokens", 2, 4, 256),
+    ("2 adapters x 512 tokens", 2, 4, 512),
+    ("4 adapters x 512 tokens", 4, 8, 512),
+    ("2 adapters x 1024 tokens", 2, 4, 1024),
 ]
+# each fastpeft path forced through the rule constants of methods/lora/gathered.py (None: left as it is)
+PATHS = {"loop": (10**9, float("inf")), "gathered": (1, float("inf")), "merged": (10**9, 0.0), "default": None}
 
 
 def base_model() -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
@@ -61,60 +74,82 @@ def with_adapters(lib, n: int):
     return model.eval()
 
 
-def timed(variants: dict, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each `variants[label]()`; runs are interleaved so machine noise hits all."""
-    times: dict[str, list[float]] = {label: [] for label in variants}
-    for i in range(repeats + 2):  # the first two rounds warm up
-        for label, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            if i >= 2:
-                times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(values) for label, values in times.items()}
+def on_path(path: str, fn):
+    """`fn` run with gathered.MIN_ADAPTERS / MERGE_FROM set to force `path` ("default": the shipped rule)."""
+    rule = PATHS[path]
 
-
-def with_rule(min_adapters: int, fn):
-    """`fn` run with gathered.MIN_ADAPTERS set to `min_adapters` (1: always gathered, huge: always loop)."""
     def run():
-        saved, gathered.MIN_ADAPTERS = gathered.MIN_ADAPTERS, min_adapters
+        if rule is None:
+            return fn()
+        saved = gathered.MIN_ADAPTERS, gathered.MERGE_FROM
+        gathered.MIN_ADAPTERS, gathered.MERGE_FROM = rule
         try:
             return fn()
         finally:
-            gathered.MIN_ADAPTERS = saved
+            gathered.MIN_ADAPTERS, gathered.MERGE_FROM = saved
     return run
 
 
-def run_scenario(models, n_adapters, batch, tokens, repeats) -> dict[str, float]:
-    ours, theirs = models
+def interleaved(variants: dict, rounds: int, clock, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each `variants[label]()` by `clock`; every round runs each once, order reversed every other
+    round (as common.interleaved, with a choice of clock)."""
+    labels = list(variants)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for i in range(warmup + rounds):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            start = clock()
+            variants[label]()
+            if i >= warmup:
+                times[label].append((clock() - start) * 1e3)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def run_scenario(models, n_adapters, batch, tokens, repeats, clock) -> dict[str, float]:
+    ours, theirs, bare = models
     names = [f"a{i % n_adapters}" for i in range(batch)]
     ids = torch.randint(0, 1000, (batch, tokens), generator=torch.Generator().manual_seed(2))
 
-    def call(model):
+    def call(model, **kwargs):
         with torch.inference_mode():
-            return model(input_ids=ids, adapter_names=names).logits
+            return model(input_ids=ids, **kwargs).logits
 
-    expected = call(theirs)
-    for path in (with_rule(1, lambda: call(ours)), with_rule(10**9, lambda: call(ours))):
-        torch.testing.assert_close(path(), expected, atol=1e-4, rtol=1e-4)
-    return timed({"hf": lambda: call(theirs), "loop": with_rule(10**9, lambda: call(ours)),
-                  "gathered": with_rule(1, lambda: call(ours)), "default": lambda: call(ours)}, repeats)
+    expected = call(theirs, adapter_names=names)
+    variants = {"hf": lambda: call(theirs, adapter_names=names)}
+    for path in PATHS:
+        variants[path] = on_path(path, lambda: call(ours, adapter_names=names))
+        check_close(variants[path](), expected, f"{n_adapters} adapters, {batch} x {tokens}, {path}",
+                    atol=1e-4, rtol=1e-4)
+    variants["base"] = lambda: call(bare)  # the bare base model: the floor for any adapter implementation
+    return interleaved(variants, repeats, clock)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)  # 2 threads on the 2-vCPU dev VM: noise dominates
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--only", default="", help="run the scenarios whose label contains this text")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: time.perf_counter; cpu: time.thread_time (this thread's CPU time)")
     args = parser.parse_args()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    models = (with_adapters(fastpeft, 64), with_adapters(peft, 64))
-    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, "
-          f"rule: gathered when >= {gathered.MIN_ADAPTERS} distinct adapters")
-    print(f"| {'scenario':26} | HF PEFT ms | fp loop ms | fp gathered ms | fp default ms | HF / fp default |")
-    print(f"|{'-' * 28}|-----------:|-----------:|---------------:|--------------:|----------------:|")
+    models = (with_adapters(fastpeft, 64), with_adapters(peft, 64), base_model())
+    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, {args.repeats} rounds, "
+          f"{args.clock} clock; "
+          f"rule: gathered from {gathered.MIN_ADAPTERS} distinct adapters, merged from {gathered.MERGE_FROM:g} x "
+          "in*out/(in+out) tokens per adapter")
+    rows = []
     for label, n, batch, tokens in SCENARIOS:
-        t = run_scenario(models, n, batch, tokens, args.repeats)
-        print(f"| {label:26} | {t['hf']:10.2f} | {t['loop']:10.2f} | {t['gathered']:14.2f} | "
-              f"{t['default']:13.2f} | {t['hf'] / t['default']:14.2f}x |")
+        if args.only in label:
+            rows.append((label, run_scenario(models, n, batch, tokens, args.repeats, clock)))
+    print(f"| {'scenario':24} | HF PEFT ms | loop ms | gathered ms | merged ms | default ms | base ms "
+          "| default / HF | base / HF |")
+    print(f"|{'-' * 26}|-----------:|--------:|------------:|----------:|-----------:|--------:|-------------:"
+          "|----------:|")
+    for label, t in rows:
+        print(f"| {label:24} | {t['hf']:10.2f} | {t['loop']:7.2f} | {t['gathered']:11.2f} | {t['merged']:9.2f} | "
+              f"{t['default']:10.2f} | {t['base']:7.2f} | {t['default'] / t['hf']:12.2f} | "
+              f"{t['base'] / t['hf']:9.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Int8Params vector-wise int8), neither of which exists here. To still run HF PEFT
 split, factor assignment, load path) as the oracle, `hf_loftq_env` gives HF a stand-in for the four bitsandbytes
 calls it makes, written in this file from bitsandbytes' documented semantics and independently of fastpeft (NF4
 levels derived from the normal quantile function, nearest level by brute-force distance, block by block), and keeps
-HF's "cuda" tensors on the CPU. fastpeft's NF4/int8 were also compared once, bit for bit, with bitsandbytes 0.50.2's
-reference (pure PyTorch) kernels; see the report / loftq.py.
+HF's "cuda" tensors on the CPU. tests/test_loftq_bnb.py compares fastpeft's NF4/int8 bit for bit with bitsandbytes
+0.50.2 and LoftQ with HF PEFT's on real bitsandbytes.
 """
 
 from __future__ import annotations
@@ -219,9 +219,13 @@ def test_rank_above_layer_size_refused():
         fastpeft.get_peft_model(models.make_mlp(), config)
 
 
-def test_replace_lora_weights_loftq_points_to_bitsandbytes():
-    with pytest.raises(NotImplementedError, match="bitsandbytes"):
+def test_replace_lora_weights_loftq_needs_a_4bit_lora_model():
+    """The function itself is tested against HF PEFT's on real bitsandbytes models in test_loftq_bnb.py."""
+    with pytest.raises(TypeError, match="expects a PeftModel"):
         replace_lora_weights_loftq(None)
+    plain = fastpeft.get_peft_model(models.make_mlp(), _config(fastpeft, "mlp"))
+    with pytest.raises(ValueError, match="no LoRA layer of adapter 'default' over a bitsandbytes 4-bit"):
+        replace_lora_weights_loftq(plain)
 
 
 # ------------------------------------------------------------------------------- against HF PEFT's LoftQ

@@ -7,8 +7,9 @@ from typing import Any
 from torch import nn
 
 from .config import PeftConfig
+from .core.layer import AdapterHolder
 from .core.tuner import check_adapter_name
-from .peft_model import PeftModel, refuse_second_wrap
+from .peft_model import PeftModel, has_adapters, refuse_second_wrap
 from .registry import get_spec
 from .tasks import TASK_CLASSES
 
@@ -39,5 +40,36 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     spec = get_spec(peft_config.peft_type)
     if spec.tuner_cls is None:
         raise ValueError(f"{spec.peft_type.value} cannot be injected into a model: it transforms the inputs.")
+    existing = _injected_configs(model, adapter_name, spec)
     tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    if existing:  # as HF PEFT: adapters injected one after the other (diffusers) keep all their configs
+        configs = {**existing, **tuner.peft_config}
+        tuner.peft_config.clear()
+        tuner.peft_config.update(configs)
     return tuner.model
+
+
+def _injected_configs(model: nn.Module, adapter_name: str, spec) -> dict[str, PeftConfig]:
+    """Configs of adapters injected into `model` before; refuse a PeftModel, a name in use or another method."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "inject_adapter_in_model got a PeftModel: add the adapter with peft_model.add_adapter(name, config) "
+            "(or load_adapter); inject_adapter_in_model is for plain models without a PeftModel wrapper."
+        )
+    if not has_adapters(model):
+        return {}
+    configs = model.__dict__.get("peft_config")
+    configs = dict(configs) if isinstance(configs, dict) else {}
+    names = set(configs).union(*(h.adapter_names() for h in model.modules() if isinstance(h, AdapterHolder)))
+    if adapter_name in names:
+        raise ValueError(
+            f"The model already has an adapter named {adapter_name!r}: pass another adapter_name to "
+            "inject_adapter_in_model (adapters are added side by side), or remove that one first (delete_adapter)."
+        )
+    others = sorted({get_spec(c.peft_type).peft_type.value for c in configs.values()} - {spec.peft_type.value})
+    if others:
+        raise ValueError(
+            f"The model already has {others} adapters; inject_adapter_in_model adds {spec.peft_type.value} ones only "
+            "to a model without adapters of another method (one method per model in fastpeft)."
+        )
+    return configs

@@ -11,7 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import io
+from .checkpoint import io, validate
+from .checkpoint.config_values import check_file_config
 from .types import PeftType, TaskType
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ class PeftConfig:
     @property
     def is_adaption_prompt(self) -> bool:
         return False
+
+    @property
+    def keeps_base_weights(self) -> bool:
+        """Whether injection leaves the base weights and module names as they were, so that the adapter can be
+        loaded onto the base it was saved with (the base-model fingerprint applies). Methods whose init rewrites
+        the base override this."""
+        return True
 
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +108,7 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:
-        return io.read_json(path)
+        return validate.read_config_json(path)
 
     @classmethod
     def from_pretrained(
@@ -108,14 +116,17 @@ class PeftConfig:
     ) -> PeftConfig:
         """Load `adapter_config.json` from a folder or Hub repo id; extra kwargs override its fields."""
         hub_kwargs, overrides = io.split_hub_kwargs(kwargs)
+        validate.check_subfolder(subfolder)
         path = io.resolve_file(pretrained_model_name_or_path, io.CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         if path is None:
             raise io.AdapterFileNotFoundError(
                 f"Can't find '{io.CONFIG_NAME}' at '{io.where(pretrained_model_name_or_path, subfolder)}'. "
                 "Pass a folder written by save_pretrained (fastpeft or HF PEFT) or a Hub repo id of an adapter."
             )
-        data = {**io.read_json(path), **overrides}
-        return cls.from_dict(data)
+        data = {**validate.read_config_json(path), **overrides}
+        with validate.file_errors(path):  # a malformed file raises AdapterConfigError naming it, nothing else
+            check_file_config(cls, data, path)
+            return cls.from_dict(data)
 
 
 def _jsonable(value: Any) -> Any:

@@ -24,9 +24,21 @@ class AdapterFileNotFoundError(FastPeftError, FileNotFoundError, ValueError):
     """An adapter folder or Hub repo lacks a file it must have (ValueError too, as HF PEFT raises)."""
 
 
+class AdapterShapeError(AdapterLoadError, RuntimeError):
+    """File tensors whose shapes differ from the model's (RuntimeError too: torch's load_state_dict raises it)."""
+
+
 class UnsafeAdapterFileError(AdapterLoadError):
     """A file would need code execution (pickle), escapes its folder (path / symlink) or declares absurd sizes."""
 
 
+class AdapterNameError(FastPeftError, ValueError):
+    """An adapter name that cannot be used: empty, path-like, or clashing with parameter prefixes / reserved names."""
+
+
 class AdapterStateError(FastPeftError, RuntimeError):
     """The model is in a state where the call would silently do the wrong thing (e.g. training 0 parameters)."""
+
+
+class LossyMergeError(FastPeftError, ValueError):
+    """Merging into quantised weights would change the layer's outputs by more than the allowed error."""

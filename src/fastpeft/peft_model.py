@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import io
+from .checkpoint import fingerprint, io, loading, validate
+from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .checkpoint.model_card import model_card
 from .config import PeftConfig
+from .core import checks
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
 from .core.tuner import check_adapter_name
@@ -96,6 +98,7 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         spec = get_spec(peft_config.peft_type)
         self._add_task_modules_to_save(peft_config)
+        checks.check_new_heads(model, peft_config)  # random new heads not in modules_to_save
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
         self._is_prompt_learning = peft_config.is_prompt_learning
@@ -117,6 +120,7 @@ class PeftModel(nn.Module):
             # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
             model.enable_input_require_grads()
         enable_trainer_support()  # transformers' Trainer / TRL: save and resume adapters (integrations/transformers.py)
+        checks.follow_base_mode(self)  # an eval model gets eval-mode adapters
 
     def __getattr__(self, name: str):
         try:
@@ -164,17 +168,22 @@ class PeftModel(nn.Module):
         return self.tuner.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .quant.bnb import logical_numel  # 4-bit bitsandbytes params pack two weights per byte
+
         trainable = total = 0
         for param in self.parameters():
-            total += param.numel()
+            count = logical_numel(param)
+            total += count
             if param.requires_grad:
-                trainable += param.numel()
+                trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        if trainable == 0:
+            print(checks.NO_TRAINABLE_NOTICE)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
@@ -190,6 +199,7 @@ class PeftModel(nn.Module):
         self.tuner.peft_config[adapter_name] = peft_config
         self.tuner.inject_adapter(self.get_base_model(), adapter_name,
                                   autocast_adapter_dtype=getattr(self.tuner, "autocast_adapter_dtype", True))
+        checks.follow_base_mode(self)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.tuner.set_adapter(adapter_name, inference_mode=inference_mode)
@@ -226,13 +236,27 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without adapters inside the `with` block; state is restored afterwards."""
-        with self.tuner.adapters_disabled():
+        """Run the base model without adapters inside the `with` block. On exit, exception or not, the adapters are
+        enabled again and every parameter's requires_grad is what it was before (adapters the user froze, base
+        weights the user unfroze); a nested block leaves the adapters disabled until the outermost one ends."""
+        if self.__dict__.get("_adapters_disabled"):
             yield
+            return
+        flags = [(param, param.requires_grad) for param in self.parameters()]
+        self.__dict__["_adapters_disabled"] = True
+        try:
+            with self.tuner.adapters_disabled():
+                yield
+        finally:
+            self.__dict__["_adapters_disabled"] = False
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any):
-        return self.tuner.model_forward(*args, **kwargs)
+        watch = checks.before_training_forward(self)  # 0 trainable parameters; checkpointing input grads
+        output = self.tuner.model_forward(*args, **kwargs)
+        return checks.check_output_graph(self, output) if watch else output
 
     def generate(self, *args: Any, **kwargs: Any):
         return self.tuner.model_generate(*args, **kwargs)
@@ -260,11 +284,15 @@ class PeftModel(nn.Module):
             # Trainer passes the gathered full state dict here under FSDP / DeepSpeed (as HF PEFT accepts)
             tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
                                                 save_embedding_layers=save_embedding_layers)
+            checks.refuse_empty_tensors(tensors, name)  # ZeRO-3 / FSDP placeholders
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
             config_dict = self._config_for_file(name)
             if path_initial_model_for_weight_conversion is not None:
                 tensors, config_dict = convert(name, tensors, config_dict, path_initial_model_for_weight_conversion)
-            jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization)),
+            validate.check_write_target(save_directory, os.path.join(out_dir, weights))  # no symlinked folder out
+            converted = path_initial_model_for_weight_conversion is not None
+            metadata = fingerprint.file_metadata(self, name, converted=converted)  # base-model fingerprint
+            jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization, metadata)),
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
             card = os.path.join(out_dir, "README.md")
             if not os.path.exists(card):  # never overwrite a card the user wrote
@@ -302,45 +330,43 @@ class PeftModel(nn.Module):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
         _check_trainable_load(config, is_trainable)
         config.inference_mode = not is_trainable
-        grads = {n: p.requires_grad for n, p in model.named_parameters()}
-        had_config_attr = "peft_config" in model.__dict__
         klass = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                           low_cpu_mem_usage=low_cpu_mem_usage)
-        try:
+        with loading.all_or_nothing(model, model_id, hub_kwargs, config):  # a failure leaves `model` as it was
+            check_config_for_model(config, model, model_id)  # sizes, before any allocation
+            with checks.loading_file(), validate.file_errors(model_id):
+                peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage)
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
-        except BaseException:
-            peft_model.tuner.delete_adapter(adapter_name)
-            for name, param in model.named_parameters():
-                param.requires_grad_(grads.get(name, param.requires_grad))
-            if not had_config_attr:
-                model.__dict__.pop("peft_config", None)
-            raise
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any):
-        """Load weights from a folder / repo into adapter `adapter_name` (added first if new)."""
+        """Load weights from a folder / repo into adapter `adapter_name` (added first if new), all or nothing.
+
+        Returns a LoadResult (missing / unexpected / shape-mismatched keys, per module in `.modules`).
+        `strict=True` raises AdapterLoadError carrying that report unless the file fits exactly;
+        `ignore_mismatched_sizes=True` skips tensors of another shape (as HF PEFT). A failed load leaves the
+        model exactly as it was (checkpoint/loading.py).
+        """
         check_adapter_name(adapter_name)
-        hub_kwargs, _ = io.split_hub_kwargs(kwargs)
-        added = adapter_name not in self.peft_config
-        if added:
+        hub_kwargs, rest = io.split_hub_kwargs(kwargs)
+        config = None
+        if adapter_name not in self.peft_config:
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
             _check_trainable_load(config, is_trainable)
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
-        try:
+        with loading.all_or_nothing(self, model_id, hub_kwargs, config):
+            if config is not None:
+                check_config_for_model(config, self.get_base_model(), model_id)  # sizes, before any allocation
+                with checks.loading_file(), validate.file_errors(model_id):
+                    self.add_adapter(adapter_name, config)
+            fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
+                                          strict=bool(rest.get("strict", False)), **hub_kwargs)
             weights = io.load_peft_weights(model_id, device=torch_device, **hub_kwargs)
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
-        except BaseException:
-            if added:
-                self.tuner.delete_adapter(adapter_name)
-            raise
-        if result.unexpected_keys:
-            logger.warning("Keys in %s not used by adapter '%s': %s", model_id, adapter_name, result.unexpected_keys)
-        if result.missing_keys:
-            logger.warning("Adapter weights missing from %s (left at init): %s", model_id, result.missing_keys)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=rest.get("strict", False),
+                                               ignore_mismatched_sizes=rest.get("ignore_mismatched_sizes", False))
+        loading.warn_about(result, model_id, adapter_name)
         if not is_trainable:
             self.eval()
         return result

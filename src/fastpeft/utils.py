@@ -2,33 +2,87 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .core.layer import AdapterLayer
+from .quant.bnb import logical_numel
+
+# quantisation methods whose weights must keep their dtype (HF PEFT leaves their params alone)
+_KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
-                or getattr(model, "quantization_method", None) or getattr(model, "hf_quantizer", None))
+def _quant_method(model: nn.Module) -> str | None:
+    method = getattr(model, "quantization_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum -> its string
+    return "hqq" if getattr(model, "hqq_quantized", False) else method
+
+
+def _upcast_half_params(model: nn.Module) -> None:
+    """float16 / bfloat16 parameters to float32 (layer norms, embeddings, head; packed 4-bit weights excepted)."""
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+
+
+def _inputs_require_grad(model: nn.Module) -> None:
+    """Make the embedding output require grad, so checkpointed blocks over frozen weights still backpropagate."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        return
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+
+
+def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    enable = model.gradient_checkpointing_enable
+    if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    if kwargs:
+        warnings.warn("This transformers version's gradient_checkpointing_enable takes no gradient_checkpointing_kwargs; "
+                      "they are ignored (upgrade transformers to use them).", FutureWarning, stacklevel=3)
+    enable()
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
-    """Freeze the base and upcast half-precision params to fp32; for quantized models also enable input
-    gradients and gradient checkpointing (frozen quantized weights otherwise leave adapters without grads)."""
+                                    gradient_checkpointing_kwargs: dict | None = None,
+                                    auto_clear_cache: bool = True) -> nn.Module:
+    """Get a (k-bit quantised) transformers model ready for adapter training, with HF PEFT's semantics:
+
+    1. every parameter is frozen;
+    2. unless the weights come from GPTQ / AQLM / EETQ / torchao / HQQ, fp16 / bf16 parameters (layer norms,
+       embeddings, the head; not the packed 4-bit weights) are upcast to float32 for stable training, then the
+       accelerator's cache is emptied if `auto_clear_cache`;
+    3. for models loaded in 8 / 4 bit (or by those methods) with `use_gradient_checkpointing`: the embedding
+       output requires grad (unless `gradient_checkpointing_kwargs` sets `use_reentrant=False`, which needs no
+       such help) and gradient checkpointing is enabled with `gradient_checkpointing_kwargs`.
+    """
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    method = _quant_method(model)
+    kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
     for param in model.parameters():
         param.requires_grad_(False)
-        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ == "Parameter":
-            param.data = param.data.float()
-    if use_gradient_checkpointing and _is_quantized(model):
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {})
+    if method not in _KEEP_DTYPE_METHODS:
+        _upcast_half_params(model)
+        if auto_clear_cache:
+            _empty_accelerator_cache()
+    if (kbit or method in _KEEP_DTYPE_METHODS) and use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            _inputs_require_grad(model)
+        _enable_checkpointing(model, kwargs)
     return model
+
+
+def _empty_accelerator_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        xpu.empty_cache()
 
 
 @dataclass
@@ -121,8 +175,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         adapter_model_type=type(model.tuner).__name__ if is_peft else "None",
         peft_types={k: getattr(v.peft_type, "value", v.peft_type) for k, v in model.peft_config.items()}
         if is_peft else {},
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()), num_adapter_layers=len(layers),
+        trainable_params=sum(logical_numel(p) for p in model.parameters() if p.requires_grad),
+        total_params=sum(logical_numel(p) for p in model.parameters()), num_adapter_layers=len(layers),
         enabled=_agree({row.enabled for row in layers}) if layers else True,
         active_adapters=(list(actives.pop()) if len(actives) == 1 else "irregular") if actives else [],
         merged_adapters=_merged(layers), requires_grad=grads,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import pickle
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from safetensors import torch as safe_torch
 
-from ..errors import AdapterFileNotFoundError  # noqa: F401  (re-exported: io.AdapterFileNotFoundError)
+from ..errors import (
+    AdapterConfigError,
+    AdapterFileNotFoundError,  # noqa: F401  (re-exported: io.AdapterFileNotFoundError)
+    AdapterLoadError,
+    UnsafeAdapterFileError,
+)
+from . import atomic, validate
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +45,12 @@ def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str | None:
     """Path to `filename` in a local adapter folder or a Hub repo (cached copy when offline); None if absent."""
     subfolder = hub_kwargs.pop("subfolder", None) or ""
+    validate.check_subfolder(subfolder)
     local = Path(model_id) / subfolder / filename
     if Path(model_id).is_dir():
-        return str(local) if local.is_file() else None
+        local = atomic.pending_file(local.parent, filename) or local  # a save killed while publishing: its files
+        # a local folder's files must not be symlinks (or '..' paths) to files outside it
+        return validate.check_contained(model_id, local) if local.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -62,38 +71,24 @@ def where(model_id: str | os.PathLike, subfolder: str | None) -> str:
 
 
 def read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # e.g. a truncated or hand-edited config
+        raise AdapterConfigError(f"{path} is not valid JSON ({err}); re-save the adapter's config with "
+                                 "save_pretrained or fix the file.") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object; it is not an adapter config.")
     return data
 
 
 def atomic_write_many(jobs: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
-    """Write every file to a temp name first, then rename them all: a crash while writing changes nothing."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, write in jobs:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            staged.append((tmp, path))
-            write(tmp)
-        mode = _default_file_mode()
-        for tmp, path in staged:
-            os.chmod(tmp, mode)  # mkstemp creates 0600; give the file the mode a plain open() would
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    """Write `(path, writer)` jobs so that a crash or kill at any moment leaves each folder's old or new files.
 
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    The files of one folder are staged, fsynced and committed with one rename (checkpoint/atomic.py explains
+    the scheme and how a save killed mid-way is finished by readers and the next save).
+    """
+    atomic.write_files(jobs)
 
 
 def text_writer(text: str) -> Callable[[str], None]:
@@ -108,15 +103,17 @@ def json_writer(data: dict[str, Any]) -> Callable[[str], None]:
     return text_writer(json.dumps(data, indent=2, sort_keys=True))
 
 
-def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True) -> Callable[[str], None]:
-    """A writer for `atomic_write_many`: safetensors (default) or a torch `.bin`."""
+def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True,
+                   metadata: dict[str, str] | None = None) -> Callable[[str], None]:
+    """A writer for `atomic_write_many`: safetensors (default; `metadata` joins its header) or a torch `.bin`."""
     # safetensors refuses tensors sharing storage: give those their own contiguous copy
     ptrs = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
     tensors = {k: _own_copy(v) if ptrs[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
                for k, v in tensors.items()}
     if safe:
         # looked up at call time (not imported by name) so tests can simulate a crash mid-write
-        return lambda tmp: safe_torch.save_file(tensors, tmp, metadata={"format": "pt"})
+        header = {**(metadata or {}), "format": "pt"}
+        return lambda tmp: safe_torch.save_file(tensors, tmp, metadata=header)
     return lambda tmp: torch.save(tensors, tmp)
 
 
@@ -131,14 +128,20 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
 def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a `.safetensors` or legacy `.bin` adapter file without executing pickled code."""
     if path.endswith(".safetensors"):
-        return safe_torch.load_file(path, device=str(device))
+        return validate.load_safetensors(path, device=str(device))  # header checked against the file size first
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # weights_only unpickler refuses anything but tensors and plain containers
-        raise ValueError(
-            f"{path} could not be read with torch.load(weights_only=True): {err}. fastpeft never unpickles "
-            "arbitrary objects; re-save the adapter as safetensors with a trusted tool."
+        tensors = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only unpickler refuses anything but tensors and containers
+        raise UnsafeAdapterFileError(
+            f"{path} holds pickled objects other than tensors, refused by torch.load(weights_only=True): {err}. "
+            "fastpeft never unpickles arbitrary objects "
+            "(that could run code); re-save the adapter as safetensors with a trusted tool."
         ) from err
+    except Exception as err:  # truncated, or not a torch file at all
+        raise AdapterLoadError(f"{path} could not be read with torch.load(weights_only=True): {err}.") from err
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise AdapterLoadError(f"{path} does not hold a dict of tensors; it is not an adapter weights file.")
+    return tensors
 
 
 def load_peft_weights(model_id: str, device: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 from ..core.aux import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
+from ..errors import AdapterLoadError, AdapterShapeError
 
 logger = logging.getLogger(__name__)
 
@@ -149,59 +150,185 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     return out
 
 
+Mismatch = tuple[str, tuple[int, ...], tuple[int, ...]]  # (file key, shape in the file, shape in the model)
+
+
+@dataclass
+class ModuleLoadReport:
+    """What did not fit in one module of the model (its path as in `named_modules()`)."""
+
+    module: str
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[Mismatch] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"  missing (left at init): {k}" for k in self.missing_keys]
+        out += [f"  unexpected (in the file, not in the model): {k}" for k in self.unexpected_keys]
+        out += [f"  shape mismatch: {k} is {tuple(f)} in the file, {tuple(m)} in the model"
+                for k, f, m in self.mismatched_keys]
+        return [f"module '{self.module or '<root>'}':", *out]
+
+
 @dataclass
 class LoadResult:
-    """Same fields as torch's `_IncompatibleKeys`: adapter keys the file lacked, file keys the model lacked."""
+    """Same fields as torch's `_IncompatibleKeys` (and iterates like it: missing, then unexpected keys), plus the
+    shape mismatches and every problem grouped by module path in `modules`."""
 
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[Mismatch] = field(default_factory=list)
+    modules: dict[str, ModuleLoadReport] = field(default_factory=dict)
 
     def __iter__(self):
         return iter((self.missing_keys, self.unexpected_keys))
 
+    @property
+    def clean(self) -> bool:
+        """True when every adapter tensor was found in the file with the model's shape and nothing was left over."""
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
+
+    def describe(self) -> str:
+        return "\n".join(line for report in self.modules.values() for line in report.lines())
+
+
+def _module_finder(modules: Modules):
+    """key -> the module it belongs to: the deepest adapter holder on its path, else the deepest module."""
+    holders = {name for name, m in modules if isinstance(m, AdapterHolder)}
+    names = {name for name, _ in modules}
+
+    def find(key: str) -> str:
+        parts = key.split(".")
+        fallback = None
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in holders:
+                return prefix
+            if fallback is None and prefix in names:
+                fallback = prefix
+        return fallback or ""
+
+    return find
+
+
+def _group_by_module(result: LoadResult, modules: Modules) -> None:
+    find = _module_finder(modules)
+    grouped: dict[str, ModuleLoadReport] = {}
+    for attr, entries in (("missing_keys", result.missing_keys), ("unexpected_keys", result.unexpected_keys),
+                          ("mismatched_keys", result.mismatched_keys)):
+        for entry in entries:
+            key = entry if isinstance(entry, str) else entry[0]
+            module = find(key)
+            getattr(grouped.setdefault(module, ModuleLoadReport(module)), attr).append(entry)
+    result.modules = dict(sorted(grouped.items()))
+
+
+def _shape_error(result: LoadResult) -> AdapterShapeError:
+    shown = "\n".join(f"  {k}: {tuple(f)} in the file, {tuple(m)} in the model"
+                      for k, f, m in result.mismatched_keys)
+    err = AdapterShapeError(
+        f"{len(result.mismatched_keys)} adapter weight(s) have another shape in the file than in the model:\n"
+        f"{shown}\nThe adapter was trained for a different base "
+        "model (or a different r / rank_pattern). Nothing was loaded; load it onto the base model it was made "
+        "for, or pass ignore_mismatched_sizes=True to skip these tensors."
+    )
+    err.report = result
+    return err
+
+
+def _backup(model: nn.Module, adapter_name: str, targets: list[torch.Tensor], extra: bool) -> list:
+    """(tensor, copy) of everything a load may write: the targets and, with `extra`, the adapter's tensors kept
+    outside adapter holders (prompt encoders, shared banks / projections)."""
+    seen = {id(t) for t in targets}
+    tensors = list(targets)
+    if extra:
+        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if adapter_name in key.split(".") and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors.append(tensor)
+    return [(t, t.detach().clone()) for t in tensors]
+
+
+def _restore(backup: list) -> None:
+    with torch.no_grad():
+        for tensor, copy in backup:
+            tensor.copy_(copy)
+
+
+def _check_strict(result: LoadResult, strict: bool) -> None:
+    if strict and not result.clean:
+        err = AdapterLoadError(
+            "strict=True: the adapter file does not match the model's adapter exactly; nothing was loaded.\n"
+            f"{result.describe()}\nLoad the file onto the base model and config it was saved from, or load "
+            "with strict=False to accept these differences (missing tensors stay at their init values)."
+        )
+        err.report = result
+        raise err
+
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
-                              low_cpu_mem_usage: bool = False) -> LoadResult:
-    """Copy file tensors into the model's adapter `adapter_name`. Checks every shape before writing any."""
-    convert = getattr(getattr(model, "tuner", None), "convert_loaded_state", None)
+                              low_cpu_mem_usage: bool = False, strict: bool = False) -> LoadResult:
+    """Copy file tensors into the model's adapter `adapter_name`, all or nothing.
+
+    Every shape is checked before anything is written. If a method's own hook or a write fails (or, with
+    `strict=True`, any key is missing, unexpected or mismatched) every tensor the load wrote gets its old value
+    back: the adapter's own tensors (backed up before any method hook runs) and the base tensors the file maps to
+    (embeddings, biases).
+    """
+    tuner = getattr(model, "tuner", None)
+    backup = _backup(model, adapter_name, [], extra=tuner is not None)
+    try:
+        return _load_checked(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict, backup)
+    except BaseException:
+        _restore(backup)
+        raise
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched: bool,
+                  strict: bool, backup: list) -> LoadResult:
+    tuner = getattr(model, "tuner", None)
+    convert = getattr(tuner, "convert_loaded_state", None)
     if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
-        peft_model_state_dict = convert(adapter_name, peft_model_state_dict, model)
+        state = convert(adapter_name, state, model)
     config = _config_of(model, adapter_name)
     modules = list(model.named_modules())
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
-    embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules)
-                  if k in peft_model_state_dict}
-    used = [mk for fk, mk in mapping.items() if fk in peft_model_state_dict] + list(embeddings)
-    params = _model_tensors(model, tensors, used)
-    result = LoadResult(unexpected_keys=sorted(set(peft_model_state_dict) - set(mapping) - set(embeddings)))
-    result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in peft_model_state_dict)
+    embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules) if k in state}
+    params = _model_tensors(model, tensors, [mk for fk, mk in mapping.items() if fk in state] + list(embeddings))
+    result = LoadResult(unexpected_keys=sorted(set(state) - set(mapping) - set(embeddings)))
+    result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in state)
     writes = []
-    for file_key, value in peft_model_state_dict.items():
+    for file_key, value in state.items():
         model_key = mapping.get(file_key) or embeddings.get(file_key)
         if model_key is None:
             continue
         target = params[model_key]
         if tuple(target.shape) != tuple(value.shape):
-            if ignore_mismatched_sizes:
-                logger.warning("Skipping %s: shape %s in file vs %s in model.", file_key, tuple(value.shape),
-                               tuple(target.shape))
-                continue
-            raise ValueError(
-                f"Adapter weight '{file_key}' has shape {tuple(value.shape)} in the file but "
-                f"{tuple(target.shape)} in the model: the adapter was trained for a different base model (or a "
-                "different r / rank_pattern). Nothing was loaded; load it onto the base model it was made for."
-            )
+            result.mismatched_keys.append((file_key, tuple(value.shape), tuple(target.shape)))
+            continue
         writes.append((target, value))
-    tuner = getattr(model, "tuner", None)
+    if result.mismatched_keys and not ignore_mismatched:
+        _group_by_module(result, modules)
+        raise _shape_error(result)
+    for file_key, in_file, in_model in result.mismatched_keys:
+        logger.warning("Skipping %s: shape %s in file vs %s in model.", file_key, in_file, in_model)
+    backed_up = {id(t) for t, _ in backup}
+    backup.extend(_backup(model, adapter_name, [t for t, _ in writes if id(t) not in backed_up], extra=False))
+    _write_all(result, tuner, adapter_name, state, writes)
+    _group_by_module(result, modules)
+    _check_strict(result, strict)
+    return result
+
+
+def _write_all(result: LoadResult, tuner, adapter_name: str, state: dict[str, torch.Tensor], writes) -> None:
     if tuner is not None:  # tensors kept outside the module tree (e.g. prompt embeddings): checked and loaded
-        rest = {k: v for k, v in peft_model_state_dict.items() if k in result.unexpected_keys}
+        rest = {k: v for k, v in state.items() if k in result.unexpected_keys}
         consumed = tuner.load_extra_file_state(adapter_name, rest)
         result.unexpected_keys = [k for k in result.unexpected_keys if k not in consumed]
     with torch.no_grad():
         for target, value in writes:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
-    return result
 
 
 def _config_of(model: nn.Module, adapter_name: str):

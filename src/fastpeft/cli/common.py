@@ -57,5 +57,11 @@ def auto_class_for(task_type: str | None, auto_mapping: dict | None = None):
             return getattr(transformers, auto_name)
     mapping = auto_mapping or {}
     if mapping.get("parent_library") and mapping.get("base_model_class"):
+        from fastpeft.checkpoint.validate import check_import_allowlist
+
+        try:  # the adapter file names the package: import only known ones (as AutoPeftModel, HF PEFT)
+            check_import_allowlist(mapping["parent_library"])
+        except ValueError as exc:
+            raise CliError(f"{exc} (The CLI has no such option: load this adapter from Python.)") from None
         return getattr(importlib.import_module(mapping["parent_library"]), mapping["base_model_class"])
     return transformers.AutoModel

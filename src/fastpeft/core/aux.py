@@ -53,7 +53,8 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
             return self.original_module
         return self.modules_to_save[adapter]
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+    def forward(self, *args, **kwargs):
+        adapter_names = self.call_adapter_names(kwargs)  # explicit, or the tuner's running mixed batch
         if adapter_names is None or self._disable_adapters:
             return self._current()(*args, **kwargs)
         return self._mixed_forward(adapter_names, *args, **kwargs)

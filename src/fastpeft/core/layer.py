@@ -8,15 +8,68 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..quant.bnb import bnb_kind
+
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """`module` and its children in eval mode inside the block, each flag restored after: a merge adds only the
+    deterministic update, never one drawn with the dropout / random masks / sampling that training mode turns on."""
+    flags = [(m, m.training) for m in module.modules() if m.training]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in flags:
+            m.training = mode
+
+
+class CallState:
+    """Values of the running forward / generate call, one object per tuner, shared by all its holders.
+
+    The tuner writes it once per call (O(1) whatever the number of layers); holders read it in forward:
+    `names` (per-row adapter names of a mixed batch, or None), `encoder_names` (those of an encoder-decoder's
+    encoder, one per input row when generate repeats rows for beams) and `values` (`Tuner.call_context`).
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.encoder_names: list[str] | None = None
+        self.values: dict = {}
 
 
 class AdapterHolder:
     """Protocol of modules that hold per-adapter state (adapter layers and modules_to_save wrappers)."""
+
+    _call_state: CallState | None = None  # set by the tuner (`bind_call_state`)
+    _in_encoder: bool = False
+
+    def bind_call_state(self, state: CallState, in_encoder: bool) -> None:
+        self.__dict__["_call_state"] = state  # plain attributes: no nn.Module bookkeeping
+        self.__dict__["_in_encoder"] = in_encoder
+
+    @property
+    def forward_context(self) -> dict | None:
+        """The tuner's per-call values (`Tuner.call_context`), None outside a tuner's call."""
+        state = self._call_state
+        return None if state is None else state.values
+
+    def call_adapter_names(self, kwargs: dict) -> list[str] | None:
+        """Per-row adapter names for this call: `adapter_names=` if passed (popped from `kwargs`), else those of
+        the tuner's running mixed-batch call; None for a normal call. Nested layers (run by their owner) get none."""
+        names = kwargs.pop("adapter_names", None)
+        state = self._call_state
+        if names is not None or state is None or state.names is None or getattr(self, "nested", False):
+            return names
+        return state.encoder_names if self._in_encoder and state.encoder_names is not None else state.names
 
     def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -78,6 +131,12 @@ class AdapterLayer(nn.Module, AdapterHolder):
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         return None
+
+    def leaves_shared_weight(self, name: str) -> bool:
+        """True where merging adapter `name` leaves the base weight alone because the layer it shares that weight
+        with merges the same update (LoRA's tied LM head under ensure_weight_tying marks itself in
+        `weight_followed`): such a pair is kept tied on merge (core/tying.py)."""
+        return bool(self.__dict__.get("weight_followed", {}).get(name))
 
     # ------------------------------------------------------------------ state
     def get_base_layer(self) -> nn.Module:
@@ -166,7 +225,7 @@ class AdapterLayer(nn.Module, AdapterHolder):
         return self.base_layer(*args, **kwargs)
 
     def forward(self, x, *args, **kwargs):
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = self.call_adapter_names(kwargs)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -226,18 +285,23 @@ class AdapterLayer(nn.Module, AdapterHolder):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = self._active_adapters if adapter_names is None else adapter_names
         own = self.adapter_names()
+        if bnb_kind(self.get_base_layer()) is not None:  # this layer class cannot requantise (methods/quantised.py)
+            from ..methods.quantised import refuse_plain_merge
+            refuse_plain_merge(self, [n for n in names if n in own and n not in self.merged_adapters])
         for name in names:
             if name not in own:
                 continue
             if name in self.merged_adapters:
                 logger.info("Adapter '%s' is already merged; skipping.", name)
                 continue
-            self.merge_one(name, safe_merge)
+            with eval_mode(self):  # training mode must not change what is merged (issue #9, item 9)
+                self.merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
-            self.unmerge_one(self.merged_adapters.pop())
+            with eval_mode(self):
+                self.unmerge_one(self.merged_adapters.pop())
 
     def merge_one(self, name: str, safe_merge: bool) -> None:
         base = self.get_base_layer()

@@ -15,22 +15,43 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import targeting
+from ..errors import AdapterNameError
+from ..registry import registered
+from . import target_checks, targeting, tying
 from .aux import ModulesToSaveWrapper, wrap_modules_to_save
 from .dispatch import DispatchChain
-from .layer import AdapterHolder, AdapterLayer
+from .layer import AdapterHolder, AdapterLayer, CallState
 
 logger = logging.getLogger(__name__)
 
-_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$")
+_ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
+RESERVED_ADAPTER_NAMES = ("__base__",)  # in mixed batches (adapter_names=[...]) such rows run without adapters
+
+
+def _clashing_prefix(name: str) -> str | None:
+    """The registered method parameter prefix (e.g. "lora_") that `name` starts with, if any."""
+    return next((spec.prefix for spec in registered().values() if spec.prefix and name.startswith(spec.prefix)), None)
 
 
 def check_adapter_name(name: str) -> None:
-    """Adapter names become folder names and state-dict key parts: refuse anything path-like."""
-    if not isinstance(name, str) or not _ADAPTER_NAME_RE.match(name) or ".." in name or "." in name:
-        raise ValueError(
-            f"Invalid adapter name {name!r}: use letters, digits, '_' or '-' only (no '/', '\\\\', '.' or '..'), "
-            "since the name is used as a sub-folder of the save directory and inside state-dict keys."
+    """Adapter names become folder names, nn.ModuleDict keys and state-dict key parts: letters, digits, '_' and '-'
+    only ('.' is refused too: torch refuses it in module names, so HF PEFT fails on it with a KeyError), not starting
+    with a method's parameter prefix (keys like `lora_A.lora_x.weight` would be ambiguous), not a reserved name."""
+    if not isinstance(name, str) or not _ADAPTER_NAME_RE.fullmatch(name):
+        raise AdapterNameError(
+            f"Invalid adapter name {name!r}: use a non-empty name of letters, digits, '_' or '-' only (no '/', "
+            "'\\\\', '.' or spaces), since the name is a sub-folder of the save directory, a module name and part of "
+            "state-dict keys."
+        )
+    if name in RESERVED_ADAPTER_NAMES:
+        raise AdapterNameError(f"Invalid adapter name {name!r}: it is reserved (an adapter_names entry {name!r} "
+                               "in a mixed batch means 'no adapter'); pick another name.")
+    prefix = _clashing_prefix(name)
+    if prefix is not None:
+        raise AdapterNameError(
+            f"Invalid adapter name {name!r}: it starts with {prefix!r}, the prefix of adapter parameter names, so "
+            f"state-dict keys could not tell the name from a parameter; rename it, e.g. to "
+            f"{name[len(prefix):] or 'adapter'!r}."
         )
 
 
@@ -117,21 +138,36 @@ class Tuner(nn.Module):
 
     @contextmanager
     def forward_context(self, values: dict):
-        """Inside the block every adapter layer has `forward_context = values` (the previous one is restored)."""
+        """Inside the block every adapter layer reads `forward_context` as `values` (the previous one is restored).
+        One write to the call state all holders share (see `bind_call_state`), whatever the number of layers."""
         if not values:
             yield
             return
-        layers = list(self.adapter_layers())
-        saved = [layer.__dict__.get("forward_context") for layer in layers]
-        for layer in layers:
-            layer.forward_context = values
+        state = self.call_state
+        saved, state.values = state.values, values
         try:
             yield
         finally:
-            for layer, old in zip(layers, saved):
-                layer.__dict__.pop("forward_context", None)
-                if old is not None:
-                    layer.forward_context = old
+            state.values = saved
+
+    @property
+    def call_state(self) -> CallState:
+        """This tuner's `CallState`, shared by every holder of the model (bound in `_apply_adapter_state`)."""
+        state = self.__dict__.get("_call_state")
+        if state is None:
+            state = self.__dict__["_call_state"] = CallState()
+        return state
+
+    def bind_call_state(self, holders: list[AdapterHolder] | None = None) -> None:
+        """Give every holder (default: all of the model's) the shared call state, marking those inside an
+        encoder-decoder's encoder. Runs after each change of the layer set (`_apply_adapter_state`: injection,
+        deletion, set_adapter, ...), so that a forward or generate call costs O(1) to set up."""
+        state = self.call_state
+        seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+        get_encoder = getattr(self.model, "get_encoder", None)
+        in_encoder = {id(m) for m in get_encoder().modules()} if seq2seq and get_encoder is not None else ()
+        for holder in holders if holders is not None else [h for _, h in self.holders()]:
+            holder.bind_call_state(state, id(holder) in in_encoder)
     # ---- end per-call data
 
     def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -184,6 +220,7 @@ class Tuner(nn.Module):
             config = self.prepare_config(self.peft_config[adapter_name], model)
             self.check_new_adapter(config)
             targets = self.select_targets(model, config)
+            target_checks.check_targets(self, model, config, targets)  # unsupported types, entries matching nothing
         except Exception:
             self.peft_config.pop(adapter_name, None)
             raise
@@ -265,7 +302,8 @@ class Tuner(nn.Module):
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
         """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if autocast."""
         _set_training(layer, layer.get_base_layer().training)  # new dropout etc. follow the model's mode
-        ref = next((p for p in layer.get_base_layer().parameters()), None)
+        ref = getattr(layer, "placement_reference", None)  # e.g. a 4-bit layer's compute dtype (quant/bnb.py)
+        ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
         if ref is None:
             return
         half = (torch.float16, torch.bfloat16)
@@ -300,8 +338,10 @@ class Tuner(nn.Module):
         """Activate the active adapters; those in `self.trainable_adapters` get requires_grad, others not."""
         active = self.active_adapters
         trainable = [n for n in active if n in self.trainable_adapters]
-        for _, holder in self.holders():
+        holders = [holder for _, holder in self.holders()]
+        for holder in holders:
             holder.set_adapter(active, trainable)
+        self.bind_call_state(holders)  # the layer set may have changed: new holders read this tuner's call state
         for name in trainable:
             self.mark_extra_trainable(name, self.peft_config[name])
 
@@ -348,20 +388,13 @@ class Tuner(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: {sorted(self.peft_config)}.")
-        seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-        in_encoder = {id(m) for m in self.model.get_encoder().modules()} if encoder_names and seq2seq else set()
-
-        def hook_for(names):
-            return lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names})
-
-        hooks = [holder.register_forward_pre_hook(
-                     hook_for(encoder_names if id(holder) in in_encoder else adapter_names), with_kwargs=True)
-                 for _, holder in self.holders() if not getattr(holder, "nested", False)]
+        state = self.call_state
+        saved = state.names, state.encoder_names
+        state.names, state.encoder_names = adapter_names, encoder_names
         try:
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
+            state.names, state.encoder_names = saved
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -392,6 +425,9 @@ class Tuner(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self.check_mergeable()
+        was_tied = tying.embeddings_tied(self.model)
+        tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)  # tied weights (core/tying.py)
+        tying.record_untied_embeddings(self.model, was_tied)
         for layer in self._top_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -401,8 +437,10 @@ class Tuner(nn.Module):
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
                 adapter_names: list[str] | None = None) -> nn.Module:
+        was_tied = tying.embeddings_tied(self.model)
         if merge:
             self.check_mergeable()
+            tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)  # tied weights (core/tying.py)
         holders = [(n, h) for n, h in self.holders() if not getattr(h, "nested", False)]
         if progressbar:
             from tqdm.auto import tqdm
@@ -411,6 +449,9 @@ class Tuner(nn.Module):
         for name, holder in reversed(list(holders)):
             set_submodule(self.model, name, holder.unloaded(merge, safe_merge=safe_merge,
                                                             adapter_names=adapter_names))
+        tying.record_untied_embeddings(self.model, was_tied)  # a merged export must not re-tie diverged weights
+        if self.model.__dict__.get("peft_config") is self.peft_config:  # as HF PEFT: no adapter config left on it
+            del self.model.__dict__["peft_config"]
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,

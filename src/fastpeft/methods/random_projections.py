@@ -210,8 +210,10 @@ class ProjectionTuner(Tuner):
         """As HF PEFT: on the base layers' device, in their dtype; fp16 / bf16 ones autocast then makes fp32 again
         (the values keep the half-precision rounding, as in HF PEFT)."""
         ref = next((m.weight for m in bases if m.weight.is_floating_point()), None)
-        if ref is None:
-            return tensors
+        if ref is None:  # quantised bases only (bitsandbytes int8 / 4-bit): their device; autocast widens halves
+            half = (torch.float16, torch.bfloat16)
+            return [t.to(bases[0].weight.device, torch.float32 if self._autocast and t.dtype in half else t.dtype)
+                    for t in tensors]
         tensors = [t.to(device=ref.device, dtype=ref.dtype) for t in tensors]
         if self._autocast and ref.dtype in (torch.float16, torch.bfloat16):
             tensors = [t.to(torch.float32) for t in tensors]

@@ -18,12 +18,15 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ..common import fill_targets
 from ..lora.model import LoraModel, is_linear
+from ..quantised import AllOrNothingMerge, register_quantised
 from .allocator import RankAllocator
+from .bnb import SVDLinear4bit, SVDLinear8bitLt
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
 
 DISPATCH = DispatchChain("AdaLoRA")
 DISPATCH.register(nn.Conv2d, SVDConv2d)
 DISPATCH.register(is_linear, SVDLinear)
+register_quantised(DISPATCH, SVDLinear4bit, SVDLinear8bitLt)  # bitsandbytes layers first
 
 _QV = ["q_proj", "v_proj"]
 _FULL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -54,7 +57,7 @@ def _module_path(pattern_key: str, adapter_name: str) -> str:
     return pattern_key[: -len(".lora_E")] if pattern_key.endswith(".lora_E") else pattern_key
 
 
-class AdaLoraModel(Tuner):
+class AdaLoraModel(AllOrNothingMerge, Tuner):
     """AdaLoRA tuner. At most one adapter trains (others must be loaded with inference_mode=True), as HF PEFT."""
 
     dispatch = DISPATCH

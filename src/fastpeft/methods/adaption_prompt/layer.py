@@ -101,7 +101,7 @@ class AdaptedAttentionBase(AdapterLayer):
         return self.project_output(out.transpose(1, 2).reshape(batch, length, -1))
 
     def forward(self, *args, **kwargs):
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = self.call_adapter_names(kwargs)
         outputs = self.base_layer(*args, **kwargs)
         if self._disable_adapters:
             return outputs

@@ -13,7 +13,8 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ..common import align_fan_in_fan_out, fill_targets
 from ..lora.model import is_linear
-from . import layer
+from ..quantised import AllOrNothingMerge, register_quantised
+from . import bnb, layer
 from .defaults import IA3_TARGETS, default_feedforward
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 DISPATCH = DispatchChain("IA3")
 DISPATCH.register((nn.Conv2d, nn.Conv3d), layer.Conv)
 DISPATCH.register(is_linear, layer.Linear)
+register_quantised(DISPATCH, bnb.Linear4bit, bnb.Linear8bitLt)  # bitsandbytes layers first
 
 
 def is_feedforward(config, key: str) -> bool:
@@ -32,7 +34,7 @@ def is_feedforward(config, key: str) -> bool:
     return any(key.endswith(entry) for entry in spec or ())
 
 
-class IA3Model(Tuner):
+class IA3Model(AllOrNothingMerge, Tuner):
     dispatch = DISPATCH
     prefix = "ia3_"
     condense_target_list = False  # feedforward_modules names targets: keep target_modules as given (as HF PEFT)

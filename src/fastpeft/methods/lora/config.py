@@ -152,6 +152,13 @@ class LoraConfig(PeftConfig):
     def unsupported_options(self) -> list[str]:
         return [k for k, off in UNSUPPORTED_OPTIONS.items() if getattr(self, k) not in (off, None, {}, False)]
 
+    @property
+    def keeps_base_weights(self) -> bool:
+        """False for inits that rewrite the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) and for layer_replication:
+        no base-model fingerprint is saved for them (checkpoint/fingerprint.py)."""
+        rewrites = modifies_base(self.init_lora_weights) or self.init_lora_weights == "loftq"
+        return not rewrites and not self.layer_replication
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data.pop("runtime_config", None)

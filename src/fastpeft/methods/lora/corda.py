@@ -171,7 +171,7 @@ def _collect_covariances(model, config, run_model, hooked_model) -> dict[str, to
 def _covariances(model, config, run_model, hooked_model) -> dict[str, torch.Tensor]:
     path = config.corda_config.covariance_file
     if _readable(path):
-        stored = torch.load(path, map_location=_device(model))
+        stored = torch.load(path, map_location=_device(model), weights_only=True)  # never unpickle
         missing = [n for n, _ in linear_targets(model, config) if n not in stored]
         if missing:
             raise ValueError(f"CorDA: covariance_file {path!r} has no covariance for {missing}; delete the file "
@@ -240,7 +240,7 @@ def _computed_eigens(model, config, run_model, hooked_model) -> dict[str, CordaE
 
 
 def _cached_eigens(model, config, path: str) -> dict[str, CordaEigens]:
-    stored = torch.load(path, map_location=_device(model))
+    stored = torch.load(path, map_location=_device(model), weights_only=True)  # never unpickle
     result = {}
     for name, _ in linear_targets(model, config):
         keys = [f"{name}.eigens.{part}" for part in ("S_WC", "U_WC", "V_WC")]

@@ -2,6 +2,11 @@
 
 Each row's A and B are gathered from the live parameters on every call (no stacked copy is cached), so
 optimizer steps, loads, hot-swaps that write through `.data`, and gradients all behave as in the loop.
+
+Long rows with few adapters (prefill): each adapter's rows go through one matmul with its merged weight
+`W + s B A` (built per call, `merged_plan` / `merged_forward`), instead of the base matmul plus the two LoRA
+matmuls, the gather of the rows' inputs and the scatter-add of their outputs. Worth it when an adapter's rows
+hold more tokens than the merged weight costs to build (about in * out / (in + out) per rank unit).
 """
 
 from __future__ import annotations
@@ -9,10 +14,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Fewer distinct adapters than this in a batch: the per-adapter loop (see benchmarks/README.md).
 MIN_ADAPTERS = 4
+# Merged weights when every adapter's rows hold >= MERGE_FROM * in * out / (in + out) tokens (benchmarks/README.md).
+MERGE_FROM = 1.0
 _UNSEEN = object()
 
 
@@ -31,11 +39,11 @@ def plan(layer, adapter_names: list[str]) -> list[Group] | None:
         return None
     factors: dict[str, tuple | None] = {}  # adapter -> (group key, A, B, scaling); None: not on this layer
     groups: dict[tuple, Group] = {}
-    modules = layer.lora_A._modules, layer.lora_B._modules  # the ModuleDicts' own dicts: plain lookups
+    view = _layer_view(layer)
     for row, name in enumerate(adapter_names):
         item = factors.get(name, _UNSEEN)
         if item is _UNSEEN:
-            item = factors[name] = _factors(layer, modules, name)
+            item = factors[name] = _factors(view, name)
         if item is None:
             continue
         if item is False:
@@ -50,19 +58,32 @@ def plan(layer, adapter_names: list[str]) -> list[Group] | None:
     return list(groups.values()) if used >= MIN_ADAPTERS else None
 
 
-def _factors(layer, modules: tuple[dict, dict], name: str):
+def _layer_view(layer) -> tuple:
+    """What `_factors` reads, looked up once per call: the ModuleDicts' own dicts (plain lookups), the dropout
+    modules only while training (in eval mode dropout is the identity), and the scaling dict."""
+    dropouts = layer.lora_dropout._modules if layer.training else None
+    return layer.lora_A._modules, layer.lora_B._modules, dropouts, layer.scaling
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module._parameters.get("weight")  # skips nn.Module.__getattr__ (called ~100 times per layer)
+    return module.weight if weight is None else weight
+
+
+def _factors(view: tuple, name: str):
     """(group key, A, B, scaling); None for "__base__" or an adapter this layer lacks; False where the
     loop's semantics are needed (a LoRA bias, or dropout that is active while training)."""
-    a_mod = modules[0].get(name)
+    a_modules, b_modules, dropouts, scaling = view
+    a_mod = a_modules.get(name)
     if a_mod is None:
         return None
-    b_mod = modules[1][name]
+    b_mod = b_modules[name]
     if b_mod.bias is not None:
         return False
-    if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+    if dropouts is not None and not isinstance(dropouts[name], nn.Identity):
         return False
-    a = a_mod.weight  # (r, in)
-    return (a.shape[0], a.dtype), a, b_mod.weight, layer.scaling[name]
+    a = _weight(a_mod)  # (r, in)
+    return (a.shape[0], a.dtype), a, _weight(b_mod), scaling[name]
 
 
 def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: list[str], *args, **kwargs):
@@ -71,22 +92,77 @@ def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: li
     result = layer.base_forward(x, *args, **kwargs)  # (batch, ..., out)
     out_dtype = result.dtype
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+    # the rows and scalings of all groups in one tensor each (list -> tensor conversions are slow), sliced below
+    rows = torch.tensor([row for group in groups for row in group.rows], device=x.device)
+    scales = torch.tensor([s for group in groups for s in group.scaling], dtype=torch.float64, device=x.device)
+    start = 0
     for group in groups:
+        end = start + len(group.rows)
+        scale = scales[start:end]
         if len(group.rows) == x.shape[0]:  # the whole batch: no gather / scatter of activations
-            delta = group_output(x3, group)  # (batch, tokens, out)
+            delta = group_output(x3, group, scale)  # (batch, tokens, out)
             result = result + delta.reshape(result.shape).to(result.dtype)
-            continue
-        idx = torch.tensor(group.rows, device=x.device)
-        delta = group_output(x3.index_select(0, idx), group)  # (rows, tokens, out)
-        result = result.index_add(0, idx, delta.reshape((len(idx),) + result.shape[1:]).to(result.dtype))
+        else:
+            idx = rows[start:end]
+            delta = group_output(x3.index_select(0, idx), group, scale)  # (rows, tokens, out)
+            result = result.index_add(0, idx, delta.reshape((len(idx),) + result.shape[1:]).to(result.dtype))
+        start = end
     return result.to(out_dtype)
 
 
-def group_output(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """LoRA output of each row with its own adapter: x (rows, tokens, in) -> (rows, tokens, out)."""
+def group_output(x: torch.Tensor, group: Group, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRA output of each row with its own adapter: x (rows, tokens, in) -> (rows, tokens, out). `scale`: the
+    rows' scalings as a tensor (any float dtype; built from `group.scaling` if not given)."""
     a = torch.stack(group.a)  # (rows, r, in)
     b = torch.stack(group.b)  # (rows, out, r)
     x = x.to(a.dtype)  # dropout is the identity here (eval mode or p == 0, see _factors)
-    scale = torch.tensor(group.scaling, dtype=a.dtype, device=a.device).view(-1, 1, 1)  # (rows, 1, 1)
-    hidden = torch.bmm(x, a.transpose(1, 2)) * scale  # (rows, tokens, r)
+    if scale is None:
+        scale = torch.tensor(group.scaling, dtype=torch.float64, device=a.device)
+    hidden = torch.bmm(x, a.transpose(1, 2)) * scale.to(a.dtype).view(-1, 1, 1)  # (rows, tokens, r)
     return torch.bmm(hidden, b.transpose(1, 2))  # (rows, tokens, out)
+
+
+# ---- merged weights per adapter for long rows (inference only)
+def merged_plan(layer, x: torch.Tensor, adapter_names: list[str]) -> list[tuple] | None:
+    """[(factors or None for base rows, rows)] when every adapter's rows are long enough for a merged weight;
+    None: use the other paths (training, a base layer other than nn.Linear, mixed dtypes, short rows)."""
+    base = layer.get_base_layer()
+    if (layer.merged or type(base) is not nn.Linear or layer.fan_in_fan_out or torch.is_grad_enabled() or x.dim() < 3
+            or not x.numel() or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+        return None
+    rows_of: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        rows_of.setdefault(name, []).append(row)
+    need = MERGE_FROM * layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
+    tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1])
+    view = _layer_view(layer)
+    groups, base_rows = [], []
+    for name, rows in rows_of.items():
+        item = _factors(view, name)
+        if item is None:
+            base_rows += rows
+            continue
+        if item is False or item[0][1] != x.dtype or len(rows) * tokens_per_row < need:
+            return None
+        groups.append((item, rows))
+    return groups + [(None, sorted(base_rows))] if base_rows else groups
+
+
+def merged_forward(layer, x: torch.Tensor, groups: list[tuple], adapter_names: list[str]) -> torch.Tensor:
+    """Rows of each adapter through `W + s B A` (base rows through W): the LoRA output, one matmul per group."""
+    layer.check_mixed_batch(x, adapter_names)
+    base = layer.get_base_layer()
+    if len(groups) == 1:
+        return F.linear(x, _merged_weight(base.weight, groups[0][0]), base.bias)
+    out = x.new_empty(x.shape[:-1] + (base.out_features,))
+    for item, rows in groups:
+        idx = torch.tensor(rows, device=x.device)
+        out.index_copy_(0, idx, F.linear(x.index_select(0, idx), _merged_weight(base.weight, item), base.bias))
+    return out
+
+
+def _merged_weight(weight: torch.Tensor, item) -> torch.Tensor:
+    if item is None:
+        return weight
+    _, a, b, scaling = item
+    return torch.addmm(weight, b, a, alpha=scaling)  # W + s B A

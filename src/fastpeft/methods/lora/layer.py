@@ -205,6 +205,9 @@ class Linear(LoraLayer):
     def mixed_forward(self, x, *args, adapter_names, **kwargs):
         # DoRA etc.: the loop (plain membership tests: dict_keys.isdisjoint does not trace under torch.compile)
         with_variant = bool(self.lora_variant) and any(n in self.lora_variant for n in set(adapter_names))
+        merged = None if with_variant or args or kwargs else gathered.merged_plan(self, x, adapter_names)
+        if merged is not None:  # long rows, few adapters: one matmul per adapter with W + s B A
+            return gathered.merged_forward(self, x, merged, adapter_names)
         groups = None if with_variant else gathered.plan(self, adapter_names)
         if groups is None:
             return super().mixed_forward(x, *args, adapter_names=adapter_names, **kwargs)
@@ -368,7 +371,7 @@ class MultiheadAttention(LoraLayer):
         raise NotImplementedError
 
     def forward(self, query, key, value, **kwargs):
-        if kwargs.pop("adapter_names", None) is not None:
+        if self.call_adapter_names(kwargs) is not None:
             raise TypeError("LoRA on nn.MultiheadAttention does not support mixed-adapter batches.")
         if self._disable_adapters and self.merged:
             self.unmerge()

@@ -15,6 +15,10 @@ The quantisers reproduce what HF PEFT gets from bitsandbytes, in plain PyTorch (
     (ties towards the lower level); dequantisation multiplies the level back by the block's absmax (float32).
   * 8 bits: LLM.int8()'s vector-wise int8 (Dettmers et al. 2022): the weight is cast to float16, each row is scaled
     by 127 / its absmax and rounded half-to-even; dequantisation multiplies by absmax / 127.
+tests/test_loftq_bnb.py checks both bit for bit against bitsandbytes 0.50.2 (and LoftQ against HF PEFT's on real
+bitsandbytes). They stay in PyTorch rather than calling bitsandbytes: its CPU kernel dequantises 2-D 4-bit tensors
+row by row, which differs from its own (flat) quantisation when a row is not a multiple of 64 long, while NF4 as
+defined (as bitsandbytes computes it on a flattened weight) is what these functions return (not checked on GPU).
 The quantisers see the weight in its stored layout (as HF PEFT hands it to bitsandbytes); for GPT-2's Conv1D, which
 stores (in, out), the factors are transposed into LoRA's (r, in) / (out, r) shapes.
 """
@@ -95,8 +99,22 @@ def loftq_decompose(weight: torch.Tensor, bits: int, rank: int, rounds: int = 1)
     return quantised, left, right
 
 
+def _refuse_quantised_base(base) -> None:
+    from ...quant.bnb import bnb_kind
+
+    kind = bnb_kind(base)
+    if kind is not None:
+        raise TypeError(
+            f"init_lora_weights='loftq' quantises the float weights itself, but this base layer is already a "
+            f"bitsandbytes {kind} {type(base).__name__}. For a 4-bit model, create the adapter with "
+            "init_lora_weights=True and call replace_lora_weights_loftq(peft_model); otherwise start from the "
+            "unquantised model."
+        )
+
+
 def loftq_init(layer, name: str, config) -> None:
     """init_lora_weights='loftq': the base weight becomes Q, and B A the rank-r fit of W - Q (see module doc)."""
+    _refuse_quantised_base(layer.get_base_layer())
     weight = _base_weight(layer, "loftq")
     _check_decomposable(layer, name, weight, "loftq")
     settings = config.loftq_config
@@ -106,12 +124,8 @@ def loftq_init(layer, name: str, config) -> None:
     layer.get_base_layer().weight.data = quantised.to(weight.dtype)
 
 
-
 def replace_lora_weights_loftq(peft_model, model_path=None, adapter_name: str = "default", callback=None):
-    """HF PEFT's LoftQ for models already quantised with bitsandbytes (Linear4bit): not available in fastpeft."""
-    raise NotImplementedError(
-        "replace_lora_weights_loftq needs a model quantised with bitsandbytes (4-bit Linear4bit layers), which "
-        "fastpeft does not support yet (bitsandbytes quantisation is an open fastpeft issue). Instead build the "
-        "adapter on the unquantised model with LoraConfig(init_lora_weights='loftq', loftq_config=LoftQConfig(...)): "
-        "it replaces each target weight by its dequantised NF4/int8 quantisation and fits the adapter to the error."
-    )
+    """LoftQ for a LoRA model over a base already quantised to 4 bits with bitsandbytes (loftq_replace.py)."""
+    from .loftq_replace import replace_lora_weights_loftq as replace
+
+    return replace(peft_model, model_path=model_path, adapter_name=adapter_name, callback=callback)

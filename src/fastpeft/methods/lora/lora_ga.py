@@ -135,7 +135,7 @@ def _mean_gradient(name: str, module: nn.Module, calls: int) -> torch.Tensor:
 
 def _load_cache(model: nn.Module, targets, path: str) -> dict[str, torch.Tensor]:
     inner = getattr(model, "module", model)
-    stored = torch.load(path, map_location=next(inner.parameters()).device)
+    stored = torch.load(path, map_location=next(inner.parameters()).device, weights_only=True)  # never unpickle
     missing = [name for name, _ in targets if f"{name}{CACHE_SUFFIX}" not in stored]
     if missing:
         raise ValueError(f"LoRA-GA: cache_file {path!r} has no gradient for {missing}; delete it to recompute.")

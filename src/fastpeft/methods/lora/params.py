@@ -113,7 +113,7 @@ class ParamLora(LoraLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, *args, **kwargs):
-        if kwargs.pop("adapter_names", None) is not None:
+        if self.call_adapter_names(kwargs) is not None:
             raise ValueError("LoRA on target_parameters does not support mixed-adapter batches (adapter_names).")
         if self._disable_adapters and self.merged:
             self.unmerge()

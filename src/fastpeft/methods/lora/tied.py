@@ -69,9 +69,22 @@ def _moved_to_embedding(entries, embedding: str, tied: list[str]):
     return entries
 
 
+def _warn_one_sided(model: nn.Module, config) -> None:
+    """As HF PEFT: a tied embedding layer in modules_to_save / target_modules without ensure_weight_tying is adapted
+    on its own; say what that means for merging (core/tying.py unties it there)."""
+    if not (_names_embedding(config.modules_to_save) or _targets_embedding(config)) or not tied_names(model):
+        return
+    warnings.warn(
+        "The model ties its word embeddings (tie_word_embeddings=True) and an embedding layer (embed_tokens / "
+        "lm_head) is in target_modules or modules_to_save, but ensure_weight_tying=False: the adapter changes that "
+        "side only. Merging gives it its own copy of the weight and sets config.tie_word_embeddings=False, so a "
+        "merged export keeps both weights. Set ensure_weight_tying=True to adapt both sides as one.", stacklevel=5)
+
+
 def plan(model: nn.Module, config) -> TiePlan | None:
     """Rewrite `config`'s lists for tying (before injection) and say what to tie afterwards; None: nothing."""
     if not config.ensure_weight_tying:
+        _warn_one_sided(model, config)
         return None
     tied = tied_names(model)
     embedding = input_embedding_name(model)
@@ -158,4 +171,5 @@ def _share_factors(tuner, model: nn.Module, name: str, source, adapter_name: str
         layer.lora_A[adapter_name].weight = nn.Parameter(emb_b.t(), requires_grad=emb_b.requires_grad)
         layer.lora_B[adapter_name].weight = nn.Parameter(emb_a.t(), requires_grad=emb_a.requires_grad)
     layer.lora_variant[adapter_name] = TiedFollower()
+    layer.__dict__.setdefault("weight_followed", {})[adapter_name] = True  # merging keeps the pair tied
     layer.train(source.training)

@@ -15,6 +15,7 @@ from .alora import Alora
 from .alora import refuse_combinations as alora_check
 from .arrow import ArrowRouter, arrow_check
 from .bdlora import BdLora
+from .bnb_dora import DoraQuant
 from .kasa import Kasa
 from .mica import MiCA, MiCAEmbedding
 from .monteclora import Monteclora
@@ -39,7 +40,7 @@ def _dora_check(config) -> None:
 VARIANTS: list[VariantRow] = [
     # aLoRA first: its check refuses any other active row (HF PEFT has no combined variants with it)
     VariantRow("alora_invocation_tokens", lambda c: bool(getattr(c, "alora_invocation_tokens", None)),
-               {"linear": Alora}, alora_check),
+               {"linear": Alora, "bnb-linear": Alora}, alora_check),
     VariantRow("arrow_config", lambda c: getattr(c, "arrow_config", None) is not None,
                {"linear": ArrowRouter}, arrow_check),  # arrow.py; before DoRA: refuses use_dora
     # MiCA / KaSA / VeLoRA (mica.py, kasa.py, velora.py): before DoRA, so that their check refuses combinations
@@ -55,7 +56,7 @@ VARIANTS: list[VariantRow] = [
     VariantRow("monteclora_config", lambda c: getattr(c, "monteclora_config", None) is not None,
                {"linear": Monteclora}, lambda c: _alone("monteclora_config", c)),
     VariantRow("use_dora", lambda c: bool(getattr(c, "use_dora", False)),
-               {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv}, _dora_check),
+               {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv, "bnb-linear": DoraQuant}, _dora_check),
 ]
 
 

@@ -9,11 +9,14 @@ import torch
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
 from ..lora.model import is_linear
+from ..quantised import AllOrNothingMerge, register_quantised
 from ..random_projections import ProjectionTuner
+from . import bnb
 from .layer import RandLoraLinear, num_bases
 
 DISPATCH = DispatchChain("RandLoRA")
 DISPATCH.register(is_linear, RandLoraLinear)
+register_quantised(DISPATCH, bnb.Linear4bit, bnb.Linear8bitLt)  # bitsandbytes layers first
 
 
 def dense_dtype() -> torch.dtype:
@@ -51,7 +54,7 @@ def sparse_bases(r: int, low: int, high: int, generator: torch.Generator,
     return a / a.std(), b / b.std()
 
 
-class RandLoraModel(ProjectionTuner):
+class RandLoraModel(AllOrNothingMerge, ProjectionTuner):
     dispatch = DISPATCH
     prefix = "randlora_"
     projection_names = ("randlora_A", "randlora_B")

@@ -132,6 +132,9 @@ class TrainableTokensLayer(AdapterLayer):
         """A tied layer whose weight is the source's own tensor leaves writing to the source layer."""
         return self.tied_to is None or self.base_layer.weight is not self.tied_to.base_layer.weight
 
+    def leaves_shared_weight(self, name: str) -> bool:
+        return not self._writes_shared_weight()
+
     def delta_weight(self, name: str) -> torch.Tensor:
         weight = self.base_layer.weight
         delta = torch.zeros_like(weight)

@@ -1,0 +1,235 @@
+"""Base-model fingerprint: does the model an adapter is loaded onto have the weights it was trained on?
+
+A fastpeft extension (HF PEFT has none). On save, each module the adapter targets gets a small entry: its base
+weight's shape and dtype and three float64 sums over 64 evenly strided elements (plain, absolute, alternating
+sign). Reading 64 elements per module keeps this cheap for any model size. The entries go, as one JSON string,
+into the safetensors header's `__metadata__` under `fastpeft_base_fingerprint`: HF PEFT never reads that
+metadata, so its loading is unaffected and silent (a key in adapter_config.json would make HF PEFT warn that the
+file needs a newer PEFT, and would add a field HF PEFT's configs do not have).
+
+On load the same sums are taken from the new base. They must match to 4 eps of the coarser dtype (relative to
+the absolute sum): exact copies, casts (an fp32 training base, a bf16 inference base) and merge + unmerge cycles
+pass, other weights do not. A module that differs is reported in a warning, or raises `AdapterLoadError` with
+`strict=True`.
+
+No fingerprint is written where the base weights at save time are not the ones the adapter must be loaded onto:
+merged layers (their weight holds the adapter), adapters whose init rewrites the base (PiSSA, OLoRA, CorDA,
+LoRA-GA, LoftQ: loading re-runs the init on the original base), PiSSA-style conversions to the original base,
+layer_replication (its modules only exist after injection), quantised, sharded or meta weights, prompt methods.
+Files without the key (HF PEFT's, `.bin` files) are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterLoadError
+from . import io, validate
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "fastpeft_base_fingerprint"
+VERSION = 1
+SAMPLES = 64
+MAX_MODULES = 512  # larger adapters fingerprint an evenly spread subset of their modules
+ROUNDING_EPS = 4
+STATS = ("sum", "abs", "alt")
+
+
+# ---------------------------------------------------------------------------------------------------- one module
+def base_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The weight a (possibly adapter-wrapped) module's base layer computes with."""
+    module = _innermost(module)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return next(iter(module.parameters(recurse=False)), None)
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    for _ in range(64):  # adapter layers wrap each other a few levels deep at most
+        get = getattr(module, "get_base_layer", None)
+        inner = get() if callable(get) else module
+        if inner is module:
+            break
+        module = inner
+    return module
+
+
+def _hashable(weight: Any) -> bool:
+    return (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point() and not weight.is_meta
+            and weight.numel() > 0 and not hasattr(weight, "ds_shape"))  # ds_shape: a DeepSpeed ZeRO-3 shard
+
+
+def module_entry(module: nn.Module) -> dict[str, Any] | None:
+    """Shape, dtype and strided-sample sums of `module`'s base weight; None where it cannot be sampled."""
+    weight = base_tensor(module)
+    if not _hashable(weight):
+        return None
+    count = min(SAMPLES, weight.numel())
+    flat = torch.arange(count, device=weight.device) * weight.numel() // count
+    with torch.no_grad():
+        picked = weight[torch.unravel_index(flat, weight.shape)] if weight.dim() else weight.reshape(1)
+        values = picked.to("cpu", torch.float64).tolist()
+    return {
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "sum": math.fsum(values),
+        "abs": math.fsum(abs(v) for v in values),
+        "alt": math.fsum(v if i % 2 == 0 else -v for i, v in enumerate(values)),
+    }
+
+
+def entry_difference(stored: dict[str, Any], current: dict[str, Any] | None) -> str | None:
+    """Why `current` is not the module `stored` describes, or None when it matches (or cannot be judged)."""
+    if current is None:
+        return None
+    if stored["shape"] != current["shape"]:
+        return f"shape {current['shape']}, saved with {stored['shape']}"
+    tol = _tolerance(stored["dtype"], current["dtype"]) * max(stored["abs"], current["abs"])
+    if all(abs(stored[k] - current[k]) <= tol for k in STATS):
+        return None
+    return f"different weights (sampled sum {current['sum']:.6g}, saved with {stored['sum']:.6g})"
+
+
+def _tolerance(dtype_a: str, dtype_b: str) -> float:
+    """Relative to the absolute sum: a cast rounds each value by <= eps/2 of the coarser dtype, a merge + unmerge
+    cycle by a few eps; 4 eps covers both, far below what other weights change (fp32: 5e-7, bf16: 3%)."""
+    dtypes = [getattr(torch, d, None) for d in (dtype_a, dtype_b)]
+    if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        return 1e-2
+    return ROUNDING_EPS * max(torch.finfo(d).eps for d in dtypes)
+
+
+# ---------------------------------------------------------------------------------------------------- save side
+def targeted_modules(peft_model, adapter_name: str) -> list[str]:
+    """Names (in the user's model) of the unmerged layers holding `adapter_name`."""
+    from ..core.layer import AdapterLayer
+
+    holders = getattr(peft_model.tuner, "holders", None)
+    if holders is None:  # prompt methods: no targeted layers
+        return []
+    names = [name for name, layer in holders() if isinstance(layer, AdapterLayer)
+             and name and adapter_name in layer.adapter_names() and not layer.merged]
+    if len(names) > MAX_MODULES:
+        names = [names[i * len(names) // MAX_MODULES] for i in range(MAX_MODULES)]
+    return names
+
+
+def compute(peft_model, adapter_name: str) -> dict[str, Any] | None:
+    """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module doc)."""
+    if not getattr(peft_model.peft_config[adapter_name], "keeps_base_weights", True):
+        return None  # e.g. PiSSA: loading re-runs the init on the original base (LoraConfig.keeps_base_weights)
+    model = peft_model.get_base_model()
+    entries = {name: module_entry(resolve_module(model, name)) for name in targeted_modules(peft_model, adapter_name)}
+    entries = {name: entry for name, entry in entries.items() if entry is not None}
+    return {"version": VERSION, "modules": entries} if entries else None
+
+
+def file_metadata(peft_model, adapter_name: str, converted: bool = False) -> dict[str, str]:
+    """safetensors metadata holding the fingerprint (empty for converted adapters or where none applies)."""
+    found = None if converted else compute(peft_model, adapter_name)
+    return {} if found is None else {METADATA_KEY: json.dumps(found, separators=(",", ":"))}
+
+
+# ---------------------------------------------------------------------------------------------------- load side
+def resolve_module(model: nn.Module, name: str) -> nn.Module | None:
+    """`model.<name>`, stepping through adapter wrappers where a name part is not found; a `base_layer` part
+    (a layer nested in another adapter layer) is skipped where the model has no wrapper there."""
+    module = model
+    for part in name.split("."):
+        child = _child(module, part)
+        if child is None and part == "base_layer":
+            continue
+        if child is None:
+            return None
+        module = child
+    return module
+
+
+def _child(module: nn.Module, part: str) -> nn.Module | None:
+    for _ in range(64):
+        child = module._modules.get(part)
+        if child is not None:
+            return child
+        inner = _innermost(module)
+        if inner is module:
+            return None
+        module = inner
+    return None
+
+
+def stored_fingerprint(model_id, **hub_kwargs: Any) -> dict[str, Any] | None:
+    """The fingerprint saved in `model_id`'s safetensors header, None if absent or unreadable."""
+    path = io.resolve_file(model_id, io.SAFETENSORS_WEIGHTS_NAME, **dict(hub_kwargs))
+    if path is None:
+        return None
+    text = validate.safetensors_header(path).get("__metadata__", {}).get(METADATA_KEY)
+    return None if text is None else parse(text, path)
+
+
+def parse(text: str, source: Any) -> dict[str, Any] | None:
+    """A stored fingerprint checked entry by entry; a malformed one is ignored with a warning (not trusted)."""
+    try:
+        data = json.loads(text)
+        modules = data["modules"]
+        if data.get("version") != VERSION or not all(_valid_entry(e) for e in modules.values()):
+            raise ValueError("unexpected layout")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+        logger.warning("Ignoring the unreadable base-model fingerprint in %s (%s).", source, err)
+        return None
+    return data
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list) and all(type(s) is int for s in entry["shape"])
+            and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) for k in STATS))
+
+
+def differences(model: nn.Module, fingerprint: dict[str, Any]) -> dict[str, str]:
+    """Module name -> how `model` differs from the fingerprinted base (empty when it matches)."""
+    found = {}
+    for name, stored in fingerprint["modules"].items():
+        module = resolve_module(model, name)
+        if getattr(module, "merged", False) is True:  # its weight holds another adapter now: no verdict
+            continue
+        why = "not in this model" if module is None else entry_difference(stored, module_entry(module))
+        if why is not None:
+            found[name] = why
+    return found
+
+
+def check_fingerprint(model: nn.Module, model_id, adapter_name: str, strict: bool = False,
+                      **hub_kwargs: Any) -> dict[str, str]:
+    """Compare `model` (the user's base model, wrapped or not) with the fingerprint saved in `model_id`.
+
+    A mismatch logs a warning naming the modules that differ, or raises AdapterLoadError when `strict` (or in
+    fastpeft's strict mode, core/checks.py). Returns the differences (empty when they match or there is no
+    fingerprint).
+    """
+    from ..core.checks import is_strict
+
+    fingerprint = stored_fingerprint(model_id, **hub_kwargs)
+    if fingerprint is None:
+        return {}
+    found = differences(model, fingerprint)
+    if not found:
+        return {}
+    shown = "; ".join(f"{name}: {why}" for name, why in list(found.items())[:8])
+    more = f" (and {len(found) - 8} more)" if len(found) > 8 else ""
+    message = (
+        f"Adapter '{adapter_name}' from {model_id} was saved on a different base model: {len(found)} of "
+        f"{len(fingerprint['modules'])} targeted modules differ: {shown}{more}. Load it onto the base model it was "
+        "trained on (a different dtype is fine); its outputs on this model are not the ones it was trained for."
+    )
+    if strict or is_strict():
+        raise AdapterLoadError(message + " (strict mode refuses it; load without strict to accept it.)")
+    logger.warning(message)
+    return found

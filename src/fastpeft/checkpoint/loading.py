@@ -1,0 +1,196 @@
+"""All-or-nothing adapter loads: a load that fails leaves the model exactly as it was.
+
+`all_or_nothing(model, source, hub_kwargs, config)` records, before the load, what a load can change: every
+module's attributes (children, parameters, buffers, hooks, training flag, per-adapter dicts such as LoRA's `r` /
+`scaling`), every parameter's `requires_grad`, the adapter configs and the prompt-method manager; and, when the
+new adapter's config rewrites base weights on injection (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, KaSA), a CPU copy of
+the weights it targets. If the load raises, all of that is put back: layers injected for a new adapter disappear
+(their parents get the original modules back), a `peft_config` attribute added to the user's model goes, flags and
+base weights come back. Adapter tensor values written by a failed load are restored by
+`set_peft_model_state_dict` itself (it backs up what it may write).
+
+Errors that are not fastpeft's own (a method's loader failing, anything unforeseen) are re-raised as
+`AdapterLoadError` naming the adapter file; fastpeft's own errors and OS errors keep their type (they already
+name their file) and get a note naming the adapter and saying the model was left unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import targeting
+from ..errors import AdapterLoadError, FastPeftError
+from . import io
+
+logger = logging.getLogger(__name__)
+
+_NOTE = "while loading the adapter from"
+
+
+def _contents(value: Any):
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return set(value)
+
+
+def _put_back(value: Any, saved) -> None:
+    """Give a container its saved contents in place (other objects may hold the same dict / list / set)."""
+    if isinstance(value, list):
+        value[:] = saved
+    else:
+        value.clear()
+        value.update(saved)
+
+
+_CONTAINERS = (dict, list, set)
+
+
+class ObjectState:
+    """An object's attributes, one level deep: the attribute dict, and the items of each container value."""
+
+    __slots__ = ("obj", "attrs", "contents")
+
+    def __init__(self, obj: Any) -> None:
+        attrs = vars(obj)
+        self.obj = obj
+        self.attrs = attrs.copy()
+        # most are empty hook dicts: those only need emptying again, no copy
+        self.contents = [(v, _contents(v) if v else ()) for v in attrs.values() if isinstance(v, _CONTAINERS)]
+
+    def restore(self) -> None:
+        attrs = vars(self.obj)
+        attrs.clear()
+        attrs.update(self.attrs)
+        for value, saved in self.contents:
+            if saved:
+                _put_back(value, saved)
+            elif value:
+                value.clear()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class ModelState:
+    """What a load may change in `model` (see the module docstring); `restore()` puts it back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with _gc_paused():  # tens of thousands of small copies: a full collection over a big heap costs ~1 s
+            self._record(model)
+
+    def _record(self, model: nn.Module) -> None:
+        objects: list[Any] = list(model.modules())
+        prompts = model.__dict__.get("_prompts")  # PeftModel's prompt-method manager (not a module)
+        if prompts is not None:
+            objects.append(prompts)
+        configs = getattr(model, "peft_config", None)
+        if isinstance(configs, dict):
+            objects.extend(c for c in configs.values() if hasattr(c, "__dict__"))
+        self.objects = [ObjectState(obj) for obj in objects]
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for state in self.objects:
+            state.restore()
+        for param, flag in self.grads:
+            param.requires_grad_(flag)
+
+
+def adapter_file(model_id, hub_kwargs: dict[str, Any]) -> str:
+    """The weights file a load reads (for messages): its path when found, else the folder / repo."""
+    for name in (io.SAFETENSORS_WEIGHTS_NAME, io.WEIGHTS_NAME):
+        try:
+            path = io.resolve_file(model_id, name, **dict(hub_kwargs))
+        except Exception:  # only for a message: never mask the original error
+            path = None
+        if path is not None:
+            return path
+    return io.where(model_id, hub_kwargs.get("subfolder"))
+
+
+def rewrites_base(config) -> bool:
+    """Whether injecting `config` rewrites base weights (PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ inits, KaSA), as
+    HF PEFT does on load too: a failed load must then put those weights back."""
+    from ..methods.lora.init import modifies_base
+
+    init = getattr(config, "init_lora_weights", None)
+    return modifies_base(init) or init == "loftq" or bool(getattr(config, "kasa_config", None))
+
+
+def base_weights_backup(model: nn.Module, config) -> list:
+    """(tensor, CPU copy) of the base weights injecting `config` may rewrite: its target modules' tensors (every
+    base tensor when the targets are not a plain list / regex, e.g. 'all-linear')."""
+    if config is None or not rewrites_base(config):
+        return []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = getattr(config, "target_modules", None)
+    if targets is None or targets == "all-linear":
+        modules = [base]
+    else:
+        modules = [m for name, m in base.named_modules() if name and targeting.is_target(config, name)]
+    tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+    return [(t, t.detach().to("cpu", copy=True)) for t in tensors.values()]
+
+
+def restore_values(backup: list) -> None:
+    with torch.no_grad():
+        for tensor, copy in backup:
+            tensor.copy_(copy)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any], config=None) -> Iterator[None]:
+    """Run a load of `model_id` (adding an adapter with `config`, if given) into `model`; if it raises, restore
+    `model` and name the file in the error."""
+    state = ModelState(model)
+    values = base_weights_backup(model, config)
+    try:
+        yield
+    except BaseException as err:
+        state.restore()
+        restore_values(values)
+        if not isinstance(err, Exception):  # KeyboardInterrupt etc.: restored, re-raised as is
+            raise
+        if any(_NOTE in note for note in getattr(err, "__notes__", ())):
+            raise  # an inner load (from_pretrained -> load_adapter) already named the file
+        source = io.where(model_id, hub_kwargs.get("subfolder"))
+        if isinstance(err, (FastPeftError, OSError)):  # already names its file: keep its type, add the adapter
+            err.add_note(f"({_NOTE} {source}; the model was left unchanged)")
+            raise
+        wrapped = _wrapped(err, adapter_file(model_id, hub_kwargs))
+        wrapped.add_note(f"({_NOTE} {source})")
+        raise wrapped from err
+
+
+def _wrapped(err: Exception, path: str) -> AdapterLoadError:
+    wrapped = AdapterLoadError(
+        f"Could not load the adapter from {path}: {type(err).__name__}: {err}. The model was left unchanged; "
+        "re-save the adapter with save_pretrained (the file may be damaged or made for another model)."
+    )
+    wrapped.report = getattr(err, "report", None)
+    return wrapped
+
+
+def warn_about(result, model_id, adapter_name: str) -> None:
+    """Non-strict loads: log what did not fit, per module (as HF PEFT warns)."""
+    if result.unexpected_keys:
+        logger.warning("Keys in %s not used by adapter '%s': %s", model_id, adapter_name, result.unexpected_keys)
+    if result.missing_keys:
+        logger.warning("Adapter weights missing from %s (left at init): %s", model_id, result.missing_keys)

@@ -1,0 +1,1 @@
+"""Helpers for adapters on quantised base layers (bitsandbytes in `bnb.py`; imported lazily)."""
