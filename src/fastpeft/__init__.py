@@ -18,6 +18,16 @@ from .auto import (
 from .checkpoint.io import load_peft_weights
 from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PromptLearningConfig
+from .core.checks import is_strict, set_strict, strict
+from .errors import (
+    AdapterConfigError,
+    AdapterFileNotFoundError,
+    AdapterLoadError,
+    AdapterStateError,
+    FastPeftError,
+    LossyMergeError,
+    UnsafeAdapterFileError,
+)
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.boft import BOFTConfig, BOFTModel
@@ -69,6 +79,10 @@ __all__ = [
     "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AdapterConfigError",
+    "AdapterFileNotFoundError",
+    "AdapterLoadError",
+    "AdapterStateError",
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
     "ArrowConfig",
@@ -86,6 +100,7 @@ __all__ = [
     "CPTEmbedding",
     "CordaConfig",
     "EvaConfig",
+    "FastPeftError",
     "FourierFTConfig",
     "FourierFTModel",
     "HRAConfig",
@@ -103,6 +118,7 @@ __all__ = [
     "LoraConfig",
     "LoraGAConfig",
     "LoraModel",
+    "LossyMergeError",
     "MissConfig",
     "MissModel",
     "MontecloraConfig",
@@ -135,6 +151,7 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "UnsafeAdapterFileError",
     "VBLoRAConfig",
     "VBLoRAModel",
     "VeloraConfig",
@@ -149,12 +166,15 @@ __all__ = [
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "is_strict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "preprocess_loraga",
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
+    "set_strict",
+    "strict",
 ]
 
 
