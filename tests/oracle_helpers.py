@@ -229,6 +229,22 @@ def rewrite_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def save_random_adapters(lib, make_model, make_config, folder, n: int, seed: int = 0) -> list[str]:
+    """Save `n` adapters of `lib` (`make_config()` on a fresh `make_model()` each) whose lora_ weights are seeded
+    random values (seed + i, scale 0.3) into folder/expert_<seed + i>; returns those folders (Arrow experts)."""
+    paths = []
+    for i in range(n):
+        model = lib.get_peft_model(make_model(), make_config())
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        paths.append(str(Path(folder) / f"expert_{seed + i}"))
+        model.save_pretrained(paths[-1])
+    return paths
+
+
 def assert_add_adapter_refused(model, name: str, config, match: str) -> None:
     """add_adapter(name, config) raises a ValueError matching `match` and leaves no trace of `name` behind."""
     with pytest.raises(ValueError, match=match):

@@ -81,3 +81,26 @@ class MLP64(nn.Module):
 
 def mlp64_inputs() -> torch.Tensor:
     return torch.randn(4, 64, generator=torch.Generator().manual_seed(SEED))
+
+
+# ---------------------------------------------------------------------------------------------- HF on the CPU
+def _on_cpu(device):
+    if isinstance(device, str) and device.split(":")[0] in ("cuda", "xpu"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type in ("cuda", "xpu"):
+        return torch.device("cpu")
+    return device
+
+
+def keep_device_moves_on_cpu(monkeypatch) -> None:
+    """HF PEFT's LoftQ code moves tensors to "cuda" / "xpu" for its SVD: turn those `Tensor.to` moves into CPU ones
+    for the test (tests/test_loftq.py, tests/test_loftq_bnb.py)."""
+    tensor_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        args = tuple(_on_cpu(a) for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _on_cpu(kwargs["device"])
+        return tensor_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import models
+from oracle_helpers import save_random_adapters
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
@@ -42,17 +43,7 @@ def lora_config(lib, case, **extra):
 
 def save_experts(lib, case, folder, n, seed=0, **extra):
     """Save `n` LoRA adapters of `lib` with random (seeded) A and B; returns their folders."""
-    paths = []
-    for i in range(n):
-        model = lib.get_peft_model(base(case), lora_config(lib, case, **extra))
-        g = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        paths.append(os.path.join(folder, f"expert_{seed + i}"))
-        model.save_pretrained(paths[-1])
-    return paths
+    return save_random_adapters(lib, lambda: base(case), lambda: lora_config(lib, case, **extra), folder, n, seed)
 
 
 def arrow_config(lib, **kw):

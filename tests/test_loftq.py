@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import quantised_models as qm
+
 import models
 
 peft = pytest.importorskip("peft")
@@ -90,14 +92,6 @@ def _int8_vectorwise_dequant(codes, row_absmax):
     return codes.float() * row_absmax[:, None] / 127.0
 
 
-def _on_cpu(value):
-    if isinstance(value, str) and value.split(":")[0] in ("cuda", "xpu"):
-        return "cpu"
-    if isinstance(value, torch.device) and value.type in ("cuda", "xpu"):
-        return torch.device("cpu")
-    return value
-
-
 @pytest.fixture
 def hf_loftq_env(monkeypatch):
     """HF PEFT's LoftQ path, runnable here: stand-in bitsandbytes, CUDA moves kept on the CPU."""
@@ -113,15 +107,7 @@ def hf_loftq_env(monkeypatch):
     monkeypatch.setattr(hf_loftq, "is_bnb_available", lambda: True)
     monkeypatch.setattr(hf_loftq, "is_bnb_4bit_available", lambda: True)
     monkeypatch.setattr(hf_loftq, "clear_device_cache", lambda: None)
-    tensor_to = torch.Tensor.to
-
-    def to(self, *args, **kwargs):
-        args = tuple(_on_cpu(a) for a in args)
-        if "device" in kwargs:
-            kwargs["device"] = _on_cpu(kwargs["device"])
-        return tensor_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to", to)
+    qm.keep_device_moves_on_cpu(monkeypatch)
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -29,25 +29,9 @@ from fastpeft.methods.lora.loftq_replace import replace_lora_weights_loftq  # no
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _on_cpu(value):
-    if isinstance(value, str) and value.split(":")[0] in ("cuda", "xpu"):
-        return "cpu"
-    if isinstance(value, torch.device) and value.type in ("cuda", "xpu"):
-        return torch.device("cpu")
-    return value
-
-
 @pytest.fixture
 def hf_on_cpu(monkeypatch):
-    tensor_to = torch.Tensor.to
-
-    def to(self, *args, **kwargs):
-        args = tuple(_on_cpu(a) for a in args)
-        if "device" in kwargs:
-            kwargs["device"] = _on_cpu(kwargs["device"])
-        return tensor_to(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to", to)
+    qm.keep_device_moves_on_cpu(monkeypatch)
     monkeypatch.setattr(hf_loftq, "clear_device_cache", lambda: None)
 
 

@@ -272,6 +272,9 @@ def test_allowed_lossy_merge_matches_hf_and_unmerge_is_exact(base_dir):
         if name in originals:
             data, absmax = originals[name]
             assert torch.equal(param.data, data) and torch.equal(param.quant_state.absmax, absmax), name
+    with qbnb.merge_policy(allow_lossy=True):  # an enclosing policy applies to LoRA too (methods/quantised.py)
+        fp.merge_adapter()
+    close(logits(fp), logits(hf))
 
 
 def test_update_rounded_away_is_refused_although_the_output_error_is_small(base_dir):

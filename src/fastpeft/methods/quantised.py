@@ -1,4 +1,5 @@
-"""Adapter layers of non-LoRA methods (IA3, AdaLoRA, RandLoRA) over bitsandbytes Linear4bit / Linear8bitLt.
+"""Merging adapters into bitsandbytes Linear4bit / Linear8bitLt weights, one implementation for every method whose
+layers run over them (LoRA / DoRA in lora/bnb.py, IA3, AdaLoRA, RandLoRA in their bnb.py).
 
 The forward pass is the method's own, run through the quantised base layer as HF PEFT does. What changes is
 merging: a quantised weight cannot be edited in place, so `QuantisedMerge` dequantises it (quant/bnb.py), applies
@@ -8,11 +9,12 @@ lossy merge with `LossyMergeError` before anything changes. Unmerging puts the q
 first merge back, bit for bit (no second rounding). Under `merge_policy(dequantize=True)`, `merge_and_unload`
 replaces the layer by a dense `nn.Linear` holding the merged weight instead of requantising.
 
-HF PEFT 0.21 merges RandLoRA into bitsandbytes weights silently and refuses to merge IA3 / AdaLoRA into them.
+HF PEFT 0.21 merges LoRA and RandLoRA into bitsandbytes weights silently and refuses to merge IA3 / AdaLoRA into them.
 
 Dispatch: `register_quantised(chain, four_bit, eight_bit)` puts a matcher first in a method's dispatch chain that
 recognises bitsandbytes layers by their class's module, so bitsandbytes is never imported here.
-`AllOrNothingMerge` (a tuner mixin) takes back a model-wide merge when one layer refuses. Layer classes of other
+`AllOrNothingMerge` (a tuner mixin) takes back a model-wide merge when one layer refuses, and gives the tuner
+the merge keywords (allow_lossy_merge, max_merge_error, max_adapter_loss; dequantize for merge_and_unload). Layer classes of other
 methods over bitsandbytes weights run their forward pass, but `refuse_plain_merge` stops their merges (which would
 add to the packed 4-bit bytes or silently round the update away in int8).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.tuner import set_submodule
 from ..errors import AdapterStateError
 from ..quant import bnb as qbnb
 
@@ -60,9 +63,11 @@ def refuse_plain_merge(layer: nn.Module, names: list[str]) -> None:
 
 
 class QuantisedMerge:
-    """Mixin placed before a method's Linear class; the method supplies `merged_dense`."""
+    """Mixin placed before a method's Linear class (LoRA's too: lora/bnb.py); the method supplies `merged_dense`.
+    `last_merge_error`: the `QuantError` of the latest merge into this layer (None before one)."""
 
     method_label = "adapter"
+    last_merge_error: qbnb.QuantError | None = None
 
     def merged_dense(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """(weight, bias) after merging adapter `name` into dense float32 `weight` (out, in) and `bias`."""
@@ -91,7 +96,9 @@ class QuantisedMerge:
 
     def _where(self, names: list[str]) -> str:
         base = self.get_base_layer()
-        return f"{self.method_label} {type(base).__name__}({base.in_features}, {base.out_features}) (adapters {names})"
+        target = getattr(self, "target_name", "")
+        layer = f"layer '{target}'" if target else f"{type(base).__name__}({base.in_features}, {base.out_features})"
+        return f"{self.method_label} {layer} (adapters {names})"
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = self._pending(adapter_names)
@@ -107,6 +114,7 @@ class QuantisedMerge:
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
         self.merged_adapters.extend(names)
+        self.last_merge_error = error
 
     def undo_last_merge(self) -> None:
         """Take back the latest `merge` call (the weight it replaced goes back, exactly)."""
@@ -143,8 +151,8 @@ class AdditiveQuantisedMerge(QuantisedMerge):
 class AllOrNothingMerge:
     """Tuner mixin: with layers over bitsandbytes weights, `merge_adapter` / `merge_and_unload` either merge every
     layer or, when one refuses (e.g. `LossyMergeError`), take back the merges already made and leave the model as
-    it was. The keywords are LoRA's (methods/lora/model.py): they set the merge policy for the call (left out, an
-    enclosing `quant.bnb.merge_policy(...)` block still applies). Without such layers nothing changes."""
+    it was. The keywords set the merge policy for the call (left out, an enclosing `quant.bnb.merge_policy(...)`
+    block still applies). Used by LoRA, IA3, AdaLoRA and RandLoRA. Without such layers nothing changes."""
 
     def _quantised_layers(self) -> bool:
         return any(isinstance(layer, QuantisedMerge) for layer in self.adapter_layers())
@@ -152,6 +160,10 @@ class AllOrNothingMerge:
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False, *,
                       allow_lossy_merge: bool = False, max_merge_error: float | None = None,
                       max_adapter_loss: float | None = None) -> None:
+        """Merge the adapters. On 4-bit / 8-bit layers, a merge whose requantisation changes the outputs by more
+        than `max_merge_error` (relative; default quant.bnb.DEFAULT_MAX_MERGE_ERROR) or loses more than
+        `max_adapter_loss` of the adapter's own contribution raises LossyMergeError (nothing is merged then)
+        unless `allow_lossy_merge`."""
         if not self._quantised_layers():
             return super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         self.check_mergeable()
@@ -167,8 +179,6 @@ class AllOrNothingMerge:
         with qbnb.merge_policy(max_merge_error, allow_lossy_merge or None, dequantize or None, max_adapter_loss):
             model = super().merge_and_unload(progressbar, safe_merge, adapter_names)
             if qbnb.current_policy().dequantize:
-                from .lora.bnb import dequantize_model
-
                 dequantize_model(model)
         return model
 
@@ -199,3 +209,17 @@ def _take_back(layer, merged_before: int) -> None:
         return
     while len(layer.merged_adapters) > merged_before:
         layer.unmerge_one(layer.merged_adapters.pop())
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace every bitsandbytes linear layer of `model` by a dense `nn.Linear` and drop transformers'
+    quantisation markers (so that save_pretrained writes an ordinary full-precision model)."""
+    for name, module in list(model.named_modules()):
+        if is_bnb_linear(module):
+            set_submodule(model, name, qbnb.dense_linear(module, qbnb.dequantize_weight(module)))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)

@@ -10,6 +10,7 @@ from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
+from ..quantised import AllOrNothingMerge
 from ..trainable_tokens import in_lora as trainable_tokens
 from . import alora, conversion, layer, merge, params, replication, tied  # params: target_parameters
 from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
@@ -36,7 +37,7 @@ DISPATCH.register(params.ParamTarget, params.build_wrappers, first=True)  # targ
 DISPATCH.register(lora_bnb.is_bnb_linear, lora_bnb.build, first=True)  # bitsandbytes 4-bit / 8-bit (bnb.py)
 
 
-class LoraModel(Tuner):
+class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: methods/quantised.py
     dispatch = DISPATCH
     prefix = "lora_"
 
@@ -108,27 +109,6 @@ class LoraModel(Tuner):
                 "Cannot merge adapters into a model built with layer_replication: the replicated layers share one base "
                 "weight, so every copy's update would land in it. Keep the adapter unmerged (or use unload())."
             )
-
-    # ---- bitsandbytes bases (bnb.py): merges measure their requantisation error; HF's signatures + keywords
-    def merge_adapter(self, adapter_names=None, safe_merge=False, *, allow_lossy_merge: bool = False,
-                      max_merge_error: float | None = None, max_adapter_loss: float | None = None):
-        """Merge the adapters. On 4-bit / 8-bit layers, a merge whose requantisation changes the outputs by more
-        than `max_merge_error` (relative; default quant.bnb.DEFAULT_MAX_MERGE_ERROR) or loses more than
-        `max_adapter_loss` of the adapter's own contribution raises LossyMergeError (nothing is merged then)
-        unless `allow_lossy_merge`."""
-        policy = dict(allow_lossy=allow_lossy_merge, max_error=max_merge_error, max_adapter_loss=max_adapter_loss)
-        lora_bnb.merge_adapter(self, super().merge_adapter, adapter_names, safe_merge, policy)
-
-    def merge_and_unload(self, progressbar=False, safe_merge=False, adapter_names=None, *,
-                         allow_lossy_merge: bool = False, max_merge_error: float | None = None,
-                         max_adapter_loss: float | None = None, dequantize: bool = False):
-        """As HF PEFT; quantised layers: see merge_adapter. `dequantize=True` merges into dense full-precision
-        nn.Linear copies instead of requantising (every bitsandbytes layer of the result is dense)."""
-        policy = dict(allow_lossy=allow_lossy_merge, max_error=max_merge_error, max_adapter_loss=max_adapter_loss,
-                      dequantize=dequantize)
-        return lora_bnb.merge_and_unload(self, super().merge_and_unload, progressbar, safe_merge, adapter_names,
-                                         policy)
-    # ---- end bitsandbytes
 
     def check_new_adapter(self, config):
         from .kasa import check_new_adapter as check_kasa

@@ -42,7 +42,7 @@ VARIANTS: list[VariantRow] = [
     VariantRow("alora_invocation_tokens", lambda c: bool(getattr(c, "alora_invocation_tokens", None)),
                {"linear": Alora, "bnb-linear": Alora}, alora_check),
     VariantRow("arrow_config", lambda c: getattr(c, "arrow_config", None) is not None,
-               {"linear": ArrowRouter}, arrow_check),  # arrow.py; before DoRA: refuses use_dora
+               {"linear": ArrowRouter, "bnb-linear": ArrowRouter}, arrow_check),  # arrow.py; before DoRA
     # MiCA / KaSA / VeLoRA (mica.py, kasa.py, velora.py): before DoRA, so that their check refuses combinations
     VariantRow("init_lora_weights='mica'", lambda c: getattr(c, "init_lora_weights", None) == "mica",
                {"linear": MiCA, "embedding": MiCAEmbedding}, lambda c: _alone("init_lora_weights='mica'", c)),
