@@ -19,6 +19,9 @@ other adapters' subfolders) are never moved or deleted. A save holds an exclusiv
 OS has one), so two processes saving into one folder take turns and a leftover staging / commit folder always
 belongs to a dead save. One folder is one unit: `save_pretrained` with several adapters commits each adapter's
 folder on its own.
+
+Folders written whole by other code (a merged model's `save_pretrained`, a CLI checkpoint) use `replace_folder`:
+built in a hidden sibling, fsynced, then swapped in for the old folder in one rename.
 """
 
 from __future__ import annotations
@@ -147,7 +150,94 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _default_file_mode() -> int:
+# ---------------------------------------------------------------------------------------------------- whole folders
+NEW_FOLDER_TAG = ".fastpeft-new-"
+OLD_FOLDER_TAG = ".fastpeft-old-"
+
+
+def replace_folder(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a whole folder with `fill(tmp)` (e.g. a merged model's `save_pretrained`) and swap it in for `target`.
+
+    `fill` writes into a hidden sibling `.<name>.fastpeft-new-XXXX`; everything in it is fsynced, then it takes
+    `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, so a kill between
+    them leaves no `target` but both complete versions beside it). A failure or kill inside `fill` leaves
+    `target` as it was; leftovers of killed runs are removed by the next call for the same `target`.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _drop_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{NEW_FOLDER_TAG}", dir=parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the result gets a plain mkdir's mode
+        fill(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, target)
+    return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists() and not target.is_symlink():
+        os.replace(new, target)
+        fsync_dir(target.parent)
+        return
+    if not _exchange(new, target):  # no atomic exchange here: move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_FOLDER_TAG}", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        new = old
+    fsync_dir(target.parent)
+    if new.is_symlink():  # `target` was a link to a folder: drop the link, never the folder it points to
+        new.unlink()
+    else:
+        shutil.rmtree(new, ignore_errors=True)  # now the old version
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):  # no C library to open (Windows) or no renameat2 (macOS)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _drop_leftovers(target: Path) -> None:
+    """Remove the hidden folders of earlier `replace_folder(target)` calls that were killed; an old version moved
+    aside by a swap killed half-way (no `target` left) is put back first."""
+    prefixes = (f".{target.name}{NEW_FOLDER_TAG}", f".{target.name}{OLD_FOLDER_TAG}")
+    for entry in sorted(os.listdir(target.parent)):
+        path = target.parent / entry
+        if not entry.startswith(prefixes) or not path.is_dir() or path.is_symlink():
+            continue
+        moved_aside = path / target.name
+        if entry.startswith(prefixes[1]) and moved_aside.is_dir() and not target.exists():
+            os.replace(moved_aside, target)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (files first, so each folder is synced after its entries)."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(folder)
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_file_mode() -> int:
+    return 0o666 & ~_umask()

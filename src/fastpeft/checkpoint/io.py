@@ -18,7 +18,6 @@ import torch
 from safetensors import torch as safe_torch
 
 from ..errors import (
-    AdapterConfigError,
     AdapterFileNotFoundError,  # noqa: F401  (re-exported: io.AdapterFileNotFoundError)
     AdapterLoadError,
     UnsafeAdapterFileError,
@@ -68,18 +67,6 @@ def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) 
 def where(model_id: str | os.PathLike, subfolder: str | None) -> str:
     """Human-readable location used in error messages."""
     return f"{model_id}/{subfolder}" if subfolder else str(model_id)
-
-
-def read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # e.g. a truncated or hand-edited config
-        raise AdapterConfigError(f"{path} is not valid JSON ({err}); re-save the adapter's config with "
-                                 "save_pretrained or fix the file.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object; it is not an adapter config.")
-    return data
 
 
 def atomic_write_many(jobs: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:

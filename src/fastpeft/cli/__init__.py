@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import FastPeftError
 from . import parsers
 from .common import CliError
 from .options import DEFAULT_METHOD, resolve_method
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return _run(args)
-    except CliError as exc:
+    except (CliError, FastPeftError) as exc:  # bad input, or an adapter / checkpoint file that must not be used
         command = f" {argv[0]}" if argv and not argv[0].startswith("-") else ""
         print(f"fastpeft{command}: error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .common import CliError
+from .common import CliError, read_json_file, write_text
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.pt"
@@ -42,11 +42,12 @@ def prepare_output(out: Path, run: dict, resume: bool) -> Path | None:
                        "pass --resume to continue it or choose another --output-dir")
     run_file = out / RUN_FILE
     if resume and previous and run_file.is_file():
-        changed = _differences(json.loads(run_file.read_text()), run)
+        recorded = read_json_file(run_file, "the options of the earlier run", "delete it to resume anyway")
+        changed = _differences(recorded if isinstance(recorded, dict) else {}, run)
         if changed:
             raise CliError(f"--resume: options differ from the run in {str(out)!r}: {', '.join(changed)}")
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+    write_text(run_file, json.dumps(run, indent=2, sort_keys=True) + "\n")
     if resume and not previous:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
     return previous[-1] if resume and previous else None
@@ -57,20 +58,19 @@ def trainable_state(model) -> dict:
 
 
 def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
-    """Write ``epoch-K`` atomically (temp folder + rename) and drop older checkpoints."""
+    """Write ``epoch-K`` atomically (built in a hidden folder, fsynced, swapped in) and drop older checkpoints."""
     import torch
 
-    root = out / CHECKPOINTS
-    final = root / f"epoch-{state['epoch']}"
-    tmp = root / f".epoch-{state['epoch']}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
+    from ..checkpoint.atomic import replace_folder
+
     payload = {**state, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                "trainable": trainable_state(model)}
-    torch.save(payload, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        torch.save(payload, folder / STATE_FILE)
+
+    final = replace_folder(out / CHECKPOINTS / f"epoch-{state['epoch']}", fill)
     for older in epoch_dirs(out)[:-1]:
         shutil.rmtree(older)
     return final
@@ -80,7 +80,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore trainable tensors, optimizer and RNG from ``path``; returns the saved counters and history."""
     import torch
 
-    payload = torch.load(path / STATE_FILE, weights_only=True)
+    payload = read_state(path / STATE_FILE)
     params = dict(model.named_parameters())
     missing = sorted(set(payload["trainable"]) - set(params))
     if missing:
@@ -91,4 +91,30 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     optimizer.load_state_dict(payload.pop("optimizer"))
     torch.set_rng_state(payload.pop("rng"))
     payload.pop("trainable")
+    return payload
+
+
+STATE_KEYS = ("trainable", "optimizer", "rng", "epoch", "step", "seconds", "history")
+
+
+def read_state(file: Path) -> dict:
+    """``trainer_state.pt`` through ``torch.load(weights_only=True)``: pickled code is refused, never run."""
+    import pickle
+
+    import torch
+
+    from ..errors import AdapterLoadError, UnsafeAdapterFileError
+
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeAdapterFileError(
+            f"{file} holds pickled objects other than tensors and plain values, refused by "
+            f"torch.load(weights_only=True): {err}. Delete this checkpoint and train again.") from err
+    except Exception as err:  # truncated or not a torch file
+        raise AdapterLoadError(f"{file} could not be read with torch.load(weights_only=True) ({err}); the "
+                               "checkpoint is damaged: delete its folder to resume from scratch.") from err
+    missing = [k for k in STATE_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise AdapterLoadError(f"{file} is not a fastpeft train checkpoint (no {missing}); delete it.")
     return payload

@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 
 class CliError(Exception):
     """A problem with the user's input; ``main`` prints the message and exits with code 2."""
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small output file atomically: a temp file in the same folder, fsynced, renamed over `path`."""
+    from ..checkpoint import atomic, io
+
+    atomic.write_files([(path, io.text_writer(text))])
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` with its files committed atomically (saved to a temp folder first)."""
+    import shutil
+    import tempfile
+
+    from ..checkpoint import atomic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        atomic.write_files([(Path(folder) / p.name, lambda dst, src=p: shutil.copyfile(src, dst)) for p in files])
+
+
+def read_json_file(path: Path, what: str, fix: str) -> Any:
+    """A JSON file the CLI wrote earlier (`what` it holds); unreadable or invalid -> CliError with `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CliError(f"{path} ({what}) is not readable JSON ({exc}); {fix}") from None
+
+
+def read_labels(path: Path) -> list[str]:
+    """The class names in the ``labels.json`` that ``fastpeft train`` writes for classification."""
+    data = read_json_file(path, "class labels", "re-run `fastpeft train` or delete the file")
+    names = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CliError(f"{path} must hold {{\"labels\": [names...]}} (as `fastpeft train` writes it); re-run "
+                       "`fastpeft train` or delete the file")
+    return names
 
 
 def positive_int(text: str) -> int:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .common import write_text
 from .data import make_dataset
 from .plots import PLOT_FILE, plot_training
 
@@ -252,6 +253,6 @@ def run_demo(settings: DemoSettings) -> int:
         "output_dir": str(out), "seed": settings.seed,
     }  # fmt: skip
     result["plot"] = _write_plot(out, history, len(train_y), settings)
-    (out / SUMMARY_FILE).write_text(json.dumps(result) + "\n")
+    write_text(out / SUMMARY_FILE, json.dumps(result) + "\n")
     _print_summary(_summary_rows(result))
     return 0 if identical else 1

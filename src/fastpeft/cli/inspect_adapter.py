@@ -32,11 +32,15 @@ def adapter_files(folder: str) -> tuple[Path, Path]:
 
 
 def read_config(config_path: Path) -> dict:
+    """The adapter config through fastpeft's checked reader (size bound, UTF-8 JSON object)."""
+    from fastpeft.checkpoint.validate import read_config_json
+    from fastpeft.errors import FastPeftError
+
     try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{config_path} is not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict) or "peft_type" not in data:
+        data = read_config_json(config_path)
+    except FastPeftError as exc:
+        raise CliError(str(exc)) from None
+    if "peft_type" not in data:
         raise CliError(f"{config_path} has no 'peft_type'; it is not an adapter config")
     return data
 

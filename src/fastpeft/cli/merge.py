@@ -6,11 +6,10 @@ tokenizer (the adapter's, else the base's), never adapter files. A non-empty OUT
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-from .common import CliError, auto_class_for, setup_runtime
+from ..checkpoint.atomic import replace_folder
+from .common import CliError, auto_class_for, read_labels, setup_runtime
 from .inspect_adapter import adapter_files, read_config
 
 LABELS_FILE = "labels.json"
@@ -38,7 +37,7 @@ def _label_kwargs(adapter: str) -> dict:
     file = Path(adapter) / LABELS_FILE
     if not file.is_file():
         return {}
-    names = json.loads(file.read_text())["labels"]
+    names = read_labels(file)
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)}, "ignore_mismatched_sizes": True}
 
@@ -72,12 +71,6 @@ def _tokenizer(adapter: str, base_path: str):
     return None
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def run_merge(args) -> int:
     """The ``merge`` subcommand; returns the exit code."""
     config = read_config(adapter_files(args.adapter)[0])
@@ -85,14 +78,14 @@ def run_merge(args) -> int:
     check_output(out, args.overwrite, [args.base, args.adapter])
     setup_runtime()
     merged = load_merged(args.base, args.adapter, config, args.safe_merge)
-    tmp = out.parent / f".{out.name}.merge-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(tmp))
     tokenizer = _tokenizer(args.adapter, args.base)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    _replace(tmp, out)
+
+    def fill(folder: Path) -> None:
+        merged.save_pretrained(str(folder))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    replace_folder(out, fill)  # built beside OUT, fsynced, swapped in whole: a crash never leaves half an export
     print(f"merged {config['peft_type']} adapter {args.adapter} into {args.base}; saved to {out}"
           + ("" if tokenizer is not None else " (no tokenizer found to copy)"))
     return 0

@@ -53,6 +53,10 @@ def plot_training(path: str | Path, title: str, step_losses: list[float], epoch_
         _accuracy_panel(axes[0][1], accuracy)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from ..checkpoint import atomic
+
+    try:  # temp file + fsync + rename: a crash never leaves a torn PNG
+        atomic.write_files([(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))])
+    finally:
+        plt.close(fig)
     return Path(path)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import checkpoints
-from .common import TASKS, CliError, setup_runtime
+from .common import TASKS, CliError, save_tokenizer, setup_runtime, write_text
 from .dataset import label_names, load_examples
 from .options import build_method_config, flag_values, read_config_file, resolve_method
 from .plots import PLOT_FILE, plot_training
@@ -90,14 +90,14 @@ def _write_outputs(args, model, tokenizer, history: History, extra: dict) -> dic
     """Adapter + tokenizer + metrics.json + loss_curve.png in the output folder; returns the metrics."""
     out = Path(args.output_dir)
     model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_tokenizer(tokenizer, out)
     trainable, total = model.get_nb_trainable_parameters()
     losses = [s["loss"] for s in history.steps]
     per_epoch = [sum(1 for s in history.steps if s["epoch"] == e["epoch"]) for e in history.epochs]
     metrics = {"method": args.method, "task": args.task, "model": args.model, "data": args.data,
                "epochs": args.epochs, "steps": history.steps, "epoch_loss": history.epochs,
                "trainable_params": trainable, "total_params": total, **extra}
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     title = f"fastpeft train: {args.method} on {Path(args.model).name} ({args.task})"
     plot_training(out / PLOT_FILE, title, losses, [e["loss"] for e in history.epochs], per_epoch)
     return metrics
@@ -123,7 +123,7 @@ def run_train(args) -> int:
     history, seconds, first = _loop(args, model, optimizer, tokenizer, data, resume_from)
     final_eval = evaluate(model, tokenizer, eval_data, args) if eval_data else None
     if names:
-        Path(args.output_dir, LABELS_FILE).write_text(json.dumps({"labels": names}) + "\n")
+        write_text(Path(args.output_dir, LABELS_FILE), json.dumps({"labels": names}) + "\n")
     timing = {"seconds": seconds, "seconds_per_step": seconds / max(len(history.steps), 1)}
     metrics = _write_outputs(args, model, tokenizer, history,
                              {"eval": final_eval, "timing": timing, "resumed_at_epoch": first or None})

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .loraplus import lora_factors, lora_layers
+from .loraplus import lora_factors, lora_layers, require_trainable
 
 # added to A A^T before the pseudo-inverse so a rank-deficient A stays well-posed (HF PEFT's value)
 PROJECTION_DELTA = 1e-8
@@ -132,11 +132,15 @@ def create_lorafa_optimizer(model: nn.Module, r: int, lora_alpha: int, lr: float
             if factors is None:
                 continue
             a, b = factors
-            a.requires_grad_(False)
             role[id(a)] = (None, scaling)
             role[id(b)] = (a, scaling)
+    frozen = frozenset(key for key, (a, _) in role.items() if a is None)
+    require_trainable(model, "create_lorafa_optimizer", frozen)  # checked before anything is frozen
 
     named = list(model.named_parameters())
+    for _, param in named:
+        if id(param) in frozen:
+            param.requires_grad_(False)
     index = {id(p): i for i, (_, p) in enumerate(named)}
     pairs: list[int | None] = []
     scalings: list[float | None] = []

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from torch import nn
 from torch.optim import Optimizer
 
+from ..errors import AdapterStateError
 from ..methods.lora.layer import Embedding as LoraEmbedding
 from ..methods.lora.layer import LoraLayer
 
@@ -27,6 +28,20 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
             "adapters (e.g. from get_peft_model(model, LoraConfig(...)))."
         )
     return layers
+
+
+def require_trainable(model: nn.Module, builder: str, frozen: frozenset[int] = frozenset()) -> None:
+    """Refuse to build an optimizer that would train nothing (issue #9 item 3; HF PEFT builds it silently).
+
+    `frozen`: ids of parameters the optimizer itself freezes (LoRA-FA's A factors)."""
+    if any(p.requires_grad and id(p) not in frozen for p in model.parameters()):
+        return
+    extra = " besides the LoRA A factors that LoRA-FA freezes" if frozen else ""
+    raise AdapterStateError(
+        f"{builder}: the model has no trainable parameters{extra}, so this optimizer would change nothing. An "
+        "adapter loaded with PeftModel.from_pretrained(..., is_trainable=False) (the default) is frozen: load it "
+        "with is_trainable=True, or call model.set_requires_grad(adapter_name) before building the optimizer."
+    )
 
 
 def lora_factors(layer: LoraLayer, name: str) -> tuple[nn.Parameter, nn.Parameter] | None:
@@ -80,6 +95,7 @@ def create_loraplus_optimizer(
     go to `optimizer_cls`.
     """
     roles = _roles(model)
+    require_trainable(model, "create_loraplus_optimizer")
     no_decay = _layernorm_params(model)
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, param in _trainable(model):

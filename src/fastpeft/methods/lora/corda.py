@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ...checkpoint import io
 from ...core import targeting
 from .subconfig import for_init
 
@@ -111,8 +112,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _save(tensors: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(tensors, path)
+    """torch.save format (as HF PEFT's cache), written atomically: a crash never leaves a torn cache file."""
+    io.atomic_write_many([(path, io.weights_writer(tensors, safe=False))])
+
+
+def _load(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """A cache file through fastpeft's checked reader (weights_only; pickled code and damage are errors)."""
+    return io.load_weights_file(path, device)
 
 
 def _readable(path: str | None) -> bool:
@@ -171,7 +177,7 @@ def _collect_covariances(model, config, run_model, hooked_model) -> dict[str, to
 def _covariances(model, config, run_model, hooked_model) -> dict[str, torch.Tensor]:
     path = config.corda_config.covariance_file
     if _readable(path):
-        stored = torch.load(path, map_location=_device(model), weights_only=True)  # never unpickle
+        stored = _load(path, _device(model))
         missing = [n for n, _ in linear_targets(model, config) if n not in stored]
         if missing:
             raise ValueError(f"CorDA: covariance_file {path!r} has no covariance for {missing}; delete the file "
@@ -240,7 +246,7 @@ def _computed_eigens(model, config, run_model, hooked_model) -> dict[str, CordaE
 
 
 def _cached_eigens(model, config, path: str) -> dict[str, CordaEigens]:
-    stored = torch.load(path, map_location=_device(model), weights_only=True)  # never unpickle
+    stored = _load(path, _device(model))
     result = {}
     for name, _ in linear_targets(model, config):
         keys = [f"{name}.eigens.{part}" for part in ("S_WC", "U_WC", "V_WC")]

@@ -17,13 +17,13 @@ layer's previous factors (a greedy check, e.g. "did the logits get closer to the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ...checkpoint import validate
 from ...errors import AdapterFileNotFoundError
 from .layer import LoraLayer
 from .loftq import rank_r_fit
@@ -70,6 +70,7 @@ class OriginalWeights:
         self.prefix = base_model_prefix
         self.files: dict[str, str] | None = None  # tensor name -> shard file; None: a single file
         self.path = path
+        self.checked: set[str] = set()  # files whose safetensors header passed validate.safetensors_header
         if not os.path.isfile(path):
             self.files = self._shards(os.path.dirname(path))
 
@@ -82,9 +83,10 @@ class OriginalWeights:
                 f"{INDEX_FILE} (shards) is in '{folder}'. Save the model with save_pretrained (safe_serialization) "
                 "and pass that folder as model_path= (PyTorch .bin files cannot be read one tensor at a time)."
             )
-        with open(index, encoding="utf-8") as handle:
-            weight_map = json.load(handle).get("weight_map", {})
-        return {key: os.path.join(folder, shard) for key, shard in weight_map.items()}
+        weight_map = validate.read_config_json(index).get("weight_map", {})
+        # shard names come from the file: each must stay inside the folder (no '..', no symlink out of it)
+        return {key: validate.check_contained(folder, os.path.join(folder, str(shard)))
+                for key, shard in weight_map.items()}
 
     def _candidates(self, key: str) -> list[str]:
         """`key`, then without the model class's prefix (a LlamaModel file read for a LlamaForCausalLM, ...)."""
@@ -100,6 +102,9 @@ class OriginalWeights:
             path = self.path if self.files is None else self.files.get(candidate)
             if path is None:
                 continue
+            if path not in self.checked:  # forged / truncated headers refused before safetensors maps the file
+                validate.safetensors_header(path)
+                self.checked.add(path)
             with safe_open(path, framework="pt", device="cpu") as handle:
                 if candidate in handle.keys():
                     return handle.get_tensor(candidate)

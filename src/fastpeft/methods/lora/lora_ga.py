@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ...checkpoint import io
 from .corda import linear_targets
 from .subconfig import for_init
 
@@ -135,7 +136,7 @@ def _mean_gradient(name: str, module: nn.Module, calls: int) -> torch.Tensor:
 
 def _load_cache(model: nn.Module, targets, path: str) -> dict[str, torch.Tensor]:
     inner = getattr(model, "module", model)
-    stored = torch.load(path, map_location=next(inner.parameters()).device, weights_only=True)  # never unpickle
+    stored = io.load_weights_file(path, next(inner.parameters()).device)  # checked: never unpickles code
     missing = [name for name, _ in targets if f"{name}{CACHE_SUFFIX}" not in stored]
     if missing:
         raise ValueError(f"LoRA-GA: cache_file {path!r} has no gradient for {missing}; delete it to recompute.")
@@ -159,8 +160,8 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
     else:
         grads = mean_gradients(model, lora_config, train_step)
         if cache_file is not None:
-            os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
-            torch.save({f"{name}{CACHE_SUFFIX}": grad for name, grad in grads.items()}, cache_file)
+            cache = {f"{name}{CACHE_SUFFIX}": grad for name, grad in grads.items()}
+            io.atomic_write_many([(cache_file, io.weights_writer(cache, safe=False))])  # torch.save format, atomic
     for name, module in targets:
         setattr(module, GRADIENT_ATTR, GradientEstimate(grads[name], lora_ga_config=lora_config.lora_ga_config))
 

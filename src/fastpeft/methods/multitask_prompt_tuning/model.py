@@ -7,6 +7,7 @@ num_transformer_submodules=2 also get the second half of the rows in front of th
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -24,16 +25,18 @@ def _init_name(config) -> str:
 
 
 def _read_source(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a source-training adapter file (safetensors, else a torch file of plain tensors)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """The tensors of a source-training adapter file (safetensors, else a torch file of plain tensors), read by
+    fastpeft's checked reader: a forged header, pickled code or a truncated file raises a FastPeftError."""
+    from ...checkpoint.io import load_weights_file
+    from ...errors import AdapterFileNotFoundError, AdapterLoadError
 
-        tensors = load_file(path)
-    else:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise AdapterFileNotFoundError(f"prompt_tuning_init_state_dict_path {path!r} is not a file: point it at the "
+                                       "adapter_model.safetensors of a MULTITASK_PROMPT_TUNING source training run.")
+    tensors = load_weights_file(str(path))
     missing = [k for k in FILE_KEYS if k not in tensors]
     if missing:
-        raise ValueError(
+        raise AdapterLoadError(
             f"prompt_tuning_init_state_dict_path {path!r} lacks {missing}: point it at the adapter weights saved "
             "from a MULTITASK_PROMPT_TUNING source training run."
         )
