@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import multiprocessing
 import os
 import re
@@ -57,20 +58,39 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: 
 
 
 def interleaved_with_setup(variants: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
-                           rounds: int, warmup: int = 2) -> dict[str, float]:
+                           rounds: int, warmup: int = 2, quiet_gc: bool = False) -> dict[str, float]:
     """As `interleaved`, for `variants[label] = (setup, fn)`: `fn(setup())` is called and only `fn` is timed
-    (e.g. setup copies the base model that get_peft_model then modifies)."""
+    (e.g. setup copies the base model that get_peft_model then modifies).
+
+    `quiet_gc`: collect garbage after setup and keep the collector off during `fn`, as `timeit` does. For
+    workloads that leave a big heap behind (deep copies of a 48-layer model each round), a full collection costs
+    ~240 ms on the dev VM and lands in whichever call happens to cross the collector's threshold: without this,
+    one library's median can swing 2.5x between runs of the same code (149 ms vs 388 ms for from_pretrained).
+    """
     labels = list(variants)
     times: dict[str, list[float]] = {label: [] for label in labels}
     for i in range(warmup + rounds):
         for label in labels if i % 2 == 0 else labels[::-1]:
             setup, fn = variants[label]
             arg = setup()
-            start = time.perf_counter()
-            fn(arg)
+            elapsed = _timed_call(fn, arg, quiet_gc)
             if i >= warmup:
-                times[label].append((time.perf_counter() - start) * 1e3)
+                times[label].append(elapsed)
     return {label: statistics.median(values) for label, values in times.items()}
+
+
+def _timed_call(fn: Callable[[object], object], arg: object, quiet_gc: bool) -> float:
+    """ms of `fn(arg)`; with `quiet_gc`, garbage is collected first and the collector is off during the call."""
+    if quiet_gc:
+        gc.collect()
+        gc.disable()
+    try:
+        start = time.perf_counter()
+        fn(arg)
+        return (time.perf_counter() - start) * 1e3
+    finally:
+        if quiet_gc:
+            gc.enable()
 
 
 def _nothing() -> None:

@@ -5,7 +5,8 @@ Run: `.venv/bin/python benchmarks/injection.py [--quick] [--rounds N] [--threads
 LoRA r=16 on all linear layers. Timed, each on a fresh copy of the base model (the copy is not timed):
 `get_peft_model`, `PeftModel.from_pretrained` of a saved adapter, and `save_pretrained`. Checked first: both
 libraries' injected adapters hold the same initial weights (same seed), their saved files have the same keys
-and tensors, and the loaded models give the same logits. Prints fastpeft / HF PEFT (target <= 0.5).
+and tensors, and the loaded models give the same logits. Prints fastpeft / HF PEFT (target <= 0.5). Garbage is
+collected before each timed call and the collector is off during it (as `timeit`; common.interleaved_with_setup).
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def timings(base, folder: str, n_rounds: int) -> dict[str, dict[str, float]]:
     new_dir = lambda: os.path.join(folder, f"out{next(out_dirs)}")  # noqa: E731
     return {
         "get_peft_model": interleaved_with_setup(
-            {name: (fresh, lambda b, lib=lib: inject(lib, b)) for name, lib in LIBS.items()}, n_rounds),
+            {name: (fresh, lambda b, lib=lib: inject(lib, b)) for name, lib in LIBS.items()}, n_rounds, quiet_gc=True),
         "PeftModel.from_pretrained": interleaved_with_setup(
             {name: (fresh, lambda b, lib=lib: lib.PeftModel.from_pretrained(b, saved)) for name, lib in LIBS.items()},
-            n_rounds),
+            n_rounds, quiet_gc=True),
         "save_pretrained": interleaved_with_setup(
-            {name: (new_dir, lambda d, m=m: m.save_pretrained(d)) for name, m in injected.items()}, n_rounds),
+            {name: (new_dir, lambda d, m=m: m.save_pretrained(d)) for name, m in injected.items()}, n_rounds,
+            quiet_gc=True),
     }
 
 

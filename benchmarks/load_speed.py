@@ -4,9 +4,11 @@ Run: `.venv/bin/python benchmarks/load_speed.py [--layers 48] [--hidden 64] [--r
 
 For a tiny Llama with many layers (where the per-module Python work dominates) and LoRA r=8 on "all-linear" and on
 q/v, times: `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained` of a saved adapter and `load_adapter`
-of a second one. Before timing it checks that both libraries give the same outputs from the same adapter file (each
-library loads the file the other saved). The base model is copied outside the timed region. Rounds alternate the
-two libraries; the table shows medians and fastpeft / HF PEFT (below 1: fastpeft is faster).
+of a second one (both saved by HF PEFT), and `PeftModel.from_pretrained` of an adapter saved by fastpeft (its file
+holds fastpeft's base fingerprint, which fastpeft checks on load). Before timing it checks that both libraries give
+the same outputs from the same adapter file (each library loads the file the other saved). The base model is copied
+outside the timed region. Rounds alternate the two libraries; the table shows medians and fastpeft / HF PEFT
+(below 1: fastpeft is faster).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def check_outputs(base, targets, workdir: str) -> None:
         torch.testing.assert_close(outs[fp_out], outs[hf_out], atol=1e-5, rtol=0)
 
 
-def workloads(lib, base, targets, workdir: str, first: str, second: str):
-    """{workload: (setup() -> state, timed(state))}; only `timed` is measured."""
+def workloads(lib, base, targets, workdir: str, first: str, second: str, first_fp: str):
+    """{workload: (setup() -> state, timed(state))}; only `timed` is measured. `first` and `second` were saved by
+    HF PEFT (no base fingerprint, so fastpeft has nothing to check); `first_fp` by fastpeft: loading it includes
+    fastpeft's base-fingerprint check (HF PEFT ignores the fingerprint)."""
     def inject(model):
         lib.get_peft_model(model, lora_config(lib, targets, init=True))
 
@@ -82,11 +86,15 @@ def workloads(lib, base, targets, workdir: str, first: str, second: str):
     def load_second(model):
         model.load_adapter(second, "second")
 
+    def load_fp_file(model):
+        lib.PeftModel.from_pretrained(model, first_fp)
+
     return {
         "get_peft_model": (lambda: copy.deepcopy(base), inject),
         "save_pretrained": (lambda: lib.get_peft_model(copy.deepcopy(base), lora_config(lib, targets)), save),
         "from_pretrained": (lambda: copy.deepcopy(base), load),
         "load_adapter": (lambda: lib.PeftModel.from_pretrained(copy.deepcopy(base), first), load_second),
+        "from_pretrained, fastpeft file": (lambda: copy.deepcopy(base), load_fp_file),
     }
 
 
@@ -109,7 +117,10 @@ def bench(base, targets, workdir: str, repeats: int) -> dict[str, dict[str, floa
     for path, seed in ((first, 2), (second, 3)):
         torch.manual_seed(seed)
         peft.get_peft_model(copy.deepcopy(base), lora_config(peft, targets)).save_pretrained(path)
-    jobs = {name: workloads(lib, base, targets, workdir, first, second) for name, lib in LIBS.items()}
+    first_fp = os.path.join(workdir, "first_fp")
+    torch.manual_seed(2)
+    fastpeft.get_peft_model(copy.deepcopy(base), lora_config(fastpeft, targets)).save_pretrained(first_fp)
+    jobs = {name: workloads(lib, base, targets, workdir, first, second, first_fp) for name, lib in LIBS.items()}
     times = {name: {w: [] for w in jobs[name]} for name in LIBS}
     for round_ in range(repeats + 1):  # round 0 warms up
         for name in LIBS if round_ % 2 else reversed(LIBS):  # alternate which library goes first
@@ -130,14 +141,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = make_base(args.layers, args.hidden)
     print(f"Llama {args.layers} layers, hidden {args.hidden}; LoRA r=8; median of {args.repeats} rounds (ms)")
-    print(f"{'targets':<11} {'workload':<16} {'HF PEFT':>9} {'fastpeft':>9} {'fp / HF':>8}")
+    print(f"{'targets':<11} {'workload':<31} {'HF PEFT':>9} {'fastpeft':>9} {'fp / HF':>8}")
     for label, targets in TARGETS.items():
         with tempfile.TemporaryDirectory() as workdir:
             check_outputs(base, targets, workdir)
             medians = bench(base, targets, workdir, args.repeats)
         for work, hf in medians["peft"].items():
             fp = medians["fastpeft"][work]
-            print(f"{label:<11} {work:<16} {hf:9.1f} {fp:9.1f} {fp / hf:8.2f}")
+            print(f"{label:<11} {work:<31} {hf:9.1f} {fp:9.1f} {fp / hf:8.2f}")
 
 
 if __name__ == "__main__":
