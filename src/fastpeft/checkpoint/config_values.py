@@ -25,6 +25,9 @@ SIZE_FIELDS = frozenset({
     "adapter_layers", "num_tasks", "n_tasks", "n_skills", "n_splits", "num_ranks", "decompose_factor", "topk",
     "num_cayley_neumann_terms",
 })
+# size fields that count entries of a whole weight (FourierFT's n_frequency <= in * out): bounded by the
+# largest weight's element count, not its largest dimension
+MATRIX_SIZE_FIELDS = frozenset({"n_frequency"})
 # dict fields whose values are sizes (module name -> rank)
 SIZE_DICT_FIELDS = frozenset({"rank_pattern"})
 # fields listing token ids (a list, or a dict of lists): each id and the number of ids are sizes
@@ -187,10 +190,21 @@ _ORIGIN_CHECKS = {
 
 
 # ---------------------------------------------------------------------------------------------------- model bound
+def _shape(param) -> tuple[int, ...]:
+    """A parameter's real shape: DeepSpeed ZeRO-3 leaves shape-(0,) placeholders and keeps it in `ds_shape`."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
 def model_size_bound(model) -> int:
     """Largest sensible size for `model`: no rank, token count or block exceeds its largest weight dimension."""
-    largest = max((max(p.shape, default=0) for p in model.parameters()), default=0)
+    largest = max((max(_shape(p), default=0) for p in model.parameters()), default=0)
     return max(largest, 1024)
+
+
+def matrix_size_bound(model) -> int:
+    """Bound of MATRIX_SIZE_FIELDS: the element count of `model`'s largest weight (at least model_size_bound)."""
+    largest = max((math.prod(_shape(p)) for p in model.parameters()), default=0)
+    return max(largest, model_size_bound(model))
 
 
 def check_config_for_model(config, model, source: Any) -> None:
@@ -199,7 +213,9 @@ def check_config_for_model(config, model, source: Any) -> None:
     cls = type(config)
     for field in dataclasses.fields(cls):
         value = getattr(config, field.name, None)
-        if field.name in SIZE_FIELDS or field.name in SIZE_DICT_FIELDS:
+        if field.name in MATRIX_SIZE_FIELDS:
+            check_size(cls.__name__, field.name, value, _lowest(field), matrix_size_bound(model), source)
+        elif field.name in SIZE_FIELDS or field.name in SIZE_DICT_FIELDS:
             check_size(cls.__name__, field.name, value, _lowest(field), bound, source)
         if field.name in INDEX_FIELDS and value is not None:
             check_indices(cls.__name__, field.name, value, bound, source)
@@ -214,7 +230,7 @@ def _check_prompt_table(config, model, source: Any) -> None:
         return
     layers = getattr(config, "num_layers", None)
     total = math.prod(sizes) * (2 * layers if isinstance(layers, int) and layers > 0 else 1)
-    base = sum(p.numel() for p in model.parameters())
+    base = sum(math.prod(_shape(p)) for p in model.parameters())
     if total > 4 * base + (1 << 20):
         raise AdapterConfigError(
             f"The prompt table of {source} would hold {total} values, more than 4x the base model's {base} "

@@ -110,6 +110,9 @@ class ModelState:
         # every parameter of the tree sits in some module's _parameters: no second walk (a shared one twice is fine)
         self.grads = [(p, p.requires_grad) for state in self.objects
                       for p in state.attrs.get("_parameters", {}).values() if p is not None]
+        # ids of the tensors the model held before the load (this record keeps them alive, so ids stay unique)
+        self.tensor_ids = {id(t) for state in self.objects for key in ("_parameters", "_buffers")
+                           for t in state.attrs.get(key, {}).values() if t is not None}
 
     def holds(self, obj: Any) -> bool:
         """Whether `obj` is one of the recorded objects."""
@@ -184,6 +187,18 @@ def _covered(model: nn.Module) -> bool:
     return any(outer is base and not state.holds(model) for outer, state in _OPEN.get())
 
 
+def tensors_before_load(model: nn.Module) -> set[int] | None:
+    """ids of the tensors `model` held when the innermost running load into it (or around its base) began; None
+    outside such a load. Only these can keep a value a failed load wrote: the others (an adapter the load
+    created) are dropped from the model when the load rolls back."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else None
+    for outer, state in reversed(_OPEN.get()):
+        if outer is model or outer is base:
+            return state.tensor_ids
+    return None
+
+
 @contextlib.contextmanager
 def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any], config=None) -> Iterator[None]:
     """Run a load of `model_id` (adding an adapter with `config`, if given) into `model`; if it raises, restore
@@ -202,7 +217,7 @@ def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any], confi
         if any(_NOTE in note for note in getattr(err, "__notes__", ())):
             raise  # an inner load (from_pretrained -> load_adapter) already named the file
         source = io.where(model_id, hub_kwargs.get("subfolder"))
-        if isinstance(err, (FastPeftError, OSError)):  # already names its file: keep its type, add the adapter
+        if isinstance(err, _KEEP_TYPE):  # names its file, or out of memory (callers retry on it): keep the type
             err.add_note(f"({_NOTE} {source}; the model was left unchanged)")
             raise
         wrapped = _wrapped(err, adapter_file(model_id, hub_kwargs))
@@ -211,6 +226,10 @@ def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any], confi
     finally:
         if token is not None:
             _OPEN.reset(token)
+
+
+# errors passed through with a note instead of becoming AdapterLoadError
+_KEEP_TYPE = (FastPeftError, OSError, MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 def _wrapped(err: Exception, path: str) -> AdapterLoadError:

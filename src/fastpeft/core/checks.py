@@ -117,9 +117,11 @@ def ensure_input_grads(base: nn.Module) -> None:
     main input is `input_ids`; this covers the rest (vision, audio) and models checkpointed after wrapping.
     """
     enable = getattr(base, "enable_input_require_grads", None)
-    if enable is None or "_require_grads_hooks" in base.__dict__ or not _checkpointing(base):
+    done = ("_require_grads_hooks", "_require_grads_hook", "_fastpeft_input_grads")  # transformers 5, 4, ours
+    if enable is None or any(key in base.__dict__ for key in done) or not _checkpointing(base):
         return
     enable()
+    base.__dict__["_fastpeft_input_grads"] = True  # once: never a second hook, whatever transformers records
     logger.info("Activation checkpointing is on: made the input embeddings' output require grad so the "
                 "adapters inside checkpointed blocks get gradients (enable_input_require_grads).")
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError
+from ..errors import AdapterNameError, AdapterStateError
 from ..registry import registered
 from . import target_checks, targeting, tying
 from .aux import ModulesToSaveWrapper, wrap_modules_to_save
@@ -388,6 +388,7 @@ class Tuner(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: {sorted(self.peft_config)}.")
+        self._refuse_checkpointed_mixed_batch()
         state = self.call_state
         saved = state.names, state.encoder_names
         state.names, state.encoder_names = adapter_names, encoder_names
@@ -395,6 +396,19 @@ class Tuner(nn.Module):
             yield
         finally:
             state.names, state.encoder_names = saved
+
+    def _refuse_checkpointed_mixed_batch(self) -> None:
+        """Activation checkpointing re-runs each block in backward, after the call has reset the per-row names:
+        the re-run would use the active adapter for every row (reentrant: silently wrong gradients)."""
+        if not (self.model.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            raise AdapterStateError(
+                "adapter_names=[...] (a mixed batch) in a training forward with activation checkpointing on: the "
+                "checkpointed blocks are re-run in backward without the per-row adapter names, so the gradients "
+                "would be wrong. Train each adapter on its own batch (set_adapter), or turn checkpointing off "
+                "(model.gradient_checkpointing_disable()); for inference call model.eval() or use torch.no_grad()."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:

@@ -193,13 +193,13 @@ def _merge_all_or_nothing(layers, adapter_names, safe_merge: bool) -> None:
     done = []
     try:
         for layer in layers:
-            before = len(layer.merged_adapters)
+            # recorded before the call, so a layer failing half-way (a plain layer on its 2nd adapter) is taken back
+            done.append((layer, len(layer.merged_adapters)))
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            if len(layer.merged_adapters) > before:
-                done.append((layer, before))
     except Exception:
         for layer, before in reversed(done):
-            _take_back(layer, before)
+            if len(layer.merged_adapters) > before:
+                _take_back(layer, before)
         raise
 
 

@@ -72,7 +72,7 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 def _factors(view: tuple, name: str):
     """(group key, A, B, scaling); None for "__base__" or an adapter this layer lacks; False where the
-    loop's semantics are needed (a LoRA bias, or dropout that is active while training)."""
+    loop's semantics are needed (a LoRA bias, dropout that is active while training, hooked / offloaded factors)."""
     a_modules, b_modules, dropouts, scaling = view
     a_mod = a_modules.get(name)
     if a_mod is None:
@@ -82,8 +82,17 @@ def _factors(view: tuple, name: str):
         return False
     if dropouts is not None and not isinstance(dropouts[name], nn.Identity):
         return False
-    a = _weight(a_mod)  # (r, in)
-    return (a.shape[0], a.dtype), a, _weight(b_mod), scaling[name]
+    a, b = _weight(a_mod), _weight(b_mod)  # (r, in), (out, r)
+    if not (_runs_as_is(a_mod, a) and _runs_as_is(b_mod, b)):
+        return False
+    return (a.shape[0], a.dtype), a, b, scaling[name]
+
+
+def _runs_as_is(module: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether reading `module`'s weight directly is what calling it would use: no accelerate hook swapping the
+    weight in on call (offloading leaves it on the meta device), no forward hooks of the user skipped."""
+    return (not weight.is_meta and "forward" not in module.__dict__ and not module._forward_pre_hooks
+            and not module._forward_hooks)
 
 
 def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: list[str], *args, **kwargs):
@@ -128,7 +137,8 @@ def merged_plan(layer, x: torch.Tensor, adapter_names: list[str]) -> list[tuple]
     None: use the other paths (training, a base layer other than nn.Linear, mixed dtypes, short rows)."""
     base = layer.get_base_layer()
     if (layer.merged or type(base) is not nn.Linear or layer.fan_in_fan_out or torch.is_grad_enabled() or x.dim() < 3
-            or not x.numel() or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+            or not x.numel() or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type)
+            or not _runs_as_is(base, base.weight)):
         return None
     rows_of: dict[str, list[int]] = {}
     for row, name in enumerate(adapter_names):
