@@ -72,3 +72,23 @@ def test_load_failure_keeps_oom_type_and_restores_the_model(tmp_path, monkeypatc
     assert after.keys() == before.keys()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+
+
+def test_save_without_folder_locks_still_writes_the_adapter(tmp_path, monkeypatch, caplog):
+    """Filesystems without flock (some NFS / FUSE mounts) refuse the lock: the save goes on, logged."""
+    import errno
+
+    from fastpeft.checkpoint import atomic
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    model = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    models.perturb(model)
+    with caplog.at_level("WARNING", logger="fastpeft.checkpoint.atomic"):
+        model.save_pretrained(tmp_path)
+    assert "without the lock" in caplog.text
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path)
+    torch.testing.assert_close(models.forward(loaded, models.llama_inputs()),
+                               models.forward(model.eval(), models.llama_inputs()))

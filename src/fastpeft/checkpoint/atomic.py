@@ -27,6 +27,7 @@ built in a hidden sibling, fsynced, then swapped in for the old folder in one re
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; saves into one folder from two processes are then not serialised
     fcntl = None
+
+logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".fastpeft-staging-"
 COMMIT_PREFIX = ".fastpeft-commit-"
@@ -122,7 +125,11 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # some network / FUSE filesystems have no locks: save unserialised, say so
+            logger.warning("Could not lock %s for saving (%s); saving without the lock: do not save into this "
+                           "folder from two processes at once.", folder, err)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock (a killed process releases it too)
