@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import fingerprint, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
-from .checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint.keys import file_state, set_peft_model_state_dict
 from .checkpoint.model_card import model_card
 from .config import PeftConfig
 from .core import checks
@@ -167,6 +167,15 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.tuner.model
 
+    def _replicate_for_data_parallel(self):
+        """nn.DataParallel's replicas copy `__dict__`: rebind the per-instance `forward` (`_expose_base_signature`)
+        to the replica, else every replica would run the original module with the first device's weights."""
+        replica = super()._replicate_for_data_parallel()
+        bound = self.__dict__.get("forward")
+        if isinstance(bound, types.MethodType) and bound.__self__ is self:
+            replica.__dict__["forward"] = types.MethodType(bound.__func__, replica)
+        return replica
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         from .quant.bnb import logical_numel  # 4-bit bitsandbytes params pack two weights per byte
 
@@ -278,12 +287,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters {unknown} do not exist; loaded: {sorted(self.peft_config)}.")
         if not is_main_process:
             return
+        modules = list(self.named_modules())  # one walk for every adapter's tensors and fingerprint
         for name in names:
             check_adapter_name(name)
             out_dir = str(save_directory) if name == "default" else os.path.join(save_directory, name)
             # Trainer passes the gathered full state dict here under FSDP / DeepSpeed (as HF PEFT accepts)
-            tensors = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
-                                                save_embedding_layers=save_embedding_layers)
+            tensors = file_state(self, name, modules, state_dict=kwargs.get("state_dict"),
+                                 save_embedding_layers=save_embedding_layers)
             checks.refuse_empty_tensors(tensors, name)  # ZeRO-3 / FSDP placeholders
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
             config_dict = self._config_for_file(name)
@@ -291,7 +301,7 @@ class PeftModel(nn.Module):
                 tensors, config_dict = convert(name, tensors, config_dict, path_initial_model_for_weight_conversion)
             validate.check_write_target(save_directory, os.path.join(out_dir, weights))  # no symlinked folder out
             converted = path_initial_model_for_weight_conversion is not None
-            metadata = fingerprint.file_metadata(self, name, converted=converted)  # base-model fingerprint
+            metadata = fingerprint.file_metadata(self, name, converted=converted, modules=modules)  # base fingerprint
             jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization, metadata)),
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
             card = os.path.join(out_dir, "README.md")

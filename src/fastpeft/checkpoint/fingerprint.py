@@ -81,16 +81,24 @@ def module_entries(modules: list[nn.Module | None]) -> list[dict[str, Any] | Non
     for i, weight in enumerate(weights):
         if _hashable(weight):
             by_device.setdefault(weight.device, []).append(i)
-    samples: dict[int, list[float]] = {}
+    samples: dict[int, tuple[list[float], list[float]]] = {}
     with torch.no_grad():
         for device, rows in by_device.items():
             picked = [torch.take(weights[i], _sample_index(weights[i].numel(), device)) for i in rows]
-            flat = torch.cat(picked).to(torch.float64).cpu().tolist()  # cat widens mixed float dtypes: exact
+            host = torch.cat(picked).to(torch.float64).cpu()  # cat widens mixed float dtypes: exact
+            # the same values with every second one of each weight negated (exact), for the "alt" sum
+            flat, signed = host.tolist(), (host * torch.cat([_signs(p.numel()) for p in picked])).tolist()
             start = 0
             for i, p in zip(rows, picked):
-                samples[i] = flat[start:start + p.numel()]
+                samples[i] = flat[start:start + p.numel()], signed[start:start + p.numel()]
                 start += p.numel()
-    return [_entry(weights[i], samples[i]) if i in samples else None for i in range(len(modules))]
+    return [_entry(weights[i], *samples[i]) if i in samples else None for i in range(len(modules))]
+
+
+@functools.lru_cache(maxsize=SAMPLES)
+def _signs(count: int) -> torch.Tensor:
+    """+1, -1, +1, ... (`count` of them, float64 on the host)."""
+    return 1.0 - 2.0 * (torch.arange(count, dtype=torch.float64) % 2)
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,13 +108,13 @@ def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
     return torch.arange(count, device=device) * numel // count
 
 
-def _entry(weight: torch.Tensor, values: list[float]) -> dict[str, Any]:
+def _entry(weight: torch.Tensor, values: list[float], signed: list[float]) -> dict[str, Any]:
     return {
         "shape": list(weight.shape),
         "dtype": str(weight.dtype).removeprefix("torch."),
         "sum": math.fsum(values),
         "abs": math.fsum(map(abs, values)),
-        "alt": math.fsum(values[0::2] + [-v for v in values[1::2]]),  # fsum is exact: order does not matter
+        "alt": math.fsum(signed),  # `values` with alternating signs; fsum is exact
     }
 
 
@@ -132,34 +140,54 @@ def _tolerance(dtype_a: str, dtype_b: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- save side
-def targeted_modules(peft_model, adapter_name: str) -> list[str]:
+Modules = list[tuple[str, nn.Module]]  # `peft_model.named_modules()`, when a save has walked it already
+
+
+def targeted_modules(peft_model, adapter_name: str, modules: Modules | None = None) -> list[str]:
     """Names (in the user's model) of the unmerged layers holding `adapter_name`."""
+    return [name for name, _ in targeted_layers(peft_model, adapter_name, modules)]
+
+
+def targeted_layers(peft_model, adapter_name: str, modules: Modules | None = None) -> list[tuple[str, nn.Module]]:
+    """(name in the user's model, layer) of the unmerged layers holding `adapter_name`; `modules` (the PeftModel's
+    `named_modules()`) spares a second walk over the model when the caller has one."""
+    found = [(name, layer) for name, layer in _layers(peft_model, modules)
+             if name and layer.has_adapter(adapter_name) and not layer.merged]
+    if len(found) > MAX_MODULES:
+        found = [found[i * len(found) // MAX_MODULES] for i in range(MAX_MODULES)]
+    return found
+
+
+def _layers(peft_model, modules: Modules | None) -> list[tuple[str, nn.Module]]:
+    """(name under the base model, layer) of the tuner's adapter layers: from `modules` where the base model is
+    among them, else the tuner's own walk; none for prompt methods."""
     from ..core.layer import AdapterLayer
 
-    holders = getattr(peft_model.tuner, "holders", None)
-    if holders is None:  # prompt methods: no targeted layers
+    walk = getattr(peft_model.tuner, "holders", None)
+    if walk is None:
         return []
-    names = [name for name, layer in holders() if isinstance(layer, AdapterLayer)
-             and name and adapter_name in layer.adapter_names() and not layer.merged]
-    if len(names) > MAX_MODULES:
-        names = [names[i * len(names) // MAX_MODULES] for i in range(MAX_MODULES)]
-    return names
+    base = peft_model.tuner.model
+    prefix = None if modules is None else next((name for name, m in modules if m is base), None)
+    if prefix is None:
+        return [(name, m) for name, m in walk() if isinstance(m, AdapterLayer)]
+    start = prefix + "." if prefix else ""
+    return [(name[len(start):], m) for name, m in modules if isinstance(m, AdapterLayer) and name.startswith(start)]
 
 
-def compute(peft_model, adapter_name: str) -> dict[str, Any] | None:
+def compute(peft_model, adapter_name: str, modules: Modules | None = None) -> dict[str, Any] | None:
     """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module doc)."""
     if not getattr(peft_model.peft_config[adapter_name], "keeps_base_weights", True):
         return None  # e.g. PiSSA: loading re-runs the init on the original base (LoraConfig.keeps_base_weights)
-    model = peft_model.get_base_model()
-    names = targeted_modules(peft_model, adapter_name)
-    found = module_entries([resolve_module(model, name) for name in names])
-    entries = {name: entry for name, entry in zip(names, found) if entry is not None}
+    layers = targeted_layers(peft_model, adapter_name, modules)
+    found = module_entries([layer for _, layer in layers])  # the layer at each name: no lookup by path again
+    entries = {name: entry for (name, _), entry in zip(layers, found) if entry is not None}
     return {"version": VERSION, "modules": entries} if entries else None
 
 
-def file_metadata(peft_model, adapter_name: str, converted: bool = False) -> dict[str, str]:
+def file_metadata(peft_model, adapter_name: str, converted: bool = False,
+                  modules: Modules | None = None) -> dict[str, str]:
     """safetensors metadata holding the fingerprint (empty for converted adapters or where none applies)."""
-    found = None if converted else compute(peft_model, adapter_name)
+    found = None if converted else compute(peft_model, adapter_name, modules)
     return {} if found is None else {METADATA_KEY: json.dumps(found, separators=(",", ":"))}
 
 

@@ -18,6 +18,7 @@ from ..core.aux import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
 from ..errors import AdapterLoadError, AdapterShapeError
+from . import loading
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def _targets_embedding(config, modules: Modules) -> bool:
     targets = getattr(config, "target_modules", None)
     if not isinstance(targets, str):
         return any(n in (targets or ()) for n in EMBEDDING_LAYER_NAMES)
-    return any(is_target(config, name) for name, _ in modules if name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+    return any(is_target(config, name) for name, _ in modules
+               if name.endswith(EMBEDDING_LAYER_NAMES) and name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
 
 
 def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_layers: str | bool,
@@ -138,8 +140,13 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     """The tensors of `adapter_name` keyed as in `adapter_model.safetensors`."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    return file_state(model, adapter_name, list(model.named_modules()), state_dict, save_embedding_layers)
+
+
+def file_state(model: nn.Module, adapter_name: str, modules: Modules, state_dict: dict | None = None,
+               save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+    """`get_peft_model_state_dict` over `modules` (`model.named_modules()`, walked once by the caller)."""
     config = _config_of(model, adapter_name)
-    modules = list(model.named_modules())
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
     mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers, modules)})
     source = state_dict if state_dict is not None else _model_tensors(model, tensors, mapping.values())
@@ -236,17 +243,29 @@ def _shape_error(result: LoadResult) -> AdapterShapeError:
     return err
 
 
-def _backup(model: nn.Module, adapter_name: str, targets: list[torch.Tensor], extra: bool) -> list:
-    """(tensor, copy) of everything a load may write: the targets and, with `extra`, the adapter's tensors kept
-    outside adapter holders (prompt encoders, shared banks / projections)."""
+def _backup(modules: Modules, adapter_name: str, targets: list[torch.Tensor], extra: bool,
+            kept: set[int] | None = None) -> list:
+    """(tensor, copy) of everything a load may write: the targets and, with `extra`, every parameter / buffer
+    with `adapter_name` in its key (adapter layers, prompt encoders, shared banks / projections). `kept`: ids of
+    the tensors that outlive a rollback (`loading.tensors_before_load`); others need no copy."""
     seen = {id(t) for t in targets}
     tensors = list(targets)
     if extra:
-        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if adapter_name in key.split(".") and id(tensor) not in seen:
+        for tensor in _named_for(modules, adapter_name):
+            if id(tensor) not in seen and (kept is None or id(tensor) in kept):
                 seen.add(id(tensor))
                 tensors.append(tensor)
     return [(t, t.detach().clone()) for t in tensors]
+
+
+def _named_for(modules: Modules, adapter_name: str):
+    """Parameters and buffers whose key has `adapter_name` as one of its dotted parts."""
+    for prefix, module in modules:
+        in_path = adapter_name in prefix and adapter_name in prefix.split(".")
+        for store in (module._parameters, module._buffers):
+            for local, tensor in store.items():
+                if tensor is not None and (in_path or local == adapter_name):
+                    yield tensor
 
 
 def _restore(backup: list) -> None:
@@ -277,22 +296,24 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     (embeddings, biases).
     """
     tuner = getattr(model, "tuner", None)
-    backup = _backup(model, adapter_name, [], extra=tuner is not None)
+    modules = list(model.named_modules())  # one walk for the backup and the key map
+    backup = _backup(modules, adapter_name, [], extra=tuner is not None, kept=loading.tensors_before_load(model))
     try:
-        return _load_checked(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict, backup)
+        return _load_checked(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict, backup,
+                             modules)
     except BaseException:
         _restore(backup)
         raise
 
 
 def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched: bool,
-                  strict: bool, backup: list) -> LoadResult:
+                  strict: bool, backup: list, modules: Modules) -> LoadResult:
     tuner = getattr(model, "tuner", None)
     convert = getattr(tuner, "convert_loaded_state", None)
     if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
         state = convert(adapter_name, state, model)
+        modules = list(model.named_modules())  # a hook may change the module tree
     config = _config_of(model, adapter_name)
-    modules = list(model.named_modules())
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
     embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules) if k in state}
     params = _model_tensors(model, tensors, [mk for fk, mk in mapping.items() if fk in state] + list(embeddings))
@@ -314,7 +335,7 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name
     for file_key, in_file, in_model in result.mismatched_keys:
         logger.warning("Skipping %s: shape %s in file vs %s in model.", file_key, in_file, in_model)
     backed_up = {id(t) for t, _ in backup}
-    backup.extend(_backup(model, adapter_name, [t for t, _ in writes if id(t) not in backed_up], extra=False))
+    backup.extend(_backup(modules, adapter_name, [t for t, _ in writes if id(t) not in backed_up], extra=False))
     _write_all(result, tuner, adapter_name, state, writes)
     _group_by_module(result, modules)
     _check_strict(result, strict)

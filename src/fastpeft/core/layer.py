@@ -46,6 +46,20 @@ class CallState:
         self.values: dict = {}
 
 
+def _named_parameters(module: nn.Module):
+    """`module.named_parameters()`; for a module without children (LoRA's A / B) read straight from its own
+    dict, skipping torch's generic walk (same names, order and de-duplication)."""
+    if module._modules:
+        return module.named_parameters()
+    seen: set[int] = set()
+    found = []
+    for pname, param in module._parameters.items():
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            found.append((pname, param))
+    return found
+
+
 class AdapterHolder:
     """Protocol of modules that hold per-adapter state (adapter layers and modules_to_save wrappers)."""
 
@@ -172,6 +186,13 @@ class AdapterLayer(nn.Module, AdapterHolder):
             names.update(getattr(self, attr).keys())
         return names
 
+    def has_adapter(self, name: str) -> bool:
+        """`name in self.adapter_names()`, without building the set."""
+        for attr in self.adapter_param_names:
+            if name in getattr(self, attr):
+                return True
+        return False
+
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(key relative to this layer as in its state dict, parameter) for adapter `name`."""
         for attr in self.adapter_param_names:
@@ -179,11 +200,11 @@ class AdapterLayer(nn.Module, AdapterHolder):
             if name not in holder:
                 continue
             item = holder[name]
-            if isinstance(item, nn.Parameter):
-                yield f"{attr}.{name}", item
-            else:
-                for pname, param in item.named_parameters():
+            if isinstance(item, nn.Module):  # tested first: nn.Parameter's isinstance check runs in Python
+                for pname, param in _named_parameters(item):
                     yield f"{attr}.{name}.{pname}", param
+            else:
+                yield f"{attr}.{name}", item
 
     def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
         """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not."""

@@ -26,6 +26,7 @@ class LoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     is_embedding = False
     variant_kind = "linear"  # row of variant_table.VARIANTS used by this layer class
+    factors_attr = "lora_A"  # the dict that holds every adapter of this layer: forward's ownership test
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
                  fan_in_fan_out: bool = False, **kwargs) -> None:
@@ -104,19 +105,22 @@ class LoraLayer(AdapterLayer):
         variant = self.lora_variant.get(name)
         if variant is not None:  # alone, e.g. in mixed batches: against the base output
             return variant.contribution(self, name, x, None)
-        x = x.to(self.lora_weights(name)[0].dtype)  # cast before dropout, as HF PEFT
+        dtype = self.lora_weights(name)[0].dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)  # cast before dropout, as HF PEFT
         return self.lora_path(name, self.lora_dropout[name](x))
 
     def add_adapters(self, result, x, names, *args, **kwargs):
-        if not self.lora_variant:
-            return super().add_adapters(result, x, names, *args, **kwargs)
-        out_dtype, own = result.dtype, self.adapter_names()
+        # per call only live lookups (as HF PEFT's `lora_A.keys()`): no set over all adapter dicts, and no cast
+        # where the dtype is already right, so an unmerged forward costs no more Python than HF PEFT's
+        out_dtype, own, with_variant = result.dtype, getattr(self, self.factors_attr), self.lora_variant
         for name in names:  # in order: a variant may depend on the output so far (as in HF PEFT)
-            if name in own:
-                variant = self.lora_variant.get(name)
-                result = result + (self.adapter_output(name, x) if variant is None
-                                   else variant.contribution(self, name, x, result))
-        return result.to(out_dtype)
+            if name not in own:
+                continue
+            variant = with_variant.get(name) if with_variant else None
+            result = result + (self.adapter_output(name, x) if variant is None
+                               else variant.contribution(self, name, x, result))
+        return result if result.dtype == out_dtype else result.to(out_dtype)
 
     def merge_one(self, name, safe_merge):
         self._variant_cache.pop("row-sq-key", None)  # the base weight changes
@@ -182,16 +186,21 @@ class Linear(LoraLayer):
 
     def lora_path(self, name, x):
         a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(x.to(a.weight.dtype))) * self.scaling[name]
+        dtype = a.weight.dtype
+        return b(a(x if x.dtype == dtype else x.to(dtype))) * self.scaling[name]
 
     def adapter_output(self, name, x, *args, **kwargs):
-        dropout = self.lora_dropout[name]  # training with dropout: keep x, not dropout(x), for backward
-        if torch.compiler.is_compiling():  # RNG state capture does not trace; the compiled graph plans memory
+        if name in self.lora_variant or type(self).lora_path is not Linear.lora_path:
             return super().adapter_output(name, x, *args, **kwargs)
-        if name in self.lora_variant or type(self).lora_path is not Linear.lora_path or not lean_applies(dropout):
-            return super().adapter_output(name, x, *args, **kwargs)
-        a, b = self.lora_A[name], self.lora_B[name]
-        return lean_lora_output(x.to(a.weight.dtype), dropout, a, b, self.scaling[name])
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        dtype = a.weight.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)  # before dropout, as HF PEFT
+        # training with dropout: keep x, not dropout(x), for backward (lean_dropout.py); not while compiling
+        # (RNG state capture does not trace; the compiled graph plans memory itself)
+        if lean_applies(dropout) and not torch.compiler.is_compiling():
+            return lean_lora_output(x, dropout, a, b, self.scaling[name])
+        return b(a(dropout(x))) * self.scaling[name]
 
     def base_path(self, x):
         w = self.get_base_layer().weight
@@ -220,6 +229,7 @@ class Embedding(LoraLayer):
 
     is_embedding = True
     variant_kind = "embedding"
+    factors_attr = "lora_embedding_A"
 
     def feature_sizes(self, base):
         return base.num_embeddings, base.embedding_dim

@@ -1,0 +1,116 @@
+"""Cheaper loads and saves (issue #8) keep their guarantees.
+
+Loads back up only tensors that outlive a rollback (`loading.tensors_before_load`): an adapter created by the
+failing load is dropped anyway, but a tensor it shares with an adapter that existed before (VeRA's projections)
+must still get its old value back. Saves walk the model once for the tensors and the base fingerprint; the files
+are checked against HF PEFT both ways and the fingerprint against the one the tuner's own walk gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from test_safety_loads import WEIGHTS, assert_same_state, state_of
+
+import models
+
+peft = pytest.importorskip("peft")
+import fastpeft  # noqa: E402
+from fastpeft.checkpoint import fingerprint, keys  # noqa: E402
+from fastpeft.errors import AdapterLoadError  # noqa: E402
+
+VERA = dict(r=4, target_modules=["lin0", "lin1"], save_projection=True)
+LORA = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], modules_to_save=["head"])
+
+
+def hf_vera(path: Path, prng_key: int, seed: int) -> Path:
+    model = peft.get_peft_model(models.make_mlp(), peft.VeraConfig(**VERA, projection_prng_key=prng_key))
+    models.perturb(model, seed, 0.3)
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_failed_load_of_new_adapter_restores_the_projections_it_shares(tmp_path):
+    """The new VeRA adapter reuses the first adapter's projection tensors; its load writes the file's (other)
+    projections into them, then fails on strict=True (an unexpected key): the first adapter's projections, and
+    everything else, must be as before."""
+    model = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(hf_vera(tmp_path / "a", 0, 1)))
+    other = hf_vera(tmp_path / "b", 0, 2)
+    tensors = load_file(str(other / WEIGHTS))
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] + 1.0  # the load really writes other values
+    tensors["base_model.model.act.vera_lambda_b"] = torch.ones(3)
+    save_file(tensors, str(other / WEIGHTS), metadata={"format": "pt"})
+    before = state_of(model)
+    x = models.mlp_inputs()
+    expected = models.forward(model, x)
+    with pytest.raises(AdapterLoadError, match="strict=True"):
+        model.load_adapter(str(other), "new", strict=True)
+    assert_same_state(model, before)
+    torch.testing.assert_close(models.forward(model, x), expected, atol=0, rtol=0)
+
+
+def _backups(monkeypatch) -> list[int]:
+    """Number of tensors each first (`extra=True`) backup of a load copies."""
+    sizes: list[int] = []
+    original = keys._backup
+
+    def counted(modules, adapter_name, targets, extra, kept=None):
+        found = original(modules, adapter_name, targets, extra, kept)
+        if extra:
+            sizes.append(len(found))
+        return found
+
+    monkeypatch.setattr(keys, "_backup", counted)
+    return sizes
+
+
+def test_loads_copy_only_what_a_rollback_keeps(tmp_path, monkeypatch):
+    theirs = peft.get_peft_model(models.make_mlp(), peft.LoraConfig(**LORA))
+    models.perturb(theirs, 3, 0.3)
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    sizes = _backups(monkeypatch)
+    ours = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "hf"))
+    ours.load_adapter(str(tmp_path / "hf"), "second")
+    assert sizes == [0, 0]  # both adapters were created by their own load
+    ours.load_adapter(str(tmp_path / "hf"), "second")  # into an existing adapter: all of its tensors
+    assert sizes[2] == len(keys.get_peft_model_state_dict(ours, adapter_name="second")) > 0
+    keys.set_peft_model_state_dict(ours, load_file(str(tmp_path / "hf" / WEIGHTS)))  # outside any load
+    assert sizes[3] == len(keys.get_peft_model_state_dict(ours))
+    x = models.mlp_inputs()
+    torch.testing.assert_close(models.forward(ours, x), models.forward(theirs.eval(), x))
+
+
+def test_save_with_one_walk_matches_hf_both_ways(tmp_path):
+    ours = fastpeft.get_peft_model(models.make_mlp(), fastpeft.LoraConfig(**LORA))
+    models.perturb(ours, 4, 0.3)
+    ours.add_adapter("other", fastpeft.LoraConfig(**{**LORA, "r": 2}))
+    models.perturb(ours, 5, 0.3)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    for name, sub in (("default", ""), ("other", "other")):
+        folder = tmp_path / "ours" / sub
+        with safe_open(str(folder / WEIGHTS), "pt") as f:
+            stored = fingerprint.parse(f.metadata()[fingerprint.METADATA_KEY], folder)
+        assert stored == fingerprint.compute(ours, name)  # the tuner's own walk gives the same entries
+        assert sorted(stored["modules"]) == ["lin0", "lin1"]
+        saved = load_file(str(folder / WEIGHTS))
+        expected = keys.get_peft_model_state_dict(ours, adapter_name=name)
+        assert sorted(saved) == sorted(expected)
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+    x = models.mlp_inputs()
+    back = peft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "ours"))
+    torch.testing.assert_close(models.forward(back, x), models.forward(ours.eval(), x))
+    theirs = peft.get_peft_model(models.make_mlp(), peft.LoraConfig(**LORA))
+    models.perturb(theirs, 6, 0.3)
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "hf"))
+    loaded.save_pretrained(str(tmp_path / "again"))
+    hf_keys, our_keys = load_file(str(tmp_path / "hf" / WEIGHTS)), load_file(str(tmp_path / "again" / WEIGHTS))
+    assert sorted(hf_keys) == sorted(our_keys)
+    for key, value in hf_keys.items():
+        assert torch.equal(our_keys[key], value), key
