@@ -92,3 +92,46 @@ def test_save_without_folder_locks_still_writes_the_adapter(tmp_path, monkeypatc
     loaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path)
     torch.testing.assert_close(models.forward(loaded, models.llama_inputs()),
                                models.forward(model.eval(), models.llama_inputs()))
+
+
+class TwoBranch(torch.nn.Module):
+    """A vision-like branch (adapted) and a text-like branch; a batch may use only the text one."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = torch.nn.Linear(8, 8)
+        self.text = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x, image=None):
+        h = self.text(x)
+        if image is not None:
+            h = h + self.vision(image)
+        return self.head(h)
+
+
+def test_first_training_batch_that_skips_the_adapted_branch_warns_and_training_goes_on(caplog):
+    """HF PEFT trains such models; fastpeft must not mistake a skipped branch for starved checkpointing."""
+    import peft
+
+    def build(lib):
+        models._seeded()
+        model = lib.get_peft_model(TwoBranch(), lib.LoraConfig(target_modules=["vision"], modules_to_save=["head"],
+                                                              init_lora_weights=False))
+        return model.train()
+
+    ours, theirs = build(fastpeft), build(peft)
+    x, image = torch.randn(3, 8), torch.randn(3, 8)
+    with caplog.at_level("WARNING", logger="fastpeft.core.checks"):
+        ours(x).sum().backward()  # text-only batch: no adapter layer runs
+    theirs(x).sum().backward()
+    assert "No adapter layer ran" in caplog.text
+    ours(x, image).sum().backward()
+    theirs(x, image).sum().backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in grads)
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name])
+    assert not ours.__dict__.get("_fastpeft_watch")  # hooks removed
+    assert all(not layer._forward_hooks for layer in ours.tuner.adapter_layers())

@@ -264,7 +264,12 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any):
         watch = checks.before_training_forward(self)  # 0 trainable parameters; checkpointing input grads
-        output = self.tuner.model_forward(*args, **kwargs)
+        try:
+            output = self.tuner.model_forward(*args, **kwargs)
+        except BaseException:
+            if watch:
+                checks.stop_watching(self)
+            raise
         return checks.check_output_graph(self, output) if watch else output
 
     def generate(self, *args: Any, **kwargs: Any):

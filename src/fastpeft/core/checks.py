@@ -137,7 +137,27 @@ def before_training_forward(model) -> bool:
         return False
     ensure_input_grads(model.get_base_model())
     _check_something_trains(model)
-    return "_fastpeft_graph_checked" not in model.__dict__ and not _distributed()
+    if "_fastpeft_graph_checked" in model.__dict__ or _distributed():
+        return False
+    _watch_adapter_layers(model)
+    return True
+
+
+def _watch_adapter_layers(model) -> None:
+    """Until the graph check passes: note whether any adapter layer runs in this forward (a batch may skip the
+    adapted branch of a multimodal model, which is no reason to fail). Hooks only on these few forwards."""
+    ran: list[bool] = []
+    layers = getattr(model.tuner, "adapter_layers", None)
+    handles = [layer.register_forward_hook(lambda *_: ran.append(True)) for layer in layers()] if layers else []
+    model.__dict__["_fastpeft_watch"] = (handles, ran)
+
+
+def stop_watching(model) -> list[bool]:
+    """Remove the hooks `before_training_forward` set; returns whether adapter layers ran (a non-empty list)."""
+    handles, ran = model.__dict__.pop("_fastpeft_watch", ((), []))
+    for handle in handles:
+        handle.remove()
+    return ran
 
 
 def _grad_tensor(output) -> torch.Tensor | None:
@@ -177,11 +197,18 @@ def _graph_reaches(tensor: torch.Tensor, wanted: set[int]) -> bool:
 def check_output_graph(model, output):
     """First training forward: the output must depend on some trainable adapter parameter (else the adapters get
     no gradient, silently in HF PEFT: typically reentrant checkpointing over blocks whose inputs need no grad)."""
+    ran = stop_watching(model)
     tensor = _grad_tensor(output)
     params = _trainable_adapter_parameters(model) if tensor is not None else []
     if not params:
         return output
     if not _graph_reaches(tensor, {id(p) for p in params}):
+        if not ran:  # no adapter layer ran: this batch skipped them (checked again on the next training forward)
+            if "_fastpeft_skip_logged" not in model.__dict__:
+                model.__dict__["_fastpeft_skip_logged"] = True
+                logger.warning("No adapter layer ran in this training forward: this batch gives the %d trainable "
+                               "adapter parameters no gradient.", len(params))
+            return output
         raise AdapterStateError(
             f"This training forward's output does not depend on any of the {len(params)} trainable adapter "
             "parameters, so backward would give them no gradient. Usual cause: reentrant activation checkpointing "
