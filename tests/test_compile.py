@@ -222,20 +222,9 @@ def test_two_active_adapters(case, tmp_path):
 @pytest.mark.parametrize("n_adapters", [2, 4], ids=["loop", "gathered"])
 def test_mixed_batch_adapter_layers(n_adapters, tmp_path):
     """Mixed batches (adapter_names): the adapter layers' per-row paths (the loop for few adapters, the
-    gathered batched matmuls for 4+) trace as one graph. The per-call hooks that pass adapter_names in are
-    registered outside the compiled region (registering hooks does not trace), as a compiled serving loop
-    would hold them."""
-    torch.manual_seed(0)
-    names = [f"a{i}" for i in range(n_adapters)]
-    ours = fastpeft.get_peft_model(models.make_llama(), config(fastpeft, "qv"), adapter_name=names[0])
-    for name in names[1:]:
-        ours.add_adapter(name, config(fastpeft, "qv"))
-    ours.save_pretrained(str(tmp_path))
-    ours.eval()
-    theirs = peft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        theirs.load_adapter(str(tmp_path / name), name)
-    theirs.eval()
+    gathered batched matmuls for 4+) trace as one graph; the per-row names are set on the tuner's shared call
+    state outside the compiled region, as a compiled serving loop would do."""
+    names, ours, theirs = _adapters_in_both(n_adapters, tmp_path)
     rows = (names + ["__base__"]) * 2
     batch = {k: v.repeat(len(rows) // 2, 1) if torch.is_tensor(v) else v for k, v in LLAMA_INPUTS.items()}
     batch = {k: v[: len(rows)] if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -244,6 +233,20 @@ def test_mixed_batch_adapter_layers(n_adapters, tmp_path):
         actual = assert_compiles_like_eager(inner, batch)
     with torch.no_grad():
         torch.testing.assert_close(actual, call(theirs, batch, adapter_names=rows), atol=ATOL, rtol=1e-5)
+
+
+def _adapters_in_both(n_adapters: int, tmp_path, r: int | None = None):
+    """`n_adapters` seeded LoRA adapters in fastpeft (the later ones with rank `r`), saved and loaded into HF PEFT."""
+    torch.manual_seed(0)
+    names = [f"a{i}" for i in range(n_adapters)]
+    ours = fastpeft.get_peft_model(models.make_llama(), config(fastpeft, "qv"), adapter_name=names[0])
+    for name in names[1:]:
+        ours.add_adapter(name, config(fastpeft, "qv", **({} if r is None else {"r": r})))
+    ours.save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        theirs.load_adapter(str(tmp_path / name), name)
+    return names, ours.eval(), theirs.eval()
 
 
 @pytest.mark.parametrize(("n_adapters", "tokens", "path"), [(2, 6, "loop"), (4, 6, "gathered"), (2, 24, "merged")],
@@ -260,17 +263,7 @@ def test_peft_model_forward_with_adapter_names_compiles(n_adapters, tokens, path
     for name, label in (("group_output", "gathered"), ("merged_forward", "merged")):
         original = getattr(gathered, name)
         monkeypatch.setattr(gathered, name, lambda *a, _f=original, _l=label, **k: ran.add(_l) or _f(*a, **k))
-    torch.manual_seed(0)
-    names = [f"a{i}" for i in range(n_adapters)]
-    ours = fastpeft.get_peft_model(models.make_llama(), config(fastpeft, "qv"), adapter_name=names[0])
-    for name in names[1:]:
-        ours.add_adapter(name, config(fastpeft, "qv", r=2))
-    ours.save_pretrained(str(tmp_path))
-    ours.eval()
-    theirs = peft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        theirs.load_adapter(str(tmp_path / name), name)
-    theirs.eval()
+    names, ours, theirs = _adapters_in_both(n_adapters, tmp_path, r=2)
     ids = torch.randint(0, 50, (n_adapters + 1, tokens), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "use_cache": False}
     mixes = [names + ["__base__"], ["__base__"] + names[::-1]]

@@ -134,11 +134,7 @@ def test_forged_safetensors_headers_are_refused_before_reading(tmp_path, case):
     with pytest.raises(AdapterLoadError, match=match) as err:
         fastpeft.load_peft_weights(str(tmp_path / "a"))
     assert WEIGHTS in str(err.value)
-    base = models.make_mlp()
-    before = _weights(base)
-    with pytest.raises(FastPeftError):
-        fastpeft.PeftModel.from_pretrained(base, str(tmp_path / "a"))
-    _unchanged(base, before)
+    _from_pretrained_refused(tmp_path / "a", FastPeftError)
 
 
 def test_forged_sizes_are_unsafe_errors(tmp_path):
@@ -170,10 +166,15 @@ def test_absurd_sizes_refused_when_the_config_is_read(tmp_path, field):
     rewrite_config(tmp_path / "a", **{field.strip(): value})
     with pytest.raises(AdapterConfigError, match=match):
         fastpeft.PeftConfig.from_pretrained(str(tmp_path / "a"))
+    _from_pretrained_refused(tmp_path / "a", AdapterConfigError)
+
+
+def _from_pretrained_refused(folder, error) -> None:
+    """Loading `folder` onto a fresh base raises `error` and leaves the base's weights as they were."""
     base = models.make_mlp()
     before = _weights(base)
-    with pytest.raises(AdapterConfigError):
-        fastpeft.PeftModel.from_pretrained(base, str(tmp_path / "a"))
+    with pytest.raises(error):
+        fastpeft.PeftModel.from_pretrained(base, str(folder))
     _unchanged(base, before)
 
 
