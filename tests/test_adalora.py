@@ -6,16 +6,16 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft.methods.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel
+
 import models
 from oracle_helpers import assert_merges_like_hf, assert_same_files
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel  # noqa: E402
 
 ATOL = 1e-5
 SCHEDULE = dict(init_r=6, target_r=2, tinit=1, tfinal=2, total_step=6, deltaT=1)
@@ -226,7 +226,7 @@ def test_forgotten_schedule_is_refused_and_accumulation_is_one_step():
 
 
 def test_trainer_callback_runs_schedule(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     x = inputs("llama")
     rows = [{"input_ids": x["input_ids"][i], "labels": x["input_ids"][i]} for i in range(x["input_ids"].shape[0])]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1,

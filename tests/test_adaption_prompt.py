@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 from safetensors import safe_open
 
-import models
+import fastpeft
+from fastpeft.methods.adaption_prompt import AdaptionPromptConfig
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.adaption_prompt import AdaptionPromptConfig  # noqa: E402
+import models
 
 ATOL = 1e-5
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.methods.lora import alora
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import alora  # noqa: E402
+import models
 
 INVOKE = [5, 6]
 TARGETS = ["q_proj", "v_proj", "down_proj"]

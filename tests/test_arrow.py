@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import os
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft.methods.lora import arrow
+
 import models
 from oracle_helpers import save_random_adapters
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import arrow  # noqa: E402
 
 ATOL = 1e-5
 ARROW_CONFIG = {peft: peft.ArrowConfig, fastpeft: arrow.ArrowConfig}  # fastpeft's export: the lead's call

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
+from peft.tuners.lora.config import BdLoraConfig as HFBdLoraConfig
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft.methods.lora.bdlora import BdLoraConfig, BlockDiagonalLinear
+
 import models
-
-peft = pytest.importorskip("peft")
-from peft.tuners.lora.config import BdLoraConfig as HFBdLoraConfig  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.bdlora import BdLoraConfig, BlockDiagonalLinear  # noqa: E402
 
 ATOL = 1e-5
 

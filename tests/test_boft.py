@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import peft
+import peft.tuners.boft.layer as hf_boft_layer
 import pytest
 import torch
 
+import fastpeft
+from fastpeft.methods import orthogonal as orth
+from fastpeft.methods.boft import BOFTConfig
 from test_oft import close, close_states, pair, two_adapter_pair, two_adapters
 
 import models
@@ -18,13 +23,6 @@ from oracle_helpers import (
     assert_merge_cycle_like_hf,
     assert_mixed_batch_rows,
 )
-
-peft = pytest.importorskip("peft")
-import peft.tuners.boft.layer as hf_boft_layer  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.methods import orthogonal as orth  # noqa: E402
-from fastpeft.methods.boft import BOFTConfig  # noqa: E402
 
 
 def make_square_mlp():

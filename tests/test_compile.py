@@ -9,15 +9,15 @@ count frames dynamo skips whole). The compiled outputs are checked against the e
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch._dynamo as dynamo
 from torch._dynamo.utils import counters
 
-import models
+import fastpeft
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
+import models
 
 ATOL = 1e-5
 LLAMA_INPUTS = {**models.llama_inputs(), "use_cache": False}  # the KV cache object breaks transformers' graph

@@ -9,9 +9,15 @@ import copy
 import dataclasses
 import shutil
 
+import peft
 import pytest
 import torch
+from peft.tuners.lora.config import CordaConfig as HFCordaConfig
+from peft.tuners.lora.corda import preprocess_corda as hf_preprocess_corda
 from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods.lora.corda import CordaConfig, preprocess, preprocess_corda
 
 import models
 from conversion_helpers import (
@@ -20,13 +26,6 @@ from conversion_helpers import (
     assert_converted_like_hf,
     assert_same_tensors,
 )
-
-peft = pytest.importorskip("peft")
-from peft.tuners.lora.config import CordaConfig as HFCordaConfig  # noqa: E402
-from peft.tuners.lora.corda import preprocess_corda as hf_preprocess_corda  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.corda import CordaConfig, preprocess, preprocess_corda  # noqa: E402
 
 TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
 LIBS = {"fastpeft": (fastpeft, CordaConfig, preprocess_corda), "hf": (peft, HFCordaConfig, hf_preprocess_corda)}

@@ -9,13 +9,13 @@ import copy
 import inspect
 import json
 
+import diffusers
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
+import fastpeft
 
 ATOL = 1e-5
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]

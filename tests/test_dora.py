@@ -5,15 +5,15 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.methods.lora import variants
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import variants  # noqa: E402
+import models
 
 ATOL = 1e-5
 

@@ -4,15 +4,15 @@ whitening, equality with HF PEFT 0.21 on the same data (ranks, alphas, lora_A), 
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
-import models
+import fastpeft
+from fastpeft.methods.lora import eva as feva
+from fastpeft.methods.lora.eva_config import EvaConfig
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import eva as feva  # noqa: E402
-from fastpeft.methods.lora.eva_config import EvaConfig  # noqa: E402
+import models
 
 R = 4
 PREFIX = "base_model.model."

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from functools import partial
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft.methods.fourierft import FourierFTConfig, FourierFTModel
+
 import models
 import oracle_helpers
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.fourierft import FourierFTConfig, FourierFTModel  # noqa: E402
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only spin

@@ -3,15 +3,15 @@ adapters, bf16, errors. (Rows hra-* of tests/cases.py also run through tests/tes
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
+import fastpeft
+from fastpeft.methods.hra import HRAConfig
+
 import models
 import oracle_helpers as oh
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.hra import HRAConfig  # noqa: E402
 
 CASES = {
     "mlp": ("mlp", dict(r=4, target_modules=["lin0", "lin1"])),

@@ -5,18 +5,18 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import fastpeft
+from fastpeft.methods.ia3 import IA3Config, IA3Model
+from fastpeft.methods.ia3.defaults import IA3_FEEDFORWARD, IA3_TARGETS
+
 import models
 import oracle_helpers
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.ia3 import IA3Config, IA3Model  # noqa: E402
-from fastpeft.methods.ia3.defaults import IA3_FEEDFORWARD, IA3_TARGETS  # noqa: E402
 
 ATOL = 1e-5
 

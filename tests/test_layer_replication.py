@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,8 +11,6 @@ import fastpeft
 from fastpeft.methods.lora import replication
 
 import models
-
-peft = pytest.importorskip("peft")
 
 # layer_map -> which original block sits at each position of the new stack
 PATTERNS = {

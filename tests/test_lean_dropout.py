@@ -3,17 +3,17 @@ HF PEFT under one seed, with neither the dropped input nor the mask kept for bac
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
+import fastpeft
+from fastpeft.methods.lora import lean_dropout
+from fastpeft.methods.lora.lean_dropout import LeanDropoutBranch
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import lean_dropout  # noqa: E402
-from fastpeft.methods.lora.lean_dropout import LeanDropoutBranch  # noqa: E402
+import models
 
 P = 0.3
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
+import fastpeft
+from fastpeft.methods.ln_tuning import LNTuningConfig, LNTuningLayer
+
 import models
 import oracle_helpers as oh
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.ln_tuning import LNTuningConfig, LNTuningLayer  # noqa: E402
 
 CASES = {
     "mlp": ("mlp", dict(target_modules=["lin1"])),  # any module type can be copied, not only norms

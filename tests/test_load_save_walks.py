@@ -10,19 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import fastpeft
+from fastpeft.checkpoint import fingerprint, keys
+from fastpeft.errors import AdapterLoadError
 from test_safety_loads import WEIGHTS, assert_same_state, state_of
 
 import models
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.checkpoint import fingerprint, keys  # noqa: E402
-from fastpeft.errors import AdapterLoadError  # noqa: E402
 
 VERA = dict(r=4, target_modules=["lin0", "lin1"], save_projection=True)
 LORA = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], modules_to_save=["head"])

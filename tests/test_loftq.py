@@ -17,26 +17,24 @@ import logging
 import sys
 import types
 
+import peft
 import pytest
 import torch
+from peft.utils import loftq_utils as hf_loftq
 from safetensors.torch import load_file
 from torch import nn
 
+import fastpeft
 import quantised_models as qm
-
-import models
-
-peft = pytest.importorskip("peft")
-from peft.utils import loftq_utils as hf_loftq  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.loftq import (  # noqa: E402
+from fastpeft.methods.lora.loftq import (
     NF4_LEVELS,
     nf4_roundtrip,
     rank_r_fit,
     replace_lora_weights_loftq,
 )
-from fastpeft.methods.lora.loftq_config import LoftQConfig  # noqa: E402
+from fastpeft.methods.lora.loftq_config import LoftQConfig
+
+import models
 
 TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"]}
 

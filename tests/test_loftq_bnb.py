@@ -10,21 +10,19 @@ changes nothing else (the bitsandbytes calls are the real ones).
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
+import peft
 import pytest
 import torch
+from bitsandbytes import functional as bnb_f
+from peft.utils import loftq_utils as hf_loftq
 
+import fastpeft
 import quantised_models as qm
-
-peft = pytest.importorskip("peft")
-bnb = pytest.importorskip("bitsandbytes")
-from bitsandbytes import functional as bnb_f  # noqa: E402
-from peft.utils import loftq_utils as hf_loftq  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.errors import AdapterFileNotFoundError  # noqa: E402
-from fastpeft.methods.lora.loftq import NF4_LEVELS, int8_roundtrip, nf4_roundtrip  # noqa: E402
-from fastpeft.methods.lora.loftq_config import LoftQConfig  # noqa: E402
-from fastpeft.methods.lora.loftq_replace import replace_lora_weights_loftq  # noqa: E402
+from fastpeft.errors import AdapterFileNotFoundError
+from fastpeft.methods.lora.loftq import NF4_LEVELS, int8_roundtrip, nf4_roundtrip
+from fastpeft.methods.lora.loftq_config import LoftQConfig
+from fastpeft.methods.lora.loftq_replace import replace_lora_weights_loftq
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -3,9 +3,13 @@ several adapters, errors. HF PEFT is the oracle throughout (same base weights, s
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods.loha import LoHaConfig
 
 import models
 from oracle_helpers import (
@@ -19,10 +23,6 @@ from oracle_helpers import (
     assert_same_training_step,
     assert_two_adapters_like_hf,
 )
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.loha import LoHaConfig  # noqa: E402
 
 ATOL = 1e-5
 

@@ -3,10 +3,15 @@ kernels), outputs, gradients, dropout in training, merging, several adapters, er
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+import fastpeft
+from fastpeft.methods.lokr import LoKrConfig
+from fastpeft.methods.lokr.layer import factorization
 
 import models
 from oracle_helpers import (
@@ -20,11 +25,6 @@ from oracle_helpers import (
     assert_same_training_step,
     assert_two_adapters_like_hf,
 )
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lokr import LoKrConfig  # noqa: E402
-from fastpeft.methods.lokr.layer import factorization  # noqa: E402
 
 ATOL = 1e-5
 

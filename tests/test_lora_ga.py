@@ -10,9 +10,13 @@ import dataclasses
 import logging
 import shutil
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods.lora.lora_ga import LoraGAConfig, preprocess_loraga
 
 import models
 from conversion_helpers import (
@@ -21,10 +25,6 @@ from conversion_helpers import (
     assert_converted_like_hf,
     assert_same_tensors,
 )
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.lora_ga import LoraGAConfig, preprocess_loraga  # noqa: E402
 
 TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
 LIBS = {"fastpeft": (fastpeft, LoraGAConfig, preprocess_loraga),

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.checkpoint.keys import get_peft_model_state_dict
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.checkpoint.keys import get_peft_model_state_dict  # noqa: E402
+import models
 
 TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "k_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
 SCHEMES = ["pissa", "pissa_niter_2", "olora", "orthogonal"]

@@ -9,16 +9,16 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.methods.lora.kasa import KasaConfig, kasa_loss
+from fastpeft.methods.lora.velora import VeloraConfig
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.kasa import KasaConfig, kasa_loss  # noqa: E402
-from fastpeft.methods.lora.velora import VeloraConfig  # noqa: E402
+import models
 
 ATOL = 1e-5
 

@@ -3,15 +3,15 @@ errors. (Rows miss-* of tests/cases.py also run through tests/test_oracle_matrix
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
+import fastpeft
+from fastpeft.methods.miss import MissConfig
+
 import models
 import oracle_helpers as oh
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.miss import MissConfig  # noqa: E402
 
 CASES = {
     "mlp": ("mlp", dict(r=4, target_modules=["lin0", "lin1"])),  # lin0: in_features 10 is not a multiple of 4

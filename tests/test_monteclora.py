@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
+from peft.tuners.lora.config import MontecloraConfig as HFMontecloraConfig
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft.methods.lora.monteclora import MontecloraConfig, MontecloraSampler
+
 import models
-
-peft = pytest.importorskip("peft")
-from peft.tuners.lora.config import MontecloraConfig as HFMontecloraConfig  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora.monteclora import MontecloraConfig, MontecloraSampler  # noqa: E402
 
 ATOL = 1e-5
 # a large sample_scaler so that the sampled perturbations change outputs well above the tolerances

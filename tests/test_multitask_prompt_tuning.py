@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods.multitask_prompt_tuning import (  # noqa: E402
+import fastpeft
+from fastpeft.methods.multitask_prompt_tuning import (
     MultitaskPromptTuningConfig,
     MultitaskPromptTuningInit,
 )
+
+import models
 
 ATOL = 1e-5
 N, TASKS, RANKS = 4, 3, 2

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods import orthogonal as orth
+from fastpeft.methods.oft import OFTConfig
 
 import models
 from oracle_helpers import (
@@ -16,11 +21,6 @@ from oracle_helpers import (
     assert_merge_cycle_like_hf,
     assert_mixed_batch_rows,
 )
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.methods import orthogonal as orth  # noqa: E402
-from fastpeft.methods.oft import OFTConfig  # noqa: E402
 
 ATOL = 1e-5
 

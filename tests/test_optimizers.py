@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
+from peft.optimizers import lorafa as hf_lorafa
 from torch import nn
 
 import fastpeft
 from fastpeft.optimizers import LoraFAOptimizer, create_lorafa_optimizer, create_loraplus_optimizer
 
-peft = pytest.importorskip("peft")
-from peft.optimizers import lorafa as hf_lorafa  # noqa: E402
-
-from models import llama_inputs, make_llama  # noqa: E402
+from models import llama_inputs, make_llama
 
 R, ALPHA = 4, 8
 

@@ -16,15 +16,15 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import peft
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import models
+import fastpeft
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
+import models
 
 ATOL = 1e-5
 

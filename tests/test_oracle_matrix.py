@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastpeft
+from fastpeft import registry
+
 from cases import METHOD_CASES
 from models import MODELS, forward, perturb
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft import registry  # noqa: E402
 
 ATOL = 1e-4
 ROWS = [c for c in METHOD_CASES if c.hf_oracle]

@@ -12,19 +12,19 @@ import json
 import subprocess
 import sys
 
+import bitsandbytes as bnb
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.errors import LossyMergeError
+from fastpeft.methods.lora import bnb as lora_bnb
+from fastpeft.quant import bnb as qbnb
 
-peft = pytest.importorskip("peft")
-bnb = pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
-import fastpeft  # noqa: E402
-from fastpeft.errors import LossyMergeError  # noqa: E402
-from fastpeft.methods.lora import bnb as lora_bnb  # noqa: E402
-from fastpeft.quant import bnb as qbnb  # noqa: E402
+import models
 
 # hidden 64: bitsandbytes' CPU kernel repacks 4-bit weights in blocks of 64 input features
 QUANT = {

@@ -5,19 +5,17 @@ router refused, and LLM.int8() layers."""
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastpeft
 import quantised_models as qm
+from fastpeft.methods.lora import arrow
+from fastpeft.methods.lora import bnb as lora_bnb
 
 from oracle_helpers import save_random_adapters
-
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
-import fastpeft  # noqa: E402
-from fastpeft.methods.lora import arrow  # noqa: E402
-from fastpeft.methods.lora import bnb as lora_bnb  # noqa: E402
 
 ATOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]

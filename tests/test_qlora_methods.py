@@ -10,20 +10,17 @@ own merge, which HF PEFT refuses for IA3 and AdaLoRA).
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
+import fastpeft
 import quantised_models as qm
+from fastpeft.errors import AdapterStateError, LossyMergeError
+from fastpeft.quant import bnb as qbnb
 
 import models
-
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
-import fastpeft  # noqa: E402
-from fastpeft.errors import AdapterStateError, LossyMergeError  # noqa: E402
-from fastpeft.quant import bnb as qbnb  # noqa: E402
-
-from oracle_helpers import assert_files_both_ways, assert_same_training_step  # noqa: E402
+from oracle_helpers import assert_files_both_ways, assert_same_training_step
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

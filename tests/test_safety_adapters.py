@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
+import fastpeft
+from fastpeft import registry
+from fastpeft.core.tuner import check_adapter_name
+from fastpeft.errors import AdapterNameError
+
 from cases import METHOD_CASES
 from models import forward, make_bert_cls, make_mlp, mlp_inputs, perturb
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft import registry  # noqa: E402
-from fastpeft.core.tuner import check_adapter_name  # noqa: E402
-from fastpeft.errors import AdapterNameError  # noqa: E402
 
 ATOL = 1e-5
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import logging
 import os
 
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import fastpeft
+from fastpeft import registry
+from fastpeft.core.layer import AdapterHolder
+
 from cases import METHOD_CASES
 from models import MODELS, forward, perturb
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft import registry  # noqa: E402
-from fastpeft.core.layer import AdapterHolder  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 7, 9, 3, 2], [4, 8, 15, 16, 23, 42]])
 ATOL = 1e-4

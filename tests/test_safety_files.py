@@ -22,16 +22,16 @@ import threading
 import time
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import models
+import fastpeft
+from fastpeft.checkpoint import atomic
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.checkpoint import atomic  # noqa: E402
+import models
 
 ADAPTERS = {"default": 96, "other": 32}  # adapter name -> r
 USER_FILES = {"notes.txt": "my notes, not an adapter file\n", "README.md": "# my own card\n"}

@@ -14,17 +14,17 @@ import json
 import logging
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models
+import fastpeft
+from fastpeft.checkpoint.keys import LoadResult
+from fastpeft.errors import AdapterConfigError, AdapterLoadError, AdapterShapeError
+from fastpeft.methods.lora.model import LoraModel
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.checkpoint.keys import LoadResult  # noqa: E402
-from fastpeft.errors import AdapterConfigError, AdapterLoadError, AdapterShapeError  # noqa: E402
-from fastpeft.methods.lora.model import LoraModel  # noqa: E402
+import models
 
 WEIGHTS = "adapter_model.safetensors"
 KW = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], modules_to_save=["head"])

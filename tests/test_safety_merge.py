@@ -13,15 +13,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import peft
 import pytest
 import torch
 
+import fastpeft
+from fastpeft import registry
+
 from cases import METHOD_CASES
 from models import MODELS, forward, perturb
-
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft import registry  # noqa: E402
 
 MERGEABLE = [c for c in METHOD_CASES if c.mergeable]
 DROPOUT = 0.5

@@ -8,18 +8,17 @@ hand-built `AdamW(model.parameters())` without changing a weight. fastpeft refus
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
+from peft.optimizers import create_lorafa_optimizer as hf_lorafa
+from peft.optimizers import create_loraplus_optimizer as hf_loraplus
+
+import fastpeft
+from fastpeft.errors import AdapterStateError
+from fastpeft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 
 import models
-
-peft = pytest.importorskip("peft")
-from peft.optimizers import create_lorafa_optimizer as hf_lorafa  # noqa: E402
-from peft.optimizers import create_loraplus_optimizer as hf_loraplus  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.errors import AdapterStateError  # noqa: E402
-from fastpeft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 

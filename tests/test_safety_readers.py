@@ -14,26 +14,25 @@ import pickle
 import struct
 from pathlib import Path
 
+import peft
+import peft.utils.hotswap as hf_hotswap
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import models
-
-peft = pytest.importorskip("peft")
-import peft.utils.hotswap as hf_hotswap  # noqa: E402
-
-import fastpeft  # noqa: E402
-from fastpeft.cli import main  # noqa: E402
-from fastpeft.cli.checkpoints import CHECKPOINTS, STATE_FILE  # noqa: E402
-from fastpeft.errors import (  # noqa: E402
+import fastpeft
+from fastpeft.cli import main
+from fastpeft.cli.checkpoints import CHECKPOINTS, STATE_FILE
+from fastpeft.errors import (
     AdapterConfigError,
     AdapterFileNotFoundError,
     AdapterLoadError,
     UnsafeAdapterFileError,
 )
-from fastpeft.hotswap import hotswap_adapter  # noqa: E402
-from test_cli_models import lm_texts, save_llama, write_jsonl  # noqa: E402
+from fastpeft.hotswap import hotswap_adapter
+from test_cli_models import lm_texts, save_llama, write_jsonl
+
+import models
 
 WEIGHTS = "adapter_model.safetensors"
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import warnings
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+import fastpeft
+from fastpeft.core import checks
+from fastpeft.errors import AdapterConfigError
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.core import checks  # noqa: E402
-from fastpeft.errors import AdapterConfigError  # noqa: E402
+import models
 
 ATOL = 1e-5
 NEW_HEAD = "newly initialised"

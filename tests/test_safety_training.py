@@ -6,18 +6,18 @@ each docstring says what HF PEFT does in the same situation (checked against the
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import models
+import fastpeft
+from fastpeft.core import checks
+from fastpeft.errors import AdapterStateError
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.core import checks  # noqa: E402
-from fastpeft.errors import AdapterStateError  # noqa: E402
+import models
 
 ATOL = 1e-5
 

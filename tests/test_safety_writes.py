@@ -18,16 +18,16 @@ import textwrap
 import time
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 
-import models
+import fastpeft
+from fastpeft.checkpoint import atomic
+from fastpeft.cli import checkpoints, common, main
+from test_cli_models import save_llama
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft.checkpoint import atomic  # noqa: E402
-from fastpeft.cli import checkpoints, common, main  # noqa: E402
-from test_cli_models import save_llama  # noqa: E402
+import models
 
 FILES = ("a.bin", "b.json", "c.txt")
 

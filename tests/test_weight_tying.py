@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
+import fastpeft
 
 IDS = torch.tensor([[1, 5, 7, 9, 3, 2], [4, 8, 15, 16, 23, 42]])
 

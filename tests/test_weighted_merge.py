@@ -6,14 +6,14 @@ sign or scaling changes the numbers. SVD factors are compared through their prod
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
-import models
+import fastpeft
+from fastpeft import merging
 
-peft = pytest.importorskip("peft")
-import fastpeft  # noqa: E402
-from fastpeft import merging  # noqa: E402
+import models
 
 ATOL = 1e-5
 FACTOR_TYPES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
