@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from requirements import CONSTRAINTS, pinned_versions
 
 TESTS = Path(__file__).resolve().parent
