@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fastpeft.cli import main
 from fastpeft.cli.data import make_dataset
@@ -69,18 +69,21 @@ def test_dataset_is_deterministic_and_disjoint():
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    """Run ``fastpeft demo --quick`` once; yields (output_dir, exit_code, seconds)."""
+    """Run ``fastpeft demo --quick`` once; yields (output_dir, exit_code)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path_factory.mktemp("demo") / "adapter"
-    start = time.perf_counter()
     code = main(["demo", "--quick", "--output-dir", str(out)])
-    return out, code, time.perf_counter() - start
+    return out, code
 
 
-def test_quick_demo_succeeds_fast(quick_demo):
-    out, code, seconds = quick_demo
+def test_quick_demo_does_the_quick_work(quick_demo):
+    """--quick means the small split and one epoch (work done, not wall-clock time), and training happened."""
+    out, code = quick_demo
     assert code == 0
-    assert seconds < 30, f"quick demo took {seconds:.1f}s"
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert (summary["n_train"], summary["n_test"], summary["epochs"]) == (64, 32, 1)
+    lora_b = [t for k, t in load_file(out / "adapter_model.safetensors").items() if k.endswith("lora_B.weight")]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b), "lora_B starts at zero: the quick demo did not train"
 
 
 def test_quick_demo_writes_lora_seq_cls_adapter(quick_demo):
