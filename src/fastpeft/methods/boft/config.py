@@ -21,7 +21,8 @@ class BOFTConfig(PeftConfig):
     boft_block_num: int = field(default=0, metadata={
         "help": "Blocks per factor; boft_block_size x boft_block_num = the layer's input size."})
     boft_n_butterfly_factor: int = field(default=1, metadata={
-        "help": "Butterfly factors multiplied into the rotation (1: plain block-diagonal OFT)."})
+        "help": "Butterfly factors multiplied into the rotation. Kept in the config, but new adapters get one factor "
+                "as in HF PEFT without its fbd_cuda extension; files holding N factors load with all N."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Names, regex or 'all-linear'; default from the model type."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})

@@ -1,8 +1,10 @@
 """BOFT layers (Linear, Conv2d): input rotated by a butterfly of orthogonal factors, output scaled per channel.
 
 Per adapter: `boft_R` (N factors, D blocks, H x H free matrices; each block is the Cayley transform of its skew part)
-and `boft_s` (per-output-channel scale), named as in HF PEFT so file keys match. The butterfly factors are computed
-in plain PyTorch (no CUDA extension); unlike HF PEFT without that extension, boft_n_butterfly_factor > 1 is honoured.
+and `boft_s` (per-output-channel scale), named as in HF PEFT so file keys match. New adapters get one factor
+(N = 1) whatever `boft_n_butterfly_factor` says: that is what HF PEFT 0.21.2 builds without its fbd_cuda extension,
+i.e. on every CPU machine, so the files load there. Files with N > 1 factors (HF PEFT with the extension) are loaded
+with all N: `set_factor_count` rebuilds the adapter first, and the butterfly product is computed in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .. import orthogonal as orth
 
 
 def _layout_problems(dim: int, size: int, num: int, extra: int, what: str) -> list[tuple[bool, str]]:
-    """(failed, message) checks of HF PEFT on a block layout; `extra` = boft_n_butterfly_factor - 1."""
+    """(failed, message) checks of HF PEFT on a block layout; `extra` = number of butterfly factors - 1."""
     if size == 0:
         return [
             (dim % num != 0, f"{what} ({dim}) must be divisible by boft_block_num ({num})"),
@@ -33,9 +35,10 @@ def _layout_problems(dim: int, size: int, num: int, extra: int, what: str) -> li
     ]
 
 
-def boft_layout(dim: int, config, what: str) -> tuple[int, int]:
-    """(block_size, block_num) for a rotated dimension `dim`, or a clear error naming the options to change."""
-    size, num, extra = config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor - 1
+def boft_layout(dim: int, size: int, num: int, factors: int, what: str) -> tuple[int, int]:
+    """(block_size, block_num) of a rotated dimension `dim` split into blocks of `size` (or into `num` blocks; the
+    other is 0) for `factors` butterfly factors, or HF PEFT's refusal as a clear error naming the options."""
+    extra = factors - 1
     problems = [message for failed, message in _layout_problems(dim, size, num, extra, what) if failed]
     if not problems:
         size, num = (dim // num, num) if size == 0 else (size, dim // size)
@@ -70,11 +73,14 @@ class BOFTLayer(orth.RotationLayer):
     def scale_shape(self) -> tuple[int, int]:
         return (self.out_dim(), 1)
 
+    def dim_label(self) -> str:
+        return f"the input size of {type(self.base_layer).__name__}"
+
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         dim = self.rotated_dim()
-        size, num = boft_layout(dim, config, f"the input size of {type(self.base_layer).__name__}")
-        factors = config.boft_n_butterfly_factor
-        blocks = torch.zeros(factors, num, size, size)
+        # one factor and only the divisibility checks, as HF PEFT without fbd_cuda (BOFTModel logs why)
+        size, num = boft_layout(dim, config.boft_block_size, config.boft_block_num, 1, self.dim_label())
+        blocks = torch.zeros(1, num, size, size)
         scale = torch.ones(self.scale_shape())
         if config.init_weights is False:
             nn.init.normal_(blocks, mean=0.0, std=0.1)
@@ -86,8 +92,32 @@ class BOFTLayer(orth.RotationLayer):
         self.boft_block_size[adapter_name] = size
         self.boft_block_num[adapter_name] = num
         self.boft_dropout[adapter_name] = config.boft_dropout
-        self.boft_perms[adapter_name] = orth.butterfly_permutations(dim, num, size, factors)
+        self.boft_perms[adapter_name] = orth.butterfly_permutations(dim, num, size, 1)
         self.rotation_cache.pop(adapter_name, None)
+
+    def check_factor_count(self, name: str, factors: int) -> None:
+        """Refuse `set_factor_count(name, factors)` where HF PEFT (with fbd_cuda) refuses that many factors over
+        the adapter's blocks, or while the adapter is merged."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter '{name}' is merged into the base weights; call unmerge_adapter() first")
+        size = self.boft_R[name].shape[-1]
+        boft_layout(self.rotated_dim(), size, 0, factors, self.dim_label())
+
+    def set_factor_count(self, name: str, factors: int) -> None:
+        """Rebuild adapter `name` with `factors` butterfly factors over its (D, H) blocks before a file holding that
+        many is copied in. Factors already there are kept and new ones start at zero (identity blocks): factor 0's
+        permutation is the identity in every butterfly, so growing keeps the rotation (and the outputs, should the
+        load fail after this)."""
+        self.check_factor_count(name, factors)
+        old = self.boft_R[name]
+        _, num, size, _ = old.shape
+        dim = self.rotated_dim()
+        blocks = old.detach().new_zeros(factors, num, size, size)
+        kept = min(factors, old.shape[0])
+        blocks[:kept] = old.detach()[:kept]
+        self.boft_R[name] = nn.Parameter(blocks, requires_grad=old.requires_grad)
+        self.boft_perms[name] = orth.butterfly_permutations(dim, num, size, factors)
+        self.rotation_cache.pop(name, None)
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, name: str) -> torch.Tensor:
