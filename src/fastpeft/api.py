@@ -21,7 +21,11 @@ def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
-    """Wrap `model` with a new, trainable adapter; the task class follows `peft_config.task_type`."""
+    """Wrap `model` with a new, trainable adapter; the task class follows `peft_config.task_type`.
+
+    `low_cpu_mem_usage=True` creates the adapter weights on the meta device (as HF PEFT): for loading weights
+    into them next (`set_peft_model_state_dict`), not for training.
+    """
     if mixed:
         raise NotImplementedError("Mixed-method models (mixed=True) are not supported by fastpeft yet.")
     check_adapter_name(adapter_name)
@@ -36,12 +40,17 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
-    """Add adapter layers to `model` in place (no PeftModel wrapper) and return it."""
+    """Add adapter layers to `model` in place (no PeftModel wrapper) and return it.
+
+    `low_cpu_mem_usage=True`: the adapter weights are created on the meta device, to be filled by
+    `set_peft_model_state_dict` (diffusers loads adapters this way). `state_dict`: the adapter tensors about to be
+    loaded; the modules they belong to are the targets (the config's target_modules are not matched).
+    """
     spec = get_spec(peft_config.peft_type)
     if spec.tuner_cls is None:
         raise ValueError(f"{spec.peft_type.value} cannot be injected into a model: it transforms the inputs.")
     existing = _injected_configs(model, adapter_name, spec)
-    tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
     if existing:  # as HF PEFT: adapters injected one after the other (diffusers) keep all their configs
         configs = {**existing, **tuner.peft_config}
         tuner.peft_config.clear()

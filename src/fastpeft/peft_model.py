@@ -78,6 +78,16 @@ def _field_defaults(config: PeftConfig) -> dict[str, Any]:
     return out
 
 
+def refuse_ephemeral_gpu_offload(enabled: bool) -> None:
+    """HF PEFT's `ephemeral_gpu_offload` (DoRA norms of CPU-offloaded layers computed on the GPU) is not
+    implemented: refuse it rather than accept and ignore it."""
+    if enabled:
+        raise NotImplementedError(
+            "ephemeral_gpu_offload=True is not supported by fastpeft yet: DoRA's weight norms are computed on the "
+            "device that holds the base weights. Load with ephemeral_gpu_offload=False (the default)."
+        )
+
+
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
     if is_trainable and config.is_prompt_learning:
         raise ValueError(
@@ -207,7 +217,8 @@ class PeftModel(nn.Module):
         self._add_task_modules_to_save(peft_config)
         self.tuner.peft_config[adapter_name] = peft_config
         self.tuner.inject_adapter(self.get_base_model(), adapter_name,
-                                  autocast_adapter_dtype=getattr(self.tuner, "autocast_adapter_dtype", True))
+                                  autocast_adapter_dtype=getattr(self.tuner, "autocast_adapter_dtype", True),
+                                  low_cpu_mem_usage=low_cpu_mem_usage)
         checks.follow_base_mode(self)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -345,26 +356,34 @@ class PeftModel(nn.Module):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
         _check_trainable_load(config, is_trainable)
         config.inference_mode = not is_trainable
+        refuse_ephemeral_gpu_offload(ephemeral_gpu_offload)
+        if key_mapping is None and not config.is_prompt_learning:  # as HF PEFT: the base model's renames
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         klass = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
         with loading.all_or_nothing(model, model_id, hub_kwargs, config):  # a failure leaves `model` as it was
             check_config_for_model(config, model, model_id)  # sizes, before any allocation
             with checks.loading_file(), validate.file_errors(model_id):
                 peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage)
-            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, key_mapping=key_mapping,
+                                    low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
-                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any):
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, **kwargs: Any):
         """Load weights from a folder / repo into adapter `adapter_name` (added first if new), all or nothing.
 
         Returns a LoadResult (missing / unexpected / shape-mismatched keys, per module in `.modules`).
         `strict=True` raises AdapterLoadError carrying that report unless the file fits exactly;
         `ignore_mismatched_sizes=True` skips tensors of another shape (as HF PEFT). A failed load leaves the
-        model exactly as it was (checkpoint/loading.py).
+        model exactly as it was (checkpoint/loading.py). `low_cpu_mem_usage=True` builds a new adapter on the meta
+        device and takes the file's tensors as its weights (no random init); `key_mapping` renames file keys
+        (`io.remap_file_keys`); `ephemeral_gpu_offload=True` is refused (not implemented).
         """
         check_adapter_name(adapter_name)
+        refuse_ephemeral_gpu_offload(ephemeral_gpu_offload)
         hub_kwargs, rest = io.split_hub_kwargs(kwargs)
         config = None
         if adapter_name not in self.peft_config:
@@ -375,10 +394,11 @@ class PeftModel(nn.Module):
             if config is not None:
                 check_config_for_model(config, self.get_base_model(), model_id)  # sizes, before any allocation
                 with checks.loading_file(), validate.file_errors(model_id):
-                    self.add_adapter(adapter_name, config)
+                    self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
             fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
-                                          strict=bool(rest.get("strict", False)), **hub_kwargs)
-            weights = io.load_peft_weights(model_id, device=torch_device, **hub_kwargs)
+                                          strict=bool(rest.get("strict", False)), key_mapping=key_mapping,
+                                          **hub_kwargs)
+            weights = io.load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=rest.get("strict", False),
                                                ignore_mismatched_sizes=rest.get("ignore_mismatched_sizes", False))
         loading.warn_about(result, model_id, adapter_name)

@@ -261,7 +261,7 @@ def differences(model: nn.Module, fingerprint: dict[str, Any]) -> dict[str, str]
 
 
 def check_fingerprint(model: nn.Module, model_id, adapter_name: str, strict: bool = False,
-                      **hub_kwargs: Any) -> dict[str, str]:
+                      key_mapping: dict[str, str] | None = None, **hub_kwargs: Any) -> dict[str, str]:
     """Compare `model` (the user's base model, wrapped or not) with the fingerprint saved in `model_id`.
 
     A mismatch logs a warning naming the modules that differ, or raises AdapterLoadError when `strict` (or in
@@ -273,6 +273,9 @@ def check_fingerprint(model: nn.Module, model_id, adapter_name: str, strict: boo
     fingerprint = stored_fingerprint(model_id, **hub_kwargs)
     if fingerprint is None:
         return {}
+    if key_mapping:  # the modules under the names the load maps the file's keys to
+        fingerprint["modules"] = {io.remap_key(f"{name}.", key_mapping).removesuffix("."): entry
+                                  for name, entry in fingerprint["modules"].items()}
     found = differences(model, fingerprint)
     if not found:
         return {}

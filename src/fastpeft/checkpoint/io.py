@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -131,8 +132,50 @@ def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str
     return tensors
 
 
-def load_peft_weights(model_id: str, device: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
-    """Load the adapter weights (as saved, adapter names stripped) from a folder or Hub repo id."""
+def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dict[str, str] | None = None,
+                      **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """Load the adapter weights (as saved, adapter names stripped) from a folder or Hub repo id.
+
+    `key_mapping` ({regex: replacement}) renames keys saved for an older layout of the base model; see
+    `remap_file_keys`.
+    """
+    weights = _read_peft_weights(model_id, device, **hub_kwargs)
+    return remap_file_keys(weights, key_mapping) if key_mapping else weights
+
+
+# what every adapter-layer key in a file starts with (PeftModel / tuner wrappers); key_mapping applies after it
+_WRAPPER_PREFIXES = ("base_model.model.", "base_model.")
+
+
+def remap_file_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Keys renamed by `key_mapping` as HF PEFT does: the wrapper prefix is set aside, the first pattern (in
+    order) that matches is applied with `re.subn`, then the prefix is put back. transformers uses the same
+    patterns (a model's `_checkpoint_conversion_mapping`) for base checkpoints saved before a layout change."""
+    renamed = {}
+    for key, value in weights.items():
+        prefix = next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise AdapterLoadError(
+                f"key_mapping cannot be applied to the file key {key!r}: it does not start with "
+                f"{' or '.join(map(repr, _WRAPPER_PREFIXES))}. key_mapping renames the keys of adapter files "
+                "written by save_pretrained; load other files without it."
+            )
+        renamed[prefix + remap_key(key[len(prefix):], key_mapping)] = value
+    if len(renamed) != len(weights):
+        raise AdapterLoadError(f"key_mapping {key_mapping!r} maps several file keys to one name; nothing loaded.")
+    return renamed
+
+
+def remap_key(key: str, key_mapping: dict[str, str]) -> str:
+    """`key` (no wrapper prefix) renamed by the first pattern of `key_mapping` that matches it."""
+    for pattern, replacement in key_mapping.items():
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return key
+
+
+def _read_peft_weights(model_id: str, device: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     hub_kwargs, _ = split_hub_kwargs(hub_kwargs)
     subfolder = hub_kwargs.get("subfolder")
     path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, **dict(hub_kwargs))

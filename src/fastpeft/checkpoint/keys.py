@@ -271,7 +271,27 @@ def _named_for(modules: Modules, adapter_name: str):
 def _restore(backup: list) -> None:
     with torch.no_grad():
         for tensor, copy in backup:
-            tensor.copy_(copy)
+            if copy.is_meta != tensor.is_meta:  # a meta-built weight that the failed load had filled goes back
+                _swap_in(tensor, copy)
+            else:
+                tensor.copy_(copy)
+
+
+def write_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Load `value` into `target` in its dtype. A target built on the meta device (low_cpu_mem_usage) takes
+    a copy of `value` as its data, on `value`'s device (the tuner then moves it next to its base layer)."""
+    if target.is_meta:
+        _swap_in(target, value.to(dtype=target.dtype, copy=True))
+    else:
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _swap_in(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    """Give `tensor` (same Python object: modules, caches and optimizers keep their reference) `data`, also
+    across the meta / real boundary where `.data =` refuses."""
+    if isinstance(tensor, nn.Parameter):
+        data = nn.Parameter(data, requires_grad=tensor.requires_grad)
+    torch.utils.swap_tensors(tensor, data)
 
 
 def _check_strict(result: LoadResult, strict: bool) -> None:
@@ -337,6 +357,7 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name
     backed_up = {id(t) for t, _ in backup}
     backup.extend(_backup(modules, adapter_name, [t for t, _ in writes if id(t) not in backed_up], extra=False))
     _write_all(result, tuner, adapter_name, state, writes)
+    _check_no_meta_left(modules, adapter_name)
     _group_by_module(result, modules)
     _check_strict(result, strict)
     return result
@@ -347,9 +368,26 @@ def _write_all(result: LoadResult, tuner, adapter_name: str, state: dict[str, to
         rest = {k: v for k, v in state.items() if k in result.unexpected_keys}
         consumed = tuner.load_extra_file_state(adapter_name, rest)
         result.unexpected_keys = [k for k in result.unexpected_keys if k not in consumed]
+    empty = any(target.is_meta for target, _ in writes)
     with torch.no_grad():
         for target, value in writes:
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
+            write_tensor(target, value)
+    if empty and tuner is not None and hasattr(tuner, "place_loaded"):
+        tuner.place_loaded(adapter_name)
+
+
+def _check_no_meta_left(modules: Modules, adapter_name: str) -> None:
+    """Adapter weights created on the meta device (low_cpu_mem_usage) that the file did not fill would fail
+    on first use with an unrelated message; refuse the load instead (it is rolled back)."""
+    left = [name for prefix, module in modules for name, tensor in
+            module.named_parameters(prefix=prefix, recurse=False) if tensor.is_meta and
+            adapter_name in name.split(".")]
+    if left:
+        raise AdapterLoadError(
+            f"The adapter file has no values for {len(left)} weight(s) of adapter '{adapter_name}' created "
+            f"without memory (low_cpu_mem_usage=True), e.g. {left[:3]}; nothing was loaded. Load a file that "
+            "holds every adapter weight, or build the adapter with low_cpu_mem_usage=False."
+        )
 
 
 def _config_of(model: nn.Module, adapter_name: str):

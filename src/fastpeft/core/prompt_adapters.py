@@ -35,6 +35,8 @@ class PromptAdapters:
 
     # ------------------------------------------------------------------ adapters
     def inject_adapter(self, model: nn.Module, adapter_name: str, config=None, **_: Any) -> None:
+        """Build the prompt encoder of `adapter_name`. Options for adapter layers (autocast_adapter_dtype,
+        low_cpu_mem_usage) do not apply: an encoder is a few virtual-token rows, built with its values."""
         check_adapter_name(adapter_name)
         config = config if config is not None else self.peft_config[adapter_name]
         if config.task_type is None:

@@ -24,6 +24,30 @@ from .layer import AdapterHolder, AdapterLayer, CallState
 
 logger = logging.getLogger(__name__)
 
+
+@contextmanager
+def empty_parameters(enabled: bool, existing: nn.Module):
+    """Trainable parameters created inside go to the meta device as they are registered, so the random init
+    that follows in their module's constructor costs nothing. Parameters of `existing` (e.g. a bank shared by
+    all layers) and frozen ones (bookkeeping such as ranks, not stored in files) stay as they are."""
+    if not enabled:
+        yield
+        return
+    keep = {id(p) for _, p in existing.named_parameters(remove_duplicate=False)}
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.requires_grad and not param.is_meta and id(param) not in keep:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=True)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 _ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
 RESERVED_ADAPTER_NAMES = ("__base__",)  # in mixed batches (adapter_names=[...]) such rows run without adapters
 
@@ -91,14 +115,16 @@ class Tuner(nn.Module):
     prefix: str = ""
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
-                 low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+                 low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True,
+                 state_dict: dict | None = None) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         self.active_adapter: str | list[str] = adapter_name
         self.trainable_adapters: set[str] = set()
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         # as HF PEFT: the injected model carries its configs (used by get_peft_model_state_dict)
         self.model.peft_config = self.peft_config
 
@@ -214,18 +240,27 @@ class Tuner(nn.Module):
             if isinstance(module, AdapterLayer):
                 yield module
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
+        """Build and insert the layers of `adapter_name`. `low_cpu_mem_usage`: adapter parameters are created on
+        the meta device (no memory, no random init) and get their values and device from the next load.
+        `state_dict` (file keys of the adapter about to be loaded): its modules are the targets, not the config's."""
         check_adapter_name(adapter_name)
         try:
             config = self.prepare_config(self.peft_config[adapter_name], model)
             self.check_new_adapter(config)
-            targets = self.select_targets(model, config)
+            self._state_dict_modules = None if state_dict is None else self._modules_in(state_dict)
+            try:
+                targets = self.select_targets(model, config)
+            finally:
+                self._state_dict_modules = None
             target_checks.check_targets(self, model, config, targets)  # unsupported types, entries matching nothing
         except Exception:
             self.peft_config.pop(adapter_name, None)
             raise
         self.peft_config[adapter_name] = config
-        created, updated = self._build_layers(targets, adapter_name, config)
+        with empty_parameters(low_cpu_mem_usage, self):
+            created, updated = self._build_layers(targets, adapter_name, config)
         parents: dict[str, nn.Module] = {}
         for name, layer in created:
             set_submodule(model, name, layer, parents)
@@ -251,8 +286,29 @@ class Tuner(nn.Module):
             config.target_modules = targeting.condense_targets(set(targets), [n for n, _ in model.named_modules()])
         candidates = targeting.candidate_modules(model, (AdapterHolder,))
         targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
+        if self.__dict__.get("_state_dict_modules") is not None:
+            targets = self._targets_from_state_dict(candidates, targets)
         if not targets:
             raise ValueError(self._no_target_message(config, [n for n, _ in candidates]))
+        return targets
+
+    def _modules_in(self, state_dict: dict) -> set[str]:
+        """Module names that own the adapter tensors of `state_dict` (keys like `blocks.0.to_q.lora_A.weight`)."""
+        if not self.prefix:
+            raise NotImplementedError(f"{type(self).__name__} cannot take its targets from a state_dict.")
+        return {key.rsplit("." + self.prefix, 1)[0] for key in state_dict if "." + self.prefix in key}
+
+    def _targets_from_state_dict(self, candidates, from_config):
+        """As HF PEFT: the state_dict's modules are the targets; a difference with the config is logged."""
+        names = self._state_dict_modules
+        targets = [(n, m) for n, m in candidates if n in names]
+        unknown = sorted(names - {n for n, _ in candidates})
+        if unknown:
+            raise ValueError(f"The state_dict holds adapter tensors for modules the model has not (or cannot adapt): "
+                             f"{unknown[:5]}. Pass the state_dict written for this model.")
+        if {n for n, _ in targets} != {n for n, _ in from_config}:
+            logger.warning("The state_dict targets %d module(s), the config's target_modules %d; the state_dict's "
+                           "are used.", len(targets), len(from_config))
         return targets
 
     def _build_layers(self, targets, adapter_name, config):
@@ -309,6 +365,10 @@ class Tuner(nn.Module):
         half = (torch.float16, torch.bfloat16)
         widen, floating = autocast and ref.dtype in half, ref.is_floating_point()
         for _, param in layer.adapter_parameters(adapter_name):
+            if param.is_meta:  # low_cpu_mem_usage: the dtype it would get below; values and device come on load
+                if floating and param.is_floating_point():
+                    param.data = param.data.to(torch.float32 if widen else ref.dtype)
+                continue
             if param.device == ref.device and not widen and (
                     param.dtype == ref.dtype or not (floating and param.is_floating_point())):
                 continue  # already on the base's device, in the dtype it would get below
@@ -321,6 +381,16 @@ class Tuner(nn.Module):
                     data = data.to(torch.float32)
             if data is not old:  # already on the right device and dtype: nothing to replace
                 param.data = data
+
+    def place_loaded(self, adapter_name: str) -> None:
+        """After a load that gave meta-device adapter weights their values: move them to their base layer's
+        device (dtype is already final: see `_place_adapter`)."""
+        for layer in self.adapter_layers():
+            ref = getattr(layer, "placement_reference", None)
+            ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
+            for _, param in layer.adapter_parameters(adapter_name) if ref is not None else ():
+                if not param.is_meta and param.device != ref.device:
+                    param.data = param.data.to(ref.device)
 
     # ------------------------------------------------------------------ activity and training state
     @property

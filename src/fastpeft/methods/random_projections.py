@@ -164,11 +164,12 @@ class ProjectionTuner(Tuner):
                     f"save_projection={config.save_projection} next to {other.save_projection}."
                 )
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **options) -> None:
         self._adding, self._autocast = adapter_name, autocast_adapter_dtype
         existed = self.projection_names[0] in self._modules and adapter_name in self._modules[self.projection_names[0]]
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
         except Exception:
             if not existed:  # a failed injection leaves no projections behind
                 self._drop_projections(adapter_name)

@@ -87,8 +87,8 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
             kwargs["fan_in_fan_out"] = LoraModel._fan_in_fan_out(config, module, key)
         return kwargs
 
-    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True):
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, **options):
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
         config = self.peft_config[adapter_name]
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name

@@ -202,6 +202,14 @@ class SchemeTable(dict):
     def run(self, layer, name: str, config) -> None:
         """Apply `config.init_lora_weights`' scheme to adapter `name`; schemes marked `takes_config` get config."""
         scheme = self[config.init_lora_weights]
+        if layer.lora_weights(name)[0].is_meta:  # low_cpu_mem_usage: the factors' values come from the file
+            if modifies_base(config.init_lora_weights) or config.init_lora_weights == "loftq":
+                raise ValueError(
+                    f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight from the adapter's "
+                    "initial values, which low_cpu_mem_usage=True does not compute. Load with "
+                    "low_cpu_mem_usage=False."
+                )
+            return
         scheme(layer, name, *((config,) if getattr(scheme, "takes_config", False) else ()))
 
     def names(self) -> list:

@@ -60,8 +60,9 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
         return config
 
     # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's layers
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **options) -> None:
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
         trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
         tie, self._pending_tie = getattr(self, "_pending_tie", None), None
         if tie is not None:

@@ -119,7 +119,7 @@ class MontecloraSampler(nn.Module):
         self.expert_weights_prior = nn.Parameter(torch.rand(cfg.num_samples, dtype=dtype))  # log Dirichlet alpha
         self.register_buffer("gaussian_var_prior", torch.eye(rank, dtype=dtype))
         self.register_buffer("expert_weights", torch.full((cfg.num_samples,), 1 / cfg.num_samples, dtype=dtype))
-        if device is not None:
+        if device is not None and not self.std_prior.is_meta:  # meta (low_cpu_mem_usage): placed on load
             self.to(device)
         self.draws = _Draws(n_in, rank, cfg.num_samples, cfg.buffer_size, device, dtype)
 

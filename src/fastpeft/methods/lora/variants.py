@@ -145,8 +145,12 @@ class Dora(LoraVariant):
 
     # -------- hooks
     def init(self, layer, name):
-        with torch.no_grad():
-            norm = self.weight_norm(layer, name)  # m starts at ||W + s B A||_row: identity at init
+        if layer.lora_weights(name)[0].is_meta:  # low_cpu_mem_usage: m comes from the file, only its size here
+            rows = self.factors(layer, name, layer.get_base_layer().weight)[0].shape[0]
+            norm = torch.empty(rows, dtype=torch.float32, device="meta")
+        else:
+            with torch.no_grad():
+                norm = self.weight_norm(layer, name)  # m starts at ||W + s B A||_row: identity at init
         shape = self.magnitude_shape(layer, norm.shape[0])
         layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
 

@@ -31,8 +31,9 @@ class TrainableTokensModel(Tuner):
             targets = [(name, module) for name, module in targets if name not in tied]
         return targets
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **options) -> None:
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
         if tie_to_input_embedding(model, adapter_name, lambda module, source: TrainableTokensLayer(
                 module, adapter_name, tied_to=source)):
             self._freeze_base()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...checkpoint.keys import write_tensor
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
@@ -63,11 +64,12 @@ class VBLoRAModel(Tuner):
     dispatch = DISPATCH
     prefix = "vblora_"
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **options) -> None:
         if BANK not in self._modules:
             self.vblora_vector_bank = nn.ParameterDict()
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
         except Exception:
             if adapter_name in self.vblora_vector_bank:
                 del self.vblora_vector_bank[adapter_name]
@@ -123,7 +125,7 @@ class VBLoRAModel(Tuner):
             self._check_shape(key, value, param)
         with torch.no_grad():
             for _, value, param in writes:
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
+                write_tensor(param, value)
         return used
 
     @staticmethod
