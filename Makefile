@@ -31,7 +31,7 @@ BENCH_NEW := lora_train inference_overhead injection
 
 bench: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py --repeats 3
-	$(BENCH_ENV) $(PY) benchmarks/dora.py --repeats 3
+	$(BENCH_ENV) $(PY) benchmarks/dora.py --quick
 	$(BENCH_ENV) $(PY) benchmarks/load_speed.py --repeats 3 --layers 24
 	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py --quick || exit 1; done
 	$(BENCH_ENV) $(PY) benchmarks/lora_dropout_memory.py --repeats 3
