@@ -1,7 +1,7 @@
 """`BOFTModel`: the tuner of the BOFT method (Linear and Conv2d layers).
 
 boft_n_butterfly_factor (Liu et al., 2024, https://arxiv.org/abs/2311.06243, Sec. 4): HF PEFT 0.21.2 builds N > 1
-factors only when its fbd_cuda extension compiles (a CUDA machine with ninja / nvcc); everywhere else it silently
+factors only when its fbd_cuda extension compiles (a CUDA machine with ninja / nvcc); everywhere else it warns and
 builds one factor. New fastpeft adapters always take that one-factor form, so their files load in HF PEFT where it
 usually runs; a file holding N factors (boft_R of shape (N, D, H, H)) is loaded with all N (`convert_loaded_state`).
 """
