@@ -65,6 +65,57 @@ def make_t5_for_generation():
     return T5ForConditionalGeneration(cfg).eval()
 
 
+# facebook/bart-base's special ids and forcing rules: its decoder starts with eos (2), not with pad or bos
+BART_GENERATION = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2,
+                   "forced_bos_token_id": 0, "forced_eos_token_id": 2}
+
+
+def make_bart_for_generation():
+    """A tiny BART with bart-base's generation config; init_std=1.0 so that greedy output varies."""
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    ids = {k: v for k, v in BART_GENERATION.items() if not k.startswith("forced")}
+    cfg = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     init_std=1.0, **ids)
+    torch.manual_seed(1230)
+    model = BartForConditionalGeneration(cfg).eval()
+    model.generation_config = GenerationConfig(**BART_GENERATION)
+    return model
+
+
+# Bases for the generate oracle (test_prompt_generate_oracle.py): large initial weights, so that greedy output
+# varies from token to token and a soft prompt changes it (the small default inits repeat one token).
+def make_t5_with_eos():
+    """t5-small's special ids (pad = decoder start = 0, eos = 1) on a tiny T5."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1, initializer_factor=3.0)
+    torch.manual_seed(1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def make_llama_for_generation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=1.0,
+                      attn_implementation="eager")
+    torch.manual_seed(4321)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_gpt2_for_generation():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1,
+                     initializer_range=1.0, attn_implementation="eager")
+    torch.manual_seed(4321)
+    return GPT2LMHeadModel(cfg).eval()
+
+
 # name -> (factory, inputs, task_type)
 BASES = {
     "llama": (models.make_llama, models.llama_inputs, "CAUSAL_LM"),

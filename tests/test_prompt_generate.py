@@ -1,6 +1,6 @@
-"""Soft-prompt generate: greedy / sampling / beams / left padding vs a hand-written greedy loop over forward().
+"""Soft-prompt generate: greedy / sampling / beams / left padding vs greedy decoding by forward() (greedy_reference).
 
-HF PEFT 0.21's own prompt generate() is broken with transformers 5.2x (spec section 5), hence the loop.
+HF PEFT 0.21's own prompt generate() is broken with transformers 5.2x (spec section 5), hence the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import fastpeft  # noqa: E402
 
 import models
+from greedy_reference import greedy_reference
 from prompt_helpers import (
     BASES,
     MAIN_METHODS,
@@ -33,26 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------------------------
 
 
-def greedy_loop(model, input_ids, attention_mask, steps):
-    """Greedy decoding by hand: full forward over the whole sequence at every step, no cache."""
-    ids, mask = input_ids.clone(), attention_mask.clone()
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
-
-
-def greedy_loop_seq2seq(model, input_ids, attention_mask, steps, start=0):
-    dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long)
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec).logits[:, -1]
-        dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
-    return dec
-
-
 CAUSAL_GEN = [(b, m) for b in ("llama", "gpt2") for m in MAIN_METHODS]
 CAUSAL_GEN_IDS = [f"{b}-{m}" for b, m in CAUSAL_GEN]
 
@@ -64,13 +45,13 @@ def test_causal_greedy_generate_equals_manual_loop(base_name, method):
     model = fp_adapter(base_name, method, seed=3)
     ids = _prompt_ids(5)
     mask = torch.ones_like(ids)
-    expected = greedy_loop(model, ids, mask, 6)
+    expected = greedy_reference(model, ids, mask, max_new_tokens=6)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert got.shape == (2, 11)
     assert torch.equal(got, expected), f"generate {got.tolist()} != manual {expected.tolist()}"
     # the prompt is really used by generate: the base model continues differently
     base = BASES[base_name][0]()
-    assert not torch.equal(greedy_loop(base, ids, mask, 6), expected)
+    assert not torch.equal(greedy_reference(base, ids, mask, max_new_tokens=6), expected)
 
 
 @pytest.mark.parametrize(("base_name", "method"), [("llama", "p_tuning_lstm"), ("llama", "prefix_projection"),
@@ -82,7 +63,7 @@ def test_generate_of_loaded_hf_adapter_follows_hf_forward(base_name, method, tmp
     model = fastpeft.PeftModel.from_pretrained(BASES[base_name][0](), tmp_path)
     ids = _prompt_ids(15, (2, 5))
     mask = torch.ones_like(ids)
-    expected = greedy_loop(hf_model, ids, mask, 5)
+    expected = greedy_reference(hf_model, ids, mask, max_new_tokens=5)
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
                        expected)
 
@@ -99,7 +80,7 @@ def test_causal_generate_left_padding_equals_rows_alone(base_name, method):
     assert torch.equal(batch[0, 2:], alone0[0]), (batch.tolist(), alone0.tolist())
     assert torch.equal(batch[1], alone1[0]), (batch.tolist(), alone1.tolist())
     # and the unpadded row also equals the manual loop
-    assert torch.equal(alone1, greedy_loop(model, ids[1:], mask[1:], 6))
+    assert torch.equal(alone1, greedy_reference(model, ids[1:], mask[1:], max_new_tokens=6, pad_token_id=0))
 
 
 def _t5_gen_model(method, seed=3):
@@ -114,7 +95,7 @@ def test_seq2seq_greedy_generate_equals_manual_loop(method):
     ids = _prompt_ids(7, (3, 5))
     mask = torch.ones_like(ids)
     mask[2, -2:] = 0  # a right-padded encoder row
-    expected = greedy_loop_seq2seq(model, ids, mask, 6)
+    expected = greedy_reference(model, ids, mask, max_new_tokens=6)
     assert len(set(expected[:, 1:].flatten().tolist())) > 1, "degenerate generation: every token the same"
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected), f"generate {got.tolist()} != manual {expected.tolist()}"

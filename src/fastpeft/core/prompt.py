@@ -178,9 +178,11 @@ class EmbeddingPrompt(PromptMethod):
         input_ids = kwargs.get("input_ids")
         if input_ids is None and kwargs.get("inputs_embeds") is None:
             raise ValueError("generate needs input_ids (or inputs_embeds).")
-        causal = config.task_type != "SEQ_2_SEQ_LM"
-        if causal and kwargs.get("max_length") is not None and "max_new_tokens" not in kwargs and input_ids is not None:
-            # decoder-only generate from embeddings counts new tokens only; max_length counted the prompt too
+        # decoder-only: the caller's ids ride along with the embeddings (below)
+        ride_along = config.task_type != "SEQ_2_SEQ_LM" and input_ids is not None and kwargs.get(
+            "inputs_embeds") is None
+        if ride_along and kwargs.get("max_length") is not None and "max_new_tokens" not in kwargs:
+            # given embeddings, generate() would count max_length from them, virtual tokens included
             kwargs["max_new_tokens"] = kwargs.pop("max_length") - input_ids.shape[1]
         inputs = self.transform(encoder, config, model, word_embeddings,
                                 {k: kwargs.pop(k, None) for k in ("input_ids", "inputs_embeds", "attention_mask",
@@ -188,22 +190,11 @@ class EmbeddingPrompt(PromptMethod):
         if inputs.get("attention_mask") is None:
             embeds = inputs["inputs_embeds"]
             inputs["attention_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        out = model.generate(**inputs, **kwargs)
-        if not causal or input_ids is None:
-            return out
-        # decoder-only generate from inputs_embeds returns the new tokens only: put the prompt ids back in front
-        return _prepend_ids(out, input_ids)
-
-
-def _prepend_ids(out, input_ids: torch.Tensor):
-    """Put the prompt ids before the generated ones (rows repeated for num_return_sequences > 1)."""
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    ids = input_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    sequences = torch.cat([ids, sequences], dim=1)
-    if isinstance(out, torch.Tensor):
-        return sequences
-    out.sequences = sequences
-    return out
+        if ride_along:
+            # generate() feeds the embeddings at the first step only and continues the ids: its logits processors
+            # (forced BOS, repetition rules, ...) and its result then see the caller's sequence, as without a prompt
+            inputs["input_ids"] = input_ids
+        return model.generate(**inputs, **kwargs)
 
 
 def cache_argument(model: nn.Module) -> str:

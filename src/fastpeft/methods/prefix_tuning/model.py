@@ -113,41 +113,55 @@ class PrefixTuning(PromptMethod):
     def generate(self, encoder, config, model, word_embeddings, kwargs):
         """Generate with the prefix pre-filled in the cache.
 
-        generate() treats a cache of length n as n already-processed tokens, so n placeholder ids go in front of
-        the (decoder) input and are cut from the result; positions and masks then line up with forward().
+        Only the caller's ids go to generate(): its logits processors (forced BOS at the first step, forced EOS at
+        max_length, n-gram and repetition rules) and the decoder-start check must see the real sequence. The mask
+        is n longer than those ids, which generate() reads as "the cache already holds the first n positions",
+        so positions and masks line up with forward().
         """
         kwargs = dict(kwargs)
         kwargs.pop("task_ids", None)
-        n = config.num_virtual_tokens
-        seq2seq = config.task_type == "SEQ_2_SEQ_LM"
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("Prefix-tuned generate needs input_ids.")
-        batch = input_ids.shape[0]
-        # rows generate() runs: batch * num_beams for beam search, batch * num_return_sequences when sampling
-        beams = kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", 1) or 1
-        copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or 1)
+        batch, n = input_ids.shape[0], config.num_virtual_tokens
         dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
-        prefix = self.encode(encoder, config, batch * copies).to(dtype)
+        prefix = self.encode(encoder, config, batch * _generate_copies(model, kwargs)).to(dtype)
         kwargs[cache_argument(model)] = build_cache(prefix, config, model)
-        ids_key, mask_key = ("decoder_input_ids", "decoder_attention_mask") if seq2seq else ("input_ids",
-                                                                                             "attention_mask")
+        # the prefix lives in the cache: without one, generate() would rerun the whole sequence without it
+        kwargs["use_cache"] = True
+        ids_key, mask_key = _generate_keys(config)
         ids = kwargs.get(ids_key)
-        if ids is None:  # seq2seq: start from the decoder start token
-            start = model.generation_config.decoder_start_token_id
-            if start is None:
-                start = model.config.decoder_start_token_id
-            ids = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
-        if kwargs.get("max_length") is not None and "max_new_tokens" not in kwargs:
-            kwargs["max_new_tokens"] = kwargs.pop("max_length") - ids.shape[1]
+        if ids is None:  # encoder-decoder without decoder ids: generate() starts from one decoder start token
+            ids = input_ids.new_zeros(batch, 1)
         mask = kwargs.get(mask_key)
-        if mask is None:
-            mask = torch.ones_like(ids)
-        placeholders = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
-        kwargs[ids_key] = torch.cat([placeholders, ids], dim=1)
-        kwargs[mask_key] = _extend_mask(mask, n)
-        out = model.generate(**kwargs)
-        if isinstance(out, torch.Tensor):
-            return out[:, n:]
-        out.sequences = out.sequences[:, n:]
-        return out
+        kwargs[mask_key] = _extend_mask(torch.ones_like(ids) if mask is None else mask, n)
+        if hasattr(model, "_get_initial_cache_position"):
+            _legacy_positions(model, config, kwargs, ids, n)
+        return model.generate(**kwargs)
+
+
+def _legacy_positions(model, config, kwargs, ids: torch.Tensor, n: int) -> None:
+    """generate() before transformers 5.2 reads the ids' cache positions from the caller, not from the mask.
+
+    It also hands them to an encoder-decoder's encoder (whose relative positions they would shift), so the
+    encoder runs here, without them.
+    """
+    kwargs["cache_position"] = torch.arange(n, n + ids.shape[1], device=ids.device)
+    if config.task_type == "SEQ_2_SEQ_LM" and kwargs.get("encoder_outputs") is None:
+        kwargs["encoder_outputs"] = model.get_encoder()(input_ids=kwargs["input_ids"],
+                                                        attention_mask=kwargs.get("attention_mask"), return_dict=True)
+
+
+def _generate_keys(config) -> tuple[str, str]:
+    """The ids and mask keys generate() grows: the decoder's for encoder-decoders."""
+    if config.task_type == "SEQ_2_SEQ_LM":
+        return "decoder_input_ids", "decoder_attention_mask"
+    return "input_ids", "attention_mask"
+
+
+def _generate_copies(model, kwargs) -> int:
+    """Rows generate() runs per input row (it repeats each row max(num_beams, num_return_sequences) times)."""
+    settings = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams") or getattr(settings, "num_beams", 1) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(settings, "num_return_sequences", 1) or 1
+    return max(beams, returned)
