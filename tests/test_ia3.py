@@ -14,6 +14,7 @@ from torch import nn
 import fastpeft
 from fastpeft.methods.ia3 import IA3Config, IA3Model
 from fastpeft.methods.ia3.defaults import IA3_FEEDFORWARD, IA3_TARGETS
+from state_helpers import copy_adapter
 
 import models
 import oracle_helpers
@@ -246,7 +247,7 @@ def test_bf16_base_with_float32_vectors_matches_hf_bitwise(case):
     x = x if isinstance(x, dict) else x.to(torch.bfloat16)
     hf = models.perturb(peft.get_peft_model(base(case).to(torch.bfloat16), config(peft, case)), 0, 0.3).eval()
     fp = fastpeft.get_peft_model(base(case).to(torch.bfloat16), config(fastpeft, case)).eval()
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
+    copy_adapter(peft, hf, fastpeft, fp)
     assert all(p.dtype == torch.float32 for n, p in fp.named_parameters() if ".ia3_l." in n)
     out = models.forward(fp, x)
     assert out.dtype == torch.bfloat16 and torch.equal(out, models.forward(hf, x))

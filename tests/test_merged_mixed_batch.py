@@ -10,6 +10,7 @@ import torch
 
 import fastpeft
 from fastpeft.methods.lora import gathered
+from state_helpers import assert_holds_file
 
 from models import make_llama
 
@@ -26,14 +27,18 @@ def _config(lib, i: int, **extra):
 
 
 def _pair(tmp_path, hf_first: bool, **extra):
-    """(fastpeft, HF PEFT) with adapters a0, a1; one library saves, the other loads its files."""
+    """(fastpeft, HF PEFT) with adapters a0, a1; one library saves, the other loads its files into adapters
+    first drawn from another seed (a load writing nothing would leave those), and then holds their tensors."""
     lib_a, lib_b = (peft, fastpeft) if hf_first else (fastpeft, peft)
-    torch.manual_seed(0)
     first = lib_a.get_peft_model(make_llama(), _config(lib_a, 0, **extra), adapter_name="a0")
     first.add_adapter("a1", _config(lib_a, 1, **extra))
     first.save_pretrained(str(tmp_path))
-    second = lib_b.PeftModel.from_pretrained(make_llama(), str(tmp_path / "a0"), adapter_name="a0")
+    base = make_llama()
+    torch.manual_seed(1)
+    second = lib_b.PeftModel.from_pretrained(base, str(tmp_path / "a0"), adapter_name="a0")
     second.load_adapter(str(tmp_path / "a1"), "a1")
+    for name in ("a0", "a1"):
+        assert_holds_file(lib_b, second, tmp_path / name, name)
     ours, theirs = (second, first) if hf_first else (first, second)
     return ours.eval(), theirs.eval()
 
@@ -153,7 +158,8 @@ def test_bf16_base_with_fp32_adapters_keeps_the_unmerged_path(tmp_path, merged_c
     ids = _ids(len(ROWS), LONG)
     actual = _logits(ours, ids, ROWS)
     assert merged_calls["n"] == 0
-    torch.testing.assert_close(actual, _logits(theirs, ids, ROWS), atol=1e-2, rtol=1e-2)
+    # one bf16 ulp near the logits' size (0.44); measured: bitwise equal; the adapters' effect: 0.6
+    torch.testing.assert_close(actual, _logits(theirs, ids, ROWS), atol=2e-3, rtol=0)
 
 
 def test_wrong_number_of_names_is_refused(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 import fastpeft
 from fastpeft.methods.poly import PolyConfig
+from state_helpers import copy_adapter
 
 from models import make_llama, make_mlp, make_t5, perturb, t5_inputs
 from oracle_helpers import assert_same_files, assert_same_state_dict
@@ -36,7 +37,7 @@ def pair(make, config_kwargs, seed=0):
     torch.manual_seed(seed)
     fp = fastpeft.get_peft_model(make(), PolyConfig(**config_kwargs))
     perturb(hf, seed=seed)
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf))
+    copy_adapter(peft, hf, fastpeft, fp)
     return hf.eval(), fp.eval()
 
 
@@ -95,7 +96,7 @@ def test_multiple_adapters_and_disable_match():
     fp.add_adapter("other", PolyConfig(**other))
     hf.eval()  # HF PEFT builds the new router in training mode (sampling gates); fastpeft follows the base's mode
     perturb(hf, seed=5, wanted=lambda n: ".other" in n)
-    fastpeft.set_peft_model_state_dict(fp, peft.get_peft_model_state_dict(hf, adapter_name="other"), "other")
+    copy_adapter(peft, hf, fastpeft, fp, "other")
     x, tasks = mlp_x(), torch.tensor([1, 0, 1])
     close(fp(x, task_ids=tasks), hf.base_model(x, task_ids=tasks))  # "default" still active
     hf.set_adapter("other")

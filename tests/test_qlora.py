@@ -23,6 +23,7 @@ import fastpeft
 from fastpeft.errors import LossyMergeError
 from fastpeft.methods.lora import bnb as lora_bnb
 from fastpeft.quant import bnb as qbnb
+from state_helpers import assert_all_keys_used
 
 import models
 
@@ -94,6 +95,13 @@ def logits(model):
 
 def close(a, b, atol=1e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def copy_lora(source, target):
+    """`source`'s LoRA tensors into `target` (same module tree): every one used, none of target's missing."""
+    lora = {k: v for k, v in source.state_dict().items() if "lora_" in k}
+    result = target.load_state_dict(lora, strict=False)
+    assert_all_keys_used(result, lambda key: "lora_" in key)
 
 
 # ---------------------------------------------------------------------------------------------- files both ways
@@ -227,7 +235,7 @@ def test_merge_within_bounds_matches_hf_merge(base_dir, kind, scale, bounds):
     hf = perturb_small(hf_model(base_dir, kind), scale)
     fp = perturb_small(fastpeft.get_peft_model(load(base_dir, kind), lora_config(fastpeft, init_lora_weights=False)),
                        scale)
-    fp.load_state_dict({k: v for k, v in hf.state_dict().items() if "lora_" in k}, strict=False)
+    copy_lora(hf, fp)
     layers = [m for m in fp.modules() if isinstance(m, lora_bnb.QuantLinear)]
     originals = {layer: layer.get_base_layer().weight for layer in layers}  # no forward yet: int8 SCB on them
     scales = {layer: getattr(weight, "SCB", None) for layer, weight in originals.items()}
@@ -259,7 +267,7 @@ def test_lossy_merge_is_refused_with_the_measured_error_and_leaves_the_model_as_
 def test_allowed_lossy_merge_matches_hf_and_unmerge_is_exact(base_dir):
     hf = hf_model(base_dir, "fp4")
     fp = fastpeft.get_peft_model(load(base_dir, "fp4"), lora_config(fastpeft, init_lora_weights=False))
-    fp.load_state_dict({k: v for k, v in hf.state_dict().items() if "lora_" in k}, strict=False)
+    copy_lora(hf, fp)
     originals = {n: (p.data.clone(), p.quant_state.absmax.clone()) for n, p in fp.named_parameters()
                  if qbnb.param_kind(p) == "4bit" and "base_layer" in n}
     fp.merge_adapter(allow_lossy_merge=True)
@@ -305,12 +313,14 @@ def test_refusal_in_a_later_layer_takes_back_the_earlier_merges(base_dir):
 
 def test_int8_merge_then_unmerge_restores_exactly(base_dir):
     fp = perturb_small(fastpeft.get_peft_model(load(base_dir, "int8"),
-                                               lora_config(fastpeft, init_lora_weights=False)), 1e-2).eval()
+                                               lora_config(fastpeft, init_lora_weights=False)), 3e-2).eval()
     before = logits(fp)
+    with fp.disable_adapter():
+        assert (before - logits(fp)).abs().max() > 0.15  # the adapter's effect (measured 0.198)
     fp.merge_adapter()
     merged = logits(fp)
     assert (merged - before).abs().max() > 0  # requantised weights differ slightly
-    close(merged, before, atol=2e-2)
+    close(merged, before, atol=1.2e-2)  # int8 requantisation and activation rounding: measured 5.8e-3
     fp.unmerge_adapter()
     close(logits(fp), before, atol=0)
 
@@ -319,6 +329,8 @@ def test_int8_merge_then_unmerge_restores_exactly(base_dir):
 def test_dequantized_merge_gives_dense_layers_with_the_adapter_outputs(base_dir, tmp_path, kind):
     fp = fastpeft.get_peft_model(load(base_dir, kind), lora_config(fastpeft, init_lora_weights=False)).eval()
     expected = logits(fp)
+    with fp.disable_adapter():
+        assert (expected - logits(fp)).abs().max() > 0.5  # the adapter's effect (measured 0.8)
     q_proj = fp.base_model.model.model.layers[0].self_attn.q_proj
     a, b = q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight
     dense_q = (qbnb.dequantize_weight(q_proj.get_base_layer()).float() + (b @ a).detach() * q_proj.scaling["default"])
@@ -327,8 +339,8 @@ def test_dequantized_merge_gives_dense_layers_with_the_adapter_outputs(base_dir,
     assert not [n for n, m in merged.named_modules() if qbnb.bnb_kind(m)]
     assert not getattr(merged, "is_loaded_in_4bit", False) and not getattr(merged, "is_loaded_in_8bit", False)
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    atol = 5e-2 if kind == "nf4_dq_bf16" else 2e-2  # bf16 compute / int8 activations in the quantised forward
-    close(logits(merged), expected, atol=atol)
+    # bf16 compute / int8 activations in the quantised forward: measured errors 1.9e-3 / 3.4e-3
+    close(logits(merged), expected, atol=5e-3 if kind == "nf4_dq_bf16" else 1e-2)
     merged.save_pretrained(tmp_path)  # an ordinary full-precision checkpoint now
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -376,7 +388,7 @@ def test_mixed_adapter_batch_on_4bit_matches_hf(base_dir):
 
     hf = two_adapters(peft, load(base_dir, "nf4"))
     fp = two_adapters(fastpeft, load(base_dir, "nf4"))
-    fp.load_state_dict({k: v for k, v in hf.state_dict().items() if "lora_" in k}, strict=False)
+    copy_lora(hf, fp)
     names = ["a", "__base__", "b"]
     with torch.no_grad():
         close(fp(**inputs(), adapter_names=names).logits, hf(**inputs(), adapter_names=names).logits)

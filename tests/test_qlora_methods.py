@@ -18,6 +18,7 @@ import fastpeft
 import quantised_models as qm
 from fastpeft.errors import AdapterStateError, LossyMergeError
 from fastpeft.quant import bnb as qbnb
+from state_helpers import assert_all_keys_used
 
 import models
 from oracle_helpers import assert_files_both_ways, assert_same_training_step
@@ -53,7 +54,23 @@ def folder(tmp_path_factory):
 
 
 def _is_adapter_key(key: str) -> bool:
-    return ".base_layer." not in key and any(tag in key for tag in ("ia3_", "lora_", "randlora_"))
+    return ".base_layer." not in key and any(tag in key for tag in ("ia3_", "lora_", "vera_", "oft_"))
+
+
+# HF PEFT's RandLoRA / VeRA layers also list the tuner's shared projections (fastpeft: one copy, on the tuner)
+SHARED_VIEWS = (".randlora_A.default", ".randlora_B.default", ".vera_A.default", ".vera_B.default")
+
+
+def _copy_adapter_tensors(theirs, ours) -> None:
+    """HF PEFT's adapter tensors into `ours`: fastpeft holds the same keys, but for HF's layer views of shared
+    projections."""
+    hf_state, our_state = theirs.state_dict(), ours.state_dict()
+    keys = sorted(k for k in our_state if _is_adapter_key(k))
+    extra = {k for k in hf_state if _is_adapter_key(k)} - set(keys)
+    assert keys and all(k in hf_state for k in keys) and all(k.endswith(SHARED_VIEWS) for k in extra), extra
+    with torch.no_grad():
+        for key in keys:
+            our_state[key].copy_(hf_state[key])
 
 
 def _pair(method: str, bits: int, folder: str):
@@ -62,11 +79,7 @@ def _pair(method: str, bits: int, folder: str):
     theirs = peft.get_peft_model(qm.load_quantised(folder, bits), CONFIGS[method](peft))
     models.perturb(theirs, seed=1, scale=0.1)
     ours = fastpeft.get_peft_model(qm.load_quantised(folder, bits), CONFIGS[method](fastpeft))
-    with torch.no_grad():
-        hf_state = theirs.state_dict()
-        for key, value in ours.state_dict().items():
-            if _is_adapter_key(key):
-                value.copy_(hf_state[key])
+    _copy_adapter_tensors(theirs, ours)
     return ours, theirs
 
 
@@ -191,8 +204,7 @@ def test_merge_and_unload_dequantized_matches_hf_dense_merge(folder, method, bit
                 name).get_base_layer()))
     hf_dense = peft.get_peft_model(dense, CONFIGS[method](peft))
     adapter = {k: v for k, v in theirs.state_dict().items() if _is_adapter_key(k)}
-    missing = hf_dense.load_state_dict(adapter, strict=False)
-    assert not missing.unexpected_keys
+    assert_all_keys_used(hf_dense.load_state_dict(adapter, strict=False), _is_adapter_key)
     expected = hf_dense.merge_and_unload()
     merged = ours.merge_and_unload(dequantize=True)
     assert not any(qbnb.bnb_kind(m) for m in merged.modules())  # the other quantised layers are dense too
@@ -227,7 +239,7 @@ def test_other_methods_run_on_quantised_layers_but_refuse_to_merge(folder, metho
     theirs = peft.get_peft_model(qm.load_quantised(folder, bits), OTHER_METHODS[method](peft))
     models.perturb(theirs, seed=1, scale=0.1)
     ours = fastpeft.get_peft_model(qm.load_quantised(folder, bits), OTHER_METHODS[method](fastpeft))
-    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if ".base_layer." not in k}, strict=False)
+    _copy_adapter_tensors(theirs, ours)
     expected = qm.logits(theirs)
     close(qm.logits(ours), expected, "logits")
     before = _quantised_state(ours)  # after the first forward (bitsandbytes' CPU kernel repacks 4-bit weights)
