@@ -170,18 +170,27 @@ def test_one_factor_file_loads_as_one_factor_into_an_n_factor_adapter(tmp_path, 
     close(models.forward(ours, x), models.forward(hf_one, x), "one-factor file")
 
 
-def test_failed_load_of_an_n_factor_file_keeps_the_outputs(hf_with_extension):
-    """Growing to N factors keeps the loaded adapter's rotation (new factors start at the identity)."""
+@pytest.mark.parametrize("direction", ["grow", "shrink"])
+def test_failed_load_of_a_resizing_file_changes_nothing(direction, tmp_path, hf_with_extension):
+    """A load that resized the adapter for the file (1 -> 3 factors, or 3 -> 1) and then failed puts the old
+    blocks back into the same Parameter objects: factor counts, rotation and outputs as before."""
     case = "square-f3-size"
-    ours = fastpeft.get_peft_model(TABLE.base(case), TABLE.config(fastpeft, case))
-    models.perturb(ours, seed=4, scale=0.1).eval()
+    if direction == "grow":
+        ours = models.perturb(fastpeft.get_peft_model(TABLE.base(case), TABLE.config(fastpeft, case)), seed=4,
+                              scale=0.1).eval()
+        state = dict(peft.get_peft_model_state_dict(TABLE.build(peft, case)))
+    else:
+        ours = _three_factor_model(tmp_path)[0]
+        state = dict(peft.get_peft_model_state_dict(_hf_without_extension(case)))
     x = TABLE.inputs(case)
-    before = models.forward(ours, x)
-    state = peft.get_peft_model_state_dict(TABLE.build(peft, case))
+    before, counts = models.forward(ours, x), factor_counts(ours)
+    params = {n: p for n, p in ours.named_parameters() if "boft_R" in n}
     del state["base_model.model.lin1.boft_s"]
     with pytest.raises(AdapterLoadError):
         fastpeft.set_peft_model_state_dict(ours, state, strict=True)
-    close(models.forward(ours, x), before, "after the failed load")
+    assert factor_counts(ours) == counts
+    assert all(p is params[n] for n, p in ours.named_parameters() if "boft_R" in n)
+    torch.testing.assert_close(models.forward(ours, x), before, atol=0, rtol=0)
 
 
 def test_n_factor_file_hf_would_refuse_is_refused_before_any_change():

@@ -271,7 +271,8 @@ def _named_for(modules: Modules, adapter_name: str):
 def _restore(backup: list) -> None:
     with torch.no_grad():
         for tensor, copy in backup:
-            if copy.is_meta != tensor.is_meta:  # a meta-built weight that the failed load had filled goes back
+            if copy.is_meta != tensor.is_meta or copy.shape != tensor.shape:
+                # a meta-built weight the failed load had filled, or one a method resized for the file, goes back
                 _swap_in(tensor, copy)
             else:
                 tensor.copy_(copy)

@@ -87,7 +87,7 @@ def cache_key(param: torch.Tensor) -> tuple | None:
     from it must be recomputed (it needs a graph). In-place updates bump `_version`; `.data = ...` moves storage."""
     if torch.is_grad_enabled() and param.requires_grad:
         return None
-    return (param._version, param.data_ptr(), param.dtype, param.device)
+    return (param._version, param.data_ptr(), param.shape, param.dtype, param.device)
 
 
 def cached(store: dict, name: str, param: torch.Tensor, compute):

@@ -111,13 +111,22 @@ class BOFTLayer(orth.RotationLayer):
         self.check_factor_count(name, factors)
         old = self.boft_R[name]
         _, num, size, _ = old.shape
-        dim = self.rotated_dim()
         blocks = old.detach().new_zeros(factors, num, size, size)
         kept = min(factors, old.shape[0])
         blocks[:kept] = old.detach()[:kept]
-        self.boft_R[name] = nn.Parameter(blocks, requires_grad=old.requires_grad)
-        self.boft_perms[name] = orth.butterfly_permutations(dim, num, size, factors)
+        # the same Parameter object takes the new shape: optimizers keep their reference, and a failed load's
+        # rollback (checkpoint/keys.py) swaps the old blocks back into it; permutations follow the shape
+        torch.utils.swap_tensors(old, nn.Parameter(blocks, requires_grad=old.requires_grad))
         self.rotation_cache.pop(name, None)
+
+    def permutations(self, name: str, factors: int) -> list[torch.Tensor]:
+        """The butterfly permutations of adapter `name` for `factors` factors (rebuilt when the count changes)."""
+        perms = self.boft_perms.get(name)
+        if perms is None or len(perms) != factors:
+            size = self.boft_R[name].shape[-1]
+            dim = self.rotated_dim()
+            perms = self.boft_perms[name] = orth.butterfly_permutations(dim, dim // size, size, factors)
+        return perms
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, name: str) -> torch.Tensor:
@@ -133,7 +142,7 @@ class BOFTLayer(orth.RotationLayer):
         blocks = blocks.reshape(n_factors, count, size, size)
         if self.training and self.boft_dropout[name] > 0:
             blocks = orth.butterfly_block_dropout(blocks, self.boft_dropout[name])
-        return orth.butterfly_matrix(blocks, self.boft_perms[name])
+        return orth.butterfly_matrix(blocks, self.permutations(name, n_factors))
 
     def combined(self, names: list[str], dtype: torch.dtype):
         """(rotation, (out, 1) scale) of the adapters in `names` applied in turn, or None if this layer has none."""
