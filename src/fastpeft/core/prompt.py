@@ -7,6 +7,7 @@ hands the model a pre-filled key/value cache (prefix tuning). Per-task input rul
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from typing import Any
@@ -181,9 +182,8 @@ class EmbeddingPrompt(PromptMethod):
         # decoder-only: the caller's ids ride along with the embeddings (below)
         ride_along = config.task_type != "SEQ_2_SEQ_LM" and input_ids is not None and kwargs.get(
             "inputs_embeds") is None
-        if ride_along and kwargs.get("max_length") is not None and "max_new_tokens" not in kwargs:
-            # given embeddings, generate() would count max_length from them, virtual tokens included
-            kwargs["max_new_tokens"] = kwargs.pop("max_length") - input_ids.shape[1]
+        if ride_along:
+            _max_length_as_new_tokens(model, kwargs, input_ids.shape[1])
         inputs = self.transform(encoder, config, model, word_embeddings,
                                 {k: kwargs.pop(k, None) for k in ("input_ids", "inputs_embeds", "attention_mask",
                                                                   "task_ids", "token_type_ids", "position_ids")})
@@ -195,6 +195,28 @@ class EmbeddingPrompt(PromptMethod):
             # (forced BOS, repetition rules, ...) and its result then see the caller's sequence, as without a prompt
             inputs["input_ids"] = input_ids
         return model.generate(**inputs, **kwargs)
+
+
+def _max_length_as_new_tokens(model: nn.Module, kwargs: dict, prompt_length: int) -> None:
+    """Turn the max_length that applies (the call's, its generation_config's or the model's) into max_new_tokens.
+
+    Given embeddings, generate() counts max_length from them, virtual tokens included; the caller counted it
+    from the ids. A max_new_tokens that is set already wins, as in generate().
+    """
+    settings = kwargs.get("generation_config")
+    source = settings if settings is not None else getattr(model, "generation_config", None)
+    if "max_new_tokens" in kwargs or getattr(source, "max_new_tokens", None) is not None:
+        return
+    max_length = kwargs.pop("max_length", None)
+    if max_length is None:
+        max_length = getattr(source, "max_length", None)
+    if max_length is None:
+        return
+    if settings is None:
+        kwargs["max_new_tokens"] = max_length - prompt_length
+    else:  # set on a copy: generate() warns when a generation_config comes with loose generation arguments
+        kwargs["generation_config"] = copy.deepcopy(settings)
+        kwargs["generation_config"].max_new_tokens = max_length - prompt_length
 
 
 def cache_argument(model: nn.Module) -> str:

@@ -6,10 +6,15 @@ they were n earlier tokens (Li & Liang, 2021, sec. 4.1).
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 from torch import nn
 
 from ...core.prompt import TOKEN_TYPE_TASKS, PromptMethod, _drop, _extend_mask, cache_argument
+
+logger = logging.getLogger(__name__)
 
 
 class PrefixEncoder(nn.Module):
@@ -127,8 +132,7 @@ class PrefixTuning(PromptMethod):
         dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
         prefix = self.encode(encoder, config, batch * _generate_copies(model, kwargs)).to(dtype)
         kwargs[cache_argument(model)] = build_cache(prefix, config, model)
-        # the prefix lives in the cache: without one, generate() would rerun the whole sequence without it
-        kwargs["use_cache"] = True
+        _use_cache(kwargs)
         ids_key, mask_key = _generate_keys(config)
         ids = kwargs.get(ids_key)
         if ids is None:  # encoder-decoder without decoder ids: generate() starts from one decoder start token
@@ -150,6 +154,20 @@ def _legacy_positions(model, config, kwargs, ids: torch.Tensor, n: int) -> None:
     if config.task_type == "SEQ_2_SEQ_LM" and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = model.get_encoder()(input_ids=kwargs["input_ids"],
                                                         attention_mask=kwargs.get("attention_mask"), return_dict=True)
+
+
+def _use_cache(kwargs: dict) -> None:
+    """The prefix lives in the cache: without one, generate() would rerun the whole sequence without it. A
+    caller's use_cache=False is overridden (said in the log); a generation_config gets it on a copy."""
+    settings = kwargs.get("generation_config")
+    if kwargs.get("use_cache") is False or getattr(settings, "use_cache", None) is False:
+        logger.warning("Prefix tuning generates with use_cache=True: the prefix keys / values live in the cache.")
+    if settings is None:
+        kwargs["use_cache"] = True
+    else:
+        kwargs.pop("use_cache", None)
+        kwargs["generation_config"] = copy.deepcopy(settings)
+        kwargs["generation_config"].use_cache = True
 
 
 def _generate_keys(config) -> tuple[str, str]:
