@@ -3,6 +3,8 @@ implemented; ephemeral_gpu_offload=True is refused. None of them is accepted and
 
 from __future__ import annotations
 
+import logging
+
 import peft
 import pytest
 import torch
@@ -126,3 +128,95 @@ def test_ephemeral_gpu_offload_is_refused(tmp_path):
     with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload"):
         model.load_adapter(str(tmp_path), "other", ephemeral_gpu_offload=True)
     assert list(model.peft_config) == ["default"]
+
+
+# ---------------------------------------------------------------------------------------------- edges
+def _lora_folder(tmp_path, dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    model = fastpeft.get_peft_model(MODELS["mlp"][0](), fastpeft.LoraConfig(
+        r=4, target_modules=["lin0", "lin1"], init_lora_weights=False, **kwargs))
+    model.to(dtype).save_pretrained(str(tmp_path))
+    return str(tmp_path)
+
+
+def _lora_state(model) -> dict:
+    return {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize(("base_dtype", "file_dtype", "trainable"), [
+    (torch.bfloat16, torch.float32, False), (torch.float32, torch.bfloat16, True)])
+def test_low_cpu_mem_usage_gives_the_normal_loads_dtypes_and_flags(tmp_path, base_dtype, file_dtype, trainable):
+    """Adapter dtype (fp32 on a bf16 base, as autocast_adapter_dtype) and requires_grad as without the option."""
+    folder = _lora_folder(tmp_path, file_dtype)
+    loaded = [fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0]().to(base_dtype), folder, is_trainable=trainable,
+                                                 low_cpu_mem_usage=low) for low in (False, True)]
+    assert _lora_state(loaded[1]) == _lora_state(loaded[0])
+    assert set(_lora_state(loaded[1]).values()) == {(torch.float32, trainable)}
+
+
+def test_low_cpu_mem_usage_copies_the_callers_tensors(tmp_path):
+    """The model's weights do not alias the state dict passed in (a later step must not edit the caller's)."""
+    state = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(f"{_lora_folder(tmp_path)}/adapter_model.safetensors").items()}
+    kept = {k: v.clone() for k, v in state.items()}
+    model = fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin0", "lin1"]),
+                                             MODELS["mlp"][0](), low_cpu_mem_usage=True)
+    fastpeft.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(1.0)
+    assert all(torch.equal(state[k], kept[k]) for k in state)
+
+
+def test_load_adapter_low_cpu_mem_usage_builds_on_meta(tmp_path, monkeypatch):
+    from fastpeft.checkpoint import keys
+
+    folder = _lora_folder(tmp_path)
+    model = fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0](), folder)
+    seen, write = [], keys.write_tensor
+    monkeypatch.setattr(keys, "write_tensor", lambda target, value: (seen.append(target.is_meta), write(target, value)))
+    model.load_adapter(folder, "other", low_cpu_mem_usage=True)
+    assert seen and all(seen)
+
+
+def test_low_cpu_mem_usage_refuses_base_rewriting_inits(tmp_path):
+    torch.manual_seed(0)
+    fastpeft.get_peft_model(MODELS["mlp"][0](), fastpeft.LoraConfig(
+        r=4, target_modules=["lin0"], init_lora_weights="pissa")).save_pretrained(str(tmp_path))
+    base = MODELS["mlp"][0]()
+    before = base.lin0.weight.clone()
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=False"):
+        fastpeft.PeftModel.from_pretrained(base, str(tmp_path), low_cpu_mem_usage=True)
+    assert torch.equal(base.lin0.weight, before)
+
+
+def test_key_mapping_rules_follow_hf(tmp_path):
+    """The first matching pattern only (as HF); two keys mapped to one name are refused, not merged."""
+    folder = _lora_folder(tmp_path)
+    mapping = {r"^lin0\.": "first.", r"first": "second"}
+    ours = fastpeft.load_peft_weights(folder, key_mapping=mapping)
+    assert sorted(ours) == sorted(peft.utils.load_peft_weights(folder, key_mapping=mapping))
+    with pytest.raises(AdapterLoadError, match="several file keys"):
+        fastpeft.load_peft_weights(folder, key_mapping={r"^lin[01]\.": "first."})
+
+
+def test_model_key_mapping_does_not_apply_to_prompt_methods(tmp_path):
+    """A prompt adapter's file holds `prompt_embeddings` (no module path): the base model's renames leave it be."""
+    fastpeft.get_peft_model(MODELS["llama"][0](), fastpeft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(str(tmp_path))
+    base = MODELS["llama"][0]()
+    base._checkpoint_conversion_mapping = {r"^model\.": "model.language_model."}
+    fastpeft.PeftModel.from_pretrained(base, str(tmp_path))
+
+
+def test_state_dict_targets_warn_only_when_they_differ(tmp_path, caplog):
+    state = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(f"{_lora_folder(tmp_path)}/adapter_model.safetensors").items()}
+    with caplog.at_level(logging.WARNING, logger="fastpeft"):
+        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin0", "lin1"]),
+                                         MODELS["mlp"][0](), state_dict=state)
+        assert "state_dict targets" not in caplog.text
+        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin1"]), MODELS["mlp"][0](),
+                                         state_dict=state)
+    assert caplog.text.count("state_dict targets") == 1

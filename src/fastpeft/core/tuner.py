@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 def empty_parameters(enabled: bool, existing: nn.Module):
     """Trainable parameters created inside go to the meta device as they are registered, so the random init
     that follows in their module's constructor costs nothing. Parameters of `existing` (e.g. a bank shared by
-    all layers) and frozen ones (bookkeeping such as ranks, not stored in files) stay as they are."""
+    all layers) and frozen ones (bookkeeping such as ranks, not stored in files) stay as they are. The patch of
+    `nn.Module.register_parameter` is process-wide while the layers are built (as accelerate's
+    `init_empty_weights`): modules built on other threads meanwhile would get meta parameters too."""
     if not enabled:
         yield
         return
