@@ -58,3 +58,21 @@ def test_prefix_use_cache_false_is_overridden_and_said(how, caplog):
         got = model.generate(input_ids=IDS, **kwargs)
     assert "use_cache=True" in caplog.text
     assert torch.equal(got, greedy_reference(model, IDS, torch.ones_like(IDS), max_new_tokens=4, pad_token_id=0))
+
+
+@pytest.mark.parametrize("base_name", ["llama", "t5"])
+def test_prefix_positions_for_older_generate(base_name):
+    """transformers < 5.2 takes cache positions from the caller: they start after the n cached prefix tokens, and
+    an encoder-decoder's encoder runs here without them (its relative positions start at 0)."""
+    from fastpeft.methods.prefix_tuning.model import _legacy_positions
+
+    model, _ = adapted(base_name, "prefix")
+    base, config = model.get_base_model(), model.peft_config["default"]
+    kwargs = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    _legacy_positions(base, config, kwargs, IDS[:, :3], 4)
+    assert kwargs["cache_position"].tolist() == [4, 5, 6]
+    if base_name == "t5":
+        expected = base.get_encoder()(input_ids=IDS, attention_mask=torch.ones_like(IDS)).last_hidden_state
+        assert torch.equal(kwargs["encoder_outputs"].last_hidden_state, expected)
+    else:
+        assert "encoder_outputs" not in kwargs
