@@ -61,6 +61,9 @@ from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
+from .mixed_model import PeftMixedModel
+from .model_utils import get_layer_status, get_model_status, prepare_model_for_kbit_training
+from .peft_alias import install_as_peft
 from .peft_model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -71,7 +74,6 @@ from .tasks import (
     PeftModelForTokenClassification,
 )
 from .types import PeftType, TaskType
-from .utils import get_layer_status, get_model_status, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -127,6 +129,7 @@ __all__ = [
     "OFTConfig",
     "OFTModel",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -166,6 +169,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "install_as_peft",
     "is_strict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",

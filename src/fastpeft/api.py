@@ -82,3 +82,39 @@ def _injected_configs(model: nn.Module, adapter_name: str, spec) -> dict[str, Pe
             "to a model without adapters of another method (one method per model in fastpeft)."
         )
     return configs
+
+
+# ---------------------------------------------------------------------------------------------- peft.functional
+def _holders(model: nn.Module, layer_cls: type | None):
+    wanted = AdapterHolder if layer_cls is None else layer_cls
+    return [m for m in model.modules() if isinstance(m, wanted) and isinstance(m, AdapterHolder)]
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str], inference_mode: bool = False,
+                layer_cls: type | None = None) -> None:
+    """Activate `adapter_name` in every adapter layer of `model` (trainable unless `inference_mode`)."""
+    for holder in _holders(model, layer_cls):
+        holder.set_adapter(adapter_name, inference_mode=inference_mode)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str, prefix: str | None = None,
+                   layer_cls: type | None = None) -> list[str] | None:
+    """Remove `adapter_name` from every adapter layer of `model`; returns the active adapters left (of the first
+    layer that had it), None if no layer had it. `prefix` (the method's parameter prefix) is accepted for HF
+    PEFT's signature: fastpeft's layers know their own parameters. `model.peft_config` is left to the caller."""
+    remaining = None
+    for holder in _holders(model, layer_cls):
+        if adapter_name in holder.adapter_names():
+            holder.delete_adapter(adapter_name)
+            if remaining is None:
+                remaining = list(getattr(holder, "active_adapters", []))
+    return remaining
+
+
+def set_requires_grad(model: nn.Module, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+    """Turn gradients of the named adapters' parameters on or off in every adapter layer of `model`."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for holder in _holders(model, None):
+        for name in names:
+            for _, param in holder.adapter_parameters(name):
+                param.requires_grad_(requires_grad)

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 # The file-format version written into `peft_version`: fastpeft writes HF PEFT 0.21.2's layout.
 COMPAT_PEFT_VERSION = "0.21.2"
+_PEFT_TYPES = frozenset(t.value for t in PeftType)
 
 
 @dataclass
@@ -32,6 +33,13 @@ class PeftConfig:
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "The base model."})
     revision: str | None = field(default=None, metadata={"help": "The base model's revision."})
     inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (no training)."})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # as HF PEFT: `peft_type` is a PeftType member (transformers reads `config.peft_type.value`), whether a
+        # method's config sets it or a file gives the string
+        if name == "peft_type" and isinstance(value, str) and not isinstance(value, PeftType) and value in _PEFT_TYPES:
+            value = PeftType(value)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:

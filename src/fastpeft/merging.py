@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -153,8 +152,27 @@ def merge(method: str, tensors: Sequence[torch.Tensor], weights: Weights, densit
     return weighted.sum(dim=0)
 
 
-linear = partial(merge, "linear")
-magnitude_prune = partial(merge, "magnitude_prune")
-ties = partial(merge, "ties")
-dare_linear = partial(merge, "dare_linear")
-dare_ties = partial(merge, "dare_ties")
+# HF PEFT's `peft.utils.merge_utils` functions, with its parameter names
+def task_arithmetic(task_tensors: Sequence[torch.Tensor], weights: Weights) -> torch.Tensor:
+    return merge("linear", task_tensors, weights)
+
+
+def magnitude_prune(task_tensors: Sequence[torch.Tensor], weights: Weights, density: float) -> torch.Tensor:
+    return merge("magnitude_prune", task_tensors, weights, density)
+
+
+def ties(task_tensors: Sequence[torch.Tensor], weights: Weights, density: float,
+         majority_sign_method: str = "total") -> torch.Tensor:
+    return merge("ties", task_tensors, weights, density, majority_sign_method)
+
+
+def dare_linear(task_tensors: Sequence[torch.Tensor], weights: Weights, density: float) -> torch.Tensor:
+    return merge("dare_linear", task_tensors, weights, density)
+
+
+def dare_ties(task_tensors: Sequence[torch.Tensor], weights: Weights, density: float,
+              majority_sign_method: str = "total") -> torch.Tensor:
+    return merge("dare_ties", task_tensors, weights, density, majority_sign_method)
+
+
+linear = task_arithmetic

@@ -242,12 +242,12 @@ class PeftModel(nn.Module):
         return names or None
 
     def get_layer_status(self):
-        from .utils import get_layer_status
+        from .model_utils import get_layer_status
 
         return get_layer_status(self)
 
     def get_model_status(self):
-        from .utils import get_model_status
+        from .model_utils import get_model_status
 
         return get_model_status(self)
 

@@ -8,11 +8,27 @@ from copy import deepcopy
 import torch
 from torch import nn
 
-from .layer import AdapterHolder
+from .layer import AdapterHolder, set_adapter_arguments
 
 
-class ModulesToSaveWrapper(nn.Module, AdapterHolder):
+class AuxiliaryTrainingWrapper(nn.Module, AdapterHolder):
+    """A module wrapped to train something beside the adapter layers (HF PEFT's class of the same name: transformers
+    finds these with isinstance when it loads adapter files itself)."""
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """{key in an adapter file, relative to this module: key of the tensor it fills, relative to this module}."""
+        raise NotImplementedError
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     """Holds `original_module` (frozen) and one trainable deep copy per adapter in `modules_to_save`."""
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        # files store the copy at the module's own path (checkpoint/keys.py)
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {key: f"modules_to_save.{adapter_name}.{key}"
+                for key in self.modules_to_save[adapter_name].state_dict()}
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str, copy: nn.Module | None = None) -> None:
         super().__init__()
@@ -83,14 +99,15 @@ class ModulesToSaveWrapper(nn.Module, AdapterHolder):
             for key, tensor in self.modules_to_save[name].state_dict(keep_vars=True).items():
                 yield f"modules_to_save.{name}.{key}", tensor
 
-    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+    def set_adapter(self, names: str | list[str], trainable: Iterable[str] | None = None,
+                    inference_mode: bool = False) -> None:
+        names, trainable = set_adapter_arguments(names, trainable, inference_mode)
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(
                 f"Adapters {present} each have their own copy of a modules_to_save module; only one can be active."
             )
         self._active_adapters = present
-        trainable = set(trainable)
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name in present and name in trainable)
 

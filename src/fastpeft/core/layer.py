@@ -60,6 +60,15 @@ def _named_parameters(module: nn.Module):
     return found
 
 
+def set_adapter_arguments(names: str | list[str], trainable: Iterable[str] | None,
+                          inference_mode: bool) -> tuple[list[str], set[str]]:
+    """(names as a list, names that train) from either call form of `set_adapter` (see AdapterLayer)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if trainable is None:
+        trainable = () if inference_mode else names
+    return names, set(trainable)
+
+
 class AdapterHolder:
     """Protocol of modules that hold per-adapter state (adapter layers and modules_to_save wrappers)."""
 
@@ -85,7 +94,8 @@ class AdapterHolder:
             return names
         return state.encoder_names if self._in_encoder and state.encoder_names is not None else state.names
 
-    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:  # pragma: no cover
+    def set_adapter(self, names: str | list[str], trainable: Iterable[str] | None = None,
+                    inference_mode: bool = False) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def delete_adapter(self, name: str) -> None:  # pragma: no cover
@@ -206,9 +216,12 @@ class AdapterLayer(nn.Module, AdapterHolder):
             else:
                 yield f"{attr}.{name}", item
 
-    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
-        """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not."""
-        trainable = set(trainable)
+    def set_adapter(self, names: str | list[str], trainable: Iterable[str] | None = None,
+                    inference_mode: bool = False) -> None:
+        """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not.
+        Called as HF PEFT's `BaseTunerLayer.set_adapter(names, inference_mode=False)` (transformers and diffusers
+        do), without `trainable`: the active adapters train unless `inference_mode`."""
+        names, trainable = set_adapter_arguments(names, trainable, inference_mode)
         own = self.adapter_names()
         # kept as asked (as HF PEFT, for status reports); forward and merge skip names this layer lacks
         self._active_adapters = list(names)

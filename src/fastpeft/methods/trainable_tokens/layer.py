@@ -212,7 +212,8 @@ class TrainableTokensWrapper(nn.Module, AdapterHolder):
     def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(())  # the inner layer reports its own parameters
 
-    def set_adapter(self, names: list[str], trainable: Iterable[str] = ()) -> None:
+    def set_adapter(self, names: str | list[str], trainable: Iterable[str] | None = None,
+                    inference_mode: bool = False) -> None:
         pass  # the tuner reaches the inner layer directly
 
     def enable_adapters(self, enabled: bool) -> None:

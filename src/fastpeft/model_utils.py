@@ -184,8 +184,15 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         devices={a: sorted({d for ds in v for d in ds}) for a, v in _collect(layers, "devices").items()})
 
 
-import sys as _sys  # noqa: E402
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, attribute name) of the module at dotted path `key` (HF PEFT's helper of this name)."""
+    parent_name, _, name = key.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), model.get_submodule(key), name
 
-from . import hotswap  # noqa: E402  HF PEFT's path peft.utils.hotswap -> fastpeft.utils.hotswap
 
-_sys.modules[f"{__name__}.hotswap"] = hotswap
+def infer_device() -> str:
+    """The accelerator torch would use here ('cuda', 'xpu', 'mps', ...), else 'cpu'."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,93 @@
+"""HF PEFT's module path `peft.tuners`: one subpackage per method (re-exports; the code is in fastpeft.methods)."""
+
+from . import (  # noqa: F401
+    adalora,
+    adaption_prompt,
+    boft,
+    cpt,
+    fourierft,
+    hra,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    miss,
+    multitask_prompt_tuning,
+    oft,
+    p_tuning,
+    poly,
+    prefix_tuning,
+    prompt_tuning,
+    randlora,
+    trainable_tokens,
+    tuners_utils,
+    vblora,
+    vera,
+)
+from .adalora import AdaLoraConfig, AdaLoraModel
+from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from .boft import BOFTConfig, BOFTModel
+from .fourierft import FourierFTConfig, FourierFTModel
+from .hra import HRAConfig, HRAModel
+from .ia3 import IA3Config, IA3Model
+from .ln_tuning import LNTuningConfig, LNTuningModel
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
+from .lora import LoraConfig, LoraModel
+from .miss import MissConfig, MissModel
+from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
+from .oft import OFTConfig, OFTModel
+from .p_tuning import PromptEncoder, PromptEncoderConfig
+from .poly import PolyConfig, PolyModel
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .randlora import RandLoraConfig, RandLoraModel
+from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from .vblora import VBLoRAConfig, VBLoRAModel
+from .vera import VeraConfig, VeraModel
+
+__all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+    "BOFTConfig",
+    "BOFTModel",
+    "FourierFTConfig",
+    "FourierFTModel",
+    "HRAConfig",
+    "HRAModel",
+    "IA3Config",
+    "IA3Model",
+    "LNTuningConfig",
+    "LNTuningModel",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
+    "LoraConfig",
+    "LoraModel",
+    "MissConfig",
+    "MissModel",
+    "MultitaskPromptEmbedding",
+    "MultitaskPromptTuningConfig",
+    "OFTConfig",
+    "OFTModel",
+    "PolyConfig",
+    "PolyModel",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "RandLoraConfig",
+    "RandLoraModel",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
+    "VBLoRAConfig",
+    "VBLoRAModel",
+    "VeraConfig",
+    "VeraModel",
+]

@@ -1,0 +1,3 @@
+"""HF PEFT's module path `peft.tuners.lora.config`."""
+
+from ...methods.lora.config import LoraConfig  # noqa: F401
