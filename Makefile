@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test demo lint install clean bench bench-full
+.PHONY: test test-ecosystem demo lint install clean bench bench-full
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,11 +18,25 @@ install: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
 
+# A second environment without HF PEFT: the dev venv's packages less `peft`, hard-linked (seconds, no download).
+# tests_ecosystem/ runs transformers / diffusers / TRL on fastpeft through fastpeft.install_as_peft() there.
+ECO_VENV := .venv-eco
+ECO_STAMP := $(ECO_VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+$(ECO_STAMP): $(STAMP)
+	rm -rf $(ECO_VENV)
+	python3 -m venv --without-pip $(ECO_VENV)
+	$(PY) tests_ecosystem/make_env.py $(VENV) $(ECO_VENV)
+	touch $(ECO_STAMP)
+
+test-ecosystem: $(ECO_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(ECO_VENV)/bin/python -m pytest tests_ecosystem
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fastpeft demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check src tests tests_ecosystem $(wildcard benchmarks)
 
 # Benchmarks: fastpeft vs HF PEFT ratios (benchmarks/README.md). `bench`: quick runs; `bench-full`: the runs
 # behind the numbers in benchmarks/README.md (minutes each on a 2-core CPU).
@@ -44,4 +58,4 @@ bench-full: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/lora_dropout_memory.py --repeats 11
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ECO_VENV)

@@ -82,7 +82,9 @@ def _alias_module() -> types.ModuleType:
     import fastpeft
 
     module = types.ModuleType("peft", "fastpeft, serving as peft (fastpeft.install_as_peft)")
-    module.__dict__.update({name: getattr(fastpeft, name) for name in fastpeft.__all__})
+    # names fastpeft imports lazily (AdaLoraCallback imports transformers) are left to __getattr__: importing
+    # transformers before `peft` exists would cache its "PEFT is not installed" answer
+    module.__dict__.update({name: vars(fastpeft)[name] for name in fastpeft.__all__ if name in vars(fastpeft)})
     module.__version__ = PEFT_API_VERSION
     module.__path__ = []
     module.__spec__ = importlib.machinery.ModuleSpec("peft", None, is_package=True)
