@@ -1,4 +1,5 @@
-"""HF PEFT's module path `peft.utils.other` (code: core/aux.py, model_utils.py)."""
+"""HF PEFT's module path `peft.utils.other` (code: core/aux.py, model_utils.py, integrations/fsdp.py)."""
 
 from ..core.aux import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: F401
+from ..integrations.fsdp import fsdp_auto_wrap_policy  # noqa: F401
 from ..model_utils import _get_submodules, infer_device  # noqa: F401
