@@ -30,7 +30,7 @@ $(ECO_STAMP): $(STAMP)
 	touch $(ECO_STAMP)
 
 test-ecosystem: $(ECO_STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(ECO_VENV)/bin/python -m pytest tests_ecosystem
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ORACLE_PYTHON=$(abspath $(PY)) $(ECO_VENV)/bin/python -m pytest tests_ecosystem
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fastpeft demo
