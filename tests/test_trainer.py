@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import fastpeft
 from fastpeft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model, get_peft_model_state_dict
 from fastpeft.integrations import transformers as integration
 
@@ -281,3 +282,92 @@ def test_accelerate_custom_loop(tmp_path):
     reloaded = _lora_llama()
     reloaded.load_adapter(str(tmp_path / "adapter"), "default")
     _assert_states_close(_adapter_state(reloaded), _adapter_state(unwrapped), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- PeftModel API
+
+
+def _prompt_pair(config_name: str):
+    import peft
+
+    kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    theirs = peft.get_peft_model(models.make_llama(), getattr(peft, config_name)(**kwargs))
+    ours = fastpeft.get_peft_model(models.make_llama(), getattr(fastpeft, config_name)(**kwargs))
+    ours.prompt_encoder.load_state_dict(models.perturb(theirs, seed=2).prompt_encoder.state_dict())
+    return theirs, ours
+
+
+@pytest.mark.parametrize("config_name", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_get_prompt_and_prompt_embedding_to_save_as_hf_peft(config_name):
+    theirs, ours = _prompt_pair(config_name)
+    expected, got = theirs.get_prompt(2), ours.get_prompt(2)
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(got, expected)
+    else:  # prefix tuning: the pre-filled key/value cache
+        assert type(got) is type(expected) and len(got.layers) == len(expected.layers) == 2
+        for mine, hf in zip(got.layers, expected.layers):
+            assert torch.equal(mine.keys, hf.keys) and torch.equal(mine.values, hf.values)
+    assert torch.equal(ours.get_prompt_embedding_to_save("default"), theirs.get_prompt_embedding_to_save("default"))
+    with pytest.raises(NotImplementedError, match="max_cache_len"):
+        ours.get_prompt(2, max_cache_len=16)
+
+
+def test_get_prompt_refused_for_layer_methods():
+    with pytest.raises(ValueError, match="get_prompt applies to prompt methods"):
+        _lora_llama().get_prompt(2)
+    with pytest.raises(ValueError, match="get_prompt_embedding_to_save applies to prompt methods"):
+        _lora_llama().get_prompt_embedding_to_save("default")
+
+
+def test_has_active_enabled_adapter_as_hf_peft():
+    import peft
+
+    theirs = peft.get_peft_model(models.make_llama(), peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    ours = _lora_llama()
+    for model in (theirs, ours):
+        assert model.has_active_enabled_adapter
+        with model.disable_adapter():
+            assert not model.has_active_enabled_adapter
+        assert model.has_active_enabled_adapter
+
+
+def test_add_and_load_adapter_autocast_dtype_as_hf_peft(tmp_path):
+    import peft
+
+    def dtypes(lib, tmp):
+        model = lib.get_peft_model(models.make_llama().bfloat16(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.add_adapter("kept", lib.LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+        model.add_adapter("cast", lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.save_pretrained(str(tmp))
+        model.load_adapter(str(tmp), "loaded", autocast_adapter_dtype=False)
+        return {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+    ours, theirs = dtypes(fastpeft, tmp_path / "ours"), dtypes(peft, tmp_path / "theirs")
+    assert ours == theirs
+    assert {d for n, d in ours.items() if ".kept." in n or ".loaded." in n} == {torch.bfloat16}
+    assert {d for n, d in ours.items() if ".cast." in n} == {torch.float32}
+
+
+def test_prepare_model_for_gradient_checkpointing_makes_inputs_require_grad():
+    from torch import nn
+
+    model = _lora_llama()
+    ids = models.llama_inputs()["input_ids"]
+    base = model.get_base_model()
+    assert not base.get_input_embeddings()(ids).requires_grad
+    assert model.prepare_model_for_gradient_checkpointing(base) is None
+    assert base.get_input_embeddings()(ids).requires_grad
+
+    class Plain(nn.Module):  # no enable_input_require_grads: a hook on the embeddings instead
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4).requires_grad_(False)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    plain = Plain()
+    model.prepare_model_for_gradient_checkpointing(plain)
+    assert plain.emb(torch.tensor([1, 2])).requires_grad
+    with pytest.raises(TypeError, match="cannot make its inputs require grad"):
+        model.prepare_model_for_gradient_checkpointing(nn.Linear(2, 2))

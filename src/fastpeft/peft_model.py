@@ -8,7 +8,6 @@ key prefix); for prompt methods `base_model` is the user's model itself, as in H
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import logging
 import os
@@ -22,13 +21,13 @@ from torch import nn
 from .checkpoint import fingerprint, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
-from .checkpoint.model_card import model_card
 from .config import PeftConfig
 from .core import checks
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
 from .core.tuner import check_adapter_name
 from .integrations.transformers import enable_trainer_support
+from .peft_model_compat import PeftModelCompat
 from .registry import get_spec
 
 logger = logging.getLogger(__name__)
@@ -68,16 +67,6 @@ def _expose_base_signature(peft_model: PeftModel) -> None:
     peft_model.__dict__["forward"] = types.MethodType(forward, peft_model)
 
 
-def _field_defaults(config: PeftConfig) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 def refuse_ephemeral_gpu_offload(enabled: bool) -> None:
     """HF PEFT's `ephemeral_gpu_offload` (DoRA norms of CPU-offloaded layers computed on the GPU) is not
     implemented: refuse it rather than accept and ignore it."""
@@ -96,7 +85,7 @@ def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
         )
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftModelCompat, nn.Module):
     """Wraps `model` with the adapter described by `peft_config` under the name `adapter_name`."""
 
     # module names trained whole for this task (classifier heads); extended into config.modules_to_save
@@ -205,7 +194,10 @@ class PeftModel(nn.Module):
             print(checks.NO_TRAINABLE_NOTICE)
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new (untrained, inactive) adapter. `autocast_adapter_dtype=False` keeps its weights in the dtype of
+        the layers they sit on (default: float16 / bfloat16 adapter weights are made float32, as HF PEFT)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a new name.")
@@ -216,9 +208,8 @@ class PeftModel(nn.Module):
             )
         self._add_task_modules_to_save(peft_config)
         self.tuner.peft_config[adapter_name] = peft_config
-        self.tuner.inject_adapter(self.get_base_model(), adapter_name,
-                                  autocast_adapter_dtype=getattr(self.tuner, "autocast_adapter_dtype", True),
-                                  low_cpu_mem_usage=low_cpu_mem_usage)
+        self.tuner.inject_adapter(self.get_base_model(), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                  autocast_adapter_dtype=autocast_adapter_dtype)
         checks.follow_base_mode(self)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -322,8 +313,7 @@ class PeftModel(nn.Module):
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
             card = os.path.join(out_dir, "README.md")
             if not os.path.exists(card):  # never overwrite a card the user wrote
-                text = model_card(config_dict, name, sum(t.numel() for t in tensors.values()),
-                                  type(self.get_base_model()).__name__, _field_defaults(self.peft_config[name]))
+                text = self.model_card_text(name, config_dict, sum(t.numel() for t in tensors.values()))
                 jobs.append((card, io.text_writer(text)))
             io.atomic_write_many(jobs)
 
@@ -394,7 +384,8 @@ class PeftModel(nn.Module):
             if config is not None:
                 check_config_for_model(config, self.get_base_model(), model_id)  # sizes, before any allocation
                 with checks.loading_file(), validate.file_errors(model_id):
-                    self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+                    self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                     autocast_adapter_dtype=autocast_adapter_dtype)
             fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
                                           strict=bool(rest.get("strict", False)), key_mapping=key_mapping,
                                           **hub_kwargs)

@@ -2,6 +2,11 @@
 
 They recognise PEFT models with `isinstance(model, peft.PeftModel)`, so by default a fastpeft model is saved whole.
 We rebind a few module-level names of theirs to wrappers that also accept fastpeft models; see `enable_trainer_support`.
+
+Who needs it: users who do NOT call `fastpeft.install_as_peft()` (HF PEFT installed next to fastpeft, or no `peft`
+at all). With `install_as_peft()`, `peft.PeftModel` is fastpeft's class and `peft.tuners.tuners_utils.BaseTunerLayer`
+a base of fastpeft's adapter layers, so the trainers' own checks (and accelerate's `is_peft_model`) already answer
+yes: nothing is patched then (`fastpeft_serves_as_peft`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 _lock = threading.RLock()
+
+
+def fastpeft_serves_as_peft() -> bool:
+    """Whether `fastpeft.install_as_peft()` is active: then the trainers recognise fastpeft models unpatched."""
+    from ..peft_alias import is_installed
+
+    return is_installed()
 
 
 def is_fastpeft_model(model: Any) -> bool:
@@ -113,6 +125,8 @@ _WRAPPERS: dict[str, tuple[Callable[[Any], Any], bool]] = {
 def patch_module(module: Any) -> None:
     """Rebind the names `TARGETS` lists for `module` (by `__name__`) to fastpeft-aware wrappers, once."""
     names = TARGETS.get(getattr(module, "__name__", ""), ())
+    if names and fastpeft_serves_as_peft():
+        return  # `peft` is fastpeft: the module's own names already recognise fastpeft models
     with _lock:
         for name in names:
             current = getattr(module, name, None)
@@ -169,8 +183,11 @@ def enable_trainer_support() -> None:
 
     Effects once active: `save_model` and checkpoints write the adapter files only, `resume_from_checkpoint` and
     `load_best_model_at_end` load them back with `load_adapter`, dataset columns follow the base model's `forward`.
-    Called by `PeftModel.__init__`; cheap and idempotent, safe to call again.
+    Called by `PeftModel.__init__`; cheap and idempotent, safe to call again. A no-op while fastpeft serves as
+    `peft` (`install_as_peft()`): the trainers need no patch then.
     """
+    if fastpeft_serves_as_peft():
+        return
     with _lock:
         for name in TARGETS:
             module = sys.modules.get(name)
