@@ -6,6 +6,7 @@ Covers get_peft_model and inject_adapter_in_model, training, save/load, files, s
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 
@@ -378,3 +379,95 @@ def test_merge_unmerge_layers_of_injected_model():
     for m in layers:
         torch.testing.assert_close(m.get_base_layer().weight, weights[id(m)], atol=1e-6, rtol=0)
     close(out(model, x), expected, "after unmerge")
+
+
+# ------------------------------------------------------------------------------------------- diffusers' layer API
+# diffusers drives adapter layers directly: set_adapter(list) + set_scale per adapter (set_adapters weights),
+# scale_layer / unscale_layer around a forward (lora_scale), scale_layer + merge(safe_merge=, adapter_names=) /
+# unmerge (fuse_lora / unfuse_lora). The same calls on fastpeft's and HF PEFT's layers must agree.
+
+SCALED_METHODS = {
+    "lora": lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN),
+    "lora_rslora": lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN, use_rslora=True),
+    "dora": lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], use_dora=True),
+    "lokr": lambda lib: lib.LoKrConfig(r=4, alpha=2, target_modules=["to_q", "to_v"]),
+    "loha": lambda lib: lib.LoHaConfig(r=4, alpha=8, target_modules=["to_q", "to_v"]),
+}
+
+LAYER_STEPS = [
+    ("set_adapter", lambda m: m.set_adapter(["a", "b"])),
+    ("set_scale", lambda m: (m.set_scale("a", 0.3), m.set_scale("b", 2.0), m.set_scale("missing", 5.0))),
+    ("scale_layer", lambda m: m.scale_layer(0.5)),
+    ("unscale_layer(0.5)", lambda m: m.unscale_layer(0.5)),
+    ("unscale_layer()", lambda m: m.unscale_layer()),
+    ("set_scale 0", lambda m: m.set_scale("b", 0.0)),
+    ("scale_layer + merge a", lambda m: (m.scale_layer(0.7), m.merge(safe_merge=True, adapter_names=["a"]))),
+    ("unmerge", lambda m: m.unmerge()),
+]
+
+
+def _injected_pair(method):
+    fp, hf = base("unet"), base("unet")
+    for name in ("a", "b"):
+        fp = fastpeft.inject_adapter_in_model(SCALED_METHODS[method](fastpeft), fp, adapter_name=name)
+        hf = peft.inject_adapter_in_model(SCALED_METHODS[method](peft), hf, adapter_name=name)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in sorted(fp.named_parameters()):
+            if any(t in name for t in (".lora_", ".lokr_", ".hada_")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    for name in ("a", "b"):
+        sd = fastpeft.get_peft_model_state_dict(fp, adapter_name=name)
+        result = peft.set_peft_model_state_dict(hf, sd, adapter_name=name)
+        assert not result.unexpected_keys
+    return fp, hf
+
+
+def _layers(model, cls):
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize("method", list(SCALED_METHODS))
+def test_layer_scale_merge_calls_match_hf_peft(method):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from fastpeft.core.layer import AdapterLayer
+
+    x = unet_inputs()
+    fp, hf = _injected_pair(method)
+    fp_layers, hf_layers = _layers(fp, AdapterLayer), _layers(hf, BaseTunerLayer)
+    assert set(fp_layers) == set(hf_layers) and fp_layers
+    start = out(fp, x)
+    for what, step in LAYER_STEPS:
+        for name in fp_layers:
+            step(fp_layers[name])
+            step(hf_layers[name])
+        for name, layer in fp_layers.items():
+            assert layer.scaling == pytest.approx(hf_layers[name].scaling), f"{method}, {what}: scaling of {name}"
+            assert layer.merged_adapters == hf_layers[name].merged_adapters
+            close(layer.get_base_layer().weight, hf_layers[name].get_base_layer().weight, f"{what}: {name}")
+        close(out(fp, x), out(hf, x), f"{method}, after {what}")
+    differs(out(fp, x), start, f"{method}: the scale calls")
+
+
+@pytest.mark.parametrize("lib", [fastpeft, peft], ids=["fastpeft", "hf"])
+def test_disable_input_dtype_casting_with_layerwise_cast_adapter_weights(lib):
+    """Adapter weights stored in bf16 and upcast to fp32 just before each runs (diffusers' layerwise casting on
+    the LoRA modules): casting the input to the stored dtype fails; inside disable_input_dtype_casting the fp32
+    input reaches the upcast weights. Both libraries behave the same, with the same numbers."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    x = unet_inputs()
+    model = perturb(lib.inject_adapter_in_model(config(lib, "unet_attn"), base("unet")))
+    expected = out(model, x)
+    for name, module in model.named_modules():
+        if name.endswith(("lora_A.default", "lora_B.default")):
+            apply_layerwise_casting(module, storage_dtype=torch.bfloat16, compute_dtype=torch.float32,
+                                    skip_modules_pattern=())
+    with pytest.raises(RuntimeError, match="dtype"):
+        out(model, x)
+    with importlib.import_module(f"{lib.__name__}.helpers").disable_input_dtype_casting(model):
+        got = out(model, x)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # only the adapter weights were rounded
+    with pytest.raises(RuntimeError, match="dtype"):
+        out(model, x)  # the layers cast again after the block

@@ -1,15 +1,6 @@
-"""HF PEFT's module path `peft.helpers`. diffusers imports `disable_input_dtype_casting` when it loads."""
+"""HF PEFT's module path `peft.helpers`. diffusers imports `disable_input_dtype_casting` when it loads (its layerwise
+casting wraps each adapter layer's forward in it); the code lives in fastpeft.core.input_casting."""
 
-from __future__ import annotations
+from .core.input_casting import disable_input_dtype_casting
 
-from contextlib import contextmanager
-
-
-@contextmanager
-def disable_input_dtype_casting(model, active: bool = True):
-    """Not implemented by fastpeft yet: refused on use rather than entered and ignored."""
-    raise NotImplementedError(
-        "peft.helpers.disable_input_dtype_casting is not implemented by fastpeft yet (fastpeft's adapter layers "
-        "always cast their input to the adapter's dtype). Run without layerwise casting."
-    )
-    yield  # pragma: no cover
+__all__ = ["disable_input_dtype_casting"]

@@ -133,6 +133,11 @@ class AdapterLayer(nn.Module, AdapterHolder):
     nested: bool = False
     # adapters add to the base output (adapter_output / delta_weight); False: the layer overrides adapted_forward
     additive: bool = True
+    # HF PEFT's switch (peft.helpers.disable_input_dtype_casting sets it per layer): False leaves the input in its
+    # dtype instead of casting it to the adapter's. Only layers whose casts all go through `cast_input` honour
+    # it; they set `input_cast_switchable`, and the context manager refuses the others (core/input_casting.py).
+    cast_input_dtype_enabled: bool = True
+    input_cast_switchable: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -314,6 +319,54 @@ class AdapterLayer(nn.Module, AdapterHolder):
             rows = self.adapted_forward(x[idx], [name], *args, **kwargs)
             result = result.index_copy(0, idx, rows.to(result.dtype))
         return result
+
+    def cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in the adapter's `dtype`, unless input casting is switched off for this layer."""
+        if x.dtype == dtype or not self.cast_input_dtype_enabled:
+            return x
+        return x.to(dtype)
+
+    # ------------------------------------------------------------------ per-adapter scale (HF PEFT's layer API)
+    # diffusers' set_adapters weights, lora_scale and fuse_lora(lora_scale=) call these on every adapter layer.
+    # A method whose output is scaled by `self.scaling[name]` supplies `initial_scaling`; others refuse.
+    def initial_scaling(self, name: str) -> float:
+        """The scale adapter `name` got at creation (from its config), which `set_scale` multiplies."""
+        raise NotImplementedError(
+            f"{type(self).__module__}.{type(self).__name__} layers have no per-adapter scale: set_scale / "
+            "scale_layer / unscale_layer (diffusers' set_adapters weights, lora_scale, fuse_lora(lora_scale=...)) "
+            "are not served for this method."
+        )
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Adapter `adapter`'s scale = `scale` times its initial scale (adapters this layer lacks: ignored)."""
+        if self.has_adapter(adapter):
+            self._write_scaling(adapter, scale * self.initial_scaling(adapter))
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scale of every active adapter of this layer by `scale`."""
+        if scale == 1:
+            return
+        for name in self._scaled_active_adapters():
+            self._write_scaling(name, self.scaling[name] * scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the active adapters' scales by `scale`; `None`: back to their initial scales."""
+        for name in self._scaled_active_adapters():
+            value = self.initial_scaling(name) if scale is None else self.scaling[name] / scale
+            self._write_scaling(name, value)
+
+    def _scaled_active_adapters(self) -> list[str]:
+        names = [n for n in self._active_adapters if self.has_adapter(n)]
+        if names:
+            self.initial_scaling(names[0])  # refuses on layers without a scale
+        return names
+
+    def _write_scaling(self, name: str, value) -> None:
+        current = self.scaling.get(name)
+        if isinstance(current, torch.Tensor):  # held as a tensor for compiled hot-swaps: same tensor, new value
+            current.fill_(value)
+        else:
+            self.scaling[name] = float(value)
 
     # ------------------------------------------------------------------ merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

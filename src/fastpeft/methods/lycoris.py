@@ -143,6 +143,7 @@ class LycorisLayer(AdapterLayer):
 
     # init_weights value -> factor attributes that start at zero (the rest get Kaiming-uniform, a=sqrt(5))
     ZERO_INIT: dict = {}
+    input_cast_switchable = True  # adapter_output casts through cast_input
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, alpha: float) -> None:
         super().__init__(base_layer)
@@ -179,12 +180,15 @@ class LycorisLayer(AdapterLayer):
                             f"{type(base).__name__}; adjust target_modules.")
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
-        self.scaling[adapter_name] = alpha / r
+        self.scaling[adapter_name] = self.initial_scaling(adapter_name)
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.rank_dropout_scale[adapter_name] = self.scales_rank_dropout(config)
         self.module_dropout[adapter_name] = config.module_dropout
         self.create_parameters(adapter_name, r, geometry(base, config.use_effective_conv2d), config)
         self.init_parameters(adapter_name, config.init_weights)
+
+    def initial_scaling(self, name: str) -> float:
+        return self.alpha[name] / self.r[name]
 
     def add_parameter(self, attr: str, name: str, *shape: int) -> None:
         getattr(self, attr)[name] = nn.Parameter(torch.empty(*shape))
@@ -227,7 +231,7 @@ class LycorisLayer(AdapterLayer):
         if self.training and self.rank_dropout[name]:
             weight = self._rank_dropped(name, weight)
         base = self.get_base_layer()
-        return APPLY[weight.dim() - 2](base, x.to(weight.dtype), weight)
+        return APPLY[weight.dim() - 2](base, self.cast_input(x, weight.dtype), weight)
 
 
 # ---------------------------------------------------------------------------------------------------- tuner

@@ -11,6 +11,7 @@ from ..lycoris import Geometry, LycorisLayer, cp_weight
 class LoHaLayer(LycorisLayer):
     # same attribute names as HF PEFT, so file keys match; order = HF's initialisation order
     adapter_param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    adapter_layer_names = adapter_param_names  # HF PEFT's name (diffusers' layerwise casting reads it)
     # init_weights=True: one factor of the second product is zero, so dW = 0 at the start
     ZERO_INIT = {True: ("hada_w2_b",), False: ()}
 

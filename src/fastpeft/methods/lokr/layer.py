@@ -43,6 +43,7 @@ def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 class LoKrLayer(LycorisLayer):
     # same attribute names as HF PEFT, so file keys match; order = HF's initialisation order
     adapter_param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    adapter_layer_names = adapter_param_names  # HF PEFT's name (diffusers' layerwise casting reads it)
     ZERO_INIT = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b"), False: ()}
 
     def scales_rank_dropout(self, config) -> bool:

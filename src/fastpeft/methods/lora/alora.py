@@ -61,7 +61,7 @@ class Alora(LoraVariant):
 
     def contribution(self, layer, name, x, result):
         a = layer.lora_weights(name)[0]
-        x = x.to(a.dtype)
+        x = layer.cast_input(x, a.dtype)
         if x.dim() not in (2, 3):
             raise ValueError(f"aLoRA expects inputs of shape (batch, features) or (batch, tokens, features); got "
                              f"{tuple(x.shape)} at a layer of adapter '{name}'.")

@@ -193,7 +193,7 @@ class ArrowRouter(LoraVariant):
     def route(self, layer, name, x: torch.Tensor) -> torch.Tensor:
         """sum_e c_e(x) s_e B_e A_e x per token, then the router's dropout (on the output, as HF PEFT)."""
         first = layer.lora_A[self.experts[0]].weight
-        tokens = x.to(first.dtype).reshape(-1, x.shape[-1])  # (t, in)
+        tokens = layer.cast_input(x, first.dtype).reshape(-1, x.shape[-1])  # (t, in)
         protos = self.prototypes.to(device=tokens.device, dtype=tokens.dtype)
         coeff = self.coefficients(tokens, protos)  # (t, E)
         a = torch.stack([layer.lora_A[n].weight for n in self.experts])  # (E, r, in)

@@ -126,7 +126,7 @@ class BdLora(AdditiveMerge):
 
     def contribution(self, layer, name, x, result):
         a = layer.lora_A[name]
-        x = layer.lora_dropout[name](x).to(a.weight.dtype)  # dropout, then the cast (HF PEFT's order here)
+        x = layer.cast_input(layer.lora_dropout[name](x), a.weight.dtype)  # dropout, then the cast (as HF PEFT)
         return layer.lora_B[name](a(x)) * layer.scaling[name]
 
     def delta(self, layer, name):

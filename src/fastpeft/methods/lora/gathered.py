@@ -35,7 +35,7 @@ class Group(NamedTuple):
 
 def plan(layer, adapter_names: list[str]) -> list[Group] | None:
     """The batch's rows grouped by (rank, dtype) when the gathered path applies, else None (use the loop)."""
-    if layer.merged or len(adapter_names) < MIN_ADAPTERS:
+    if layer.merged or len(adapter_names) < MIN_ADAPTERS or not layer.cast_input_dtype_enabled:  # group_output casts
         return None
     factors: dict[str, tuple | None] = {}  # adapter -> (group key, A, B, scaling); None: not on this layer
     groups: dict[tuple, Group] = {}

@@ -84,7 +84,7 @@ class Kasa(AdditiveMerge):
         truncate_minor_components(layer, layer.r[name])
 
     def contribution(self, layer, name, x, result):
-        x = x.to(layer.lora_weights(name)[0].dtype)
+        x = layer.cast_input(x, layer.lora_weights(name)[0].dtype)
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
         return lora_b(lora_a(layer.lora_dropout[name](x)) * layer.lora_diag[name]) * layer.scaling[name]
 

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 class LoraLayer(AdapterLayer):
     adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_layer_names = adapter_param_names  # HF PEFT's name for them (diffusers' layerwise casting skips these)
+    input_cast_switchable = True  # every input cast goes through cast_input (variants' included)
     is_embedding = False
     variant_kind = "linear"  # row of variant_table.VARIANTS used by this layer class
     factors_attr = "lora_A"  # the dict that holds every adapter of this layer: forward's ownership test
@@ -66,7 +68,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = config.use_rslora
         self.lora_bias[adapter_name] = config.lora_bias
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[adapter_name] = self.initial_scaling(adapter_name)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.build(adapter_name, r, config.lora_bias)
         INIT_SCHEMES.run(self, adapter_name, config)
@@ -77,6 +79,10 @@ class LoraLayer(AdapterLayer):
             self.lora_variant[adapter_name] = variant
             self.target_name = kwargs.get("target_name", getattr(self, "target_name", ""))  # module key (BD-LoRA)
             variant.init(self, adapter_name)
+
+    def initial_scaling(self, name: str) -> float:
+        r = self.r[name]
+        return self.lora_alpha[name] / (math.sqrt(r) if self.use_rslora[name] else r)
 
     def lora_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -105,9 +111,7 @@ class LoraLayer(AdapterLayer):
         variant = self.lora_variant.get(name)
         if variant is not None:  # alone, e.g. in mixed batches: against the base output
             return variant.contribution(self, name, x, None)
-        dtype = self.lora_weights(name)[0].dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)  # cast before dropout, as HF PEFT
+        x = self.cast_input(x, self.lora_weights(name)[0].dtype)  # before dropout, as HF PEFT
         return self.lora_path(name, self.lora_dropout[name](x))
 
     def add_adapters(self, result, x, names, *args, **kwargs):
@@ -186,16 +190,13 @@ class Linear(LoraLayer):
 
     def lora_path(self, name, x):
         a, b = self.lora_A[name], self.lora_B[name]
-        dtype = a.weight.dtype
-        return b(a(x if x.dtype == dtype else x.to(dtype))) * self.scaling[name]
+        return b(a(self.cast_input(x, a.weight.dtype))) * self.scaling[name]
 
     def adapter_output(self, name, x, *args, **kwargs):
         if name in self.lora_variant or type(self).lora_path is not Linear.lora_path:
             return super().adapter_output(name, x, *args, **kwargs)
         a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        dtype = a.weight.dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)  # before dropout, as HF PEFT
+        x = self.cast_input(x, a.weight.dtype)  # before dropout, as HF PEFT
         # training with dropout: keep x, not dropout(x), for backward (lean_dropout.py); not while compiling
         # (RNG state capture does not trace; the compiled graph plans memory itself)
         if lean_applies(dropout) and not torch.compiler.is_compiling():
@@ -288,7 +289,7 @@ class Conv(LoraLayer):
 
     def lora_path(self, name, x):
         a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(x.to(a.weight.dtype))) * self.scaling[name]
+        return b(a(self.cast_input(x, a.weight.dtype))) * self.scaling[name]
 
     def base_path(self, x):
         base = self.get_base_layer()

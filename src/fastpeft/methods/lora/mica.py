@@ -57,7 +57,7 @@ class MiCA(AdditiveMerge):
             param.requires_grad_(False)
 
     def contribution(self, layer, name, x, result):
-        x = x.to(layer.lora_weights(name)[0].dtype)
+        x = layer.cast_input(x, layer.lora_weights(name)[0].dtype)
         return layer.lora_path(name, layer.lora_dropout[name](x))
 
 

@@ -188,7 +188,7 @@ class Monteclora(AdditiveMerge):
 
     def contribution(self, layer, name, x, result):
         a, b = layer.lora_A[name], layer.lora_B[name]
-        x = x.to(a.weight.dtype)
+        x = layer.cast_input(x, a.weight.dtype)
         weight = a.weight
         if layer.training:
             x = layer.lora_dropout[name](x)

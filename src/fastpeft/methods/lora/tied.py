@@ -143,7 +143,7 @@ class TiedFollower(LoraVariant):
     """Plain LoRA on a module whose weight is the input embedding's: its merge leaves the shared weight alone."""
 
     def contribution(self, layer, name, x, result):
-        x = x.to(layer.lora_weights(name)[0].dtype)
+        x = layer.cast_input(x, layer.lora_weights(name)[0].dtype)
         return layer.lora_path(name, layer.lora_dropout[name](x))
 
     def merged_weight(self, layer, name):

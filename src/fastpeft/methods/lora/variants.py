@@ -158,7 +158,7 @@ class Dora(LoraVariant):
         return (out,)
 
     def contribution(self, layer, name, x, result):
-        x = x.to(layer.lora_weights(name)[0].dtype)
+        x = layer.cast_input(x, layer.lora_weights(name)[0].dtype)
         scale = self.magnitude_scale(layer, name).view(self.channel_view(layer, -1))  # (out,) broadcast
         dropout = layer.lora_dropout[name]
         if result is None or (layer.training and not isinstance(dropout, nn.Identity)):

@@ -145,7 +145,7 @@ class Velora(AdditiveMerge):
     def contribution(self, layer, name, x, result):
         cfg = self.config.velora_config
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        x = layer.lora_dropout[name](x.to(lora_a.weight.dtype))
+        x = layer.lora_dropout[name](layer.cast_input(x, lora_a.weight.dtype))
         if layer.training and torch.is_grad_enabled():
             self.update_projection(layer, name, x)
             v = layer.lora_velora_embed[name]
