@@ -26,6 +26,8 @@ from .errors import (
     AdapterStateError,
     FastPeftError,
     LossyMergeError,
+    NoMatchingPeftModuleError,
+    PeftError,
     UnsafeAdapterFileError,
 )
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
@@ -38,7 +40,7 @@ from .methods.ia3 import IA3Config, IA3Model
 from .methods.ln_tuning import LNTuningConfig, LNTuningModel
 from .methods.loha import LoHaConfig, LoHaModel
 from .methods.lokr import LoKrConfig, LoKrModel
-from .methods.lora import LoraConfig, LoraModel
+from .methods.lora import LoraConfig, LoraModel, LoraRuntimeConfig
 from .methods.lora.arrow import ArrowConfig, create_arrow_model
 from .methods.lora.bdlora import BdLoraConfig
 from .methods.lora.corda import CordaConfig, preprocess_corda
@@ -62,7 +64,12 @@ from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensMode
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
 from .mixed_model import PeftMixedModel
-from .model_utils import get_layer_status, get_model_status, prepare_model_for_kbit_training
+from .model_utils import (
+    cast_mixed_precision_params,
+    get_layer_status,
+    get_model_status,
+    prepare_model_for_kbit_training,
+)
 from .peft_alias import install_as_peft
 from .peft_model import PeftModel
 from .tasks import (
@@ -120,15 +127,18 @@ __all__ = [
     "LoraConfig",
     "LoraGAConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "LossyMergeError",
     "MissConfig",
     "MissModel",
     "MontecloraConfig",
     "MultitaskPromptTuningConfig",
     "MultitaskPromptTuningInit",
+    "NoMatchingPeftModuleError",
     "OFTConfig",
     "OFTModel",
     "PeftConfig",
+    "PeftError",
     "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -160,6 +170,7 @@ __all__ = [
     "VeloraConfig",
     "VeraConfig",
     "VeraModel",
+    "cast_mixed_precision_params",
     "create_arrow_model",
     "get_eva_state_dict",
     "get_layer_status",

@@ -42,3 +42,11 @@ class AdapterStateError(FastPeftError, RuntimeError):
 
 class LossyMergeError(FastPeftError, ValueError):
     """Merging into quantised weights would change the layer's outputs by more than the allowed error."""
+
+
+class NoMatchingPeftModuleError(FastPeftError, ValueError):
+    """The config's target_modules (or the state dict given to inject_adapter_in_model) select no module."""
+
+
+# HF PEFT's names (peft.utils.error): code that catches PeftError catches every fastpeft error
+PeftError = FastPeftError

@@ -196,3 +196,10 @@ def infer_device() -> str:
     if accelerator is not None and accelerator.is_available():
         return accelerator.current_accelerator().type
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to `dtype` (fp16 / bf16 mixed-precision training), trainable ones to float32 (HF PEFT's
+    helper of this name: half the memory for the frozen base, full precision where the optimizer steps)."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype if not param.requires_grad else torch.float32)

@@ -30,8 +30,8 @@ MODULE_PATHS = (
     "auto", "config", "functional", "helpers", "mixed_model", "optimizers", "peft_model",
     "tuners", "tuners.tuners_utils", "tuners.lora.config", "tuners.lora.layer", "tuners.lora.model",
     "tuners.loha.layer", "tuners.lokr.layer",
-    "utils", "utils.constants", "utils.hotswap", "utils.merge_utils", "utils.other", "utils.save_and_load",
-    "utils.transformers_weight_conversion",
+    "utils", "utils.constants", "utils.error", "utils.hotswap", "utils.merge_utils", "utils.other",
+    "utils.save_and_load", "utils.transformers_weight_conversion",
 )
 
 

@@ -12,11 +12,11 @@ from .layer import AdapterHolder, set_adapter_arguments
 
 
 class AuxiliaryTrainingWrapper(nn.Module, AdapterHolder):
-    """A module wrapped to train something beside the adapter layers (HF PEFT's class of the same name: transformers
-    finds these with isinstance when it loads adapter files itself)."""
+    """A module wrapped to train something beside the adapter layers (HF PEFT's class of the same name:
+    transformers finds these with isinstance when it loads adapter files itself)."""
 
     def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
-        """{key in an adapter file, relative to this module: key of the tensor it fills, relative to this module}."""
+        """{key in an adapter file: key of the tensor it fills}, both relative to this module."""
         raise NotImplementedError
 
 

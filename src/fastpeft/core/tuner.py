@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, AdapterStateError
+from ..errors import AdapterNameError, AdapterStateError, NoMatchingPeftModuleError
 from ..registry import registered
 from . import target_checks, targeting, tying
 from .aux import ModulesToSaveWrapper, wrap_modules_to_save
@@ -291,7 +291,7 @@ class Tuner(nn.Module):
         if self.__dict__.get("_state_dict_modules") is not None:
             targets = self._targets_from_state_dict(candidates, targets)
         if not targets:
-            raise ValueError(self._no_target_message(config, [n for n, _ in candidates]))
+            raise NoMatchingPeftModuleError(self._no_target_message(config, [n for n, _ in candidates]))
         return targets
 
     def _modules_in(self, state_dict: dict) -> set[str]:

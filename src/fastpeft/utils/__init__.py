@@ -5,13 +5,22 @@ from ..checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_di
 from ..core.aux import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ..model_utils import (
     _get_submodules,
+    cast_mixed_precision_params,
     get_layer_status,
     get_model_status,
     infer_device,
     prepare_model_for_kbit_training,
 )
 from ..types import PeftType, TaskType
-from . import constants, hotswap, merge_utils, other, save_and_load, transformers_weight_conversion  # noqa: F401
+from . import (  # noqa: F401
+    constants,
+    error,
+    hotswap,
+    merge_utils,
+    other,
+    save_and_load,
+    transformers_weight_conversion,
+)
 from .constants import (
     TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
@@ -40,6 +49,7 @@ __all__ = [
     "PeftType",
     "TaskType",
     "_get_submodules",
+    "cast_mixed_precision_params",
     "get_layer_status",
     "get_model_status",
     "get_peft_model_state_dict",

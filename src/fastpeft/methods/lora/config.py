@@ -49,6 +49,21 @@ SUBCONFIG_CHECKS: dict[str, Callable[[Any], None]] = {
 
 
 @dataclass
+class LoraRuntimeConfig:
+    """LoRA options that apply to this process only and are never saved (HF PEFT's class of this name)."""
+
+    ephemeral_gpu_offload: bool = field(default=False, metadata={
+        "help": "Not implemented by fastpeft yet: True is refused."})
+
+    def __post_init__(self) -> None:
+        if self.ephemeral_gpu_offload:
+            raise NotImplementedError(
+                "LoraRuntimeConfig(ephemeral_gpu_offload=True) is not supported by fastpeft yet: DoRA's weight norms "
+                "are computed on the device that holds the base weights."
+            )
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """Low-Rank Adaptation (Hu et al., 2021): W + (alpha / r) * B @ A with A: (r, in), B: (out, r)."""
 
@@ -84,7 +99,8 @@ class LoraConfig(PeftConfig):
     qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA group size."})
     layer_replication: list | None = field(default=None, metadata={
         "help": "[[start, end), ...] ranges of blocks stacked into a deeper model sharing base weights."})
-    runtime_config: dict = field(default_factory=dict, metadata={"help": "Runtime-only options, never saved."})
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={
+        "help": "Runtime-only options (LoraRuntimeConfig), never saved."})
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
     target_parameters: list[str] | None = field(default=None, metadata={
         "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
@@ -108,6 +124,8 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "LORA"
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -1,3 +1,3 @@
 """HF PEFT's module path `peft.tuners.lora.config`."""
 
-from ...methods.lora.config import LoraConfig  # noqa: F401
+from ...methods.lora.config import LoraConfig, LoraRuntimeConfig  # noqa: F401

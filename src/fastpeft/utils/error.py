@@ -1,0 +1,3 @@
+"""HF PEFT's module path `peft.utils.error`."""
+
+from ..errors import NoMatchingPeftModuleError, PeftError  # noqa: F401
