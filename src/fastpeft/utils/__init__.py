@@ -1,6 +1,6 @@
 """HF PEFT's module path `peft.utils`: re-exports (the code lives in checkpoint/, core/ and model_utils.py)."""
 
-from ..checkpoint.io import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
+from ..checkpoint.io import load_peft_weights
 from ..checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from ..core.aux import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ..model_utils import (
@@ -21,29 +21,10 @@ from . import (  # noqa: F401
     save_and_load,
     transformers_weight_conversion,
 )
-from .constants import (
-    TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING,
-)
+from .constants import *  # noqa: F403  (the TRANSFORMERS_MODELS_TO_*_MAPPING tables)
 
 __all__ = [
-    "CONFIG_NAME",
-    "SAFETENSORS_WEIGHTS_NAME",
-    "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING",
-    "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
-    "WEIGHTS_NAME",
+    *constants.__all__,
     "AuxiliaryTrainingWrapper",
     "ModulesToSaveWrapper",
     "PeftType",
