@@ -36,7 +36,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fastpeft demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests tests_ecosystem $(wildcard benchmarks)
+	$(VENV)/bin/ruff check src tests tests_ecosystem examples $(wildcard benchmarks)
 
 # Benchmarks: fastpeft vs HF PEFT ratios (benchmarks/README.md). `bench`: quick runs; `bench-full`: the runs
 # behind the numbers in benchmarks/README.md (minutes each on a 2-core CPU).
