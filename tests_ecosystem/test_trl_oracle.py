@@ -33,7 +33,9 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2))
 data = Dataset.from_dict({{"text": ["the cat sat on the mat", "a dog ran in the park"] * 4}})
-args = SFTConfig({out!r}, max_steps=2, per_device_train_batch_size=2, learning_rate=5e-2, report_to=[], seed=0,
+args = SFTConfig({out!r}, max_steps=3, per_device_train_batch_size=2, learning_rate=0.5, report_to=[], seed=0,
+                 # SGD in float32 without clipping: Adam, clipping and bf16 would each hide a small error
+                 optim="sgd", max_grad_norm=0.0, bf16=False,
                  use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
 trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
