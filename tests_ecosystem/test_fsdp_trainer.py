@@ -41,19 +41,33 @@ def runs(tmp_path_factory):
         "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER],
         "single": [sys.executable, WORKER],
     }
-    outs, procs = {}, {}
-    for mode, command in commands.items():
-        outs[mode] = tmp_path_factory.mktemp(mode)
-        procs[mode] = subprocess.Popen([*command, mode, str(outs[mode])], stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, env=env)
+    outs = {mode: tmp_path_factory.mktemp(mode) for mode in commands}
+    procs = {mode: _start(command, mode, outs[mode], env) for mode, command in commands.items()}
     for mode, proc in procs.items():
-        try:
-            log, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log, _ = proc.communicate()
-        assert proc.returncode == 0, f"{mode} run failed:\n{log[-6000:]}"
+        returncode, log = _finish(proc)
+        if returncode != 0 and NATIVE_ABORT in log:  # once: a native thread's abort, not a result of the test
+            returncode, log = _finish(_start(commands[mode], mode, outs[mode], env))
+        assert returncode == 0, f"{mode} run failed:\n{log[-6000:]}"
     return outs
+
+
+# torch's CPU collectives sometimes leave a native thread that aborts its process as it exits (seen once in
+# CI after every result was written); the worker now skips that teardown, and the fixture reruns such a run once
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+def _start(command, mode, out, env) -> subprocess.Popen:
+    return subprocess.Popen([*command, mode, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log, _ = proc.communicate()
+    return proc.returncode, log
 
 
 def _info(folder, rank: int) -> dict:
