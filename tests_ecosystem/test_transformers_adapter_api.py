@@ -112,3 +112,18 @@ def test_save_pretrained_writes_an_adapter_fastpeft_and_peft_model_load(tmp_path
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
     reloaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path))
     torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-6, rtol=1e-6)
+
+
+def test_load_adapter_with_trainable_tokens(tmp_path):
+    """LoRA with trainable_token_indices: transformers renames the token rows through the wrapper's load map."""
+    torch.manual_seed(3)
+    config = lora_config(trainable_token_indices={"embed_tokens": [1, 5]})
+    source = models.perturb(fastpeft.get_peft_model(models.make_llama(), config), seed=3, scale=0.1)
+    source.save_pretrained(str(tmp_path))
+    model = models.make_llama()
+    torch.manual_seed(99)
+    model.load_adapter(str(tmp_path), adapter_name="x")
+    delta = model.get_submodule("model.embed_tokens.token_adapter").trainable_tokens_delta["x"]
+    stored = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(delta, stored["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
+    torch.testing.assert_close(logits(model), logits(source), atol=1e-6, rtol=1e-6)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterHolder, AdapterLayer
+from ...core.aux import AuxiliaryTrainingWrapper
+from ...core.layer import AdapterLayer
 from .config import check_index_list
 
 ROW_LAYERS = (nn.Embedding, nn.Linear)  # weight rows are tokens: embedding rows / output-head rows
@@ -162,7 +163,7 @@ class TrainableTokensLayer(AdapterLayer):
         weight.index_copy_(0, self._index(name, weight.device), original.to(weight))
 
 
-class TrainableTokensWrapper(nn.Module, AdapterHolder):
+class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
     """Holds a `TrainableTokensLayer` as `token_adapter` (HF PEFT's layout for LoRA's trainable_token_indices).
 
     The inner layer is itself an adapter holder, so the tuner activates, merges, saves and unloads it directly;
@@ -176,6 +177,17 @@ class TrainableTokensWrapper(nn.Module, AdapterHolder):
 
     def update(self, adapter_name: str, config) -> None:
         self.token_adapter.update_layer(adapter_name, config)
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """transformers' loader: the file's `token_adapter.trainable_tokens_delta` fills this adapter's delta. A
+        wrapper tied to another one's rows (an output head) has no key of its own in files."""
+        inner = self.token_adapter
+        if not isinstance(inner, TrainableTokensLayer) or inner.tied_to is not None:
+            return {}
+        if adapter_name not in inner.trainable_tokens_delta:
+            return {}
+        key = "token_adapter.trainable_tokens_delta"
+        return {key: f"{key}.{adapter_name}"}
 
     def __getattr__(self, name: str):
         try:
