@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core import targeting
 from ..integrations.transformers_defaults import default_targets
-from .lora.model import is_conv1d
+from ._shared.modules import is_conv1d
 
 logger = logging.getLogger(__name__)
 

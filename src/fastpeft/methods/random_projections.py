@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.layer import AdapterLayer
 from ..core.tuner import Tuner
+from ._shared.modules import is_conv1d, is_linear
 from .common import (
     align_fan_in_fan_out,
     check_choice,
@@ -29,7 +30,6 @@ from .common import (
     refuse_second_bias_adapter,
     train_base_biases,
 )
-from .lora.model import is_conv1d, is_linear
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
+from .._shared.modules import is_linear
 from ..common import fill_targets
-from ..lora.model import LoraModel, is_linear
+from ..lora.model import LoraModel
 from ..quantised import AllOrNothingMerge, register_quantised
 from .allocator import RankAllocator
 from .bnb import SVDLinear4bit, SVDLinear8bitLt

@@ -12,15 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from ..lora.model import is_conv1d
-
-
-def linear_dims(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or of a Conv1D (whose weight is stored as (in, out))."""
-    if is_conv1d(base):
-        shape = getattr(base.weight, "ds_shape", base.weight.shape)
-        return int(shape[0]), int(shape[1])
-    return base.in_features, base.out_features
+from .._shared.modules import is_conv1d, linear_dims
 
 
 def spectral_locations(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:

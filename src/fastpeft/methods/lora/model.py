@@ -10,6 +10,7 @@ from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
+from .._shared.modules import is_conv1d, is_linear  # noqa: F401 (is_conv1d: re-exported)
 from ..quantised import AllOrNothingMerge
 from ..trainable_tokens import in_lora as trainable_tokens
 from . import alora, conversion, layer, merge, params, replication, tied  # params: target_parameters
@@ -17,15 +18,6 @@ from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
 from .moe_conversion import convert_config, convert_state  # v4 MoE adapters on transformers v5
 
 logger = logging.getLogger(__name__)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style `Conv1D` (checked by class so importing fastpeft needs no transformers)."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 DISPATCH = DispatchChain("LoRA")

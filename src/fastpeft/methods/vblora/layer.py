@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from ..fourierft.layer import linear_dims
-from ..lora.model import is_conv1d
+from .._shared.modules import is_conv1d, linear_dims
 
 LOGIT_NAMES = ("vblora_logits_A", "vblora_logits_B")
 

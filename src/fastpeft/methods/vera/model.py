@@ -8,7 +8,7 @@ import torch
 
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
-from ..lora.model import is_linear
+from .._shared.modules import is_linear
 from ..random_projections import ProjectionTuner
 from .layer import VeraLinear
 
