@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.methods import orthogonal as orth
+from fastpeft.methods._shared import orthogonal as orth
 from fastpeft.methods.boft import BOFTConfig
 from test_oft import close, close_states, pair, two_adapter_pair, two_adapters
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods import orthogonal as orth
+from fastpeft.methods._shared import orthogonal as orth
 from fastpeft.methods.oft import OFTConfig
 from state_helpers import copy_adapter
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config import PeftConfig
-from ..common import lists_to_sets
+from .._shared.common import lists_to_sets
 from ..lora.config import LoraConfig
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
+from .._shared.common import fill_targets
 from .._shared.modules import is_linear
-from ..common import fill_targets
 from ..lora.model import LoraModel
 from ..quantised import AllOrNothingMerge, register_quantised
 from .allocator import RankAllocator

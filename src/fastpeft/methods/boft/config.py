@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..common import check_choice, check_layer_selection, lists_to_sets
-from ..oft.config import check_block_choice
+from .._shared.common import check_block_choice, check_choice, check_layer_selection, lists_to_sets
 
 BOFT_BIAS_VALUES = ("none", "all", "boft_only")
 

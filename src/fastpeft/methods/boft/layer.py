@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .. import orthogonal as orth
+from .._shared import orthogonal as orth
 
 
 def _layout_problems(dim: int, size: int, num: int, extra: int, what: str) -> list[tuple[bool, str]]:

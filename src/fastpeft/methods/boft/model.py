@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.dispatch import DispatchChain
-from ..oft.model import OrthogonalTuner
+from .._shared.tuners import OrthogonalTuner
 from .layer import BOFTLayer, Conv2d, Linear
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
+from .._shared.common import align_fan_in_fan_out, fill_targets, train_base_biases
 from .._shared.modules import is_linear
-from ..common import align_fan_in_fan_out, fill_targets, train_base_biases
 from .layer import FourierFTLinear
 
 # as HF PEFT: LoRA's table, except GPT-2 style models adapt their MLP output projection

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..common import check_layer_selection, check_positive_ints, lists_to_sets
-
-BIAS_HELP = "'none', 'all' (every bias of the model) or '<method>_only' (biases of the adapted layers)"
+from .._shared.common import BIAS_HELP, check_layer_options, check_positive_ints
 
 
 @dataclass
@@ -35,11 +33,3 @@ class HRAConfig(PeftConfig):
         self.peft_type = "HRA"
         check_positive_ints(self, "HRAConfig", ("r",))
         check_layer_options(self, "HRAConfig")
-
-
-def check_layer_options(config, what: str) -> None:
-    """Target-list normalisation and the checks shared by HRA and MiSS configs."""
-    lists_to_sets(config)
-    check_layer_selection(config, what, regex_targets=True)
-    if not isinstance(config.bias, str) or not (config.bias in ("none", "all") or config.bias.endswith("_only")):
-        raise ValueError(f"{what}.bias={config.bias!r} is not valid; use {BIAS_HELP}.")

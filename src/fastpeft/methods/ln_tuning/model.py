@@ -7,7 +7,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
-from ..common import fill_targets
+from .._shared.common import fill_targets
 from .layer import LNTuningLayer
 
 _DECODER_NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]

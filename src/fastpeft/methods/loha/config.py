@@ -1,10 +1,10 @@
-"""`LoHaConfig`: HF PEFT 0.21.2's LoHa fields and defaults (the shared LyCORIS ones, see ../lycoris.py)."""
+"""`LoHaConfig`: HF PEFT 0.21.2's LoHa fields and defaults (shared LyCORIS ones in ../_shared/lycoris.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lycoris import LycorisConfig
+from .._shared.lycoris import LycorisConfig
 
 
 @dataclass

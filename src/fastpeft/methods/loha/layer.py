@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lycoris import Geometry, LycorisLayer, cp_weight
+from .._shared.lycoris import Geometry, LycorisLayer, cp_weight
 
 
 class LoHaLayer(LycorisLayer):

@@ -1,8 +1,8 @@
-"""`LoHaModel`: the LoHa tuner (Linear, Conv1d and Conv2d targets; defaults and patterns in ../lycoris.py)."""
+"""`LoHaModel`: the LoHa tuner (Linear, Conv1d and Conv2d targets; defaults in ../_shared/lycoris.py)."""
 
 from __future__ import annotations
 
-from ..lycoris import LycorisTuner, lycoris_dispatch
+from .._shared.lycoris import LycorisTuner, lycoris_dispatch
 from . import layer
 
 

@@ -1,11 +1,11 @@
-"""`LoKrConfig`: HF PEFT 0.21.2's LoKr fields and defaults (shared LyCORIS ones in ../lycoris.py)."""
+"""`LoKrConfig`: HF PEFT 0.21.2's LoKr fields and defaults (shared LyCORIS ones in ../_shared/lycoris.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..lycoris import LycorisConfig
+from .._shared.lycoris import LycorisConfig
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..lycoris import Geometry, LycorisLayer, cp_weight
+from .._shared.lycoris import Geometry, LycorisLayer, cp_weight
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:

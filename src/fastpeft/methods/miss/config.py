@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
-from ..common import check_positive_ints
-from ..hra.config import BIAS_HELP, check_layer_options
+from .._shared.common import BIAS_HELP, check_layer_options, check_positive_ints
 
 
 @dataclass

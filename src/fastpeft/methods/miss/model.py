@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...core.dispatch import DispatchChain
-from ..hra.model import LinearFamilyTuner
+from .._shared.tuners import LinearFamilyTuner
 from .layer import Linear
 
 DISPATCH = DispatchChain("MiSS")

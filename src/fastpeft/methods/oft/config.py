@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
-from ..common import check_choice, check_layer_selection, lists_to_sets
+from .._shared.common import check_block_choice, check_choice, check_layer_selection, lists_to_sets
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +81,3 @@ def _older_than(version: str | None, reference: str) -> bool:
     from packaging.version import Version
 
     return Version((version or "0.0.0").partition("@")[0]) < Version(reference)
-
-
-def check_block_choice(owner: str, count_name: str, count: int, size_name: str, size: int) -> None:
-    """Exactly one of the block count and the block size is given (non-zero); the other is derived per layer."""
-    if count < 0 or size < 0:
-        raise ValueError(f"{owner}: {count_name}={count} and {size_name}={size} must not be negative.")
-    if (count != 0) == (size != 0):
-        raise ValueError(
-            f"{owner}: set exactly one of {count_name} ({count}) and {size_name} ({size}) to a non-zero value and "
-            f"the other to 0, since {count_name} x {size_name} equals the layer's input size."
-        )
-
-

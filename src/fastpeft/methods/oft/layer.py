@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import orthogonal as orth
+from .._shared import orthogonal as orth
 
 logger = logging.getLogger(__name__)
 

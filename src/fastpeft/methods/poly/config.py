@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...config import PeftConfig
-from ..common import check_choice, check_positive_ints, lists_to_sets
+from .._shared.common import check_choice, check_positive_ints, lists_to_sets
 
 POLY_TYPES = ("poly",)
 

@@ -8,7 +8,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from ..common import fill_targets
+from .._shared.common import fill_targets
 from .layer import CONTEXT_KEY, PolyLinear
 
 DISPATCH = DispatchChain("Poly")

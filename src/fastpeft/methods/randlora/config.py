@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..common import lists_to_sets
-from ..random_projections import check_projection_config
+from .._shared.common import lists_to_sets
+from .._shared.random_projections import check_projection_config
 
 RANDLORA_BIAS = ("none", "all", "randlora_only")
 

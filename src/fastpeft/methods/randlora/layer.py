@@ -1,6 +1,6 @@
 """RandLoRA layer (Albert et al., 2025, https://arxiv.org/abs/2502.00987) for nn.Linear and transformers' Conv1D.
 
-The shared bases are A: (r, 1, d_min) and B: (d_max, n, r) (random_projections.py). A layer with
+The shared bases are A: (r, 1, d_min) and B: (d_max, n, r) (_shared/random_projections.py). A layer with
 d = min(in, out), D = max(in, out) uses n_l = ceil(d / r) bases and trains lambda: (r, n_l) and gamma: (n_l, d):
 
     S = (lambda[:, :, None] * A[:, :, :d] * gamma[None]).reshape(r * n_l, d)   (the scaled small side)
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..random_projections import ProjectionLayer
+from .._shared.random_projections import ProjectionLayer
 
 
 def num_bases(min_dim: int, r: int) -> int:

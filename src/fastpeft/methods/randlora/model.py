@@ -9,8 +9,8 @@ import torch
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
 from .._shared.modules import is_linear
+from .._shared.random_projections import ProjectionTuner
 from ..quantised import AllOrNothingMerge, register_quantised
-from ..random_projections import ProjectionTuner
 from . import bnb
 from .layer import RandLoraLinear, num_bases
 

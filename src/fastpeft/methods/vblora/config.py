@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..common import check_choice, check_layer_selection, check_positive_ints, lists_to_sets
+from .._shared.common import check_choice, check_layer_selection, check_positive_ints, lists_to_sets
 
 BIAS_CHOICES = ("none", "all", "vblora_only")
 

@@ -11,8 +11,8 @@ from ...checkpoint.keys import write_tensor
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
+from .._shared.common import align_fan_in_fan_out, fill_targets, train_base_biases
 from .._shared.modules import is_linear
-from ..common import align_fan_in_fan_out, fill_targets, train_base_biases
 from .layer import LOGIT_NAMES, VBLoRALinear
 
 BANK = "vblora_vector_bank"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig
-from ..common import check_layer_selection, lists_to_sets
-from ..random_projections import check_projection_config
+from .._shared.common import check_layer_selection, lists_to_sets
+from .._shared.random_projections import check_projection_config
 
 VERA_BIAS = ("none", "all", "vera_only")
 

@@ -1,7 +1,8 @@
 """VeRA layer (Kopiczko et al., 2023, https://arxiv.org/abs/2310.11454) for nn.Linear and transformers' Conv1D.
 
 delta_W = diag(lambda_b) @ B[:out] @ diag(lambda_d) @ A[:, :in], where A: (r, in_max) and B: (out_max, r) are the
-model's shared frozen random matrices (random_projections.py) and lambda_b: (out,), lambda_d: (r,) train.
+model's shared frozen random matrices (_shared/random_projections.py); lambda_b: (out,) and lambda_d: (r,)
+train.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..random_projections import ProjectionLayer
+from .._shared.random_projections import ProjectionLayer
 
 
 def _half_on_cpu(t: torch.Tensor) -> bool:

@@ -9,7 +9,7 @@ import torch
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
 from .._shared.modules import is_linear
-from ..random_projections import ProjectionTuner
+from .._shared.random_projections import ProjectionTuner
 from .layer import VeraLinear
 
 DISPATCH = DispatchChain("VeRA")

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from ..core import targeting
-from ..integrations.transformers_defaults import default_targets
-from ._shared.modules import is_conv1d
+from ...core import targeting
+from ...integrations.transformers_defaults import default_targets
+from .modules import is_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,29 @@ def check_layer_selection(config, owner: str, regex_targets: bool = False) -> No
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError(f"{owner}: layers_pattern needs layers_to_transform (which layer indices to adapt).")
 
+
+
+BIAS_HELP = "'none', 'all' (every bias of the model) or '<method>_only' (biases of the adapted layers)"
+
+
+def check_layer_options(config, owner: str) -> None:
+    """Target lists become sets, layer selection is checked (no regex target with it), and `bias` is 'none',
+    'all' or '<method>_only' (the prefix is left free, as HF PEFT only tests the suffix)."""
+    lists_to_sets(config)
+    check_layer_selection(config, owner, regex_targets=True)
+    if not isinstance(config.bias, str) or not (config.bias in ("none", "all") or config.bias.endswith("_only")):
+        raise ValueError(f"{owner}.bias={config.bias!r} is not valid; use {BIAS_HELP}.")
+
+
+def check_block_choice(owner: str, count_name: str, count: int, size_name: str, size: int) -> None:
+    """Exactly one of the block count and the block size is given (non-zero); the other is derived per layer."""
+    if count < 0 or size < 0:
+        raise ValueError(f"{owner}: {count_name}={count} and {size_name}={size} must not be negative.")
+    if (count != 0) == (size != 0):
+        raise ValueError(
+            f"{owner}: set exactly one of {count_name} ({count}) and {size_name} ({size}) to a non-zero value and "
+            f"the other to 0, since {count_name} x {size_name} equals the layer's input size."
+        )
 
 # ------------------------------------------------------------------ tuner helpers
 def is_nn_linear(module: nn.Module) -> bool:

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig
-from ..core import targeting
-from ..core.dispatch import DispatchChain
-from ..core.layer import AdapterLayer
-from ..core.tuner import Tuner
-from ..integrations.transformers_defaults import LORA_TARGETS
+from ...config import PeftConfig
+from ...core import targeting
+from ...core.dispatch import DispatchChain
+from ...core.layer import AdapterLayer
+from ...core.tuner import Tuner
+from ...integrations.transformers_defaults import LORA_TARGETS
 from .common import check_layer_selection, fill_targets, is_nn_linear, lists_to_sets
 
 # HF PEFT 0.21.2's LoHa and LoKr default target tables are copies of LoRA's

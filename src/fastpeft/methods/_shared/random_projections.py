@@ -19,9 +19,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..core.layer import AdapterLayer
-from ..core.tuner import Tuner
-from ._shared.modules import is_conv1d, is_linear
+from ...core.layer import AdapterLayer
+from ...core.tuner import Tuner
 from .common import (
     align_fan_in_fan_out,
     check_choice,
@@ -30,6 +29,7 @@ from .common import (
     refuse_second_bias_adapter,
     train_base_biases,
 )
+from .modules import is_conv1d, is_linear
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ FILE_PREFIX = "base_model."
 
 
 def check_projection_config(config, label: str, biases: tuple[str, ...], dropout: float) -> None:
-    """Checks shared by VeRA and RandLoRA configs."""
+    """Checks shared by the configs of methods with shared projections (`label`: the config's name)."""
     check_positive_ints(config, label, ("r",))
     check_choice(label, "bias", config.bias, biases)
     if not 0.0 <= dropout < 1.0:
@@ -95,7 +95,7 @@ def largest_shape(modules: list[nn.Module]) -> tuple[int, int]:
     sizes = [in_out_features(m) for m in modules if is_linear(m)]
     if not sizes:
         raise ValueError("No nn.Linear / Conv1D layer among the targets: the shared random projections are sized "
-                         "on them. Point target_modules at linear layers (VeRA / RandLoRA support no other type).")
+                         "on them. Point target_modules at linear layers (no other layer type is supported).")
     return max(o for _, o in sizes), max(i for i, _ in sizes)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.layer import AdapterLayer
+from ...core.layer import AdapterLayer
 
 
 # ---------------------------------------------------------------------------------------------- skew matrices

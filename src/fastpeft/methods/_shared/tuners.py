@@ -1,0 +1,46 @@
+"""Tuner bases several methods build on. A subclass gives its `dispatch` chain, whose method name labels the
+messages; the registry gives it its parameter prefix."""
+
+from __future__ import annotations
+
+import logging
+
+from ...core.tuner import Tuner
+from ...integrations.transformers_defaults import LORA_TARGETS
+from .common import fill_targets, is_nn_linear, refuse_second_bias_adapter, train_base_biases
+
+logger = logging.getLogger(__name__)
+
+
+class LinearFamilyTuner(Tuner):
+    """LoRA's default targets per model type (HF PEFT reuses that table for these methods) and 'all-linear' over
+    nn.Linear layers, layers told their module name, and `bias`: 'all' trains every base bias, '<method>_only'
+    those of the adapted layers (one such adapter per model, as HF PEFT)."""
+
+    def prepare_config(self, config, model):
+        return fill_targets(config, model, LORA_TARGETS, self.dispatch.method, is_nn_linear)
+
+    def layer_kwargs(self, config, key, module):
+        return {"target_name": key}
+
+    def check_new_adapter(self, config) -> None:
+        refuse_second_bias_adapter(self.peft_config, config, self.dispatch.method)
+
+    def mark_extra_trainable(self, adapter_name: str, config) -> None:
+        train_base_biases(self, adapter_name, config.bias)
+
+
+class OrthogonalTuner(Tuner):
+    """Rotation methods: LoRA's default targets (HF PEFT reuses that table for them), nn.Linear weights only (no
+    Conv1D, so fan_in_fan_out is turned off) and the `bias` option."""
+
+    def prepare_config(self, config, model):
+        method = self.dispatch.method
+        fill_targets(config, model, LORA_TARGETS, method)
+        if config.fan_in_fan_out:
+            logger.warning("%s supports nn.Linear (not Conv1D) layers: setting fan_in_fan_out=False.", method)
+            config.fan_in_fan_out = False
+        return config
+
+    def mark_extra_trainable(self, adapter_name, config):
+        train_base_biases(self, adapter_name, config.bias)
