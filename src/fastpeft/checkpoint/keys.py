@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.aux import ModulesToSaveWrapper
+from ..core.auxiliary import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
 from ..errors import AdapterLoadError, AdapterShapeError

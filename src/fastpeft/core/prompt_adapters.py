@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..registry import get_spec
-from .aux import ModulesToSaveWrapper, wrap_modules_to_save
+from .auxiliary import ModulesToSaveWrapper, wrap_modules_to_save
 from .tuner import check_adapter_name
 
 

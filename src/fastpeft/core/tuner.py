@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import AdapterNameError, AdapterStateError, NoMatchingPeftModuleError
 from ..registry import registered
 from . import target_checks, targeting, tying
-from .aux import ModulesToSaveWrapper, wrap_modules_to_save
+from .auxiliary import ModulesToSaveWrapper, wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
 

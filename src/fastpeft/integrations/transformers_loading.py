@@ -4,7 +4,7 @@ transformers reads the adapter file itself and renames each key with the `Weight
 builds (HF PEFT's `peft.utils.transformers_weight_conversion.build_peft_weight_mapping`): a file key such as
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` must become the model's
 `model.layers.0.self_attn.q_proj.lora_A.default.weight`. Modules-to-save copies are renamed by transformers from
-`AuxiliaryTrainingWrapper.adapter_state_dict_load_map` (core/aux.py).
+`AuxiliaryTrainingWrapper.adapter_state_dict_load_map` (core/auxiliary.py).
 """
 
 from __future__ import annotations

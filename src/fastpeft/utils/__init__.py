@@ -2,7 +2,7 @@
 
 from ..checkpoint.io import load_peft_weights
 from ..checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict
-from ..core.aux import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from ..core.auxiliary import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ..model_utils import (
     _get_submodules,
     cast_mixed_precision_params,

@@ -8,7 +8,7 @@ import re
 
 from torch import nn
 
-from ...core.aux import ModulesToSaveWrapper
+from ...core.auxiliary import ModulesToSaveWrapper
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from .._shared.common import align_fan_in_fan_out, fill_targets

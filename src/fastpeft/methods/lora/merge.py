@@ -15,7 +15,7 @@ from functools import reduce
 import torch
 
 from ... import merging
-from ...core.aux import ModulesToSaveWrapper
+from ...core.auxiliary import ModulesToSaveWrapper
 from . import variant_table
 
 

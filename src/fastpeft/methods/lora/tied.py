@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...core import targeting
-from ...core.aux import ModulesToSaveWrapper
+from ...core.auxiliary import ModulesToSaveWrapper
 from ...core.layer import AdapterHolder
 from ...core.tuner import set_submodule
 from ..trainable_tokens.tying import base_weight, input_embedding, input_embedding_name, ties_word_embeddings

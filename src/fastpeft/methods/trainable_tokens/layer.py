@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.aux import AuxiliaryTrainingWrapper
+from ...core.auxiliary import AuxiliaryTrainingWrapper
 from ...core.layer import AdapterLayer
 from .config import check_index_list
 
