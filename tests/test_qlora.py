@@ -280,7 +280,7 @@ def test_allowed_lossy_merge_matches_hf_and_unmerge_is_exact(base_dir):
         if name in originals:
             data, absmax = originals[name]
             assert torch.equal(param.data, data) and torch.equal(param.quant_state.absmax, absmax), name
-    with qbnb.merge_policy(allow_lossy=True):  # an enclosing policy applies to LoRA too (methods/quantised.py)
+    with qbnb.merge_policy(allow_lossy=True):  # an enclosing policy applies to LoRA too (quant/merge.py)
         fp.merge_adapter()
     close(logits(fp), logits(hf))
 

@@ -1,4 +1,4 @@
-"""A failed merge on a quantised model is taken back on every layer (methods/quantised.py `_merge_all_or_nothing`).
+"""A failed merge on a quantised model is taken back on every layer (quant/merge.py `_merge_all_or_nothing`).
 
 The bug: the rollback only knew the layers whose `merge` call had returned. A plain (not quantised) LoRA layer that
 merges its adapters one by one, here `lm_head` with adapters ["default", "b"], and fails on "b" (NaN with

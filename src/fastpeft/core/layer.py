@@ -372,8 +372,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = self._active_adapters if adapter_names is None else adapter_names
         own = self.adapter_names()
-        if bnb_kind(self.get_base_layer()) is not None:  # this layer class cannot requantise (methods/quantised.py)
-            from ..methods.quantised import refuse_plain_merge
+        if bnb_kind(self.get_base_layer()) is not None:  # this layer class cannot requantise (quant/merge.py)
+            from ..quant.merge import refuse_plain_merge  # here: quant/merge.py imports the tuner, which imports us
             refuse_plain_merge(self, [n for n in names if n in own and n not in self.merged_adapters])
         for name in names:
             if name not in own:

@@ -19,7 +19,7 @@ from ...core.tuner import Tuner
 from .._shared.common import fill_targets
 from .._shared.modules import is_linear
 from ..lora.model import LoraModel
-from ..quantised import AllOrNothingMerge, register_quantised
+from ...quant.merge import AllOrNothingMerge, register_quantised
 from .allocator import RankAllocator
 from .bnb import SVDLinear4bit, SVDLinear8bitLt
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear

@@ -2,7 +2,7 @@
 quantised) or 8-bit base with full-precision A and B, `y = base_q(x) + s B A x`.
 
 Registered first in LoRA's dispatch chain by a matcher that never imports bitsandbytes (quant/bnb.py). Merging is
-methods/quantised.py's, shared with the other methods: dequantise, add the update (`merged_dense`), requantise,
+quant/merge.py's, shared with the other methods: dequantise, add the update (`merged_dense`), requantise,
 measure the output error on a probe and refuse when it exceeds the merge policy's bound (HF PEFT requantises
 silently); `merge_and_unload(dequantize=True)` merges into dense `nn.Linear` copies instead. Unmerging restores
 the saved quantised weight bit-exactly (no second rounding).
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...quant import bnb as qbnb
-from ..quantised import QuantisedMerge, is_bnb_linear
+from ...quant.merge import QuantisedMerge, is_bnb_linear
 from .layer import Linear
 
 __all__ = ["Linear4bit", "Linear8bitLt", "QuantLinear", "build", "is_bnb_linear", "layer_class"]
@@ -57,7 +57,7 @@ class QuantLinear(QuantisedMerge, Linear):
                 result = result + variant.contribution(self, name, x, result)
         return result.to(out_dtype)
 
-    # ------------------------------------------------------------------ merging (methods/quantised.py)
+    # ------------------------------------------------------------------ merging (quant/merge.py)
     def merged_dense(self, name, weight, bias):
         """W + s B A (DoRA: its own dense merge; aLoRA raises its explanation) and the bias with lora_bias."""
         variant = self.lora_variant.get(name)

@@ -11,7 +11,7 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from .._shared.modules import is_conv1d, is_linear  # noqa: F401 (is_conv1d: re-exported)
-from ..quantised import AllOrNothingMerge
+from ...quant.merge import AllOrNothingMerge
 from ..trainable_tokens import in_lora as trainable_tokens
 from . import alora, conversion, layer, merge, params, replication, tied  # params: target_parameters
 from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
@@ -29,7 +29,7 @@ DISPATCH.register(params.ParamTarget, params.build_wrappers, first=True)  # targ
 DISPATCH.register(lora_bnb.is_bnb_linear, lora_bnb.build, first=True)  # bitsandbytes 4-bit / 8-bit (bnb.py)
 
 
-class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: methods/quantised.py
+class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: quant/merge.py
     dispatch = DISPATCH
     prefix = "lora_"
 

@@ -1,13 +1,13 @@
 """RandLoRA on bitsandbytes Linear4bit / Linear8bitLt (HF PEFT's `randlora.Linear4bit` / `Linear8bitLt`).
 
 The update from the shared random bases is added to the quantised layer's output, as on a dense layer. Merging
-adds it to the dequantised weight and requantises under the merge policy (methods/quantised.py); HF PEFT
+adds it to the dequantised weight and requantises under the merge policy (quant/merge.py); HF PEFT
 requantises without measuring the error.
 """
 
 from __future__ import annotations
 
-from ..quantised import AdditiveQuantisedMerge
+from ...quant.merge import AdditiveQuantisedMerge
 from .layer import RandLoraLinear
 
 

@@ -10,7 +10,7 @@ from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
 from .._shared.modules import is_linear
 from .._shared.random_projections import ProjectionTuner
-from ..quantised import AllOrNothingMerge, register_quantised
+from ...quant.merge import AllOrNothingMerge, register_quantised
 from . import bnb
 from .layer import RandLoraLinear, num_bases
 

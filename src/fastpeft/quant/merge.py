@@ -1,5 +1,5 @@
 """Merging adapters into bitsandbytes Linear4bit / Linear8bitLt weights, one implementation for every method whose
-layers run over them (LoRA / DoRA in lora/bnb.py, IA3, AdaLoRA, RandLoRA in their bnb.py).
+layers run over them (each such method's methods/<m>/bnb.py: LoRA / DoRA, IA3, AdaLoRA, RandLoRA).
 
 The forward pass is the method's own, run through the quantised base layer as HF PEFT does. What changes is
 merging: a quantised weight cannot be edited in place, so `QuantisedMerge` dequantises it (quant/bnb.py), applies
@@ -14,9 +14,12 @@ HF PEFT 0.21 merges LoRA and RandLoRA into bitsandbytes weights silently and ref
 Dispatch: `register_quantised(chain, four_bit, eight_bit)` puts a matcher first in a method's dispatch chain that
 recognises bitsandbytes layers by their class's module, so bitsandbytes is never imported here.
 `AllOrNothingMerge` (a tuner mixin) takes back a model-wide merge when one layer refuses, and gives the tuner
-the merge keywords (allow_lossy_merge, max_merge_error, max_adapter_loss; dequantize for merge_and_unload). Layer classes of other
-methods over bitsandbytes weights run their forward pass, but `refuse_plain_merge` stops their merges (which would
-add to the packed 4-bit bytes or silently round the update away in int8).
+the merge keywords (allow_lossy_merge, max_merge_error, max_adapter_loss; dequantize for merge_and_unload); a
+tuner that includes it thereby declares `requantises_merges`. Layer classes of other methods over bitsandbytes
+weights run their forward pass, but `refuse_plain_merge` stops their merges (which would add to the packed 4-bit
+bytes or silently round the update away in int8).
+
+Generic machinery (core/layer.py calls `refuse_plain_merge`): it names no method; the methods import it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import nn
 
 from ..core.tuner import set_submodule
 from ..errors import AdapterStateError
-from ..quant import bnb as qbnb
+from ..registry import registered
+from . import bnb as qbnb
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
@@ -44,7 +48,10 @@ def register_quantised(chain, four_bit: type, eight_bit: type) -> None:
     chain.register(is_bnb_linear, build, first=True)
 
 
-QUANTISATION_AWARE = "LoRA (and DoRA), IA3, AdaLoRA and RandLoRA"
+def requantising_methods() -> list[str]:
+    """The registered methods whose tuner declares `requantises_merges` (by including `AllOrNothingMerge`)."""
+    return sorted(spec.peft_type.value for spec in registered().values()
+                  if getattr(spec.tuner_cls, "requantises_merges", False))
 
 
 def refuse_plain_merge(layer: nn.Module, names: list[str]) -> None:
@@ -56,9 +63,9 @@ def refuse_plain_merge(layer: nn.Module, names: list[str]) -> None:
     method = type(layer).__module__.split(".")[-2]
     raise AdapterStateError(
         f"Cannot merge {method} adapter(s) {names} into the bitsandbytes {qbnb.bnb_kind(base)} weights of "
-        f"{type(base).__name__}({base.in_features}, {base.out_features}): only {QUANTISATION_AWARE} layers can "
-        "requantise a merged weight. Keep the adapter unmerged, or load the base model unquantised (e.g. "
-        "dtype=torch.bfloat16), load the adapter onto it and merge there."
+        f"{type(base).__name__}({base.in_features}, {base.out_features}): only the layers of "
+        f"{', '.join(requantising_methods())} can requantise a merged weight. Keep the adapter unmerged, or load "
+        "the base model unquantised (e.g. dtype=torch.bfloat16), load the adapter onto it and merge there."
     )
 
 
@@ -152,7 +159,10 @@ class AllOrNothingMerge:
     """Tuner mixin: with layers over bitsandbytes weights, `merge_adapter` / `merge_and_unload` either merge every
     layer or, when one refuses (e.g. `LossyMergeError`), take back the merges already made and leave the model as
     it was. The keywords set the merge policy for the call (left out, an enclosing `quant.bnb.merge_policy(...)`
-    block still applies). Used by LoRA, IA3, AdaLoRA and RandLoRA. Without such layers nothing changes."""
+    block still applies). Without such layers nothing changes."""
+
+    # read by `requantising_methods`: this tuner's methods have layers that requantise merged weights
+    requantises_merges = True
 
     def _quantised_layers(self) -> bool:
         return any(isinstance(layer, QuantisedMerge) for layer in self.adapter_layers())
