@@ -66,3 +66,34 @@ def test_unregistered_type_error_lists_the_supported_ones():
     unsupported = next(p for p in PeftType if p not in registry.registered())
     with pytest.raises(ValueError, match="not supported by fastpeft yet.*LORA"):
         registry.get_spec(unsupported)
+
+
+# what a config of each method needs beyond its defaults to be valid
+REQUIRED_ARGS = {"ADALORA": {"total_step": 10}, "CPT": {"task_type": "CAUSAL_LM"}}
+
+
+@pytest.mark.parametrize("peft_type", sorted(p.value for p in registry.registered()))
+def test_spec_is_where_type_and_prefix_are_declared(peft_type):
+    """Configs (built or read from a file) and tuners take their peft_type and prefix from the MethodSpec."""
+    spec = registry.get_spec(peft_type)
+    args = REQUIRED_ARGS.get(peft_type, {})
+    built = spec.config_cls(**args)
+    read = fastpeft.PeftConfig.from_peft_type(**{**built.to_json_dict(), "peft_type": peft_type})
+    for config in (built, read):
+        assert type(config) is spec.config_cls
+        assert config.peft_type is spec.peft_type  # a PeftType member, as transformers reads `.value`
+    if spec.tuner_cls is not None:
+        assert spec.tuner_cls.prefix == spec.prefix
+
+
+def test_a_tuner_stating_another_prefix_is_refused():
+    unused = next(p for p in PeftType if p not in registry.registered())
+
+    class OtherTuner(registry.get_spec("IA3").tuner_cls):
+        prefix = "other_"
+
+    spec = registry.MethodSpec(peft_type=unused, config_cls=type("C", (fastpeft.PeftConfig,), {}), prefix="own_",
+                               tuner_cls=OtherTuner)
+    with pytest.raises(ValueError, match="OtherTuner.prefix is 'other_'"):
+        registry.register(spec)
+    assert unused not in registry.registered() and spec.config_cls.PEFT_TYPE is None

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .checkpoint import io, validate
 from .checkpoint.config_values import check_file_config
@@ -34,6 +34,10 @@ class PeftConfig:
     revision: str | None = field(default=None, metadata={"help": "The base model's revision."})
     inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (no training)."})
 
+    # the method's PeftType value, set on a method's config class by `registry.register` from its MethodSpec, so
+    # that a method states its type in one place; None on the generic base classes
+    PEFT_TYPE: ClassVar[str | None] = None
+
     def __setattr__(self, name: str, value: Any) -> None:
         # as HF PEFT: `peft_type` is a PeftType member (transformers reads `config.peft_type.value`), whether a
         # method's config sets it or a file gives the string
@@ -42,6 +46,8 @@ class PeftConfig:
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
+        if type(self).PEFT_TYPE is not None:  # wins over a passed value (from_dict refuses another type's file)
+            self.peft_type = type(self).PEFT_TYPE
         if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:
             raise ValueError(
                 f"Invalid task_type {self.task_type!r}; use one of: {', '.join(t.value for t in TaskType)}."
@@ -98,7 +104,7 @@ class PeftConfig:
         """Build from a dict, ignoring (and logging) keys this version does not know."""
         if cls in (PeftConfig, PromptLearningConfig):
             return cls.from_peft_type(**data)
-        declared = getattr(cls, "PEFT_TYPE", None)
+        declared = cls.PEFT_TYPE
         found = _jsonable(data.get("peft_type"))
         if declared is not None and found not in (None, declared):
             raise ValueError(

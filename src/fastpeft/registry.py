@@ -7,7 +7,6 @@ branching on method names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .types import PeftType
 
@@ -17,7 +16,8 @@ class MethodSpec:
     """What the generic code needs to know about one method.
 
     `prefix`: the start of every adapter parameter name of the method (e.g. "lora_"), used to tell adapter
-    keys in HF-PEFT checkpoints; `tuner_cls`: the `Tuner` subclass that injects the method's layers.
+    keys in HF-PEFT checkpoints; `tuner_cls`: the `Tuner` subclass that injects the method's layers. The spec is
+    where a method states its type and prefix: `register` copies them onto its config and tuner classes.
     """
 
     peft_type: PeftType
@@ -25,7 +25,6 @@ class MethodSpec:
     prefix: str
     tuner_cls: type | None = None
     prompt_cls: type | None = None
-    extra: dict[str, Any] | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}
@@ -34,9 +33,20 @@ _REGISTRY: dict[PeftType, MethodSpec] = {}
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.peft_type in _REGISTRY and _REGISTRY[spec.peft_type] != spec:
         raise ValueError(f"Method {spec.peft_type.value} is registered twice.")
+    if spec.tuner_cls is not None:  # first: a refused spec leaves the registry and its classes as they were
+        _give_prefix(spec.tuner_cls, spec.prefix)
     _REGISTRY[spec.peft_type] = spec
     spec.config_cls.PEFT_TYPE = spec.peft_type.value
     return spec
+
+
+def _give_prefix(tuner_cls: type, prefix: str) -> None:
+    """The tuner reads its parameter prefix as a class attribute; a class that states its own must agree with the
+    spec (a subclass of another method's tuner gets its own copy, not the parent's)."""
+    own = tuner_cls.__dict__.get("prefix")
+    if own is not None and own != prefix:
+        raise ValueError(f"{tuner_cls.__name__}.prefix is {own!r} but its method is registered with {prefix!r}.")
+    tuner_cls.prefix = prefix
 
 
 def get_spec(peft_type: str | PeftType) -> MethodSpec:

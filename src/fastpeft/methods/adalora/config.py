@@ -64,7 +64,6 @@ class AdaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         PeftConfig.__post_init__(self)
-        self.peft_type = "ADALORA"
         lists_to_sets(self)
         self.loftq_config = self.loftq_config or {}
         self.alpha_pattern = self.alpha_pattern or {}

@@ -62,7 +62,6 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
     """AdaLoRA tuner. At most one adapter trains (others must be loaded with inference_mode=True), as HF PEFT."""
 
     dispatch = DISPATCH
-    prefix = "lora_"
 
     def __init__(self, model, peft_config, adapter_name="default", **kwargs) -> None:
         self.__dict__["trainable_adapter_name"] = None

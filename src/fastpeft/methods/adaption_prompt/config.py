@@ -20,10 +20,6 @@ class AdaptionPromptConfig(PeftConfig):
     adapter_layers: int | None = field(
         default=None, metadata={"help": "Number of attention layers, counted from the top, that get prompts."})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = "ADAPTION_PROMPT"
-
     @property
     def is_adaption_prompt(self) -> bool:
         return True

@@ -66,8 +66,6 @@ def _check_sizes(config) -> None:
 
 
 class AdaptionPromptModel(Tuner):
-    prefix = "adaption_"
-
     def prepare_config(self, config, model):
         spec = model_type_spec(model)
         _check_sizes(config)

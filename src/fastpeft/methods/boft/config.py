@@ -38,7 +38,6 @@ class BOFTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "BOFT"
         lists_to_sets(self)
         check_layer_selection(self, "BOFTConfig")
         check_block_choice("BOFTConfig", "boft_block_num", self.boft_block_num, "boft_block_size",

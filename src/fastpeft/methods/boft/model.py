@@ -26,7 +26,6 @@ DISPATCH.register(nn.Conv2d, Conv2d)
 
 class BOFTModel(OrthogonalTuner):
     dispatch = DISPATCH
-    prefix = "boft_"
 
     def prepare_config(self, config, model):
         config = super().prepare_config(config, model)

@@ -32,7 +32,6 @@ class CPTConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "CPT"
         # the model fills these; CPT always works on the decoder's input embeddings
         self.num_layers = self.token_dim = self.num_attention_heads = None
         self.num_transformer_submodules = 1

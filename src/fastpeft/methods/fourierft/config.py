@@ -40,7 +40,6 @@ class FourierFTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "FOURIERFT"
         lists_to_sets(self)
         self.n_frequency_pattern = self.n_frequency_pattern or {}
         self._validate()

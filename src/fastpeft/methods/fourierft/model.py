@@ -30,7 +30,6 @@ def n_frequency_for(config, key: str) -> int:
 
 class FourierFTModel(Tuner):
     dispatch = DISPATCH
-    prefix = "fourierft_"
 
     def prepare_config(self, config, model):
         return fill_targets(config, model, FOURIERFT_TARGETS, "FourierFT", is_linear)

@@ -30,6 +30,5 @@ class HRAConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "HRA"
         check_positive_ints(self, "HRAConfig", ("r",))
         check_layer_options(self, "HRAConfig")

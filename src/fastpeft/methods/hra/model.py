@@ -15,4 +15,3 @@ DISPATCH.register(nn.Conv2d, Conv2d)
 
 class HRAModel(LinearFamilyTuner):
     dispatch = DISPATCH
-    prefix = "hra_"

@@ -27,7 +27,6 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "IA3"
         for name in ("target_modules", "exclude_modules", "feedforward_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):

@@ -36,7 +36,6 @@ def is_feedforward(config, key: str) -> bool:
 
 class IA3Model(AllOrNothingMerge, Tuner):
     dispatch = DISPATCH
-    prefix = "ia3_"
     condense_target_list = False  # feedforward_modules names targets: keep target_modules as given (as HF PEFT)
 
     def prepare_config(self, config, model):

@@ -46,7 +46,6 @@ DISPATCH.register(any_module, LNTuningLayer)
 
 class LNTuningModel(Tuner):
     dispatch = DISPATCH
-    prefix = "ln_tuning_"
 
     def prepare_config(self, config, model):
         return fill_targets(config, model, LN_TUNING_TARGETS, "LN tuning")

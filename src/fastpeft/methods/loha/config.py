@@ -13,7 +13,3 @@ class LoHaConfig(LycorisConfig):
     dW = (alpha / r) * (W1a @ W1b) * (W2a @ W2b), elementwise product of two rank-r matrices (rank up to r^2).
 
     `rank_dropout` rescales the kept rows by 1 / mean(mask) (as HF PEFT; LoHa has no `rank_dropout_scale`)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.peft_type = "LOHA"

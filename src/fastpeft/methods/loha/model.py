@@ -8,5 +8,4 @@ from . import layer
 
 class LoHaModel(LycorisTuner):
     dispatch = lycoris_dispatch("LoHa", layer.Linear, layer.Conv1d, layer.Conv2d)
-    prefix = "hada_"
     method_name = "LoHa"

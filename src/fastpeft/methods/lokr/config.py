@@ -28,7 +28,6 @@ class LoKrConfig(LycorisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "LOKR"
         factor = self.decompose_factor
         if isinstance(factor, bool) or not isinstance(factor, int) or (factor != -1 and factor < 1):
             raise ValueError(f"LoKrConfig.decompose_factor must be -1 (automatic) or a positive integer, "

@@ -8,5 +8,4 @@ from . import layer
 
 class LoKrModel(LycorisTuner):
     dispatch = lycoris_dispatch("LoKr", layer.Linear, layer.Conv1d, layer.Conv2d)
-    prefix = "lokr_"
     method_name = "LoKr"

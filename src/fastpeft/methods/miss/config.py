@@ -33,7 +33,6 @@ class MissConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "MISS"
         check_positive_ints(self, "MissConfig", ("r", "mini_r"))
         if not (isinstance(self.init_weights, bool) or self.init_weights in ("bat", "mini")):
             raise ValueError(f"MissConfig.init_weights={self.init_weights!r} is not valid; use True, False, 'bat' "

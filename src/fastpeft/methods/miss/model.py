@@ -14,4 +14,3 @@ DISPATCH.register(nn.Linear, Linear)
 
 class MissModel(LinearFamilyTuner):
     dispatch = DISPATCH
-    prefix = "miss_"

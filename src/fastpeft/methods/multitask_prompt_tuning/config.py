@@ -34,5 +34,4 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
 
     def __post_init__(self) -> None:
         PromptLearningConfig.__post_init__(self)  # PromptTuningConfig's check knows only its own inits
-        self.peft_type = "MULTITASK_PROMPT_TUNING"
         self._check_init(MultitaskPromptTuningInit)

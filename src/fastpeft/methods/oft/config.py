@@ -46,7 +46,6 @@ class OFTConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "OFT"
         lists_to_sets(self)
         check_layer_selection(self, "OFTConfig")
         check_block_choice("OFTConfig", "r", self.r, "oft_block_size", self.oft_block_size)

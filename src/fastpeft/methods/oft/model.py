@@ -16,4 +16,3 @@ DISPATCH.register(nn.Embedding, Embedding)
 
 class OFTModel(OrthogonalTuner):
     dispatch = DISPATCH
-    prefix = "oft_"

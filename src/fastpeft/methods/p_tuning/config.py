@@ -23,7 +23,6 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "P_TUNING"
         kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
         allowed = [e.value for e in PromptEncoderReparameterizationType]
         if kind not in allowed:

@@ -35,7 +35,6 @@ class PolyConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "POLY"
         lists_to_sets(self)
         self._validate()
 

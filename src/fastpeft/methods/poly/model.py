@@ -19,7 +19,6 @@ POLY_TARGETS = LORA_TARGETS  # as HF PEFT: Poly's default target_modules are LoR
 
 class PolyModel(Tuner):
     dispatch = DISPATCH
-    prefix = "poly_"
 
     def prepare_config(self, config, model: nn.Module):
         return fill_targets(config, model, POLY_TARGETS, "Poly")
@@ -30,6 +29,8 @@ class PolyModel(Tuner):
 
     def generate(self, *args, **kwargs):
         return self.model_generate(*args, **kwargs)
+
+    call_keywords = ("task_ids",)  # read by call_context below; the generic tuner drops other methods' keywords
 
     def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None, copies: int = 1) -> dict:
         """Take `task_ids` out of the call: one task index per input row, checked against each active adapter's

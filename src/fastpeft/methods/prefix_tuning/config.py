@@ -15,6 +15,5 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "PREFIX_TUNING"
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}.")

@@ -24,7 +24,6 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "PROMPT_TUNING"
         self._check_init(PromptTuningInit)
 
     def _check_init(self, enum_cls) -> None:

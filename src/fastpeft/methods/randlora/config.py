@@ -50,6 +50,5 @@ class RandLoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "RANDLORA"
         lists_to_sets(self, ("target_modules",), kinds=(list, tuple))
         check_projection_config(self, "RandLoraConfig", RANDLORA_BIAS, dropout=self.randlora_dropout)

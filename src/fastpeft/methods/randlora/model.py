@@ -56,7 +56,6 @@ def sparse_bases(r: int, low: int, high: int, generator: torch.Generator,
 
 class RandLoraModel(AllOrNothingMerge, ProjectionTuner):
     dispatch = DISPATCH
-    prefix = "randlora_"
     projection_names = ("randlora_A", "randlora_B")
     method_label = "RandLoRA"
     default_target_table = LORA_TARGETS

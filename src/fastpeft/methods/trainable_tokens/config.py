@@ -20,7 +20,6 @@ class TrainableTokensConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "TRAINABLE_TOKENS"
         check_index_list(self.token_indices, "TrainableTokensConfig.token_indices")
 
 

@@ -15,7 +15,6 @@ DISPATCH.register(ROW_LAYERS, TrainableTokensLayer)
 
 class TrainableTokensModel(Tuner):
     dispatch = DISPATCH
-    prefix = "trainable_tokens_"
 
     def prepare_config(self, config, model):
         if config.target_modules is None:  # as HF PEFT: the input embedding's full name (a full-match pattern)

@@ -41,7 +41,6 @@ class VBLoRAConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "VBLORA"
         lists_to_sets(self)
         self._validate()
 

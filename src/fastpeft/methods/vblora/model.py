@@ -62,7 +62,6 @@ def logits_from_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: 
 
 class VBLoRAModel(Tuner):
     dispatch = DISPATCH
-    prefix = "vblora_"
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        **options) -> None:

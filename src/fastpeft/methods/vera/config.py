@@ -41,7 +41,6 @@ class VeraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = "VERA"
         lists_to_sets(self, ("target_modules",), kinds=(list, tuple))
         check_projection_config(self, "VeraConfig", VERA_BIAS, dropout=self.vera_dropout)
         check_layer_selection(self, "VeraConfig")

@@ -30,7 +30,6 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 class VeraModel(ProjectionTuner):
     dispatch = DISPATCH
-    prefix = "vera_lambda_"
     projection_names = ("vera_A", "vera_B")
     method_label = "VeRA"
     default_target_table = VERA_TARGETS
