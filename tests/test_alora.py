@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora import alora
+from fastpeft.methods.lora.variants import alora
 
 import models
 

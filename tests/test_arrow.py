@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora import arrow
+from fastpeft.methods.lora.variants import arrow
 
 import models
 from oracle_helpers import save_random_adapters

@@ -11,7 +11,7 @@ from peft.tuners.lora.config import BdLoraConfig as HFBdLoraConfig
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora.bdlora import BdLoraConfig, BlockDiagonalLinear
+from fastpeft.methods.lora.variants.bdlora import BdLoraConfig, BlockDiagonalLinear
 
 import models
 

@@ -17,7 +17,7 @@ from peft.tuners.lora.corda import preprocess_corda as hf_preprocess_corda
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora.corda import CordaConfig, preprocess, preprocess_corda
+from fastpeft.methods.lora.inits.corda import CordaConfig, preprocess, preprocess_corda
 
 import models
 from conversion_helpers import (

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.methods.lora import eva as feva
-from fastpeft.methods.lora.eva_config import EvaConfig
+from fastpeft.methods.lora.inits import eva as feva
+from fastpeft.methods.lora.inits.eva_config import EvaConfig
 
 import models
 

@@ -26,13 +26,9 @@ from torch import nn
 
 import fastpeft
 import quantised_models as qm
-from fastpeft.methods.lora.loftq import (
-    NF4_LEVELS,
-    nf4_roundtrip,
-    rank_r_fit,
-    replace_lora_weights_loftq,
-)
-from fastpeft.methods.lora.loftq_config import LoftQConfig
+from fastpeft.methods.lora.inits.loftq import NF4_LEVELS, nf4_roundtrip, rank_r_fit
+from fastpeft.methods.lora.inits.loftq_config import LoftQConfig
+from fastpeft.methods.lora.inits.loftq_replace import replace_lora_weights_loftq
 
 import models
 

@@ -20,9 +20,9 @@ from peft.utils import loftq_utils as hf_loftq
 import fastpeft
 import quantised_models as qm
 from fastpeft.errors import AdapterFileNotFoundError
-from fastpeft.methods.lora.loftq import NF4_LEVELS, int8_roundtrip, nf4_roundtrip
-from fastpeft.methods.lora.loftq_config import LoftQConfig
-from fastpeft.methods.lora.loftq_replace import replace_lora_weights_loftq
+from fastpeft.methods.lora.inits.loftq import NF4_LEVELS, int8_roundtrip, nf4_roundtrip
+from fastpeft.methods.lora.inits.loftq_config import LoftQConfig
+from fastpeft.methods.lora.inits.loftq_replace import replace_lora_weights_loftq
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

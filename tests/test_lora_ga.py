@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora.lora_ga import LoraGAConfig, preprocess_loraga
+from fastpeft.methods.lora.inits.lora_ga import LoraGAConfig, preprocess_loraga
 
 import models
 from conversion_helpers import (

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora.kasa import KasaConfig, kasa_loss
-from fastpeft.methods.lora.velora import VeloraConfig
+from fastpeft.methods.lora.variants.kasa import KasaConfig, kasa_loss
+from fastpeft.methods.lora.variants.velora import VeloraConfig
 
 import models
 
@@ -327,7 +327,7 @@ def test_half_precision_base_matches_hf(variant):
 
 def test_kasa_and_plain_adapters_do_not_mix():
     """HF PEFT refuses a plain adapter next to a KaSA one (and the reverse); kasa.check_new_adapter does too."""
-    from fastpeft.methods.lora.kasa import check_new_adapter
+    from fastpeft.methods.lora.variants.kasa import check_new_adapter
 
     hf, fp = pair("kasa", "mlp")
     with pytest.raises(ValueError):

@@ -16,7 +16,7 @@ from peft.tuners.lora.config import MontecloraConfig as HFMontecloraConfig
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft.methods.lora.monteclora import MontecloraConfig, MontecloraSampler
+from fastpeft.methods.lora.variants.monteclora import MontecloraConfig, MontecloraSampler
 
 import models
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import fastpeft
 import quantised_models as qm
-from fastpeft.methods.lora import arrow
 from fastpeft.methods.lora import bnb as lora_bnb
+from fastpeft.methods.lora.variants import arrow
 
 from oracle_helpers import save_random_adapters
 

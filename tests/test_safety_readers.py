@@ -1,4 +1,4 @@
-"""Untrusted files read outside `from_pretrained` (issue #9, "Untrusted files"): `hotswap_adapter`, multitask
+"""Untrusted files read outside `from_pretrained` : `hotswap_adapter`, multitask
 prompt tuning's source checkpoint, and the CLI (`inspect`, `merge`'s labels, `train --resume` checkpoints).
 
 Each reads through fastpeft's checked readers: a pickled payload is refused and never runs, a truncated or forged
@@ -240,7 +240,7 @@ def test_init_cache_files_are_written_atomically_and_read_checked(tmp_path, buil
 def test_loftq_original_weights_reader_checks_shards(tmp_path):
     """replace_lora_weights_loftq reads the base model's safetensors shards named by its index file: shard names
     must stay inside the folder and every shard header is checked before safetensors maps the file."""
-    from fastpeft.methods.lora.loftq_replace import INDEX_FILE, OriginalWeights
+    from fastpeft.methods.lora.inits.loftq_replace import INDEX_FILE, OriginalWeights
 
     weight = torch.randn(4, 3)
     save_file({"model.w": weight}, str(tmp_path / "s1.safetensors"))

@@ -41,17 +41,17 @@ from .methods.ln_tuning import LNTuningConfig, LNTuningModel
 from .methods.loha import LoHaConfig, LoHaModel
 from .methods.lokr import LoKrConfig, LoKrModel
 from .methods.lora import LoraConfig, LoraModel, LoraRuntimeConfig
-from .methods.lora.arrow import ArrowConfig, create_arrow_model
-from .methods.lora.bdlora import BdLoraConfig
-from .methods.lora.corda import CordaConfig, preprocess_corda
-from .methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
-from .methods.lora.eva_config import EvaConfig
-from .methods.lora.kasa import KasaConfig
-from .methods.lora.loftq import replace_lora_weights_loftq
-from .methods.lora.loftq_config import LoftQConfig
-from .methods.lora.lora_ga import LoraGAConfig, preprocess_loraga
-from .methods.lora.monteclora import MontecloraConfig
-from .methods.lora.velora import VeloraConfig
+from .methods.lora.inits.corda import CordaConfig, preprocess_corda
+from .methods.lora.inits.eva import get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora.inits.eva_config import EvaConfig
+from .methods.lora.inits.loftq_config import LoftQConfig
+from .methods.lora.inits.loftq_replace import replace_lora_weights_loftq
+from .methods.lora.inits.lora_ga import LoraGAConfig, preprocess_loraga
+from .methods.lora.variants.arrow import ArrowConfig, create_arrow_model
+from .methods.lora.variants.bdlora import BdLoraConfig
+from .methods.lora.variants.kasa import KasaConfig
+from .methods.lora.variants.monteclora import MontecloraConfig
+from .methods.lora.variants.velora import VeloraConfig
 from .methods.miss import MissConfig, MissModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.oft import OFTConfig, OFTModel

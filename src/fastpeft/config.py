@@ -65,11 +65,10 @@ class PeftConfig:
         return False
 
     @property
-    def keeps_base_weights(self) -> bool:
-        """Whether injection leaves the base weights and module names as they were, so that the adapter can be
-        loaded onto the base it was saved with (the base-model fingerprint applies). Methods whose init rewrites
-        the base override this."""
-        return True
+    def rewrites_base_weights(self) -> bool:
+        """Whether injection changes the base model's weights or modules (e.g. LoRA's PiSSA init): loading then
+        backs the base weights up, and no base-model fingerprint is saved. Methods that do override this."""
+        return False
 
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 Tensors keep their identity (values are copied), so a `torch.compile`d model keeps its graph; after
 `prepare_model_for_compiled_hotswap` (per-layer scaling held in 0-dim tensors, ranks zero-padded to
 `target_rank`) adapters of other ranks and alphas swap in without recompilation.
+
+Generic over methods: a method that supports hot-swapping states its `SwapRule` in its MethodSpec (`hotswap`);
+LoRA's is in methods/lora/hotswap.py.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +20,8 @@ from torch import nn
 from .checkpoint import io
 from .checkpoint.keys import adapter_key_map
 from .config import PeftConfig
-from .core import targeting
 from .core.layer import AdapterHolder, AdapterLayer
-from .types import PeftType
+from .registry import get_spec, registered
 
 COMPILED_PREFIX = "_orig_mod."
 
@@ -43,26 +44,6 @@ class SwapRule:
             isinstance(getattr(layer, attr, None), dict) for attr in self.compiled_settings)
 
 
-def _lora_settings(config, key: str) -> dict[str, float]:
-    r = targeting.pattern_value(config.rank_pattern, key, config.r)
-    alpha = targeting.pattern_value(config.alpha_pattern, key, config.lora_alpha)
-    return {"r": r, "lora_alpha": alpha, "scaling": alpha / (math.sqrt(r) if config.use_rslora else r)}
-
-
-RULES: dict[PeftType, SwapRule] = {
-    PeftType.LORA: SwapRule(
-        config_keys=(("use_rslora", "the adapters compute their scaling differently"),
-                     ("lora_dropout", "training behaviour would differ"),
-                     ("alpha_pattern", "per-module scalings are defined differently"),
-                     ("use_dora", "DoRA adds magnitude vectors a plain LoRA lacks"),
-                     ("bias", "the adapters train different base biases")),
-        rank_dims={"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1},
-        settings=_lora_settings,
-        compiled_settings=("scaling",),
-    ),
-}
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module under a `torch.compile` wrapper (OptimizedModule keeps it as `_orig_mod`)."""
@@ -73,14 +54,21 @@ def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
 
 
+def _rules() -> dict:
+    """PeftType -> SwapRule of every registered method that declares hot-swap rules."""
+    return {peft_type: spec.hotswap for peft_type, spec in registered().items() if spec.hotswap is not None}
+
+
 def _rule(peft_type) -> SwapRule:
     try:
-        rule = RULES.get(PeftType(peft_type))
+        rule = get_spec(peft_type).hotswap
     except ValueError:
         rule = None
     if rule is None:
-        supported = ", ".join(t.value for t in RULES)
-        raise ValueError(f"Hot-swapping supports {supported} adapters only, got {peft_type}. Load the adapter with "
+        name = getattr(peft_type, "value", peft_type)
+        supported = ", ".join(sorted(t.value for t in _rules()))
+        raise ValueError(f"{name} adapters cannot be hot-swapped: hot-swapping supports the methods that "
+                         f"declare hot-swap rules in their MethodSpec ({supported}). Load the adapter with "
                          "load_adapter() under a new name and switch with set_adapter() instead.")
     return rule
 
@@ -172,7 +160,7 @@ def _owner(holder: nn.Module, local_key: str) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- prepare
 def _rule_for(layer: nn.Module) -> SwapRule | None:
-    return next((rule for rule in RULES.values() if rule.applies_to(layer)), None)
+    return next((rule for rule in _rules().values() if rule.applies_to(layer)), None)
 
 
 def _needs_padding(where: str, adapter: str, param: torch.Tensor, geo, target_rank: int) -> bool:

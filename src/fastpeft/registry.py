@@ -25,6 +25,7 @@ class MethodSpec:
     prefix: str
     tuner_cls: type | None = None
     prompt_cls: type | None = None
+    hotswap: object | None = None  # the method's hot-swap rules (hotswap.SwapRule); None: no hot-swapping
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -176,8 +176,8 @@ def _layers(peft_model, modules: Modules | None) -> list[tuple[str, nn.Module]]:
 
 def compute(peft_model, adapter_name: str, modules: Modules | None = None) -> dict[str, Any] | None:
     """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module doc)."""
-    if not getattr(peft_model.peft_config[adapter_name], "keeps_base_weights", True):
-        return None  # e.g. PiSSA: loading re-runs the init on the original base (LoraConfig.keeps_base_weights)
+    if peft_model.peft_config[adapter_name].rewrites_base_weights:
+        return None  # e.g. PiSSA: loading re-runs the init on the original base (see rewrites_base_weights)
     layers = targeted_layers(peft_model, adapter_name, modules)
     found = module_entries([layer for _, layer in layers])  # the layer at each name: no lookup by path again
     entries = {name: entry for (name, _), entry in zip(layers, found) if entry is not None}

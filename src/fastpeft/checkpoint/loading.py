@@ -137,19 +137,10 @@ def adapter_file(model_id, hub_kwargs: dict[str, Any]) -> str:
     return io.where(model_id, hub_kwargs.get("subfolder"))
 
 
-def rewrites_base(config) -> bool:
-    """Whether injecting `config` rewrites base weights (PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ inits, KaSA), as
-    HF PEFT does on load too: a failed load must then put those weights back."""
-    from ..methods.lora.init import modifies_base
-
-    init = getattr(config, "init_lora_weights", None)
-    return modifies_base(init) or init == "loftq" or bool(getattr(config, "kasa_config", None))
-
-
 def base_weights_backup(model: nn.Module, config) -> list:
     """(tensor, CPU copy) of the base weights injecting `config` may rewrite: its target modules' tensors (every
     base tensor when the targets are not a plain list / regex, e.g. 'all-linear')."""
-    if config is None or not rewrites_base(config):
+    if config is None or not config.rewrites_base_weights:  # e.g. PiSSA, as HF PEFT on load too
         return []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = getattr(config, "target_modules", None)

@@ -7,9 +7,10 @@ is listed with its shape and Frobenius norm. Works for adapters written by fastp
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from ..core.targeting import pattern_value
+from ..methods.lora.config import lora_scaling
 from .common import CliError
 
 CONFIG_NAME = "adapter_config.json"
@@ -51,17 +52,9 @@ def load_tensors(weights: Path) -> dict:
     return load_peft_weights(str(weights.parent))
 
 
-def _pattern_value(patterns: dict | None, module: str, default):
-    """HF PEFT's rank/alpha_pattern lookup: a key matching the end of the module name wins."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _lora_scaling(config: dict, module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
-    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+    return lora_scaling(alpha, rank, bool(config.get("use_rslora")))
 
 
 def _module_name(key: str, part: str) -> str:

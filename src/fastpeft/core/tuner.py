@@ -224,6 +224,9 @@ class Tuner(nn.Module):
         """Fill defaults (e.g. target_modules from the model type) and refuse unsupported options."""
         return config
 
+    def prepare_model(self, model: nn.Module, config) -> None:
+        """Change the model before the targets are looked up (LoRA's layer_replication); default: nothing."""
+
     def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
         """Per-target arguments for `update_layer` (e.g. rank / alpha from patterns)."""
         return {}
@@ -251,6 +254,7 @@ class Tuner(nn.Module):
         try:
             config = self.prepare_config(self.peft_config[adapter_name], model)
             self.check_new_adapter(config)
+            self.prepare_model(model, config)
             self._state_dict_modules = None if state_dict is None else self._modules_in(state_dict)
             try:
                 targets = self.select_targets(model, config)

@@ -23,7 +23,7 @@ __all__ = ["Linear4bit", "Linear8bitLt", "QuantLinear", "build", "is_bnb_linear"
 class QuantLinear(QuantisedMerge, Linear):
     """LoRA on a bitsandbytes linear layer; the adapter's factors are ordinary `nn.Linear` (same keys as HF)."""
 
-    variant_kind = "bnb-linear"  # variants (variant_table.py): DoRA -> bnb_dora.DoraQuant, aLoRA
+    variant_kind = "bnb-linear"  # variants (variants/table.py): DoRA -> dora_bnb.DoraQuant, aLoRA
     method_label = "LoRA"
 
     def __init__(self, base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out=False, **kwargs) -> None:

@@ -6,22 +6,13 @@ Options fastpeft does not implement yet are accepted in files but refused with a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...config import PeftConfig
-from .alora import check_config as check_alora
-from .arrow import checked_arrow_config
-from .bdlora import checked_bdlora_config
-from .corda import checked_corda_config
-from .eva_config import checked_eva_config
-from .init import INIT_SCHEMES, LORA_BIAS_SCHEMES, modifies_base
-from .kasa import checked_kasa_config
-from .loftq_config import check_loftq
-from .lora_ga import checked_lora_ga_config
-from .monteclora import checked_monteclora_config
-from .velora import checked_velora_config
+from .subconfig import run_checks
 
 logger = logging.getLogger(__name__)
 
@@ -31,21 +22,28 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "megatron_config": None,
 }
 
-# option -> check(config) run after the base checks: coerces a file's dict into the feature's own config class and
-# refuses bad combinations. Each feature's module provides its function (e.g. eva_config.checked_eva_config).
-SUBCONFIG_CHECKS: dict[str, Callable[[Any], None]] = {
-    "eva_config": lambda c: setattr(c, "eva_config", checked_eva_config(c.init_lora_weights, c.eva_config)),
-    "loftq_config": check_loftq,
-    "kasa_config": lambda c: setattr(c, "kasa_config", checked_kasa_config(c.kasa_config)),
-    "velora_config": lambda c: setattr(c, "velora_config", checked_velora_config(c.velora_config)),
-    "corda_config": lambda c: setattr(c, "corda_config", checked_corda_config(c.init_lora_weights, c.corda_config)),
-    "lora_ga_config": lambda c: setattr(c, "lora_ga_config",
-                                        checked_lora_ga_config(c.init_lora_weights, c.lora_ga_config)),
-    "arrow_config": lambda c: setattr(c, "arrow_config", checked_arrow_config(c.arrow_config)),
-    "alora_invocation_tokens": check_alora,
-    "use_bdlora": lambda c: setattr(c, "use_bdlora", checked_bdlora_config(c)),
-    "monteclora_config": lambda c: setattr(c, "monteclora_config", checked_monteclora_config(c.monteclora_config)),
-}
+# init_lora_weights values whose init subtracts the adapter's start from the base weight, W <- W - s B0 A0,
+# so that base + adapter is unchanged (PiSSA with its pissa_niter_K family, OLoRA, CorDA, LoRA-GA)
+BASE_MODIFYING = ("pissa", "olora", "corda", "lora_ga")
+PISSA_NITER = r"pissa_niter_([1-9][0-9]*)"  # PiSSA through K subspace iterations of a randomized SVD
+
+
+def modifies_base(value) -> bool:
+    """Whether `init_lora_weights=value` subtracts the initial adapter from the base (PiSSA-style schemes)."""
+    if not isinstance(value, str):
+        return False
+    return value in BASE_MODIFYING or re.fullmatch(PISSA_NITER, value) is not None
+
+
+def init_rewrites_base(value) -> bool:
+    """Whether `init_lora_weights=value` writes the base weight: PiSSA-style schemes and LoftQ (W <- Q(W))."""
+    return modifies_base(value) or value == "loftq"
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """s in W + s B A: alpha / r (Hu et al. 2021, eq. 3), or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023,
+    "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA")."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 @dataclass
@@ -78,7 +76,7 @@ class LoraConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
     init_lora_weights: bool | str = field(default=True, metadata={
         "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K', 'olora', 'mica', 'corda' (after "
-                "corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see methods/lora/init.py."})
+                "corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see inits/."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> rank overrides."})
@@ -89,12 +87,12 @@ class LoraConfig(PeftConfig):
         default=None, metadata={"help": "Token ids whose embedding rows train too (list, or module -> ids)."})
     loftq_config: dict = field(default_factory=dict, metadata={
         "help": "LoftQConfig (or its dict) for init_lora_weights='loftq': NF4/int8 base + error-fitting adapter "
-                "(methods/lora/loftq.py)."})
+                "(methods/lora/inits/loftq.py)."})
     eva_config: dict | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
     corda_config: dict | None = field(default=None, metadata={
         "help": "CordaConfig for init_lora_weights='corda' (run corda.preprocess_corda first)."})
     use_dora: bool = field(default=False, metadata={
-        "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (methods/lora/variants.py)."})
+        "help": "DoRA: learn a per-output magnitude apart from the LoRA direction (variants/dora.py)."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA group size."})
     layer_replication: list | None = field(default=None, metadata={
@@ -106,20 +104,25 @@ class LoraConfig(PeftConfig):
         "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
     alora_invocation_tokens: list[int] | None = field(default=None, metadata={
         "help": "Activated LoRA: token ids of the invocation string; the adapter acts only from their last "
-                "occurrence on (linear layers, CAUSAL_LM; not mergeable). See methods/lora/alora.py."})
+                "occurrence on (linear layers, CAUSAL_LM; not mergeable). See variants/alora.py."})
     use_bdlora: dict | None = field(default=None, metadata={
-        "help": "BdLoraConfig: block-diagonal LoRA A or B per target, for tensor-parallel serving (bdlora.py)."})
+        "help": "BdLoraConfig: block-diagonal LoRA A or B per target, for tensor-parallel serving "
+                "(variants/bdlora.py)."})
     arrow_config: dict | None = field(default=None, metadata={
-        "help": "ArrowConfig: route tokens among loaded LoRA experts (methods/lora/arrow.py, create_arrow_model)."})
+        "help": "ArrowConfig: route tokens among loaded LoRA experts (variants/arrow.py, "
+                "create_arrow_model)."})
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Keep tied embeddings tied."})
     kasa_config: dict | None = field(default=None, metadata={
-        "help": "KasaConfig: KaSA (kasa.py): truncate the base's r minor singular components, learn s B diag(d) A."})
+        "help": "KasaConfig: KaSA (variants/kasa.py): truncate the base's r minor singular components, learn "
+                "s B diag(d) A."})
     velora_config: dict | None = field(default=None, metadata={
-        "help": "VeloraConfig: VeLoRA (velora.py): A's backward from rank-1 sub-token projections of the input."})
+        "help": "VeloraConfig: VeLoRA (variants/velora.py): A's backward from rank-1 sub-token projections "
+                "of the input."})
     lora_ga_config: dict | None = field(default=None, metadata={
         "help": "LoraGAConfig for init_lora_weights='lora_ga' (run lora_ga.preprocess_loraga first)."})
     monteclora_config: dict | None = field(default=None, metadata={
-        "help": "MontecloraConfig: Monte Carlo perturbed LoRA A in training, plain LoRA in eval (monteclora.py)."})
+        "help": "MontecloraConfig: Monte Carlo perturbed LoRA A in training, plain LoRA in eval "
+                "(variants/monteclora.py)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,18 +152,7 @@ class LoraConfig(PeftConfig):
             raise ValueError("layers_pattern needs layers_to_transform: say which layer indices to adapt.")
 
     def _validate_init(self) -> None:
-        if self.init_lora_weights not in INIT_SCHEMES:
-            raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
-                f"choose one of {INIT_SCHEMES.names()}."
-            )
-        if self.lora_bias and self.init_lora_weights not in LORA_BIAS_SCHEMES:
-            raise ValueError(
-                f"lora_bias=True needs init_lora_weights in {list(LORA_BIAS_SCHEMES)} (which start lora_B's bias "
-                f"at zero), got {self.init_lora_weights!r}."
-            )
-        for check in SUBCONFIG_CHECKS.values():  # eva_config, loftq_config, ...
-            check(self)
+        run_checks(self)  # init_lora_weights, eva_config, loftq_config, ...: each feature registers its own
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and modifies_base(self.init_lora_weights):
             logger.warning(
                 "use_rslora with rank_pattern/alpha_pattern and init_lora_weights=%r: save_pretrained cannot "
@@ -171,11 +163,13 @@ class LoraConfig(PeftConfig):
         return [k for k, off in UNSUPPORTED_OPTIONS.items() if getattr(self, k) not in (off, None, {}, False)]
 
     @property
-    def keeps_base_weights(self) -> bool:
-        """False for inits that rewrite the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) and for layer_replication:
-        no base-model fingerprint is saved for them (checkpoint/fingerprint.py)."""
-        rewrites = modifies_base(self.init_lora_weights) or self.init_lora_weights == "loftq"
-        return not rewrites and not self.layer_replication
+    def rewrites_base_weights(self) -> bool:
+        """True where injection changes the base model itself: inits that write the base weight (PiSSA, OLoRA,
+        CorDA, LoRA-GA, LoftQ), KaSA's truncation, layer_replication's stacked copies of blocks. Loading
+        backs those weights up (checkpoint/loading.py); no base-model fingerprint is saved for them
+        (checkpoint/fingerprint.py)."""
+        return (init_rewrites_base(self.init_lora_weights) or getattr(self, "kasa_config", None) is not None
+                or bool(self.layer_replication))
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

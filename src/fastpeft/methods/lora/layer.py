@@ -2,22 +2,24 @@
 
 One subclass per kind of base layer: linear (incl. GPT-2 `Conv1D`), embedding, Conv1d/2d/3d and
 `nn.MultiheadAttention`. Parameter names match HF PEFT (`lora_A`, `lora_B`, `lora_embedding_A/B`,
-`lora_magnitude_vector`). Variants such as DoRA plug in per adapter through `variants.py`.
+`lora_magnitude_vector`). Variants such as DoRA plug in per adapter through `variants/`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from . import gathered, variant_table, variants
-from .init import INIT_SCHEMES
+from . import gathered
+from .config import lora_scaling
+from .inits.schemes import INIT_SCHEMES
 from .lean_dropout import lean_applies, lean_lora_output
+from .variants import table as variant_table
+from .variants.base import LoraVariant
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class LoraLayer(AdapterLayer):
     adapter_layer_names = adapter_param_names  # HF PEFT's name for them (diffusers' layerwise casting skips these)
     input_cast_switchable = True  # every input cast goes through cast_input (variants' included)
     is_embedding = False
-    variant_kind = "linear"  # row of variant_table.VARIANTS used by this layer class
+    variant_kind = "linear"  # layer kind in the rows of variants/table.py VARIANTS
     factors_attr = "lora_A"  # the dict that holds every adapter of this layer: forward's ownership test
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
@@ -43,8 +45,8 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (variants.Dora)
-        self.lora_variant: dict[str, variants.LoraVariant] = {}  # adapters with a variant; plain LoRA: absent
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (variants/dora.py)
+        self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant; plain LoRA: absent
         self._variant_cache: dict = {}  # variants' derived tensors (never saved)
         self.fan_in_fan_out = fan_in_fan_out  # base weight stored (in, out) (Conv1D); set before variants init
         self.in_features, self.out_features = self.feature_sizes(base_layer)
@@ -81,8 +83,7 @@ class LoraLayer(AdapterLayer):
             variant.init(self, adapter_name)
 
     def initial_scaling(self, name: str) -> float:
-        r = self.r[name]
-        return self.lora_alpha[name] / (math.sqrt(r) if self.use_rslora[name] else r)
+        return lora_scaling(self.lora_alpha[name], self.r[name], self.use_rslora[name])
 
     def lora_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -150,7 +151,7 @@ class LoraLayer(AdapterLayer):
         if delta_b is not None:
             base.bias.data -= delta_b.to(base.bias.dtype)
 
-    # ---- variants' own state: frozen factors, saved buffers, deletion (variants.LoraVariant hooks)
+    # ---- variants' own state: frozen factors, saved buffers, deletion (variants/base.py LoraVariant hooks)
     def frozen_parameters(self, name):
         variant = self.lora_variant.get(name)
         return () if variant is None else variant.frozen_parameters(self, name)
@@ -314,7 +315,7 @@ class MultiheadAttention(LoraLayer):
     # again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
     # merges here use the same effective out_proj update, 2 * (alpha / r) * B @ A, to load them unchanged.
     OUT_PROJ_DELTA_FACTOR = 2.0
-    variant_kind = "nn.MultiheadAttention"  # in no row of variant_table.VARIANTS: DoRA is refused, as in HF PEFT
+    variant_kind = "nn.MultiheadAttention"  # in no row of variants/table.py: DoRA is refused, as in HF PEFT
 
     def __init__(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs):
         variant_table.choose(self.variant_kind, config)  # refuse before out_proj gets wrapped

@@ -16,7 +16,7 @@ import torch
 
 from ... import merging
 from ...core.auxiliary import ModulesToSaveWrapper
-from . import variant_table
+from .variants import table as variant_table
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,15 @@ from ...core import targeting
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
-from .._shared.modules import is_conv1d, is_linear  # noqa: F401 (is_conv1d: re-exported)
 from ...quant.merge import AllOrNothingMerge
+from .._shared.modules import is_conv1d, is_linear
 from ..trainable_tokens import in_lora as trainable_tokens
-from . import alora, conversion, layer, merge, params, replication, tied  # params: target_parameters
 from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
-from .moe_conversion import convert_config, convert_state  # v4 MoE adapters on transformers v5
+from . import layer, merge, params, replication, tied  # params: target_parameters
+from .conversion import original_base
+from .conversion.moe import convert_config, convert_state  # v4 MoE adapters on transformers v5
+from .variants import alora, kasa
+from .variants.monteclora import monteclora_loss
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +50,12 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
         trainable_tokens.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
         self._pending_tie = tied.plan(model, config)  # ensure_weight_tying of embedding layers (tied.py)
-        if config.layer_replication:  # layer_replication: stack shared-weight copies of blocks (replication.py)
-            replication.replicate_layers(model, config.layer_replication)
         return config
+
+    def prepare_model(self, model, config):
+        """layer_replication: stack shared-weight copies of blocks before the targets are looked up."""
+        if config.layer_replication:
+            replication.replicate_layers(model, config.layer_replication)
 
     # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's layers
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -73,28 +79,24 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     # ---- end of target_parameters
 
     def call_context(self, args, kwargs, adapter_names, copies=1):
-        """aLoRA adapters: where each row's invocation sequence starts (alora.py)."""
+        """aLoRA adapters: where each row's invocation sequence starts (variants/alora.py)."""
         return alora.call_context(self, args, kwargs, adapter_names, copies)
 
     def converted_file_state(self, adapter_name, tensors, config_dict, initial_dir):
-        """PiSSA / OLoRA adapters rewritten to apply to the original base (see conversion.py)."""
-        return conversion.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
+        """PiSSA / OLoRA adapters rewritten to apply to the original base (conversion/original_base.py)."""
+        return original_base.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
 
     def convert_loaded_state(self, adapter_name, tensors, root):
-        """Adapters saved on transformers v4 MoE models (per-expert linears), in the v5 layout (moe_conversion.py)."""
+        """Adapters of transformers v4 MoE models (per-expert linears) in the v5 layout (conversion/moe.py)."""
         return convert_state(root, self.model, tensors)
 
     def _get_monteclora_loss(self, adapter_names=None):
         """MonteCLoRA's variational regulariser for the given (default: active) adapters; add it to the task loss."""
-        from .monteclora import monteclora_loss
-
         return monteclora_loss(self, adapter_names)
 
     def _get_kasa_loss(self, adapter_names=None):
-        """KaSA's regularisers for the given (default: active) adapters; add them to the task loss (kasa.py)."""
-        from .kasa import kasa_loss
-
-        return kasa_loss(self, adapter_names)
+        """KaSA's regularisers for the given (default: active) adapters; add them to the task loss."""
+        return kasa.kasa_loss(self, adapter_names)
 
     def check_mergeable(self):
         if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
@@ -104,9 +106,7 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
             )
 
     def check_new_adapter(self, config):
-        from .kasa import check_new_adapter as check_kasa
-
-        check_kasa(self.peft_config, config)  # KaSA truncates the base: no mixing with other adapters
+        kasa.check_new_adapter(self.peft_config, config)  # KaSA truncates the base: no other kind of adapter
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
         if others and config.bias != "none":
             raise ValueError(

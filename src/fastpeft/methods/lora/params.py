@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ...core import targeting
 from ...core.layer import AdapterHolder, AdapterLayer
+from ...integrations.transformers_defaults import model_type_of
 from .layer import LoraLayer
 
 SUPPORTED_INITS = (True, False, "gaussian")  # schemes that need no decomposition of a 2-D base weight
@@ -293,6 +294,4 @@ def refuse_weighted(peft_config: dict, adapters: list[str]) -> None:
 
 def needs_default_modules(model: nn.Module, config, table: dict) -> bool:
     """target_modules=None is filled from the model type's defaults; with target_parameters only if one exists."""
-    from ...integrations.transformers_defaults import model_type_of
-
     return not config.target_parameters or model_type_of(model) in table

@@ -21,11 +21,14 @@ import os
 from collections.abc import Callable
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from torch import nn
 
-from ...checkpoint import validate
-from ...errors import AdapterFileNotFoundError
-from .layer import LoraLayer
+from ....checkpoint import validate
+from ....errors import AdapterFileNotFoundError
+from ....quant.bnb import bnb_kind, dequantize_weight
+from ..layer import LoraLayer
 from .loftq import rank_r_fit
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,10 +41,8 @@ def _local_snapshot(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     try:
-        from huggingface_hub import snapshot_download
-
         return snapshot_download(name_or_path, local_files_only=True)
-    except Exception as err:  # invalid repo id, not in the cache, no huggingface_hub
+    except Exception as err:  # invalid repo id, not in the cache
         raise ValueError(
             f"replace_lora_weights_loftq could not find the original weights of '{name_or_path}' on disk (no such "
             "folder, not in the Hugging Face cache). Pass model_path= pointing to the folder (or the file) holding "
@@ -96,8 +97,6 @@ class OriginalWeights:
         return keys
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         for candidate in self._candidates(key):
             path = self.path if self.files is None else self.files.get(candidate)
             if path is None:
@@ -118,8 +117,6 @@ class OriginalWeights:
 # ---------------------------------------------------------------------------------------------- the layers
 def _four_bit_layers(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     """(module name inside the base model, LoRA layer) for each LoRA layer of `adapter_name` over a 4-bit layer."""
-    from ...quant.bnb import bnb_kind
-
     found = []
     for name, module in peft_model.get_base_model().named_modules():
         if isinstance(module, LoraLayer) and bnb_kind(module.get_base_layer()) == "4bit":
@@ -149,8 +146,6 @@ def _check_model(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer]]:
 @torch.no_grad()
 def loftq_factors(layer: LoraLayer, name: str, original: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one LoftQ round over the layer's 4-bit weight, in float32 on the weight's device."""
-    from ...quant.bnb import dequantize_weight
-
     quantised = dequantize_weight(layer.get_base_layer())
     if tuple(original.shape) != tuple(quantised.shape):
         raise ValueError(

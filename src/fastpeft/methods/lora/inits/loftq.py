@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .init import _base_weight, _check_decomposable, _set_factors, _transposed
+from ....quant.bnb import bnb_kind
+from .common import base_weight, check_decomposable, is_transposed, set_factors
 
 NF4_BLOCK = 64
 # The 16 NF4 levels: normalised quantiles of N(0, 1), 8 on the positive side, 7 on the negative side, and an exact 0
@@ -100,8 +101,6 @@ def loftq_decompose(weight: torch.Tensor, bits: int, rank: int, rounds: int = 1)
 
 
 def _refuse_quantised_base(base) -> None:
-    from ...quant.bnb import bnb_kind
-
     kind = bnb_kind(base)
     if kind is not None:
         raise TypeError(
@@ -115,17 +114,12 @@ def _refuse_quantised_base(base) -> None:
 def loftq_init(layer, name: str, config) -> None:
     """init_lora_weights='loftq': the base weight becomes Q, and B A the rank-r fit of W - Q (see module doc)."""
     _refuse_quantised_base(layer.get_base_layer())
-    weight = _base_weight(layer, "loftq")
-    _check_decomposable(layer, name, weight, "loftq")
+    weight = base_weight(layer, "loftq")
+    check_decomposable(layer, name, weight, "loftq")
     settings = config.loftq_config
     quantised, left, right = loftq_decompose(weight, settings["loftq_bits"], layer.r[name], settings["loftq_iter"])
-    b, a = (right.T, left.T) if _transposed(layer) else (left, right)  # stored (in, out): W^T - Q^T = R^T L^T
-    _set_factors(layer, name, a, b, weight.dtype)
+    # stored (in, out): W^T - Q^T = R^T L^T
+    b, a = (right.T, left.T) if is_transposed(layer) else (left, right)
+    set_factors(layer, name, a, b, weight.dtype)
     layer.get_base_layer().weight.data = quantised.to(weight.dtype)
 
-
-def replace_lora_weights_loftq(peft_model, model_path=None, adapter_name: str = "default", callback=None):
-    """LoftQ for a LoRA model over a base already quantised to 4 bits with bitsandbytes (loftq_replace.py)."""
-    from .loftq_replace import replace_lora_weights_loftq as replace
-
-    return replace(peft_model, model_path=model_path, adapter_name=adapter_name, callback=callback)

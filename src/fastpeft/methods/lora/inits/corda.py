@@ -16,15 +16,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from copy import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ...checkpoint import io
-from ...core import targeting
-from .subconfig import for_init
+from ....checkpoint import io
+from ....core import targeting
+from ....integrations.transformers_defaults import LORA_TARGETS, default_targets
+from ..._shared.modules import is_conv1d, is_linear
+from ..subconfig import for_init, register_check
+from .common import base_weight, check_decomposable, is_transposed
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +61,13 @@ class CordaConfig:
             raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}.")
 
 
-def checked_corda_config(init_lora_weights, corda_config):
+def check_config(config) -> None:
     """LoraConfig's `corda_config` as a CordaConfig (files hold a dict); the default one when init is 'corda'."""
-    return for_init(corda_config, CordaConfig, "corda_config", init_lora_weights, "corda")
+    config.corda_config = for_init(config.corda_config, CordaConfig, "corda_config", config.init_lora_weights,
+                                   "corda")
+
+
+register_check("corda_config", check_config)
 
 
 @dataclass
@@ -74,8 +82,6 @@ class CordaEigens:
 # ---------------------------------------------------------------------------------------------- targets
 def linear_targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of the nn.Linear / Conv1D modules `config` targets, in model order (shared with LoRA-GA)."""
-    from .model import is_linear  # model -> layer -> init, which imports this module lazily
-
     config_view = _resolved_targets(model, config)
     for name, module in model.named_modules():
         if is_linear(module) and targeting.is_target(config_view, name):
@@ -85,11 +91,6 @@ def linear_targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
 def _resolved_targets(model: nn.Module, config):
     """`config`, with target_modules=None filled from the model type's defaults (stored on config, as HF PEFT's
     LoRA-GA does) and 'all-linear' expanded on a copy."""
-    from copy import copy
-
-    from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
-    from .model import is_linear
-
     if config.target_modules is None:
         config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
     targets = config.target_modules
@@ -100,8 +101,6 @@ def _resolved_targets(model: nn.Module, config):
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
-    from .model import is_conv1d
-
     rows, cols = module.weight.shape
     return (cols, rows) if is_conv1d(module) else (rows, cols)
 
@@ -205,8 +204,6 @@ def _damped_inverse(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decompose_layer(module: nn.Module, cov: torch.Tensor) -> CordaEigens:
     """All min(out, in) triplets of W C' (largest first), V given as C'^-1 V'."""
-    from .model import is_conv1d
-
     weight = module.weight.data.float()
     weight = weight.T if is_conv1d(module) else weight  # (out, in)
     damped, inverse = _damped_inverse(cov.float())
@@ -310,12 +307,10 @@ def _eigens_for(layer, name: str) -> CordaEigens:
 @torch.no_grad()
 def corda_init(layer, name: str, config=None) -> None:
     """B = U sqrt(S / s), A = sqrt(S / s) V^T from preprocess_corda's triplets; the base keeps W - s B A."""
-    from .init import _base_weight, _check_decomposable, _transposed
-
-    weight = _base_weight(layer, "corda")
-    _check_decomposable(layer, name, weight, "corda")
+    weight = base_weight(layer, "corda")
+    check_decomposable(layer, name, weight, "corda")
     eigens = _eigens_for(layer, name)
-    dtype, transposed, s = weight.dtype, _transposed(layer), layer.scaling[name]
+    dtype, transposed, s = weight.dtype, is_transposed(layer), layer.scaling[name]
     root = (eigens.S_WC / s).sqrt()
     a = (eigens.V_WC.T * root.view(-1, 1)).contiguous()
     b = (eigens.U_WC * root).contiguous()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core import targeting
+from ....core import targeting
+from ..params import ParamLora
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,6 @@ def _fuse(lora: str, stacks: list[torch.Tensor]) -> torch.Tensor:
 
 def _wrapper_names(model: nn.Module) -> dict[tuple[str, str], str]:
     """(owner module name without '.base_layer', wrapped parameter) -> name of the ParamLora doing it."""
-    from .params import ParamLora
-
     return {(re.sub(r"(\.base_layer)+$", "", name), module.parameter_name): name
             for name, module in model.named_modules() if isinstance(module, ParamLora)}
 

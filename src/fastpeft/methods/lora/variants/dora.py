@@ -1,7 +1,7 @@
-"""LoRA variants: strategies that change how an adapter is initialised, applied and merged (DoRA here).
+"""DoRA, `use_dora=True`: a learnt per-output magnitude apart from the LoRA direction.
 
-A variant is chosen once per adapter from its config (`variant_table.choose`); plain LoRA has none.
-DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5 and section 4.3.
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5 and section 4.3. One class per layer
+kind (linear, embedding, convolution); the bitsandbytes one is in dora_bnb.py.
 """
 
 from __future__ import annotations
@@ -11,60 +11,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .base import LoraVariant
+
 # Rows whose squared norm lost more than this fraction to cancellation are recomputed directly (see row_norm).
 CANCELLATION = 1e-2
-
-
-class LoraVariant:
-    """Hooks a LoRA layer calls for adapters that use this variant (all take the layer and adapter name).
-
-    One instance per adapter and layer, built from the adapter's LoraConfig (kept as `self.config`).
-    """
-
-    def __init__(self, config=None) -> None:
-        self.config = config
-
-    def init(self, layer, name: str) -> None:
-        """Create the variant's extra parameters, after A and B are initialised."""
-
-    def frozen_parameters(self, layer, name: str) -> tuple:
-        """Adapter parameters that never train (saved all the same), e.g. MiCA's lora_B."""
-        return ()
-
-    def extra_tensors(self, layer, name: str) -> tuple:
-        """(key relative to the layer, tensor) of non-parameter state saved in adapter files (e.g. buffers)."""
-        return ()
-
-    def delete(self, layer, name: str) -> None:
-        """Drop the variant's own state of adapter `name` (after the layer dropped A, B and its settings)."""
-
-    def contribution(self, layer, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
-        """What the adapter adds to `result` (the output so far; None: only the base output is wanted)."""
-        raise NotImplementedError
-
-    def merged_weight(self, layer, name: str) -> torch.Tensor:
-        """The base weight (stored layout) with the adapter merged in."""
-        raise NotImplementedError
-
-    def unmerged_weight(self, layer, name: str) -> torch.Tensor:
-        """The base weight with the adapter, merged last, taken out again."""
-        raise NotImplementedError
-
-
-class AdditiveMerge(LoraVariant):
-    """Merging for variants whose update is a plain additive weight delta: W +- delta(layer, name)."""
-
-    def delta(self, layer, name: str) -> torch.Tensor:
-        """The update in the base weight's stored layout (default: plain LoRA's s B A)."""
-        return layer.delta_weight(name)
-
-    def merged_weight(self, layer, name):
-        weight = layer.get_base_layer().weight.data
-        return weight + self.delta(layer, name).to(weight.dtype)
-
-    def unmerged_weight(self, layer, name):
-        weight = layer.get_base_layer().weight.data
-        return weight - self.delta(layer, name).to(weight.dtype)
 
 
 def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
-from .subconfig import coerce
+from ..config import lora_scaling
+from ..subconfig import coerce, register_check
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _check_settings(settings: dict) -> None:
 
 
 def _warn_scaling(config) -> None:
-    scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
     if scaling != 1 or config.alpha_pattern or config.rank_pattern:
         logger.warning(
             "init_lora_weights='loftq' sets B @ A to the quantisation residual W - Q itself, without dividing by the "
@@ -56,7 +57,7 @@ def _warn_scaling(config) -> None:
             scaling, bool(config.alpha_pattern or config.rank_pattern))
 
 
-def check_loftq(config) -> None:
+def check_config(config) -> None:
     """LoraConfig's `loftq_config`, checked as HF PEFT does: required (non-empty) with init_lora_weights='loftq',
     stored as a dict; set without 'loftq' it is cleared with a warning. Bits and rounds are checked here already
     (HF PEFT only refuses them when the layers are built).
@@ -70,9 +71,12 @@ def check_loftq(config) -> None:
     if not given:
         raise ValueError(
             "init_lora_weights='loftq' needs loftq_config: pass loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1) "
-            "(fastpeft.methods.lora.loftq_config.LoftQConfig)."
+            "(fastpeft.LoftQConfig)."
         )
     settings = _as_dict(given)
     _check_settings(settings)
     config.loftq_config = settings
     _warn_scaling(config)
+
+
+register_check("loftq_config", check_config)

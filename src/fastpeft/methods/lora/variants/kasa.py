@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .subconfig import coerce
-from .variants import AdditiveMerge
+from ..subconfig import register_coercion
+from .base import AdditiveMerge
 
 
 @dataclass
@@ -35,9 +35,7 @@ class KasaConfig:
                 raise ValueError(f"KasaConfig.{name} must be non-negative, got {getattr(self, name)}.")
 
 
-def checked_kasa_config(value):
-    """LoraConfig's `kasa_config` as a KasaConfig (files hold a dict), or None when KaSA is off."""
-    return coerce(value, KasaConfig, "kasa_config")
+register_coercion("kasa_config", KasaConfig)  # LoraConfig.kasa_config: a file holds a dict, None is off
 
 
 def uses_kasa(config) -> bool:

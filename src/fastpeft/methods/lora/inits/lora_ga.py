@@ -20,9 +20,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...checkpoint import io
+from ....checkpoint import io
+from ..subconfig import for_init, register_check
+from .common import base_weight, check_decomposable, is_transposed, kaiming, zero_product
 from .corda import linear_targets
-from .subconfig import for_init
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,13 @@ class LoraGAConfig:
             raise ValueError(f"LoraGAConfig.stable_gamma must be positive, got {self.stable_gamma!r}.")
 
 
-def checked_lora_ga_config(init_lora_weights, lora_ga_config):
+def check_config(config) -> None:
     """LoraConfig's `lora_ga_config` as a LoraGAConfig (files hold a dict)."""
-    return for_init(lora_ga_config, LoraGAConfig, "lora_ga_config", init_lora_weights, "lora_ga", default=False)
+    config.lora_ga_config = for_init(config.lora_ga_config, LoraGAConfig, "lora_ga_config",
+                                     config.init_lora_weights, "lora_ga", default=False)
+
+
+register_check("lora_ga_config", check_config)
 
 
 @dataclass
@@ -212,10 +217,8 @@ SCALINGS = {"stable": _scale_stable, "weight_svd": _scale_weight_svd, "gd_scale"
 
 
 def _weight_out_in(layer) -> torch.Tensor:
-    from .init import _transposed
-
     weight = layer.get_base_layer().weight.data.to(torch.float32)
-    return weight.T if _transposed(layer) else weight
+    return weight.T if is_transposed(layer) else weight
 
 
 def gradient_factors(layer, name: str, grad: torch.Tensor, cfg: LoraGAConfig):
@@ -244,19 +247,17 @@ def lora_ga_init(layer, name: str, config=None) -> None:
     Without an estimate (while loading a saved adapter, whose weights then overwrite the factors; or a layer that is
     not linear) the layer gets the default init (kaiming A, zero B) and its base stays unchanged, as HF PEFT.
     """
-    from .init import INIT_SCHEMES, _base_weight, _check_decomposable, _transposed
-
     estimate = getattr(layer.get_base_layer(), GRADIENT_ATTR, None)
     if estimate is None:  # also embeddings and convolutions, which preprocess_loraga skips (as HF PEFT)
         if not (layer.is_embedding or getattr(layer.get_base_layer(), "kernel_size", None)):
             logger.warning(NO_ESTIMATE)
-        INIT_SCHEMES[True](layer, name)
+        zero_product(layer, name, kaiming)  # init_lora_weights=True's init
         return
-    weight = _base_weight(layer, "lora_ga")
-    _check_decomposable(layer, name, weight, "lora_ga")
+    weight = base_weight(layer, "lora_ga")
+    check_decomposable(layer, name, weight, "lora_ga")
     _check_rank(layer, name, "lora_ga")
     cfg = getattr(config, "lora_ga_config", None) or estimate.lora_ga_config
-    dtype, transposed, s = weight.dtype, _transposed(layer), layer.scaling[name]
+    dtype, transposed, s = weight.dtype, is_transposed(layer), layer.scaling[name]
     grad = estimate.grad.to(torch.float32)
     a, b = gradient_factors(layer, name, grad.T if transposed else grad, cfg)
     a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()

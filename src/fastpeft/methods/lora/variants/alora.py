@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .variants import LoraVariant
+from .base import LoraVariant
 
 OPTION = "alora_invocation_tokens"
 CONTEXT_KEY = "alora_offsets"
@@ -33,8 +33,10 @@ def invocation_tokens(config) -> list[int] | None:
     return list(tokens) if tokens else None
 
 
-def check_config(config) -> None:
-    """Validate `alora_invocation_tokens` and refuse what aLoRA cannot be combined with (LoraConfig check)."""
+def check_config(config, refuse_combinations) -> None:
+    """Validate `alora_invocation_tokens` and refuse what aLoRA cannot be combined with: the LoraConfig check
+    that table.py registers, with its `refuse_combinations(config)` (no other variant, no target_parameters).
+    """
     tokens = getattr(config, OPTION, None)
     if not tokens:
         return
@@ -46,13 +48,6 @@ def check_config(config) -> None:
         warnings.warn("aLoRA is meant for task_type='CAUSAL_LM'. fastpeft finds the invocation tokens in input_ids "
                       "for any task; HF PEFT only for CAUSAL_LM models (elsewhere its aLoRA adapter stays off unless "
                       "alora_offsets are passed).", UserWarning, stacklevel=2)
-
-
-def refuse_combinations(config) -> None:
-    """Variant-table check, run per layer too: aLoRA takes no other variant and no target_parameters."""
-    from .variant_table import _alone  # the table imports this module
-
-    _alone(OPTION, config)
 
 
 # ---------------------------------------------------------------------------------------------- the variant

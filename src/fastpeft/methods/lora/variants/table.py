@@ -11,15 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..inits.mica import MiCA, MiCAEmbedding
+from ..subconfig import register_check
+from . import alora
 from .alora import Alora
-from .alora import refuse_combinations as alora_check
 from .arrow import ArrowRouter, arrow_check
+from .base import LoraVariant
 from .bdlora import BdLora
-from .bnb_dora import DoraQuant
+from .dora import Dora, DoraConv, DoraEmbedding
+from .dora_bnb import DoraQuant
 from .kasa import Kasa
-from .mica import MiCA, MiCAEmbedding
 from .monteclora import Monteclora
-from .variants import Dora, DoraConv, DoraEmbedding, LoraVariant
 from .velora import Velora
 
 
@@ -39,28 +41,29 @@ def _dora_check(config) -> None:
 
 VARIANTS: list[VariantRow] = [
     # aLoRA first: its check refuses any other active row (HF PEFT has no combined variants with it)
-    VariantRow("alora_invocation_tokens", lambda c: bool(getattr(c, "alora_invocation_tokens", None)),
-               {"linear": Alora, "bnb-linear": Alora}, alora_check),
+    VariantRow(alora.OPTION, lambda c: bool(getattr(c, alora.OPTION, None)),
+               {"linear": Alora, "bnb-linear": Alora}, lambda c: alone(alora.OPTION, c)),
     VariantRow("arrow_config", lambda c: getattr(c, "arrow_config", None) is not None,
                {"linear": ArrowRouter, "bnb-linear": ArrowRouter}, arrow_check),  # arrow.py; before DoRA
-    # MiCA / KaSA / VeLoRA (mica.py, kasa.py, velora.py): before DoRA, so that their check refuses combinations
+    # MiCA / KaSA / VeLoRA (../inits/mica.py, kasa.py, velora.py): before DoRA, so that their check refuses
+    # combinations
     VariantRow("init_lora_weights='mica'", lambda c: getattr(c, "init_lora_weights", None) == "mica",
-               {"linear": MiCA, "embedding": MiCAEmbedding}, lambda c: _alone("init_lora_weights='mica'", c)),
+               {"linear": MiCA, "embedding": MiCAEmbedding}, lambda c: alone("init_lora_weights='mica'", c)),
     VariantRow("kasa_config", lambda c: getattr(c, "kasa_config", None) is not None,
-               {"linear": Kasa}, lambda c: _alone("kasa_config", c)),
+               {"linear": Kasa}, lambda c: alone("kasa_config", c)),
     VariantRow("velora_config", lambda c: getattr(c, "velora_config", None) is not None,
-               {"linear": Velora}, lambda c: _alone("velora_config", c)),
+               {"linear": Velora}, lambda c: alone("velora_config", c)),
     # BD-LoRA / MonteCLoRA (bdlora.py, monteclora.py): before DoRA, so that their check refuses combinations
     VariantRow("use_bdlora", lambda c: getattr(c, "use_bdlora", None) is not None,
-               {"linear": BdLora}, lambda c: _alone("use_bdlora", c)),
+               {"linear": BdLora}, lambda c: alone("use_bdlora", c)),
     VariantRow("monteclora_config", lambda c: getattr(c, "monteclora_config", None) is not None,
-               {"linear": Monteclora}, lambda c: _alone("monteclora_config", c)),
+               {"linear": Monteclora}, lambda c: alone("monteclora_config", c)),
     VariantRow("use_dora", lambda c: bool(getattr(c, "use_dora", False)),
                {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv, "bnb-linear": DoraQuant}, _dora_check),
 ]
 
 
-def _alone(option: str, config) -> None:
+def alone(option: str, config) -> None:
     """Refuse other active variants and target_parameters next to `option` (HF PEFT has no such combination)."""
     others = [row.option for row in VARIANTS if row.option != option and row.active(config)]
     if others:
@@ -69,6 +72,10 @@ def _alone(option: str, config) -> None:
     if getattr(config, "target_parameters", None):
         raise ValueError(f"{option} does not work with target_parameters (LoRA on bare parameters takes no "
                          "variants, as in HF PEFT); adapt modules via target_modules instead.")
+
+
+# aLoRA refuses its combinations on the config already (as HF PEFT), the other rows when a layer is built
+register_check(alora.OPTION, lambda config: alora.check_config(config, lambda c: alone(alora.OPTION, c)))
 
 
 def active_option(config) -> str | None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .subconfig import coerce
-from .variants import AdditiveMerge
+from ..subconfig import register_coercion
+from .base import AdditiveMerge
 
 INIT_TYPES = ("batch_average", "batch_average_once", "random")
 
@@ -44,9 +44,7 @@ class VeloraConfig:
             raise ValueError(f"VeloraConfig.init_type must be one of {list(INIT_TYPES)}, got {self.init_type!r}.")
 
 
-def checked_velora_config(value):
-    """LoraConfig's `velora_config` as a VeloraConfig (files hold a dict), or None when VeLoRA is off."""
-    return coerce(value, VeloraConfig, "velora_config")
+register_coercion("velora_config", VeloraConfig)  # LoraConfig.velora_config: a file holds a dict
 
 
 # ---------------------------------------------------------------------------------------------- the projection

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from .subconfig import coerce
-from .variants import LoraVariant
+from ....peft_model import PeftModel
+from ..config import LoraConfig
+from ..subconfig import register_coercion
+from .base import LoraVariant
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,7 @@ class ArrowConfig:
             raise ValueError(f"ArrowConfig.router_temperature must be > 0, got {self.router_temperature}.")
 
 
-def checked_arrow_config(arrow_config):
-    """LoraConfig's `arrow_config` as an ArrowConfig; a file's dict keeps only the constructor's fields."""
-    return coerce(arrow_config, ArrowConfig, "arrow_config")
+register_coercion("arrow_config", ArrowConfig)  # a file's dict keeps only the constructor's fields
 
 
 def arrow_check(config) -> None:
@@ -320,9 +320,6 @@ def create_arrow_model(base_model, task_specific_adapter_paths: list[str], arrow
     if arrow_config.use_gks and not general_adapter_paths:
         raise ValueError("use_gks=True (GenKnowSub) needs general_adapter_paths: the general-knowledge LoRA "
                          "adapters to subtract; pass them or set use_gks=False.")
-    from ...peft_model import PeftModel
-    from .config import LoraConfig
-
     first_id, first_kwargs = _load_kwargs(task_specific_adapter_paths[0], adapter_kwargs)
     model = PeftModel.from_pretrained(base_model, first_id, adapter_name=f"{TASK_PREFIX}0", **first_kwargs)
     tasks = [f"{TASK_PREFIX}0"] + _load_group(model, task_specific_adapter_paths[1:], TASK_PREFIX, adapter_kwargs,

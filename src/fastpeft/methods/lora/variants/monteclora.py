@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .subconfig import coerce
-from .variants import AdditiveMerge
+from ..subconfig import register_coercion
+from .base import AdditiveMerge
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class MontecloraConfig:
             raise ValueError(f"MontecloraConfig.buffer_size must be a positive integer, got {self.buffer_size!r}.")
 
 
-def checked_monteclora_config(value) -> MontecloraConfig | None:
-    """LoraConfig.monteclora_config as a MontecloraConfig (files hold a dict)."""
-    return coerce(value, MontecloraConfig, "monteclora_config")
+register_coercion("monteclora_config", MontecloraConfig)  # LoraConfig.monteclora_config: a file holds a dict
 
 
 # ---------------------------------------------------------------------------------------------- random draws

@@ -14,9 +14,11 @@ from itertools import cycle
 import torch
 from torch import nn
 
-from ...core import targeting
-from ...core.tuner import set_submodule
-from .layer import Conv, Embedding, LoraLayer, MultiheadAttention
+from ....core import targeting
+from ....core.tuner import set_submodule
+from ..._shared.modules import is_linear
+from ..layer import Conv, Embedding, LoraLayer, MultiheadAttention
+from .eva_config import EvaConfig
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +292,6 @@ def _tuner(model):
 
 
 def _eva_targets(model, config, adapter_name: str, is_peft: bool) -> list[str]:
-    from .model import is_linear  # model imports layer imports init; keep import order simple
-
     if is_peft:
         return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, SKIPPED_LAYERS)
                 and not getattr(m, "nested", False) and adapter_name in m.lora_A]
@@ -326,7 +326,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
         peft_config = model.peft_config[adapter_name]
     if peft_config.eva_config is None:
         peft_config = copy(peft_config)
-        peft_config.eva_config = _default_eva_config()
+        peft_config.eva_config = EvaConfig()
     targets = _eva_targets(model, peft_config, adapter_name, is_peft)
     if not targets:
         raise ValueError("EVA found no linear layers to initialise (check target_modules).")
@@ -340,12 +340,6 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
             return run.components(run.fit(dataloader))
     finally:
         model.train(training)
-
-
-def _default_eva_config():
-    from .eva_config import EvaConfig
-
-    return EvaConfig()
 
 
 def _condensed(targets: list[str], others: list[str]):
@@ -378,7 +372,7 @@ def _load_eva_state_dict(model, eva_state_dict: dict, adapter_name: str) -> None
     """Put EVA's components into lora_A (new ranks rebuild the layer; rank 0 removes it) and record the new
     target_modules / rank_pattern / alpha_pattern in the adapter's config (so saved files reload the same)."""
     tuner, config = _tuner(model), model.peft_config[adapter_name]
-    eva = config.eva_config or _default_eva_config()
+    eva = config.eva_config or EvaConfig()
     state, kept, missing, others = dict(eva_state_dict), [], [], []
     rank_pattern, alpha_pattern = {}, {}
     for name, module in list(model.named_modules()):

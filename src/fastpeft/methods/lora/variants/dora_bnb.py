@@ -1,13 +1,13 @@
 """DoRA on bitsandbytes 4-bit / 8-bit layers: the weight norm is taken over the dequantised base weight.
 
-Kept apart from `bnb.py` (the layer classes) so that `variant_table` can name it without importing `layer.py`.
+Kept apart from `../bnb.py` (the layer classes) so that `table.py` can name it without importing `layer.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .variants import Dora
+from .dora import Dora
 
 
 class DoraQuant(Dora):

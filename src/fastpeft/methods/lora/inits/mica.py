@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .variants import AdditiveMerge
+from ..variants.base import AdditiveMerge
 
 DECOMPOSABLE = (torch.float32, torch.float16, torch.bfloat16)
 

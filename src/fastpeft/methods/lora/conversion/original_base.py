@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from ...checkpoint import io
-from ...checkpoint.keys import adapter_key_map
-from .init import modifies_base
+from ....checkpoint import io
+from ....checkpoint.keys import adapter_key_map
+from ..config import modifies_base
 
 FILE_PREFIX = "base_model.model."  # file keys of layer methods: PeftModel.base_model (tuner) .model (user's model)
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .subconfig import coerce
-from .variants import AdditiveMerge
+from ..config import modifies_base
+from ..subconfig import coerce, register_check
+from .base import AdditiveMerge
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,17 @@ class BdLoraConfig:
             raise ValueError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}.")
 
 
-def checked_bdlora_config(config) -> BdLoraConfig | None:
+def check_config(config) -> None:
     """LoraConfig.use_bdlora as a BdLoraConfig (files hold a dict); refuses options BD-LoRA cannot combine with."""
-    value = coerce(config.use_bdlora, BdLoraConfig, "use_bdlora")
-    if value is not None:
+    config.use_bdlora = coerce(config.use_bdlora, BdLoraConfig, "use_bdlora")
+    if config.use_bdlora is not None:
         _refuse_inits(config.init_lora_weights)
-    return value
+
+
+register_check("use_bdlora", check_config)
 
 
 def _refuse_inits(init_lora_weights) -> None:
-    from .init import modifies_base
-
     if modifies_base(init_lora_weights) or init_lora_weights in ("eva", "corda", "loftq", "lora_ga"):
         raise ValueError(
             f"use_bdlora cannot be combined with init_lora_weights={init_lora_weights!r}: BD-LoRA replaces one "

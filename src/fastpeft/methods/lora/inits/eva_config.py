@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .subconfig import for_init
+from ..subconfig import for_init, register_check
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class EvaConfig:
             raise ValueError(f"EvaConfig.tau must be between 0.0 and 1.0, got {self.tau}.")
 
 
-def checked_eva_config(init_lora_weights, eva_config):
+def check_config(config) -> None:
     """LoraConfig's `eva_config` as an EvaConfig (files hold a dict); the default one when init is 'eva'."""
-    return for_init(eva_config, EvaConfig, "eva_config", init_lora_weights, "eva")
+    config.eva_config = for_init(config.eva_config, EvaConfig, "eva_config", config.init_lora_weights, "eva")
+
+
+register_check("eva_config", check_config)
