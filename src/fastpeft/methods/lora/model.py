@@ -34,7 +34,6 @@ DISPATCH.register(lora_bnb.is_bnb_linear, lora_bnb.build, first=True)  # bitsand
 
 class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: quant/merge.py
     dispatch = DISPATCH
-    prefix = "lora_"
 
     def prepare_config(self, config, model):
         unsupported = config.unsupported_options()
