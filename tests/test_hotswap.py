@@ -250,6 +250,15 @@ def test_merged_adapter_is_refused(tmp_path):
     _failing_swap(model, lambda: hotswap_adapter(model, path_b, "default"), ValueError, r"unmerge_adapter\(\)")
 
 
+def test_method_without_rules_is_refused():
+    """Hot-swapping reads the rules from the method's MethodSpec; a method that declares none is named."""
+    config = fastpeft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=[])
+    model = fastpeft.get_peft_model(MODELS["mlp"][0](), config)
+    state = fastpeft.get_peft_model_state_dict(model)
+    _failing_swap(model, lambda: hotswap_adapter_from_state_dict(model, state, "default", config), ValueError,
+                  r"IA3 adapters cannot be hot-swapped.*declare hot-swap rules.*\(LORA\)")
+
+
 def test_prepare_checks(tmp_path):
     model = load(save_adapter(tmp_path / "a", "mlp", 4, 8, seed=0), "mlp")
     compiled = torch.compile(model, backend="eager")

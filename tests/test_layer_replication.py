@@ -176,6 +176,16 @@ def test_bad_ranges_are_refused_before_touching_the_model(layer_map, match):
     assert base.model.layers is blocks and base.config.num_hidden_layers == 2
 
 
+def test_replication_is_a_model_step_not_a_config_step():
+    """prepare_config only fills the config; the tuner's prepare_model hook stacks the blocks."""
+    tuner = _fast(None).base_model
+    base, config = models.make_llama(), _config(fastpeft, [[0, 2], [1, 2]])
+    tuner.prepare_config(config, base)
+    assert len(base.model.layers) == 2
+    tuner.prepare_model(base, config)
+    assert len(base.model.layers) == 3
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     config = fastpeft.LoraConfig(target_modules=["lin0"], layer_replication=[[0, 1]])
     with pytest.raises(ValueError, match="Llama-style `layers`.*BERT-style.*Falcon-style"):

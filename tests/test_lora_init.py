@@ -157,6 +157,20 @@ def test_config_accepts_the_niter_family_and_refuses_lora_bias():
         fastpeft.LoraConfig(init_lora_weights="olora", lora_bias=True)
 
 
+@pytest.mark.parametrize("options,rewrites", [
+    ({}, False), ({"init_lora_weights": "gaussian"}, False), ({"init_lora_weights": "eva"}, False),
+    ({"init_lora_weights": "pissa"}, True), ({"init_lora_weights": "pissa_niter_4"}, True),
+    ({"init_lora_weights": "olora"}, True), ({"init_lora_weights": "corda"}, True),
+    ({"init_lora_weights": "lora_ga"}, True),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, True),
+    ({"kasa_config": {}}, True), ({"layer_replication": [[0, 1]]}, True),
+])
+def test_rewrites_base_weights(options, rewrites):
+    """What loading backs up and the fingerprint skips: injections that change the base model itself."""
+    assert fastpeft.LoraConfig(target_modules=["lin0"], **options).rewrites_base_weights is rewrites
+    assert fastpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[]).rewrites_base_weights is False
+
+
 # ---------------------------------------------------------------------------------------------- conversion
 def _train_step(model, name: str, inputs):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
