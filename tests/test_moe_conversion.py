@@ -1,6 +1,6 @@
 """LoRA adapters made on transformers v4 MoE models (per-expert `nn.Linear`s) used on the v5 models (stacked expert
-parameters), methods/lora/conversion/moe.py, against HF PEFT: converted configs at injection, converted weights on
-load, and the v5 layout on save (both directions).
+parameters), methods/lora/conversion/moe.py, against HF PEFT: converted configs at injection, converted
+weights on load, and the v5 layout on save (both directions).
 
 No transformers v4 is installed, so the "v4 adapter" files are written by hand with the keys and shapes HF PEFT
 saved on v4 (`...block_sparse_moe.experts.<e>.w1.lora_A.weight` (r, hidden), ...)."""
