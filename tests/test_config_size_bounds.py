@@ -11,6 +11,7 @@ Two false refusals fixed here:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,3 +93,43 @@ def test_sizes_under_zero3_placeholders_use_the_real_shapes(tmp_path):
     config.token_indices = [5000]
     with pytest.raises(AdapterConfigError, match="token_indices"):
         check_config_for_model(config, big_vocab, tmp_path)
+
+
+# The central lists of size-like field names that checkpoint/config_values.py kept before each config field
+# declared its own bound (metadata "size"): every registered config field of these names must still be bounded,
+# with the same kind of bound.
+OLD_SIZE_FIELDS = {
+    "r", "init_r", "target_r", "mini_r", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+    "num_transformer_submodules", "encoder_hidden_size", "encoder_num_layers", "n_frequency", "num_vectors",
+    "vector_length", "oft_block_size", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor",
+    "adapter_len", "adapter_layers", "num_tasks", "n_tasks", "n_skills", "n_splits", "num_ranks",
+    "decompose_factor", "topk", "num_cayley_neumann_terms",
+}
+OLD_MATRIX_SIZE_FIELDS = {"n_frequency"}
+OLD_SIZE_DICT_FIELDS = {"rank_pattern"}
+OLD_INDEX_FIELDS = {"trainable_token_indices", "token_indices"}
+
+
+def _old_kind(name: str) -> str | None:
+    if name in OLD_MATRIX_SIZE_FIELDS:
+        return "matrix"
+    if name in OLD_SIZE_FIELDS:
+        return "dim"
+    return "dim_values" if name in OLD_SIZE_DICT_FIELDS else "token_ids" if name in OLD_INDEX_FIELDS else None
+
+
+def test_every_formerly_listed_size_field_still_declares_its_bound():
+    from fastpeft.config import SIZE_KINDS, declared
+    from fastpeft.registry import registered
+
+    checked, wrong = 0, []
+    for spec in registered().values():
+        kinds = declared(spec.config_cls, "size")
+        assert set(kinds.values()) <= set(SIZE_KINDS), (spec.config_cls.__name__, kinds)
+        for field in dataclasses.fields(spec.config_cls):
+            want = _old_kind(field.name)
+            checked += want is not None
+            if want is not None and kinds.get(field.name) != want:
+                wrong.append(f"{spec.config_cls.__name__}.{field.name}: {kinds.get(field.name)!r}, not {want!r}")
+    assert not wrong, wrong
+    assert checked > 40  # every method's rank, the prompt dims, ...

@@ -21,6 +21,25 @@ logger = logging.getLogger(__name__)
 COMPAT_PEFT_VERSION = "0.21.2"
 _PEFT_TYPES = frozenset(t.value for t in PeftType)
 
+# What shared code needs to know about a config field is declared on the field (dataclass metadata), so
+# that it keeps no list of method field names:
+# - "size": the field sizes tensors or loop counts, so a file's value is bounded before anything is allocated
+#   (checkpoint/config_values.py). One of SIZE_KINDS: "dim", an int at most the base model's largest weight
+#   dimension; "matrix", an int at most the element count of its largest weight; "dim_values", a dict of "dim"
+#   ints (module -> rank); "token_ids", embedding rows (a list, or a dict of lists) whose ids and number stay
+#   below the largest dimension. An adapter with a "token_ids" field set trains those rows: its files hold
+#   them, never whole embedding tables (`trains_token_rows`, checkpoint/keys.py).
+# - "keys": "modules": a dict keyed by module-name regexes, each of which must match a target
+#   (`module_pattern_fields`, core/target_checks.py).
+# - "targets": "parameters": the field selects targets by parameter name; while it is set, pattern keys may
+#   name parameters and are not checked against module names.
+SIZE_KINDS = ("dim", "matrix", "dim_values", "token_ids")
+
+
+def declared(config: PeftConfig | type, key: str) -> dict[str, Any]:
+    """{field name: metadata[key]} of the fields of `config` (a config or config class) that declare `key`."""
+    return {f.name: f.metadata[key] for f in dataclasses.fields(config) if key in f.metadata}
+
 
 @dataclass
 class PeftConfig:
@@ -69,6 +88,21 @@ class PeftConfig:
         """Whether injection changes the base model's weights or modules (e.g. LoRA's PiSSA init): loading then
         backs the base weights up, and no base-model fingerprint is saved. Methods that do override this."""
         return False
+
+    @property
+    def trains_token_rows(self) -> bool:
+        """Whether the adapter trains single embedding rows (a "token_ids" field is set, see SIZE_KINDS)."""
+        fields = declared(self, "size")
+        return any(getattr(self, name) is not None for name, kind in fields.items() if kind == "token_ids")
+
+    @property
+    def module_pattern_fields(self) -> tuple[str, ...]:
+        """The fields keyed by module-name regexes (declared "keys": "modules") whose keys must each match a
+        targeted module; none while a field declared "targets": "parameters" is set. Methods whose keys mean
+        something else override this."""
+        if any(getattr(self, name) for name in declared(self, "targets")):
+            return ()
+        return tuple(name for name, keys in declared(self, "keys").items() if keys == "modules")
 
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
@@ -158,11 +192,15 @@ def _jsonable(value: Any) -> Any:
 class PromptLearningConfig(PeftConfig):
     """Shared fields of the soft-prompt methods (prompt, prefix, p-tuning)."""
 
-    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens."})
-    token_dim: int = field(default=None, metadata={"help": "Hidden size of the base model."})
-    num_transformer_submodules: int | None = field(default=None, metadata={"help": "1 (decoder) or 2 (enc-dec)."})
-    num_attention_heads: int | None = field(default=None, metadata={"help": "Attention heads of the base."})
-    num_layers: int | None = field(default=None, metadata={"help": "Layers of the base model."})
+    num_virtual_tokens: int = field(default=None, metadata={
+        "help": "Number of virtual tokens.", "size": "dim"})
+    token_dim: int = field(default=None, metadata={"help": "Hidden size of the base model.", "size": "dim"})
+    num_transformer_submodules: int | None = field(default=None, metadata={
+        "help": "1 (decoder) or 2 (enc-dec).", "size": "dim"})
+    num_attention_heads: int | None = field(default=None, metadata={
+        "help": "Attention heads of the base.", "size": "dim"})
+    num_layers: int | None = field(default=None, metadata={
+        "help": "Layers of the base model.", "size": "dim"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
 
     @property

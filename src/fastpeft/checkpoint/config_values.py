@@ -3,6 +3,7 @@
 Each value must fit its field's declared type (`int`, `list[str] | None`, `Literal[...]`, ...) and size-like
 fields (ranks, token counts, block sizes) must stay below a bound: a config with r = 10**9 must be refused before
 anything allocates r rows. Fields typed with something this module does not know are left to the config class.
+A field is size-like when its declaration says so (dataclass metadata "size", see config.py `SIZE_KINDS`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,8 @@ from typing import Any
 
 from ..errors import AdapterConfigError
 
-# fields that size allocated tensors (or loop counts); bounded by size_bound()
-SIZE_FIELDS = frozenset({
-    "r", "init_r", "target_r", "mini_r", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
-    "num_transformer_submodules", "encoder_hidden_size", "encoder_num_layers", "n_frequency", "num_vectors",
-    "vector_length", "oft_block_size", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "adapter_len",
-    "adapter_layers", "num_tasks", "n_tasks", "n_skills", "n_splits", "num_ranks", "decompose_factor", "topk",
-    "num_cayley_neumann_terms",
-})
-# size fields that count entries of a whole weight (FourierFT's n_frequency <= in * out): bounded by the
-# largest weight's element count, not its largest dimension
-MATRIX_SIZE_FIELDS = frozenset({"n_frequency"})
-# dict fields whose values are sizes (module name -> rank)
-SIZE_DICT_FIELDS = frozenset({"rank_pattern"})
-# fields listing token ids (a list, or a dict of lists): each id and the number of ids are sizes
-INDEX_FIELDS = frozenset({"trainable_token_indices", "token_indices"})
+# the kinds of size a field may declare (metadata "size"): what each is bounded by is documented in config.py
+DIM, MATRIX, DIM_VALUES, TOKEN_IDS = "dim", "matrix", "dim_values", "token_ids"
 # bound without a model (file-level); with a model, model_size_bound() is tighter
 FILE_SIZE_BOUND = 1 << 24
 # longest list / dict a config value may hold (target_modules, rank_pattern, ...): each entry is matched
@@ -54,7 +42,7 @@ def check_config_values(config_cls: type, data: dict[str, Any], source: Any, bou
                 f"{config_cls.__name__}.{name} in {source} is {_short(value)} ({type(value).__name__}); expected "
                 f"{_shown(hints[name])}. Fix adapter_config.json (or re-save the adapter)."
             )
-        check_size(config_cls.__name__, name, value, _lowest(field), bound, source)
+        check_size(config_cls.__name__, name, value, _lowest(field), bound, source, size_kind(field))
         _check_length(config_cls.__name__, name, value, source)
 
 
@@ -75,13 +63,19 @@ def check_indices(cls_name: str, name: str, value: Any, bound: int, source: Any)
         )
 
 
-def check_size(cls_name: str, name: str, value: Any, lowest: int, bound: int, source: Any) -> None:
-    """Size fields (ints, or dicts of ints for rank_pattern) must lie in [lowest, bound]."""
-    values = value.values() if name in SIZE_DICT_FIELDS and isinstance(value, dict) else [value]
-    if name not in SIZE_FIELDS and name not in SIZE_DICT_FIELDS:
+def size_kind(field: dataclasses.Field) -> str | None:
+    """The kind of size `field` declares (metadata "size": DIM, MATRIX, DIM_VALUES or TOKEN_IDS), or None."""
+    return field.metadata.get("size")
+
+
+def check_size(cls_name: str, name: str, value: Any, lowest: int, bound: int, source: Any,
+               kind: str | None) -> None:
+    """Size fields (ints; for DIM_VALUES dicts of ints, e.g. module -> rank) must lie in [lowest, bound]."""
+    if kind not in (DIM, MATRIX, DIM_VALUES):
         return
+    values = value.values() if kind == DIM_VALUES and isinstance(value, dict) else [value]
     for v in values:
-        if isinstance(v, list) and name in SIZE_DICT_FIELDS:  # AdaLoRA saves its rank masks: one bool per rank
+        if isinstance(v, list) and kind == DIM_VALUES:  # a list of flags stands for its length (rank masks)
             v = len(v) if all(isinstance(b, bool) for b in v) else v
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer() and lowest <= v <= bound:
@@ -202,7 +196,8 @@ def model_size_bound(model) -> int:
 
 
 def matrix_size_bound(model) -> int:
-    """Bound of MATRIX_SIZE_FIELDS: the element count of `model`'s largest weight (at least model_size_bound)."""
+    """Bound of MATRIX size fields: the element count of `model`'s largest weight (at least
+    model_size_bound)."""
     largest = max((math.prod(_shape(p)) for p in model.parameters()), default=0)
     return max(largest, model_size_bound(model))
 
@@ -212,12 +207,13 @@ def check_config_for_model(config, model, source: Any) -> None:
     bound = model_size_bound(model)
     cls = type(config)
     for field in dataclasses.fields(cls):
-        value = getattr(config, field.name, None)
-        if field.name in MATRIX_SIZE_FIELDS:
-            check_size(cls.__name__, field.name, value, _lowest(field), matrix_size_bound(model), source)
-        elif field.name in SIZE_FIELDS or field.name in SIZE_DICT_FIELDS:
-            check_size(cls.__name__, field.name, value, _lowest(field), bound, source)
-        if field.name in INDEX_FIELDS and value is not None:
+        kind, value = size_kind(field), getattr(config, field.name, None)
+        if kind == MATRIX:
+            matrix_bound = matrix_size_bound(model)
+            check_size(cls.__name__, field.name, value, _lowest(field), matrix_bound, source, kind)
+        elif kind in (DIM, DIM_VALUES):
+            check_size(cls.__name__, field.name, value, _lowest(field), bound, source, kind)
+        elif kind == TOKEN_IDS and value is not None:
             check_indices(cls.__name__, field.name, value, bound, source)
     _check_prompt_table(config, model, source)
 

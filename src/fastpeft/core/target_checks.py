@@ -75,10 +75,9 @@ def _unused_pattern_keys(config, attr: str, target_names: list[str]) -> list[str
 
 
 def _unused_patterns(config, target_names: list[str]) -> list[str]:
-    # AdaLoRA's rank_pattern holds rank masks per saved tensor; target_parameters keys name parameters
-    if str(getattr(config, "peft_type", "")).endswith("ADALORA") or getattr(config, "target_parameters", None):
-        return []
-    return [p for attr in ("rank_pattern", "alpha_pattern") for p in _unused_pattern_keys(config, attr, target_names)]
+    # the config says which of its fields are keyed by module patterns (PeftConfig.module_pattern_fields)
+    fields = getattr(config, "module_pattern_fields", ())
+    return [p for attr in fields for p in _unused_pattern_keys(config, attr, target_names)]
 
 
 def check_unused_entries(config, model: nn.Module, targets: list[tuple[str, object]]) -> None:

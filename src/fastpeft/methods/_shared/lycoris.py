@@ -38,7 +38,7 @@ LYCORIS_TARGETS: dict[str, list[str]] = dict(LORA_TARGETS)
 class LycorisConfig(PeftConfig):
     """Fields LoHa and LoKr share (names and defaults of HF PEFT 0.21.2)."""
 
-    r: int = field(default=8, metadata={"help": "Rank of the factors."})
+    r: int = field(default=8, metadata={"size": "dim", "help": "Rank of the factors."})
     alpha: int = field(default=8, metadata={"help": "Scaling numerator: dW is multiplied by alpha / r."})
     rank_dropout: float = field(
         default=0.0, metadata={"help": "Training only: probability of zeroing each output row of dW."})
@@ -57,9 +57,12 @@ class LycorisConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the ModuleList holding the layers, e.g. 'layers' or 'h'."})
     rank_pattern: dict | None = field(
-        default_factory=dict, metadata={"help": "Module name (suffix regex) -> rank overriding r."})
+        default_factory=dict, metadata={
+            "size": "dim_values", "keys": "modules",
+            "help": "Module name (suffix regex) -> rank overriding r."})
     alpha_pattern: dict | None = field(
-        default_factory=dict, metadata={"help": "Module name (suffix regex) -> alpha overriding alpha."})
+        default_factory=dict, metadata={
+            "keys": "modules", "help": "Module name (suffix regex) -> alpha overriding alpha."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved."})
 

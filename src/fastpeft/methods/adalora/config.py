@@ -48,8 +48,10 @@ LORA_ONLY_OPTIONS: dict[str, Any] = {
 class AdaLoraConfig(LoraConfig):
     """AdaLoRA: SVD-form LoRA adapters whose ranks a `RankAllocator` prunes during training (see module doc)."""
 
-    target_r: int = field(default=8, metadata={"help": "Average rank per adapted matrix after pruning."})
-    init_r: int = field(default=12, metadata={"help": "Rank of every adapted matrix at the start."})
+    target_r: int = field(default=8, metadata={
+        "size": "dim", "help": "Average rank per adapted matrix after pruning."})
+    init_r: int = field(default=12, metadata={
+        "size": "dim", "help": "Rank of every adapted matrix at the start."})
     tinit: int = field(default=0, metadata={"help": "Warm-up steps before any pruning."})
     tfinal: int = field(default=0, metadata={"help": "Final steps trained at the allocated ranks."})
     deltaT: int = field(default=1, metadata={"help": "Steps between two budget allocations."})
@@ -59,6 +61,7 @@ class AdaLoraConfig(LoraConfig):
         "help": "Weight of the ||A A^T - I|| + ||B^T B - I|| regulariser added to the loss in forward."})
     total_step: int | None = field(default=None, metadata={"help": "Total training steps (required)."})
     rank_pattern: dict | None = field(default=None, metadata={
+        "size": "dim_values",
         "help": "Set by update_and_allocate: '<module>.lora_E' -> list of bools, the singular triplets kept. "
                 "Loading an adapter shrinks each module to the kept ranks (as HF PEFT)."})
 

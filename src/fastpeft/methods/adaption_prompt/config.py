@@ -16,9 +16,11 @@ class AdaptionPromptConfig(PeftConfig):
 
     target_modules: str | None = field(
         default=None, metadata={"help": "Name of the attention sub-modules that get adaption prompts."})
-    adapter_len: int | None = field(default=None, metadata={"help": "Number of adaption prompt tokens."})
+    adapter_len: int | None = field(default=None, metadata={
+        "size": "dim", "help": "Number of adaption prompt tokens."})
     adapter_layers: int | None = field(
-        default=None, metadata={"help": "Number of attention layers, counted from the top, that get prompts."})
+        default=None, metadata={
+            "size": "dim", "help": "Number of attention layers, counted from the top, that get prompts."})
 
     @property
     def is_adaption_prompt(self) -> bool:

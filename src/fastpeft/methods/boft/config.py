@@ -16,10 +16,13 @@ class BOFTConfig(PeftConfig):
     rotated by a product of permuted block-diagonal orthogonal factors and the output is rescaled per channel."""
 
     boft_block_size: int = field(default=4, metadata={
+        "size": "dim",
         "help": "Size of each block; give either boft_block_size or boft_block_num (the other must be 0)."})
     boft_block_num: int = field(default=0, metadata={
+        "size": "dim",
         "help": "Blocks per factor; boft_block_size x boft_block_num = the layer's input size."})
     boft_n_butterfly_factor: int = field(default=1, metadata={
+        "size": "dim",
         "help": "Butterfly factors multiplied into the rotation. Kept in the config, but new adapters get one factor "
                 "as in HF PEFT without its fbd_cuda extension; files holding N factors load with all N."})
     target_modules: list[str] | str | None = field(default=None, metadata={

@@ -19,6 +19,7 @@ class FourierFTConfig(PeftConfig):
     """
 
     n_frequency: int = field(default=1000, metadata={
+        "size": "matrix",
         "help": "Trainable spectral coefficients per adapted layer; at most in_features * out_features."})
     scaling: float = field(default=150.0, metadata={
         "help": "Multiplier of the inverse FFT (plays the role of LoRA's alpha / r)."})

@@ -13,6 +13,7 @@ class HRAConfig(PeftConfig):
     """Multiply each targeted weight by a chain of `r` Householder reflections (https://arxiv.org/abs/2405.17484)."""
 
     r: int = field(default=8, metadata={
+        "size": "dim",
         "help": "Number of Householder reflections per layer; use an even number so init_weights=True starts at "
                 "the identity."})
     apply_GS: bool = field(default=False, metadata={

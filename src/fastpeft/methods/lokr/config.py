@@ -20,7 +20,9 @@ class LoKrConfig(LycorisConfig):
     decompose_both: bool = field(
         default=False, metadata={"help": "Also factor W1 as W1a @ W1b when r < max(a, c) / 2."})
     decompose_factor: int = field(
-        default=-1, metadata={"help": "Preferred size of the first Kronecker factor; -1: as square as possible."})
+        default=-1, metadata={
+            "size": "dim",
+            "help": "Preferred size of the first Kronecker factor; -1: as square as possible."})
     rank_dropout_scale: bool = field(
         default=False, metadata={"help": "Divide the rank-dropout mask by its mean during training."})
 

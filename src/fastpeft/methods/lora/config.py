@@ -65,7 +65,7 @@ class LoraRuntimeConfig:
 class LoraConfig(PeftConfig):
     """Low-Rank Adaptation (Hu et al., 2021): W + (alpha / r) * B @ A with A: (r, in), B: (out, r)."""
 
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    r: int = field(default=8, metadata={"size": "dim", "help": "LoRA rank."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Names, regex or 'all-linear'."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
     lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator alpha."})
@@ -79,12 +79,16 @@ class LoraConfig(PeftConfig):
                 "corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see inits/."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
-    rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> rank overrides."})
-    alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Regex -> alpha overrides."})
+    rank_pattern: dict | None = field(default_factory=dict, metadata={
+        "size": "dim_values", "keys": "modules", "help": "Regex -> rank overrides."})
+    alpha_pattern: dict | None = field(default_factory=dict, metadata={
+        "keys": "modules", "help": "Regex -> alpha overrides."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported by fastpeft."})
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported by fastpeft."})
     trainable_token_indices: list[int] | dict | None = field(
-        default=None, metadata={"help": "Token ids whose embedding rows train too (list, or module -> ids)."})
+        default=None, metadata={
+            "size": "token_ids",
+            "help": "Token ids whose embedding rows train too (list, or module -> ids)."})
     loftq_config: dict = field(default_factory=dict, metadata={
         "help": "LoftQConfig (or its dict) for init_lora_weights='loftq': NF4/int8 base + error-fitting adapter "
                 "(methods/lora/inits/loftq.py)."})
@@ -101,6 +105,7 @@ class LoraConfig(PeftConfig):
         "help": "Runtime-only options (LoraRuntimeConfig), never saved."})
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
     target_parameters: list[str] | None = field(default=None, metadata={
+        "targets": "parameters",
         "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
     alora_invocation_tokens: list[int] | None = field(default=None, metadata={
         "help": "Activated LoRA: token ids of the invocation string; the adapter acts only from their last "

@@ -15,9 +15,11 @@ class MissConfig(PeftConfig):
     (https://arxiv.org/abs/2409.15371)."""
 
     r: int = field(default=64, metadata={
+        "size": "dim",
         "help": "Shard width along in_features (at most in_features of every targeted layer)."})
     miss_dropout: float = field(default=0.0, metadata={"help": "Dropout on the MiSS input (not used by 'bat')."})
     mini_r: int = field(default=1, metadata={
+        "size": "dim",
         "help": "init_weights='mini' only: width of the block along out_features (out_features % mini_r == 0)."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "nn.Linear modules to adapt: names, a full-match regex or 'all-linear'; default: the model "

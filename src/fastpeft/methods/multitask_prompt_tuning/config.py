@@ -29,8 +29,10 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
     prompt_tuning_init_state_dict_path: str | None = field(
         default=None, metadata={"help": "Source-training adapter weights (.safetensors or torch file)."})
     prompt_tuning_init_task: int | None = field(default=0, metadata={"help": "Source task for EXACT_SOURCE_TASK."})
-    num_ranks: int | None = field(default=1, metadata={"help": "Rank of each task's prompt scaling matrix."})
-    num_tasks: int | None = field(default=1, metadata={"help": "Number of tasks (valid task_ids: 0..num_tasks-1)."})
+    num_ranks: int | None = field(default=1, metadata={
+        "size": "dim", "help": "Rank of each task's prompt scaling matrix."})
+    num_tasks: int | None = field(default=1, metadata={
+        "size": "dim", "help": "Number of tasks (valid task_ids: 0..num_tasks-1)."})
 
     def __post_init__(self) -> None:
         PromptLearningConfig.__post_init__(self)  # PromptTuningConfig's check knows only its own inits

@@ -20,8 +20,10 @@ class OFTConfig(PeftConfig):
     block-diagonal orthogonal matrix (Cayley transform of trainable skew-symmetric blocks)."""
 
     r: int = field(default=0, metadata={
+        "size": "dim",
         "help": "Number of OFT blocks per layer; give either r or oft_block_size (the other must be 0)."})
     oft_block_size: int = field(default=32, metadata={
+        "size": "dim",
         "help": "Size of each OFT block; r x oft_block_size = the layer's input size (adjusted to a divisor)."})
     module_dropout: float = field(default=0.0, metadata={
         "help": "Block dropout probability (accepted for file compatibility; HF PEFT 0.21.2 does not apply it)."})
@@ -42,7 +44,8 @@ class OFTConfig(PeftConfig):
     block_share: bool = field(default=False, metadata={"help": "One block shared by all blocks of a layer."})
     use_cayley_neumann: bool = field(default=True, metadata={
         "help": "Approximate the Cayley transform by a Neumann series (matmuls only) instead of a linear solve."})
-    num_cayley_neumann_terms: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
+    num_cayley_neumann_terms: int = field(default=5, metadata={
+        "size": "dim", "help": "Terms of the Neumann series."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,8 +17,10 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
 class PromptEncoderConfig(PromptLearningConfig):
     encoder_reparameterization_type: PromptEncoderReparameterizationType | str = field(
         default=PromptEncoderReparameterizationType.MLP, metadata={"help": "MLP or LSTM."})
-    encoder_hidden_size: int | None = field(default=None, metadata={"help": "Encoder width (default token_dim)."})
-    encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers (the MLP always has 3 linears)."})
+    encoder_hidden_size: int | None = field(default=None, metadata={
+        "size": "dim", "help": "Encoder width (default token_dim)."})
+    encoder_num_layers: int = field(default=2, metadata={
+        "size": "dim", "help": "LSTM layers (the MLP always has 3 linears)."})
     encoder_dropout: float = field(default=0.0, metadata={"help": "LSTM dropout."})
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ POLY_TYPES = ("poly",)
 class PolyConfig(PeftConfig):
     """An inventory of `n_skills` low-rank modules per layer, mixed per task by a learned router."""
 
-    r: int = field(default=8, metadata={"help": "Rank of each skill's low-rank update."})
+    r: int = field(default=8, metadata={"size": "dim", "help": "Rank of each skill's low-rank update."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names (or a full-match regex) of the nn.Linear modules to adapt."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
@@ -28,10 +28,13 @@ class PolyConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: skill B matrices start at zero (adapter is a no-op at init)."})
     poly_type: Literal["poly"] = field(default="poly", metadata={"help": "Router type; only 'poly' exists."})
-    n_tasks: int = field(default=1, metadata={"help": "Number of tasks (valid task_ids: 0..n_tasks-1)."})
-    n_skills: int = field(default=4, metadata={"help": "Number of skills (low-rank modules) per layer."})
+    n_tasks: int = field(default=1, metadata={
+        "size": "dim", "help": "Number of tasks (valid task_ids: 0..n_tasks-1)."})
+    n_skills: int = field(default=4, metadata={
+        "size": "dim", "help": "Number of skills (low-rank modules) per layer."})
     n_splits: int = field(
-        default=1, metadata={"help": "Feature splits routed separately; > 1 is Multi-Head Routing (MHR)."})
+        default=1, metadata={
+            "size": "dim", "help": "Feature splits routed separately; > 1 is Multi-Head Routing (MHR)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

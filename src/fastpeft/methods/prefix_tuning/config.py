@@ -10,7 +10,8 @@ from ...config import PromptLearningConfig
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     init_weights: str | None = field(default=None, metadata={"help": "None (random) or 'zero'."})
-    encoder_hidden_size: int | None = field(default=None, metadata={"help": "Projection MLP width."})
+    encoder_hidden_size: int | None = field(default=None, metadata={
+        "size": "dim", "help": "Projection MLP width."})
     prefix_projection: bool = field(default=False, metadata={"help": "Reparameterise through an MLP."})
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ class RandLoraConfig(PeftConfig):
     only the small lambda / gamma scalings trained per layer."""
 
     r: int = field(default=32, metadata={
+        "size": "dim",
         "help": "Rank of each random basis. Layers use ceil(min(in, out) / r) bases, so a SMALLER r trains more "
                 "parameters."})
     target_modules: list[str] | str | None = field(default=None, metadata={

@@ -12,7 +12,8 @@ class TrainableTokensConfig(PeftConfig):
     """Train the embedding rows of `token_indices` only; every other row stays as in the base model."""
 
     token_indices: list[int] = field(
-        default_factory=list, metadata={"help": "Token ids whose embedding rows are trained."})
+        default_factory=list, metadata={
+            "size": "token_ids", "help": "Token ids whose embedding rows are trained."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Embedding layer(s) to adapt; default: the model's input embedding."})
     init_weights: bool = field(

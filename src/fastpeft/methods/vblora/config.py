@@ -18,11 +18,13 @@ class VBLoRAConfig(PeftConfig):
     with the largest logits; the bank (`num_vectors` x `vector_length`) and the per-layer logits are trained.
     """
 
-    r: int = field(default=4, metadata={"help": "Rank of the update B @ A."})
-    num_vectors: int = field(default=256, metadata={"help": "Vectors in the shared bank."})
+    r: int = field(default=4, metadata={"size": "dim", "help": "Rank of the update B @ A."})
+    num_vectors: int = field(default=256, metadata={"size": "dim", "help": "Vectors in the shared bank."})
     vector_length: int = field(default=256, metadata={
+        "size": "dim",
         "help": "Length of each bank vector; must divide the in and out features of every adapted layer."})
-    topk: int = field(default=2, metadata={"help": "Bank vectors mixed per sub-vector (the paper uses 2)."})
+    topk: int = field(default=2, metadata={
+        "size": "dim", "help": "Bank vectors mixed per sub-vector (the paper uses 2)."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Names (or dotted suffixes), a full-match regex, or 'all-linear'; default from the model type."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})

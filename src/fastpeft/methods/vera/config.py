@@ -17,6 +17,7 @@ class VeraConfig(PeftConfig):
     B: (out, r) frozen random matrices shared by all layers; only the vectors lambda_b / lambda_d train."""
 
     r: int = field(default=256, metadata={
+        "size": "dim",
         "help": "Rows of the shared random A (columns of B). Cheap: only lambda_d grows with r."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Names (exact or dotted suffixes), a full-match regex, or 'all-linear'. nn.Linear and Conv1D only."})
