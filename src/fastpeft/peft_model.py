@@ -25,6 +25,7 @@ from .config import PeftConfig
 from .core import checks
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
+from .core.seams import AdapterManager, method_call_keywords
 from .core.tuner import check_adapter_name
 from .integrations.transformers import enable_trainer_support
 from .peft_model_compat import PeftModelCompat
@@ -72,8 +73,9 @@ def refuse_ephemeral_gpu_offload(enabled: bool) -> None:
     implemented: refuse it rather than accept and ignore it."""
     if enabled:
         raise NotImplementedError(
-            "ephemeral_gpu_offload=True is not supported by fastpeft yet: DoRA's weight norms are computed on the "
-            "device that holds the base weights. Load with ephemeral_gpu_offload=False (the default)."
+            "ephemeral_gpu_offload=True is not supported by fastpeft yet: weight norms of offloaded layers "
+            "are computed on the device that holds the base weights. Load with ephemeral_gpu_offload=False "
+            "(the default)."
         )
 
 
@@ -99,7 +101,8 @@ class PeftModel(PeftModelCompat, nn.Module):
         self._add_task_modules_to_save(peft_config)
         checks.check_new_heads(model, peft_config)  # random new heads not in modules_to_save
         self.peft_type = peft_config.peft_type
-        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
+        # as HF PEFT: keywords a forward takes besides the base model's (its set is the same for every method)
+        self.special_peft_forward_args = {"adapter_names", *method_call_keywords()}
         self._is_prompt_learning = peft_config.is_prompt_learning
         if spec.prompt_cls is not None:
             # as HF PEFT: base_model is the user's model, encoders sit in prompt_encoder[adapter]
@@ -143,7 +146,7 @@ class PeftModel(PeftModelCompat, nn.Module):
 
     # ------------------------------------------------------------------ state
     @property
-    def tuner(self):
+    def tuner(self) -> AdapterManager:
         """What manages the adapters: the Tuner (layer methods) or PromptAdapters (prompt methods)."""
         return self.__dict__.get("_prompts") or self.base_model
 

@@ -18,6 +18,7 @@ from ..core.auxiliary import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
 from ..errors import AdapterLoadError, AdapterShapeError
+from ..registry import get_spec
 from . import loading
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _key_map_and_tensors(model: nn.Module, adapter_name: str, config, modules: M
             model_key = f"{prefix}.{local_key}" if prefix else local_key
             mapping[_file_key(prefix, local_key, adapter_name, module)] = model_key
             tensors[model_key] = tensor
-    for file_key, model_key in _bias_keys(model, adapter_name, getattr(config, "bias", "none"), modules):
+    for file_key, model_key in _base_keys(model, adapter_name, config, modules):
         mapping.setdefault(file_key, model_key)
     return mapping, tensors
 
@@ -65,29 +66,12 @@ def _model_tensors(model: nn.Module, found: dict[str, torch.Tensor], wanted) -> 
     return source
 
 
-def _bias_keys(model: nn.Module, adapter_name: str, bias: str, modules: Modules) -> list[tuple[str, str]]:
-    """(file key, model key) of base-model biases trained with LoRA's `bias` option.
-
-    "all" follows HF PEFT's file layout: every bias under its own name, including the frozen
-    `original_module` ones and, a second time, a modules_to_save copy's bias as `<module>.modules_to_save.bias`.
-    """
-    pairs = []
-    if bias == "all":
-        copy_marker = f".modules_to_save.{adapter_name}."
-        for name, _ in model.named_parameters():
-            if name.rsplit(".", 1)[-1] != "bias":
-                continue
-            if copy_marker in name:
-                pairs.append((name.replace(copy_marker, ".modules_to_save."), name))
-            elif ".modules_to_save." not in name:
-                pairs.append((name, name))
-    elif isinstance(bias, str) and bias.endswith("_only"):  # lora_only, vblora_only, fourier_only, ...
-        for prefix, module in modules:
-            if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
-                if getattr(module.get_base_layer(), "bias", None) is not None:
-                    key = f"{prefix}.base_layer.bias" if prefix else "base_layer.bias"
-                    pairs.append((key, key))
-    return pairs
+def _base_keys(model: nn.Module, adapter_name: str, config, modules: Modules) -> list[tuple[str, str]]:
+    """(file key, model key) of base-model tensors that the adapter's method stores too (e.g. trained
+    biases): its tuner's `base_file_keys`, looked up by type (a model injected without a PeftModel has no
+    tuner)."""
+    tuner_cls = None if config is None else get_spec(config.peft_type).tuner_cls
+    return [] if tuner_cls is None else tuner_cls.base_file_keys(model, adapter_name, config, modules)
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -110,9 +94,8 @@ def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_
     input / output embeddings.
     """
     targets_embedding = _targets_embedding(config, modules)
-    if save_embedding_layers == "auto":  # trainable tokens store their rows, never the whole table (as HF PEFT)
-        save_embedding_layers = targets_embedding and getattr(config, "trainable_token_indices", None) is None \
-            and getattr(config, "token_indices", None) is None
+    if save_embedding_layers == "auto":  # trained token rows are stored as rows (as HF PEFT)
+        save_embedding_layers = targets_embedding and not (config is not None and config.trains_token_rows)
     if not save_embedding_layers:
         return []
     keys = []

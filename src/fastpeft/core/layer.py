@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..quant.bnb import bnb_kind
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +151,7 @@ class AdapterLayer(nn.Module, AdapterHolder):
         self._disable_adapters = False
 
     # ------------------------------------------------------------------ to implement per method
-    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, config: PeftConfig, **kwargs) -> None:
         raise NotImplementedError
 
     def adapter_output(self, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -333,8 +337,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         """The scale adapter `name` got at creation (from its config), which `set_scale` multiplies."""
         raise NotImplementedError(
             f"{type(self).__module__}.{type(self).__name__} layers have no per-adapter scale: set_scale / "
-            "scale_layer / unscale_layer (diffusers' set_adapters weights, lora_scale, fuse_lora(lora_scale=...)) "
-            "are not served for this method."
+            "scale_layer / unscale_layer (what diffusers' set_adapters weights and its fusing / call scales "
+            "use) are not served for this method."
         )
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -373,7 +377,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         names = self._active_adapters if adapter_names is None else adapter_names
         own = self.adapter_names()
         if bnb_kind(self.get_base_layer()) is not None:  # this layer class cannot requantise (quant/merge.py)
-            from ..quant.merge import refuse_plain_merge  # here: quant/merge.py imports the tuner, which imports us
+            # imported here: quant/merge.py imports the tuner, which imports this module
+            from ..quant.merge import refuse_plain_merge
             refuse_plain_merge(self, [n for n in names if n in own and n not in self.merged_adapters])
         for name in names:
             if name not in own:

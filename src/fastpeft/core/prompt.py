@@ -74,6 +74,8 @@ class PromptMethod:
     """A soft-prompt method. Subclasses build the encoder and say how prompts reach the model."""
 
     file_keys: tuple[str, ...] = ("prompt_embeddings",)
+    # forward keywords read from a call (HF PEFT's get_prompt(batch_size, task_ids) interface): see `encode`
+    call_keywords: tuple[str, ...] = ("task_ids",)
 
     # ---------------------------------------------------------------- per method
     def prepare_config(self, config, model: nn.Module):

@@ -14,7 +14,14 @@ from torch import nn
 
 from ..registry import get_spec
 from .auxiliary import ModulesToSaveWrapper, wrap_modules_to_save
+from .seams import method_call_keywords
 from .tuner import check_adapter_name
+
+
+def _without_call_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` less the keywords methods read from a call (none of them reaches the base model)."""
+    keywords = method_call_keywords()
+    return {k: v for k, v in kwargs.items() if k not in keywords}
 
 
 class PromptAdapters:
@@ -117,8 +124,7 @@ class PromptAdapters:
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("Mixed-adapter batches (adapter_names) are not supported for prompt methods.")
         if self.disabled:
-            kwargs.pop("task_ids", None)
-            return self.model(**kwargs)
+            return self.model(**_without_call_keywords(kwargs))
         name = self.active_adapter
         method, encoder, config = self.method(name), self.encoders[name], self.peft_config[name]
         inputs = method.transform(encoder, config, self.model, self.word_embeddings, kwargs)
@@ -128,8 +134,7 @@ class PromptAdapters:
         if args:
             kwargs["input_ids"] = args[0]
         if self.disabled:
-            kwargs.pop("task_ids", None)
-            return self.model.generate(**kwargs)
+            return self.model.generate(**_without_call_keywords(kwargs))
         name = self.active_adapter
         return self.method(name).generate(self.encoders[name], self.peft_config[name], self.model,
                                           self.word_embeddings, kwargs)

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,10 @@ from . import target_checks, targeting, tying
 from .auxiliary import ModulesToSaveWrapper, wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
+from .seams import method_call_keywords
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +120,17 @@ class Tuner(nn.Module):
 
     dispatch: DispatchChain
     prefix: str = ""
+    # forward keywords this method reads from a call: `call_context` takes them out of the call's kwargs
+    call_keywords: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | dict[str, PeftConfig],
+                 adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True,
                  state_dict: dict | None = None) -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        self.peft_config: dict[str, PeftConfig] = (
+            peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config})
         self.active_adapter: str | list[str] = adapter_name
         self.trainable_adapters: set[str] = set()
         self.autocast_adapter_dtype = autocast_adapter_dtype
@@ -142,8 +151,9 @@ class Tuner(nn.Module):
         return self.model(*args, **kwargs)
 
     def model_forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        context = self.call_context(args, kwargs, adapter_names)  # may pop method-only kwargs (Poly's task_ids)
-        kwargs.pop("task_ids", None)  # left over unless a method read it (multitask prompt methods read their own)
+        context = self.call_context(args, kwargs, adapter_names)  # takes this method's call_keywords out
+        for key in method_call_keywords().intersection(kwargs):  # another method's: accepted and ignored
+            del kwargs[key]
         with self.mixed_batch(adapter_names), self.forward_context(context):
             return self.model(*args, **kwargs)
 
@@ -160,8 +170,9 @@ class Tuner(nn.Module):
 
     # ---- per-call data for adapter layers (e.g. LoRA's aLoRA offsets): computed once per forward / generate
     def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None, copies: int = 1) -> dict:
-        """Values the adapter layers need for this call, from its arguments (pop method-only ones from `kwargs`);
-        `copies`: rows generate makes per input row. Layers read them as `layer.forward_context`. None by default."""
+        """Values the adapter layers need for this call, from its arguments (pop the method's
+        `call_keywords` from `kwargs`); `copies`: rows generate makes per input row. Layers read them as
+        `layer.forward_context`. None by default."""
         return {}
 
     @contextmanager
@@ -205,6 +216,14 @@ class Tuner(nn.Module):
     def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
         return set()
 
+    @staticmethod
+    def base_file_keys(model: nn.Module, adapter_name: str, config: PeftConfig,
+                       modules: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
+        """(file key, model key) of base-model tensors that this method's adapter files hold too (e.g. biases
+        a `bias` option trains); `modules`: `model.named_modules()`. Static: a model injected without a
+        PeftModel has no tuner to ask. None by default."""
+        return []
+
     def convert_loaded_state(self, adapter_name: str, tensors: dict[str, torch.Tensor],
                              root: nn.Module) -> dict[str, torch.Tensor]:
         """File tensors of `adapter_name` rewritten before loading (e.g. LoRA: v4 MoE layouts); keys as in `root`."""
@@ -216,22 +235,23 @@ class Tuner(nn.Module):
         `path_initial_model_for_weight_conversion`; LoRA's PiSSA / OLoRA). Methods without such a form refuse."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot convert adapter '{adapter_name}' on save: "
-            "path_initial_model_for_weight_conversion applies to LoRA adapters initialised with PiSSA or OLoRA."
+            "path_initial_model_for_weight_conversion applies to adapters whose initialisation rewrote the "
+            "base weights, and this method has no such initialisation."
         )
 
     # ------------------------------------------------------------------ method hooks
-    def prepare_config(self, config, model: nn.Module):
+    def prepare_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         """Fill defaults (e.g. target_modules from the model type) and refuse unsupported options."""
         return config
 
-    def prepare_model(self, model: nn.Module, config) -> None:
+    def prepare_model(self, model: nn.Module, config: PeftConfig) -> None:
         """Change the model before the targets are looked up (LoRA's layer_replication); default: nothing."""
 
-    def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
+    def layer_kwargs(self, config: PeftConfig, key: str, module: nn.Module) -> dict:
         """Per-target arguments for `update_layer` (e.g. rank / alpha from patterns)."""
         return {}
 
-    def check_new_adapter(self, config) -> None:
+    def check_new_adapter(self, config: PeftConfig) -> None:
         """Refuse a config that cannot live next to the adapters already present."""
 
     # ------------------------------------------------------------------ injection
@@ -285,7 +305,7 @@ class Tuner(nn.Module):
     # methods whose other options refer to target_modules (IA3's feedforward_modules) keep the list as given
     condense_target_list = True
 
-    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    def select_targets(self, model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
         """(name, module) pairs that get the adapter; HF PEFT's target_modules rules unless a method overrides."""
         targets = getattr(config, "target_modules", None)
         if self.condense_target_list and isinstance(targets, (list, set)) and len(targets) >= targeting.CONDENSE_FROM:
@@ -317,7 +337,7 @@ class Tuner(nn.Module):
                            "are used.", len(targets), len(from_config))
         return targets
 
-    def _build_layers(self, targets, adapter_name, config):
+    def _build_layers(self, targets, adapter_name: str, config: PeftConfig):
         created: list[tuple[str, AdapterLayer]] = []
         updated: list[AdapterLayer] = []
         try:
@@ -348,7 +368,7 @@ class Tuner(nn.Module):
                     holder.delete_adapter(adapter_name)
             self.peft_config.pop(adapter_name, None)
 
-    def _no_target_message(self, config, names: list[str]) -> str:
+    def _no_target_message(self, config: PeftConfig, names: list[str]) -> str:
         close = targeting.close_matches(config, names)
         wanted = config.target_modules
         shown = repr(sorted(wanted)[:10]) + ("..." if len(wanted) > 10 else "") if isinstance(wanted, set) else repr(
@@ -421,7 +441,7 @@ class Tuner(nn.Module):
         for name in trainable:
             self.mark_extra_trainable(name, self.peft_config[name])
 
-    def mark_extra_trainable(self, adapter_name: str, config) -> None:
+    def mark_extra_trainable(self, adapter_name: str, config: PeftConfig) -> None:
         """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

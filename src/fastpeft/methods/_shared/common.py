@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ...core import targeting
+from ...core.layer import AdapterLayer
 from ...integrations.transformers_defaults import default_targets
 from .modules import is_conv1d
 
@@ -115,6 +116,33 @@ def refuse_second_bias_adapter(peft_config: dict, config, label: str) -> None:
         raise ValueError(
             f"Only one {label} adapter per model may train biases, and adapter '{others[0]}' already does "
             f"(bias={peft_config[others[0]].bias!r}): set bias='none' for the new adapter.")
+
+
+def bias_file_keys(model: nn.Module, adapter_name: str, config, modules: list[tuple[str, nn.Module]]
+                   ) -> list[tuple[str, str]]:
+    """A tuner's `base_file_keys` for a `bias` option: (file key, model key) of the base biases it trains.
+
+    "all" follows HF PEFT's file layout: every bias under its own name, including the frozen
+    `original_module` ones and, a second time, a modules_to_save copy's bias as
+    `<module>.modules_to_save.bias`.
+    """
+    bias, pairs = getattr(config, "bias", "none"), []
+    if bias == "all":
+        copy_marker = f".modules_to_save.{adapter_name}."
+        for name, _ in model.named_parameters():
+            if name.rsplit(".", 1)[-1] != "bias":
+                continue
+            if copy_marker in name:
+                pairs.append((name.replace(copy_marker, ".modules_to_save."), name))
+            elif ".modules_to_save." not in name:
+                pairs.append((name, name))
+    elif isinstance(bias, str) and bias.endswith("_only"):  # lora_only, vblora_only, fourier_only, ...
+        for prefix, module in modules:
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
+                if getattr(module.get_base_layer(), "bias", None) is not None:
+                    key = f"{prefix}.base_layer.bias" if prefix else "base_layer.bias"
+                    pairs.append((key, key))
+    return pairs
 
 
 def train_base_biases(tuner, adapter_name: str, bias: str, skip: tuple[str, ...] = WRAPPER_PARTS) -> None:

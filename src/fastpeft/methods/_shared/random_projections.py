@@ -23,6 +23,7 @@ from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
 from .common import (
     align_fan_in_fan_out,
+    bias_file_keys,
     check_choice,
     check_positive_ints,
     fill_targets,
@@ -237,6 +238,8 @@ class ProjectionTuner(Tuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._drop_projections(adapter_name)
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name: str, config) -> None:
         """bias='all' trains every bias of the base model; bias='<method>_only' those of the adapted layers."""

@@ -7,7 +7,7 @@ import logging
 
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .common import fill_targets, is_nn_linear, refuse_second_bias_adapter, train_base_biases
+from .common import bias_file_keys, fill_targets, is_nn_linear, refuse_second_bias_adapter, train_base_biases
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ class LinearFamilyTuner(Tuner):
     def check_new_adapter(self, config) -> None:
         refuse_second_bias_adapter(self.peft_config, config, self.dispatch.method)
 
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
+
     def mark_extra_trainable(self, adapter_name: str, config) -> None:
         train_base_biases(self, adapter_name, config.bias)
 
@@ -41,6 +43,8 @@ class OrthogonalTuner(Tuner):
             logger.warning("%s supports nn.Linear (not Conv1D) layers: setting fan_in_fan_out=False.", method)
             config.fan_in_fan_out = False
         return config
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name, config):
         train_base_biases(self, adapter_name, config.bias)

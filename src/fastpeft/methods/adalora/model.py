@@ -16,10 +16,10 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
-from .._shared.common import fill_targets
+from ...quant.merge import AllOrNothingMerge, register_quantised
+from .._shared.common import bias_file_keys, fill_targets
 from .._shared.modules import is_linear
 from ..lora.model import LoraModel
-from ...quant.merge import AllOrNothingMerge, register_quantised
 from .allocator import RankAllocator
 from .bnb import SVDLinear4bit, SVDLinear8bitLt
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
@@ -94,6 +94,8 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
             self.trainable_adapter_name = adapter_name
             self.rankallocator = RankAllocator(self.svd_layers(adapter_name), config, adapter_name)
             self._schedule.update(ran=False, steps_unscheduled=0)
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name, config):
         LoraModel.mark_extra_trainable(self, adapter_name, config)  # the `bias` option, as for LoRA

@@ -10,7 +10,7 @@ from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import align_fan_in_fan_out, fill_targets, train_base_biases
+from .._shared.common import align_fan_in_fan_out, bias_file_keys, fill_targets, train_base_biases
 from .._shared.modules import is_linear
 from .layer import FourierFTLinear
 
@@ -38,6 +38,8 @@ class FourierFTModel(Tuner):
         if not isinstance(module, AdapterLayer):
             align_fan_in_fan_out(config, module, key)
         return {"n_frequency": n_frequency_for(config, key)}
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name, config):
         train_base_biases(self, adapter_name, config.bias)

@@ -11,9 +11,9 @@ from torch import nn
 from ...core.auxiliary import ModulesToSaveWrapper
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
+from ...quant.merge import AllOrNothingMerge, register_quantised
 from .._shared.common import align_fan_in_fan_out, fill_targets
 from .._shared.modules import is_linear
-from ...quant.merge import AllOrNothingMerge, register_quantised
 from . import bnb, layer
 from .defaults import IA3_TARGETS, default_feedforward
 

@@ -11,6 +11,7 @@ from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ...quant.merge import AllOrNothingMerge
+from .._shared.common import bias_file_keys
 from .._shared.modules import is_conv1d, is_linear
 from ..trainable_tokens import in_lora as trainable_tokens
 from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
@@ -77,6 +78,8 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
         return modules + params.parameter_targets(model, config, {name for name, _ in modules})
     # ---- end of target_parameters
 
+    call_keywords = (alora.CONTEXT_KEY,)  # read by call_context below
+
     def call_context(self, args, kwargs, adapter_names, copies=1):
         """aLoRA adapters: where each row's invocation sequence starts (variants/alora.py)."""
         return alora.call_context(self, args, kwargs, adapter_names, copies)
@@ -133,6 +136,8 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
             logger.warning("'%s' is an nn.Linear: setting fan_in_fan_out=False.", key)
             config.fan_in_fan_out = False
         return config.fan_in_fan_out
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name, config):
         if config.bias == "all":

@@ -8,9 +8,9 @@ import torch
 
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
+from ...quant.merge import AllOrNothingMerge, register_quantised
 from .._shared.modules import is_linear
 from .._shared.random_projections import ProjectionTuner
-from ...quant.merge import AllOrNothingMerge, register_quantised
 from . import bnb
 from .layer import RandLoraLinear, num_bases
 

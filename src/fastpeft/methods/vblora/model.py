@@ -11,7 +11,7 @@ from ...checkpoint.keys import write_tensor
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
-from .._shared.common import align_fan_in_fan_out, fill_targets, train_base_biases
+from .._shared.common import align_fan_in_fan_out, bias_file_keys, fill_targets, train_base_biases
 from .._shared.modules import is_linear
 from .layer import LOGIT_NAMES, VBLoRALinear
 
@@ -81,6 +81,8 @@ class VBLoRAModel(Tuner):
         if not isinstance(module, AdapterLayer):
             align_fan_in_fan_out(config, module, key)
         return {"vector_bank": self.vblora_vector_bank}
+
+    base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name, config):
         train_base_biases(self, adapter_name, config.bias)
