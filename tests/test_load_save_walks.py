@@ -1,4 +1,4 @@
-"""Cheaper loads and saves (issue #8) keep their guarantees.
+"""Cheaper loads and saves keep their guarantees.
 
 Loads back up only tensors that outlive a rollback (`loading.tensors_before_load`): an adapter created by the
 failing load is dropped anyway, but a tensor it shares with an adapter that existed before (VeRA's projections)

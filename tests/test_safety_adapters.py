@@ -1,4 +1,4 @@
-"""Issue #9, items 10-12: disable_adapter restores training flags, no double wrapping, safe adapter names.
+"""disable_adapter restores training flags, no double wrapping, safe adapter names.
 
 HF PEFT 0.21.2, checked by hand and noted per test: its disable_adapter re-enables every active adapter's
 requires_grad on exit (adapters or modules_to_save copies the user froze come back trainable); its
@@ -38,7 +38,7 @@ def flags(model) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
-# ---------------------------------------------------------------------------------------------- item 10
+# -------------------------------------------------------------------- disable_adapter restores training flags
 ROWS = [c for c in METHOD_CASES if c.id in ("lora-mlp-save-head", "ia3-mlp-save-head", "loha-mlp", "oft-mlp")]
 
 
@@ -117,7 +117,7 @@ def test_hf_disable_adapter_does_not_restore_hand_frozen_adapters():
     assert frozen.requires_grad
 
 
-# ---------------------------------------------------------------------------------------------- item 11
+# ----------------------------------------------------------------------------------------- no double wrapping
 def lora(lib, **kwargs):
     return lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False, **kwargs)
 
@@ -173,7 +173,7 @@ def test_get_peft_model_on_injected_model_points_to_add_adapter():
         fastpeft.get_peft_model(model, lora(fastpeft))
 
 
-# ---------------------------------------------------------------------------------------------- item 12
+# ----------------------------------------------------------------------------------------- safe adapter names
 # names used across the test-suite and by fastpeft itself (create_arrow_model's task_<i>), plus edge cases allowed
 ALLOWED = ["default", "other", "pokemon", "task_0", "arrow_router", "a0", "dora2", "a-1", "-x", "_x", "X9",
            "LORA_upper", "adapter_lora_"]

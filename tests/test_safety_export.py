@@ -1,12 +1,12 @@
-"""Issue #9, items 13-14: merged exports of tied-embedding models, and merged exports carry no adapter files.
+"""Merged exports of tied-embedding models, and merged exports carry no adapter files.
 
-Item 13. With tie_word_embeddings=True and an adapter on one side only (lm_head or embed_tokens, no
+One-sided adapters on tied embeddings. With tie_word_embeddings=True and an adapter on one side only (lm_head or embed_tokens, no
 ensure_weight_tying), HF PEFT 0.21.2 warns and then merges into the one shared tensor: the other side changes too,
 so its merged model no longer computes what its adapted model did (checked in `test_hf_merge_changes_both_sides`).
 fastpeft gives the merging layer its own copy, sets config.tie_word_embeddings=False (both logged), so the merged
 model and its saved-and-reloaded copy give the *unmerged* adapted outputs; the oracle is HF PEFT's unmerged model
 with the same adapter file, both ways (HF file -> fastpeft export, fastpeft file -> HF outputs).
-Item 14. merge_and_unload / unload + the transformers model's save_pretrained write the model only: no adapter
+Exports without adapter files. merge_and_unload / unload + the transformers model's save_pretrained write the model only: no adapter
 config or weights, no peft_config attribute left on the model (as HF PEFT), same files as HF PEFT's export.
 """
 
@@ -74,7 +74,7 @@ def assert_export(merged, expected, folder, tied: bool) -> None:
     assert (emb.data_ptr() == head.data_ptr()) == tied
 
 
-# ---------------------------------------------------------------------------------------------- item 13
+# ---------------------------------------------------------------------- one-sided adapters on tied embeddings
 ONE_SIDED = {"head": ["lm_head", "q_proj"], "embed": ["embed_tokens", "q_proj"], "both": ["embed_tokens", "lm_head"]}
 
 
@@ -85,7 +85,7 @@ def test_one_sided_adapter_on_tied_embeddings_warns_like_hf():
 
 
 def test_hf_merge_changes_both_sides():
-    """HF PEFT's behaviour (the reason for item 13): its merged model differs from its adapted model."""
+    """HF PEFT's behaviour (the reason fastpeft unties the merged side): its merged model differs from its adapted model."""
     theirs = adapted(peft, lora(peft, ["lm_head"]))
     expected, embedding = logits(theirs), make_tied().get_input_embeddings().weight
     merged = theirs.merge_and_unload()
@@ -161,7 +161,7 @@ def test_tied_trainable_tokens_export_stays_tied(tmp_path):
     assert_export(ours.merge_and_unload(), expected, tmp_path / "merged", tied=True)
 
 
-# ---------------------------------------------------------------------------------------------- item 14
+# ---------------------------------------------------------------------- merged exports carry no adapter files
 EXPORT_ROWS = [c for c in METHOD_CASES if c.id in ("lora-llama", "dora-llama", "ia3-llama", "loha-llama",
                                                    "oft-llama", "vera-llama")]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}

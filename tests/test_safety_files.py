@@ -1,4 +1,4 @@
-"""Crash-safe saves (issue #9): a process SIGKILLed at any moment of `save_pretrained` leaves each adapter folder
+"""Crash-safe saves: a process SIGKILLed at any moment of `save_pretrained` leaves each adapter folder
 holding the old complete adapter or the new one, never a mix; HF PEFT reads the folder once the next save (or
 `atomic.recover`) has finished the killed one.
 
@@ -306,3 +306,23 @@ def test_saves_into_one_folder_take_turns_and_clear_leftovers(tmp_path):
     assert version_seen_by_fastpeft(folder) == version_on_disk(folder) == 2
     assert not stale.exists()
     assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_without_folder_locks_still_writes_the_adapter(tmp_path, monkeypatch, caplog):
+    """Filesystems without flock (some NFS / FUSE mounts) refuse the lock: the save goes on, logged."""
+    import errno
+
+    from fastpeft.checkpoint import atomic
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    model = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    models.perturb(model)
+    with caplog.at_level("WARNING", logger="fastpeft.checkpoint.atomic"):
+        model.save_pretrained(tmp_path)
+    assert "without the lock" in caplog.text
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path)
+    torch.testing.assert_close(models.forward(loaded, models.llama_inputs()),
+                               models.forward(model.eval(), models.llama_inputs()))

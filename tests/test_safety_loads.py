@@ -1,4 +1,4 @@
-"""All-or-nothing loads and the strict load report (issue #9).
+"""All-or-nothing loads and the strict load report.
 
 Every failure path of `PeftModel.from_pretrained` / `load_adapter` (bad JSON, corrupt or truncated safetensors,
 shapes of another model, missing / unexpected keys under strict=True, a method's loader failing half-way, an
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastpeft
+from fastpeft.checkpoint import keys
 from fastpeft.checkpoint.keys import LoadResult
 from fastpeft.errors import AdapterConfigError, AdapterLoadError, AdapterShapeError
 from fastpeft.methods.lora.model import LoraModel
@@ -369,3 +370,27 @@ def test_set_peft_model_state_dict_strict_on_a_bare_injected_model(tmp_path):
     assert result.clean and list(result) == [[], []]
     x = models.mlp_inputs()
     torch.testing.assert_close(models.forward(ours, x), models.forward(hf_model, x))
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.OutOfMemoryError, KeyError])
+def test_load_failure_keeps_oom_type_and_restores_the_model(tmp_path, monkeypatch, error):
+    """An out-of-memory error during a load keeps its type (callers catch it to retry on a smaller device) while
+    the model is still restored; other foreign errors become AdapterLoadError."""
+    trained = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    models.perturb(trained)
+    trained.save_pretrained(tmp_path)
+    model = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def failing(*args, **kwargs):
+        raise error("simulated")
+
+    monkeypatch.setattr(keys, "_model_tensors", failing)
+    expected = AdapterLoadError if error is KeyError else error
+    with pytest.raises(expected):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert "other" not in model.peft_config
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Issue #9 items 4, 6, 7: what an adapter config selects - random new heads, entries that select nothing,
+"""What an adapter config selects - random new heads, entries that select nothing,
 targets that cannot be adapted. HF PEFT 0.21.2 is the oracle; each docstring says what it does."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def head_warnings(record) -> list[str]:
     return [str(w.message) for w in record if NEW_HEAD in str(w.message)]
 
 
-# ---------------------------------------------------------------------------------------------- item 4
+# ------------------------------------------------------------------------------------------- random new heads
 @pytest.fixture(scope="module")
 def causal_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
@@ -94,7 +94,7 @@ def test_head_by_class_name_without_loading_flags():
         fastpeft.get_peft_model(models.make_bert_cls(), fastpeft.LoraConfig(target_modules=["query"]))
 
 
-# ---------------------------------------------------------------------------------------------- item 6
+# -------------------------------------------------------------------------------- entries that select nothing
 @pytest.mark.parametrize("kw, found", [
     ({"rank_pattern": {"q_prj": 2}}, r"rank_pattern key 'q_prj' matches no targeted module.*'q_proj'"),
     ({"alpha_pattern": {"layers.1.v_prj": 2}}, r"alpha_pattern key 'layers.1.v_prj'.*v_proj"),
@@ -149,7 +149,7 @@ def test_stale_entry_in_a_saved_file_only_warns(tmp_path):
         fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path / "hf")
 
 
-# ---------------------------------------------------------------------------------------------- item 7
+# ----------------------------------------------------------------------------- targets that cannot be adapted
 def test_unsupported_targets_are_all_listed():
     """HF PEFT raises ValueError at the first matched module it cannot wrap (printing the whole module). fastpeft
     raises one error (also a ValueError) listing every such module with its type, and the exclude_modules fix."""

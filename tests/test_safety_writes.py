@@ -1,4 +1,4 @@
-"""Crash-safe writes outside `save_pretrained` (issue #9, "Atomic saves"): the CLI's merged-model export, its
+"""Crash-safe writes outside `save_pretrained` : the CLI's merged-model export, its
 per-epoch checkpoints and its small output files. Whole folders go through `atomic.replace_folder` (built in a
 hidden sibling, fsynced, swapped in with one rename); single files through the adapter saver's commit.
 

@@ -337,7 +337,7 @@ def test_shared_modules_to_save_refused():
 @pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
 def test_rslora_source_combines_exactly(combination_type):
     """A single rsLoRA adapter with weight 1 gives back the same outputs. HF PEFT keeps use_rslora on the new
-    adapter and so scales it by sqrt(r) (peft issue #3761); the result here has alpha = r and use_rslora off."""
+    adapter and so scales it by sqrt(r); the result here has alpha = r and use_rslora off."""
     model = build(fastpeft, "mlp", {"t1": dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=16, use_rslora=True)})
     inputs = models.mlp_inputs()
     before = models.forward(model, inputs)
@@ -361,7 +361,7 @@ def test_rslora_result_loads_in_hf_peft(tmp_path):
 
 def test_dora_sources_refused_with_model_unchanged():
     """HF PEFT builds a new DoRA adapter whose magnitude is recomputed from the combined factors, silently
-    different from every source (peft issue #3761); fastpeft refuses."""
+    different from every source; fastpeft refuses."""
     adapters = {n: dict(target_modules=["lin0", "lin1"], r=4, use_dora=True) for n in ("t1", "t2")}
     model = build(fastpeft, "mlp", adapters)
     inputs = models.mlp_inputs()
