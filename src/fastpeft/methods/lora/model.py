@@ -13,9 +13,8 @@ from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ...quant.merge import AllOrNothingMerge
 from .._shared.common import bias_file_keys
 from .._shared.modules import is_conv1d, is_linear
-from ..trainable_tokens import in_lora as trainable_tokens
 from . import bnb as lora_bnb  # LoRA on bitsandbytes layers (QLoRA)
-from . import layer, merge, params, replication, tied  # params: target_parameters
+from . import layer, merge, params, replication, tied, token_rows  # params: target_parameters
 from .conversion import original_base
 from .conversion.moe import convert_config, convert_state  # v4 MoE adapters on transformers v5
 from .variants import alora, kasa
@@ -48,7 +47,7 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
             config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
         elif isinstance(config.target_modules, str) and config.target_modules.lower() == targeting.ALL_LINEAR:
             config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
-        trainable_tokens.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
+        token_rows.check_lora_config(model, config)  # trainable_token_indices / ensure_weight_tying
         self._pending_tie = tied.plan(model, config)  # ensure_weight_tying of embedding layers (tied.py)
         return config
 
@@ -61,7 +60,7 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        **options) -> None:
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
-        trainable_tokens.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
+        token_rows.add_token_wrappers(self, model, adapter_name, self.peft_config[adapter_name])
         tie, self._pending_tie = getattr(self, "_pending_tie", None), None
         if tie is not None:
             tied.apply(self, model, adapter_name, tie)

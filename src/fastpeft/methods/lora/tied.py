@@ -23,7 +23,7 @@ from ...core import targeting
 from ...core.auxiliary import ModulesToSaveWrapper
 from ...core.layer import AdapterHolder
 from ...core.tuner import set_submodule
-from ..trainable_tokens.tying import base_weight, input_embedding, input_embedding_name, ties_word_embeddings
+from .._shared.embeddings import base_weight, input_embedding, input_embedding_name, ties_word_embeddings
 from .variants.base import LoraVariant
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # short names HF PEFT checks the two lists for

@@ -6,8 +6,8 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner, set_submodule
+from .._shared.embeddings import input_embedding, input_embedding_name, tied_module_names
 from .layer import ROW_LAYERS, TrainableTokensLayer
-from .tying import input_embedding, input_embedding_name, tied_module_names
 
 DISPATCH = DispatchChain("TrainableTokens")
 DISPATCH.register(ROW_LAYERS, TrainableTokensLayer)

@@ -14,10 +14,10 @@ from torch import nn
 from ...core import targeting
 from ...core.layer import AdapterHolder
 from ...core.tuner import set_submodule
-from .config import TrainableTokensConfig, check_index_list
-from .layer import TrainableTokensWrapper
-from .model import tie_to_input_embedding
-from .tying import input_embedding_name, tied_module_names, ties_word_embeddings
+from .._shared.embeddings import input_embedding_name, tied_module_names, ties_word_embeddings
+from ..trainable_tokens.config import TrainableTokensConfig, check_index_list
+from ..trainable_tokens.layer import TrainableTokensWrapper
+from ..trainable_tokens.model import tie_to_input_embedding
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
