@@ -5,7 +5,23 @@ A row: `Case(id, model, config_cls name, config kwargs, mergeable)`. Adding a me
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+
+import torch
+
+import fastpeft
+from fastpeft import registry
+
+from models import MODELS
+
+
+@dataclass(frozen=True)
+class Bug:
+    """A library bug a column shows: the test is marked xfail(strict=True) for the exception it raises."""
+
+    reason: str
+    raises: type[BaseException] = AssertionError
 
 
 @dataclass(frozen=True)
@@ -19,7 +35,22 @@ class Case:
     one_trainable: bool = False  # the method trains one adapter at a time (AdaLoRA): others are inference-only
     hf_oracle: bool = True  # HF PEFT 0.21.2 handles this row the same way (tests/test_oracle_matrix.py)
     hf_same_gradients: bool = True  # False where fastpeft's gradients deliberately differ from HF PEFT's
+    # per column ("checkpointing": tests/test_contract_checkpointing.py): why fastpeft refuses it on purpose
+    # (the test checks the refusal), and library bugs (a `Bug`, the test is xfail)
+    refused: dict = field(default_factory=dict)
+    known_bugs: dict = field(default_factory=dict)
 
+
+# Library bugs the checkpointing column shows. HF PEFT 0.21.2 has both too: its MonteCLoRA gradients change
+# under checkpointing, its Poly layers raise "task_ids should not be None" in backward.
+MONTECLORA_RECOMPUTE_BUG = Bug(
+    "MonteCLoRA under activation checkpointing trains on wrong gradients, silently: each forward takes the "
+    "next pre-drawn sample from the sampler's buffer, so the recomputation in backward uses other noise than "
+    "the forward")
+POLY_RECOMPUTE_BUG = Bug(
+    "Poly / MHR cannot train under activation checkpointing: task_ids reach the layers only during the "
+    "wrapped call, so the recomputation in backward raises 'Poly adapters need task_ids' although they were "
+    "given", ValueError)
 
 METHOD_CASES = [
     Case("lora-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
@@ -71,11 +102,14 @@ METHOD_CASES = [
          {"r": 4, "target_modules": ["q_proj", "o_proj"], "task_type": "CAUSAL_LM",
           "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}}),
     Case("monteclora-mlp", "mlp", "LoraConfig",
-         {"r": 4, "target_modules": ["lin0", "lin1"], "monteclora_config": {"num_samples": 2, "buffer_size": 2}}),
+         {"r": 4, "target_modules": ["lin0", "lin1"],
+          "monteclora_config": {"num_samples": 2, "buffer_size": 2}},
+         known_bugs={"checkpointing": MONTECLORA_RECOMPUTE_BUG}),
     # aLoRA: token 5 occurs in both rows of llama_inputs, so the adapter acts from there on; it cannot merge
     Case("alora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
-         mergeable=False),
+         mergeable=False,
+         refused={"checkpointing": "the recomputed forward would not see the per-call invocation offsets"}),
     # LN tuning (trained copies of norm layers; default targets per model type), HRA, MiSS (balance / bat / mini)
     Case("ln-tuning-mlp", "mlp", "LNTuningConfig", {"target_modules": ["lin1"]}),
     Case("ln-tuning-llama", "llama", "LNTuningConfig", {"task_type": "CAUSAL_LM"}),
@@ -125,10 +159,10 @@ METHOD_CASES = [
     # call it; tests/test_poly.py compares with HF on T5 / llama and through HF's base_model
     Case("poly-mlp", "mlp_tasks", "PolyConfig",
          {"r": 4, "n_tasks": 3, "n_skills": 3, "target_modules": ["lin0", "lin1"]}, mergeable=False,
-         hf_oracle=False),
+         hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
     Case("poly-mhr-mlp", "mlp_tasks", "PolyConfig",
          {"r": 4, "n_tasks": 3, "n_skills": 2, "n_splits": 2, "target_modules": ["lin0", "lin1"]}, mergeable=False,
-         hf_oracle=False),
+         hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
     # IA3: vectors rescale outputs, or inputs of feedforward_modules; default targets for llama / bert
     Case("ia3-mlp", "mlp", "IA3Config", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
     Case("ia3-mlp-save-head", "mlp", "IA3Config",
@@ -177,3 +211,57 @@ METHOD_CASES = [
          {"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"], "total_step": 10,
           "init_lora_weights": False, "task_type": "CAUSAL_LM"}, identity_init=False, one_trainable=True),
 ]
+
+
+def config_class(name: str):
+    """The registered config class called `name` (found through the registry: no export needed)."""
+    return next(spec.config_cls for spec in registry.registered().values()
+                if spec.config_cls.__name__ == name)
+
+
+def perturb(model, scale: float = 0.1, seed: int = 0, only: str = "") -> None:
+    """Move every trainable tensor whose name holds `only` off its init by seeded noise, in name order."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad and only in name:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def build(case, seed_adapter: bool = False, base=None):
+    """The row's adapted model (on `base`, else a fresh base model) in eval mode, and the row's inputs."""
+    factory, inputs_fn = MODELS[case.model]
+    config = config_class(case.method)(**copy.deepcopy(case.kwargs))
+    model = fastpeft.get_peft_model(factory() if base is None else base, config)
+    model.eval()
+    if seed_adapter:
+        perturb(model)
+    return model, inputs_fn()
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """A soft-prompt method (a tests/prompt_helpers.py METHODS key) on the llama model, in the checkpointing
+    and dtype columns (tests/test_contract_checkpointing.py, tests/test_contract_dtype.py)."""
+
+    method: str
+    refused: dict = field(default_factory=dict)
+    known_bugs: dict = field(default_factory=dict)
+
+
+PREFIX_CHECKPOINTING = "transformers drops the cache, which holds the prefix, inside checkpointed layers"
+PREFIX_LATE_CHECKPOINTING_BUG = Bug(
+    "Prefix tuning on a model whose checkpointing is switched on after wrapping: get_peft_model's clear "
+    "ValueError never comes, the training forward fails with a shape RuntimeError in the attention (the "
+    "prefix is dropped)", RuntimeError)
+PROMPT_CASES = [PromptCase("prompt_tuning"), PromptCase("p_tuning_mlp"), PromptCase("p_tuning_lstm")] + [
+    PromptCase(m, refused={"checkpointing": PREFIX_CHECKPOINTING},
+               known_bugs={"checkpointing": PREFIX_LATE_CHECKPOINTING_BUG})
+    for m in ("prefix", "prefix_projection")]
+
+
+def table_row(case_id: str) -> tuple[str, dict]:
+    """A METHOD_CASES row as a method file's CaseTable entry (model, config kwargs): a case that both tables
+    use is written once, here."""
+    case = next(c for c in METHOD_CASES if c.id == case_id)
+    return case.model, copy.deepcopy(case.kwargs)

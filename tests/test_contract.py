@@ -11,34 +11,10 @@ import fastpeft
 from fastpeft import registry
 from fastpeft.core.layer import AdapterHolder
 
-from cases import METHOD_CASES
+from cases import METHOD_CASES, build, config_class, perturb
 from models import MODELS, forward
 
 ATOL = 1e-5
-
-
-def config_class(name: str):
-    """The registered config class called `name` (found through the registry: no export needed)."""
-    return next(spec.config_cls for spec in registry.registered().values() if spec.config_cls.__name__ == name)
-
-
-def build(case, seed_adapter: bool = False):
-    factory, inputs_fn = MODELS[case.model]
-    base = factory()
-    config = config_class(case.method)(**copy.deepcopy(case.kwargs))
-    model = fastpeft.get_peft_model(base, config)
-    model.eval()
-    if seed_adapter:
-        perturb(model)
-    return model, inputs_fn()
-
-
-def perturb(model, scale: float = 0.1, seed: int = 0, only: str = "") -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.requires_grad and only in name:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def base_outputs(case):
