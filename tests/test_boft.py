@@ -13,6 +13,7 @@ from fastpeft.methods.boft import BOFTConfig
 from test_oft import close, close_states, pair, two_adapter_pair, two_adapters
 
 import models
+from cases import table_row
 from oracle_helpers import (
     ModelCaseTable,
     assert_adapter_sets_like_hf,
@@ -37,11 +38,10 @@ def square_inputs():
 MODELS = {**models.MODELS, "square": (make_square_mlp, square_inputs)}
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], boft_block_size=5)),
+    "mlp": table_row("boft-mlp"),
     "mlp_dropout": ("mlp", dict(target_modules=["lin0", "lin1"], boft_block_size=2, boft_dropout=0.5)),
-    "mlp_blocknum_bias": ("mlp", dict(target_modules=["lin0", "lin1", "head"], boft_block_size=0,
-                                      boft_block_num=2, bias="boft_only")),
-    "conv2d": ("conv2d", dict(target_modules=["conv0"], boft_block_size=6)),
+    "mlp_blocknum_bias": table_row("boft-mlp-blocknum-bias"),
+    "conv2d": table_row("boft-conv2d"),
     "llama": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
                             boft_block_size=8)),
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", boft_block_size=8)),

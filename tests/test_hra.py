@@ -12,15 +12,16 @@ from fastpeft.methods.hra import HRAConfig
 
 import models
 import oracle_helpers as oh
+from cases import table_row
 
 CASES = {
-    "mlp": ("mlp", dict(r=4, target_modules=["lin0", "lin1"])),
+    "mlp": table_row("hra-mlp"),
     "mlp_gs": ("mlp", dict(r=3, target_modules=["lin0", "lin1"], apply_GS=True, init_weights=False)),
     "mlp_random": ("mlp", dict(r=5, target_modules=["lin1"], init_weights=False)),
     "mlp_bias_all": ("mlp", dict(r=4, target_modules=["lin0", "lin1"], bias="all")),
     "mlp_bias_hra_only": ("mlp", dict(r=4, target_modules=["lin0", "lin1"], bias="hra_only")),
-    "conv2d": ("conv2d", dict(r=4, target_modules=["conv0"])),
-    "llama": ("llama", dict(task_type="CAUSAL_LM", r=4)),  # default targets: q_proj, v_proj
+    "conv2d": table_row("hra-conv2d"),
+    "llama": table_row("hra-llama"),  # default targets: q_proj, v_proj
     "llama_all_linear": ("llama", dict(task_type="CAUSAL_LM", r=2, target_modules="all-linear")),
     "t5": ("t5", dict(task_type="SEQ_2_SEQ_LM", r=4)),  # default targets: q, v
 }

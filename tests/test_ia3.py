@@ -18,20 +18,21 @@ from state_helpers import copy_adapter
 
 import models
 import oracle_helpers
+from cases import table_row
 
 ATOL = 1e-5
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
+    "mlp": table_row("ia3-mlp"),
     "mlp_regex": ("mlp", dict(target_modules=r"lin\d", feedforward_modules="lin0")),
-    "mlp_save_head": ("mlp", dict(target_modules=["lin0"], feedforward_modules=[], modules_to_save=["head"])),
+    "mlp_save_head": table_row("ia3-mlp-save-head"),
     "conv2d": ("conv2d", dict(target_modules=["conv0", "gconv", "conv1"], feedforward_modules=["gconv", "conv1"])),
     "conv2d_out": ("conv2d", dict(target_modules=["conv0", "gconv"], feedforward_modules=["conv0"])),
-    "conv3d": ("conv3d", dict(target_modules=["conv0", "conv1"], feedforward_modules=["conv1"])),
-    "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], feedforward_modules=["c_proj"])),
-    "llama": ("llama", dict(task_type="CAUSAL_LM")),
+    "conv3d": table_row("ia3-conv3d"),
+    "gpt2_conv1d": table_row("ia3-gpt2-conv1d"),
+    "llama": table_row("ia3-llama"),
     "gpt2": ("gpt2", dict(task_type="CAUSAL_LM")),
-    "bert": ("bert_cls", dict(task_type="SEQ_CLS")),
+    "bert": table_row("ia3-bert-cls"),
     "t5": ("t5", dict(task_type="SEQ_2_SEQ_LM")),
     "llama_all_linear": ("llama", dict(task_type="CAUSAL_LM", target_modules="all-linear",
                                        feedforward_modules=r".*\.(down|up)_proj")),

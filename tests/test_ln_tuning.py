@@ -12,11 +12,12 @@ from fastpeft.methods.ln_tuning import LNTuningConfig, LNTuningLayer
 
 import models
 import oracle_helpers as oh
+from cases import table_row
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin1"])),  # any module type can be copied, not only norms
-    "llama": ("llama", dict(task_type="CAUSAL_LM")),  # default targets: input / post_attention norms, norm
-    "gpt2": ("gpt2", dict(task_type="CAUSAL_LM")),  # ln_1, ln_2, ln_f
+    "mlp": table_row("ln-tuning-mlp"),  # any module type can be copied, not only norms
+    "llama": table_row("ln-tuning-llama"),  # default targets: input / post_attention norms, norm
+    "gpt2": table_row("ln-tuning-gpt2"),  # ln_1, ln_2, ln_f
     "t5": ("t5", dict(task_type="SEQ_2_SEQ_LM")),  # layer_norm, final_layer_norm
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
     "llama_layer1": ("llama", dict(task_type="CAUSAL_LM", target_modules=".*layers\\.1\\..*layernorm")),

@@ -12,6 +12,7 @@ import fastpeft
 from fastpeft.methods.loha import LoHaConfig
 
 import models
+from cases import table_row
 from oracle_helpers import (
     CaseTable,
     assert_dropout_draws_like_hf,
@@ -27,7 +28,7 @@ from oracle_helpers import (
 ATOL = 1e-5
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], r=4, alpha=8)),
+    "mlp": table_row("loha-mlp"),
     "mlp_random_init": ("mlp", dict(target_modules=["lin0", "lin1"], r=2, alpha=3, init_weights=False)),
     "conv1d": ("conv1d", dict(target_modules=["conv0", "conv1"], r=2, alpha=4)),
     "conv1d_effective": ("conv1d", dict(target_modules=["conv0", "conv1"], r=2, use_effective_conv2d=True)),

@@ -12,17 +12,18 @@ from fastpeft.methods.miss import MissConfig
 
 import models
 import oracle_helpers as oh
+from cases import table_row
 
 CASES = {
-    "mlp": ("mlp", dict(r=4, target_modules=["lin0", "lin1"])),  # lin0: in_features 10 is not a multiple of 4
-    "mlp_bat": ("mlp", dict(r=2, target_modules=["lin0", "lin1"], init_weights="bat")),
+    "mlp": table_row("miss-mlp"),  # lin0: in_features 10 is not a multiple of 4
+    "mlp_bat": table_row("miss-mlp-bat"),
     "mlp_bat_bias_all": ("mlp", dict(r=2, target_modules=["lin0", "lin1"], init_weights="bat", bias="all")),
     "mlp_bat_bias_miss_only": ("mlp", dict(r=2, target_modules=["lin0", "lin1"], init_weights="bat",
                                            bias="MiSS_only")),
-    "mlp_mini": ("mlp", dict(r=4, mini_r=5, target_modules=["lin0", "lin1"], init_weights="mini")),
+    "mlp_mini": table_row("miss-mlp-mini"),
     "mlp_random": ("mlp", dict(r=3, target_modules=["lin1", "head"], init_weights=False)),
     "mlp_dropout": ("mlp", dict(r=4, target_modules=["lin1"], miss_dropout=0.3)),
-    "llama": ("llama", dict(task_type="CAUSAL_LM", r=4)),  # default targets: q_proj, v_proj
+    "llama": table_row("miss-llama"),  # default targets: q_proj, v_proj
     "llama_bat": ("llama", dict(task_type="CAUSAL_LM", r=4, init_weights="bat",
                                 target_modules=["q_proj", "v_proj", "down_proj"])),
     "t5": ("t5", dict(task_type="SEQ_2_SEQ_LM", r=8)),  # default targets: q, v

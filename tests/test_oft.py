@@ -13,6 +13,7 @@ from fastpeft.methods.oft import OFTConfig
 from state_helpers import copy_adapter
 
 import models
+from cases import table_row
 from oracle_helpers import (
     CaseTable,
     assert_adapter_sets_like_hf,
@@ -26,7 +27,7 @@ from oracle_helpers import (
 ATOL = 1e-5
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], oft_block_size=5)),
+    "mlp": table_row("oft-mlp"),
     "mlp_exact_r": ("mlp", dict(target_modules=["lin0", "lin1"], r=2, oft_block_size=0, use_cayley_neumann=False)),
     "mlp_coft_share": ("mlp", dict(target_modules=["lin0", "lin1"], oft_block_size=5, coft=True, eps=0.05,
                                    block_share=True, bias="oft_only")),

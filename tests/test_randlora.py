@@ -15,13 +15,14 @@ from fastpeft.methods.randlora import RandLoraConfig, RandLoraModel
 
 import models
 import oracle_helpers
+from cases import table_row
 
 ATOL = 1e-5
 
 # small randlora_alpha: the default 640 / r blows perturbed outputs up beyond float tolerance
 CASES = {
     # head (20 -> 2) has its smaller side at the output: the other factor order
-    "mlp": ("mlp", dict(r=4, randlora_alpha=8, target_modules=["lin0", "lin1", "head"])),
+    "mlp": table_row("randlora-mlp"),
     "gpt2_conv1d": ("conv1d_gpt2", dict(r=3, randlora_alpha=6, target_modules=["c_fc", "c_proj"], sparse=True,
                                         projection_prng_key=3)),
     "llama": ("llama", dict(task_type="CAUSAL_LM", r=8, randlora_alpha=16,

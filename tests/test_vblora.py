@@ -15,12 +15,13 @@ from fastpeft.methods.vblora import VBLoRAConfig, VBLoRAModel
 
 import models
 import oracle_helpers
+from cases import table_row
 
 ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only spin
 
 CASES = {
-    "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], r=2, vector_length=10, num_vectors=16)),
+    "mlp": table_row("vblora-mlp"),
     "mlp_topk": ("mlp", dict(target_modules=["lin0", "lin1"], r=3, vector_length=5, num_vectors=12, topk=3,
                              save_only_topk_weights=True, bias="vblora_only")),
     "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], r=2, vector_length=2, num_vectors=8,
