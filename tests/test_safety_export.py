@@ -1,13 +1,15 @@
 """Merged exports of tied-embedding models, and merged exports carry no adapter files.
 
-One-sided adapters on tied embeddings. With tie_word_embeddings=True and an adapter on one side only (lm_head or embed_tokens, no
-ensure_weight_tying), HF PEFT 0.21.2 warns and then merges into the one shared tensor: the other side changes too,
-so its merged model no longer computes what its adapted model did (checked in `test_hf_merge_changes_both_sides`).
-fastpeft gives the merging layer its own copy, sets config.tie_word_embeddings=False (both logged), so the merged
-model and its saved-and-reloaded copy give the *unmerged* adapted outputs; the oracle is HF PEFT's unmerged model
-with the same adapter file, both ways (HF file -> fastpeft export, fastpeft file -> HF outputs).
-Exports without adapter files. merge_and_unload / unload + the transformers model's save_pretrained write the model only: no adapter
-config or weights, no peft_config attribute left on the model (as HF PEFT), same files as HF PEFT's export.
+One-sided adapters on tied embeddings. With tie_word_embeddings=True and an adapter on one side only (lm_head
+or embed_tokens, no ensure_weight_tying), HF PEFT 0.21.2 warns and then merges into the one shared tensor: the
+other side changes too, so its merged model no longer computes what its adapted model did (checked in
+`test_hf_merge_changes_both_sides`). fastpeft gives the merging layer its own copy, sets
+config.tie_word_embeddings=False (both logged), so the merged model and its saved-and-reloaded copy give the
+*unmerged* adapted outputs; the oracle is HF PEFT's unmerged model with the same adapter file, both ways
+(HF file -> fastpeft export, fastpeft file -> HF outputs).
+Exports without adapter files. merge_and_unload / unload + the transformers model's save_pretrained write the
+model only: no adapter config or weights, no peft_config attribute left on the model (as HF PEFT), same files
+as HF PEFT's export.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def test_one_sided_adapter_on_tied_embeddings_warns_like_hf():
 
 
 def test_hf_merge_changes_both_sides():
-    """HF PEFT's behaviour (the reason fastpeft unties the merged side): its merged model differs from its adapted model."""
+    """HF PEFT's behaviour (the reason fastpeft unties the merged side): its merged model differs from its
+    adapted model."""
     theirs = adapted(peft, lora(peft, ["lm_head"]))
     expected, embedding = logits(theirs), make_tied().get_input_embeddings().weight
     merged = theirs.merge_and_unload()

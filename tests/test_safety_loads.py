@@ -374,8 +374,8 @@ def test_set_peft_model_state_dict_strict_on_a_bare_injected_model(tmp_path):
 
 @pytest.mark.parametrize("error", [MemoryError, torch.OutOfMemoryError, KeyError])
 def test_load_failure_keeps_oom_type_and_restores_the_model(tmp_path, monkeypatch, error):
-    """An out-of-memory error during a load keeps its type (callers catch it to retry on a smaller device) while
-    the model is still restored; other foreign errors become AdapterLoadError."""
+    """An out-of-memory error during a load keeps its type (callers catch it to retry on a smaller device)
+    while the model is still restored; other foreign errors become AdapterLoadError."""
     trained = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(target_modules=["q_proj"]))
     models.perturb(trained)
     trained.save_pretrained(tmp_path)

@@ -1,4 +1,5 @@
-"""Optimizer side of frozen adapters: an adapter loaded frozen (`is_trainable=False`, the default) trains nothing.
+"""Optimizer side of frozen adapters: an adapter loaded frozen (`is_trainable=False`, the default) trains
+nothing.
 
 HF PEFT 0.21.2 (the oracle here) builds LoRA+ / LoRA-FA optimizers over zero trainable parameters and, with
 `enable_input_require_grads` on (gradient checkpointing, k-bit preparation), even runs backward and `step()` on a

@@ -200,8 +200,8 @@ def test_first_training_batch_that_skips_the_adapted_branch_warns_and_training_g
     """HF PEFT trains such models; fastpeft must not mistake a skipped branch for starved checkpointing."""
     def build(lib):
         models._seeded()
-        model = lib.get_peft_model(TwoBranch(), lib.LoraConfig(target_modules=["vision"], modules_to_save=["head"],
-                                                              init_lora_weights=False))
+        config = lib.LoraConfig(target_modules=["vision"], modules_to_save=["head"], init_lora_weights=False)
+        model = lib.get_peft_model(TwoBranch(), config)
         return model.train()
 
     ours, theirs = build(fastpeft), build(peft)
