@@ -1,9 +1,10 @@
 """Cheaper loads and saves keep their guarantees.
 
-Loads back up only tensors that outlive a rollback (`loading.tensors_before_load`): an adapter created by the
-failing load is dropped anyway, but a tensor it shares with an adapter that existed before (VeRA's projections)
-must still get its old value back. Saves walk the model once for the tensors and the base fingerprint; the files
-are checked against HF PEFT both ways and the fingerprint against the one the tuner's own walk gives.
+Loads copy only tensors that outlive a rollback (core/transaction.py: made before the load's record, and each
+once): an adapter created by the failing load is dropped anyway, but a tensor it shares with an adapter that
+existed before (VeRA's projections) must still get its old value back. Saves walk the model once for the tensors
+and the base fingerprint; the files are checked against HF PEFT both ways and the fingerprint against the one the
+tuner's own walk gives.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft.checkpoint import fingerprint, keys
+from fastpeft.core.transaction import Transaction
 from fastpeft.errors import AdapterLoadError
 from test_safety_loads import WEIGHTS, assert_same_state, state_of
 
@@ -53,33 +55,38 @@ def test_failed_load_of_new_adapter_restores_the_projections_it_shares(tmp_path)
     torch.testing.assert_close(models.forward(model, x), expected, atol=0, rtol=0)
 
 
-def _backups(monkeypatch) -> list[int]:
-    """Number of tensors each first (`extra=True`) backup of a load copies."""
-    sizes: list[int] = []
-    original = keys._backup
+def _copies(monkeypatch):
+    """A counter of the tensors transactions copied (`keep_values`) since it was last read."""
+    copied = [0]
+    original = Transaction.keep_values
 
-    def counted(modules, adapter_name, targets, extra, kept=None):
-        found = original(modules, adapter_name, targets, extra, kept)
-        if extra:
-            sizes.append(len(found))
-        return found
+    def counted(self, tensors, device=None):
+        before = len(self.root.values)
+        original(self, tensors, device)
+        copied[0] += len(self.root.values) - before
 
-    monkeypatch.setattr(keys, "_backup", counted)
-    return sizes
+    monkeypatch.setattr(Transaction, "keep_values", counted)
+
+    def read() -> int:
+        count, copied[0] = copied[0], 0
+        return count
+
+    return read
 
 
 def test_loads_copy_only_what_a_rollback_keeps(tmp_path, monkeypatch):
     theirs = peft.get_peft_model(models.make_mlp(), peft.LoraConfig(**LORA))
     models.perturb(theirs, 3, 0.3)
     theirs.save_pretrained(str(tmp_path / "hf"))
-    sizes = _backups(monkeypatch)
+    copies = _copies(monkeypatch)
     ours = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "hf"))
+    assert copies() == 0  # the adapter was created by this load: dropped on failure, nothing to copy
     ours.load_adapter(str(tmp_path / "hf"), "second")
-    assert sizes == [0, 0]  # both adapters were created by their own load
-    ours.load_adapter(str(tmp_path / "hf"), "second")  # into an existing adapter: all of its tensors
-    assert sizes[2] == len(keys.get_peft_model_state_dict(ours, adapter_name="second")) > 0
+    assert copies() == 0
+    ours.load_adapter(str(tmp_path / "hf"), "second")  # into an existing adapter: each of its tensors, once
+    assert copies() == len(keys.get_peft_model_state_dict(ours, adapter_name="second")) > 0
     keys.set_peft_model_state_dict(ours, load_file(str(tmp_path / "hf" / WEIGHTS)))  # outside any load
-    assert sizes[3] == len(keys.get_peft_model_state_dict(ours))
+    assert copies() == len(keys.get_peft_model_state_dict(ours))
     x = models.mlp_inputs()
     torch.testing.assert_close(models.forward(ours, x), models.forward(theirs.eval(), x))
 

@@ -23,9 +23,11 @@ from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
 from .config import PeftConfig
 from .core import checks
+from .core.flags import copy_flags, flags_of
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
 from .core.seams import AdapterManager, method_call_keywords
+from .core.transaction import Transaction
 from .core.tuner import check_adapter_name
 from .integrations.transformers import enable_trainer_support
 from .peft_model_compat import PeftModelCompat
@@ -176,6 +178,7 @@ class PeftModel(PeftModelCompat, nn.Module):
         bound = self.__dict__.get("forward")
         if isinstance(bound, types.MethodType) and bound.__self__ is self:
             replica.__dict__["forward"] = types.MethodType(bound.__func__, replica)
+        copy_flags(self, replica)
         return replica
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -210,9 +213,10 @@ class PeftModel(PeftModelCompat, nn.Module):
                 "adapters of a single method type."
             )
         self._add_task_modules_to_save(peft_config)
-        self.tuner.peft_config[adapter_name] = peft_config
-        self.tuner.inject_adapter(self.get_base_model(), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
-                                  autocast_adapter_dtype=autocast_adapter_dtype)
+        with Transaction(self.get_base_model()):  # a method's inject_adapter may add steps after the generic ones
+            self.tuner.peft_config[adapter_name] = peft_config
+            self.tuner.inject_adapter(self.get_base_model(), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                      autocast_adapter_dtype=autocast_adapter_dtype)
         checks.follow_base_mode(self)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -253,17 +257,18 @@ class PeftModel(PeftModelCompat, nn.Module):
         """Run the base model without adapters inside the `with` block. On exit, exception or not, the adapters are
         enabled again and every parameter's requires_grad is what it was before (adapters the user froze, base
         weights the user unfroze); a nested block leaves the adapters disabled until the outermost one ends."""
-        if self.__dict__.get("_adapters_disabled"):
+        model_flags = flags_of(self)
+        if model_flags.adapters_disabled:
             yield
             return
-        flags = [(param, param.requires_grad) for param in self.parameters()]
-        self.__dict__["_adapters_disabled"] = True
+        grads = [(param, param.requires_grad) for param in self.parameters()]
+        model_flags.adapters_disabled = True
         try:
             with self.tuner.adapters_disabled():
                 yield
         finally:
-            self.__dict__["_adapters_disabled"] = False
-            for param, flag in flags:
+            model_flags.adapters_disabled = False
+            for param, flag in grads:
                 param.requires_grad_(flag)
 
     # ------------------------------------------------------------------ forward
@@ -353,7 +358,7 @@ class PeftModel(PeftModelCompat, nn.Module):
         if key_mapping is None and not config.is_prompt_learning:  # as HF PEFT: the base model's renames
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         klass = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
-        with loading.all_or_nothing(model, model_id, hub_kwargs, config):  # a failure leaves `model` as it was
+        with loading.all_or_nothing(model, model_id, hub_kwargs):  # a failure leaves `model` as it was
             check_config_for_model(config, model, model_id)  # sizes, before any allocation
             with checks.loading_file(), validate.file_errors(model_id):
                 peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -383,7 +388,7 @@ class PeftModel(PeftModelCompat, nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
             _check_trainable_load(config, is_trainable)
             config.inference_mode = not is_trainable
-        with loading.all_or_nothing(self, model_id, hub_kwargs, config):
+        with loading.all_or_nothing(self, model_id, hub_kwargs):
             if config is not None:
                 check_config_for_model(config, self.get_base_model(), model_id)  # sizes, before any allocation
                 with checks.loading_file(), validate.file_errors(model_id):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint.model_card import model_card
+from .core.flags import flags_of
 from .core.prompt import EmbeddingPrompt
 
 _FASTPEFT_MARK = "Saved with fastpeft"  # a line of the card body: present means our section is there
@@ -106,7 +107,7 @@ class PeftModelCompat:
     @property
     def has_active_enabled_adapter(self) -> bool:
         """Whether a forward call runs any adapter: False inside `disable_adapter()` or with no active adapter."""
-        return not self.__dict__.get("_adapters_disabled", False) and bool(self.active_adapters)
+        return not flags_of(self).adapters_disabled and bool(self.active_adapters)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
         """Make the inputs of `model` (the base model) require grad, so that reentrant checkpointing of frozen

@@ -17,9 +17,9 @@ from torch import nn
 from ..core.auxiliary import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
+from ..core.transaction import Transaction, swap_in
 from ..errors import AdapterLoadError, AdapterShapeError
 from ..registry import get_spec
-from . import loading
 
 logger = logging.getLogger(__name__)
 
@@ -226,23 +226,9 @@ def _shape_error(result: LoadResult) -> AdapterShapeError:
     return err
 
 
-def _backup(modules: Modules, adapter_name: str, targets: list[torch.Tensor], extra: bool,
-            kept: set[int] | None = None) -> list:
-    """(tensor, copy) of everything a load may write: the targets and, with `extra`, every parameter / buffer
-    with `adapter_name` in its key (adapter layers, prompt encoders, shared banks / projections). `kept`: ids of
-    the tensors that outlive a rollback (`loading.tensors_before_load`); others need no copy."""
-    seen = {id(t) for t in targets}
-    tensors = list(targets)
-    if extra:
-        for tensor in _named_for(modules, adapter_name):
-            if id(tensor) not in seen and (kept is None or id(tensor) in kept):
-                seen.add(id(tensor))
-                tensors.append(tensor)
-    return [(t, t.detach().clone()) for t in tensors]
-
-
-def _named_for(modules: Modules, adapter_name: str):
-    """Parameters and buffers whose key has `adapter_name` as one of its dotted parts."""
+def _adapter_tensors(modules: Modules, adapter_name: str):
+    """Parameters and buffers whose key has `adapter_name` as one of its dotted parts (adapter layers, prompt
+    encoders, shared banks / projections): what a load into that adapter may write besides the file's targets."""
     for prefix, module in modules:
         in_path = adapter_name in prefix and adapter_name in prefix.split(".")
         for store in (module._parameters, module._buffers):
@@ -251,31 +237,13 @@ def _named_for(modules: Modules, adapter_name: str):
                     yield tensor
 
 
-def _restore(backup: list) -> None:
-    with torch.no_grad():
-        for tensor, copy in backup:
-            if copy.is_meta != tensor.is_meta or copy.shape != tensor.shape:
-                # a meta-built weight the failed load had filled, or one a method resized for the file, goes back
-                _swap_in(tensor, copy)
-            else:
-                tensor.copy_(copy)
-
-
 def write_tensor(target: torch.Tensor, value: torch.Tensor) -> None:
     """Load `value` into `target` in its dtype. A target built on the meta device (low_cpu_mem_usage) takes
     a copy of `value` as its data, on `value`'s device (the tuner then moves it next to its base layer)."""
     if target.is_meta:
-        _swap_in(target, value.to(dtype=target.dtype, copy=True))
+        swap_in(target, value.to(dtype=target.dtype, copy=True))
     else:
         target.copy_(value.to(device=target.device, dtype=target.dtype))
-
-
-def _swap_in(tensor: torch.Tensor, data: torch.Tensor) -> None:
-    """Give `tensor` (same Python object: modules, caches and optimizers keep their reference) `data`, also
-    across the meta / real boundary where `.data =` refuses."""
-    if isinstance(tensor, nn.Parameter):
-        data = nn.Parameter(data, requires_grad=tensor.requires_grad)
-    torch.utils.swap_tensors(tensor, data)
 
 
 def _check_strict(result: LoadResult, strict: bool) -> None:
@@ -296,22 +264,21 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
 
     Every shape is checked before anything is written. If a method's own hook or a write fails (or, with
     `strict=True`, any key is missing, unexpected or mismatched) every tensor the load wrote gets its old value
-    back: the adapter's own tensors (backed up before any method hook runs) and the base tensors the file maps to
-    (embeddings, biases).
+    back: the adapter's own tensors (kept before any method hook runs) and the base tensors the file maps to
+    (embeddings, biases). One transaction (core/transaction.py): inside a load it joins the load's, which copies
+    only tensors that outlive its rollback (an adapter the same load created is dropped anyway).
     """
     tuner = getattr(model, "tuner", None)
-    modules = list(model.named_modules())  # one walk for the backup and the key map
-    backup = _backup(modules, adapter_name, [], extra=tuner is not None, kept=loading.tensors_before_load(model))
-    try:
-        return _load_checked(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict, backup,
+    modules = list(model.named_modules())  # one walk for the copies and the key map
+    with Transaction(model) as tx:
+        if tuner is not None:
+            tx.keep_values(_adapter_tensors(modules, adapter_name))
+        return _load_checked(model, peft_model_state_dict, adapter_name, ignore_mismatched_sizes, strict, tx,
                              modules)
-    except BaseException:
-        _restore(backup)
-        raise
 
 
 def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched: bool,
-                  strict: bool, backup: list, modules: Modules) -> LoadResult:
+                  strict: bool, tx: Transaction, modules: Modules) -> LoadResult:
     tuner = getattr(model, "tuner", None)
     convert = getattr(tuner, "convert_loaded_state", None)
     if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
@@ -338,8 +305,7 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name
         raise _shape_error(result)
     for file_key, in_file, in_model in result.mismatched_keys:
         logger.warning("Skipping %s: shape %s in file vs %s in model.", file_key, in_file, in_model)
-    backed_up = {id(t) for t, _ in backup}
-    backup.extend(_backup(modules, adapter_name, [t for t, _ in writes if id(t) not in backed_up], extra=False))
+    tx.keep_values(target for target, _ in writes)  # e.g. base embeddings and biases the file holds
     _write_all(result, tuner, adapter_name, state, writes)
     _check_no_meta_left(modules, adapter_name)
     _group_by_module(result, modules)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterConfigError, AdapterStateError
+from .flags import ModelFlags, flags_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +97,19 @@ def _check_something_trains(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ item 2: checkpointing
-def _checkpointing(base: nn.Module) -> bool:
+def _checkpointing(base: nn.Module, flags: ModelFlags) -> bool:
     """transformers' own test (any submodule with `gradient_checkpointing` on), without its deprecation warning.
 
     Runs on every training forward: the modules that have the flag at all (the model and its decoder layers; what
-    `gradient_checkpointing_enable` sets) are found by one walk and kept on `base`, so later calls read only those
+    `gradient_checkpointing_enable` sets) are found by one walk and kept in `flags`, so later calls read only those
     (one walk over a 32-layer model with LoRA layers costs ~6 ms, reading the flags of its 33 modules ~10 us)."""
-    holders = base.__dict__.get("_fastpeft_checkpoint_flags")
+    holders = flags.checkpoint_flags
     if holders is None:
-        holders = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
-        base.__dict__["_fastpeft_checkpoint_flags"] = holders
+        holders = flags.checkpoint_flags = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
     return any(getattr(m, "gradient_checkpointing", False) is True for m in holders)
 
 
-def ensure_input_grads(base: nn.Module) -> None:
+def ensure_input_grads(base: nn.Module, flags: ModelFlags) -> None:
     """With activation checkpointing on, make the embeddings' output require grad (once).
 
     Reentrant checkpointing gives no gradient to the parameters inside a checkpointed block when none of its
@@ -117,11 +117,12 @@ def ensure_input_grads(base: nn.Module) -> None:
     main input is `input_ids`; this covers the rest (vision, audio) and models checkpointed after wrapping.
     """
     enable = getattr(base, "enable_input_require_grads", None)
-    done = ("_require_grads_hooks", "_require_grads_hook", "_fastpeft_input_grads")  # transformers 5, 4, ours
-    if enable is None or any(key in base.__dict__ for key in done) or not _checkpointing(base):
+    done = ("_require_grads_hooks", "_require_grads_hook")  # what transformers 5, 4 record
+    if enable is None or flags.input_grads or any(key in base.__dict__ for key in done) \
+            or not _checkpointing(base, flags):
         return
     enable()
-    base.__dict__["_fastpeft_input_grads"] = True  # once: never a second hook, whatever transformers records
+    flags.input_grads = True  # once: never a second hook, whatever transformers records
     logger.info("Activation checkpointing is on: made the input embeddings' output require grad so the "
                 "adapters inside checkpointed blocks get gradients (enable_input_require_grads).")
 
@@ -135,9 +136,10 @@ def before_training_forward(model) -> bool:
     """Called by PeftModel.forward. Returns True when the output's graph still has to be checked (once)."""
     if not model.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    ensure_input_grads(model.get_base_model())
+    flags = flags_of(model)
+    ensure_input_grads(model.get_base_model(), flags)
     _check_something_trains(model)
-    if "_fastpeft_graph_checked" in model.__dict__ or _distributed():
+    if flags.graph_checked or _distributed():
         return False
     _watch_adapter_layers(model)
     return True
@@ -149,12 +151,14 @@ def _watch_adapter_layers(model) -> None:
     ran: list[bool] = []
     layers = getattr(model.tuner, "adapter_layers", None)
     handles = [layer.register_forward_hook(lambda *_: ran.append(True)) for layer in layers()] if layers else []
-    model.__dict__["_fastpeft_watch"] = (handles, ran)
+    flags_of(model).watch = (handles, ran)
 
 
 def stop_watching(model) -> list[bool]:
     """Remove the hooks `before_training_forward` set; returns whether adapter layers ran (a non-empty list)."""
-    handles, ran = model.__dict__.pop("_fastpeft_watch", ((), []))
+    flags = flags_of(model)
+    handles, ran = flags.watch or ((), [])
+    flags.watch = None
     for handle in handles:
         handle.remove()
     return ran
@@ -204,8 +208,8 @@ def check_output_graph(model, output):
         return output
     if not _graph_reaches(tensor, {id(p) for p in params}):
         if not ran:  # no adapter layer ran: this batch skipped them (checked again on the next training forward)
-            if "_fastpeft_skip_logged" not in model.__dict__:
-                model.__dict__["_fastpeft_skip_logged"] = True
+            if not flags_of(model).skip_logged:
+                flags_of(model).skip_logged = True
                 logger.warning("No adapter layer ran in this training forward: this batch gives the %d trainable "
                                "adapter parameters no gradient.", len(params))
             return output
@@ -215,7 +219,7 @@ def check_output_graph(model, output):
             "(use_reentrant=True) over blocks whose inputs do not require grad (frozen embeddings). Fix: call "
             "base_model.enable_input_require_grads(), or use gradient_checkpointing_kwargs={'use_reentrant': False}."
         )
-    model.__dict__["_fastpeft_graph_checked"] = True
+    flags_of(model).graph_checked = True
     return output
 
 

@@ -1,8 +1,9 @@
 """`Tuner`: injects a method's adapter layers into a model and manages them as a group.
 
 Generic over methods: a method subclasses it to supply its layer dispatch (`dispatch`), per-target layer
-arguments and config preparation. Injection is all-or-nothing: every new layer is built before the model
-is touched, so a failure leaves the model as it was.
+arguments and config preparation. Injection is one transaction (core/transaction.py): checks, then every new
+layer is built, then swapped in; a failure deletes the adapter from every holder (layers built for it give their
+base layers back) and puts back base weights an init rewrote, so the model is left as it was.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch import nn
 from ..errors import AdapterNameError, AdapterStateError, NoMatchingPeftModuleError
 from ..registry import registered
 from . import target_checks, targeting, tying
-from .auxiliary import ModulesToSaveWrapper, wrap_modules_to_save
+from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
 from .seams import method_call_keywords
+from .transaction import Transaction
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
@@ -99,6 +101,12 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module, parents: dict[s
         parents.pop(name, None)  # replaced: a later child of `name` must be looked up in the new module
 
 
+def _base_tensors(targets: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
+    """The base-model parameters and buffers of the targets (inside an adapter layer: its base layer's)."""
+    bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
+    return [t for m in bases for t in (*m.parameters(), *m.buffers())]
+
+
 def _set_training(module: nn.Module, mode: bool) -> None:
     """`module.train(mode)` with the same result as nn.Module.train, about 8x faster on adapter layers: plain
     modules get their flag written straight (nn.Module.__setattr__ only stores a bool there, at ~2.5 us a call)."""
@@ -134,8 +142,9 @@ class Tuner(nn.Module):
         self.active_adapter: str | list[str] = adapter_name
         self.trainable_adapters: set[str] = set()
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        with Transaction(model):  # a method's inject_adapter may add steps after the generic ones: all inside
+            self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         # as HF PEFT: the injected model carries its configs (used by get_peft_model_state_dict)
         self.model.peft_config = self.peft_config
 
@@ -267,40 +276,43 @@ class Tuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
-        """Build and insert the layers of `adapter_name`. `low_cpu_mem_usage`: adapter parameters are created on
-        the meta device (no memory, no random init) and get their values and device from the next load.
-        `state_dict` (file keys of the adapter about to be loaded): its modules are the targets, not the config's."""
+        """Build and insert the layers of `adapter_name`, all or nothing (core/transaction.py): checks, then every
+        new layer is built, then swapped in. `low_cpu_mem_usage`: adapter parameters are created on the meta
+        device (no memory, no random init) and get their values and device from the next load. `state_dict` (file
+        keys of the adapter about to be loaded): its modules are the targets, not the config's."""
         check_adapter_name(adapter_name)
-        try:
-            config = self.prepare_config(self.peft_config[adapter_name], model)
-            self.check_new_adapter(config)
-            self.prepare_model(model, config)
-            self._state_dict_modules = None if state_dict is None else self._modules_in(state_dict)
-            try:
-                targets = self.select_targets(model, config)
-            finally:
-                self._state_dict_modules = None
-            target_checks.check_targets(self, model, config, targets)  # unsupported types, entries matching nothing
-        except Exception:
-            self.peft_config.pop(adapter_name, None)
-            raise
-        self.peft_config[adapter_name] = config
-        with empty_parameters(low_cpu_mem_usage, self):
-            created, updated = self._build_layers(targets, adapter_name, config)
-        parents: dict[str, nn.Module] = {}
-        for name, layer in created:
-            set_submodule(model, name, layer, parents)
-        try:
+        with Transaction(model) as tx:
+            created: list[tuple[str, AdapterLayer]] = []
+            tx.on_failure(lambda: self._take_back_adapter(model, adapter_name, created))
+            config, targets = self._checked_targets(model, adapter_name, state_dict)
+            self.peft_config[adapter_name] = config
+            if config.rewrites_base_weights:  # e.g. an init that rewrites the weights it adapts: copied first
+                tx.keep_values(_base_tensors(targets), device="cpu")
+            with empty_parameters(low_cpu_mem_usage, self):
+                updated = self._build_layers(targets, adapter_name, config, created)
+            parents: dict[str, nn.Module] = {}
+            for name, layer in created:
+                set_submodule(model, name, layer, parents)
             wrap_modules_to_save(model, adapter_name, getattr(config, "modules_to_save", None))
-        except Exception:
-            self._rollback(model, adapter_name, created, updated)
-            raise
-        for layer in [layer for _, layer in created] + updated:
-            self._place_adapter(layer, adapter_name, autocast_adapter_dtype)
-        if adapter_name in self.active_adapters and not config.inference_mode:
-            self.trainable_adapters.add(adapter_name)
-        self._freeze_base()
-        self._apply_adapter_state()
+            for layer in [layer for _, layer in created] + updated:
+                self._place_adapter(layer, adapter_name, autocast_adapter_dtype)
+            if adapter_name in self.active_adapters and not config.inference_mode:
+                self.trainable_adapters.add(adapter_name)
+            self._freeze_base()
+            self._apply_adapter_state()
+
+    def _checked_targets(self, model: nn.Module, adapter_name: str, state_dict: dict | None):
+        """(prepared config, targets): the checks of an injection, before any layer is built."""
+        config = self.prepare_config(self.peft_config[adapter_name], model)
+        self.check_new_adapter(config)
+        self.prepare_model(model, config)
+        self._state_dict_modules = None if state_dict is None else self._modules_in(state_dict)
+        try:
+            targets = self.select_targets(model, config)
+        finally:
+            self._state_dict_modules = None
+        target_checks.check_targets(self, model, config, targets)  # unsupported types, entries matching nothing
+        return config, targets
 
     # methods whose other options refer to target_modules (IA3's feedforward_modules) keep the list as given
     condense_target_list = True
@@ -337,36 +349,38 @@ class Tuner(nn.Module):
                            "are used.", len(targets), len(from_config))
         return targets
 
-    def _build_layers(self, targets, adapter_name: str, config: PeftConfig):
-        created: list[tuple[str, AdapterLayer]] = []
+    def _build_layers(self, targets, adapter_name: str, config: PeftConfig,
+                      created: list[tuple[str, AdapterLayer]]) -> list[AdapterLayer]:
+        """New layers for the targets not yet adapted (into `created`, not in the model yet); adapter layers
+        already there get the adapter added (returned)."""
         updated: list[AdapterLayer] = []
-        try:
-            for name, module in targets:
-                kwargs = self.layer_kwargs(config, name, module)
-                if isinstance(module, AdapterLayer):
-                    updated.append(module)
-                    module.update_layer(adapter_name, config, **kwargs)
-                    continue
-                layer_cls = self.dispatch.resolve(module, name)
-                created.append((name, layer_cls(module, adapter_name, config, **kwargs)))
-        except Exception:
-            self._rollback(None, adapter_name, created, updated)
-            del self.peft_config[adapter_name]
-            raise
-        return created, updated
+        for name, module in targets:
+            kwargs = self.layer_kwargs(config, name, module)
+            if isinstance(module, AdapterLayer):
+                updated.append(module)
+                module.update_layer(adapter_name, config, **kwargs)
+                continue
+            layer_cls = self.dispatch.resolve(module, name)
+            created.append((name, layer_cls(module, adapter_name, config, **kwargs)))
+        return updated
 
-    def _rollback(self, model, adapter_name, created, updated) -> None:
+    def _take_back_adapter(self, model: nn.Module, adapter_name: str, created) -> None:
+        """Undo a failed injection: layers built for it give their base layers back, every holder loses the
+        adapter (holders left empty, such as new modules_to_save wrappers, are unwrapped), its config goes."""
         for name, layer in created:
-            base = layer.release()
-            if model is not None:
-                set_submodule(model, name, base)
-        for layer in updated:
-            layer.delete_adapter(adapter_name)
-        if model is not None:
-            for _, holder in list(self.holders()):
-                if isinstance(holder, ModulesToSaveWrapper):
-                    holder.delete_adapter(adapter_name)
-            self.peft_config.pop(adapter_name, None)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if parent._modules.get(child) is not layer:  # built, never swapped in
+                layer.release()
+        self._remove_adapter(adapter_name)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        """`adapter_name` out of every holder and the configs; the active adapters are the caller's."""
+        for _, holder in list(self.holders()):
+            holder.delete_adapter(adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        self.trainable_adapters.discard(adapter_name)
+        self._drop_empty_layers()
 
     def _no_target_message(self, config: PeftConfig, names: list[str]) -> str:
         close = targeting.close_matches(config, names)
@@ -509,16 +523,12 @@ class Tuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter '{adapter_name}' does not exist; loaded: {sorted(self.peft_config)}.")
-        for _, holder in list(self.holders()):
-            holder.delete_adapter(adapter_name)
-        del self.peft_config[adapter_name]
-        self.trainable_adapters.discard(adapter_name)
+        self._remove_adapter(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
             self.trainable_adapters.add(remaining[0])  # as HF PEFT: the adapter taking over can train
         self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
-        self._drop_empty_layers()
         self._apply_adapter_state()
 
     def _drop_empty_layers(self) -> None:

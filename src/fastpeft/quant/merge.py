@@ -13,20 +13,24 @@ HF PEFT 0.21 merges LoRA and RandLoRA into bitsandbytes weights silently and ref
 
 Dispatch: `register_quantised(chain, four_bit, eight_bit)` puts a matcher first in a method's dispatch chain that
 recognises bitsandbytes layers by their class's module, so bitsandbytes is never imported here.
-`AllOrNothingMerge` (a tuner mixin) takes back a model-wide merge when one layer refuses, and gives the tuner
-the merge keywords (allow_lossy_merge, max_merge_error, max_adapter_loss; dequantize for merge_and_unload); a
-tuner that includes it thereby declares `requantises_merges`. Layer classes of other methods over bitsandbytes
-weights run their forward pass, but `refuse_plain_merge` stops their merges (which would add to the packed 4-bit
-bytes or silently round the update away in int8).
+`AllOrNothingMerge` (a tuner mixin) merges as one transaction (core/transaction.py): when one layer refuses, the
+merges already made are taken back. It also gives the tuner the merge keywords (allow_lossy_merge,
+max_merge_error, max_adapter_loss; dequantize for merge_and_unload); a tuner that includes it thereby declares
+`requantises_merges`. Layer classes of other methods over bitsandbytes weights run their forward pass, but
+`refuse_plain_merge` stops their merges (which would add to the packed 4-bit bytes or silently round the update
+away in int8).
 
 Generic machinery (core/layer.py calls `refuse_plain_merge`): it names no method; the methods import it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from ..core.transaction import Transaction
 from ..core.tuner import set_submodule
 from ..errors import AdapterStateError
 from ..registry import registered
@@ -178,7 +182,7 @@ class AllOrNothingMerge:
             return super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         self.check_mergeable()
         with qbnb.merge_policy(max_merge_error, allow_lossy_merge or None, max_adapter_loss=max_adapter_loss):
-            _merge_all_or_nothing(self._top_layers(), adapter_names, safe_merge)
+            _merge_all_or_nothing(self.model, self._top_layers(), adapter_names, safe_merge)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None, *, allow_lossy_merge: bool = False,
@@ -199,21 +203,19 @@ class AllOrNothingMerge:
         return super()._unload(merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
-def _merge_all_or_nothing(layers, adapter_names, safe_merge: bool) -> None:
-    done = []
-    try:
+def _merge_all_or_nothing(model: nn.Module, layers, adapter_names, safe_merge: bool) -> None:
+    """One transaction (core/transaction.py) whose undo steps take back each layer's merge: a quantised weight
+    gets its snapshot back (the object: no copy, bit-exact), a plain layer unmerges what it merged."""
+    with Transaction(model) as tx:
         for layer in layers:
-            # recorded before the call, so a layer failing half-way (a plain layer on its 2nd adapter) is taken back
-            done.append((layer, len(layer.merged_adapters)))
+            # declared before the call, so a layer failing half-way (a plain layer on its 2nd adapter) is taken back
+            tx.on_failure(functools.partial(_take_back, layer, len(layer.merged_adapters)))
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-    except Exception:
-        for layer, before in reversed(done):
-            if len(layer.merged_adapters) > before:
-                _take_back(layer, before)
-        raise
 
 
 def _take_back(layer, merged_before: int) -> None:
+    if len(layer.merged_adapters) <= merged_before:
+        return
     if isinstance(layer, QuantisedMerge):
         layer.undo_last_merge()
         return

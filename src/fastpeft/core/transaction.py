@@ -1,0 +1,227 @@
+"""One all-or-nothing mechanism for every change fastpeft makes to a model: injecting an adapter, loading one,
+writing a state dict into it, merging into quantised weights.
+
+A change runs inside `with Transaction(model) as tx:` in three phases, in this order:
+1. checks: everything that can be refused without touching the model (names, configs, targets, shapes);
+2. build: new objects that the model does not reach yet (adapter layers, file tensors);
+3. swap: the model is changed.
+Before a step changes something, it tells the open transaction how to take that back:
+- `tx.on_failure(step)`: an undo step, e.g. delete the adapter the change created, take back a merge. Steps run
+  last-in first-out.
+- `tx.keep_values(tensors)`: tensors whose values the change may rewrite in place (the base weights of a
+  base-rewriting init, the adapter tensors a state-dict write fills). Each is copied once and put back, also
+  across the meta / real boundary or to its old shape (`swap_in`).
+- `Transaction(model, record_state=True)` (loads): the attributes of every module and of the given objects
+  (configs, a prompt-method manager), their containers and every parameter's requires_grad, recorded once before
+  anything runs (`ModelState`); a failure puts all of it back, so layers injected for a new adapter disappear
+  and flags come back. Tensors made after this record need no copy: the restored modules drop them.
+If the block raises (any exception, KeyboardInterrupt included), the steps run, the values come back, then the
+recorded state; the error goes on unchanged (a failing undo step adds a note to it).
+
+Nested transactions record nothing twice. A transaction opened while another covers its model joins it: its
+undo steps and copies go to the outermost one (`root`), which alone records module state; a tensor already
+copied, or made after the root's record, is not copied again. A joined transaction that fails takes back what it
+added itself at once (its caller may go on), and the root takes back the rest if the error reaches it. A
+transaction covers a model it was opened on, one whose modules its root recorded, and a wrapper (`PeftModel`)
+built during it around either: such a wrapper is never handed out when the change fails.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_CONTAINERS = (dict, list, set)
+
+
+def _contents(value: Any):
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return set(value)
+
+
+def _put_back(value: Any, saved) -> None:
+    """Give a container its saved contents in place (other objects may hold the same dict / list / set)."""
+    if isinstance(value, list):
+        value[:] = saved
+    else:
+        value.clear()
+        value.update(saved)
+
+
+class ObjectState:
+    """An object's attributes, one level deep: the attribute dict, and the items of each container value."""
+
+    __slots__ = ("obj", "attrs", "contents", "empty")
+
+    def __init__(self, obj: Any) -> None:
+        attrs = vars(obj)
+        self.obj = obj
+        self.attrs = attrs.copy()
+        held = [v for v in attrs.values() if isinstance(v, _CONTAINERS)]
+        self.contents = [(v, _contents(v)) for v in held if v]
+        self.empty = [v for v in held if not v]  # mostly hook dicts: they only need emptying again, no copy
+
+    def restore(self) -> None:
+        attrs = vars(self.obj)
+        attrs.clear()
+        attrs.update(self.attrs)
+        for value, saved in self.contents:
+            _put_back(value, saved)
+        for value in self.empty:
+            if value:
+                value.clear()
+
+
+class ModelState:
+    """Every module of `model` and each of `extra` (one level deep), and every parameter's requires_grad."""
+
+    def __init__(self, model: nn.Module, extra: Iterable[Any] = ()) -> None:
+        was_enabled = gc.isenabled()
+        gc.disable()  # tens of thousands of small copies: a full collection over a big heap costs ~1 s
+        try:
+            self.objects = [ObjectState(obj) for obj in [*model.modules(), *extra]]
+        finally:
+            if was_enabled:
+                gc.enable()
+        self.ids = {id(state.obj) for state in self.objects}
+        # every parameter of the tree sits in some module's _parameters: no second walk (a shared one twice is fine)
+        self.grads = [(p, p.requires_grad) for state in self.objects
+                      for p in state.attrs.get("_parameters", {}).values() if p is not None]
+        # ids of the tensors held before the change (this record keeps them alive, so ids stay unique)
+        self.tensor_ids = {id(t) for state in self.objects for key in ("_parameters", "_buffers")
+                           for t in state.attrs.get(key, {}).values() if t is not None}
+
+    def holds(self, obj: Any) -> bool:
+        return id(obj) in self.ids
+
+    def restore(self) -> None:
+        for state in self.objects:
+            state.restore()
+        for param, flag in self.grads:
+            param.requires_grad_(flag)
+
+
+def swap_in(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    """Give `tensor` (same Python object: modules, caches and optimizers keep their reference) `data`, also
+    across the meta / real boundary where `.data =` refuses."""
+    if isinstance(tensor, nn.Parameter):
+        data = nn.Parameter(data, requires_grad=tensor.requires_grad)
+    torch.utils.swap_tensors(tensor, data)
+
+
+def _put_values_back(values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, copy in reversed(values):
+            if copy.is_meta != tensor.is_meta or copy.shape != tensor.shape:
+                # a meta-built weight the change had filled, or one a method resized for a file, goes back
+                swap_in(tensor, copy if copy.is_meta or tensor.is_meta else copy.to(tensor.device))
+            else:
+                tensor.copy_(copy)
+
+
+# Transactions open in this thread (or task), outermost first.
+_OPEN: contextvars.ContextVar[tuple[Transaction, ...]] = contextvars.ContextVar("fastpeft_transactions",
+                                                                                 default=())
+
+
+def _covers(outer: Transaction, model: nn.Module) -> bool:
+    if outer.model is model:
+        return True
+    state = outer.root.state
+    if state is None:
+        return False
+    if state.holds(model):
+        return True
+    get_base = getattr(model, "get_base_model", None)  # a wrapper built during `outer`, around what it recorded
+    return callable(get_base) and (get_base() is outer.model or state.holds(get_base()))
+
+
+def enclosing(model: nn.Module) -> Transaction | None:
+    """The innermost open transaction that covers `model`, if any."""
+    return next((outer for outer in reversed(_OPEN.get()) if _covers(outer, model)), None)
+
+
+class Transaction:
+    """See the module docstring. `record_state`: record the module state of `model` (and of `extra`) unless an
+    enclosing transaction covers `model`."""
+
+    def __init__(self, model: nn.Module, record_state: bool = False, extra: Iterable[Any] = ()) -> None:
+        self.model = model
+        self._record_state, self._extra = record_state, extra
+        self.root: Transaction = self
+        self.state: ModelState | None = None
+        self.undo: list[Callable[[], Any]] = []
+        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.copied: set[int] = set()
+        self._marks = (0, 0)
+        self._token: contextvars.Token | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self.root is not self
+
+    def __enter__(self) -> Transaction:
+        outer = enclosing(self.model)
+        if outer is not None:
+            self.root = outer.root
+            self._marks = (len(self.root.undo), len(self.root.values))
+        elif self._record_state:
+            self.state = ModelState(self.model, self._extra)
+        self._token = _OPEN.set((*_OPEN.get(), self))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _OPEN.reset(self._token)
+        if exc_type is not None:
+            self._roll_back(exc)
+        elif not self.joined:  # committed: drop the copies now rather than with the last reference
+            self.undo, self.values, self.copied, self.state = [], [], set(), None
+        return False
+
+    # ---- declaring what a failure takes back
+    def on_failure(self, step: Callable[[], Any]) -> None:
+        """Run `step` if the transaction fails (after the steps declared later)."""
+        self.root.undo.append(step)
+
+    def keep_values(self, tensors: Iterable[torch.Tensor], device: str | torch.device | None = None) -> None:
+        """Copy `tensors` (to `device`, default: where they are) so a failure puts their values back; tensors
+        already copied or made after the root's module record are skipped."""
+        root = self.root
+        made_before = None if root.state is None else root.state.tensor_ids
+        for tensor in tensors:
+            key = id(tensor)
+            if key in root.copied or (made_before is not None and key not in made_before):
+                continue
+            root.copied.add(key)
+            data = tensor.detach()
+            root.values.append((tensor, data.clone() if device is None else data.to(device, copy=True)))
+
+    # ---- taking back
+    def _roll_back(self, exc: BaseException | None) -> None:
+        root = self.root
+        undo_from, values_from = self._marks
+        steps, root.undo[undo_from:] = root.undo[undo_from:], []
+        values, root.values[values_from:] = root.values[values_from:], []
+        root.copied.difference_update(id(tensor) for tensor, _ in values)
+        failures = []
+        for step in reversed(steps):
+            try:
+                step()
+            except Exception as err:  # the other steps and the restores still run
+                failures.append(f"{type(err).__name__}: {err}")
+        _put_values_back(values)
+        if self.state is not None:
+            self.state.restore()
+        if failures and exc is not None:
+            exc.add_note("(taking the change back also failed in: " + "; ".join(failures) + ")")
