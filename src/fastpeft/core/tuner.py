@@ -107,6 +107,11 @@ def _base_tensors(targets: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
     return [t for m in bases for t in (*m.parameters(), *m.buffers())]
 
 
+def _put_back_grads(grads: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in grads:
+        param.requires_grad_(flag)
+
+
 def _set_training(module: nn.Module, mode: bool) -> None:
     """`module.train(mode)` with the same result as nn.Module.train, about 8x faster on adapter layers: plain
     modules get their flag written straight (nn.Module.__setattr__ only stores a bool there, at ~2.5 us a call)."""
@@ -298,7 +303,8 @@ class Tuner(nn.Module):
                 self._place_adapter(layer, adapter_name, autocast_adapter_dtype)
             if adapter_name in self.active_adapters and not config.inference_mode:
                 self.trainable_adapters.add(adapter_name)
-            self._freeze_base()
+            grads = self._freeze_base()
+            tx.on_failure(lambda: _put_back_grads(grads))  # activation changes other adapters' flags too
             self._apply_adapter_state()
 
     def _checked_targets(self, model: nn.Module, adapter_name: str, state_dict: dict | None):
@@ -438,11 +444,15 @@ class Tuner(nn.Module):
         active = self.active_adapter
         return [active] if isinstance(active, str) else list(active)
 
-    def _freeze_base(self) -> None:
-        """On injection (as HF PEFT): every parameter except adapter ones stops training."""
+    def _freeze_base(self) -> list[tuple[nn.Parameter, bool]]:
+        """On injection (as HF PEFT): every parameter except adapter ones stops training. Returns every
+        parameter's flag from before (same walk), for a failed injection to put back."""
+        before = []
         for param in self.model.parameters():
+            before.append((param, param.requires_grad))
             if param.requires_grad:
                 param.requires_grad_(False)
+        return before
 
     def _apply_adapter_state(self) -> None:
         """Activate the active adapters; those in `self.trainable_adapters` get requires_grad, others not."""
