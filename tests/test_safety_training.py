@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastpeft
 from fastpeft.core import checks
+from fastpeft.core.flags import flags_of
 from fastpeft.errors import AdapterStateError
 
 import models
@@ -217,7 +218,7 @@ def test_first_training_batch_that_skips_the_adapted_branch_warns_and_training_g
     for name, param in ours.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name])
-    assert not ours.__dict__.get("_fastpeft_watch")  # hooks removed
+    assert flags_of(ours).watch is None  # hooks removed
     assert all(not layer._forward_hooks for layer in ours.tuner.adapter_layers())
 
 
