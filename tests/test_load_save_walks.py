@@ -2,9 +2,9 @@
 
 Loads copy only tensors that outlive a rollback (core/transaction.py: made before the load's record, and each
 once): an adapter created by the failing load is dropped anyway, but a tensor it shares with an adapter that
-existed before (VeRA's projections) must still get its old value back. Saves walk the model once for the tensors
-and the base fingerprint; the files are checked against HF PEFT both ways and the fingerprint against the one the
-tuner's own walk gives.
+existed before (VeRA's projections) must still get its old value back. Saves walk the model once for the
+tensors and the base fingerprint; the files are checked against HF PEFT both ways and the fingerprint against
+the one the tuner's own walk gives.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def test_save_with_one_walk_matches_hf_both_ways(tmp_path):
     theirs.save_pretrained(str(tmp_path / "hf"))
     loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "hf"))
     loaded.save_pretrained(str(tmp_path / "again"))
-    hf_keys, our_keys = load_file(str(tmp_path / "hf" / WEIGHTS)), load_file(str(tmp_path / "again" / WEIGHTS))
+    hf_keys = load_file(str(tmp_path / "hf" / WEIGHTS))
+    our_keys = load_file(str(tmp_path / "again" / WEIGHTS))
     assert sorted(hf_keys) == sorted(our_keys)
     for key, value in hf_keys.items():
         assert torch.equal(our_keys[key], value), key

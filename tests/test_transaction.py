@@ -163,7 +163,8 @@ def test_a_failure_after_the_swap_deletes_the_adapter_everywhere(monkeypatch):
     def fail(*_args, **_kwargs):
         raise RuntimeError("placement failed")
 
-    monkeypatch.setattr(Tuner, "_place_adapter", fail)  # after lin1's layer and head's wrapper are in the model
+    # after lin1's layer and head's wrapper are in the model
+    monkeypatch.setattr(Tuner, "_place_adapter", fail)
     with pytest.raises(RuntimeError, match="placement failed"):
         model.add_adapter("b", lora(modules_to_save=["head"]))
     assert_same_state(model, before)  # lin0 keeps 'default' only, lin1 and head are plain modules again
@@ -172,7 +173,9 @@ def test_a_failure_after_the_swap_deletes_the_adapter_everywhere(monkeypatch):
 
 @pytest.mark.parametrize("entry", ["get_peft_model", "add_adapter"])
 def test_steps_a_method_adds_after_the_generic_injection_are_inside_it(monkeypatch, entry):
-    model = models.make_mlp() if entry == "get_peft_model" else fastpeft.get_peft_model(models.make_mlp(), lora())
+    model = models.make_mlp()
+    if entry == "add_adapter":
+        model = fastpeft.get_peft_model(model, lora())
     before = state_of(model)
 
     def fail(*_args, **_kwargs):
@@ -197,7 +200,8 @@ def test_per_model_flags_live_in_one_object():
         assert flags_of(model).adapters_disabled and not model.has_active_enabled_adapter
     flags = flags_of(model)
     assert flags.graph_checked and flags.watch is None and not flags.adapters_disabled
-    hidden = [key for obj in (model, model.base_model, base) for key in vars(obj) if key.startswith("_fastpeft")]
+    hidden = [key for obj in (model, model.base_model, base) for key in vars(obj)
+              if key.startswith("_fastpeft")]
     assert hidden == ["_fastpeft_flags"]
     assert set(vars(base)) == base_attrs
     replica = model._replicate_for_data_parallel()

@@ -18,8 +18,8 @@ def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
     return PeftConfig.from_peft_type(**config_dict)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
-                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap `model` with a new, trainable adapter; the task class follows `peft_config.task_type`.
 
@@ -43,14 +43,15 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """Add adapter layers to `model` in place (no PeftModel wrapper) and return it.
 
     `low_cpu_mem_usage=True`: the adapter weights are created on the meta device, to be filled by
-    `set_peft_model_state_dict` (diffusers loads adapters this way). `state_dict`: the adapter tensors about to be
-    loaded; the modules they belong to are the targets (the config's target_modules are not matched).
+    `set_peft_model_state_dict` (diffusers loads adapters this way). `state_dict`: the adapter tensors about
+    to be loaded; the modules they belong to are the targets (the config's target_modules are not matched).
     """
     spec = get_spec(peft_config.peft_type)
     if spec.tuner_cls is None:
         raise ValueError(f"{spec.peft_type.value} cannot be injected into a model: it transforms the inputs.")
     existing = _injected_configs(model, adapter_name, spec)
-    tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+    tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                           state_dict=state_dict)
     if existing:  # as HF PEFT: adapters injected one after the other (diffusers) keep all their configs
         configs = {**existing, **tuner.peft_config}
         tuner.peft_config.clear()
@@ -59,11 +60,13 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
 
 def _injected_configs(model: nn.Module, adapter_name: str, spec) -> dict[str, PeftConfig]:
-    """Configs of adapters injected into `model` before; refuse a PeftModel, a name in use or another method."""
+    """Configs of adapters injected into `model` before; refuse a PeftModel, a name in use or another
+    method."""
     if isinstance(model, PeftModel):
         raise ValueError(
-            "inject_adapter_in_model got a PeftModel: add the adapter with peft_model.add_adapter(name, config) "
-            "(or load_adapter); inject_adapter_in_model is for plain models without a PeftModel wrapper."
+            "inject_adapter_in_model got a PeftModel: add the adapter with peft_model.add_adapter(name, "
+            "config) (or load_adapter); inject_adapter_in_model is for plain models without a PeftModel "
+            "wrapper."
         )
     if not has_adapters(model):
         return {}
@@ -73,18 +76,20 @@ def _injected_configs(model: nn.Module, adapter_name: str, spec) -> dict[str, Pe
     if adapter_name in names:
         raise ValueError(
             f"The model already has an adapter named {adapter_name!r}: pass another adapter_name to "
-            "inject_adapter_in_model (adapters are added side by side), or remove that one first (delete_adapter)."
+            "inject_adapter_in_model (adapters are added side by side), or remove that one first "
+            "(delete_adapter)."
         )
-    others = sorted({get_spec(c.peft_type).peft_type.value for c in configs.values()} - {spec.peft_type.value})
+    methods = {get_spec(c.peft_type).peft_type.value for c in configs.values()}
+    others = sorted(methods - {spec.peft_type.value})
     if others:
         raise ValueError(
-            f"The model already has {others} adapters; inject_adapter_in_model adds {spec.peft_type.value} ones only "
-            "to a model without adapters of another method (one method per model in fastpeft)."
+            f"The model already has {others} adapters; inject_adapter_in_model adds {spec.peft_type.value} "
+            "ones only to a model without adapters of another method (one method per model in fastpeft)."
         )
     return configs
 
 
-# ---------------------------------------------------------------------------------------------- peft.functional
+# -------------------------------------------------------------------------------------------- peft.functional
 def _holders(model: nn.Module, layer_cls: type | None):
     wanted = AdapterHolder if layer_cls is None else layer_cls
     return [m for m in model.modules() if isinstance(m, wanted) and isinstance(m, AdapterHolder)]
@@ -99,9 +104,10 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str], inference_mode:
 
 def delete_adapter(model: nn.Module, adapter_name: str, prefix: str | None = None,
                    layer_cls: type | None = None) -> list[str] | None:
-    """Remove `adapter_name` from every adapter layer of `model`; returns the active adapters left (of the first
-    layer that had it), None if no layer had it. `prefix` (the method's parameter prefix) is accepted for HF
-    PEFT's signature: fastpeft's layers know their own parameters. `model.peft_config` is left to the caller."""
+    """Remove `adapter_name` from every adapter layer of `model`; returns the active adapters left (of the
+    first layer that had it), None if no layer had it. `prefix` (the method's parameter prefix) is accepted
+    for HF PEFT's signature: fastpeft's layers know their own parameters. `model.peft_config` is left to the
+    caller."""
     remaining = None
     for holder in _holders(model, layer_cls):
         if adapter_name in holder.adapter_names():

@@ -1,8 +1,9 @@
 """`PeftModel`: a user's model plus adapters, with HF PEFT's methods (save / load / switch / merge).
 
-Method-agnostic: everything method-specific sits behind `self.tuner` (a layer method's Tuner, or PromptAdapters).
-For layer methods `base_model` is the tuner and `base_model.model` the user's model (hence the `base_model.model.`
-key prefix); for prompt methods `base_model` is the user's model itself, as in HF PEFT.
+Method-agnostic: everything method-specific sits behind `self.tuner` (a layer method's Tuner, or
+PromptAdapters). For layer methods `base_model` is the tuner and `base_model.model` the user's model (hence
+the `base_model.model.` key prefix); for prompt methods `base_model` is the user's model itself, as in HF
+PEFT.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def refuse_second_wrap(model: nn.Module) -> None:
     if has_adapters(model):
         raise ValueError(
             "This model already has adapters. To add another one use peft_model.add_adapter(name, config) "
-            "(or load_adapter(path, adapter_name=name)); to start over, call unload() or merge_and_unload() first."
+            "(or load_adapter(path, adapter_name=name)); to start over, call unload() or merge_and_unload() "
+            "first."
         )
 
 
@@ -84,8 +86,9 @@ def refuse_ephemeral_gpu_offload(enabled: bool) -> None:
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
     if is_trainable and config.is_prompt_learning:
         raise ValueError(
-            f"A saved {config.peft_type} adapter holds the encoder's output, not its trainable parts, so it cannot be "
-            "loaded with is_trainable=True (as in HF PEFT). Load it for inference, or train a new adapter."
+            f"A saved {config.peft_type} adapter holds the encoder's output, not its trainable parts, so it "
+            "cannot be loaded with is_trainable=True (as in HF PEFT). Load it for inference, or train a new "
+            "adapter."
         )
 
 
@@ -123,7 +126,8 @@ class PeftModel(PeftModelCompat, nn.Module):
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings + reentrant checkpointing would otherwise give the adapters no gradient
             model.enable_input_require_grads()
-        enable_trainer_support()  # transformers' Trainer / TRL: save and resume adapters (integrations/transformers.py)
+        # transformers' Trainer / TRL: save and resume adapters (integrations/transformers.py)
+        enable_trainer_support()
         checks.follow_base_mode(self)  # an eval model gets eval-mode adapters
 
     def __getattr__(self, name: str):
@@ -172,8 +176,9 @@ class PeftModel(PeftModelCompat, nn.Module):
         return self.tuner.model
 
     def _replicate_for_data_parallel(self):
-        """nn.DataParallel's replicas copy `__dict__`: rebind the per-instance `forward` (`_expose_base_signature`)
-        to the replica, else every replica would run the original module with the first device's weights."""
+        """nn.DataParallel's replicas copy `__dict__`: rebind the per-instance `forward`
+        (`_expose_base_signature`) to the replica, else every replica would run the original module with the
+        first device's weights."""
         replica = super()._replicate_for_data_parallel()
         bound = self.__dict__.get("forward")
         if isinstance(bound, types.MethodType) and bound.__self__ is self:
@@ -202,20 +207,24 @@ class PeftModel(PeftModelCompat, nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add a new (untrained, inactive) adapter. `autocast_adapter_dtype=False` keeps its weights in the dtype of
-        the layers they sit on (default: float16 / bfloat16 adapter weights are made float32, as HF PEFT)."""
+        """Add a new (untrained, inactive) adapter. `autocast_adapter_dtype=False` keeps its weights in the
+        dtype of the layers they sit on (default: float16 / bfloat16 adapter weights are made float32, as HF
+        PEFT)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a new name.")
+            raise ValueError(f"Adapter '{adapter_name}' already exists; delete_adapter it first or pick a "
+                             "new name.")
         if get_spec(peft_config.peft_type) is not get_spec(self.peft_type):  # one method per PeftModel
             raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model: one PeftModel holds "
-                "adapters of a single method type."
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model: one PeftModel "
+                "holds adapters of a single method type."
             )
         self._add_task_modules_to_save(peft_config)
-        with Transaction(self.get_base_model()):  # a method's inject_adapter may add steps after the generic ones
+        # a method's inject_adapter may add steps after the generic ones
+        with Transaction(self.get_base_model()):
             self.tuner.peft_config[adapter_name] = peft_config
-            self.tuner.inject_adapter(self.get_base_model(), adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+            self.tuner.inject_adapter(self.get_base_model(), adapter_name,
+                                      low_cpu_mem_usage=low_cpu_mem_usage,
                                       autocast_adapter_dtype=autocast_adapter_dtype)
         checks.follow_base_mode(self)
 
@@ -254,9 +263,10 @@ class PeftModel(PeftModelCompat, nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without adapters inside the `with` block. On exit, exception or not, the adapters are
-        enabled again and every parameter's requires_grad is what it was before (adapters the user froze, base
-        weights the user unfroze); a nested block leaves the adapters disabled until the outermost one ends."""
+        """Run the base model without adapters inside the `with` block. On exit, exception or not, the
+        adapters are enabled again and every parameter's requires_grad is what it was before (adapters the
+        user froze, base weights the user unfroze); a nested block leaves the adapters disabled until the
+        outermost one ends."""
         model_flags = flags_of(self)
         if model_flags.adapters_disabled:
             yield
@@ -287,15 +297,18 @@ class PeftModel(PeftModelCompat, nn.Module):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        selected_adapters: list[str] | None = None,
+                        save_embedding_layers: str | bool = "auto", is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
-        """Write each adapter's `adapter_config.json` + weights; non-default adapters go to `<dir>/<name>/`."""
+        """Write each adapter's `adapter_config.json` + weights; non-default adapters go to
+        `<dir>/<name>/`."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder.")
         convert = getattr(self.tuner, "converted_file_state", None)  # layer methods' Tuner only
         if path_initial_model_for_weight_conversion is not None and convert is None:
-            raise NotImplementedError(f"path_initial_model_for_weight_conversion does not apply to {self.peft_type}.")
+            raise NotImplementedError("path_initial_model_for_weight_conversion does not apply to "
+                                      f"{self.peft_type}.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -313,11 +326,15 @@ class PeftModel(PeftModelCompat, nn.Module):
             weights = io.SAFETENSORS_WEIGHTS_NAME if safe_serialization else io.WEIGHTS_NAME
             config_dict = self._config_for_file(name)
             if path_initial_model_for_weight_conversion is not None:
-                tensors, config_dict = convert(name, tensors, config_dict, path_initial_model_for_weight_conversion)
-            validate.check_write_target(save_directory, os.path.join(out_dir, weights))  # no symlinked folder out
+                tensors, config_dict = convert(name, tensors, config_dict,
+                                               path_initial_model_for_weight_conversion)
+            # no symlinked folder out
+            validate.check_write_target(save_directory, os.path.join(out_dir, weights))
             converted = path_initial_model_for_weight_conversion is not None
-            metadata = fingerprint.file_metadata(self, name, converted=converted, modules=modules)  # base fingerprint
-            jobs = [(os.path.join(out_dir, weights), io.weights_writer(tensors, safe_serialization, metadata)),
+            # base fingerprint
+            metadata = fingerprint.file_metadata(self, name, converted=converted, modules=modules)
+            writer = io.weights_writer(tensors, safe_serialization, metadata)
+            jobs = [(os.path.join(out_dir, weights), writer),
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]
             card = os.path.join(out_dir, "README.md")
             if not os.path.exists(card):  # never overwrite a card the user wrote
@@ -333,7 +350,8 @@ class PeftModel(PeftModelCompat, nn.Module):
         data = config.to_json_dict()
         if config.task_type is None:
             base_cls = type(self.get_base_model())
-            data["auto_mapping"] = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+            data["auto_mapping"] = {"base_model_class": base_cls.__name__,
+                                    "parent_library": base_cls.__module__}
         return data
 
     @classmethod
@@ -363,8 +381,8 @@ class PeftModel(PeftModelCompat, nn.Module):
             with checks.loading_file(), validate.file_errors(model_id):
                 peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage)
-            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, key_mapping=key_mapping,
-                                    low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                    key_mapping=key_mapping, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -376,9 +394,9 @@ class PeftModel(PeftModelCompat, nn.Module):
         Returns a LoadResult (missing / unexpected / shape-mismatched keys, per module in `.modules`).
         `strict=True` raises AdapterLoadError carrying that report unless the file fits exactly;
         `ignore_mismatched_sizes=True` skips tensors of another shape (as HF PEFT). A failed load leaves the
-        model exactly as it was (checkpoint/loading.py). `low_cpu_mem_usage=True` builds a new adapter on the meta
-        device and takes the file's tensors as its weights (no random init); `key_mapping` renames file keys
-        (`io.remap_file_keys`); `ephemeral_gpu_offload=True` is refused (not implemented).
+        model exactly as it was (checkpoint/loading.py). `low_cpu_mem_usage=True` builds a new adapter on the
+        meta device and takes the file's tensors as its weights (no random init); `key_mapping` renames file
+        keys (`io.remap_file_keys`); `ephemeral_gpu_offload=True` is refused (not implemented).
         """
         check_adapter_name(adapter_name)
         refuse_ephemeral_gpu_offload(ephemeral_gpu_offload)
@@ -390,16 +408,19 @@ class PeftModel(PeftModelCompat, nn.Module):
             config.inference_mode = not is_trainable
         with loading.all_or_nothing(self, model_id, hub_kwargs):
             if config is not None:
-                check_config_for_model(config, self.get_base_model(), model_id)  # sizes, before any allocation
+                # sizes, before any allocation
+                check_config_for_model(config, self.get_base_model(), model_id)
                 with checks.loading_file(), validate.file_errors(model_id):
                     self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
                                      autocast_adapter_dtype=autocast_adapter_dtype)
             fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
                                           strict=bool(rest.get("strict", False)), key_mapping=key_mapping,
                                           **hub_kwargs)
-            weights = io.load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=rest.get("strict", False),
-                                               ignore_mismatched_sizes=rest.get("ignore_mismatched_sizes", False))
+            weights = io.load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping,
+                                           **hub_kwargs)
+            result = set_peft_model_state_dict(
+                self, weights, adapter_name=adapter_name, strict=rest.get("strict", False),
+                ignore_mismatched_sizes=rest.get("ignore_mismatched_sizes", False))
         loading.warn_about(result, model_id, adapter_name)
         if not is_trainable:
             self.eval()

@@ -1,5 +1,6 @@
-"""`PeftModelCompat`: the parts of HF PEFT's `PeftModel` API that transformers' Trainer, TRL and user code call
-beyond saving / loading / switching: the model card, prompt read-outs, adapter state, checkpointing preparation.
+"""`PeftModelCompat`: the parts of HF PEFT's `PeftModel` API that transformers' Trainer, TRL and user code
+call beyond saving / loading / switching: the model card, prompt read-outs, adapter state, checkpointing
+preparation.
 
 A mixin of `PeftModel` (peft_model.py), method-agnostic like it: prompt methods are reached through
 `PromptAdapters` and their `PromptMethod`, layer methods through the tuner.
@@ -82,9 +83,9 @@ class PeftModelCompat:
         return tags
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
-        """Write `output_dir/README.md` for the active adapter, or complete the card already there (e.g. the one
-        transformers' Trainer writes): library_name `peft`, the adapter's tags and base model, fastpeft's section
-        (method, parameters, configuration) and its version. Running it again changes nothing."""
+        """Write `output_dir/README.md` for the active adapter, or complete the card already there (e.g. the
+        one transformers' Trainer writes): library_name `peft`, the adapter's tags and base model, fastpeft's
+        section (method, parameters, configuration) and its version. Running it again changes nothing."""
         from huggingface_hub import ModelCard
 
         from .tasks import PeftModelForCausalLM
@@ -106,31 +107,37 @@ class PeftModelCompat:
     # ------------------------------------------------------------------ adapter state
     @property
     def has_active_enabled_adapter(self) -> bool:
-        """Whether a forward call runs any adapter: False inside `disable_adapter()` or with no active adapter."""
+        """Whether a forward call runs any adapter: False inside `disable_adapter()` or with no active
+        adapter."""
         return not flags_of(self).adapters_disabled and bool(self.active_adapters)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
         """Make the inputs of `model` (the base model) require grad, so that reentrant checkpointing of frozen
         layers still reaches the adapters. Quantized models are left as they are (as HF PEFT: kbit preparation
         handles them)."""
-        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        quantised = ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")
+        if any(getattr(model, flag, False) for flag in quantised):
             return
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda _m, _i, output: output.requires_grad_(True))
+            model.get_input_embeddings().register_forward_hook(
+                lambda _m, _i, output: output.requires_grad_(True))
         else:
             raise TypeError(f"{type(model).__name__} has neither enable_input_require_grads nor "
-                            "get_input_embeddings: cannot make its inputs require grad for gradient checkpointing.")
+                            "get_input_embeddings: cannot make its inputs require grad for gradient "
+                            "checkpointing.")
 
     # ------------------------------------------------------------------ prompt methods
     def _prompt_parts(self, what: str, adapter_name: str):
         prompts = self.__dict__.get("_prompts")
         if prompts is None:
-            raise ValueError(f"{what} applies to prompt methods (prompt / prefix / p-tuning, ...); this model's "
-                             f"adapters are {self.peft_type}, which add layers instead of virtual tokens.")
+            raise ValueError(f"{what} applies to prompt methods (prompt / prefix / p-tuning, ...); this "
+                             f"model's adapters are {self.peft_type}, which add layers instead of virtual "
+                             "tokens.")
         if adapter_name not in prompts.peft_config:
-            raise ValueError(f"Unknown adapter '{adapter_name}'; loaded adapters: {sorted(prompts.peft_config)}.")
+            raise ValueError(f"Unknown adapter '{adapter_name}'; loaded adapters: "
+                             f"{sorted(prompts.peft_config)}.")
         config = prompts.peft_config[adapter_name]
         return prompts, prompts.method(adapter_name), prompts.encoders[adapter_name], config
 
@@ -139,13 +146,14 @@ class PeftModelCompat:
         prompts, *_ = self._prompt_parts("get_prompt_embedding_to_save", adapter_name)
         return prompts.extra_file_state(adapter_name)["prompt_embeddings"]
 
-    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None):
-        """The active adapter's virtual tokens for a batch: embeddings (batch, rows, dim) for embedding prompts, the
-        pre-filled key/value cache the base model takes for cache prompts (prefix tuning)."""
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None,
+                   max_cache_len: int | None = None):
+        """The active adapter's virtual tokens for a batch: embeddings (batch, rows, dim) for embedding
+        prompts, the pre-filled key/value cache the base model takes for cache prompts (prefix tuning)."""
         if max_cache_len is not None:
             raise NotImplementedError(
-                "get_prompt(max_cache_len=...) sized HybridCache prefixes for transformers < 4.56; fastpeft builds "
-                "a DynamicCache, which needs no length. Leave max_cache_len=None."
+                "get_prompt(max_cache_len=...) sized HybridCache prefixes for transformers < 4.56; fastpeft "
+                "builds a DynamicCache, which needs no length. Leave max_cache_len=None."
             )
         prompts, method, encoder, config = self._prompt_parts("get_prompt", self.active_adapter)
         if isinstance(method, EmbeddingPrompt):

@@ -42,7 +42,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config) -> dict[str, st
 
 def _key_map_and_tensors(model: nn.Module, adapter_name: str, config, modules: Modules
                          ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """`adapter_key_map` plus {model key: tensor} for the keys found on adapter holders (not the bias ones)."""
+    """`adapter_key_map` plus {model key: tensor} for the keys found on adapter holders (not the bias
+    ones)."""
     mapping: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules:
@@ -131,7 +132,8 @@ def file_state(model: nn.Module, adapter_name: str, modules: Modules, state_dict
     """`get_peft_model_state_dict` over `modules` (`model.named_modules()`, walked once by the caller)."""
     config = _config_of(model, adapter_name)
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
-    mapping.update({k: k for k in _embedding_keys(model, adapter_name, config, save_embedding_layers, modules)})
+    embeddings = _embedding_keys(model, adapter_name, config, save_embedding_layers, modules)
+    mapping.update({k: k for k in embeddings})
     source = state_dict if state_dict is not None else _model_tensors(model, tensors, mapping.values())
     out = {fk: source[mk].detach() for fk, mk in mapping.items() if mk in source}
     tuner = getattr(model, "tuner", None)
@@ -162,8 +164,8 @@ class ModuleLoadReport:
 
 @dataclass
 class LoadResult:
-    """Same fields as torch's `_IncompatibleKeys` (and iterates like it: missing, then unexpected keys), plus the
-    shape mismatches and every problem grouped by module path in `modules`."""
+    """Same fields as torch's `_IncompatibleKeys` (and iterates like it: missing, then unexpected keys), plus
+    the shape mismatches and every problem grouped by module path in `modules`."""
 
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
@@ -175,7 +177,8 @@ class LoadResult:
 
     @property
     def clean(self) -> bool:
-        """True when every adapter tensor was found in the file with the model's shape and nothing was left over."""
+        """True when every adapter tensor was found in the file with the model's shape and nothing was left
+        over."""
         return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
 
     def describe(self) -> str:
@@ -218,9 +221,9 @@ def _shape_error(result: LoadResult) -> AdapterShapeError:
                       for k, f, m in result.mismatched_keys)
     err = AdapterShapeError(
         f"{len(result.mismatched_keys)} adapter weight(s) have another shape in the file than in the model:\n"
-        f"{shown}\nThe adapter was trained for a different base "
-        "model (or a different r / rank_pattern). Nothing was loaded; load it onto the base model it was made "
-        "for, or pass ignore_mismatched_sizes=True to skip these tensors."
+        f"{shown}\nThe adapter was trained for a different base model (or a different r / rank_pattern). "
+        "Nothing was loaded; load it onto the base model it was made for, or pass "
+        "ignore_mismatched_sizes=True to skip these tensors."
     )
     err.report = result
     return err
@@ -228,7 +231,8 @@ def _shape_error(result: LoadResult) -> AdapterShapeError:
 
 def _adapter_tensors(modules: Modules, adapter_name: str):
     """Parameters and buffers whose key has `adapter_name` as one of its dotted parts (adapter layers, prompt
-    encoders, shared banks / projections): what a load into that adapter may write besides the file's targets."""
+    encoders, shared banks / projections): what a load into that adapter may write besides the file's
+    targets."""
     for prefix, module in modules:
         in_path = adapter_name in prefix and adapter_name in prefix.split(".")
         for store in (module._parameters, module._buffers):
@@ -263,10 +267,10 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     """Copy file tensors into the model's adapter `adapter_name`, all or nothing.
 
     Every shape is checked before anything is written. If a method's own hook or a write fails (or, with
-    `strict=True`, any key is missing, unexpected or mismatched) every tensor the load wrote gets its old value
-    back: the adapter's own tensors (kept before any method hook runs) and the base tensors the file maps to
-    (embeddings, biases). One transaction (core/transaction.py): inside a load it joins the load's, which copies
-    only tensors that outlive its rollback (an adapter the same load created is dropped anyway).
+    `strict=True`, any key is missing, unexpected or mismatched) every tensor the load wrote gets its old
+    value back: the adapter's own tensors (kept before any method hook runs) and the base tensors the file
+    maps to (embeddings, biases). One transaction (core/transaction.py): inside a load it joins the load's,
+    which copies only tensors that outlive its rollback (an adapter the same load created is dropped anyway).
     """
     tuner = getattr(model, "tuner", None)
     modules = list(model.named_modules())  # one walk for the copies and the key map
@@ -277,17 +281,19 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
                              modules)
 
 
-def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched: bool,
-                  strict: bool, tx: Transaction, modules: Modules) -> LoadResult:
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                  ignore_mismatched: bool, strict: bool, tx: Transaction, modules: Modules) -> LoadResult:
     tuner = getattr(model, "tuner", None)
     convert = getattr(tuner, "convert_loaded_state", None)
-    if convert is not None:  # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
+    # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
+    if convert is not None:
         state = convert(adapter_name, state, model)
         modules = list(model.named_modules())  # a hook may change the module tree
     config = _config_of(model, adapter_name)
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
     embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules) if k in state}
-    params = _model_tensors(model, tensors, [mk for fk, mk in mapping.items() if fk in state] + list(embeddings))
+    wanted = [mk for fk, mk in mapping.items() if fk in state] + list(embeddings)
+    params = _model_tensors(model, tensors, wanted)
     result = LoadResult(unexpected_keys=sorted(set(state) - set(mapping) - set(embeddings)))
     result.missing_keys = sorted(mk for fk, mk in mapping.items() if fk not in state)
     writes = []

@@ -2,13 +2,13 @@
 
 `all_or_nothing(model, source, hub_kwargs)` runs a load as one transaction (core/transaction.py) that records,
 before the load, what a load can change: every module's attributes (children, parameters, buffers, hooks,
-training flag, per-adapter dicts such as `r` / `scaling`), every parameter's `requires_grad`, the adapter configs
-and the prompt-method manager. If the load raises, all of that is put back: layers injected for a new adapter
-disappear (their parents get the original modules back), a `peft_config` attribute added to the user's model goes,
-flags come back. The steps inside the load join that transaction and declare what else they rewrite: the injection
-copies the base weights an init rewrites (`PeftConfig.rewrites_base_weights`), `set_peft_model_state_dict` the
-adapter tensors it fills. A load nested in another that already covers it (from_pretrained's load into the
-PeftModel it builds) records nothing again.
+training flag, per-adapter dicts such as `r` / `scaling`), every parameter's `requires_grad`, the adapter
+configs and the prompt-method manager. If the load raises, all of that is put back: layers injected for a new
+adapter disappear (their parents get the original modules back), a `peft_config` attribute added to the user's
+model goes, flags come back. The steps inside the load join that transaction and declare what else they
+rewrite: the injection copies the base weights an init rewrites (`PeftConfig.rewrites_base_weights`),
+`set_peft_model_state_dict` the adapter tensors it fills. A load nested in another that already covers it
+(from_pretrained's load into the PeftModel it builds) records nothing again.
 
 Errors that are not fastpeft's own (a method's loader failing, anything unforeseen) are re-raised as
 `AdapterLoadError` naming the adapter file; fastpeft's own errors and OS errors keep their type (they already
@@ -70,7 +70,8 @@ def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any]) -> It
         if any(_NOTE in note for note in getattr(err, "__notes__", ())):
             raise  # an inner load (from_pretrained -> load_adapter) already named the file
         source = io.where(model_id, hub_kwargs.get("subfolder"))
-        if isinstance(err, _KEEP_TYPE):  # names its file, or out of memory (callers retry on it): keep the type
+        # names its file, or out of memory (callers retry on it): keep the type
+        if isinstance(err, _KEEP_TYPE):
             err.add_note(f"({_NOTE} {source}; the model was left unchanged)")
             raise
         wrapped = _wrapped(err, adapter_file(model_id, hub_kwargs))
@@ -79,7 +80,8 @@ def all_or_nothing(model: nn.Module, model_id, hub_kwargs: dict[str, Any]) -> It
 
 
 # errors passed through with a note instead of becoming AdapterLoadError
-_KEEP_TYPE = (FastPeftError, OSError, MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+_KEEP_TYPE = (FastPeftError, OSError, MemoryError,
+              getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 def _wrapped(err: Exception, path: str) -> AdapterLoadError:
@@ -94,6 +96,7 @@ def _wrapped(err: Exception, path: str) -> AdapterLoadError:
 def warn_about(result, model_id, adapter_name: str) -> None:
     """Non-strict loads: log what did not fit, per module (as HF PEFT warns)."""
     if result.unexpected_keys:
-        logger.warning("Keys in %s not used by adapter '%s': %s", model_id, adapter_name, result.unexpected_keys)
+        logger.warning("Keys in %s not used by adapter "
+                       "'%s': %s", model_id, adapter_name, result.unexpected_keys)
     if result.missing_keys:
         logger.warning("Adapter weights missing from %s (left at init): %s", model_id, result.missing_keys)

@@ -1,8 +1,8 @@
 """Guards against training mistakes that HF PEFT lets pass silently (issue #9, items 2-5 and 8).
 
 Each guard either fixes the problem (and logs what it did) or stops with an error that names the problem and
-the fix. A few checks only warn by default; `strict()` (or FASTPEFT_STRICT=1) turns those warnings into errors.
-The switch lives in the process, never in adapter_config.json, so files stay identical to HF PEFT's.
+the fix. A few checks only warn by default; `strict()` (or FASTPEFT_STRICT=1) turns those warnings into
+errors. The switch lives in the process, never in adapter_config.json, so files stay identical to HF PEFT's.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from .flags import ModelFlags, flags_of
 
 logger = logging.getLogger(__name__)
 
-# ------------------------------------------------------------------------------------------ strict mode
+# ------------------------------------------------------------------------------------------------ strict mode
 _STRICT: ContextVar[bool | None] = ContextVar("fastpeft_strict", default=None)
 _LOADING_FILE: ContextVar[bool] = ContextVar("fastpeft_loading_file", default=False)
 
 
 def is_strict() -> bool:
-    """True inside `strict()`, after `set_strict(True)`, or with the environment variable FASTPEFT_STRICT=1."""
+    """True inside `strict()`, after `set_strict(True)`, or with the environment variable
+    FASTPEFT_STRICT=1."""
     value = _STRICT.get()
     if value is None:
         return os.environ.get("FASTPEFT_STRICT", "").strip().lower() in ("1", "true", "yes")
@@ -37,7 +38,8 @@ def is_strict() -> bool:
 
 
 def set_strict(enabled: bool = True) -> None:
-    """Process-wide (per context): make fastpeft's safety warnings errors (`enabled=True`) or warnings again."""
+    """Process-wide (per context): make fastpeft's safety warnings errors (`enabled=True`) or warnings
+    again."""
     _STRICT.set(bool(enabled))
 
 
@@ -53,7 +55,8 @@ def strict(enabled: bool = True):
 
 @contextmanager
 def loading_file():
-    """Marks config checks made while an adapter is loaded from a file (they warn there: the weights decide)."""
+    """Marks config checks made while an adapter is loaded from a file (they warn there: the weights
+    decide)."""
     token = _LOADING_FILE.set(True)
     try:
         yield
@@ -72,11 +75,12 @@ def warn_or_raise(message: str, error_cls: type[Exception] = AdapterConfigError)
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-# ------------------------------------------------------------------------------------------ item 3: 0 trainable
+# ------------------------------------------------------------------------------------------------ 0 trainable
 NO_TRAINABLE_NOTICE = (
     "WARNING: this model has NO trainable parameters, so training it changes nothing. An adapter loaded with "
-    "PeftModel.from_pretrained(..., is_trainable=False) (the default) is frozen: load it with is_trainable=True, "
-    "or call model.set_requires_grad(adapter_name) / model.set_adapter(adapter_name) to train it."
+    "PeftModel.from_pretrained(..., is_trainable=False) (the default) is frozen: load it with "
+    "is_trainable=True, or call model.set_requires_grad(adapter_name) / model.set_adapter(adapter_name) to "
+    "train it."
 )
 
 
@@ -89,20 +93,23 @@ def _check_something_trains(model) -> None:
     if getattr(model.tuner, "trainable_adapters", True) or _any_trainable(model):
         return
     raise AdapterStateError(
-        "Training forward on a model with 0 trainable parameters: the model is in train() mode with gradients "
-        f"enabled, but adapter(s) {sorted(model.peft_config)} are frozen (loaded with is_trainable=False?). To "
-        "train, load with PeftModel.from_pretrained(..., is_trainable=True) or call "
-        "model.set_requires_grad(adapter_name). For inference, call model.eval() or run under torch.no_grad()."
+        "Training forward on a model with 0 trainable parameters: the model is in train() mode with "
+        f"gradients enabled, but adapter(s) {sorted(model.peft_config)} are frozen (loaded with "
+        "is_trainable=False?). To train, load with PeftModel.from_pretrained(..., is_trainable=True) or call "
+        "model.set_requires_grad(adapter_name). For inference, call model.eval() or run under "
+        "torch.no_grad()."
     )
 
 
-# ------------------------------------------------------------------------------------------ item 2: checkpointing
+# ---------------------------------------------------------------------------------------------- checkpointing
 def _checkpointing(base: nn.Module, flags: ModelFlags) -> bool:
-    """transformers' own test (any submodule with `gradient_checkpointing` on), without its deprecation warning.
+    """transformers' own test (any submodule with `gradient_checkpointing` on), without its deprecation
+    warning.
 
-    Runs on every training forward: the modules that have the flag at all (the model and its decoder layers; what
-    `gradient_checkpointing_enable` sets) are found by one walk and kept in `flags`, so later calls read only those
-    (one walk over a 32-layer model with LoRA layers costs ~6 ms, reading the flags of its 33 modules ~10 us)."""
+    Runs on every training forward: the modules that have the flag at all (the model and its decoder layers;
+    what `gradient_checkpointing_enable` sets) are found by one walk and kept in `flags`, so later calls read
+    only those (one walk over a 32-layer model with LoRA layers costs ~6 ms, reading the flags of its 33
+    modules ~10 us)."""
     holders = flags.checkpoint_flags
     if holders is None:
         holders = flags.checkpoint_flags = [m for m in base.modules() if hasattr(m, "gradient_checkpointing")]
@@ -113,8 +120,9 @@ def ensure_input_grads(base: nn.Module, flags: ModelFlags) -> None:
     """With activation checkpointing on, make the embeddings' output require grad (once).
 
     Reentrant checkpointing gives no gradient to the parameters inside a checkpointed block when none of its
-    inputs requires grad, which is the case with frozen embeddings. transformers only fixes this for models whose
-    main input is `input_ids`; this covers the rest (vision, audio) and models checkpointed after wrapping.
+    inputs requires grad, which is the case with frozen embeddings. transformers only fixes this for models
+    whose main input is `input_ids`; this covers the rest (vision, audio) and models checkpointed after
+    wrapping.
     """
     enable = getattr(base, "enable_input_require_grads", None)
     done = ("_require_grads_hooks", "_require_grads_hook")  # what transformers 5, 4 record
@@ -150,12 +158,14 @@ def _watch_adapter_layers(model) -> None:
     adapted branch of a multimodal model, which is no reason to fail). Hooks only on these few forwards."""
     ran: list[bool] = []
     layers = getattr(model.tuner, "adapter_layers", None)
-    handles = [layer.register_forward_hook(lambda *_: ran.append(True)) for layer in layers()] if layers else []
+    handles = [layer.register_forward_hook(lambda *_: ran.append(True))
+               for layer in layers()] if layers else []
     flags_of(model).watch = (handles, ran)
 
 
 def stop_watching(model) -> list[bool]:
-    """Remove the hooks `before_training_forward` set; returns whether adapter layers ran (a non-empty list)."""
+    """Remove the hooks `before_training_forward` set; returns whether adapter layers ran (a non-empty
+    list)."""
     flags = flags_of(model)
     handles, ran = flags.watch or ((), [])
     flags.watch = None
@@ -171,7 +181,8 @@ def _grad_tensor(output) -> torch.Tensor | None:
     loss = output.get("loss") if isinstance(output, dict) else None
     if isinstance(loss, torch.Tensor) and loss.requires_grad:
         return loss
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    values = output.values() if isinstance(output, dict) else \
+        output if isinstance(output, (tuple, list)) else ()
     return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
 
 
@@ -180,12 +191,13 @@ def _trainable_adapter_parameters(model) -> list[torch.Tensor]:
     if layers is None:  # prompt methods: their encoder is the whole adapter, a frozen input never hides it
         return []
     names = getattr(model.tuner, "trainable_adapters", ())
-    return [p for layer in layers() for name in names for _, p in layer.adapter_parameters(name) if p.requires_grad]
+    return [p for layer in layers() for name in names
+            for _, p in layer.adapter_parameters(name) if p.requires_grad]
 
 
 def _graph_reaches(tensor: torch.Tensor, wanted: set[int]) -> bool:
-    """Does backward from `tensor` reach a leaf in `wanted` (ids)? A reentrant checkpoint node re-runs its block
-    in backward, hiding what is inside: reaching one counts as yes."""
+    """Does backward from `tensor` reach a leaf in `wanted` (ids)? A reentrant checkpoint node re-runs its
+    block in backward, hiding what is inside: reaching one counts as yes."""
     seen, stack = set(), [tensor.grad_fn]
     while stack:
         node = stack.pop()
@@ -199,31 +211,34 @@ def _graph_reaches(tensor: torch.Tensor, wanted: set[int]) -> bool:
 
 
 def check_output_graph(model, output):
-    """First training forward: the output must depend on some trainable adapter parameter (else the adapters get
-    no gradient, silently in HF PEFT: typically reentrant checkpointing over blocks whose inputs need no grad)."""
+    """First training forward: the output must depend on some trainable adapter parameter (else the adapters
+    get no gradient, silently in HF PEFT: typically reentrant checkpointing over blocks whose inputs need no
+    grad)."""
     ran = stop_watching(model)
     tensor = _grad_tensor(output)
     params = _trainable_adapter_parameters(model) if tensor is not None else []
     if not params:
         return output
     if not _graph_reaches(tensor, {id(p) for p in params}):
-        if not ran:  # no adapter layer ran: this batch skipped them (checked again on the next training forward)
+        # no adapter layer ran: this batch skipped them (checked again on the next training forward)
+        if not ran:
             if not flags_of(model).skip_logged:
                 flags_of(model).skip_logged = True
-                logger.warning("No adapter layer ran in this training forward: this batch gives the %d trainable "
-                               "adapter parameters no gradient.", len(params))
+                logger.warning("No adapter layer ran in this training forward: this batch gives the %d "
+                               "trainable adapter parameters no gradient.", len(params))
             return output
         raise AdapterStateError(
             f"This training forward's output does not depend on any of the {len(params)} trainable adapter "
-            "parameters, so backward would give them no gradient. Usual cause: reentrant activation checkpointing "
-            "(use_reentrant=True) over blocks whose inputs do not require grad (frozen embeddings). Fix: call "
-            "base_model.enable_input_require_grads(), or use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            "parameters, so backward would give them no gradient. Usual cause: reentrant activation "
+            "checkpointing (use_reentrant=True) over blocks whose inputs do not require grad (frozen "
+            "embeddings). Fix: call base_model.enable_input_require_grads(), or use "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}."
         )
     flags_of(model).graph_checked = True
     return output
 
 
-# ------------------------------------------------------------------------------------------ item 4: new heads
+# -------------------------------------------------------------------------------------------------- new heads
 _HEADS_BY_CLASS = (("ForSequenceClassification", ("score", "classifier")),
                    ("ForTokenClassification", ("score", "classifier")),
                    ("ForQuestionAnswering", ("qa_outputs",)),
@@ -242,9 +257,9 @@ def _embedding_names(model: nn.Module) -> set[str]:
 
 
 def _fresh_modules(model: nn.Module) -> list[str]:
-    """Modules transformers initialised instead of loading. transformers >= 5 flags every loaded parameter with
-    `_is_hf_initialized`; with no flag anywhere (built from a config, older transformers) fall back to the task
-    heads of the model's class."""
+    """Modules transformers initialised instead of loading. transformers >= 5 flags every loaded parameter
+    with `_is_hf_initialized`; with no flag anywhere (built from a config, older transformers) fall back to
+    the task heads of the model's class."""
     params = list(model.named_parameters())
     flags = [getattr(p, "_is_hf_initialized", False) is True for _, p in params]
     if any(flags):
@@ -260,36 +275,39 @@ def _saved(name: str, modules_to_save) -> bool:
 
 
 def check_new_heads(model: nn.Module, config) -> None:
-    """Warn (strict: raise) when freshly initialised modules would be neither trained nor saved with the adapter."""
-    fresh = [n for n in _fresh_modules(model) if n and not _saved(n, getattr(config, "modules_to_save", None))]
+    """Warn (strict: raise) when freshly initialised modules would be neither trained nor saved with the
+    adapter."""
+    saved = getattr(config, "modules_to_save", None)
+    fresh = [n for n in _fresh_modules(model) if n and not _saved(n, saved)]
     if not fresh:
         return
     kinds = {n: type(model.get_submodule(n)).__name__ for n in fresh}
     warn_or_raise(
-        f"Module(s) {kinds} of {type(model).__name__} are newly initialised (random, not loaded from a checkpoint) "
-        "but not in modules_to_save: they stay frozen at random values and are not saved with the adapter, so a "
-        f"reload gets different random values. Add them: modules_to_save={sorted(fresh)!r} (or set the config's "
-        "task_type, e.g. 'SEQ_CLS', which adds the classification head)."
+        f"Module(s) {kinds} of {type(model).__name__} are newly initialised (random, not loaded from a "
+        "checkpoint) but not in modules_to_save: they stay frozen at random values and are not saved with "
+        f"the adapter, so a reload gets different random values. Add them: modules_to_save={sorted(fresh)!r} "
+        "(or set the config's task_type, e.g. 'SEQ_CLS', which adds the classification head)."
     )
 
 
-# ------------------------------------------------------------------------------------------ item 5: empty tensors
+# ---------------------------------------------------------------------------------------------- empty tensors
 def refuse_empty_tensors(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Partitioned parameters (DeepSpeed ZeRO-3, FSDP without a full state dict) show up as shape-(0,) tensors.
-    (A matrix with a 0-sized dimension is real: AdaLoRA prunes whole layers to rank 0.)"""
+    """Partitioned parameters (DeepSpeed ZeRO-3, FSDP without a full state dict) show up as shape-(0,)
+    tensors. (A matrix with a 0-sized dimension is real: AdaLoRA prunes whole layers to rank 0.)"""
     empty = sorted(k for k, t in tensors.items() if t.dim() == 1 and t.numel() == 0)
     if not empty:
         return
     shown = empty[:8] + (["..."] if len(empty) > 8 else [])
     raise AdapterStateError(
-        f"Refusing to save adapter '{adapter_name}': {len(empty)} tensor(s) are empty placeholders (shape (0,)): {shown}. The "
-        "parameters are partitioned across processes (DeepSpeed ZeRO-3 / FSDP), so this process only sees "
-        "placeholders. Pass the gathered weights: save_pretrained(..., state_dict=trainer.accelerator."
-        "get_state_dict(model)) (Trainer does this), or gather them under deepspeed.zero.GatheredParameters."
+        f"Refusing to save adapter '{adapter_name}': {len(empty)} tensor(s) are empty placeholders (shape "
+        f"(0,)): {shown}. The parameters are partitioned across processes (DeepSpeed ZeRO-3 / FSDP), so this "
+        "process only sees placeholders. Pass the gathered weights: save_pretrained(..., "
+        "state_dict=trainer.accelerator.get_state_dict(model)) (Trainer does this), or gather them under "
+        "deepspeed.zero.GatheredParameters."
     )
 
 
-# ------------------------------------------------------------------------------------------ item 8: eval mode
+# -------------------------------------------------------------------------------------------------- eval mode
 def _tuner_modules(peft_model) -> Iterator[nn.Module]:
     yield peft_model
     if peft_model.base_model is not peft_model.get_base_model():

@@ -6,22 +6,22 @@ A change runs inside `with Transaction(model) as tx:` in three phases, in this o
 2. build: new objects that the model does not reach yet (adapter layers, file tensors);
 3. swap: the model is changed.
 Before a step changes something, it tells the open transaction how to take that back:
-- `tx.on_failure(step)`: an undo step, e.g. delete the adapter the change created, take back a merge. Steps run
-  last-in first-out.
+- `tx.on_failure(step)`: an undo step, e.g. delete the adapter the change created, take back a merge. Steps
+  run last-in first-out.
 - `tx.keep_values(tensors)`: tensors whose values the change may rewrite in place (the base weights of a
   base-rewriting init, the adapter tensors a state-dict write fills). Each is copied once and put back, also
   across the meta / real boundary or to its old shape (`swap_in`).
 - `Transaction(model, record_state=True)` (loads): the attributes of every module and of the given objects
-  (configs, a prompt-method manager), their containers and every parameter's requires_grad, recorded once before
-  anything runs (`ModelState`); a failure puts all of it back, so layers injected for a new adapter disappear
-  and flags come back. Tensors made after this record need no copy: the restored modules drop them.
+  (configs, a prompt-method manager), their containers and every parameter's requires_grad, recorded once
+  before anything runs (`ModelState`); a failure puts all of it back, so layers injected for a new adapter
+  disappear and flags come back. Tensors made after this record need no copy: the restored modules drop them.
 If the block raises (any exception, KeyboardInterrupt included), the steps run, the values come back, then the
 recorded state; the error goes on unchanged (a failing undo step adds a note to it).
 
 Nested transactions record nothing twice. A transaction opened while another covers its model joins it: its
 undo steps and copies go to the outermost one (`root`), which alone records module state; a tensor already
-copied, or made after the root's record, is not copied again. A joined transaction that fails takes back what it
-added itself at once (its caller may go on), and the root takes back the rest if the error reaches it. A
+copied, or made after the root's record, is not copied again. A joined transaction that fails takes back what
+it added itself at once (its caller may go on), and the root takes back the rest if the error reaches it. A
 transaction covers a model it was opened on, one whose modules its root recorded, and a wrapper (`PeftModel`)
 built during it around either: such a wrapper is never handed out when the change fails.
 """
@@ -95,7 +95,8 @@ class ModelState:
             if was_enabled:
                 gc.enable()
         self.ids = {id(state.obj) for state in self.objects}
-        # every parameter of the tree sits in some module's _parameters: no second walk (a shared one twice is fine)
+        # every parameter of the tree sits in some module's _parameters: no second walk (one shared is
+        # listed twice, which is harmless)
         self.grads = [(p, p.requires_grad) for state in self.objects
                       for p in state.attrs.get("_parameters", {}).values() if p is not None]
         # ids of the tensors held before the change (this record keeps them alive, so ids stay unique)
@@ -143,7 +144,8 @@ def _covers(outer: Transaction, model: nn.Module) -> bool:
         return False
     if state.holds(model):
         return True
-    get_base = getattr(model, "get_base_model", None)  # a wrapper built during `outer`, around what it recorded
+    # a wrapper built during `outer`, around what it recorded
+    get_base = getattr(model, "get_base_model", None)
     return callable(get_base) and (get_base() is outer.model or state.holds(get_base()))
 
 

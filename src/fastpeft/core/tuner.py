@@ -2,14 +2,13 @@
 
 Generic over methods: a method subclasses it to supply its layer dispatch (`dispatch`), per-target layer
 arguments and config preparation. Injection is one transaction (core/transaction.py): checks, then every new
-layer is built, then swapped in; a failure deletes the adapter from every holder (layers built for it give their
-base layers back) and puts back base weights an init rewrote, so the model is left as it was.
+layer is built, then swapped in; a failure deletes the adapter from every holder (layers built for it give
+their base layers back) and puts back base weights an init rewrote, so the model is left as it was.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -17,12 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, AdapterStateError, NoMatchingPeftModuleError
-from ..registry import registered
+from ..errors import AdapterStateError, NoMatchingPeftModuleError
 from . import target_checks, targeting, tying
 from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
+from .names import check_adapter_name
 from .seams import method_call_keywords
 from .transaction import Transaction
 
@@ -36,8 +35,8 @@ logger = logging.getLogger(__name__)
 def empty_parameters(enabled: bool, existing: nn.Module):
     """Trainable parameters created inside go to the meta device as they are registered, so the random init
     that follows in their module's constructor costs nothing. Parameters of `existing` (e.g. a bank shared by
-    all layers) and frozen ones (bookkeeping such as ranks, not stored in files) stay as they are. The patch of
-    `nn.Module.register_parameter` is process-wide while the layers are built (as accelerate's
+    all layers) and frozen ones (bookkeeping such as ranks, not stored in files) stay as they are. The patch
+    of `nn.Module.register_parameter` is process-wide while the layers are built (as accelerate's
     `init_empty_weights`): modules built on other threads meanwhile would get meta parameters too."""
     if not enabled:
         yield
@@ -57,38 +56,8 @@ def empty_parameters(enabled: bool, existing: nn.Module):
         nn.Module.register_parameter = original
 
 
-_ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
-RESERVED_ADAPTER_NAMES = ("__base__",)  # in mixed batches (adapter_names=[...]) such rows run without adapters
-
-
-def _clashing_prefix(name: str) -> str | None:
-    """The registered method parameter prefix (e.g. "lora_") that `name` starts with, if any."""
-    return next((spec.prefix for spec in registered().values() if spec.prefix and name.startswith(spec.prefix)), None)
-
-
-def check_adapter_name(name: str) -> None:
-    """Adapter names become folder names, nn.ModuleDict keys and state-dict key parts: letters, digits, '_' and '-'
-    only ('.' is refused too: torch refuses it in module names, so HF PEFT fails on it with a KeyError), not starting
-    with a method's parameter prefix (keys like `lora_A.lora_x.weight` would be ambiguous), not a reserved name."""
-    if not isinstance(name, str) or not _ADAPTER_NAME_RE.fullmatch(name):
-        raise AdapterNameError(
-            f"Invalid adapter name {name!r}: use a non-empty name of letters, digits, '_' or '-' only (no '/', "
-            "'\\\\', '.' or spaces), since the name is a sub-folder of the save directory, a module name and part of "
-            "state-dict keys."
-        )
-    if name in RESERVED_ADAPTER_NAMES:
-        raise AdapterNameError(f"Invalid adapter name {name!r}: it is reserved (an adapter_names entry {name!r} "
-                               "in a mixed batch means 'no adapter'); pick another name.")
-    prefix = _clashing_prefix(name)
-    if prefix is not None:
-        raise AdapterNameError(
-            f"Invalid adapter name {name!r}: it starts with {prefix!r}, the prefix of adapter parameter names, so "
-            f"state-dict keys could not tell the name from a parameter; rename it, e.g. to "
-            f"{name[len(prefix):] or 'adapter'!r}."
-        )
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module, parents: dict[str, nn.Module] | None = None) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module,
+                  parents: dict[str, nn.Module] | None = None) -> None:
     """`root.<name> = module`; `parents` (optional) caches parent lookups across many calls."""
     parent_name, _, child = name.rpartition(".")
     parent = parents.get(parent_name) if parents is not None else None
@@ -114,7 +83,8 @@ def _put_back_grads(grads: list[tuple[nn.Parameter, bool]]) -> None:
 
 def _set_training(module: nn.Module, mode: bool) -> None:
     """`module.train(mode)` with the same result as nn.Module.train, about 8x faster on adapter layers: plain
-    modules get their flag written straight (nn.Module.__setattr__ only stores a bool there, at ~2.5 us a call)."""
+    modules get their flag written straight (nn.Module.__setattr__ only stores a bool there, at ~2.5 us a
+    call)."""
     if type(module).train is not nn.Module.train:
         module.train(mode)
         return
@@ -173,7 +143,8 @@ class Tuner(nn.Module):
 
     def model_generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         # generate runs num_beams (or num_return_sequences) rows per sample, next to each other
-        beams = kwargs.get("num_beams") or getattr(getattr(self.model, "generation_config", None), "num_beams", 1)
+        generation_config = getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1)
         copies = beams if (beams or 1) > 1 else (kwargs.get("num_return_sequences") or 1)
         per_input = adapter_names  # an encoder-decoder's encoder sees each input row once
         if adapter_names is not None:
@@ -183,7 +154,8 @@ class Tuner(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # ---- per-call data for adapter layers (e.g. LoRA's aLoRA offsets): computed once per forward / generate
-    def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None, copies: int = 1) -> dict:
+    def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None,
+                     copies: int = 1) -> dict:
         """Values the adapter layers need for this call, from its arguments (pop the method's
         `call_keywords` from `kwargs`); `copies`: rows generate makes per input row. Layers read them as
         `layer.forward_context`. None by default."""
@@ -191,8 +163,9 @@ class Tuner(nn.Module):
 
     @contextmanager
     def forward_context(self, values: dict):
-        """Inside the block every adapter layer reads `forward_context` as `values` (the previous one is restored).
-        One write to the call state all holders share (see `bind_call_state`), whatever the number of layers."""
+        """Inside the block every adapter layer reads `forward_context` as `values` (the previous one is
+        restored). One write to the call state all holders share (see `bind_call_state`), whatever the number
+        of layers."""
         if not values:
             yield
             return
@@ -240,13 +213,15 @@ class Tuner(nn.Module):
 
     def convert_loaded_state(self, adapter_name: str, tensors: dict[str, torch.Tensor],
                              root: nn.Module) -> dict[str, torch.Tensor]:
-        """File tensors of `adapter_name` rewritten before loading (e.g. LoRA: v4 MoE layouts); keys as in `root`."""
+        """File tensors of `adapter_name` rewritten before loading (e.g. LoRA: v4 MoE layouts); keys as in
+        `root`."""
         return tensors
 
     def converted_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], config_dict: dict,
                              initial_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """Files of an adapter that changed the base weights, rewritten for the original base model (save_pretrained's
-        `path_initial_model_for_weight_conversion`; LoRA's PiSSA / OLoRA). Methods without such a form refuse."""
+        """Files of an adapter that changed the base weights, rewritten for the original base model
+        (save_pretrained's `path_initial_model_for_weight_conversion`; LoRA's PiSSA / OLoRA). Methods without
+        such a form refuse."""
         raise NotImplementedError(
             f"{type(self).__name__} cannot convert adapter '{adapter_name}' on save: "
             "path_initial_model_for_weight_conversion applies to adapters whose initialisation rewrote the "
@@ -281,10 +256,11 @@ class Tuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
-        """Build and insert the layers of `adapter_name`, all or nothing (core/transaction.py): checks, then every
-        new layer is built, then swapped in. `low_cpu_mem_usage`: adapter parameters are created on the meta
-        device (no memory, no random init) and get their values and device from the next load. `state_dict` (file
-        keys of the adapter about to be loaded): its modules are the targets, not the config's."""
+        """Build and insert the layers of `adapter_name`, all or nothing (core/transaction.py): checks, then
+        every new layer is built, then swapped in. `low_cpu_mem_usage`: adapter parameters are created on the
+        meta device (no memory, no random init) and get their values and device from the next load.
+        `state_dict` (file keys of the adapter about to be loaded): its modules are the targets, not the
+        config's."""
         check_adapter_name(adapter_name)
         with Transaction(model) as tx:
             created: list[tuple[str, AdapterLayer]] = []
@@ -317,17 +293,21 @@ class Tuner(nn.Module):
             targets = self.select_targets(model, config)
         finally:
             self._state_dict_modules = None
-        target_checks.check_targets(self, model, config, targets)  # unsupported types, entries matching nothing
+        # unsupported types, entries matching nothing
+        target_checks.check_targets(self, model, config, targets)
         return config, targets
 
     # methods whose other options refer to target_modules (IA3's feedforward_modules) keep the list as given
     condense_target_list = True
 
     def select_targets(self, model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
-        """(name, module) pairs that get the adapter; HF PEFT's target_modules rules unless a method overrides."""
+        """(name, module) pairs that get the adapter; HF PEFT's target_modules rules unless a method
+        overrides."""
         targets = getattr(config, "target_modules", None)
-        if self.condense_target_list and isinstance(targets, (list, set)) and len(targets) >= targeting.CONDENSE_FROM:
-            config.target_modules = targeting.condense_targets(set(targets), [n for n, _ in model.named_modules()])
+        if self.condense_target_list and isinstance(targets, (list, set)) \
+                and len(targets) >= targeting.CONDENSE_FROM:
+            names = [n for n, _ in model.named_modules()]
+            config.target_modules = targeting.condense_targets(set(targets), names)
         candidates = targeting.candidate_modules(model, (AdapterHolder,))
         targets = [(n, m) for n, m in candidates if targeting.is_target(config, n)]
         if self.__dict__.get("_state_dict_modules") is not None:
@@ -337,7 +317,8 @@ class Tuner(nn.Module):
         return targets
 
     def _modules_in(self, state_dict: dict) -> set[str]:
-        """Module names that own the adapter tensors of `state_dict` (keys like `blocks.0.to_q.lora_A.weight`)."""
+        """Module names that own the adapter tensors of `state_dict` (keys like
+        `blocks.0.to_q.lora_A.weight`)."""
         if not self.prefix:
             raise NotImplementedError(f"{type(self).__name__} cannot take its targets from a state_dict.")
         return {key.rsplit("." + self.prefix, 1)[0] for key in state_dict if "." + self.prefix in key}
@@ -348,11 +329,11 @@ class Tuner(nn.Module):
         targets = [(n, m) for n, m in candidates if n in names]
         unknown = sorted(names - {n for n, _ in candidates})
         if unknown:
-            raise ValueError(f"The state_dict holds adapter tensors for modules the model has not (or cannot adapt): "
-                             f"{unknown[:5]}. Pass the state_dict written for this model.")
+            raise ValueError(f"The state_dict holds adapter tensors for modules the model has not (or cannot "
+                             f"adapt): {unknown[:5]}. Pass the state_dict written for this model.")
         if {n for n, _ in targets} != {n for n, _ in from_config}:
-            logger.warning("The state_dict targets %d module(s), the config's target_modules %d; the state_dict's "
-                           "are used.", len(targets), len(from_config))
+            logger.warning("The state_dict targets %d module(s), the config's target_modules %d; the "
+                           "state_dict's are used.", len(targets), len(from_config))
         return targets
 
     def _build_layers(self, targets, adapter_name: str, config: PeftConfig,
@@ -391,18 +372,20 @@ class Tuner(nn.Module):
     def _no_target_message(self, config: PeftConfig, names: list[str]) -> str:
         close = targeting.close_matches(config, names)
         wanted = config.target_modules
-        shown = repr(sorted(wanted)[:10]) + ("..." if len(wanted) > 10 else "") if isinstance(wanted, set) else repr(
-            wanted)
+        shown = repr(wanted)
+        if isinstance(wanted, set):
+            shown = repr(sorted(wanted)[:10]) + ("..." if len(wanted) > 10 else "")
         return (
             f"target_modules={shown} matched no module of the model"
-            + (f" (after exclude_modules={config.exclude_modules!r})" if getattr(config, "exclude_modules", None)
-               else "")
+            + (f" (after exclude_modules={config.exclude_modules!r})"
+               if getattr(config, "exclude_modules", None) else "")
             + f". Module names that look close: {close}. Set target_modules to names (or dotted suffixes) of "
             "modules in model.named_modules(), a full-match regex string, or 'all-linear'."
         )
 
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
-        """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if autocast."""
+        """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if
+        autocast."""
         _set_training(layer, layer.get_base_layer().training)  # new dropout etc. follow the model's mode
         ref = getattr(layer, "placement_reference", None)  # e.g. a 4-bit layer's compute dtype (quant/bnb.py)
         ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
@@ -411,7 +394,8 @@ class Tuner(nn.Module):
         half = (torch.float16, torch.bfloat16)
         widen, floating = autocast and ref.dtype in half, ref.is_floating_point()
         for _, param in layer.adapter_parameters(adapter_name):
-            if param.is_meta:  # low_cpu_mem_usage: the dtype it would get below; values and device come on load
+            # low_cpu_mem_usage: the dtype it would get below; values and device come on load
+            if param.is_meta:
                 if floating and param.is_floating_point():
                     param.data = param.data.to(torch.float32 if widen else ref.dtype)
                 continue
@@ -421,7 +405,8 @@ class Tuner(nn.Module):
             old = param.data
             data = old.to(device=ref.device)
             if ref.is_floating_point() and data.is_floating_point():
-                # as HF PEFT: built in the base dtype, then widened, so a seed gives HF PEFT's exact init values
+                # as HF PEFT: built in the base dtype, then widened, so that a seed gives HF PEFT's exact
+                # initial values
                 data = data.to(ref.dtype)
                 if autocast and ref.dtype in half:
                     data = data.to(torch.float32)
@@ -461,7 +446,8 @@ class Tuner(nn.Module):
         holders = [holder for _, holder in self.holders()]
         for holder in holders:
             holder.set_adapter(active, trainable)
-        self.bind_call_state(holders)  # the layer set may have changed: new holders read this tuner's call state
+        # the layer set may have changed: new holders read this tuner's call state
+        self.bind_call_state(holders)
         for name in trainable:
             self.mark_extra_trainable(name, self.peft_config[name])
 
@@ -500,14 +486,16 @@ class Tuner(nn.Module):
 
     @contextmanager
     def mixed_batch(self, adapter_names: list[str] | None, encoder_names: list[str] | None = None):
-        """Inside the block every adapter layer runs sample i with adapter `adapter_names[i]`; layers inside an
-        encoder-decoder's encoder use `encoder_names` instead when given (generate: one row per input, not per beam)."""
+        """Inside the block every adapter layer runs sample i with adapter `adapter_names[i]`; layers inside
+        an encoder-decoder's encoder use `encoder_names` instead when given (generate: one row per input, not
+        per beam)."""
         if adapter_names is None:
             yield
             return
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: {sorted(self.peft_config)}.")
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; loaded: "
+                             f"{sorted(self.peft_config)}.")
         self._refuse_checkpointed_mixed_batch()
         state = self.call_state
         saved = state.names, state.encoder_names
@@ -518,16 +506,17 @@ class Tuner(nn.Module):
             state.names, state.encoder_names = saved
 
     def _refuse_checkpointed_mixed_batch(self) -> None:
-        """Activation checkpointing re-runs each block in backward, after the call has reset the per-row names:
-        the re-run would use the active adapter for every row (reentrant: silently wrong gradients)."""
+        """Activation checkpointing re-runs each block in backward, after the call has reset the per-row
+        names: the re-run would use the active adapter for every row (reentrant: silently wrong gradients)."""
         if not (self.model.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return
         if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
             raise AdapterStateError(
-                "adapter_names=[...] (a mixed batch) in a training forward with activation checkpointing on: the "
-                "checkpointed blocks are re-run in backward without the per-row adapter names, so the gradients "
-                "would be wrong. Train each adapter on its own batch (set_adapter), or turn checkpointing off "
-                "(model.gradient_checkpointing_disable()); for inference call model.eval() or use torch.no_grad()."
+                "adapter_names=[...] (a mixed batch) in a training forward with activation checkpointing on: "
+                "the checkpointed blocks are re-run in backward without the per-row adapter names, so the "
+                "gradients would be wrong. Train each adapter on its own batch (set_adapter), or turn "
+                "checkpointing off (model.gradient_checkpointing_disable()); for inference call model.eval() "
+                "or use torch.no_grad()."
             )
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -556,7 +545,8 @@ class Tuner(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self.check_mergeable()
         was_tied = tying.embeddings_tied(self.model)
-        tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)  # tied weights (core/tying.py)
+        # tied weights (core/tying.py)
+        tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)
         tying.record_untied_embeddings(self.model, was_tied)
         for layer in self._top_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -570,7 +560,8 @@ class Tuner(nn.Module):
         was_tied = tying.embeddings_tied(self.model)
         if merge:
             self.check_mergeable()
-            tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)  # tied weights (core/tying.py)
+            # tied weights (core/tying.py)
+            tying.untie_before_merge(self.model, self.adapter_layers(), adapter_names)
         holders = [(n, h) for n, h in self.holders() if not getattr(h, "nested", False)]
         if progressbar:
             from tqdm.auto import tqdm
@@ -579,8 +570,10 @@ class Tuner(nn.Module):
         for name, holder in reversed(list(holders)):
             set_submodule(self.model, name, holder.unloaded(merge, safe_merge=safe_merge,
                                                             adapter_names=adapter_names))
-        tying.record_untied_embeddings(self.model, was_tied)  # a merged export must not re-tie diverged weights
-        if self.model.__dict__.get("peft_config") is self.peft_config:  # as HF PEFT: no adapter config left on it
+        # a merged export must not re-tie diverged weights
+        tying.record_untied_embeddings(self.model, was_tied)
+        # as HF PEFT: no adapter config left on it
+        if self.model.__dict__.get("peft_config") is self.peft_config:
             del self.model.__dict__["peft_config"]
         return self.model
 

@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit (`Linear4bit`, nf4 / fp4, optional double quantisation) and 8-bit (`Linear8bitLt`) layers.
+"""bitsandbytes 4-bit (`Linear4bit`, nf4 / fp4, optional double quantisation) and 8-bit (`Linear8bitLt`)
+layers.
 
 bitsandbytes is imported only when a bitsandbytes object is handed in: layers and parameters are recognised by
 the module their class comes from, so fastpeft imports and runs without bitsandbytes installed.
@@ -8,13 +9,14 @@ Stable API (LoRA's quantised layers and other methods use these):
 - `bnb_kind(module)` / `param_kind(param)`: "4bit", "8bit" or None.
 - `logical_numel(param)`: the number of weights a parameter stands for (a 4-bit byte packs two).
 - `dequantize_weight(layer)`: the layer's weight as a dense (out, in) tensor.
-- `quantized_param(layer, weight)` / `dequantize_param(layer, param)` / `install_weight(layer, param)`: build a
-  quantised parameter in the layer's format from a dense weight, read one back, put one into the layer.
+- `quantized_param(layer, weight)` / `dequantize_param(layer, param)` / `install_weight(layer, param)`: build
+  a quantised parameter in the layer's format from a dense weight, read one back, put one into the layer.
 - `requantize_weight(layer, weight)`: the three above at once; returns the `QuantError` it caused.
 - `snapshot(layer)` / `restore(layer, saved)`: keep a layer's quantised weight and put it back bit-exactly.
 - `measure_error(target, achieved, delta)`: relative weight and output (random probe) errors.
 - `dense_linear(layer, weight)`: an `nn.Linear` holding `weight` and the layer's bias (dequantised copies).
-- `placement_reference(layer)`: a tensor whose device / dtype new adapter weights follow (4-bit: compute dtype).
+- `placement_reference(layer)`: a tensor whose device / dtype new adapter weights follow (4-bit: compute
+  dtype).
 - `merge_policy(...)` / `current_policy()` / `enforce(error, where)`: how lossy a merge into quantised weights
   may be (`DEFAULT_MAX_MERGE_ERROR` relative output error, `DEFAULT_MAX_ADAPTER_LOSS` of the adapter's own
   contribution) before it is refused with `LossyMergeError`.
@@ -39,12 +41,12 @@ logger = logging.getLogger(__name__)
 _LAYER_KINDS = {"Linear4bit": "4bit", "LinearFP4": "4bit", "LinearNF4": "4bit", "Linear8bitLt": "8bit"}
 _PARAM_KINDS = {"Params4bit": "4bit", "Int8Params": "8bit"}
 
-# A merge into 4-bit / 8-bit weights that moves the layer's output by more than this (relative to the output of
-# the unmerged adapter, on a random probe) is refused unless allowed. Requantising an nf4 / fp4 weight after
-# adding an update costs up to its grid error (~10 %); int8 well under 1 %.
+# A merge into 4-bit / 8-bit weights that moves the layer's output by more than this (relative to the output
+# of the unmerged adapter, on a random probe) is refused unless allowed. Requantising an nf4 / fp4 weight
+# after adding an update costs up to its grid error (~10 %); int8 well under 1 %.
 DEFAULT_MAX_MERGE_ERROR = 0.01
-# ... or that loses more than this share of the adapter's own contribution (4-bit grids are coarse: an update much
-# smaller than the grid step rounds away almost entirely, while the output error stays small).
+# ... or that loses more than this share of the adapter's own contribution (4-bit grids are coarse: an update
+# much smaller than the grid step rounds away almost entirely, while the output error stays small).
 DEFAULT_MAX_ADAPTER_LOSS = 0.5
 PROBE_ROWS = 64
 
@@ -54,7 +56,8 @@ def _from_bnb(cls: type) -> bool:
 
 
 def bnb_kind(module: nn.Module) -> str | None:
-    """'4bit' for bitsandbytes `Linear4bit` (and its nf4 / fp4 subclasses), '8bit' for `Linear8bitLt`, else None."""
+    """'4bit' for bitsandbytes `Linear4bit` (and its nf4 / fp4 subclasses), '8bit' for `Linear8bitLt`, else
+    None."""
     for cls in type(module).__mro__:
         if cls.__name__ in _LAYER_KINDS and _from_bnb(cls):
             return _LAYER_KINDS[cls.__name__]
@@ -68,8 +71,9 @@ def param_kind(param: torch.Tensor) -> str | None:
 
 
 def logical_numel(param: torch.Tensor) -> int:
-    """Number of parameters `param` stands for, counted as HF PEFT does: a `Params4bit` stores two 4-bit values per
-    byte of its storage dtype (numel * 2 * element size); DeepSpeed ZeRO-3 placeholders report `ds_numel`."""
+    """Number of parameters `param` stands for, counted as HF PEFT does: a `Params4bit` stores two 4-bit
+    values per byte of its storage dtype (numel * 2 * element size); DeepSpeed ZeRO-3 placeholders report
+    `ds_numel`."""
     count = param.numel()
     if count == 0 and hasattr(param, "ds_numel"):
         count = param.ds_numel
@@ -83,14 +87,16 @@ def import_bnb():
     try:
         import bitsandbytes
     except ImportError as err:  # pragma: no cover - a bnb layer exists, so bnb is importable
-        raise ImportError("This model has bitsandbytes layers; install bitsandbytes (pip install bitsandbytes).") from err
+        raise ImportError("This model has bitsandbytes layers; install bitsandbytes (pip install "
+                          "bitsandbytes).") from err
     return bitsandbytes
 
 
 def _require_kind(layer: nn.Module) -> str:
     kind = bnb_kind(layer)
     if kind is None:
-        raise TypeError(f"Expected a bitsandbytes Linear4bit / Linear8bitLt layer, got {type(layer).__name__}.")
+        raise TypeError("Expected a bitsandbytes Linear4bit / Linear8bitLt layer, got "
+                        f"{type(layer).__name__}.")
     return kind
 
 
@@ -101,8 +107,8 @@ def _packed_for_cpu(state) -> bool:
 
 def _standard_layout(param) -> tuple[torch.Tensor, object]:
     """(data, quant state) of a 4-bit parameter in bitsandbytes' standard layout. Its AVX512-BF16 CPU kernel
-    repacks weights on the first inference call (bfloat16 block scales); that layout is converted back on copies,
-    leaving the layer as it is (the conversion rewrites the state it is given)."""
+    repacks weights on the first inference call (bfloat16 block scales); that layout is converted back on
+    copies, leaving the layer as it is (the conversion rewrites the state it is given)."""
     if not _packed_for_cpu(param.quant_state):
         return param.data, param.quant_state
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -128,7 +134,8 @@ def _scales_8bit(layer: nn.Module, param) -> torch.Tensor:
     if scb is None and param is getattr(layer, "weight", None):
         scb = getattr(getattr(layer, "state", None), "SCB", None)
     if scb is None:
-        raise ValueError("This Linear8bitLt has no int8 scales (SCB): it is not quantised yet (move it to a device).")
+        raise ValueError("This Linear8bitLt has no int8 scales (SCB): it is not quantised yet (move it to a "
+                         "device).")
     return scb
 
 
@@ -161,8 +168,9 @@ def dense_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def placement_reference(layer: nn.Module) -> torch.Tensor:
-    """A tensor whose device and dtype adapter weights on `layer` should follow (HF PEFT's rule): an empty one in
-    a 4-bit layer's compute dtype when set, else the (integer) weight itself, which fixes only the device."""
+    """A tensor whose device and dtype adapter weights on `layer` should follow (HF PEFT's rule): an empty one
+    in a 4-bit layer's compute dtype when set, else the (integer) weight itself, which fixes only the
+    device."""
     compute = getattr(layer, "compute_dtype", None)
     weight = layer.weight
     return weight if compute is None else torch.empty(0, device=weight.device, dtype=compute)
@@ -170,8 +178,8 @@ def placement_reference(layer: nn.Module) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- requantising
 def quantized_param(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
-    """A new frozen quantised parameter in `layer`'s format (quant type, block size, double quantisation, storage
-    dtype; int8 threshold state) holding dense `weight` (out, in). `layer` is not modified."""
+    """A new frozen quantised parameter in `layer`'s format (quant type, block size, double quantisation,
+    storage dtype; int8 threshold state) holding dense `weight` (out, in). `layer` is not modified."""
     bnb, kind, old = import_bnb(), _require_kind(layer), layer.weight
     device = old.device
     if kind == "4bit":
@@ -188,7 +196,8 @@ def quantized_param(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
 
 
 def install_weight(layer: nn.Module, param: nn.Parameter) -> None:
-    """Make `param` (from `quantized_param`) the weight of `layer`, resetting bitsandbytes' cached int8 state."""
+    """Make `param` (from `quantized_param`) the weight of `layer`, resetting bitsandbytes' cached int8
+    state."""
     kind = _require_kind(layer)
     layer.weight = param
     if kind == "4bit":
@@ -239,7 +248,8 @@ def dense_linear(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype | No
     `dense_dtype(layer)`), on the layer's device, in the layer's train / eval mode."""
     dtype = dense_dtype(layer) if dtype is None else dtype
     bias = getattr(layer, "bias", None)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=dtype)
     with torch.no_grad():
         out.weight.copy_(weight.to(dtype))
         if bias is not None:
@@ -254,8 +264,8 @@ class QuantError:
     """How far a quantised weight is from the dense weight it should hold (all relative, Frobenius norms).
 
     weight: ||W_q - W|| / ||W||; output: ||X (W_q - W)^T|| / ||X W^T|| on a fixed random probe X;
-    adapter: ||X (W_q - W)^T|| / ||X D^T||, the error against the merged adapter's own update D (None: no D, or
-    D = 0).
+    adapter: ||X (W_q - W)^T|| / ||X D^T||, the error against the merged adapter's own update D (None: no D,
+    or D = 0).
     """
 
     weight: float
@@ -280,9 +290,10 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure_error(target: torch.Tensor, achieved: torch.Tensor, delta: torch.Tensor | None = None) -> QuantError:
-    """Errors of `achieved` against the intended dense weight `target` (both (out, in)); `delta`: the adapter's
-    update within `target`, to say how much of it was lost."""
+def measure_error(target: torch.Tensor, achieved: torch.Tensor,
+                  delta: torch.Tensor | None = None) -> QuantError:
+    """Errors of `achieved` against the intended dense weight `target` (both (out, in)); `delta`: the
+    adapter's update within `target`, to say how much of it was lost."""
     target, achieved = target.float(), achieved.to(target.device).float()
     diff = achieved - target
     probe = _probe(target.shape[1], target.device)
@@ -299,8 +310,8 @@ class MergePolicy:
 
     max_error: largest relative output error it may cause (against the unmerged adapter's outputs);
     max_adapter_loss: largest share of the adapter's own contribution it may lose (a small update can round
-    away entirely while the output error stays small); allow_lossy: merge anyway (the errors are still logged);
-    dequantize: merged layers become dense `nn.Linear` (nothing is requantised, nothing refused).
+    away entirely while the output error stays small); allow_lossy: merge anyway (the errors are still
+    logged); dequantize: merged layers become dense `nn.Linear` (nothing is requantised, nothing refused).
     """
 
     max_error: float = DEFAULT_MAX_MERGE_ERROR
@@ -325,9 +336,11 @@ def _checked_bound(option: str, value: float | None) -> float | None:
 
 
 @contextmanager
-def merge_policy(max_error: float | None = None, allow_lossy: bool | None = None, dequantize: bool | None = None,
+def merge_policy(max_error: float | None = None, allow_lossy: bool | None = None,
+                 dequantize: bool | None = None,
                  max_adapter_loss: float | None = None) -> Iterator[MergePolicy]:
-    """Within the block, merges into quantised layers follow the given settings (None: keep the current one)."""
+    """Within the block, merges into quantised layers follow the given settings (None: keep the current
+    one)."""
     changes = {"max_error": _checked_bound("max_merge_error", max_error),
                "max_adapter_loss": _checked_bound("max_adapter_loss", max_adapter_loss),
                "allow_lossy": allow_lossy, "dequantize": dequantize}
