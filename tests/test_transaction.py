@@ -57,7 +57,7 @@ def test_values_come_back_across_resizes_meta_and_interrupts():
     empty = nn.Parameter(torch.empty(4, device="meta"))
     with pytest.raises(KeyboardInterrupt):
         with Transaction(layer) as tx:
-            tx.keep_values([weight, bias, empty])
+            tx.keep_values([weight, bias, empty], device="cpu")  # a meta tensor is copied as meta
             with torch.no_grad():
                 weight.add_(1.0)
             swap_in(bias, torch.zeros(5))  # resized, as a method may resize a tensor for a file

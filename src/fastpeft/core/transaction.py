@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import contextvars
 import gc
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 _CONTAINERS = (dict, list, set)
 
@@ -207,7 +204,9 @@ class Transaction:
                 continue
             root.copied.add(key)
             data = tensor.detach()
-            root.values.append((tensor, data.clone() if device is None else data.to(device, copy=True)))
+            # a meta tensor has no values to move: its copy stays meta
+            copy = data.clone() if device is None or data.is_meta else data.to(device, copy=True)
+            root.values.append((tensor, copy))
 
     # ---- taking back
     def _roll_back(self, exc: BaseException | None) -> None:
