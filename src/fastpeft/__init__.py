@@ -194,7 +194,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "AdaLoraCallback":  # a transformers TrainerCallback: transformers is imported on first use only
+    # a transformers TrainerCallback: transformers is imported on first use only
+    if name == "AdaLoraCallback":
         from .methods.adalora import AdaLoraCallback
 
         return AdaLoraCallback

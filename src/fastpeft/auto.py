@@ -24,19 +24,22 @@ class _BaseAutoPeftModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, revision: str | None = None,
-                        import_allowlist: list[str] | None = None, **kwargs: Any) -> PeftModel:
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        revision: str | None = None, import_allowlist: list[str] | None = None,
+                        **kwargs: Any) -> PeftModel:
         """Load the base model the adapter names, then the adapter. Remote code (the base's or the adapter
-        tokenizer's) runs only with an explicit `trust_remote_code=True`; a config's `auto_mapping` may only import
-        packages in `import_allowlist` (default: diffusers, lerobot, megatron-core, transformers), as HF PEFT."""
+        tokenizer's) runs only with an explicit `trust_remote_code=True`; a config's `auto_mapping` may only
+        import packages in `import_allowlist` (default: diffusers, lerobot, megatron-core, transformers), as
+        HF PEFT."""
         hub_kwargs, model_kwargs = io.split_hub_kwargs(kwargs)
         peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path, revision=revision,
                                                            **hub_kwargs)
         base_path = peft_config.base_model_name_or_path
         if not base_path:
             raise ValueError(
-                f"The adapter at {pretrained_model_name_or_path} names no base model (base_model_name_or_path is "
-                "empty): load the base yourself and use PeftModel.from_pretrained(base, path)."
+                f"The adapter at {pretrained_model_name_or_path} names no base model "
+                "(base_model_name_or_path is empty): load the base yourself and use "
+                "PeftModel.from_pretrained(base, path)."
             )
         task = getattr(peft_config.task_type, "value", peft_config.task_type)
         if cls._task_type is not None and task != cls._task_type:
@@ -55,7 +58,8 @@ class _BaseAutoPeftModel:
                                         is_trainable=is_trainable, config=peft_config, **hub_kwargs)
 
     @classmethod
-    def _base_class(cls, peft_config: PeftConfig, task: str | None, import_allowlist: list[str] | None = None):
+    def _base_class(cls, peft_config: PeftConfig, task: str | None,
+                    import_allowlist: list[str] | None = None):
         import transformers
 
         if cls._target_class is not None:

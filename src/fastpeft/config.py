@@ -47,25 +47,28 @@ class PeftConfig:
 
     task_type: str | TaskType | None = field(default=None, metadata={"help": "The model head, see TaskType."})
     peft_type: str | PeftType | None = field(default=None, metadata={"help": "The adapter method."})
-    auto_mapping: dict | None = field(default=None, metadata={"help": "Base class to rebuild a custom model."})
+    auto_mapping: dict | None = field(default=None,
+                                      metadata={"help": "Base class to rebuild a custom model."})
     peft_version: str | None = field(default=None, metadata={"help": "File-format version, filled on save."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "The base model."})
     revision: str | None = field(default=None, metadata={"help": "The base model's revision."})
     inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter (no training)."})
 
-    # the method's PeftType value, set on a method's config class by `registry.register` from its MethodSpec, so
-    # that a method states its type in one place; None on the generic base classes
+    # the method's PeftType value, set on a method's config class by `registry.register` from its MethodSpec,
+    # so that a method states its type in one place; None on the generic base classes
     PEFT_TYPE: ClassVar[str | None] = None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # as HF PEFT: `peft_type` is a PeftType member (transformers reads `config.peft_type.value`), whether a
-        # method's config sets it or a file gives the string
-        if name == "peft_type" and isinstance(value, str) and not isinstance(value, PeftType) and value in _PEFT_TYPES:
+        # as HF PEFT: `peft_type` is a PeftType member (transformers reads `config.peft_type.value`), whether
+        # a method's config sets it or a file gives the string
+        if (name == "peft_type" and isinstance(value, str) and not isinstance(value, PeftType)
+            and value in _PEFT_TYPES):
             value = PeftType(value)
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
-        if type(self).PEFT_TYPE is not None:  # wins over a passed value (from_dict refuses another type's file)
+        # wins over a passed value (from_dict refuses another type's file)
+        if type(self).PEFT_TYPE is not None:
             self.peft_type = type(self).PEFT_TYPE
         if self.task_type is not None and self.task_type not in {t.value for t in TaskType}:
             raise ValueError(
@@ -85,8 +88,9 @@ class PeftConfig:
 
     @property
     def rewrites_base_weights(self) -> bool:
-        """Whether injection changes the base model's weights or modules (e.g. LoRA's PiSSA init): loading then
-        backs the base weights up, and no base-model fingerprint is saved. Methods that do override this."""
+        """Whether injection changes the base model's weights or modules (e.g. LoRA's PiSSA init): loading
+        then backs the base weights up, and no base-model fingerprint is saved. Methods that do override
+        this."""
         return False
 
     @property
@@ -141,8 +145,8 @@ class PeftConfig:
         found = _jsonable(data.get("peft_type"))
         if declared is not None and found not in (None, declared):
             raise ValueError(
-                f"This config is for peft_type {found!r}, not {declared!r}; load it with PeftConfig.from_pretrained "
-                f"or the matching config class instead of {cls.__name__}."
+                f"This config is for peft_type {found!r}, not {declared!r}; load it with "
+                f"PeftConfig.from_pretrained or the matching config class instead of {cls.__name__}."
             )
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
@@ -164,11 +168,13 @@ class PeftConfig:
         """Load `adapter_config.json` from a folder or Hub repo id; extra kwargs override its fields."""
         hub_kwargs, overrides = io.split_hub_kwargs(kwargs)
         validate.check_subfolder(subfolder)
-        path = io.resolve_file(pretrained_model_name_or_path, io.CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        path = io.resolve_file(pretrained_model_name_or_path, io.CONFIG_NAME,
+                               subfolder=subfolder, **hub_kwargs)
         if path is None:
             raise io.AdapterFileNotFoundError(
                 f"Can't find '{io.CONFIG_NAME}' at '{io.where(pretrained_model_name_or_path, subfolder)}'. "
-                "Pass a folder written by save_pretrained (fastpeft or HF PEFT) or a Hub repo id of an adapter."
+                "Pass a folder written by save_pretrained (fastpeft or HF PEFT) or a Hub "
+                "repo id of an adapter."
             )
         data = {**validate.read_config_json(path), **overrides}
         with validate.file_errors(path):  # a malformed file raises AdapterConfigError naming it, nothing else

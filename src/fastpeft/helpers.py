@@ -1,7 +1,7 @@
 """HF PEFT's module path `peft.helpers` (code: core/input_casting.py, core/adapter_scale.py, config.py).
 
-diffusers imports `disable_input_dtype_casting` when it loads (its layerwise casting wraps each adapter layer's
-forward in it)."""
+diffusers imports `disable_input_dtype_casting` when it loads (its layerwise casting wraps each adapter
+layer's forward in it)."""
 
 from .config import PeftConfig
 from .core.adapter_scale import rescale_adapter_scale

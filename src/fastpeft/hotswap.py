@@ -86,7 +86,8 @@ def _holders(model: nn.Module, adapter_name: str):
 
 
 def _pattern_keys(model: nn.Module) -> dict[int, str]:
-    """id(layer) -> module name used for rank / alpha patterns (a nested layer uses its owner's, as on injection)."""
+    """id(layer) -> module name used for rank / alpha patterns (a nested layer uses its owner's, as on
+    injection)."""
     keys: dict[str, str] = {}
     out: dict[int, str] = {}
     for name, module in model.named_modules():
@@ -102,27 +103,30 @@ def _check_present(model: nn.Module, adapter_name: str) -> None:
         loaded = sorted(set(_configs(model)) | {n for m in model.modules() if isinstance(m, AdapterHolder)
                                                 for n in m.adapter_names()})
         raise ValueError(
-            f"No adapter named '{adapter_name}' is loaded (loaded: {loaded}). Hot-swapping replaces the weights of "
-            "an adapter already in the model: load the first one (PeftModel.from_pretrained / load_adapter), then "
-            "hot-swap into that name.")
-    merged = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters]
+            f"No adapter named '{adapter_name}' is loaded (loaded: {loaded}). Hot-swapping replaces the "
+            "weights of an adapter already in the model: load the first one (PeftModel.from_pretrained / "
+            "load_adapter), then hot-swap into that name.")
+    merged = [n for n, m in model.named_modules()
+              if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters]
     if merged:
-        raise ValueError(f"Adapter '{adapter_name}' is merged into the base weights (e.g. '{merged[0]}'); call "
-                         "unmerge_adapter() before hot-swapping, or the unmerge would subtract the wrong weights.")
+        raise ValueError(
+            f"Adapter '{adapter_name}' is merged into the base weights (e.g. '{merged[0]}'); call "
+            "unmerge_adapter() before hot-swapping, or the unmerge would subtract the wrong weights.")
 
 
 def check_hotswap_configs_compatible(config0: PeftConfig, config1: PeftConfig) -> None:
     """Raise ValueError when the loaded adapter's config (`config0`) and the new one's cannot be swapped."""
     type0, type1 = (getattr(c.peft_type, "value", c.peft_type) for c in (config0, config1))
     if type0 != type1:
-        raise ValueError(f"Cannot hot-swap a {type1} adapter into a {type0} adapter; load it with load_adapter() "
-                         "under a new name instead.")
+        raise ValueError(f"Cannot hot-swap a {type1} adapter into a {type0} adapter; load it with "
+                         "load_adapter() under a new name instead.")
     for key, why in _rule(type0).config_keys:
         old, new = getattr(config0, key, None), getattr(config1, key, None)
         if old != new:
             raise ValueError(
-                f"Cannot hot-swap: {key}={old!r} for the loaded adapter but {new!r} for the new one ({why}). Swap "
-                f"only adapters trained with the same {key}, or load this one with load_adapter() under a new name.")
+                f"Cannot hot-swap: {key}={old!r} for the loaded adapter but {new!r} for the new one ({why}). "
+                f"Swap only adapters trained with the same {key}, or load this one with "
+                "load_adapter() under a new name.")
 
 
 # ---------------------------------------------------------------------------------------------- rank padding
@@ -167,12 +171,12 @@ def _needs_padding(where: str, adapter: str, param: torch.Tensor, geo, target_ra
     dim, blocks, per_unit = geo
     groups = max(blocks, per_unit)
     if target_rank % groups:
-        raise ValueError(f"target_rank={target_rank} is not divisible by the groups ({groups}) of the grouped "
-                         f"convolution '{where}'; pick a multiple of {groups}.")
+        raise ValueError(f"target_rank={target_rank} is not divisible by the groups ({groups}) of the "
+                         f"grouped convolution '{where}'; pick a multiple of {groups}.")
     rank = param.shape[dim] * per_unit
     if rank > target_rank:
-        raise ValueError(f"target_rank={target_rank} is smaller than the rank {rank} of adapter '{adapter}' at "
-                         f"'{where}'. Pass the largest rank among the adapters you will hot-swap in.")
+        raise ValueError(f"target_rank={target_rank} is smaller than the rank {rank} of adapter '{adapter}' "
+                         f"at '{where}'. Pass the largest rank among the adapters you will hot-swap in.")
     return rank < target_rank
 
 
@@ -222,9 +226,9 @@ def _check_compiled_arg(model: nn.Module, check_compiled: str) -> None:
         raise ValueError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}.")
     if not _is_compiled(model) or check_compiled == "ignore":
         return
-    message = ("prepare_model_for_compiled_hotswap was called on a model that is already compiled: padding and "
-               "tensor scalings change what the graph was traced with, so it will recompile. Call it after loading "
-               "the first adapter and before torch.compile.")
+    message = ("prepare_model_for_compiled_hotswap was called on a model that is already compiled: padding "
+               "and tensor scalings change what the graph was traced with, so it will recompile. Call it "
+               "after loading the first adapter and before torch.compile.")
     if check_compiled == "error":
         raise ValueError(message)
     warnings.warn(message, stacklevel=3)
@@ -236,9 +240,10 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
     """Make later hot-swaps recompilation-free: call after loading the first adapter, before `torch.compile`.
 
     Per-layer scalings become 0-dim tensors (new alphas / ranks are written into them), and with `target_rank`
-    every adapter's A / B are zero-padded to that rank (outputs unchanged), so any adapter of rank <= target_rank
-    swaps in without a shape change. `config` (one config or a dict of them) gets `r` / `rank_pattern` set to
-    `target_rank`. `check_compiled`: 'error' (default), 'warn' or 'ignore' when the model is already compiled.
+    every adapter's A / B are zero-padded to that rank (outputs unchanged), so any adapter of rank
+    <= target_rank swaps in without a shape change. `config` (one config or a dict of them) gets `r`
+    / `rank_pattern` set to `target_rank`. `check_compiled`: 'error' (default), 'warn' or 'ignore' when the
+    model is already compiled.
     """
     _check_compiled_arg(model, check_compiled)
     inner = _unwrap(model)
@@ -246,8 +251,8 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
         raise ValueError(f"target_rank must be a positive int, got {target_rank!r}.")
     plan = _padding_plan(inner, target_rank) if target_rank is not None else []
     if not _settings_to_tensors(inner):
-        raise ValueError("No LoRA layers found in the model: call prepare_model_for_compiled_hotswap after loading "
-                         "the first adapter (and before compiling and hot-swapping).")
+        raise ValueError("No LoRA layers found in the model: call prepare_model_for_compiled_hotswap after "
+                         "loading the first adapter (and before compiling and hot-swapping).")
     for layer, local_key, param, geo in plan:
         _pad(layer, local_key, param, geo, target_rank)
     if config and target_rank is not None:
@@ -283,10 +288,10 @@ def _resolve_keys(model: nn.Module, state_dict: dict, adapter_name: str) -> dict
     if unexpected:
         shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
         raise RuntimeError(
-            f"Hot-swap failed, nothing was changed: the new adapter has weights that adapter '{adapter_name}' lacks "
-            f"({len(unexpected)}: {shown}). It targets other modules (or another base model); hot-swapping cannot "
-            "add layers. Load it with load_adapter() under a new name, or load first an adapter whose "
-            "target_modules include these modules.")
+            "Hot-swap failed, nothing was changed: the new adapter has weights that adapter "
+            f"'{adapter_name}' lacks ({len(unexpected)}: {shown}). It targets other modules (or another base "
+            "model); hot-swapping cannot add layers. Load it with load_adapter() under a new name, or load "
+            "first an adapter whose target_modules include these modules.")
     if not resolved:
         raise ValueError(f"The state dict holds no weights of adapter '{adapter_name}'; nothing was swapped.")
     return resolved
@@ -309,16 +314,18 @@ def _plan_tensor(plan: _SwapPlan, rule: SwapRule, holder, local_key: str, param,
         a == b for i, (a, b) in enumerate(zip(value.shape, param.shape)) if i != dim)
     if not others_match:
         raise ValueError(
-            f"Hot-swap failed, nothing was changed: '{key}' has shape {tuple(value.shape)} in the new adapter but "
-            f"{tuple(param.shape)} in the model, so it was made for a different base model or layer type.")
+            f"Hot-swap failed, nothing was changed: '{key}' has shape {tuple(value.shape)} in the new "
+            f"adapter but {tuple(param.shape)} in the model, so it was made for a different base "
+            "model or layer type.")
     if value.shape[dim] < param.shape[dim]:
         plan.embeds.append((param, value, dim, geo[1]))
     elif _is_padded(rule, holder, adapter_name):
         new_rank, cur_rank = value.shape[dim] * geo[2], param.shape[dim] * geo[2]
         raise ValueError(
-            f"Hot-swap failed, nothing was changed: '{key}' has rank {new_rank}, larger than the rank {cur_rank} the "
-            "model holds after prepare_model_for_compiled_hotswap. Call prepare_model_for_compiled_hotswap with "
-            f"target_rank >= {new_rank} (the largest rank you will swap in) before compiling.")
+            f"Hot-swap failed, nothing was changed: '{key}' has rank {new_rank}, larger than the rank "
+            f"{cur_rank} the model holds after prepare_model_for_compiled_hotswap. Call "
+            f"prepare_model_for_compiled_hotswap with target_rank >= {new_rank} (the largest rank you will "
+            "swap in) before compiling.")
     else:  # not prepared for compilation: the tensor may grow (same Parameter object, new storage)
         plan.replaces.append((holder, local_key, param, value.clone()))
 
@@ -367,12 +374,13 @@ def _apply(plan: _SwapPlan) -> None:
 
 def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str,
                                     config: PeftConfig, parameter_prefix: str = "lora_") -> None:
-    """Write `state_dict` (keys as in the model or as in adapter files) into the loaded adapter `adapter_name`.
+    """Write `state_dict` (keys as in the model or as in adapter files) into the loaded adapter
+    `adapter_name`.
 
-    `config` is the new adapter's config (its rank / alpha give the new scaling). Modules the new adapter does not
-    cover get a zero update. Raises, leaving the model unchanged, if the adapter is missing or merged, the weights
-    target other modules, or a rank exceeds the padded rank. `parameter_prefix` is accepted for HF PEFT
-    compatibility; keys are matched through the layers' declared parameters.
+    `config` is the new adapter's config (its rank / alpha give the new scaling). Modules the new adapter does
+    not cover get a zero update. Raises, leaving the model unchanged, if the adapter is missing or merged, the
+    weights target other modules, or a rank exceeds the padded rank. `parameter_prefix` is accepted for HF
+    PEFT compatibility; keys are matched through the layers' declared parameters.
     """
     inner = _unwrap(model)
     _check_present(inner, adapter_name)
@@ -384,9 +392,10 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     _apply(plan)
 
 
-def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str, torch_device: str | None = None,
-                    **kwargs) -> None:
-    """Replace the weights (and scaling) of loaded adapter `adapter_name` with those saved at `model_name_or_path`.
+def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str,
+                    torch_device: str | None = None, **kwargs) -> None:
+    """Replace the weights (and scaling) of loaded adapter `adapter_name` with those saved at
+    `model_name_or_path`.
 
     The adapter keeps its name, parameters and modules; compiled models need no recompilation when ranks and
     alphas match (or after `prepare_model_for_compiled_hotswap`). kwargs go to the config / weight loading

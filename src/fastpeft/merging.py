@@ -1,7 +1,7 @@
 """Task-vector merging: combine same-shaped tensors of several tasks into one, with per-task weights.
 
-Pure functions (no model state): `linear`, `magnitude_prune`, `ties`, `dare_linear`, `dare_ties`, picked by name
-through `MERGE_METHODS`. The math follows TIES-Merging (Yadav et al. 2023) and DARE (Yu et al. 2023).
+Pure functions (no model state): `linear`, `magnitude_prune`, `ties`, `dare_linear`, `dare_ties`, picked by
+name through `MERGE_METHODS`. The math follows TIES-Merging (Yadav et al. 2023) and DARE (Yu et al. 2023).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ Weights = Sequence[float] | torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- pruning
 def magnitude_keep_top(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023), step 1 "trim": keep the int(density * n) largest |values|, zero the rest."""
+    """TIES-Merging (Yadav et al. 2023), step 1 "trim": keep the int(density * n) largest |values|, zero the
+    rest."""
     keep = int(density * tensor.numel())
     flat_mask = torch.zeros_like(tensor).reshape(-1)
     flat_mask[torch.topk(tensor.abs().reshape(-1), k=keep, largest=True).indices] = 1
@@ -33,7 +34,8 @@ def random_drop_rescale(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density <= 0:
         raise ValueError(
-            f"DARE needs density > 0 (it rescales kept values by 1 / density), got {density}; pass density in (0, 1]."
+            f"DARE needs density > 0 (it rescales kept values by 1 / density), got {density}; "
+            "pass density in (0, 1]."
         )
     mask = torch.bernoulli(torch.full_like(tensor, fill_value=density))
     return tensor * mask / density
@@ -85,7 +87,8 @@ def majority_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Te
 
 
 def disjoint_mean(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023), step 3 "disjoint merge": mean over the tasks that agree with the sign."""
+    """TIES-Merging (Yadav et al. 2023), step 3 "disjoint merge": mean over the tasks that agree with the
+    sign."""
     agreeing = mask.sum(dim=0)
     return (weighted * mask).sum(dim=0) / torch.clamp(agreeing, min=1.0)
 
@@ -95,7 +98,8 @@ def _weights_like(stacked: torch.Tensor, weights: Weights) -> torch.Tensor:
     """Per-task weights as a float32 tensor broadcastable against the stacked tasks (dim 0)."""
     w = weights if isinstance(weights, torch.Tensor) else torch.tensor(list(weights), dtype=torch.float32)
     if w.numel() != stacked.shape[0]:
-        raise ValueError(f"Got {w.numel()} weights for {stacked.shape[0]} task tensors; give one weight per task.")
+        raise ValueError(
+            f"Got {w.numel()} weights for {stacked.shape[0]} task tensors; give one weight per task.")
     return w.to(stacked.device).reshape((-1,) + (1,) * (stacked.dim() - 1))
 
 
@@ -126,10 +130,12 @@ def check_merge_args(method: str, density: float | None, majority_sign_method: s
         raise ValueError(f"Unknown merge method {method!r}; use one of {sorted(MERGE_METHODS)}.")
     spec = MERGE_METHODS[method]
     if spec.needs_density and density is None:
-        raise ValueError(f"Merge method {method!r} prunes the task tensors: pass density (fraction kept, in (0, 1]).")
+        raise ValueError(
+            f"Merge method {method!r} prunes the task tensors: pass density (fraction kept, in (0, 1]).")
     if spec.elect_sign and majority_sign_method not in MAJORITY_SIGN_METHODS:
         raise ValueError(
-            f"Unknown majority_sign_method {majority_sign_method!r}; use one of {sorted(MAJORITY_SIGN_METHODS)}."
+            f"Unknown majority_sign_method {majority_sign_method!r}; use one of "
+            f"{sorted(MAJORITY_SIGN_METHODS)}."
         )
     return spec
 

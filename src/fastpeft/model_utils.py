@@ -23,18 +23,21 @@ def _quant_method(model: nn.Module) -> str | None:
 
 
 def _upcast_half_params(model: nn.Module) -> None:
-    """float16 / bfloat16 parameters to float32 (layer norms, embeddings, head; packed 4-bit weights excepted)."""
+    """float16 / bfloat16 parameters to float32 (layer norms, embeddings, head; packed 4-bit weights
+    excepted)."""
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
 
 
 def _inputs_require_grad(model: nn.Module) -> None:
-    """Make the embedding output require grad, so checkpointed blocks over frozen weights still backpropagate."""
+    """Make the embedding output require grad, so checkpointed blocks over frozen weights still
+    backpropagate."""
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
         return
-    model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: output.requires_grad_(True))
 
 
 def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
@@ -43,8 +46,9 @@ def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
         enable(gradient_checkpointing_kwargs=kwargs)
         return
     if kwargs:
-        warnings.warn("This transformers version's gradient_checkpointing_enable takes no gradient_checkpointing_kwargs; "
-                      "they are ignored (upgrade transformers to use them).", FutureWarning, stacklevel=3)
+        warnings.warn("This transformers version's gradient_checkpointing_enable takes no "
+                      "gradient_checkpointing_kwargs; they are ignored (upgrade transformers to use them).",
+                      FutureWarning, stacklevel=3)
     enable()
 
 
@@ -122,7 +126,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             enabled=not module.disable_adapters, active_adapters=module.active_adapters,
             merged_adapters=list(module.merged_adapters),
             requires_grad={a: _agree({p.requires_grad for p in params[a]}) for a in adapters},
-            available_adapters=adapters, devices={a: sorted({p.device.type for p in params[a]}) for a in adapters}))
+            available_adapters=adapters, devices={a: sorted({p.device.type for p in params[a]})
+                                                  for a in adapters}))
     return rows
 
 
@@ -199,7 +204,8 @@ def infer_device() -> str:
 
 
 def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen parameters to `dtype` (fp16 / bf16 mixed-precision training), trainable ones to float32 (HF PEFT's
-    helper of this name: half the memory for the frozen base, full precision where the optimizer steps)."""
+    """Frozen parameters to `dtype` (fp16 / bf16 mixed-precision training), trainable ones to float32 (HF
+    PEFT's helper of this name: half the memory for the frozen base, full precision where the optimizer
+    steps)."""
     for param in model.parameters():
         param.data = param.data.to(dtype if not param.requires_grad else torch.float32)

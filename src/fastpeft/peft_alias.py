@@ -1,10 +1,10 @@
 """`install_as_peft()`: make `import peft` (and HF PEFT's module paths) resolve to fastpeft in this process.
 
-transformers, diffusers, TRL and accelerate reach PEFT only through `import peft`, `peft.<module path>` and the
-installed package's metadata (`importlib.metadata.version("peft")`). After the switch:
-- `sys.modules["peft"]` is a module holding fastpeft's public names (its own module object, so `peft.__version__`
-  can answer for the PEFT API level while `fastpeft.__version__` stays fastpeft's), with a spec (transformers'
-  `is_peft_available` uses `importlib.util.find_spec`) and an empty `__path__`;
+transformers, diffusers, TRL and accelerate reach PEFT only through `import peft`, `peft.<module path>` and
+the installed package's metadata (`importlib.metadata.version("peft")`). After the switch:
+- `sys.modules["peft"]` is a module holding fastpeft's public names (its own module object, so
+  `peft.__version__` can answer for the PEFT API level while `fastpeft.__version__` stays fastpeft's), with a
+  spec (transformers' `is_peft_available` uses `importlib.util.find_spec`) and an empty `__path__`;
 - `peft.<path>` for every path in `MODULE_PATHS` is the fastpeft module of the same path (real modules:
   fastpeft/tuners/..., fastpeft/utils/...);
 - any other `peft.<path>` fails with an ImportError that names it as an entry point fastpeft does not serve;
@@ -21,8 +21,8 @@ import sys
 import types
 
 # The PEFT API level fastpeft reports. transformers 5.x gates its adapter API (add_adapter, set_adapter,
-# enable/disable_adapters, active_adapters, get_adapter_state_dict, delete_adapter) behind 0.22.0; fastpeft serves
-# every peft entry point those call (docs/ecosystem.md lists them and where each is served).
+# enable/disable_adapters, active_adapters, get_adapter_state_dict, delete_adapter) behind 0.22.0; fastpeft
+# serves every peft entry point those call (docs/ecosystem.md lists them and where each is served).
 PEFT_API_VERSION = "0.22.0"
 
 # HF PEFT module paths (below `peft.`) that exist as fastpeft modules of the same path
@@ -64,8 +64,8 @@ class _PeftFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path=None, target=None):
         if fullname.startswith("peft.") and fullname not in sys.modules:
             raise ModuleNotFoundError(
-                f"{fullname} is an HF PEFT module that fastpeft does not provide (fastpeft.install_as_peft() is "
-                "active). docs/ecosystem.md lists the peft module paths and names fastpeft serves.",
+                f"{fullname} is an HF PEFT module that fastpeft does not provide (fastpeft.install_as_peft() "
+                "is active). docs/ecosystem.md lists the peft module paths and names fastpeft serves.",
                 name=fullname,
             )
         return None
@@ -84,7 +84,8 @@ def _alias_module() -> types.ModuleType:
     module = types.ModuleType("peft", "fastpeft, serving as peft (fastpeft.install_as_peft)")
     # names fastpeft imports lazily (AdaLoraCallback imports transformers) are left to __getattr__: importing
     # transformers before `peft` exists would cache its "PEFT is not installed" answer
-    module.__dict__.update({name: vars(fastpeft)[name] for name in fastpeft.__all__ if name in vars(fastpeft)})
+    module.__dict__.update({name: vars(fastpeft)[name] for name in fastpeft.__all__
+                            if name in vars(fastpeft)})
     module.__version__ = PEFT_API_VERSION
     module.__path__ = []
     module.__spec__ = importlib.machinery.ModuleSpec("peft", None, is_package=True)
@@ -106,8 +107,8 @@ def install_as_peft() -> None:
     if other is not None:
         raise RuntimeError(
             f"install_as_peft(): a different 'peft' module was already imported in this process "
-            f"({getattr(other, '__file__', other)!r}). Call fastpeft.install_as_peft() before anything imports "
-            "peft (put it first in your script)."
+            f"({getattr(other, '__file__', other)!r}). Call fastpeft.install_as_peft() before anything "
+            "imports peft (put it first in your script)."
         )
     module = _alias_module()
     submodules = {path: importlib.import_module(f"fastpeft.{path}") for path in module_paths()}

@@ -16,8 +16,8 @@ class MethodSpec:
     """What the generic code needs to know about one method.
 
     `prefix`: the start of every adapter parameter name of the method (e.g. "lora_"), used to tell adapter
-    keys in HF-PEFT checkpoints; `tuner_cls`: the `Tuner` subclass that injects the method's layers. The spec is
-    where a method states its type and prefix: `register` copies them onto its config and tuner classes.
+    keys in HF-PEFT checkpoints; `tuner_cls`: the `Tuner` subclass that injects the method's layers. The spec
+    is where a method states its type and prefix: `register` copies them onto its config and tuner classes.
     """
 
     peft_type: PeftType
@@ -42,11 +42,12 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def _give_prefix(tuner_cls: type, prefix: str) -> None:
-    """The tuner reads its parameter prefix as a class attribute; a class that states its own must agree with the
-    spec (a subclass of another method's tuner gets its own copy, not the parent's)."""
+    """The tuner reads its parameter prefix as a class attribute; a class that states its own must agree with
+    the spec (a subclass of another method's tuner gets its own copy, not the parent's)."""
     own = tuner_cls.__dict__.get("prefix")
     if own is not None and own != prefix:
-        raise ValueError(f"{tuner_cls.__name__}.prefix is {own!r} but its method is registered with {prefix!r}.")
+        raise ValueError(
+            f"{tuner_cls.__name__}.prefix is {own!r} but its method is registered with {prefix!r}.")
     tuner_cls.prefix = prefix
 
 

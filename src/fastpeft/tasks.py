@@ -18,11 +18,12 @@ def _call(model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]):
 
 
 def _labels_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+                    output_attentions=None, output_hidden_states=None, return_dict=None,
+                    task_ids=None, **kwargs):
     """Forward of the classification and causal-LM task classes (HF PEFT's signature)."""
-    named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                 return_dict=return_dict, task_ids=task_ids)
+    named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                 labels=labels, output_attentions=output_attentions,
+                 output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids)
     return _call(self, named, kwargs)
 
 

@@ -1,27 +1,27 @@
 """Crash-safe writing of an adapter folder: after a kill at any moment it holds the old files or the new ones.
 
 An adapter is several files that must match each other (`adapter_config.json`, the weights, the model card).
-Renaming them one by one over the old ones is not enough: a kill between two renames leaves new weights next to
-an old config. So every save to a folder goes through one commit point:
+Renaming them one by one over the old ones is not enough: a kill between two renames leaves new weights next
+to an old config. So every save to a folder goes through one commit point:
 
-1. stage: each new file is written into a hidden sibling folder `<dir>/.fastpeft-staging-XXXX/` under its final
-   name, flushed to disk (fsync) with its folder;
+1. stage: each new file is written into a hidden sibling folder `<dir>/.fastpeft-staging-XXXX/` under its
+   final name, flushed to disk (fsync) with its folder;
 2. commit: that folder is renamed to `<dir>/.fastpeft-commit-XXXX/` (one atomic rename, then the parent is
    fsynced). Before this rename nothing visible changed; after it the new version is the folder's version;
 3. publish: the committed files are renamed over the old ones, the parent is fsynced, the empty commit folder
    removed.
 
-A kill before step 2 leaves the old files plus a stale staging folder (removed by the next save). A kill during
-step 3 leaves a commit folder whose files are the newer half: fastpeft's readers (`pending_file`) take a file
-from it in preference to the visible one, so loads see the complete new adapter, and the next save to the folder
-finishes publishing first. Only files that the save writes are touched: other files in the folder (user files,
-other adapters' subfolders) are never moved or deleted. A save holds an exclusive `flock` on the folder (where the
-OS has one), so two processes saving into one folder take turns and a leftover staging / commit folder always
-belongs to a dead save. One folder is one unit: `save_pretrained` with several adapters commits each adapter's
-folder on its own.
+A kill before step 2 leaves the old files plus a stale staging folder (removed by the next save). A kill
+during step 3 leaves a commit folder whose files are the newer half: fastpeft's readers (`pending_file`) take
+a file from it in preference to the visible one, so loads see the complete new adapter, and the next save to
+the folder finishes publishing first. Only files that the save writes are touched: other files in the folder
+(user files, other adapters' subfolders) are never moved or deleted. A save holds an exclusive `flock` on the
+folder (where the OS has one), so two processes saving into one folder take turns and a leftover staging
+/ commit folder always belongs to a dead save. One folder is one unit: `save_pretrained` with several adapters
+commits each adapter's folder on its own.
 
-Folders written whole by other code (a merged model's `save_pretrained`, a CLI checkpoint) use `replace_folder`:
-built in a hidden sibling, fsynced, then swapped in for the old folder in one rename.
+Folders written whole by other code (a merged model's `save_pretrained`, a CLI checkpoint) use
+`replace_folder`: built in a hidden sibling, fsynced, then swapped in for the old folder in one rename.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ Writer = Callable[[str], None]
 
 
 def write_files(jobs: list[tuple[str | os.PathLike, Writer]]) -> None:
-    """Write `(path, writer)` jobs; the files of each folder are committed together (see the module docstring)."""
+    """Write `(path, writer)` jobs; the files of each folder are committed together (see the module
+    docstring)."""
     by_folder: dict[Path, list[tuple[str, Writer]]] = {}
     for path, write in jobs:
         path = Path(path)
@@ -91,7 +92,8 @@ def _publish(committed: Path, folder: Path) -> None:
     for entry in sorted(os.listdir(committed)):
         os.replace(committed / entry, folder / entry)
     fsync_dir(folder)
-    os.rmdir(committed)  # not fsynced: an empty commit folder that reappears after a power cut is just removed
+    # not fsynced: an empty commit folder that reappears after a power cut is just removed
+    os.rmdir(committed)
 
 
 def recover(folder: Path) -> None:
@@ -128,8 +130,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as err:  # some network / FUSE filesystems have no locks: save unserialised, say so
-            logger.warning("Could not lock %s for saving (%s); saving without the lock: do not save into this "
-                           "folder from two processes at once.", folder, err)
+            logger.warning("Could not lock %s for saving (%s); saving without the lock: do not save into "
+                           "this folder from two processes at once.", folder, err)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock (a killed process releases it too)
@@ -157,18 +159,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------------------- whole folders
+# ---------------------------------------------------------------------------------------------- whole folders
 NEW_FOLDER_TAG = ".fastpeft-new-"
 OLD_FOLDER_TAG = ".fastpeft-old-"
 
 
 def replace_folder(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a whole folder with `fill(tmp)` (e.g. a merged model's `save_pretrained`) and swap it in for `target`.
+    """Build a whole folder with `fill(tmp)` (e.g. a merged model's `save_pretrained`) and swap it in for
+    `target`.
 
-    `fill` writes into a hidden sibling `.<name>.fastpeft-new-XXXX`; everything in it is fsynced, then it takes
-    `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, so a kill between
-    them leaves no `target` but both complete versions beside it). A failure or kill inside `fill` leaves
-    `target` as it was; leftovers of killed runs are removed by the next call for the same `target`.
+    `fill` writes into a hidden sibling `.<name>.fastpeft-new-XXXX`; everything in it is fsynced, then it
+    takes `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, so a kill
+    between them leaves no `target` but both complete versions beside it). A failure or kill inside `fill`
+    leaves `target` as it was; leftovers of killed runs are removed by the next call for the same `target`.
     """
     target = Path(target)
     parent = target.parent
@@ -217,8 +220,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _drop_leftovers(target: Path) -> None:
-    """Remove the hidden folders of earlier `replace_folder(target)` calls that were killed; an old version moved
-    aside by a swap killed half-way (no `target` left) is put back first."""
+    """Remove the hidden folders of earlier `replace_folder(target)` calls that were killed; an old version
+    moved aside by a swap killed half-way (no `target` left) is put back first."""
     prefixes = (f".{target.name}{NEW_FOLDER_TAG}", f".{target.name}{OLD_FOLDER_TAG}")
     for entry in sorted(os.listdir(target.parent)):
         path = target.parent / entry

@@ -1,9 +1,10 @@
 """Checks of an adapter_config.json's values before a config object (let alone a layer) is built from them.
 
 Each value must fit its field's declared type (`int`, `list[str] | None`, `Literal[...]`, ...) and size-like
-fields (ranks, token counts, block sizes) must stay below a bound: a config with r = 10**9 must be refused before
-anything allocates r rows. Fields typed with something this module does not know are left to the config class.
-A field is size-like when its declaration says so (dataclass metadata "size", see config.py `SIZE_KINDS`).
+fields (ranks, token counts, block sizes) must stay below a bound: a config with r = 10**9 must be refused
+before anything allocates r rows. Fields typed with something this module does not know are left to the config
+class. A field is size-like when its declaration says so (dataclass metadata "size", see config.py
+`SIZE_KINDS`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ FILE_SIZE_BOUND = 1 << 24
 MAX_ITEMS = 1 << 16
 
 
-def check_config_values(config_cls: type, data: dict[str, Any], source: Any, bound: int = FILE_SIZE_BOUND) -> None:
+def check_config_values(config_cls: type, data: dict[str, Any], source: Any,
+                        bound: int = FILE_SIZE_BOUND) -> None:
     """Refuse values of `data` (an adapter_config.json's dict) that do not fit `config_cls`' fields."""
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = _hints(config_cls)
@@ -39,8 +41,8 @@ def check_config_values(config_cls: type, data: dict[str, Any], source: Any, bou
             continue
         if name in hints and not _fits(value, hints[name]):
             raise AdapterConfigError(
-                f"{config_cls.__name__}.{name} in {source} is {_short(value)} ({type(value).__name__}); expected "
-                f"{_shown(hints[name])}. Fix adapter_config.json (or re-save the adapter)."
+                f"{config_cls.__name__}.{name} in {source} is {_short(value)} ({type(value).__name__}); "
+                f"expected {_shown(hints[name])}. Fix adapter_config.json (or re-save the adapter)."
             )
         check_size(config_cls.__name__, name, value, _lowest(field), bound, source, size_kind(field))
         _check_length(config_cls.__name__, name, value, source)
@@ -48,18 +50,19 @@ def check_config_values(config_cls: type, data: dict[str, Any], source: Any, bou
 
 def _check_length(cls_name: str, name: str, value: Any, source: Any) -> None:
     if isinstance(value, (list, dict)) and len(value) > MAX_ITEMS:
-        raise AdapterConfigError(f"{cls_name}.{name} in {source} holds {len(value)} entries (at most {MAX_ITEMS}); "
-                                 "the file is corrupt or was edited by hand.")
+        raise AdapterConfigError(f"{cls_name}.{name} in {source} holds {len(value)} entries (at most "
+                                 f"{MAX_ITEMS}); the file is corrupt or was edited by hand.")
 
 
 def check_indices(cls_name: str, name: str, value: Any, bound: int, source: Any) -> None:
-    """Token ids (a list, or a dict of lists per embedding) must be in [0, bound), and at most `bound` of them."""
+    """Token ids (a list, or a dict of lists per embedding) must be in [0, bound), and at most `bound` of
+    them."""
     lists = value.values() if isinstance(value, dict) else [value]
     ids = [i for ids in lists if isinstance(ids, list) for i in ids]
     if len(ids) > bound or any(isinstance(i, int) and not 0 <= i < bound for i in ids):
         raise AdapterConfigError(
-            f"{cls_name}.{name} in {source} lists {len(ids)} token ids, some outside [0, {bound}): they must be "
-            "rows of the base model's embedding."
+            f"{cls_name}.{name} in {source} lists {len(ids)} token ids, some outside [0, {bound}): they must "
+            "be rows of the base model's embedding."
         )
 
 
@@ -82,11 +85,13 @@ def check_size(cls_name: str, name: str, value: Any, lowest: int, bound: int, so
                 continue
             if v is None:
                 continue
-            raise AdapterConfigError(f"{cls_name}.{name} in {source} is {_short(v)}; it must be a whole number.")
+            raise AdapterConfigError(
+                f"{cls_name}.{name} in {source} is {_short(v)}; it must be a whole number.")
         if not lowest <= v <= bound:
             raise AdapterConfigError(
-                f"{cls_name}.{name}={_short(v)} in {source} is outside [{lowest}, {bound}]: no base model this "
-                "adapter can load onto has a dimension that large. The file is corrupt or was edited by hand."
+                f"{cls_name}.{name}={_short(v)} in {source} is outside [{lowest}, {bound}]: no base model "
+                "this adapter can load onto has a dimension that large. The file is corrupt "
+                "or was edited by hand."
             )
 
 
@@ -112,7 +117,7 @@ def _shown(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-# ---------------------------------------------------------------------------------------------------- type matching
+# ---------------------------------------------------------------------------------------------- type matching
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value can stand for a field annotated `hint` (lenient where JSON loses information)."""
     origin = typing.get_origin(hint)
@@ -143,7 +148,8 @@ def _is_number(value: Any) -> bool:
 
 _PLAIN_CHECKS = {
     bool: lambda v: isinstance(v, bool),
-    int: _is_number,  # HF PEFT files may hold 16.0 where an int is declared (lora_alpha); sizes are checked apart
+    # HF PEFT files may hold 16.0 where an int is declared (lora_alpha); sizes are checked apart
+    int: _is_number,
     float: _is_number,
     str: lambda v: isinstance(v, str),
     list: lambda v: isinstance(v, list),
@@ -183,14 +189,16 @@ _ORIGIN_CHECKS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- model bound
+# ------------------------------------------------------------------------------------------------ model bound
 def _shape(param) -> tuple[int, ...]:
-    """A parameter's real shape: DeepSpeed ZeRO-3 leaves shape-(0,) placeholders and keeps it in `ds_shape`."""
+    """A parameter's real shape: DeepSpeed ZeRO-3 leaves shape-(0,) placeholders and keeps it in
+    `ds_shape`."""
     return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
 def model_size_bound(model) -> int:
-    """Largest sensible size for `model`: no rank, token count or block exceeds its largest weight dimension."""
+    """Largest sensible size for `model`: no rank, token count or block exceeds its largest weight
+    dimension."""
     largest = max((max(_shape(p), default=0) for p in model.parameters()), default=0)
     return max(largest, 1024)
 
@@ -203,7 +211,8 @@ def matrix_size_bound(model) -> int:
 
 
 def check_config_for_model(config, model, source: Any) -> None:
-    """Size fields of a loaded `config` against `model`'s dimensions, before any adapter tensor is allocated."""
+    """Size fields of a loaded `config` against `model`'s dimensions, before any adapter tensor is
+    allocated."""
     bound = model_size_bound(model)
     cls = type(config)
     for field in dataclasses.fields(cls):
@@ -219,9 +228,10 @@ def check_config_for_model(config, model, source: Any) -> None:
 
 
 def _check_prompt_table(config, model, source: Any) -> None:
-    """Prompt methods allocate virtual tokens x width (x 2 layers for key / value prefixes): refuse tables larger
-    than the whole base model (counting the layers for every method: an upper bound)."""
-    sizes = [getattr(config, n, None) for n in ("num_virtual_tokens", "token_dim", "num_transformer_submodules")]
+    """Prompt methods allocate virtual tokens x width (x 2 layers for key / value prefixes): refuse tables
+    larger than the whole base model (counting the layers for every method: an upper bound)."""
+    sizes = [getattr(config, n, None)
+             for n in ("num_virtual_tokens", "token_dim", "num_transformer_submodules")]
     if not all(isinstance(s, int) and s > 0 for s in sizes):
         return
     layers = getattr(config, "num_layers", None)
@@ -243,6 +253,7 @@ def check_file_config(requested_cls: type, data: dict[str, Any], source: Any) ->
     if getattr(requested_cls, "PEFT_TYPE", None) is None:
         peft_type = data.get("peft_type")
         if not isinstance(peft_type, str):
-            raise AdapterConfigError(f"{source} has peft_type {_short(peft_type)}; it is not an adapter config.")
+            raise AdapterConfigError(
+                f"{source} has peft_type {_short(peft_type)}; it is not an adapter config.")
         config_cls = get_spec(peft_type).config_cls
     check_config_values(config_cls, data, source)

@@ -4,19 +4,19 @@ A fastpeft extension (HF PEFT has none). On save, each module the adapter target
 weight's shape and dtype and three float64 sums over 64 evenly strided elements (plain, absolute, alternating
 sign). Reading 64 elements per module keeps this cheap for any model size. The entries go, as one JSON string,
 into the safetensors header's `__metadata__` under `fastpeft_base_fingerprint`: HF PEFT never reads that
-metadata, so its loading is unaffected and silent (a key in adapter_config.json would make HF PEFT warn that the
-file needs a newer PEFT, and would add a field HF PEFT's configs do not have).
+metadata, so its loading is unaffected and silent (a key in adapter_config.json would make HF PEFT warn that
+the file needs a newer PEFT, and would add a field HF PEFT's configs do not have).
 
 On load the same sums are taken from the new base. They must match to 4 eps of the coarser dtype (relative to
-the absolute sum): exact copies, casts (an fp32 training base, a bf16 inference base) and merge + unmerge cycles
-pass, other weights do not. A module that differs is reported in a warning, or raises `AdapterLoadError` with
-`strict=True`.
+the absolute sum): exact copies, casts (an fp32 training base, a bf16 inference base) and merge + unmerge
+cycles pass, other weights do not. A module that differs is reported in a warning, or raises
+`AdapterLoadError` with `strict=True`.
 
-No fingerprint is written where the base weights at save time are not the ones the adapter must be loaded onto:
-merged layers (their weight holds the adapter), adapters whose init rewrites the base (PiSSA, OLoRA, CorDA,
-LoRA-GA, LoftQ: loading re-runs the init on the original base), PiSSA-style conversions to the original base,
-layer_replication (its modules only exist after injection), quantised, sharded or meta weights, prompt methods.
-Files without the key (HF PEFT's, `.bin` files) are not checked.
+No fingerprint is written where the base weights at save time are not the ones the adapter must be loaded
+onto: merged layers (their weight holds the adapter), adapters whose init rewrites the base (PiSSA, OLoRA,
+CorDA, LoRA-GA, LoftQ: loading re-runs the init on the original base), PiSSA-style conversions to the original
+base, layer_replication (its modules only exist after injection), quantised, sharded or meta weights, prompt
+methods. Files without the key (HF PEFT's, `.bin` files) are not checked.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ROUNDING_EPS = 4
 STATS = ("sum", "abs", "alt")
 
 
-# ---------------------------------------------------------------------------------------------------- one module
+# ------------------------------------------------------------------------------------------------- one module
 def base_tensor(module: nn.Module) -> torch.Tensor | None:
     """The weight a (possibly adapter-wrapped) module's base layer computes with."""
     module = _innermost(module)
@@ -74,8 +74,8 @@ def module_entry(module: nn.Module) -> dict[str, Any] | None:
 
 
 def module_entries(modules: list[nn.Module | None]) -> list[dict[str, Any] | None]:
-    """`module_entry` of each module (None for a None module), batched: one gather per weight and one host copy
-    per device, so a save or load pays a few microseconds per targeted module."""
+    """`module_entry` of each module (None for a None module), batched: one gather per weight and one host
+    copy per device, so a save or load pays a few microseconds per targeted module."""
     weights = [None if m is None else base_tensor(m) for m in modules]
     by_device: dict[torch.device, list[int]] = {}
     for i, weight in enumerate(weights):
@@ -131,15 +131,16 @@ def entry_difference(stored: dict[str, Any], current: dict[str, Any] | None) -> 
 
 
 def _tolerance(dtype_a: str, dtype_b: str) -> float:
-    """Relative to the absolute sum: a cast rounds each value by <= eps/2 of the coarser dtype, a merge + unmerge
-    cycle by a few eps; 4 eps covers both, far below what other weights change (fp32: 5e-7, bf16: 3%)."""
+    """Relative to the absolute sum: a cast rounds each value by <= eps/2 of the coarser dtype, a
+    merge + unmerge cycle by a few eps; 4 eps covers both, far below what other weights change (fp32: 5e-7,
+    bf16: 3%)."""
     dtypes = [getattr(torch, d, None) for d in (dtype_a, dtype_b)]
     if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
         return 1e-2
     return ROUNDING_EPS * max(torch.finfo(d).eps for d in dtypes)
 
 
-# ---------------------------------------------------------------------------------------------------- save side
+# -------------------------------------------------------------------------------------------------- save side
 Modules = list[tuple[str, nn.Module]]  # `peft_model.named_modules()`, when a save has walked it already
 
 
@@ -148,9 +149,10 @@ def targeted_modules(peft_model, adapter_name: str, modules: Modules | None = No
     return [name for name, _ in targeted_layers(peft_model, adapter_name, modules)]
 
 
-def targeted_layers(peft_model, adapter_name: str, modules: Modules | None = None) -> list[tuple[str, nn.Module]]:
-    """(name in the user's model, layer) of the unmerged layers holding `adapter_name`; `modules` (the PeftModel's
-    `named_modules()`) spares a second walk over the model when the caller has one."""
+def targeted_layers(peft_model, adapter_name: str,
+                    modules: Modules | None = None) -> list[tuple[str, nn.Module]]:
+    """(name in the user's model, layer) of the unmerged layers holding `adapter_name`; `modules` (the
+    PeftModel's `named_modules()`) spares a second walk over the model when the caller has one."""
     found = [(name, layer) for name, layer in _layers(peft_model, modules)
              if name and layer.has_adapter(adapter_name) and not layer.merged]
     if len(found) > MAX_MODULES:
@@ -159,8 +161,8 @@ def targeted_layers(peft_model, adapter_name: str, modules: Modules | None = Non
 
 
 def _layers(peft_model, modules: Modules | None) -> list[tuple[str, nn.Module]]:
-    """(name under the base model, layer) of the tuner's adapter layers: from `modules` where the base model is
-    among them, else the tuner's own walk; none for prompt methods."""
+    """(name under the base model, layer) of the tuner's adapter layers: from `modules` where the base model
+    is among them, else the tuner's own walk; none for prompt methods."""
     from ..core.layer import AdapterLayer
 
     walk = getattr(peft_model.tuner, "holders", None)
@@ -171,11 +173,13 @@ def _layers(peft_model, modules: Modules | None) -> list[tuple[str, nn.Module]]:
     if prefix is None:
         return [(name, m) for name, m in walk() if isinstance(m, AdapterLayer)]
     start = prefix + "." if prefix else ""
-    return [(name[len(start):], m) for name, m in modules if isinstance(m, AdapterLayer) and name.startswith(start)]
+    return [(name[len(start):], m) for name, m in modules
+            if isinstance(m, AdapterLayer) and name.startswith(start)]
 
 
 def compute(peft_model, adapter_name: str, modules: Modules | None = None) -> dict[str, Any] | None:
-    """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module doc)."""
+    """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module
+    doc)."""
     if peft_model.peft_config[adapter_name].rewrites_base_weights:
         return None  # e.g. PiSSA: loading re-runs the init on the original base (see rewrites_base_weights)
     layers = targeted_layers(peft_model, adapter_name, modules)
@@ -191,7 +195,7 @@ def file_metadata(peft_model, adapter_name: str, converted: bool = False,
     return {} if found is None else {METADATA_KEY: json.dumps(found, separators=(",", ":"))}
 
 
-# ---------------------------------------------------------------------------------------------------- load side
+# -------------------------------------------------------------------------------------------------- load side
 def resolve_module(model: nn.Module, name: str) -> nn.Module | None:
     """`model.<name>`, stepping through adapter wrappers where a name part is not found; a `base_layer` part
     (a layer nested in another adapter layer) is skipped where the model has no wrapper there."""
@@ -228,7 +232,8 @@ def stored_fingerprint(model_id, **hub_kwargs: Any) -> dict[str, Any] | None:
 
 
 def parse(text: str, source: Any) -> dict[str, Any] | None:
-    """A stored fingerprint checked entry by entry; a malformed one is ignored with a warning (not trusted)."""
+    """A stored fingerprint checked entry by entry; a malformed one is ignored with a warning (not
+    trusted)."""
     try:
         data = json.loads(text)
         modules = data["modules"]
@@ -243,7 +248,8 @@ def parse(text: str, source: Any) -> dict[str, Any] | None:
 def _valid_entry(entry: Any) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
             and isinstance(entry.get("shape"), list) and all(type(s) is int for s in entry["shape"])
-            and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) for k in STATS))
+            and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+                    for k in STATS))
 
 
 def differences(model: nn.Module, fingerprint: dict[str, Any]) -> dict[str, str]:
@@ -283,8 +289,9 @@ def check_fingerprint(model: nn.Module, model_id, adapter_name: str, strict: boo
     more = f" (and {len(found) - 8} more)" if len(found) > 8 else ""
     message = (
         f"Adapter '{adapter_name}' from {model_id} was saved on a different base model: {len(found)} of "
-        f"{len(fingerprint['modules'])} targeted modules differ: {shown}{more}. Load it onto the base model it was "
-        "trained on (a different dtype is fine); its outputs on this model are not the ones it was trained for."
+        f"{len(fingerprint['modules'])} targeted modules differ: {shown}{more}. Load it onto the base model "
+        "it was trained on (a different dtype is fine); its outputs on this model are not the "
+        "ones it was trained for."
     )
     if strict or is_strict():
         raise AdapterLoadError(message + " (strict mode refuses it; load without strict to accept it.)")

@@ -43,12 +43,14 @@ def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 
 def resolve_file(model_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str | None:
-    """Path to `filename` in a local adapter folder or a Hub repo (cached copy when offline); None if absent."""
+    """Path to `filename` in a local adapter folder or a Hub repo (cached copy when offline); None if
+    absent."""
     subfolder = hub_kwargs.pop("subfolder", None) or ""
     validate.check_subfolder(subfolder)
     local = Path(model_id) / subfolder / filename
     if Path(model_id).is_dir():
-        local = atomic.pending_file(local.parent, filename) or local  # a save killed while publishing: its files
+        # a save killed while publishing: its files
+        local = atomic.pending_file(local.parent, filename) or local
         # a local folder's files must not be symlinks (or '..' paths) to files outside it
         return validate.check_contained(model_id, local) if local.is_file() else None
     from huggingface_hub import hf_hub_download
@@ -71,7 +73,8 @@ def where(model_id: str | os.PathLike, subfolder: str | None) -> str:
 
 
 def atomic_write_many(jobs: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
-    """Write `(path, writer)` jobs so that a crash or kill at any moment leaves each folder's old or new files.
+    """Write `(path, writer)` jobs so that a crash or kill at any moment leaves each folder's old or new
+    files.
 
     The files of one folder are staged, fsynced and committed with one rename (checkpoint/atomic.py explains
     the scheme and how a save killed mid-way is finished by readers and the next save).
@@ -93,7 +96,8 @@ def json_writer(data: dict[str, Any]) -> Callable[[str], None]:
 
 def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True,
                    metadata: dict[str, str] | None = None) -> Callable[[str], None]:
-    """A writer for `atomic_write_many`: safetensors (default; `metadata` joins its header) or a torch `.bin`."""
+    """A writer for `atomic_write_many`: safetensors (default; `metadata` joins its header) or a torch
+    `.bin`."""
     # safetensors refuses tensors sharing storage: give those their own contiguous copy
     ptrs = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
     tensors = {k: _own_copy(v) if ptrs[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
@@ -116,17 +120,20 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
 def load_weights_file(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a `.safetensors` or legacy `.bin` adapter file without executing pickled code."""
     if path.endswith(".safetensors"):
-        return validate.load_safetensors(path, device=str(device))  # header checked against the file size first
+        # header checked against the file size first
+        return validate.load_safetensors(path, device=str(device))
     try:
         tensors = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only unpickler refuses anything but tensors and containers
+    except pickle.UnpicklingError as err:
+        # weights_only unpickler refuses anything but tensors and containers
         raise UnsafeAdapterFileError(
-            f"{path} holds pickled objects other than tensors, refused by torch.load(weights_only=True): {err}. "
-            "fastpeft never unpickles arbitrary objects "
+            f"{path} holds pickled objects other than tensors, refused by torch.load(weights_only=True): "
+            f"{err}. fastpeft never unpickles arbitrary objects "
             "(that could run code); re-save the adapter as safetensors with a trusted tool."
         ) from err
     except Exception as err:  # truncated, or not a torch file at all
-        raise AdapterLoadError(f"{path} could not be read with torch.load(weights_only=True): {err}.") from err
+        raise AdapterLoadError(
+            f"{path} could not be read with torch.load(weights_only=True): {err}.") from err
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterLoadError(f"{path} does not hold a dict of tensors; it is not an adapter weights file.")
     return tensors
@@ -143,14 +150,16 @@ def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dic
     return remap_file_keys(weights, key_mapping) if key_mapping else weights
 
 
-# what every adapter-layer key in a file starts with (PeftModel / tuner wrappers); key_mapping applies after it
+# what every adapter-layer key in a file starts with (PeftModel / tuner wrappers); key_mapping applies after
+# it
 _WRAPPER_PREFIXES = ("base_model.model.", "base_model.")
 
 
 def remap_file_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
     """Keys renamed by `key_mapping` as HF PEFT does: the wrapper prefix is set aside, the first pattern (in
     order) that matches is applied with `re.subn`, then the prefix is put back. transformers uses the same
-    patterns (a model's `_checkpoint_conversion_mapping`) for base checkpoints saved before a layout change."""
+    patterns (a model's `_checkpoint_conversion_mapping`) for base checkpoints saved before a layout
+    change."""
     renamed = {}
     for key, value in weights.items():
         prefix = next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)
@@ -162,7 +171,8 @@ def remap_file_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str
             )
         renamed[prefix + remap_key(key[len(prefix):], key_mapping)] = value
     if len(renamed) != len(weights):
-        raise AdapterLoadError(f"key_mapping {key_mapping!r} maps several file keys to one name; nothing loaded.")
+        raise AdapterLoadError(
+            f"key_mapping {key_mapping!r} maps several file keys to one name; nothing loaded.")
     return renamed
 
 
@@ -175,7 +185,8 @@ def remap_key(key: str, key_mapping: dict[str, str]) -> str:
     return key
 
 
-def _read_peft_weights(model_id: str, device: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+def _read_peft_weights(model_id: str, device: str | None = None,
+                       **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     hub_kwargs, _ = split_hub_kwargs(hub_kwargs)
     subfolder = hub_kwargs.get("subfolder")
     path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, **dict(hub_kwargs))

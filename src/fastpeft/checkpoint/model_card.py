@@ -9,13 +9,14 @@ def _value(v: Any) -> Any:
     return getattr(v, "value", v)
 
 
-_NOT_SHOWN = ("auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "peft_type",
-              "task_type")
+_NOT_SHOWN = ("auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+              "peft_type", "task_type")
 
 
 def model_card(config_dict: dict[str, Any], adapter_name: str, n_params: int, base_class: str,
                defaults: dict[str, Any]) -> str:
-    """Markdown with Hub metadata: base model, method, task, the non-default config fields, parameter count."""
+    """Markdown with Hub metadata: base model, method, task, the non-default config fields, parameter
+    count."""
     base = config_dict.get("base_model_name_or_path")
     method, task = _value(config_dict.get("peft_type")), _value(config_dict.get("task_type"))
     shown = {k: v for k, v in sorted(config_dict.items())

@@ -1,10 +1,10 @@
 """Checks on adapter files that may come from anyone (a Hub repo, a colleague's folder).
 
 Everything here runs before a tensor is built or memory is allocated: the safetensors header is parsed and
-checked against the file's real size, the config's values are checked against their declared types and sane size
-bounds, and every path a load or a save uses must stay inside the folder it was given. Failures raise
-`UnsafeAdapterFileError` (a file or path that must not be trusted), `AdapterLoadError` (a corrupt weights file) or
-`AdapterConfigError` (a config that makes no sense), all `FastPeftError`s.
+checked against the file's real size, the config's values are checked against their declared types and sane
+size bounds, and every path a load or a save uses must stay inside the folder it was given. Failures raise
+`UnsafeAdapterFileError` (a file or path that must not be trusted), `AdapterLoadError` (a corrupt weights
+file) or `AdapterConfigError` (a config that makes no sense), all `FastPeftError`s.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def check_subfolder(subfolder: Any) -> None:
     parts = Path(subfolder.replace("\\", "/")).parts
     if os.path.isabs(subfolder) or subfolder.startswith(("/", "\\")) or ".." in parts or ":" in subfolder:
         raise UnsafeAdapterFileError(
-            f"subfolder={subfolder!r} leaves the adapter folder; pass a relative sub-folder name without '..', "
-            "a drive or a leading '/'."
+            f"subfolder={subfolder!r} leaves the adapter folder; pass a relative sub-folder name without "
+            "'..', a drive or a leading '/'."
         )
 
 
@@ -58,7 +58,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _hub_cache_blobs(folder: str) -> str | None:
-    """The `blobs` folder of a huggingface_hub cache when `folder` is one of its snapshots (files link there)."""
+    """The `blobs` folder of a huggingface_hub cache when `folder` is one of its snapshots (files link
+    there)."""
     parent = os.path.dirname(folder)
     if os.path.basename(parent) != "snapshots":
         return None
@@ -76,8 +77,8 @@ def check_contained(folder: str | os.PathLike, path: str | os.PathLike) -> str:
     if _inside(real, root) or (blobs is not None and _inside(real, os.path.realpath(blobs))):
         return str(path)
     raise UnsafeAdapterFileError(
-        f"{path} resolves to {real}, outside the adapter folder {root} (a symlink or '..' path): refusing to read "
-        "it. Copy the real file into the adapter folder if you trust it."
+        f"{path} resolves to {real}, outside the adapter folder {root} (a symlink or '..' path): refusing to "
+        "read it. Copy the real file into the adapter folder if you trust it."
     )
 
 
@@ -90,19 +91,20 @@ def check_write_target(save_directory: str | os.PathLike, path: str | os.PathLik
     parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     if not _inside(parent, root):
         raise UnsafeAdapterFileError(
-            f"Saving {path} would write into {parent}, outside save_directory {root} (a symlinked sub-folder). "
-            "Remove the symlink or save somewhere else."
+            f"Saving {path} would write into {parent}, outside save_directory {root} (a symlinked "
+            "sub-folder). Remove the symlink or save somewhere else."
         )
 
 
-# ---------------------------------------------------------------------------------------------------- safetensors
+# ------------------------------------------------------------------------------------------------ safetensors
 def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parse and check a safetensors file's header without reading its tensors; returns the header dict."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise AdapterLoadError(f"{path} is truncated ({size} bytes): not a safetensors file. Save it again.")
+            raise AdapterLoadError(
+                f"{path} is truncated ({size} bytes): not a safetensors file. Save it again.")
         (length,) = struct.unpack("<Q", head)
         if length > min(size - 8, MAX_HEADER_BYTES):
             raise UnsafeAdapterFileError(
@@ -119,7 +121,8 @@ def _parse_header(raw: bytes, path) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise AdapterLoadError(f"{path}: the safetensors header is not valid JSON ({err}); the file is corrupt.") from err
+        raise AdapterLoadError(
+            f"{path}: the safetensors header is not valid JSON ({err}); the file is corrupt.") from err
     if not isinstance(header, dict):
         raise AdapterLoadError(f"{path}: the safetensors header is not a JSON object; the file is corrupt.")
     meta = header.get("__metadata__", {})
@@ -133,13 +136,13 @@ def _check_entries(header: dict[str, Any], data_bytes: int, path) -> None:
     end = 0
     for begin, stop, key in spans:
         if begin != end:
-            raise UnsafeAdapterFileError(f"{path}: tensor '{key}' overlaps another or leaves a gap in the data; "
-                                         "the file is corrupt or forged.")
+            raise UnsafeAdapterFileError(f"{path}: tensor '{key}' overlaps another or leaves a gap in the "
+                                         "data; the file is corrupt or forged.")
         end = stop
     if end > data_bytes:
         raise UnsafeAdapterFileError(
-            f"{path}: the header declares {end} bytes of tensor data but the file holds {data_bytes}: the file is "
-            "truncated or forged. Download or save it again."
+            f"{path}: the header declares {end} bytes of tensor data but the file holds {data_bytes}: the "
+            "file is truncated or forged. Download or save it again."
         )
 
 
@@ -171,7 +174,8 @@ def load_safetensors(path: str, device: str = "cpu"):
     try:
         return safe_torch.load_file(path, device=device)
     except Exception as err:  # safetensors' Rust errors share no useful base class
-        raise AdapterLoadError(f"{path} could not be read as safetensors: {err}. Save or download it again.") from err
+        raise AdapterLoadError(
+            f"{path} could not be read as safetensors: {err}. Save or download it again.") from err
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -179,12 +183,14 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read an adapter_config.json: bounded size, valid UTF-8 JSON holding an object."""
     size = os.path.getsize(path)
     if size > MAX_CONFIG_BYTES:
-        raise UnsafeAdapterFileError(f"{path} is {size} bytes; an adapter config is a few KB. Refusing to parse it.")
+        raise UnsafeAdapterFileError(
+            f"{path} is {size} bytes; an adapter config is a few KB. Refusing to parse it.")
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise AdapterConfigError(f"{path} is not valid JSON ({err}); it is not a readable adapter config.") from err
+        raise AdapterConfigError(
+            f"{path} is not valid JSON ({err}); it is not a readable adapter config.") from err
     if not isinstance(data, dict):
         raise AdapterConfigError(f"{path} does not hold a JSON object; it is not an adapter config.")
     return data
@@ -192,7 +198,8 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
 
 @contextmanager
 def file_errors(source: Any, what: str = "adapter config") -> Iterator[None]:
-    """Re-raise errors a bad file triggers (TypeError, ValueError, ...) as AdapterConfigError naming `source`."""
+    """Re-raise errors a bad file triggers (TypeError, ValueError, ...) as AdapterConfigError naming
+    `source`."""
     try:
         yield
     except FastPeftError:
@@ -204,9 +211,11 @@ def file_errors(source: Any, what: str = "adapter config") -> Iterator[None]:
 def check_import_allowlist(module_name: Any, allowlist: tuple[str, ...] | list[str] | None = None) -> None:
     """A config's auto_mapping may only import packages in `allowlist` (or their sub-modules)."""
     allowed = DEFAULT_IMPORT_ALLOWLIST if allowlist is None else tuple(allowlist)
-    if isinstance(module_name, str) and any(module_name == a or module_name.startswith(f"{a}.") for a in allowed):
+    if isinstance(module_name, str) and any(module_name == a or module_name.startswith(f"{a}.")
+                                            for a in allowed):
         return
     raise UnsafeAdapterFileError(
-        f"The adapter config's auto_mapping wants to import {module_name!r}, which is not in the import allowlist "
-        f"{list(allowed)}. If you trust that package, pass import_allowlist=[{module_name!r}] to from_pretrained."
+        f"The adapter config's auto_mapping wants to import {module_name!r}, which is not in the import "
+        f"allowlist {list(allowed)}. If you trust that package, pass "
+        f"import_allowlist=[{module_name!r}] to from_pretrained."
     )

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return _run(args)
-    except (CliError, FastPeftError) as exc:  # bad input, or an adapter / checkpoint file that must not be used
+    except (CliError, FastPeftError) as exc:
+        # bad input, or an adapter / checkpoint file that must not be used
         command = f" {argv[0]}" if argv and not argv[0].startswith("-") else ""
         print(f"fastpeft{command}: error: {exc}", file=sys.stderr)
         return 2

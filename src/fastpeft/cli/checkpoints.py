@@ -23,7 +23,8 @@ def epoch_dirs(out: Path) -> list[Path]:
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch-") and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("epoch-") and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -58,7 +59,8 @@ def trainable_state(model) -> dict:
 
 
 def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
-    """Write ``epoch-K`` atomically (built in a hidden folder, fsynced, swapped in) and drop older checkpoints."""
+    """Write ``epoch-K`` atomically (built in a hidden folder, fsynced, swapped in) and drop older
+    checkpoints."""
     import torch
 
     from ..checkpoint.atomic import replace_folder
@@ -84,7 +86,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     params = dict(model.named_parameters())
     missing = sorted(set(payload["trainable"]) - set(params))
     if missing:
-        raise CliError(f"--resume: checkpoint {path} does not match the model (unknown tensors {missing[:3]})")
+        raise CliError(f"--resume: checkpoint {path} does not match the model (unknown "
+                       f"tensors {missing[:3]})")
     with torch.no_grad():
         for name, value in payload["trainable"].items():
             params[name].copy_(value)

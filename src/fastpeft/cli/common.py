@@ -21,7 +21,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """``tokenizer.save_pretrained(folder)`` with its files committed atomically (saved to a temp folder first)."""
+    """``tokenizer.save_pretrained(folder)`` with its files committed atomically (saved to a temp folder
+    first)."""
     import shutil
     import tempfile
 
@@ -30,7 +31,8 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         files = sorted(p for p in Path(tmp).iterdir() if p.is_file())
-        atomic.write_files([(Path(folder) / p.name, lambda dst, src=p: shutil.copyfile(src, dst)) for p in files])
+        atomic.write_files([(Path(folder) / p.name, lambda dst, src=p: shutil.copyfile(src, dst))
+                            for p in files])
 
 
 def read_json_file(path: Path, what: str, fix: str) -> Any:

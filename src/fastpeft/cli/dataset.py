@@ -60,7 +60,8 @@ def read_rows(path_text: str, what: str = "DATA") -> list[dict]:
         raise CliError(f"{what} file {path_text!r} not found")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise CliError(f"{what} file {path_text!r}: unsupported format {suffix or '(none)'}; use {', '.join(SUFFIXES)}")
+        raise CliError(f"{what} file {path_text!r}: unsupported format {suffix or '(none)'}; use "
+                       f"{', '.join(SUFFIXES)}")
     reader = {".jsonl": _read_jsonl, ".json": _read_json}.get(suffix, _read_delimited)
     rows = reader(path)
     if not rows:

@@ -1,7 +1,7 @@
 """``fastpeft demo``: LoRA-fine-tune all-MiniLM-L6-v2 on a toy sentiment task, end to end.
 
-Measures accuracy before, during and after training (plotted to loss_curve.png), saves the adapter, reloads it with
-``AutoPeftModelForSequenceClassification`` and checks the predictions are identical.
+Measures accuracy before, during and after training (plotted to loss_curve.png), saves the adapter, reloads it
+with ``AutoPeftModelForSequenceClassification`` and checks the predictions are identical.
 torch/transformers are imported inside functions so ``import fastpeft`` stays fast.
 """
 
@@ -86,7 +86,8 @@ def accuracy(logits, labels) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def train(model, enc: dict, labels, settings: DemoSettings, history: dict | None = None, on_epoch=None) -> float:
+def train(model, enc: dict, labels, settings: DemoSettings, history: dict | None = None,
+          on_epoch=None) -> float:
     """Plain AdamW loop over the trainable (LoRA + head) parameters; returns the last epoch's mean loss.
 
     ``history`` (if given) collects ``steps`` (loss per step) and ``epochs`` (mean loss per epoch);
@@ -213,7 +214,8 @@ def _write_plot(out: Path, history: dict, n_train: int, settings: DemoSettings) 
     """Loss per step and test accuracy per epoch as ``loss_curve.png`` next to the adapter."""
     per_epoch = [math.ceil(n_train / settings.batch_size)] * len(history["epochs"])
     title = "fastpeft demo: LoRA on all-MiniLM-L6-v2 (toy sentiment)"
-    path = plot_training(out / PLOT_FILE, title, history["steps"], history["epochs"], per_epoch, history["accuracy"])
+    path = plot_training(out / PLOT_FILE, title, history["steps"], history["epochs"], per_epoch,
+                         history["accuracy"])
     if path is not None:
         print(f"training plot: {path}")
     return str(path) if path is not None else None

@@ -1,4 +1,5 @@
-"""``fastpeft merge BASE ADAPTER OUT``: fold an adapter into its base model and save a plain transformers model.
+"""``fastpeft merge BASE ADAPTER OUT``: fold an adapter into its base model and save a plain transformers
+model.
 
 The base class follows the adapter's ``task_type`` (or ``auto_mapping``); OUT gets the merged weights and the
 tokenizer (the adapter's, else the base's), never adapter files. A non-empty OUT needs ``--overwrite``.
@@ -85,7 +86,8 @@ def run_merge(args) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
 
-    replace_folder(out, fill)  # built beside OUT, fsynced, swapped in whole: a crash never leaves half an export
+    # built beside OUT, fsynced, swapped in whole: a crash never leaves half an export
+    replace_folder(out, fill)
     print(f"merged {config['peft_type']} adapter {args.adapter} into {args.base}; saved to {out}"
           + ("" if tokenizer is not None else " (no tokenizer found to copy)"))
     return 0

@@ -52,7 +52,8 @@ def flag_name(field_name: str) -> str:
 
 
 def _scalar(annotation: str):
-    """Parser for one value of a field annotated ``annotation`` (a string: configs use postponed annotations)."""
+    """Parser for one value of a field annotated ``annotation`` (a string: configs use postponed
+    annotations)."""
     alternatives = {a.strip() for a in annotation.split("|")} - {"None"}
     if alternatives <= {"int"} or alternatives == {"list[int]", "int"} or "list[int]" in alternatives:
         return int
@@ -167,7 +168,8 @@ def build_method_config(spec, file_options: dict[str, Any], flags: dict[str, Any
     allowed = {f.name for f in method_fields(spec.config_cls)}
     file_type = file_options.pop("peft_type", None)
     if file_type is not None and str(file_type).upper() != spec.peft_type.value:
-        raise CliError(f"--config is for peft_type {file_type!r} but --method is {spec.peft_type.value.lower()}")
+        raise CliError(f"--config is for peft_type {file_type!r} but --method is "
+                       f"{spec.peft_type.value.lower()}")
     file_options.pop("task_type", None)
     unknown = sorted(set(file_options) - allowed)
     if unknown:

@@ -42,7 +42,8 @@ def _accuracy_panel(ax, accuracy: list[float]) -> None:
 
 def plot_training(path: str | Path, title: str, step_losses: list[float], epoch_losses: list[float],
                   steps_per_epoch: list[int], accuracy: list[float] | None = None) -> Path | None:
-    """Write the PNG to ``path``; returns it, or None when matplotlib is missing or there is nothing to plot."""
+    """Write the PNG to ``path``; returns it, or None when matplotlib is missing or there is nothing to
+    plot."""
     plt = _pyplot()
     if plt is None or not step_losses:
         return None

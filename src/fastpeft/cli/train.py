@@ -22,7 +22,8 @@ METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
 
 
-def _examples(texts: list[str], labels: list | None, names: list[str] | None, path: str, what: str) -> Examples:
+def _examples(texts: list[str], labels: list | None, names: list[str] | None, path: str,
+              what: str) -> Examples:
     """Texts plus class indices looked up in ``names`` (the training labels)."""
     if labels is None:
         return Examples(texts)
@@ -115,7 +116,8 @@ def run_train(args) -> int:
     if args.eval_data:
         eval_rows = load_examples(args.eval_data, task_type, "--eval-data")
         eval_data = _examples(*eval_rows, names, args.eval_data, "--eval-data")
-    config = build_method_config(spec, read_config_file(args.config), flag_values(args, spec.config_cls), task_type)
+    config = build_method_config(spec, read_config_file(args.config),
+                                 flag_values(args, spec.config_cls), task_type)
     setup_runtime()
     resume_from = checkpoints.prepare_output(Path(args.output_dir), _run_record(args, config), args.resume)
     tokenizer, model, optimizer = _build(args, config, names)

@@ -83,7 +83,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def train_epoch(model, optimizer, tokenizer, data: Examples, settings, epoch: int, history: History, bar) -> None:
+def train_epoch(model, optimizer, tokenizer, data: Examples, settings, epoch: int,
+                history: History, bar) -> None:
     """One pass over ``data`` in the epoch's order; appends to ``history`` and advances ``bar``."""
     order = epoch_order(len(data.texts), settings.seed, epoch)
     model.train()

@@ -1,6 +1,6 @@
 """Scaling every adapter's contribution for a block of code (HF PEFT's `peft.helpers.rescale_adapter_scale`),
-e.g. to trade how strongly a fine-tuned adapter acts against how much of the base model's behaviour it keeps (the
-"wise-ft" style interpolation of Wortsman et al., 2022, applied to the adapter's scale)."""
+e.g. to trade how strongly a fine-tuned adapter acts against how much of the base model's behaviour it keeps
+(the "wise-ft" style interpolation of Wortsman et al., 2022, applied to the adapter's scale)."""
 
 from __future__ import annotations
 

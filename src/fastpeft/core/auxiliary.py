@@ -1,4 +1,5 @@
-"""Auxiliary trainable modules: `ModulesToSaveWrapper` keeps a trainable copy of a whole module per adapter."""
+"""Auxiliary trainable modules: `ModulesToSaveWrapper` keeps a trainable copy of a whole module per
+adapter."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         self.update(adapter_name, copy=copy)
 
     def update(self, adapter_name: str, copy: nn.Module | None = None) -> None:
-        """Add `adapter_name`'s trainable copy: a deep copy of the original, or `copy` (e.g. one sharing weights)."""
+        """Add `adapter_name`'s trainable copy: a deep copy of the original, or `copy` (e.g. one sharing
+        weights)."""
         if adapter_name in self.modules_to_save:
             return
         copied = deepcopy(self.original_module) if copy is None else copy
@@ -105,7 +107,8 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(
-                f"Adapters {present} each have their own copy of a modules_to_save module; only one can be active."
+                f"Adapters {present} each have their own copy of a modules_to_save module; "
+                "only one can be active."
             )
         self._active_adapters = present
         for name, module in self.modules_to_save.items():
@@ -121,7 +124,8 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
             del self.modules_to_save[name]
         self._active_adapters = [n for n in self._active_adapters if n != name]
 
-    def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def unloaded(self, merge: bool, safe_merge: bool = False,
+                 adapter_names: list[str] | None = None) -> nn.Module:
         # as HF PEFT: the active trained copy replaces the module (the trained head is part of the result)
         return self._current() if not self._disable_adapters else self.original_module
 
@@ -139,7 +143,8 @@ def wrap_modules_to_save(model: nn.Module, adapter_name: str, wanted) -> None:
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
         elif isinstance(module, AdapterLayer):
-            raise ValueError(f"Module '{name}' matches both target_modules and modules_to_save; pick one of the two.")
+            raise ValueError(
+                f"Module '{name}' matches both target_modules and modules_to_save; pick one of the two.")
         else:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child,

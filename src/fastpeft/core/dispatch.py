@@ -17,7 +17,8 @@ class DispatchChain:
         self.method = method
         self._entries: list[tuple[Matcher, type, str]] = []
 
-    def register(self, match: type | tuple[type, ...] | Matcher, layer_cls: type, first: bool = False) -> None:
+    def register(self, match: type | tuple[type, ...] | Matcher, layer_cls: type,
+                 first: bool = False) -> None:
         if isinstance(match, type) or isinstance(match, tuple):
             types = match if isinstance(match, tuple) else (match,)
             label = "/".join(t.__name__ for t in types)

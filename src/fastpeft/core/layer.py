@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 @contextmanager
 def eval_mode(module: nn.Module):
-    """`module` and its children in eval mode inside the block, each flag restored after: a merge adds only the
-    deterministic update, never one drawn with the dropout / random masks / sampling that training mode turns on."""
+    """`module` and its children in eval mode inside the block, each flag restored after: a merge adds only
+    the deterministic update, never one drawn with the dropout / random masks / sampling that training mode
+    turns on."""
     flags = [(m, m.training) for m in module.modules() if m.training]
     for m, _ in flags:
         m.training = False
@@ -90,8 +91,9 @@ class AdapterHolder:
         return None if state is None else state.values
 
     def call_adapter_names(self, kwargs: dict) -> list[str] | None:
-        """Per-row adapter names for this call: `adapter_names=` if passed (popped from `kwargs`), else those of
-        the tuner's running mixed-batch call; None for a normal call. Nested layers (run by their owner) get none."""
+        """Per-row adapter names for this call: `adapter_names=` if passed (popped from `kwargs`), else those
+        of the tuner's running mixed-batch call; None for a normal call. Nested layers (run by their owner)
+        get none."""
         names = kwargs.pop("adapter_names", None)
         state = self._call_state
         if names is not None or state is None or state.names is None or getattr(self, "nested", False):
@@ -135,11 +137,13 @@ class AdapterLayer(nn.Module, AdapterHolder):
     adapter_param_names: tuple[str, ...] = ()
     # set on layers owned by another adapter layer (e.g. MHA's out_proj): the owner merges / unloads them
     nested: bool = False
-    # adapters add to the base output (adapter_output / delta_weight); False: the layer overrides adapted_forward
+    # adapters add to the base output (adapter_output / delta_weight); False: the layer overrides
+    # adapted_forward
     additive: bool = True
-    # HF PEFT's switch (peft.helpers.disable_input_dtype_casting sets it per layer): False leaves the input in its
-    # dtype instead of casting it to the adapter's. Only layers whose casts all go through `cast_input` honour
-    # it; they set `input_cast_switchable`, and the context manager refuses the others (core/input_casting.py).
+    # HF PEFT's switch (peft.helpers.disable_input_dtype_casting sets it per layer): False leaves the input in
+    # its dtype instead of casting it to the adapter's. Only layers whose casts all go through `cast_input`
+    # honour it; they set `input_cast_switchable`, and the context manager refuses the others
+    # (core/input_casting.py).
     cast_input_dtype_enabled: bool = True
     input_cast_switchable: bool = False
 
@@ -166,8 +170,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         return None
 
     def leaves_shared_weight(self, name: str) -> bool:
-        """True where merging adapter `name` leaves the base weight alone because the layer it shares that weight
-        with merges the same update (LoRA's tied LM head under ensure_weight_tying marks itself in
+        """True where merging adapter `name` leaves the base weight alone because the layer it shares that
+        weight with merges the same update (LoRA's tied LM head under ensure_weight_tying marks itself in
         `weight_followed`): such a pair is kept tied on merge (core/tying.py)."""
         return bool(self.__dict__.get("weight_followed", {}).get(name))
 
@@ -228,8 +232,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
     def set_adapter(self, names: str | list[str], trainable: Iterable[str] | None = None,
                     inference_mode: bool = False) -> None:
         """Activate `names` (those this layer has); adapters in `trainable` get requires_grad, others not.
-        Called as HF PEFT's `BaseTunerLayer.set_adapter(names, inference_mode=False)` (transformers and diffusers
-        do), without `trainable`: the active adapters train unless `inference_mode`."""
+        Called as HF PEFT's `BaseTunerLayer.set_adapter(names, inference_mode=False)` (transformers and
+        diffusers do), without `trainable`: the active adapters train unless `inference_mode`."""
         names, trainable = set_adapter_arguments(names, trainable, inference_mode)
         own = self.adapter_names()
         # kept as asked (as HF PEFT, for status reports); forward and merge skip names this layer lacks
@@ -241,7 +245,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
                 param.requires_grad_(False)
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on enable)."""
+        """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on
+        enable)."""
         self._disable_adapters = not enabled
         if not enabled:
             for name in self.adapter_names():
@@ -250,7 +255,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"Adapter '{name}' is merged into the base weights; call unmerge_adapter() first.")
+            raise ValueError(
+                f"Adapter '{name}' is merged into the base weights; call unmerge_adapter() first.")
         for key, value in vars(self).items():  # per-adapter settings such as r / scaling
             if not key.startswith("_") and isinstance(value, dict) and name in value:
                 del value[name]
@@ -298,7 +304,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         if self.merged:
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]}.")
 
     def mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
         """Each sample uses its own adapter (`adapter_names[i]`); "__base__" means no adapter."""
@@ -315,7 +322,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         return result.to(out_dtype)
 
     def _grouped_forward(self, x, adapter_names: list[str], *args, **kwargs):
-        """Mixed batch for non-additive layers: the rows of each adapter through `adapted_forward` together."""
+        """Mixed batch for non-additive layers: the rows of each adapter through `adapted_forward`
+        together."""
         result = self.base_forward(x, *args, **kwargs)
         own = self.adapter_names()
         for name in sorted(set(adapter_names) & own):
@@ -330,9 +338,10 @@ class AdapterLayer(nn.Module, AdapterHolder):
             return x
         return x.to(dtype)
 
-    # ------------------------------------------------------------------ per-adapter scale (HF PEFT's layer API)
-    # diffusers' set_adapters weights, lora_scale and fuse_lora(lora_scale=) call these on every adapter layer.
-    # A method whose output is scaled by `self.scaling[name]` supplies `initial_scaling`; others refuse.
+    # ---------------------------------------------------------------- per-adapter scale (HF PEFT's layer API)
+    # diffusers' set_adapters weights, lora_scale and fuse_lora(lora_scale=) call these on every adapter
+    # layer. A method whose output is scaled by `self.scaling[name]` supplies `initial_scaling`; others
+    # refuse.
     def initial_scaling(self, name: str) -> float:
         """The scale adapter `name` got at creation (from its config), which `set_scale` multiplies."""
         raise NotImplementedError(
@@ -342,7 +351,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         )
 
     def set_scale(self, adapter: str, scale: float) -> None:
-        """Adapter `adapter`'s scale = `scale` times its initial scale (adapters this layer lacks: ignored)."""
+        """Adapter `adapter`'s scale = `scale` times its initial scale (adapters this layer lacks:
+        ignored)."""
         if self.has_adapter(adapter):
             self._write_scaling(adapter, scale * self.initial_scaling(adapter))
 
@@ -367,7 +377,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
 
     def _write_scaling(self, name: str, value) -> None:
         current = self.scaling.get(name)
-        if isinstance(current, torch.Tensor):  # held as a tensor for compiled hot-swaps: same tensor, new value
+        # held as a tensor for compiled hot-swaps: same tensor, new value
+        if isinstance(current, torch.Tensor):
             current.fill_(value)
         else:
             self.scaling[name] = float(value)
@@ -405,7 +416,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         if safe_merge:
             for _, value in new_values:
                 if not torch.isfinite(value).all():
-                    raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
+                    raise ValueError(
+                        f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken.")
         for param, value in new_values:
             param.data = value
 
@@ -416,7 +428,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
         if delta_b is not None:
             base.bias.data -= delta_b.to(base.bias.dtype)
 
-    def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def unloaded(self, merge: bool, safe_merge: bool = False,
+                 adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         return self.release()

@@ -26,7 +26,8 @@ def _first(cfg: dict, names: tuple[str, ...]):
 
 
 def fill_model_dims(config, model: nn.Module) -> None:
-    """Fill num_layers / token_dim / num_attention_heads / num_transformer_submodules from the model config."""
+    """Fill num_layers / token_dim / num_attention_heads / num_transformer_submodules from the model
+    config."""
     model_cfg = getattr(model, "config", None)
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
     cfg = cfg.get("text_config") or cfg
@@ -34,7 +35,8 @@ def fill_model_dims(config, model: nn.Module) -> None:
         "num_layers": getattr(model_cfg, "num_hidden_layers", None) or _first(
             cfg, ("num_hidden_layers", "num_layers", "n_layer")),
         "token_dim": _first(cfg, ("hidden_size", "n_embd", "d_model")),
-        "num_attention_heads": _first(cfg, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
+        "num_attention_heads": _first(cfg, ("num_attention_heads", "n_head", "num_heads",
+                                            "encoder_attention_heads")),
     }
     for field, value in found.items():
         if getattr(config, field) is None:
@@ -87,7 +89,8 @@ class PromptMethod:
         raise NotImplementedError
 
     def finish(self, encoder: nn.Module, config, outputs, kwargs: dict[str, Any]):
-        """Post-process the base model's outputs (`kwargs`: the caller's inputs), e.g. a method-specific loss."""
+        """Post-process the base model's outputs (`kwargs`: the caller's inputs), e.g. a method-specific
+        loss."""
         return outputs
 
     def after_activation(self, encoder: nn.Module) -> None:
@@ -187,20 +190,23 @@ class EmbeddingPrompt(PromptMethod):
         if ride_along:
             _max_length_as_new_tokens(model, kwargs, input_ids.shape[1])
         inputs = self.transform(encoder, config, model, word_embeddings,
-                                {k: kwargs.pop(k, None) for k in ("input_ids", "inputs_embeds", "attention_mask",
-                                                                  "task_ids", "token_type_ids", "position_ids")})
+                                {k: kwargs.pop(k, None)
+                                 for k in ("input_ids", "inputs_embeds", "attention_mask",
+                                           "task_ids", "token_type_ids", "position_ids")})
         if inputs.get("attention_mask") is None:
             embeds = inputs["inputs_embeds"]
             inputs["attention_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         if ride_along:
-            # generate() feeds the embeddings at the first step only and continues the ids: its logits processors
-            # (forced BOS, repetition rules, ...) and its result then see the caller's sequence, as without a prompt
+            # generate() feeds the embeddings at the first step only and continues the ids: its logits
+            # processors (forced BOS, repetition rules, ...) and its result then see the caller's sequence, as
+            # without a prompt
             inputs["input_ids"] = input_ids
         return model.generate(**inputs, **kwargs)
 
 
 def _max_length_as_new_tokens(model: nn.Module, kwargs: dict, prompt_length: int) -> None:
-    """Turn the max_length that applies (the call's, its generation_config's or the model's) into max_new_tokens.
+    """Turn the max_length that applies (the call's, its generation_config's or the model's) into
+    max_new_tokens.
 
     Given embeddings, generate() counts max_length from them, virtual tokens included; the caller counted it
     from the ids. A max_new_tokens that is set already wins, as in generate().
@@ -228,6 +234,7 @@ def cache_argument(model: nn.Module) -> str:
         if name in params:
             return name
     raise ValueError(
-        f"Prefix tuning needs a model whose forward accepts a key/value cache; {type(model).__name__}.forward "
-        "takes neither `cache` nor `past_key_values`. Use prompt tuning or p-tuning for this model/task instead."
+        "Prefix tuning needs a model whose forward accepts a key/value cache; "
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`. Use prompt tuning or "
+        "p-tuning for this model/task instead."
     )

@@ -47,7 +47,8 @@ class PromptAdapters:
         check_adapter_name(adapter_name)
         config = config if config is not None else self.peft_config[adapter_name]
         if config.task_type is None:
-            raise ValueError(f"{config.peft_type} needs a task_type (e.g. TaskType.CAUSAL_LM) to know its inputs.")
+            raise ValueError(
+                f"{config.peft_type} needs a task_type (e.g. TaskType.CAUSAL_LM) to know its inputs.")
         method = get_spec(config.peft_type).prompt_cls()
         config = method.prepare_config(config, model)
         encoder = method.build_encoder(config, self.word_embeddings).to(self.word_embeddings.weight.device)
@@ -83,7 +84,8 @@ class PromptAdapters:
         if not isinstance(adapter_name, str):
             raise ValueError("Prompt methods activate one adapter at a time; pass a single adapter name.")
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Unknown adapter '{adapter_name}'; loaded adapters: {sorted(self.peft_config)}.")
+            raise ValueError(
+                f"Unknown adapter '{adapter_name}'; loaded adapters: {sorted(self.peft_config)}.")
         self.active_adapter = adapter_name
         self.trainable_adapters = set() if inference_mode else {adapter_name}
         self._apply_adapter_state()
@@ -120,7 +122,8 @@ class PromptAdapters:
     # ------------------------------------------------------------------ running the model
     def model_forward(self, *args, **kwargs):
         if args:
-            raise TypeError("Prompt methods take keyword inputs only, e.g. model(input_ids=..., attention_mask=...).")
+            raise TypeError(
+                "Prompt methods take keyword inputs only, e.g. model(input_ids=..., attention_mask=...).")
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("Mixed-adapter batches (adapter_names) are not supported for prompt methods.")
         if self.disabled:
@@ -147,13 +150,15 @@ class PromptAdapters:
 
     # ------------------------------------------------------------------ files
     def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return self.method(adapter_name).file_state(self.encoders[adapter_name], self.peft_config[adapter_name])
+        return self.method(adapter_name).file_state(self.encoders[adapter_name],
+                                                    self.peft_config[adapter_name])
 
     def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
         method = self.method(adapter_name)
         missing = [k for k in method.file_keys if k not in tensors]
         if missing:
-            raise ValueError(f"The adapter file lacks {missing}, needed by {self.peft_config[adapter_name].peft_type}.")
+            raise ValueError(
+                f"The adapter file lacks {missing}, needed by {self.peft_config[adapter_name].peft_type}.")
         method.load_file_state(self.encoders[adapter_name], self.peft_config[adapter_name], tensors)
         return set(method.file_keys)
 

@@ -1,9 +1,10 @@
 """Config options that select modules but select nothing, and targets no layer class can wrap (issue #9, 6-7).
 
-HF PEFT ignores an `exclude_modules` entry, a `layers_to_transform` index or a `rank_pattern` / `alpha_pattern`
-key that matches no module (at most one warning when no module at all was excluded), so a typo silently trains
-the wrong thing. Here each such entry is an error with the module names that come closest. When an adapter is
-loaded from a file the weights decide what exists, so there it is only a warning (an error in strict mode).
+HF PEFT ignores an `exclude_modules` entry, a `layers_to_transform` index or a `rank_pattern`
+/ `alpha_pattern` key that matches no module (at most one warning when no module at all was excluded), so a
+typo silently trains the wrong thing. Here each such entry is an error with the module names that come
+closest. When an adapter is loaded from a file the weights decide what exists, so there it is only a warning
+(an error in strict mode).
 
 Matched targets that the method cannot wrap are all listed in one error (HF PEFT stops at the first one).
 """
@@ -39,7 +40,8 @@ def _unused_excludes(config, names: list[str]) -> list[str]:
     if isinstance(spec, str):
         if any(re.fullmatch(spec, n) for n in names):
             return []
-        return [f"exclude_modules={spec!r} (a full-match regex) matches no module; close names: {_close(spec, names)}"]
+        return [f"exclude_modules={spec!r} (a full-match regex) matches no module; close names: "
+                f"{_close(spec, names)}"]
     return [f"exclude_modules entry {e!r} matches no module (exact name or dotted suffix); close names: "
             f"{_close(e, names)}" for e in sorted(spec) if not any(_suffix_match(e, n) for n in names)]
 
@@ -56,8 +58,8 @@ def _unused_layers(config, names: list[str]) -> list[str]:
     if not missing:
         return []
     where = f" (layers_pattern={pattern!r})" if pattern else ""
-    return [f"layers_to_transform indices {missing} match no layer of the targeted modules{where}; their layer "
-            f"indices are {sorted(found)}"]
+    return [f"layers_to_transform indices {missing} match no layer of the targeted modules{where}; their "
+            f"layer indices are {sorted(found)}"]
 
 
 def _unused_pattern_keys(config, attr: str, target_names: list[str]) -> list[str]:
@@ -115,8 +117,8 @@ def check_supported(dispatch, targets: list[tuple[str, object]]) -> None:
     more = f" and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in bad})
     raise AdapterConfigError(
-        f"{first} In all, {len(bad)} module(s) matched by target_modules cannot be adapted: {shown}{more}. Skip "
-        f"them with exclude_modules={suffixes!r}, or narrow target_modules to the layers inside them."
+        f"{first} In all, {len(bad)} module(s) matched by target_modules cannot be adapted: {shown}{more}. "
+        f"Skip them with exclude_modules={suffixes!r}, or narrow target_modules to the layers inside them."
     ) from None
 
 

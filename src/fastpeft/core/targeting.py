@@ -118,8 +118,8 @@ def all_linear_targets(model: nn.Module, task_type, is_linear) -> set[str]:
     if callable(get_output):
         head = get_output()
         if head is None and task_type == "SEQ_CLS":
-            head = next((getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if getattr(model, h, None) is not None),
-                        None)
+            head = next(
+                (getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if getattr(model, h, None) is not None), None)
     if head is not None:
         names -= {n for n, m in model.named_modules() if m is head}
     return names
@@ -137,8 +137,8 @@ def _suffixes(name: str) -> list[str]:
 def condense_targets(targets: set[str], module_names: list[str]) -> set[str]:
     """A smaller set of name suffixes selecting exactly the same modules (HF PEFT saves the condensed list).
 
-    Greedy, deterministic: for each target in sorted order of its suffix list, keep its shortest suffix that no
-    untargeted module ends with, unless a suffix kept already covers it.
+    Greedy, deterministic: for each target in sorted order of its suffix list, keep its shortest suffix that
+    no untargeted module ends with, unless a suffix kept already covers it.
     """
     ends = tuple(f".{t}" for t in targets)
     others = {s for n in module_names if n not in targets and not n.endswith(ends) for s in _suffixes(n)}

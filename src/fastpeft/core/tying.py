@@ -1,15 +1,16 @@
 """Merging into a weight that several modules share, e.g. tied word embeddings (issue #9, item 13).
 
-An adapter on one side of a tied pair (say `lm_head` of a model with `tie_word_embeddings=True`, without LoRA's
-`ensure_weight_tying`) changes that side only. Merging it into the one shared tensor would change the other side as
-well (the input embedding), so the merged model would no longer compute what the adapted one did; HF PEFT 0.21.2
-does exactly that. fastpeft instead gives a merging layer its own copy of such a weight first (logged), unless every
-other module sharing it receives the same update through its own adapter layer (a layer that *follows* the weight,
-see `AdapterLayer.leaves_shared_weight`: LoRA's tied LM head under ensure_weight_tying, tied trainable tokens).
+An adapter on one side of a tied pair (say `lm_head` of a model with `tie_word_embeddings=True`, without
+LoRA's `ensure_weight_tying`) changes that side only. Merging it into the one shared tensor would change the
+other side as well (the input embedding), so the merged model would no longer compute what the adapted one
+did; HF PEFT 0.21.2 does exactly that. fastpeft instead gives a merging layer its own copy of such a weight
+first (logged), unless every other module sharing it receives the same update through its own adapter layer (a
+layer that *follows* the weight, see `AdapterLayer.leaves_shared_weight`: LoRA's tied LM head under
+ensure_weight_tying, tied trainable tokens).
 
 Once the input and output embeddings of a transformers model hold different tensors, its config gets
-`tie_word_embeddings=False` (logged): otherwise `save_pretrained` + `from_pretrained` of the merged model would tie
-the head to the embedding again and silently drop the merged head.
+`tie_word_embeddings=False` (logged): otherwise `save_pretrained` + `from_pretrained` of the merged model
+would tie the head to the embedding again and silently drop the merged head.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _owners(model: nn.Module) -> dict[int, list[nn.Module]]:
 
 
 def _merging(layer: AdapterLayer, adapter_names: list[str] | None) -> list[str]:
-    """The adapters a merge with `adapter_names` (None: the active ones) would add to this layer's weight now."""
+    """The adapters a merge with `adapter_names` (None: the active ones) would add to this layer's weight
+    now."""
     names = layer.active_adapters if adapter_names is None else adapter_names
     own = layer.adapter_names()
     return [n for n in names if n in own and n not in layer.merged_adapters]
@@ -46,7 +48,8 @@ def _follows(layer: AdapterLayer | None, names: list[str]) -> bool:
 
 
 def _shared_weight(layer: AdapterLayer, owners: dict[int, list[nn.Module]]):
-    """(weight, other modules holding it) of the layer's base module; (None, []) if it has no plain shared weight."""
+    """(weight, other modules holding it) of the layer's base module; (None, []) if it has no plain shared
+    weight."""
     base = layer.get_base_layer()
     weight = base._parameters.get("weight")
     if weight is None or type(weight) is not nn.Parameter:  # quantised weights are never tied embeddings
@@ -70,13 +73,14 @@ def untie_before_merge(model: nn.Module, layers: Iterable[AdapterLayer],
         weight, sharers = _shared_weight(layer, owners)
         if not sharers or all(_follows(layer_of.get(id(m)), names) for m in sharers):
             continue
-        layer.get_base_layer().weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        layer.get_base_layer().weight = nn.Parameter(weight.detach().clone(),
+                                                     requires_grad=weight.requires_grad)
         untied.append(names_of.get(id(layer), type(layer).__name__))
         logger.warning(
-            "Merging adapter(s) %s into '%s', whose weight is shared with %s that do not get this update: '%s' now "
-            "has its own copy of the weight (the other modules keep the original), so the merged model computes "
-            "what the adapted one did.", names, untied[-1], sorted(names_of.get(id(m), "?") for m in sharers),
-            untied[-1])
+            "Merging adapter(s) %s into '%s', whose weight is shared with %s that do not get this update: "
+            "'%s' now has its own copy of the weight (the other modules keep the original), so the merged "
+            "model computes what the adapted one did.", names, untied[-1],
+            sorted(names_of.get(id(m), "?") for m in sharers), untied[-1])
     return untied
 
 
@@ -104,8 +108,8 @@ def embeddings_tied(model: nn.Module) -> bool:
 
 
 def record_untied_embeddings(model: nn.Module, was_tied: bool) -> bool:
-    """Where the embeddings were tied (`was_tied`) and no longer are (a merged or unloaded adapter changed one side):
-    set `config.tie_word_embeddings = False` and log it."""
+    """Where the embeddings were tied (`was_tied`) and no longer are (a merged or unloaded adapter changed one
+    side): set `config.tie_word_embeddings = False` and log it."""
     if not was_tied or embeddings_tied(model):
         return False
     config = model.config
@@ -114,7 +118,7 @@ def record_untied_embeddings(model: nn.Module, was_tied: bool) -> bool:
     if text_config is not None and getattr(text_config, "tie_word_embeddings", False):
         text_config.tie_word_embeddings = False
     logger.warning(
-        "The input and output embeddings of this %s no longer share one weight (an adapter changed one side): set "
-        "config.tie_word_embeddings=False, so that save_pretrained + from_pretrained keeps both instead of tying "
-        "the output head to the input embedding again.", type(model).__name__)
+        "The input and output embeddings of this %s no longer share one weight (an adapter changed one "
+        "side): set config.tie_word_embeddings=False, so that save_pretrained + from_pretrained keeps both "
+        "instead of tying the output head to the input embedding again.", type(model).__name__)
     return True

@@ -1,1 +1,2 @@
-"""Integrations with other libraries (transformers defaults, Trainer, diffusers, bitsandbytes); lazy imports."""
+"""Integrations with other libraries (transformers defaults, Trainer, diffusers, bitsandbytes); lazy
+imports."""

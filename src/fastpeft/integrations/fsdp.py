@@ -1,9 +1,9 @@
 """FSDP auto-wrap policy for adapter models (HF PEFT's `peft.utils.other.fsdp_auto_wrap_policy`).
 
-transformers' Trainer gives it to accelerate's FSDP plugin for PEFT models. Each transformer block becomes one FSDP
-unit (the model's `_no_split_modules` classes, or the class names in FSDP_TRANSFORMER_CLS_TO_WRAP, comma-separated),
-and so does every trainable leaf module (LoRA factors, prompt encoders' tables): frozen and trainable parameters
-then never share a flat parameter, which FSDP with `use_orig_params=False` requires.
+transformers' Trainer gives it to accelerate's FSDP plugin for PEFT models. Each transformer block becomes one
+FSDP unit (the model's `_no_split_modules` classes, or the class names in FSDP_TRANSFORMER_CLS_TO_WRAP,
+comma-separated), and so does every trainable leaf module (LoRA factors, prompt encoders' tables): frozen and
+trainable parameters then never share a flat parameter, which FSDP with `use_orig_params=False` requires.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _block_class_names(model: nn.Module) -> set[str]:
 
 
 def _block_classes(model: nn.Module) -> set[type]:
-    """The classes named by `_block_class_names` among the model's modules; a name that matches none is an error."""
+    """The classes named by `_block_class_names` among the model's modules; a name that matches none is an
+    error."""
     wanted = _block_class_names(model)
     found = {type(m) for m in model.modules() if type(m).__name__ in wanted}
     missing = wanted - {cls.__name__ for cls in found}

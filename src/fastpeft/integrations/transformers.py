@@ -1,12 +1,14 @@
-"""Make transformers' `Trainer` and TRL's trainers treat fastpeft models as PEFT models (adapter files, resume).
+"""Make transformers' `Trainer` and TRL's trainers treat fastpeft models as PEFT models (adapter files,
+resume).
 
-They recognise PEFT models with `isinstance(model, peft.PeftModel)`, so by default a fastpeft model is saved whole.
-We rebind a few module-level names of theirs to wrappers that also accept fastpeft models; see `enable_trainer_support`.
+They recognise PEFT models with `isinstance(model, peft.PeftModel)`, so by default a fastpeft model is saved
+whole. We rebind a few module-level names of theirs to wrappers that also accept fastpeft models; see
+`enable_trainer_support`.
 
-Who needs it: users who do NOT call `fastpeft.install_as_peft()` (HF PEFT installed next to fastpeft, or no `peft`
-at all). With `install_as_peft()`, `peft.PeftModel` is fastpeft's class and `peft.tuners.tuners_utils.BaseTunerLayer`
-a base of fastpeft's adapter layers, so the trainers' own checks (and accelerate's `is_peft_model`) already answer
-yes: nothing is patched then (`fastpeft_serves_as_peft`).
+Who needs it: users who do NOT call `fastpeft.install_as_peft()` (HF PEFT installed next to fastpeft, or no
+`peft` at all). With `install_as_peft()`, `peft.PeftModel` is fastpeft's class and
+`peft.tuners.tuners_utils.BaseTunerLayer` a base of fastpeft's adapter layers, so the trainers' own checks
+(and accelerate's `is_peft_model`) already answer yes: nothing is patched then (`fastpeft_serves_as_peft`).
 """
 
 from __future__ import annotations
@@ -18,24 +20,27 @@ from collections.abc import Callable
 from typing import Any
 
 # Why rebinding names (and not subclassing `Trainer` or asking users to call something):
-# - it keeps the drop-in promise: user code written for HF PEFT runs unchanged, with or without `peft` installed;
+# - it keeps the drop-in promise: user code written for HF PEFT runs unchanged, with or without `peft`
+#   installed;
 # - the recognition sits in a handful of module-level names, listed below, each wrapped to answer "yes" for a
 #   fastpeft `PeftModel` and to defer to the original otherwise (so HF PEFT models behave exactly as before);
-# - nothing is patched at `import fastpeft`: `PeftModel.__init__` calls `enable_trainer_support()`, which patches
-#   the listed modules already imported and, for the others, patches each one right after it is first imported
-#   (a meta-path finder that reacts to those module names only), so import order does not matter;
-# - it is idempotent: a name already holding one of our wrappers is left alone; a name reset by someone else (for
-#   example a test's monkeypatch) is wrapped again on the next call.
+# - nothing is patched at `import fastpeft`: `PeftModel.__init__` calls `enable_trainer_support()`, which
+#   patches the listed modules already imported and, for the others, patches each one right after it is first
+#   imported (a meta-path finder that reacts to those module names only), so import order does not matter;
+# - it is idempotent: a name already holding one of our wrappers is left alone; a name reset by someone else
+#   (for example a test's monkeypatch) is wrapped again on the next call.
 #
-# TRL's SFTTrainer asks `accelerate.utils.is_peft_model` (imported by name) to decide where to attach its fused LM
-# head: on `model.get_base_model()` for PEFT models, else on the model itself (which breaks on a wrapper). We rebind
-# that name in TRL's modules only, plus `BaseTunerLayer` (its "adapter on lm_head" check; absent without HF PEFT).
-# Deliberately NOT patched: accelerate's own `is_peft_model` -- its FSDP helpers then call HF PEFT functions.
+# TRL's SFTTrainer asks `accelerate.utils.is_peft_model` (imported by name) to decide where to attach its
+# fused LM head: on `model.get_base_model()` for PEFT models, else on the model itself (which breaks on a
+# wrapper). We rebind that name in TRL's modules only, plus `BaseTunerLayer` (its "adapter on lm_head" check;
+# absent without HF PEFT). Deliberately NOT patched: accelerate's own `is_peft_model` -- its FSDP helpers then
+# call HF PEFT functions.
 
 MARK = "__fastpeft_patch__"
 
 # module -> names rebound in it. `_is_peft_model` is the Trainer's test (several modules import it by name);
-# `PeftModel` / `is_peft_available` in `transformers.trainer` build the class list that `Trainer._save` accepts.
+# `PeftModel` / `is_peft_available` in `transformers.trainer` build the class list that `Trainer._save`
+# accepts.
 TARGETS: dict[str, tuple[str, ...]] = {
     "transformers.trainer_utils": ("_is_peft_model",),
     "transformers.trainer": ("_is_peft_model", "PeftModel", "is_peft_available"),
@@ -48,7 +53,8 @@ _lock = threading.RLock()
 
 
 def fastpeft_serves_as_peft() -> bool:
-    """Whether `fastpeft.install_as_peft()` is active: then the trainers recognise fastpeft models unpatched."""
+    """Whether `fastpeft.install_as_peft()` is active: then the trainers recognise fastpeft models
+    unpatched."""
     from ..peft_alias import is_installed
 
     return is_installed()
@@ -156,7 +162,8 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a `TARGETS` module it asks the other finders and wraps the loader they return."""
+    """Finds nothing itself: for a `TARGETS` module it asks the other finders and wraps the loader they
+    return."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in TARGETS:
@@ -179,12 +186,13 @@ def _install_finder() -> None:
 
 
 def enable_trainer_support() -> None:
-    """Let transformers' `Trainer` (and trainers built on it, e.g. TRL's) handle fastpeft models as PEFT models.
+    """Let transformers' `Trainer` (and trainers built on it, e.g. TRL's) handle fastpeft models as PEFT
+    models.
 
-    Effects once active: `save_model` and checkpoints write the adapter files only, `resume_from_checkpoint` and
-    `load_best_model_at_end` load them back with `load_adapter`, dataset columns follow the base model's `forward`.
-    Called by `PeftModel.__init__`; cheap and idempotent, safe to call again. A no-op while fastpeft serves as
-    `peft` (`install_as_peft()`): the trainers need no patch then.
+    Effects once active: `save_model` and checkpoints write the adapter files only, `resume_from_checkpoint`
+    and `load_best_model_at_end` load them back with `load_adapter`, dataset columns follow the base model's
+    `forward`. Called by `PeftModel.__init__`; cheap and idempotent, safe to call again. A no-op while
+    fastpeft serves as `peft` (`install_as_peft()`): the trainers need no patch then.
     """
     if fastpeft_serves_as_peft():
         return

@@ -14,7 +14,8 @@ LORA_TARGETS: dict[str, list[str]] = {
     **{t: ["query", "value"] for t in (
         "bert", "roberta", "xlm-roberta", "electra", "layoutlm", "camembert", "ernie", "roberta-prelayernorm",
     )},
-    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "RefinedWeb", "RefinedWebModel", "chatglm")},
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "RefinedWeb",
+                                        "RefinedWebModel", "chatglm")},
     **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "deberta": ["in_proj"],
@@ -38,7 +39,7 @@ def default_targets(table: dict[str, list[str]], model, method: str) -> set[str]
     model_type = model_type_of(model)
     if model_type not in table:
         raise ValueError(
-            f"{method}: no default target_modules for model_type={model_type!r}; pass target_modules explicitly "
-            "(module names such as ['q_proj', 'v_proj'], a regex string, or 'all-linear')."
+            f"{method}: no default target_modules for model_type={model_type!r}; pass target_modules "
+            "explicitly (module names such as ['q_proj', 'v_proj'], a regex string, or 'all-linear')."
         )
     return set(table[model_type])

@@ -3,8 +3,8 @@
 transformers reads the adapter file itself and renames each key with the `WeightRenaming` rules this module
 builds (HF PEFT's `peft.utils.transformers_weight_conversion.build_peft_weight_mapping`): a file key such as
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` must become the model's
-`model.layers.0.self_attn.q_proj.lora_A.default.weight`. Modules-to-save copies are renamed by transformers from
-`AuxiliaryTrainingWrapper.adapter_state_dict_load_map` (core/auxiliary.py).
+`model.layers.0.self_attn.q_proj.lora_A.default.weight`. Modules-to-save copies are renamed by transformers
+from `AuxiliaryTrainingWrapper.adapter_state_dict_load_map` (core/auxiliary.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def build_peft_weight_mapping(weight_conversions, adapter_name: str, peft_config
 
     if getattr(peft_config, "target_parameters", None):
         raise NotImplementedError(
-            "Loading adapters on expert parameters (target_parameters) through transformers' load_adapter is not "
-            "supported by fastpeft yet: load them with fastpeft.PeftModel.from_pretrained(model, path)."
+            "Loading adapters on expert parameters (target_parameters) through transformers' load_adapter is "
+            "not supported by fastpeft yet: load them with fastpeft.PeftModel.from_pretrained(model, path)."
         )
     rules = [WeightRenaming(FILE_PREFIX, "")]
     for prefix in _prefixes(peft_config):

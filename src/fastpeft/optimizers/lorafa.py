@@ -108,8 +108,8 @@ def _resolve_rslora(model: nn.Module, use_rslora: bool | None) -> None:
     mismatched = [a for a in active if bool(getattr(configs[a], "use_rslora", False)) != use_rslora]
     if mismatched:
         raise ValueError(
-            f"create_lorafa_optimizer got use_rslora={use_rslora}, but active adapters {mismatched} are configured "
-            "otherwise. Set use_rslora in LoraConfig and drop the (deprecated) argument."
+            f"create_lorafa_optimizer got use_rslora={use_rslora}, but active adapters {mismatched} are "
+            "configured otherwise. Set use_rslora in LoraConfig and drop the (deprecated) argument."
         )
     warnings.warn("The `use_rslora` argument of create_lorafa_optimizer is deprecated; rsLoRA is read from "
                   "each adapter's LoraConfig.", FutureWarning, stacklevel=3)

@@ -1,7 +1,8 @@
 """LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", arXiv:2402.12354).
 
 The paper's rule (Sec. 4, eta_B = lambda * eta_A with lambda >> 1) is applied through optimizer parameter
-groups: A factors train at `lr`, B factors at `lr * loraplus_lr_ratio`, LoRA embedding factors at their own rate.
+groups: A factors train at `lr`, B factors at `lr * loraplus_lr_ratio`, LoRA embedding factors at their own
+rate.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def require_trainable(model: nn.Module, builder: str, frozen: frozenset[int] = f
         return
     extra = " besides the LoRA A factors that LoRA-FA freezes" if frozen else ""
     raise AdapterStateError(
-        f"{builder}: the model has no trainable parameters{extra}, so this optimizer would change nothing. An "
-        "adapter loaded with PeftModel.from_pretrained(..., is_trainable=False) (the default) is frozen: load it "
-        "with is_trainable=True, or call model.set_requires_grad(adapter_name) before building the optimizer."
+        f"{builder}: the model has no trainable parameters{extra}, so this optimizer would change nothing. "
+        "An adapter loaded with PeftModel.from_pretrained(..., is_trainable=False) (the default) is frozen: "
+        "load it with is_trainable=True, or call model.set_requires_grad(adapter_name) before "
+        "building the optimizer."
     )
 
 
@@ -76,7 +78,8 @@ def _roles(model: nn.Module) -> dict[int, str]:
 
 
 def _layernorm_params(model: nn.Module) -> set[int]:
-    """ids of parameters living inside an `nn.LayerNorm` (never weight-decayed, as in transformers' Trainer)."""
+    """ids of parameters living inside an `nn.LayerNorm` (never weight-decayed, as in transformers'
+    Trainer)."""
     return {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
 
 
@@ -89,10 +92,10 @@ def create_loraplus_optimizer(
 ) -> Optimizer:
     """Build `optimizer_cls` over the trainable parameters of a LoRA model with LoRA+ learning rates.
 
-    Groups, in this order: A factors and other matrices (`lr`), LoRA embedding factors (`loraplus_lr_embedding`,
-    default 1e-6), then B factors and other vectors (`lr * loraplus_lr_ratio`), split into those with
-    `loraplus_weight_decay` (default 0.0) and those without (biases, LayerNorm parameters). Remaining `kwargs`
-    go to `optimizer_cls`.
+    Groups, in this order: A factors and other matrices (`lr`), LoRA embedding factors
+    (`loraplus_lr_embedding`, default 1e-6), then B factors and other vectors (`lr * loraplus_lr_ratio`),
+    split into those with `loraplus_weight_decay` (default 0.0) and those without (biases, LayerNorm
+    parameters). Remaining `kwargs` go to `optimizer_cls`.
     """
     roles = _roles(model)
     require_trainable(model, "create_loraplus_optimizer")

@@ -1,4 +1,5 @@
-"""HF PEFT's module path `peft.tuners`: one subpackage per method (re-exports; the code is in fastpeft.methods)."""
+"""HF PEFT's module path `peft.tuners`: one subpackage per method (re-exports; the code is in
+fastpeft.methods)."""
 
 from . import (  # noqa: F401
     adalora,

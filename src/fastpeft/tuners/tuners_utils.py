@@ -1,4 +1,5 @@
-"""HF PEFT's module path `peft.tuners.tuners_utils`: the base classes every adapter layer / tuner derives from.
+"""HF PEFT's module path `peft.tuners.tuners_utils`: the base classes every adapter layer / tuner derives
+from.
 
 transformers, diffusers and TRL find adapter layers with `isinstance(module, BaseTunerLayer)`: every fastpeft
 adapter layer is an `AdapterLayer`.

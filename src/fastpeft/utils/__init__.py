@@ -1,4 +1,5 @@
-"""HF PEFT's module path `peft.utils`: re-exports (the code lives in checkpoint/, core/ and model_utils.py)."""
+"""HF PEFT's module path `peft.utils`: re-exports (the code lives in checkpoint/, core/ and
+model_utils.py)."""
 
 from ..checkpoint.io import load_peft_weights
 from ..checkpoint.keys import get_peft_model_state_dict, set_peft_model_state_dict

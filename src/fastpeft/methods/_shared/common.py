@@ -46,13 +46,13 @@ def check_choice(owner: str, option: str, value, allowed: Iterable) -> None:
 
 
 def check_layer_selection(config, owner: str, regex_targets: bool = False) -> None:
-    """layers_pattern only names where the indices of layers_to_transform are read; with `regex_targets` neither
-    option may be combined with a regex string target_modules (they select among a list of names)."""
+    """layers_pattern only names where the indices of layers_to_transform are read; with `regex_targets`
+    neither option may be combined with a regex string target_modules (they select among a list of names)."""
     if regex_targets and isinstance(config.target_modules, str):
         for option in ("layers_to_transform", "layers_pattern"):
             if getattr(config, option) is not None:
-                raise ValueError(f"{owner}: {option} cannot be used when target_modules is a regex string; give "
-                                 "target_modules as a list of names.")
+                raise ValueError(f"{owner}: {option} cannot be used when target_modules is a regex string; "
+                                 "give target_modules as a list of names.")
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError(f"{owner}: layers_pattern needs layers_to_transform (which layer indices to adapt).")
 
@@ -66,18 +66,20 @@ def check_layer_options(config, owner: str) -> None:
     'all' or '<method>_only' (the prefix is left free, as HF PEFT only tests the suffix)."""
     lists_to_sets(config)
     check_layer_selection(config, owner, regex_targets=True)
-    if not isinstance(config.bias, str) or not (config.bias in ("none", "all") or config.bias.endswith("_only")):
+    if not isinstance(config.bias, str) or not (config.bias in ("none", "all")
+                                                or config.bias.endswith("_only")):
         raise ValueError(f"{owner}.bias={config.bias!r} is not valid; use {BIAS_HELP}.")
 
 
 def check_block_choice(owner: str, count_name: str, count: int, size_name: str, size: int) -> None:
-    """Exactly one of the block count and the block size is given (non-zero); the other is derived per layer."""
+    """Exactly one of the block count and the block size is given (non-zero); the other is derived per
+    layer."""
     if count < 0 or size < 0:
         raise ValueError(f"{owner}: {count_name}={count} and {size_name}={size} must not be negative.")
     if (count != 0) == (size != 0):
         raise ValueError(
-            f"{owner}: set exactly one of {count_name} ({count}) and {size_name} ({size}) to a non-zero value and "
-            f"the other to 0, since {count_name} x {size_name} equals the layer's input size."
+            f"{owner}: set exactly one of {count_name} ({count}) and {size_name} ({size}) to a non-zero "
+            f"value and the other to 0, since {count_name} x {size_name} equals the layer's input size."
         )
 
 # ------------------------------------------------------------------ tuner helpers
@@ -99,8 +101,9 @@ def fill_targets(config, model: nn.Module, table: dict[str, list[str]], label: s
 
 
 def align_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:
-    """transformers' Conv1D stores its weight (in, out), nn.Linear (out, in): the config's fan_in_fan_out follows
-    the layer type of each target (corrected with a warning, as HF PEFT). Returns the value for `module`."""
+    """transformers' Conv1D stores its weight (in, out), nn.Linear (out, in): the config's fan_in_fan_out
+    follows the layer type of each target (corrected with a warning, as HF PEFT). Returns the value for
+    `module`."""
     wanted = is_conv1d(module)
     if bool(config.fan_in_fan_out) != wanted:
         logger.warning("'%s' is %s: setting fan_in_fan_out=%s.", key,
@@ -146,8 +149,8 @@ def bias_file_keys(model: nn.Module, adapter_name: str, config, modules: list[tu
 
 
 def train_base_biases(tuner, adapter_name: str, bias: str, skip: tuple[str, ...] = WRAPPER_PARTS) -> None:
-    """bias='all': every bias of the model trains (names containing a part of `skip` excepted); '<method>_only':
-    the base biases of the layers holding `adapter_name`; 'none': nothing."""
+    """bias='all': every bias of the model trains (names containing a part of `skip` excepted);
+    '<method>_only': the base biases of the layers holding `adapter_name`; 'none': nothing."""
     if bias == "all":
         for name, param in tuner.model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias" and not any(part in name for part in skip):

@@ -38,7 +38,8 @@ def ties_word_embeddings(model: nn.Module) -> bool:
 
 
 def tied_module_names(model: nn.Module) -> list[str]:
-    """Names of embedding / linear modules sharing the input embedding's weight tensor (outside adapter layers).
+    """Names of embedding / linear modules sharing the input embedding's weight tensor (outside adapter
+    layers).
 
     Empty unless the model's config sets `tie_word_embeddings`, as in HF PEFT.
     """

@@ -7,9 +7,9 @@ operation (linear, conv1d or conv2d): y = base(x) + op(x, dW). A method supplies
 Training-time regularisers (LyCORIS, https://arxiv.org/abs/2309.14859):
 - `module_dropout`: each forward in training mode skips the whole adapter with this probability;
 - `rank_dropout`: each forward in training mode zeroes random output rows of dW (optionally rescaled).
-Neither is ever applied to merged weights: `delta_weight` (used by merge / unmerge) is always the deterministic
-dW. The random draws happen in the same order as in HF PEFT (one uniform number per adapter for module dropout,
-then one per output row for rank dropout, on the CPU generator), so seeded runs agree with it.
+Neither is ever applied to merged weights: `delta_weight` (used by merge / unmerge) is always the
+deterministic dW. The random draws happen in the same order as in HF PEFT (one uniform number per adapter for
+module dropout, then one per output row for rank dropout, on the CPU generator), so seeded runs agree with it.
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ class LycorisConfig(PeftConfig):
     rank_dropout: float = field(
         default=0.0, metadata={"help": "Training only: probability of zeroing each output row of dW."})
     module_dropout: float = field(
-        default=0.0, metadata={"help": "Training only: probability of skipping the adapter in a forward pass."})
+        default=0.0, metadata={
+            "help": "Training only: probability of skipping the adapter in a forward pass."})
     use_effective_conv2d: bool = field(
-        default=False, metadata={"help": "Conv layers with kernel > 1: factor the kernel with a CP core tensor "
-                                         "(FedPara's Proposition 3) instead of flattening it."})
+        default=False, metadata={"help": "Conv layers with kernel > 1: factor the kernel with a CP core "
+                                         "tensor (FedPara's Proposition 3) instead of flattening it."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names, dotted suffixes, a full-match regex or 'all-linear'."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: dW starts at zero (identity); False: all factors random."})
     layers_to_transform: list[int] | int | None = field(
@@ -78,10 +80,12 @@ class LycorisConfig(PeftConfig):
 
     def _validate(self) -> None:
         name = type(self).__name__
-        for key, value in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+        for key, value in [("r", self.r),
+                           *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}.{key} must be a positive integer rank, got {value!r}.")
-        for key, value in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+        for key, value in [("alpha", self.alpha),
+                           *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name}.{key} must be a number (dW is scaled by alpha / r), got {value!r}.")
         for key in ("rank_dropout", "module_dropout"):
@@ -89,7 +93,8 @@ class LycorisConfig(PeftConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{name}.{key} must be a probability in [0, 1], got {value!r}.")
         if not any(self.init_weights is c or self.init_weights == c for c in self.INIT_CHOICES):
-            raise ValueError(f"{name}.init_weights must be one of {list(self.INIT_CHOICES)}, got {self.init_weights!r}.")
+            raise ValueError(
+                f"{name}.init_weights must be one of {list(self.INIT_CHOICES)}, got {self.init_weights!r}.")
         check_layer_selection(self, name)
 
 

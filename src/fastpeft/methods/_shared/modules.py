@@ -7,7 +7,8 @@ from torch import nn
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style `Conv1D` (checked by class so importing fastpeft needs no transformers)."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -1,10 +1,11 @@
 """Orthogonal-transform math shared by OFT and BOFT, and their common layer base (`RotationLayer`).
 
-OFT (Qiu et al., 2023, https://arxiv.org/abs/2306.07280) rotates a layer's input with a block-diagonal orthogonal
-matrix; BOFT (Liu et al., 2024, https://arxiv.org/abs/2311.06243) multiplies several permuted block-diagonal
-factors ("butterfly") into one rotation. Each block is made orthogonal with the Cayley transform of a skew-symmetric
-matrix Q: R = (I - Q)(I + Q)^-1, computed with one batched linear solve (never an explicit inverse), or with a
-truncated Neumann series when the config asks for it (HF PEFT's coefficients, see `cayley_neumann`).
+OFT (Qiu et al., 2023, https://arxiv.org/abs/2306.07280) rotates a layer's input with a block-diagonal
+orthogonal matrix; BOFT (Liu et al., 2024, https://arxiv.org/abs/2311.06243) multiplies several permuted
+block-diagonal factors ("butterfly") into one rotation. Each block is made orthogonal with the Cayley
+transform of a skew-symmetric matrix Q: R = (I - Q)(I + Q)^-1, computed with one batched linear solve (never
+an explicit inverse), or with a truncated Neumann series when the config asks for it (HF PEFT's coefficients,
+see `cayley_neumann`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def skew_from_square(data: torch.Tensor) -> torch.Tensor:
     return 0.5 * (data - data.transpose(-2, -1))
 
 
-# ---------------------------------------------------------------------------------------------- Cayley transform
+# ------------------------------------------------------------------------------------------- Cayley transform
 def cayley_exact(skew: torch.Tensor) -> torch.Tensor:
     """(I - Q)(I + Q)^-1 for a batch of skew-symmetric Q, as the solution X of X (I + Q) = I - Q."""
     eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
@@ -68,7 +69,8 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
 
 
 def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
-    """Orthogonal blocks from skew-symmetric `skew`: exact (linear solve) or the Neumann series when terms given."""
+    """Orthogonal blocks from skew-symmetric `skew`: exact (linear solve) or the Neumann series when terms
+    given."""
     dtype = skew.dtype
     if neumann_terms is None:
         return cayley_exact(skew).to(dtype)
@@ -83,8 +85,9 @@ def orthogonality_error(blocks: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- caching
 def cache_key(param: torch.Tensor) -> tuple | None:
-    """Identity of `param`'s current values for reusing a rotation outside autograd, or None when a rotation built
-    from it must be recomputed (it needs a graph). In-place updates bump `_version`; `.data = ...` moves storage."""
+    """Identity of `param`'s current values for reusing a rotation outside autograd, or None when a rotation
+    built from it must be recomputed (it needs a graph). In-place updates bump `_version`; `.data = ...` moves
+    storage."""
     if torch.is_grad_enabled() and param.requires_grad:
         return None
     return (param._version, param.data_ptr(), param.shape, param.dtype, param.device)
@@ -104,7 +107,7 @@ def cached(store: dict, name: str, param: torch.Tensor, compute):
     return value
 
 
-# ---------------------------------------------------------------------------------------------- constrained OFT
+# -------------------------------------------------------------------------------------------- constrained OFT
 def project_coft(vec: torch.Tensor, size: int, eps: float) -> torch.Tensor:
     """COFT: shrink each block's skew matrix onto the Frobenius ball of radius eps / sqrt(#blocks).
 
@@ -131,7 +134,7 @@ def nearest_divisor(n: int, wanted: int) -> int:
     return lower if wanted - lower <= higher - wanted else higher
 
 
-# ---------------------------------------------------------------------------------------------- block rotations
+# -------------------------------------------------------------------------------------------- block rotations
 def expand_shared(blocks: torch.Tensor, count: int) -> torch.Tensor:
     """(1, b, b) shared blocks repeated to `count` blocks; (count, b, b) returned as given."""
     return blocks.expand(count, -1, -1) if blocks.shape[0] != count else blocks
@@ -146,8 +149,8 @@ def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False
 
 
 def unrotate_blocks(y: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """The x with `rotate_blocks(x, blocks, transpose) == y`, by a batched linear solve per block (exact even when
-    the blocks are only nearly orthogonal, e.g. from a short Neumann series)."""
+    """The x with `rotate_blocks(x, blocks, transpose) == y`, by a batched linear solve per block (exact even
+    when the blocks are only nearly orthogonal, e.g. from a short Neumann series)."""
     count, size = blocks.shape[0], blocks.shape[-1]
     lead = y.shape[:-1]
     parts = y.reshape(-1, count, size).transpose(0, 1)  # (r, rows, b)
@@ -161,10 +164,10 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*torch.unbind(blocks))
 
 
-# ---------------------------------------------------------------------------------------------- butterfly (BOFT)
+# ------------------------------------------------------------------------------------------- butterfly (BOFT)
 def butterfly_permutation(n: int, groups: int, chunk: int) -> torch.Tensor:
-    """Index permutation of one butterfly factor: inside each of `groups` equal segments of [0, n), the chunks of
-    `chunk` entries are reordered evens first, then odds (chunk 0, 2, 4, ..., 1, 3, 5, ...)."""
+    """Index permutation of one butterfly factor: inside each of `groups` equal segments of [0, n), the chunks
+    of `chunk` entries are reordered evens first, then odds (chunk 0, 2, 4, ..., 1, 3, 5, ...)."""
     segment = n // groups
     if groups * chunk * 2 > n:
         raise ValueError(f"Butterfly permutation of size {n} cannot have {groups} groups of chunk {chunk}.")
@@ -175,7 +178,8 @@ def butterfly_permutation(n: int, groups: int, chunk: int) -> torch.Tensor:
 
 
 def butterfly_permutations(n: int, block_num: int, block_size: int, factors: int) -> list[torch.Tensor]:
-    """One index permutation per butterfly factor (the identity for plain block-diagonal OFT, factors == 1)."""
+    """One index permutation per butterfly factor (the identity for plain block-diagonal OFT,
+    factors == 1)."""
     if factors == 1:
         return [torch.arange(n)]
     return [butterfly_permutation(n, block_num // 2**i, block_size // 2) for i in range(factors)]
@@ -194,7 +198,8 @@ def butterfly_matrix(blocks: torch.Tensor, perms: list[torch.Tensor]) -> torch.T
 
 
 def butterfly_block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
-    """BOFT's multiplicative dropout: in one random butterfly factor, int(p * D) random blocks become identity."""
+    """BOFT's multiplicative dropout: in one random butterfly factor, int(p * D) random blocks become
+    identity."""
     n_factors, count, size, _ = blocks.shape
     chosen = int(torch.randint(0, n_factors, (1,)).item())
     dropped = int(p * count)
@@ -207,8 +212,9 @@ def butterfly_block_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- layer base
 class RotationLayer(AdapterLayer):
-    """What the OFT and BOFT layers share: the base weight seen as rows over the rotated axis, written back after a
-    float32 merge or unmerge. Subclasses give `rotated_dim` and may refuse base layers in `check_base`."""
+    """What the OFT and BOFT layers share: the base weight seen as rows over the rotated axis, written back
+    after a float32 merge or unmerge. Subclasses give `rotated_dim` and may refuse base layers in
+    `check_base`."""
 
     def check_base(self) -> None:
         """Refuse base layers the method cannot rotate (overridden per layer type)."""
@@ -222,10 +228,11 @@ class RotationLayer(AdapterLayer):
         return weight.reshape(weight.shape[0], -1)
 
     def store_rows(self, rows: torch.Tensor, dtype: torch.dtype, checked_adapter: str | None = None) -> None:
-        """`rows` (as from `weight_rows`) become the base weight in `dtype`; with `checked_adapter` (safe_merge)
-        non-finite values are refused first."""
+        """`rows` (as from `weight_rows`) become the base weight in `dtype`; with `checked_adapter`
+        (safe_merge) non-finite values are refused first."""
         if checked_adapter is not None and not torch.isfinite(rows).all():
-            raise ValueError(f"NaNs or infs in the merged weights: adapter '{checked_adapter}' seems to be broken.")
+            raise ValueError(
+                f"NaNs or infs in the merged weights: adapter '{checked_adapter}' seems to be broken.")
         self.base_layer.weight.data = rows.to(dtype).reshape(self.base_layer.weight.shape)
 
 

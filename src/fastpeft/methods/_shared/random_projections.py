@@ -1,14 +1,15 @@
 """Frozen random projections shared by every adapted layer of a model (VeRA and RandLoRA).
 
-Both methods draw ONE pair of random matrices per model from a seeded generator (`projection_prng_key`), sized for
-the largest targeted layer: each layer uses the top-left slice it needs and trains only small scaling tensors.
+Both methods draw ONE pair of random matrices per model from a seeded generator (`projection_prng_key`), sized
+for the largest targeted layer: each layer uses the top-left slice it needs and trains only small scaling
+tensors.
 
 Where the matrices live (same as HF PEFT, so files and state dicts line up):
 - the tuner owns them as buffers `<tuner>.<a_name>.<adapter>` / `<tuner>.<b_name>.<adapter>` (persistent when
   `save_projection=True`); every adapter of a model aliases the first adapter's tensors;
 - layers keep a plain (unregistered) reference to those buffer dicts, so moving the model moves them once;
-- in adapter files they are `base_model.<a_name>` / `base_model.<b_name>`; RandLoRA files also carry one copy per
-  adapted layer (`base_model.model.<layer>.randlora_A`), as HF PEFT writes them.
+- in adapter files they are `base_model.<a_name>` / `base_model.<b_name>`; RandLoRA files also carry one copy
+  per adapted layer (`base_model.model.<layer>.randlora_A`), as HF PEFT writes them.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def check_projection_config(config, label: str, biases: tuple[str, ...], dropout
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{label} dropout must be in [0, 1), got {dropout!r}.")
     if not config.save_projection:
-        logger.warning("%s.save_projection=False: the shared projections are not saved and will be redrawn from "
-                       "projection_prng_key on load; set save_projection=True to make files self-contained.", label)
+        logger.warning("%s.save_projection=False: the shared projections are not saved and will be redrawn "
+                       "from projection_prng_key on load; set save_projection=True to make "
+                       "files self-contained.", label)
 
 
 class BufferDict(nn.Module):
@@ -95,8 +97,9 @@ def largest_shape(modules: list[nn.Module]) -> tuple[int, int]:
     """(out, in): the largest output and input size over `modules` (each dimension separately)."""
     sizes = [in_out_features(m) for m in modules if is_linear(m)]
     if not sizes:
-        raise ValueError("No nn.Linear / Conv1D layer among the targets: the shared random projections are sized "
-                         "on them. Point target_modules at linear layers (no other layer type is supported).")
+        raise ValueError(
+            "No nn.Linear / Conv1D layer among the targets: the shared random projections are sized "
+            "on them. Point target_modules at linear layers (no other layer type is supported).")
     return max(o for _, o in sizes), max(i for i, _ in sizes)
 
 
@@ -124,13 +127,15 @@ class ProjectionLayer(AdapterLayer):
         return getattr(self, a_name)[name], getattr(self, b_name)[name]
 
     def check_fits(self, name: str, needed: dict[str, tuple[int, int, int]]) -> None:
-        """`needed`: projection -> (dimension, size needed, size available); refuse a layer they cannot cover."""
+        """`needed`: projection -> (dimension, size needed, size available); refuse a layer they cannot
+        cover."""
         for what, (dim, want, have) in needed.items():
             if have < want:
                 raise ValueError(
-                    f"{self.method_label} adapter '{name}': {what} has size {have} in dimension {dim} but this layer "
-                    f"(in={self.in_features}, out={self.out_features}) needs {want}. The shared projections were "
-                    "sized for the first adapter's targets; add the adapter with the larger targets first."
+                    f"{self.method_label} adapter '{name}': {what} has size {have} in dimension {dim} but "
+                    f"this layer (in={self.in_features}, out={self.out_features}) needs {want}. The shared "
+                    "projections were sized for the first adapter's targets; add the adapter with the "
+                    "larger targets first."
                 )
 
 
@@ -155,9 +160,9 @@ class ProjectionTuner(Tuner):
         for other in others:
             if other.projection_prng_key != config.projection_prng_key:
                 raise ValueError(
-                    f"{self.method_label} adapters of one model share their random projections: projection_prng_key "
-                    f"must be the same for all of them (got {config.projection_prng_key}, existing adapters use "
-                    f"{other.projection_prng_key})."
+                    f"{self.method_label} adapters of one model share their random projections: "
+                    "projection_prng_key must be the same for all of them (got "
+                    f"{config.projection_prng_key}, existing adapters use {other.projection_prng_key})."
                 )
             if other.save_projection != config.save_projection:
                 raise ValueError(
@@ -168,9 +173,11 @@ class ProjectionTuner(Tuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        **options) -> None:
         self._adding, self._autocast = adapter_name, autocast_adapter_dtype
-        existed = self.projection_names[0] in self._modules and adapter_name in self._modules[self.projection_names[0]]
+        existed = (self.projection_names[0] in self._modules
+                   and adapter_name in self._modules[self.projection_names[0]])
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
+            super().inject_adapter(model, adapter_name,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, **options)
         except Exception:
             if not existed:  # a failed injection leaves no projections behind
                 self._drop_projections(adapter_name)
@@ -180,7 +187,8 @@ class ProjectionTuner(Tuner):
 
     def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         targets = super().select_targets(model, config)
-        if getattr(self, "_adding", None) is not None:  # injecting: the new adapter's projections, sized on targets
+        # injecting: the new adapter's projections, sized on targets
+        if getattr(self, "_adding", None) is not None:
             bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
             self._add_projections(self._adding, config, bases)
         return targets
@@ -209,12 +217,14 @@ class ProjectionTuner(Tuner):
             store[adapter_name] = tensor
 
     def _placed(self, tensors: list[torch.Tensor], bases: list[nn.Module]) -> list[torch.Tensor]:
-        """As HF PEFT: on the base layers' device, in their dtype; fp16 / bf16 ones autocast then makes fp32 again
-        (the values keep the half-precision rounding, as in HF PEFT)."""
+        """As HF PEFT: on the base layers' device, in their dtype; fp16 / bf16 ones autocast then makes fp32
+        again (the values keep the half-precision rounding, as in HF PEFT)."""
         ref = next((m.weight for m in bases if m.weight.is_floating_point()), None)
-        if ref is None:  # quantised bases only (bitsandbytes int8 / 4-bit): their device; autocast widens halves
+        # quantised bases only (bitsandbytes int8 / 4-bit): their device; autocast widens halves
+        if ref is None:
             half = (torch.float16, torch.bfloat16)
-            return [t.to(bases[0].weight.device, torch.float32 if self._autocast and t.dtype in half else t.dtype)
+            return [t.to(bases[0].weight.device,
+                         torch.float32 if self._autocast and t.dtype in half else t.dtype)
                     for t in tensors]
         tensors = [t.to(device=ref.device, dtype=ref.dtype) for t in tensors]
         if self._autocast and ref.dtype in (torch.float16, torch.bfloat16):
@@ -224,8 +234,8 @@ class ProjectionTuner(Tuner):
     def _check_rank(self, config, projection_a: torch.Tensor) -> None:
         if projection_a.shape[0] != config.r:
             raise ValueError(
-                f"{self.method_label} adapters of one model share the projections built for the first adapter "
-                f"(r={projection_a.shape[0]}); a new adapter must use the same r, got r={config.r}."
+                f"{self.method_label} adapters of one model share the projections built for the first "
+                f"adapter (r={projection_a.shape[0]}); a new adapter must use the same r, got r={config.r}."
             )
 
     def _drop_projections(self, adapter_name: str) -> None:
@@ -242,7 +252,8 @@ class ProjectionTuner(Tuner):
     base_file_keys = staticmethod(bias_file_keys)  # the biases `bias` trains are saved with the adapter
 
     def mark_extra_trainable(self, adapter_name: str, config) -> None:
-        """bias='all' trains every bias of the base model; bias='<method>_only' those of the adapted layers."""
+        """bias='all' trains every bias of the base model; bias='<method>_only' those of the adapted
+        layers."""
         train_base_biases(self, adapter_name, config.bias, skip=(".original_module.",))
 
     # ------------------------------------------------------------------ adapter files
@@ -267,15 +278,16 @@ class ProjectionTuner(Tuner):
         found = sorted(k for k in keys if k in tensors)
         if not self.peft_config[adapter_name].save_projection:
             if found:
-                logger.warning("The file holds %s but save_projection=False: the projections are regenerated from "
-                               "projection_prng_key instead.", found)
+                logger.warning("The file holds %s but save_projection=False: the projections are regenerated "
+                               "from projection_prng_key instead.", found)
             return set()
         main = [FILE_PREFIX + attr for attr in self.projection_names]
         missing = [k for k in main if k not in tensors]
         if missing:
             raise ValueError(
-                f"The adapter file lacks {missing}, but its config says save_projection=True. Set save_projection "
-                "to False (adapter_config.json) to regenerate the projections from projection_prng_key."
+                f"The adapter file lacks {missing}, but its config says save_projection=True. Set "
+                "save_projection to False (adapter_config.json) to regenerate the projections from "
+                "projection_prng_key."
             )
         self._copy_projections(adapter_name, {k: tensors[k] for k in found}, keys)
         return set(found)
@@ -286,8 +298,8 @@ class ProjectionTuner(Tuner):
             target = self._modules[attr][adapter_name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(
-                    f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(target.shape)} in the model: the "
-                    f"adapter was made for other target layers or another r. Nothing was loaded."
+                    f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(target.shape)} in the "
+                    "model: the adapter was made for other target layers or another r. Nothing was loaded."
                 )
         with torch.no_grad():  # the per-layer copies hold the same values: the model keeps one tensor
             for key in [FILE_PREFIX + attr for attr in self.projection_names]:

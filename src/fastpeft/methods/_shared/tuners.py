@@ -13,9 +13,9 @@ logger = logging.getLogger(__name__)
 
 
 class LinearFamilyTuner(Tuner):
-    """LoRA's default targets per model type (HF PEFT reuses that table for these methods) and 'all-linear' over
-    nn.Linear layers, layers told their module name, and `bias`: 'all' trains every base bias, '<method>_only'
-    those of the adapted layers (one such adapter per model, as HF PEFT)."""
+    """LoRA's default targets per model type (HF PEFT reuses that table for these methods) and 'all-linear'
+    over nn.Linear layers, layers told their module name, and `bias`: 'all' trains every base bias,
+    '<method>_only' those of the adapted layers (one such adapter per model, as HF PEFT)."""
 
     def prepare_config(self, config, model):
         return fill_targets(config, model, LORA_TARGETS, self.dispatch.method, is_nn_linear)
@@ -33,8 +33,8 @@ class LinearFamilyTuner(Tuner):
 
 
 class OrthogonalTuner(Tuner):
-    """Rotation methods: LoRA's default targets (HF PEFT reuses that table for them), nn.Linear weights only (no
-    Conv1D, so fan_in_fan_out is turned off) and the `bias` option."""
+    """Rotation methods: LoRA's default targets (HF PEFT reuses that table for them), nn.Linear weights only
+    (no Conv1D, so fan_in_fan_out is turned off) and the `bias` option."""
 
     def prepare_config(self, config, model):
         method = self.dispatch.method

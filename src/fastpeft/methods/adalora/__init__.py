@@ -8,7 +8,8 @@ from .config import AdaLoraConfig
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
 from .model import AdaLoraModel
 
-register(MethodSpec(peft_type=PeftType.ADALORA, config_cls=AdaLoraConfig, prefix="lora_", tuner_cls=AdaLoraModel))
+register(MethodSpec(peft_type=PeftType.ADALORA, config_cls=AdaLoraConfig, prefix="lora_",
+                    tuner_cls=AdaLoraModel))
 
 
 def __getattr__(name):

@@ -1,11 +1,14 @@
-"""`RankAllocator`: AdaLoRA's importance-driven pruning of singular triplets (Zhang et al., 2023, sec. 3.2-3.3).
+"""`RankAllocator`: AdaLoRA's importance-driven pruning of singular triplets (Zhang et al., 2023,
+sec. 3.2-3.3).
 
-Per adapter tensor entry, importance I = |w * dL/dw| is smoothed (sensitivity, EMA with beta1) and its deviation
-tracked (uncertainty, EMA with beta2); an entry's score is their product. A triplet's score is its E entry's score
-plus the mean score of its row of A and of its column of B. At each allocation step the lowest-scoring triplets
-over all layers are masked (E set to 0) until only the step's budget of triplets remains.
+Per adapter tensor entry, importance I = |w * dL/dw| is smoothed (sensitivity, EMA with beta1) and its
+deviation tracked (uncertainty, EMA with beta2); an entry's score is their product. A triplet's score is its E
+entry's score plus the mean score of its row of A and of its column of B. At each allocation step the
+lowest-scoring triplets over all layers are masked (E set to 0) until only the step's budget of triplets
+remains.
 
-Keys of `rank_pattern` are '<module path>.lora_E.<adapter>' (module paths inside the user's model), as HF PEFT.
+Keys of `rank_pattern` are '<module path>.lora_E.<adapter>' (module paths inside the user's model), as HF
+PEFT.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ class RankAllocator:
                 param = getattr(layer, part)[self.adapter_name]
                 if param.grad is None:
                     raise RuntimeError(
-                        f"AdaLoRA: {path}.{part}.{self.adapter_name} has no gradient. Call update_and_allocate() "
-                        "after loss.backward() (and optimizer.step()) but before optimizer.zero_grad()."
+                        f"AdaLoRA: {path}.{part}.{self.adapter_name} has no gradient. Call "
+                        "update_and_allocate() after loss.backward() (and optimizer.step()) but before "
+                        "optimizer.zero_grad()."
                     )
                 n = self.key(path, part)
                 with torch.no_grad():
@@ -107,8 +111,8 @@ class RankAllocator:
         """Re-apply a stored pattern (keys with or without the adapter name) during the final phase."""
         if not rank_pattern:
             raise RuntimeError(
-                "AdaLoRA: update_and_allocate() reached the final phase (step > total_step - tfinal) without a "
-                "rank_pattern: call it at every training step from step 0 so the budget phase can run."
+                "AdaLoRA: update_and_allocate() reached the final phase (step > total_step - tfinal) without "
+                "a rank_pattern: call it at every training step from step 0 so the budget phase can run."
             )
         for path, layer in self.layers.items():
             full, short = self.key(path, "lora_E"), f"{path}.lora_E"

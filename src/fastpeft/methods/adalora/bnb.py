@@ -1,7 +1,7 @@
 """AdaLoRA on bitsandbytes Linear4bit / Linear8bitLt (HF PEFT's `adalora.SVDLinear4bit` / `SVDLinear8bitLt`).
 
-The SVD-form update `B diag(E) A x * scaling / ranknum` is added to the quantised layer's output, exactly as on a
-dense layer. Merging adds it to the dequantised weight and requantises (quant/merge.py; HF PEFT refuses).
+The SVD-form update `B diag(E) A x * scaling / ranknum` is added to the quantised layer's output, exactly as
+on a dense layer. Merging adds it to the dequantised weight and requantises (quant/merge.py; HF PEFT refuses).
 """
 
 from __future__ import annotations

@@ -33,20 +33,21 @@ def _adalora_tuner(model):
 
 
 class AdaLoraCallback(TrainerCallback):
-    """Calls `update_and_allocate(state.global_step)` on the trained AdaLoRA model after every optimizer step."""
+    """Calls `update_and_allocate(state.global_step)` on the trained AdaLoRA model after every optimizer
+    step."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         tuner = _adalora_tuner(model)
         if tuner is None:
             raise ValueError(
-                "AdaLoraCallback was given to a Trainer whose model has no AdaLoRA adapter; drop the callback or "
-                "build the model with get_peft_model(model, AdaLoraConfig(...))."
+                "AdaLoraCallback was given to a Trainer whose model has no AdaLoRA adapter; drop the "
+                "callback or build the model with get_peft_model(model, AdaLoraConfig(...))."
             )
         name = tuner.trainable_adapter_name
         total = tuner.peft_config[name].total_step if name is not None else None
         if total is not None and state.max_steps and state.max_steps != total:
-            logger.warning("AdaLoraConfig.total_step=%s but the Trainer runs %s steps: the rank budget schedule "
-                           "assumes total_step steps.", total, state.max_steps)
+            logger.warning("AdaLoraConfig.total_step=%s but the Trainer runs %s steps: the rank budget "
+                           "schedule assumes total_step steps.", total, state.max_steps)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         tuner = _adalora_tuner(model)

@@ -1,4 +1,5 @@
-"""`AdaLoraConfig`: HF PEFT 0.21.2's AdaLoRA fields and defaults (LoRA's fields plus the rank-allocation schedule).
+"""`AdaLoraConfig`: HF PEFT 0.21.2's AdaLoRA fields and defaults (LoRA's fields plus the rank-allocation
+schedule).
 
 AdaLoRA (Zhang et al., 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
 https://openreview.net/forum?id=lq62uWRJjiY) trains W + B diag(E) A / r and prunes singular triplets (rows of
@@ -46,7 +47,8 @@ LORA_ONLY_OPTIONS: dict[str, Any] = {
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
-    """AdaLoRA: SVD-form LoRA adapters whose ranks a `RankAllocator` prunes during training (see module doc)."""
+    """AdaLoRA: SVD-form LoRA adapters whose ranks a `RankAllocator` prunes during training (see module
+    doc)."""
 
     target_r: int = field(default=8, metadata={
         "size": "dim", "help": "Average rank per adapted matrix after pruning."})
@@ -55,7 +57,8 @@ class AdaLoraConfig(LoraConfig):
     tinit: int = field(default=0, metadata={"help": "Warm-up steps before any pruning."})
     tfinal: int = field(default=0, metadata={"help": "Final steps trained at the allocated ranks."})
     deltaT: int = field(default=1, metadata={"help": "Steps between two budget allocations."})
-    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity (importance) estimate."})
+    beta1: float = field(default=0.85,
+                         metadata={"help": "EMA factor of the sensitivity (importance) estimate."})
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the uncertainty estimate."})
     orth_reg_weight: float = field(default=0.5, metadata={
         "help": "Weight of the ||A A^T - I|| + ||B^T B - I|| regulariser added to the loss in forward."})
@@ -79,15 +82,17 @@ class AdaLoraConfig(LoraConfig):
         if used:
             raise ValueError(
                 f"AdaLoraConfig does not support the LoRA options {used}; reset them to their defaults (use "
-                "LoraConfig for them). AdaLoRA's own knobs are init_r, target_r and the tinit/tfinal schedule."
+                "LoraConfig for them). AdaLoRA's own knobs are init_r, target_r and the "
+                "tinit/tfinal schedule."
             )
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(
-                f"AdaLoraConfig.init_lora_weights must be True (E = 0, A and B ~ N(0, 0.02)) or False (all random "
-                f"normal), got {self.init_lora_weights!r}."
+                "AdaLoraConfig.init_lora_weights must be True (E = 0, A and B ~ N(0, 0.02)) or False (all "
+                f"random normal), got {self.init_lora_weights!r}."
             )
         if self.r != 8:
-            logger.warning("AdaLoraConfig ignores r=%s: the starting rank is init_r (=%s).", self.r, self.init_r)
+            logger.warning("AdaLoraConfig ignores r=%s: the starting rank is init_r (=%s).",
+                           self.r, self.init_r)
 
     def _validate_targets(self) -> None:
         if self.bias not in ("none", "all", "lora_only"):
@@ -106,16 +111,17 @@ class AdaLoraConfig(LoraConfig):
     def _validate_schedule(self) -> None:
         if self.total_step is None or self.total_step <= 0:
             raise ValueError(
-                "AdaLoraConfig needs total_step > 0 (the number of training steps, e.g. Trainer's max_steps): "
-                f"got {self.total_step!r}."
+                "AdaLoraConfig needs total_step > 0 (the number of training steps, e.g. Trainer's "
+                f"max_steps): got {self.total_step!r}."
             )
         if self.orth_reg_weight < 0:
             raise ValueError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"AdaLoraConfig.{name} must lie strictly between 0 and 1, got {getattr(self, name)}.")
+                raise ValueError(
+                    f"AdaLoraConfig.{name} must lie strictly between 0 and 1, got {getattr(self, name)}.")
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
-                f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no steps for "
-                "pruning (needs tinit < total_step - tfinal): lower tinit or tfinal, or raise total_step."
+                f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no steps "
+                "for pruning (needs tinit < total_step - tfinal): lower tinit or tfinal, or raise total_step."
             )

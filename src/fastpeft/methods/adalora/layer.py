@@ -1,8 +1,8 @@
 """AdaLoRA layers: the update is P diag(E) Q in SVD form, `lora_B @ (lora_A * lora_E) * scaling / ranknum`.
 
-`lora_A` (r, in) holds the right singular vectors, `lora_E` (r, 1) the singular values, `lora_B` (out, r) the left
-ones. Pruning a triplet zeroes its entry of E; `ranknum` (the starting rank, never trained nor saved) keeps the
-scale fixed while entries are pruned (Zhang et al., 2023, eq. 3).
+`lora_A` (r, in) holds the right singular vectors, `lora_E` (r, 1) the singular values, `lora_B` (out, r) the
+left ones. Pruning a triplet zeroes its entry of E; `ranknum` (the starting rank, never trained nor saved)
+keeps the scale fixed while entries are pruned (Zhang et al., 2023, eq. 3).
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ class AdaLoraLayer(AdapterLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = (nn.Dropout(config.lora_dropout) if config.lora_dropout > 0
+                                           else nn.Identity())
         self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, n_in))
         self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1))
         self.lora_B[adapter_name] = nn.Parameter(torch.randn(n_out, r))
-        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=ref.device), requires_grad=False)
+        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=ref.device),
+                                                  requires_grad=False)
         if config.init_lora_weights:
             self.reset_parameters(adapter_name)
 
@@ -79,8 +81,9 @@ class AdaLoraLayer(AdapterLayer):
         """
         if len(keep) != self.r[name]:
             raise ValueError(
-                f"rank_pattern has {len(keep)} flags for a layer of rank {self.r[name]} (adapter '{name}'): the "
-                "adapter was saved from a model with a different init_r. Load it with the config it was saved with."
+                f"rank_pattern has {len(keep)} flags for a layer of rank {self.r[name]} (adapter '{name}'): "
+                "the adapter was saved from a model with a different init_r. Load it with the "
+                "config it was saved with."
             )
         idx = torch.tensor(keep, dtype=torch.bool, device=self.lora_E[name].device)
         rank = int(idx.sum())
@@ -125,8 +128,8 @@ class SVDConv2d(AdaLoraLayer):
         base = self.get_base_layer()
         if base.groups != 1:
             raise ValueError(
-                f"AdaLoRA supports only Conv2d layers with groups=1 (this one has groups={base.groups}); drop it "
-                "from target_modules (or add it to exclude_modules)."
+                f"AdaLoRA supports only Conv2d layers with groups=1 (this one has groups={base.groups}); "
+                "drop it from target_modules (or add it to exclude_modules)."
             )
         kh, kw = base.kernel_size
         return base.in_channels * kh * kw, base.out_channels

@@ -1,12 +1,12 @@
 """`AdaLoraModel`: injects AdaLoRA's SVD layers, adds the orthogonality regulariser to the loss and runs the
 rank allocation schedule (`update_and_allocate`, called each step by the user or by `AdaLoraCallback`).
 
-The callback is passed to transformers' Trainer explicitly (`callbacks=[AdaLoraCallback()]`): fastpeft does not
-patch the Trainer to attach it. Forgetting both is caught: a training forward past `tinit` steps without any
-allocation raises an error naming the fix (see `_count_training_step`).
+The callback is passed to transformers' Trainer explicitly (`callbacks=[AdaLoraCallback()]`): fastpeft does
+not patch the Trainer to attach it. Forgetting both is caught: a training forward past `tinit` steps without
+any allocation raises an error naming the fix (see `_count_training_step`).
 
-Files are HF PEFT's: `ranknum` is not saved; an adapter whose config holds a `rank_pattern` is saved with only the
-kept triplets (lora_A rows, lora_E entries, lora_B columns) and is shrunk to those ranks when loaded.
+Files are HF PEFT's: `ranknum` is not saved; an adapter whose config holds a `rank_pattern` is saved with only
+the kept triplets (lora_A rows, lora_E entries, lora_B columns) and is shrunk to those ranks when loaded.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ ADALORA_TARGETS: dict[str, list[str]] = {
     "opt": _FULL,
     **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
     **{t: ["query_key_value"] for t in ("bloom", "gpt_neox")},
-    **{t: _QV for t in ("gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
+    **{t: _QV for t in ("gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text",
+                        "qwen2", "qwen3")},
     "bert": ["query", "value"],
     "roberta": ["query", "key", "value", "dense"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
@@ -59,7 +60,8 @@ def _module_path(pattern_key: str, adapter_name: str) -> str:
 
 
 class AdaLoraModel(AllOrNothingMerge, Tuner):
-    """AdaLoRA tuner. At most one adapter trains (others must be loaded with inference_mode=True), as HF PEFT."""
+    """AdaLoRA tuner. At most one adapter trains (others must be loaded with inference_mode=True), as HF
+    PEFT."""
 
     dispatch = DISPATCH
 
@@ -77,8 +79,9 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
         trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
         if len(trainable) > 1:
             raise ValueError(
-                f"AdaLoRA trains one adapter at a time, but adapters {trainable} are all trainable: create every "
-                "adapter but the one to train with inference_mode=True (or load them with is_trainable=False)."
+                f"AdaLoRA trains one adapter at a time, but adapters {trainable} are all trainable: create "
+                "every adapter but the one to train with inference_mode=True (or load them with "
+                "is_trainable=False)."
             )
 
     def layer_kwargs(self, config, key, module):
@@ -112,10 +115,12 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
             self.rankallocator = None
 
     def add_weighted_adapter(self, *args, **kwargs):
-        raise TypeError("AdaLoraModel does not support add_weighted_adapter; convert the adapters to LoRA first.")
+        raise TypeError(
+            "AdaLoraModel does not support add_weighted_adapter; convert the adapters to LoRA first.")
 
     # ------------------------------------------------------------------ forward: orthogonality regulariser
-    def forward(self, *args, **kwargs):  # called directly (model.base_model(...)): same loss as through PeftModel
+    # called directly (model.base_model(...)): same loss as through PeftModel
+    def forward(self, *args, **kwargs):
         return self.model_forward(*args, **kwargs)
 
     def model_forward(self, *args, **kwargs):
@@ -132,7 +137,8 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
         name = self.trainable_adapter_name
         terms = []
         for layer in self.svd_layers(name).values():
-            for gram in (layer.lora_A[name] @ layer.lora_A[name].T, layer.lora_B[name].T @ layer.lora_B[name]):
+            for gram in (layer.lora_A[name] @ layer.lora_A[name].T,
+                         layer.lora_B[name].T @ layer.lora_B[name]):
                 eye = torch.eye(*gram.shape, dtype=gram.dtype, device=gram.device)
                 terms.append(torch.norm(gram - eye, p="fro"))
         return sum(terms) / len(terms) if terms else 0.0
@@ -150,10 +156,11 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
         tinit = self.peft_config[name].tinit
         if self._schedule["steps_unscheduled"] > tinit + 1:
             raise RuntimeError(
-                f"AdaLoRA adapter '{name}' has trained {self._schedule['steps_unscheduled'] - 1} steps (tinit="
-                f"{tinit}) but its rank allocation never ran, so no rank is ever pruned. Call "
-                "model.base_model.update_and_allocate(global_step) every step after optimizer.step() and before "
-                "optimizer.zero_grad(), or pass callbacks=[fastpeft.AdaLoraCallback()] to transformers' Trainer."
+                f"AdaLoRA adapter '{name}' has trained {self._schedule['steps_unscheduled'] - 1} steps "
+                f"(tinit={tinit}) but its rank allocation never ran, so no rank is ever pruned. Call "
+                "model.base_model.update_and_allocate(global_step) every step after optimizer.step() and "
+                "before optimizer.zero_grad(), or pass callbacks=[fastpeft.AdaLoraCallback()] to "
+                "transformers' Trainer."
             )
 
     # ------------------------------------------------------------------ rank allocation
@@ -180,8 +187,8 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
 
     # ------------------------------------------------------------------ files
     def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Replaces the saved A / E / B of a pruned adapter by their kept triplets; as HF PEFT, strips the adapter
-        name from the config's rank_pattern keys (the form written to adapter_config.json)."""
+        """Replaces the saved A / E / B of a pruned adapter by their kept triplets; as HF PEFT, strips the
+        adapter name from the config's rank_pattern keys (the form written to adapter_config.json)."""
         config = self.peft_config[adapter_name]
         if not config.rank_pattern:
             return {}
@@ -200,7 +207,8 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
         return out
 
     def convert_loaded_state(self, adapter_name, tensors, root):
-        """Before loading a pruned adapter: shrink its layers to the ranks kept by the config's rank_pattern."""
+        """Before loading a pruned adapter: shrink its layers to the ranks kept by the config's
+        rank_pattern."""
         config = self.peft_config.get(adapter_name)
         for pattern_key, flags in (getattr(config, "rank_pattern", None) or {}).items():
             layer = self.model.get_submodule(_module_path(pattern_key, adapter_name))

@@ -1,4 +1,5 @@
-"""Adaption prompt (LLaMA-Adapter): gated prompt tokens inside the top attention layers of Llama / Mistral / GPT-2."""
+"""Adaption prompt (LLaMA-Adapter): gated prompt tokens inside the top attention layers of Llama / Mistral
+/ GPT-2."""
 
 from ...registry import MethodSpec, register
 from ...types import PeftType

@@ -1,6 +1,7 @@
 """`AdaptionPromptConfig` (LLaMA-Adapter, Zhang et al., 2023): HF PEFT 0.21's fields and defaults.
 
-Not a prompt-learning config: the prompts live inside the top attention layers, so `is_adaption_prompt` is True.
+Not a prompt-learning config: the prompts live inside the top attention layers, so `is_adaption_prompt` is
+True.
 """
 
 from __future__ import annotations

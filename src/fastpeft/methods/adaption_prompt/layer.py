@@ -1,7 +1,8 @@
 """Attention wrappers adding LLaMA-Adapter's gated attention over learned prompt tokens.
 
 The wrapped attention module is kept as `.model` (as in HF PEFT, so base weights keep HF's state-dict names);
-per-adapter tensors live in `adaption_prompt` / `adaption_gate` dicts, stored in files without the adapter name.
+per-adapter tensors live in `adaption_prompt` / `adaption_gate` dicts, stored in files without the adapter
+name.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch import nn
 from ...core.layer import AdapterLayer
 
 NOT_MERGEABLE = (
-    "Adaption prompts add an attention branch over learned prompt tokens; they cannot be merged into the base "
-    "weights. Keep the PeftModel for inference, or call unload() to get the unchanged base model back."
+    "Adaption prompts add an attention branch over learned prompt tokens; they cannot be merged into the "
+    "base weights. Keep the PeftModel for inference, or call unload() to get the unchanged base model back."
 )
 
 
@@ -39,7 +40,8 @@ def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class AdaptedAttentionBase(AdapterLayer):
-    """Adds `gate * softmax(Q K_p^T / sqrt(d)) V_p` (K_p, V_p projected from the prompt) to the attention output."""
+    """Adds `gate * softmax(Q K_p^T / sqrt(d)) V_p` (K_p, V_p projected from the prompt) to the attention
+    output."""
 
     adapter_param_names = ("adaption_prompt", "adaption_gate")
 
@@ -118,7 +120,8 @@ class AdaptedAttentionBase(AdapterLayer):
         out = out.to(query.dtype)
         return (out, *outputs[1:]) if is_tuple else out
 
-    def _rows_per_adapter(self, adapter_names: list[str] | None, batch: int) -> dict[str, torch.Tensor | None]:
+    def _rows_per_adapter(self, adapter_names: list[str] | None,
+                          batch: int) -> dict[str, torch.Tensor | None]:
         """{adapter: batch rows it applies to (None: all)} for the active adapters or a mixed batch."""
         own = self.adapter_names()
         if adapter_names is None:
@@ -155,8 +158,9 @@ class LlamaAdaptedAttention(AdaptedAttentionBase):
         position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         if position_embeddings is None:
             raise ValueError(
-                f"{type(attn).__name__} was called without position_embeddings=(cos, sin); adaption prompts need "
-                "them to rotate the queries. Use transformers >= 4.48, whose Llama / Mistral layers pass them."
+                f"{type(attn).__name__} was called without position_embeddings=(cos, sin); adaption prompts "
+                "need them to rotate the queries. Use transformers >= 4.48, whose Llama / "
+                "Mistral layers pass them."
             )
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         return query * cos + rotate_half(query) * sin

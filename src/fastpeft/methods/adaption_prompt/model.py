@@ -1,7 +1,7 @@
 """`AdaptionPromptModel`: wraps the top `adapter_layers` attention modules of Llama / Mistral / GPT-2 models.
 
-Targets are every module named `*.{target_modules}` in `named_modules` order, of which the last `adapter_layers`
-(the top of the stack) get adaption prompts, as in HF PEFT.
+Targets are every module named `*.{target_modules}` in `named_modules` order, of which the last
+`adapter_layers` (the top of the stack) get adaption prompts, as in HF PEFT.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class AdaptionPromptModel(Tuner):
     def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         """The top `adapter_layers` modules named `*.{target_modules}` (module order = layer order)."""
         suffix = f".{config.target_modules}"
-        found = [(n, m) for n, m in targeting.candidate_modules(model, (AdapterHolder,)) if n.endswith(suffix)]
+        found = [(n, m) for n, m in targeting.candidate_modules(model, (AdapterHolder,))
+                 if n.endswith(suffix)]
         if len(found) < config.adapter_layers:
             raise ValueError(
                 f"Config specifies more adapter layers '{config.adapter_layers}' than the model has "

@@ -1,4 +1,5 @@
-"""`BOFTConfig`: the fields and defaults of HF PEFT 0.21.2's BOFT config (all of them, so files round-trip)."""
+"""`BOFTConfig`: the fields and defaults of HF PEFT 0.21.2's BOFT config (all of them, so files
+round-trip)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ BOFT_BIAS_VALUES = ("none", "all", "boft_only")
 
 @dataclass
 class BOFTConfig(PeftConfig):
-    """Butterfly Orthogonal Finetuning (Liu et al., 2024, https://arxiv.org/abs/2311.06243): the layer input is
-    rotated by a product of permuted block-diagonal orthogonal factors and the output is rescaled per channel."""
+    """Butterfly Orthogonal Finetuning (Liu et al., 2024, https://arxiv.org/abs/2311.06243): the layer input
+    is rotated by a product of permuted block-diagonal orthogonal factors and the output is rescaled per
+    channel."""
 
     boft_block_size: int = field(default=4, metadata={
         "size": "dim",
@@ -23,20 +25,25 @@ class BOFTConfig(PeftConfig):
         "help": "Blocks per factor; boft_block_size x boft_block_num = the layer's input size."})
     boft_n_butterfly_factor: int = field(default=1, metadata={
         "size": "dim",
-        "help": "Butterfly factors multiplied into the rotation. Kept in the config, but new adapters get one factor "
-                "as in HF PEFT without its fbd_cuda extension; files holding N factors load with all N."})
+        "help": "Butterfly factors multiplied into the rotation. Kept in the config, but new adapters get "
+                "one factor as in HF PEFT without its fbd_cuda extension; files holding N "
+                "factors load with all N."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Names, regex or 'all-linear'; default from the model type."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     boft_dropout: float = field(default=0.0, metadata={
         "help": "Training only: probability of replacing blocks of one random factor by the identity."})
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out); False for nn.Linear."})
+    fan_in_fan_out: bool = field(default=False,
+                                 metadata={"help": "Weights stored (in, out); False for nn.Linear."})
     bias: str = field(default="none", metadata={
         "help": "Which base biases train: 'none', 'all' or 'boft_only' (those of adapted layers)."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    modules_to_save: list[str] | None = field(default=None,
+                                              metadata={"help": "Modules trained and saved whole."})
     init_weights: bool = field(default=True, metadata={
         "help": "True: identity rotation and unit scale at start; False: random (std 0.1), for tests."})
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_to_transform: list[int] | int | None = field(default=None,
+                                                        metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
 
     def __post_init__(self) -> None:
@@ -47,6 +54,7 @@ class BOFTConfig(PeftConfig):
                            self.boft_block_size)
         check_choice("BOFTConfig", "bias", self.bias, BOFT_BIAS_VALUES)
         if self.boft_n_butterfly_factor < 1:
-            raise ValueError(f"BOFTConfig.boft_n_butterfly_factor={self.boft_n_butterfly_factor} must be >= 1.")
+            raise ValueError(
+                f"BOFTConfig.boft_n_butterfly_factor={self.boft_n_butterfly_factor} must be >= 1.")
         if not 0.0 <= self.boft_dropout < 1.0:
             raise ValueError(f"BOFTConfig.boft_dropout={self.boft_dropout} must be in [0, 1).")

@@ -1,10 +1,12 @@
-"""BOFT layers (Linear, Conv2d): input rotated by a butterfly of orthogonal factors, output scaled per channel.
+"""BOFT layers (Linear, Conv2d): input rotated by a butterfly of orthogonal factors, output scaled per
+channel.
 
-Per adapter: `boft_R` (N factors, D blocks, H x H free matrices; each block is the Cayley transform of its skew part)
-and `boft_s` (per-output-channel scale), named as in HF PEFT so file keys match. New adapters get one factor
-(N = 1) whatever `boft_n_butterfly_factor` says: that is what HF PEFT 0.21.2 builds without its fbd_cuda extension,
-i.e. on every CPU machine, so the files load there. Files with N > 1 factors (HF PEFT with the extension) are loaded
-with all N: `set_factor_count` rebuilds the adapter first, and the butterfly product is computed in plain PyTorch.
+Per adapter: `boft_R` (N factors, D blocks, H x H free matrices; each block is the Cayley transform of its
+skew part) and `boft_s` (per-output-channel scale), named as in HF PEFT so file keys match. New adapters get
+one factor (N = 1) whatever `boft_n_butterfly_factor` says: that is what HF PEFT 0.21.2 builds without its
+fbd_cuda extension, i.e. on every CPU machine, so the files load there. Files with N > 1 factors (HF PEFT with
+the extension) are loaded with all N: `set_factor_count` rebuilds the adapter first, and the butterfly product
+is computed in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ def _layout_problems(dim: int, size: int, num: int, extra: int, what: str) -> li
 
 
 def boft_layout(dim: int, size: int, num: int, factors: int, what: str) -> tuple[int, int]:
-    """(block_size, block_num) of a rotated dimension `dim` split into blocks of `size` (or into `num` blocks; the
-    other is 0) for `factors` butterfly factors, or HF PEFT's refusal as a clear error naming the options."""
+    """(block_size, block_num) of a rotated dimension `dim` split into blocks of `size` (or into `num` blocks;
+    the other is 0) for `factors` butterfly factors, or HF PEFT's refusal as a clear error naming the
+    options."""
     extra = factors - 1
     problems = [message for failed, message in _layout_problems(dim, size, num, extra, what) if failed]
     if not problems:
         size, num = (dim // num, num) if size == 0 else (size, dim // size)
         odd = extra > 0 and (num % 2 or size % 2)
-        problems = [f"with butterfly factors, boft_block_num ({num}) and boft_block_size ({size}) must be even"
+        problems = [f"with butterfly factors, boft_block_num ({num}) and boft_block_size "
+                    f"({size}) must be even"
                     ] if odd else []
     if problems:
         raise ValueError(f"BOFT: {'; '.join(problems)}. Change boft_block_size / boft_block_num / "
@@ -96,18 +100,19 @@ class BOFTLayer(orth.RotationLayer):
         self.rotation_cache.pop(adapter_name, None)
 
     def check_factor_count(self, name: str, factors: int) -> None:
-        """Refuse `set_factor_count(name, factors)` where HF PEFT (with fbd_cuda) refuses that many factors over
-        the adapter's blocks, or while the adapter is merged."""
+        """Refuse `set_factor_count(name, factors)` where HF PEFT (with fbd_cuda) refuses that many factors
+        over the adapter's blocks, or while the adapter is merged."""
         if name in self.merged_adapters:
-            raise ValueError(f"adapter '{name}' is merged into the base weights; call unmerge_adapter() first")
+            raise ValueError(
+                f"adapter '{name}' is merged into the base weights; call unmerge_adapter() first")
         size = self.boft_R[name].shape[-1]
         boft_layout(self.rotated_dim(), size, 0, factors, self.dim_label())
 
     def set_factor_count(self, name: str, factors: int) -> None:
-        """Rebuild adapter `name` with `factors` butterfly factors over its (D, H) blocks before a file holding that
-        many is copied in. Factors already there are kept and new ones start at zero (identity blocks): factor 0's
-        permutation is the identity in every butterfly, so growing keeps the rotation (and the outputs, should the
-        load fail after this)."""
+        """Rebuild adapter `name` with `factors` butterfly factors over its (D, H) blocks before a file
+        holding that many is copied in. Factors already there are kept and new ones start at zero (identity
+        blocks): factor 0's permutation is the identity in every butterfly, so growing keeps the rotation (and
+        the outputs, should the load fail after this)."""
         self.check_factor_count(name, factors)
         old = self.boft_R[name]
         _, num, size, _ = old.shape
@@ -120,7 +125,8 @@ class BOFTLayer(orth.RotationLayer):
         self.rotation_cache.pop(name, None)
 
     def permutations(self, name: str, factors: int) -> list[torch.Tensor]:
-        """The butterfly permutations of adapter `name` for `factors` factors (rebuilt when the count changes)."""
+        """The butterfly permutations of adapter `name` for `factors` factors (rebuilt when the count
+        changes)."""
         perms = self.boft_perms.get(name)
         if perms is None or len(perms) != factors:
             size = self.boft_R[name].shape[-1]
@@ -130,7 +136,8 @@ class BOFTLayer(orth.RotationLayer):
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, name: str) -> torch.Tensor:
-        """The dense (dim, dim) butterfly rotation of adapter `name` (block dropout applied while training)."""
+        """The dense (dim, dim) butterfly rotation of adapter `name` (block dropout applied while
+        training)."""
         if self.training and self.boft_dropout[name] > 0:
             return self._rotation(name)
         return orth.cached(self.rotation_cache, name, self.boft_R[name], lambda: self._rotation(name))
@@ -145,7 +152,8 @@ class BOFTLayer(orth.RotationLayer):
         return orth.butterfly_matrix(blocks, self.permutations(name, n_factors))
 
     def combined(self, names: list[str], dtype: torch.dtype):
-        """(rotation, (out, 1) scale) of the adapters in `names` applied in turn, or None if this layer has none."""
+        """(rotation, (out, 1) scale) of the adapters in `names` applied in turn, or None if this layer has
+        none."""
         own = [n for n in names if n in self.boft_R]
         if not own:
             return None
@@ -198,8 +206,8 @@ class Conv2d(BOFTLayer):
     def check_base(self) -> None:
         base = self.base_layer
         if base.groups > 1 or base.kernel_size[0] != base.kernel_size[1]:
-            raise ValueError(f"BOFT supports Conv2d with groups=1 and a square kernel (got {base}); remove this "
-                             "module from target_modules.")
+            raise ValueError(f"BOFT supports Conv2d with groups=1 and a square kernel (got {base}); remove "
+                             "this module from target_modules.")
 
     def rotated_dim(self) -> int:
         return orth.conv_rotated_dim(self.base_layer)
@@ -217,5 +225,6 @@ class Conv2d(BOFTLayer):
         if parts is None:
             return self.base_forward(x, *args, **kwargs)
         rotation, scale = parts
-        weight = ((base.weight.reshape(base.weight.shape[0], -1) @ rotation.T) * scale).reshape(base.weight.shape)
+        weight = ((base.weight.reshape(base.weight.shape[0], -1) @ rotation.T) * scale).reshape(
+            base.weight.shape)
         return base._conv_forward(x.to(weight.dtype), weight, base.bias).to(previous)

@@ -1,9 +1,10 @@
 """`BOFTModel`: the tuner of the BOFT method (Linear and Conv2d layers).
 
-boft_n_butterfly_factor (Liu et al., 2024, https://arxiv.org/abs/2311.06243, Sec. 4): HF PEFT 0.21.2 builds N > 1
-factors only when its fbd_cuda extension compiles (a CUDA machine with ninja / nvcc); everywhere else it warns and
-builds one factor. New fastpeft adapters always take that one-factor form, so their files load in HF PEFT where it
-usually runs; a file holding N factors (boft_R of shape (N, D, H, H)) is loaded with all N (`convert_loaded_state`).
+boft_n_butterfly_factor (Liu et al., 2024, https://arxiv.org/abs/2311.06243, Sec. 4): HF PEFT 0.21.2 builds
+N > 1 factors only when its fbd_cuda extension compiles (a CUDA machine with ninja / nvcc); everywhere else it
+warns and builds one factor. New fastpeft adapters always take that one-factor form, so their files load in HF
+PEFT where it usually runs; a file holding N factors (boft_R of shape (N, D, H, H)) is loaded with all N
+(`convert_loaded_state`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ class BOFTModel(OrthogonalTuner):
         factors = config.boft_n_butterfly_factor
         if factors > 1:
             logger.warning(
-                "BOFT: boft_n_butterfly_factor=%d is built as a single block-diagonal factor, like HF PEFT without "
-                "its fbd_cuda extension, so the adapter files load in HF PEFT; adapter files saved with %d factors "
-                "(HF PEFT with the extension) still load with all of them.", factors, factors)
+                "BOFT: boft_n_butterfly_factor=%d is built as a single block-diagonal factor, like HF PEFT "
+                "without its fbd_cuda extension, so the adapter files load in HF PEFT; adapter files saved "
+                "with %d factors (HF PEFT with the extension) still load with all of them.", factors, factors)
         return config
 
     def convert_loaded_state(self, adapter_name, tensors, root):
@@ -55,8 +56,8 @@ class BOFTModel(OrthogonalTuner):
 
 
 def _file_factor_count(value, current: torch.Tensor) -> int | None:
-    """N of a file's (N, D, H, H) boft_R when only N differs from the layer's; None otherwise (other mismatches
-    are reported by the shape check of the load)."""
+    """N of a file's (N, D, H, H) boft_R when only N differs from the layer's; None otherwise (other
+    mismatches are reported by the shape check of the load)."""
     if value is None or value.dim() != 4 or tuple(value.shape[1:]) != tuple(current.shape[1:]):
         return None
     return None if value.shape[0] == current.shape[0] else int(value.shape[0])

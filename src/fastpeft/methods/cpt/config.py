@@ -16,19 +16,25 @@ LOSS_TYPES = ("none", "decay")
 
 @dataclass
 class CPTConfig(PromptLearningConfig):
-    cpt_token_ids: list[int] | None = field(default=None, metadata={"help": "Token ids of the context prompt."})
-    cpt_mask: list[int] | None = field(default=None, metadata={"help": "Attention mask of the prompt (stored only)."})
+    cpt_token_ids: list[int] | None = field(default=None,
+                                            metadata={"help": "Token ids of the context prompt."})
+    cpt_mask: list[int] | None = field(default=None,
+                                       metadata={"help": "Attention mask of the prompt (stored only)."})
     cpt_tokens_type_mask: list[int] | None = field(
-        default=None, metadata={"help": "Type of each prompt token (mod 4: 1/2/3 template/input/template, 0 label)."})
+        default=None, metadata={
+            "help": "Type of each prompt token (mod 4: 1/2/3 template/input/template, 0 label)."})
     opt_weighted_loss_type: Literal["none", "decay"] | None = field(
         default="none", metadata={"help": "'none' (plain mean) or 'decay' (older examples weigh less)."})
     opt_loss_decay_factor: float | None = field(
         default=1.0, metadata={"help": "Weight factor per step back from the newest example ('decay')."})
     opt_projection_epsilon: float | None = field(
-        default=0.1, metadata={"help": "L2 radius of the change allowed on input tokens (scaled by sqrt(d/2048))."})
+        default=0.1, metadata={
+            "help": "L2 radius of the change allowed on input tokens (scaled by sqrt(d/2048))."})
     opt_projection_format_epsilon: float | None = field(
-        default=0.1, metadata={"help": "L2 radius of the change allowed on template tokens (scaled likewise)."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Kept for HF PEFT files; unused."})
+        default=0.1, metadata={
+            "help": "L2 radius of the change allowed on template tokens (scaled likewise)."})
+    tokenizer_name_or_path: str | None = field(default=None,
+                                               metadata={"help": "Kept for HF PEFT files; unused."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,7 +54,8 @@ class CPTConfig(PromptLearningConfig):
             self.cpt_tokens_type_mask = [1] * len(self.cpt_token_ids)
         self._check_lengths()
         if self.opt_weighted_loss_type not in (*LOSS_TYPES, None):
-            raise ValueError(f"opt_weighted_loss_type={self.opt_weighted_loss_type!r} is not one of {list(LOSS_TYPES)}.")
+            raise ValueError(
+                f"opt_weighted_loss_type={self.opt_weighted_loss_type!r} is not one of {list(LOSS_TYPES)}.")
 
     def _check_lengths(self) -> None:
         sizes = (len(self.cpt_token_ids), len(self.cpt_mask), len(self.cpt_tokens_type_mask))

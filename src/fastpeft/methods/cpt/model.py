@@ -1,4 +1,5 @@
-"""CPT's encoder (`CPTEmbedding`: frozen example embeddings + a bounded trainable change) and its forward rules.
+"""CPT's encoder (`CPTEmbedding`: frozen example embeddings + a bounded trainable change) and its forward
+rules.
 
 Labels cover only the label tokens of the prompt's examples and of the input (type % 4 == 0); the loss can
 weigh older examples less (`opt_weighted_loss_type="decay"`). The loss is replaced in `finish`.
@@ -81,7 +82,7 @@ class CPTEmbedding(nn.Module):
         return base + F.embedding(indices, weight)
 
 
-# ---------------------------------------------------------------------------------------------- labels and loss
+# -------------------------------------------------------------------------------------------- labels and loss
 def cpt_targets(config, labels: torch.Tensor, input_type_mask: torch.Tensor | None):
     """Labels and token types over prompt + input: (B, n + T) each; non-label positions get -100."""
     batch, length = labels.shape

@@ -1,4 +1,5 @@
-"""`FourierFTModel`: the FourierFT tuner (dispatch, per-module n_frequency, default targets, bias training)."""
+"""`FourierFTModel`: the FourierFT tuner (dispatch, per-module n_frequency, default targets, bias
+training)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from .._shared.modules import is_linear
 from .layer import FourierFTLinear
 
 # as HF PEFT: LoRA's table, except GPT-2 style models adapt their MLP output projection
-FOURIERFT_TARGETS: dict[str, list[str]] = {**LORA_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+FOURIERFT_TARGETS: dict[str, list[str]] = {**LORA_TARGETS, "gpt2": ["mlp.c_proj"],
+                                           "gpt_bigcode": ["mlp.c_proj"]}
 
 DISPATCH = DispatchChain("FourierFT")
 DISPATCH.register(is_linear, FourierFTLinear)
 
 
 def n_frequency_for(config, key: str) -> int:
-    """HF PEFT's lookup: the first pattern matching `key` as a dotted suffix, then `key` itself, else the default."""
+    """HF PEFT's lookup: the first pattern matching `key` as a dotted suffix, then `key` itself, else the
+    default."""
     patterns = config.n_frequency_pattern or {}
     chosen = next((p for p in patterns if re.match(rf".*\.{p}$", key)), key)
     return patterns.get(chosen, config.n_frequency)

@@ -1,10 +1,10 @@
 """HRA layers: the base weight times a product of Householder reflections H_i = I - 2 u_i u_i^T / |u_i|^2.
 
 Yuan et al., "Bridging the Gap between Low-rank and Orthogonal Adaptation via Householder Reflection
-Adaptation" (https://arxiv.org/abs/2405.17484). The adapted weight is W R with R = H_1 H_2 ... H_r acting on the
-input side (for Conv2d, on the flattened (in_channels * k * k) axis). R is orthogonal, so unmerging multiplies by
-R^T = H_r ... H_1 and restores W exactly (up to rounding). With `apply_GS` the vectors are first orthonormalised
-(modified Gram-Schmidt) and R = I - 2 U U^T, which is its own inverse.
+Adaptation" (https://arxiv.org/abs/2405.17484). The adapted weight is W R with R = H_1 H_2 ... H_r acting on
+the input side (for Conv2d, on the flattened (in_channels * k * k) axis). R is orthogonal, so unmerging
+multiplies by R^T = H_r ... H_1 and restores W exactly (up to rounding). With `apply_GS` the vectors are first
+orthonormalised (modified Gram-Schmidt) and R = I - 2 U U^T, which is its own inverse.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class HRALayer(AdapterLayer):
         self.hra_u[adapter_name] = nn.Parameter(self._initial_vectors(r, bool(config.init_weights)))
 
     def _initial_vectors(self, r: int, symmetric: bool) -> torch.Tensor:
-        """init_weights=True: each vector twice in a row, so H_2k-1 H_2k = I and the product is the identity."""
+        """init_weights=True: each vector twice in a row, so H_2k-1 H_2k = I and the product is the
+        identity."""
         if symmetric and r % 2:
             logger.warning("HRA r=%d is odd: the identity start needs an even r; using random vectors.", r)
         if not symmetric or r % 2:
@@ -123,7 +124,8 @@ class HRALayer(AdapterLayer):
 
     def _set_weight(self, value: torch.Tensor, check_name: str | None) -> None:
         if check_name is not None and not torch.isfinite(value).all():
-            raise ValueError(f"NaNs or infs in the merged weights: adapter '{check_name}' seems to be broken.")
+            raise ValueError(
+                f"NaNs or infs in the merged weights: adapter '{check_name}' seems to be broken.")
         base = self.base_layer.weight
         base.data = value.detach().to(base.dtype)
 
@@ -146,9 +148,9 @@ def check_conv(conv: nn.Conv2d, name: str) -> None:
     """HF PEFT sizes the vectors as in_channels * k[0]**2: only ungrouped, square kernels fit that layout."""
     if conv.groups > 1:
         raise NotImplementedError(
-            f"HRA does not support Conv2d layers with groups > 1 ('{name}' has groups={conv.groups}); leave it out "
-            "of target_modules (or add it to exclude_modules).")
+            f"HRA does not support Conv2d layers with groups > 1 ('{name}' has groups={conv.groups}); leave "
+            "it out of target_modules (or add it to exclude_modules).")
     if conv.kernel_size[0] != conv.kernel_size[1]:
         raise NotImplementedError(
-            f"HRA supports square Conv2d kernels only ('{name}' has kernel_size={tuple(conv.kernel_size)}); leave "
-            "it out of target_modules (or add it to exclude_modules).")
+            f"HRA supports square Conv2d kernels only ('{name}' has kernel_size={tuple(conv.kernel_size)}); "
+            "leave it out of target_modules (or add it to exclude_modules).")

@@ -1,9 +1,10 @@
 """(IA)^3 on bitsandbytes Linear4bit / Linear8bitLt (HF PEFT's `ia3.Linear4bit` / `ia3.Linear8bitLt`).
 
-The vector rescales the quantised layer's input (feed-forward targets) or output, as on a dense layer. As HF PEFT
-does for these layers, a half-precision input is widened to float32 first (outside autocast), so the vector is
-applied at full precision; the result is cast back to the input's dtype (HF PEFT returns it in float32).
-Merging multiplies the dequantised weight and requantises it (quant/merge.py; HF PEFT refuses such merges).
+The vector rescales the quantised layer's input (feed-forward targets) or output, as on a dense layer. As HF
+PEFT does for these layers, a half-precision input is widened to float32 first (outside autocast), so the
+vector is applied at full precision; the result is cast back to the input's dtype (HF PEFT returns it in
+float32). Merging multiplies the dequantised weight and requantises it (quant/merge.py; HF PEFT refuses such
+merges).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`IA3Config`: HF PEFT 0.21's fields and defaults for (IA)^3 (Liu et al., 2022, https://arxiv.org/abs/2205.05638)."""
+"""`IA3Config`: HF PEFT 0.21's fields and defaults for (IA)^3 (Liu et al., 2022,
+https://arxiv.org/abs/2205.05638)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ from ...config import PeftConfig
 
 @dataclass
 class IA3Config(PeftConfig):
-    """(IA)^3: a learned vector per target layer rescales its output, or its input for `feedforward_modules`."""
+    """(IA)^3: a learned vector per target layer rescales its output, or its input for
+    `feedforward_modules`."""
 
     target_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "Names (exact or dotted suffixes), a full-match regex, or 'all-linear'; default: the model type's "
-                "table (methods/ia3/defaults.py)."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+        "help": "Names (exact or dotted suffixes), a full-match regex, or 'all-linear'; default: the model "
+                "type's table (methods/ia3/defaults.py)."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     feedforward_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "Targets whose INPUT is rescaled (the paper's feed-forward vectors); others rescale their output. "
-                "A list (matched as name endings, a subset of target_modules) or a full-match regex; default: the "
-                "model type's table."})
+        "help": "Targets whose INPUT is rescaled (the paper's feed-forward vectors); others rescale their "
+                "output. A list (matched as name endings, a subset of target_modules) or a full-match regex; "
+                "default: the model type's table."})
     fan_in_fan_out: bool = field(default=False, metadata={
         "help": "Base weight stored as (in, out), e.g. GPT-2's Conv1D (set automatically per layer type)."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    modules_to_save: list[str] | None = field(default=None,
+                                              metadata={"help": "Modules trained and saved whole."})
     init_ia3_weights: bool = field(default=True, metadata={
         "help": "True: vectors start at ones (the adapter is a no-op); False: random normal (for tests)."})
 
@@ -35,7 +39,8 @@ class IA3Config(PeftConfig):
 
     def _validate(self) -> None:
         if not isinstance(self.init_ia3_weights, bool):
-            raise ValueError(f"IA3Config.init_ia3_weights must be True or False, got {self.init_ia3_weights!r}.")
+            raise ValueError(
+                f"IA3Config.init_ia3_weights must be True or False, got {self.init_ia3_weights!r}.")
         ff, targets = self.feedforward_modules, self.target_modules
         if not (isinstance(ff, set) and isinstance(targets, set)):
             return

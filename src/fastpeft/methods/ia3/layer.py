@@ -1,8 +1,10 @@
-"""(IA)^3 layers: one learned vector per adapter rescales a layer's output, or its input for feed-forward targets.
+"""(IA)^3 layers: one learned vector per adapter rescales a layer's output, or its input for feed-forward
+targets.
 
-Liu et al., 2022 (https://arxiv.org/abs/2205.05638): y = l * (W x + b) for keys / values, y = W (l * x) + b for the
-feed-forward down projection. Several active adapters multiply their vectors. Merging multiplies the weight's
-rows (output) or columns (input) by the vector, and the bias too for output vectors; unmerging divides again.
+Liu et al., 2022 (https://arxiv.org/abs/2205.05638): y = l * (W x + b) for keys / values, y = W (l * x) + b
+for the feed-forward down projection. Several active adapters multiply their vectors. Merging multiplies the
+weight's rows (output) or columns (input) by the vector, and the bias too for output vectors; unmerging
+divides again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ UNMERGE_EPS = 1e-8
 
 
 class IA3Layer(AdapterLayer):
-    """Shared state and merge logic; subclasses give the vector's shape and how it lines up with the weight."""
+    """Shared state and merge logic; subclasses give the vector's shape and how it lines up with the
+    weight."""
 
     adapter_param_names = ("ia3_l",)
     additive = False
@@ -53,7 +56,8 @@ class IA3Layer(AdapterLayer):
         if is_feedforward is not None and is_feedforward != self.is_feedforward:
             logger.warning(
                 "IA3 adapter '%s' treats this layer as %s, but its first adapter made it %s; the layer keeps "
-                "its first role (as HF PEFT).", adapter_name, _role(is_feedforward), _role(self.is_feedforward))
+                "its first role (as HF PEFT).", adapter_name, _role(is_feedforward),
+                _role(self.is_feedforward))
         vector = torch.randn(self.vector_shape())
         if config.init_ia3_weights:
             vector = torch.ones_like(vector)
@@ -95,15 +99,16 @@ class IA3Layer(AdapterLayer):
             param.data = value.to(param.dtype)
 
     def unmerge(self) -> None:
-        for name in self.merged_adapters:  # checked first, so a refusal leaves the layer merged and consistent
+        # checked first, so a refusal leaves the layer merged and consistent
+        for name in self.merged_adapters:
             vector = self.ia3_l[name].detach()
             zeros = int(((vector == 0) | (vector + UNMERGE_EPS == 0)).sum())
             if zeros:
                 raise ValueError(
                     f"Cannot unmerge IA3 adapter '{name}' from {type(self.base_layer).__name__}"
-                    f"({self.in_features}, {self.out_features}): its vector has {zeros} zero entries, so merging "
-                    "erased those weights and dividing cannot restore them. Reload the base model instead (and "
-                    "merge such an adapter only with merge_and_unload)."
+                    f"({self.in_features}, {self.out_features}): its vector has {zeros} zero entries, so "
+                    "merging erased those weights and dividing cannot restore them. Reload the base model "
+                    "instead (and merge such an adapter only with merge_and_unload)."
                 )
         super().unmerge()
 
@@ -157,14 +162,15 @@ class Conv(IA3Layer):
         return (1, channels) + (1,) * (self.base_layer.weight.dim() - 2)
 
     def weight_factor(self, vector: torch.Tensor) -> torch.Tensor:
-        """Output vector: one factor per filter. Input vector: per input channel; a grouped convolution's filters
-        see only their group's channels, so each filter gets its group's slice of the vector."""
+        """Output vector: one factor per filter. Input vector: per input channel; a grouped convolution's
+        filters see only their group's channels, so each filter gets its group's slice of the vector."""
         if not self.is_feedforward:
             return vector.transpose(0, 1)
         base = self.get_base_layer()
         if base.groups == 1:
             return vector
-        groups, per_in, per_out = base.groups, base.in_channels // base.groups, base.out_channels // base.groups
+        groups, per_in, per_out = (base.groups, base.in_channels // base.groups,
+                                   base.out_channels // base.groups)
         spatial = vector.shape[2:]
         sliced = vector.reshape(groups, 1, per_in, *spatial).expand(groups, per_out, per_in, *spatial)
         return sliced.reshape(base.out_channels, per_in, *spatial)

@@ -26,8 +26,8 @@ register_quantised(DISPATCH, bnb.Linear4bit, bnb.Linear8bitLt)  # bitsandbytes l
 
 
 def is_feedforward(config, key: str) -> bool:
-    """Does target `key` get an input vector? A string is a full-match regex; a list entry matches any ending of
-    the name (a plain string suffix, as HF PEFT checks it)."""
+    """Does target `key` get an input vector? A string is a full-match regex; a list entry matches any ending
+    of the name (a plain string suffix, as HF PEFT checks it)."""
     spec = config.feedforward_modules
     if isinstance(spec, str):
         return re.fullmatch(spec, key) is not None
@@ -36,7 +36,8 @@ def is_feedforward(config, key: str) -> bool:
 
 class IA3Model(AllOrNothingMerge, Tuner):
     dispatch = DISPATCH
-    condense_target_list = False  # feedforward_modules names targets: keep target_modules as given (as HF PEFT)
+    # feedforward_modules names targets: keep target_modules as given (as HF PEFT)
+    condense_target_list = False
 
     def prepare_config(self, config, model):
         fill_targets(config, model, IA3_TARGETS, "IA3", is_linear)
@@ -52,14 +53,16 @@ class IA3Model(AllOrNothingMerge, Tuner):
 
     # ------------------------------------------------------------------ weighted combinations
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Add `adapter_name` whose vectors are sum_i weights[i] * vector of adapters[i] (HF PEFT's signature).
+        """Add `adapter_name` whose vectors are sum_i weights[i] * vector of adapters[i] (HF PEFT's
+        signature).
 
         Its targets are the union of the sources' targets (likewise feedforward_modules); on a layer, sources
-        without a vector there contribute nothing. The new adapter is not activated: call set_adapter to use it.
-        If `adapter_name` exists already, nothing happens (as HF PEFT).
+        without a vector there contribute nothing. The new adapter is not activated: call set_adapter to use
+        it. If `adapter_name` exists already, nothing happens (as HF PEFT).
         """
         if adapter_name in self.peft_config:
-            logger.warning("add_weighted_adapter: adapter '%s' exists already; nothing was added.", adapter_name)
+            logger.warning("add_weighted_adapter: adapter '%s' exists already; nothing was added.",
+                           adapter_name)
             return
         adapters, weights = list(adapters), [float(w) for w in weights]
         targets, feedforward = self._weighted_targets(adapters, weights)
@@ -78,12 +81,14 @@ class IA3Model(AllOrNothingMerge, Tuner):
             )
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
-            raise ValueError(f"Adapter(s) {missing} do not exist; loaded adapters: {sorted(self.peft_config)}.")
+            raise ValueError(
+                f"Adapter(s) {missing} do not exist; loaded adapters: {sorted(self.peft_config)}.")
         for _, holder in self.holders():
-            if isinstance(holder, ModulesToSaveWrapper) and sum(a in holder.modules_to_save for a in adapters) > 1:
+            if (isinstance(holder, ModulesToSaveWrapper)
+                and sum(a in holder.modules_to_save for a in adapters) > 1):
                 raise ValueError(
-                    "Cannot combine adapters that each keep their own copy of the same modules_to_save module; "
-                    "combine adapters that share no modules_to_save."
+                    "Cannot combine adapters that each keep their own copy of the same modules_to_save "
+                    "module; combine adapters that share no modules_to_save."
                 )
         configs = [self.peft_config[a] for a in adapters]
         return _union(configs, "target_modules"), _union(configs, "feedforward_modules")

@@ -1,5 +1,5 @@
-"""LoHa layers: dW is the elementwise (Hadamard) product of two low-rank matrices, each rebuilt from two factors
-(or, for conv kernels with `use_effective_conv2d`, from a CP core and two factors)."""
+"""LoHa layers: dW is the elementwise (Hadamard) product of two low-rank matrices, each rebuilt from two
+factors (or, for conv kernels with `use_effective_conv2d`, from a CP core and two factors)."""
 
 from __future__ import annotations
 

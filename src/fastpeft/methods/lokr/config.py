@@ -15,8 +15,9 @@ class LoKrConfig(LycorisConfig):
     factor may itself be low rank (W2 when r < max(b, d) / 2, W1 too with `decompose_both`)."""
 
     init_weights: bool | Literal["lycoris"] = field(
-        default=True, metadata={"help": "True: W1 starts at zero (dW = 0); 'lycoris': W2 (or W2b) starts at zero "
-                                        "instead, as in the LyCORIS repository; False: all factors random."})
+        default=True, metadata={
+            "help": "True: W1 starts at zero (dW = 0); 'lycoris': W2 (or W2b) starts at zero "
+                    "instead, as in the LyCORIS repository; False: all factors random."})
     decompose_both: bool = field(
         default=False, metadata={"help": "Also factor W1 as W1a @ W1b when r < max(a, c) / 2."})
     decompose_factor: int = field(

@@ -1,4 +1,5 @@
-"""LoKr layers: dW = scaling * kron(W1, W2), each factor full or low rank (W2 also as a CP-factored kernel)."""
+"""LoKr layers: dW = scaling * kron(W1, W2), each factor full or low rank (W2 also as a CP-factored
+kernel)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from .._shared.lycoris import Geometry, LycorisLayer, cp_weight
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     """Split `dim` into (m, n) with m * n = dim, as LyCORIS / HF PEFT do.
 
-    A positive `factor` dividing `dim` gives (factor, dim // factor) as is. Otherwise walk the divisors of `dim`
-    upwards (at most `factor`, any when -1) until the pair stops being lopsided; the smaller number comes first."""
+    A positive `factor` dividing `dim` gives (factor, dim // factor) as is. Otherwise walk the divisors of
+    `dim` upwards (at most `factor`, any when -1) until the pair stops being lopsided; the smaller number
+    comes first."""
     if factor > 0 and dim % factor == 0:
         return factor, dim // factor
     limit = dim if factor == -1 else factor
@@ -27,12 +29,13 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
 
 
 def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Kronecker product of the factors, W1 first brought to W2's number of dims: trailing unit (kernel) dims next
-    to a 4-D Conv2d-shaped W2, leading unit dims otherwise (torch.kron's rule, which HF PEFT 0.21.2 relies on for
-    a 3-D Conv1d W2; kept so files agree).
+    """Kronecker product of the factors, W1 first brought to W2's number of dims: trailing unit (kernel) dims
+    next to a 4-D Conv2d-shaped W2, leading unit dims otherwise (torch.kron's rule, which HF PEFT 0.21.2
+    relies on for a 3-D Conv1d W2; kept so files agree).
 
-    Written out (block (i, j, ...) of the result is W1[i, j, ...] * W2) rather than via torch.kron, which fails on
-    the strides einsum gives some CP-rebuilt kernels with a unit dim (HF PEFT 0.21.2 crashes there)."""
+    Written out (block (i, j, ...) of the result is W1[i, j, ...] * W2) rather than via torch.kron, which
+    fails on the strides einsum gives some CP-rebuilt kernels with a unit dim (HF PEFT 0.21.2 crashes
+    there)."""
     pad = (1,) * (w2.dim() - w1.dim())
     w1 = w1.reshape(*w1.shape, *pad) if w2.dim() == 4 else w1.reshape(*pad, *w1.shape)
     spread1 = w1.reshape([s for n in w1.shape for s in (n, 1)])
@@ -42,7 +45,8 @@ def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 class LoKrLayer(LycorisLayer):
     # same attribute names as HF PEFT, so file keys match; order = HF's initialisation order
-    adapter_param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    adapter_param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                           "lokr_w2_b", "lokr_t2")
     adapter_layer_names = adapter_param_names  # HF PEFT's name (diffusers' layerwise casting reads it)
     ZERO_INIT = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b"), False: ()}
 

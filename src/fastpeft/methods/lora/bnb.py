@@ -1,11 +1,11 @@
 """LoRA on bitsandbytes layers (QLoRA, Dettmers et al. 2023): a frozen 4-bit (nf4 / fp4, optionally double
 quantised) or 8-bit base with full-precision A and B, `y = base_q(x) + s B A x`.
 
-Registered first in LoRA's dispatch chain by a matcher that never imports bitsandbytes (quant/bnb.py). Merging is
-quant/merge.py's, shared with the other methods: dequantise, add the update (`merged_dense`), requantise,
+Registered first in LoRA's dispatch chain by a matcher that never imports bitsandbytes (quant/bnb.py). Merging
+is quant/merge.py's, shared with the other methods: dequantise, add the update (`merged_dense`), requantise,
 measure the output error on a probe and refuse when it exceeds the merge policy's bound (HF PEFT requantises
-silently); `merge_and_unload(dequantize=True)` merges into dense `nn.Linear` copies instead. Unmerging restores
-the saved quantised weight bit-exactly (no second rounding).
+silently); `merge_and_unload(dequantize=True)` merges into dense `nn.Linear` copies instead. Unmerging
+restores the saved quantised weight bit-exactly (no second rounding).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ __all__ = ["Linear4bit", "Linear8bitLt", "QuantLinear", "build", "is_bnb_linear"
 
 
 class QuantLinear(QuantisedMerge, Linear):
-    """LoRA on a bitsandbytes linear layer; the adapter's factors are ordinary `nn.Linear` (same keys as HF)."""
+    """LoRA on a bitsandbytes linear layer; the adapter's factors are ordinary `nn.Linear` (same keys as
+    HF)."""
 
     variant_kind = "bnb-linear"  # variants (variants/table.py): DoRA -> dora_bnb.DoraQuant, aLoRA
     method_label = "LoRA"
 
-    def __init__(self, base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out=False, **kwargs) -> None:
+    def __init__(self, base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out=False,
+                 **kwargs) -> None:
         super().__init__(base_layer, adapter_name, config, r, lora_alpha, fan_in_fan_out=False, **kwargs)
         self.target_name = kwargs.get("target_name", getattr(self, "target_name", ""))
 
@@ -35,7 +37,8 @@ class QuantLinear(QuantisedMerge, Linear):
 
     @property
     def placement_reference(self) -> torch.Tensor:
-        """What new adapter weights follow (Tuner._place_adapter): a 4-bit layer's compute dtype, as HF PEFT."""
+        """What new adapter weights follow (Tuner._place_adapter): a 4-bit layer's compute dtype, as HF
+        PEFT."""
         return qbnb.placement_reference(self.get_base_layer())
 
     def dense_weight(self) -> torch.Tensor:

@@ -56,8 +56,8 @@ class LoraRuntimeConfig:
     def __post_init__(self) -> None:
         if self.ephemeral_gpu_offload:
             raise NotImplementedError(
-                "LoraRuntimeConfig(ephemeral_gpu_offload=True) is not supported by fastpeft yet: DoRA's weight norms "
-                "are computed on the device that holds the base weights."
+                "LoraRuntimeConfig(ephemeral_gpu_offload=True) is not supported by fastpeft yet: DoRA's "
+                "weight norms are computed on the device that holds the base weights."
             )
 
 
@@ -66,32 +66,39 @@ class LoraConfig(PeftConfig):
     """Low-Rank Adaptation (Hu et al., 2021): W + (alpha / r) * B @ A with A: (r, in), B: (out, r)."""
 
     r: int = field(default=8, metadata={"size": "dim", "help": "LoRA rank."})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Names, regex or 'all-linear'."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    target_modules: list[str] | str | None = field(default=None,
+                                                   metadata={"help": "Names, regex or 'all-linear'."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored as (in, out), e.g. Conv1D."})
-    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    fan_in_fan_out: bool = field(default=False,
+                                 metadata={"help": "Base weight stored as (in, out), e.g. Conv1D."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none",
+                                                      metadata={"help": "Which biases to train."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    modules_to_save: list[str] | None = field(default=None,
+                                              metadata={"help": "Modules trained and saved whole."})
     init_lora_weights: bool | str = field(default=True, metadata={
-        "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K', 'olora', 'mica', 'corda' (after "
-                "corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see inits/."})
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+        "help": "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_K', 'olora', 'mica', 'corda' "
+                "(after corda.preprocess_corda) or 'lora_ga' (after lora_ga.preprocess_loraga); see inits/."})
+    layers_to_transform: list[int] | int | None = field(default=None,
+                                                        metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     rank_pattern: dict | None = field(default_factory=dict, metadata={
         "size": "dim_values", "keys": "modules", "help": "Regex -> rank overrides."})
     alpha_pattern: dict | None = field(default_factory=dict, metadata={
         "keys": "modules", "help": "Regex -> alpha overrides."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported by fastpeft."})
-    megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported by fastpeft."})
+    megatron_core: str | None = field(default="megatron.core",
+                                      metadata={"help": "Not supported by fastpeft."})
     trainable_token_indices: list[int] | dict | None = field(
         default=None, metadata={
             "size": "token_ids",
             "help": "Token ids whose embedding rows train too (list, or module -> ids)."})
     loftq_config: dict = field(default_factory=dict, metadata={
-        "help": "LoftQConfig (or its dict) for init_lora_weights='loftq': NF4/int8 base + error-fitting adapter "
-                "(methods/lora/inits/loftq.py)."})
+        "help": "LoftQConfig (or its dict) for init_lora_weights='loftq': NF4/int8 base + error-fitting "
+                "adapter (methods/lora/inits/loftq.py)."})
     eva_config: dict | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
     corda_config: dict | None = field(default=None, metadata={
         "help": "CordaConfig for init_lora_weights='corda' (run corda.preprocess_corda first)."})
@@ -106,7 +113,8 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_B a trainable bias."})
     target_parameters: list[str] | None = field(default=None, metadata={
         "targets": "parameters",
-        "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE experts (params.py)."})
+        "help": "Names (or dotted suffixes) of 2-D/3-D nn.Parameters to adapt, e.g. MoE "
+                "experts (params.py)."})
     alora_invocation_tokens: list[int] | None = field(default=None, metadata={
         "help": "Activated LoRA: token ids of the invocation string; the adapter acts only from their last "
                 "occurrence on (linear layers, CAUSAL_LM; not mergeable). See variants/alora.py."})
@@ -157,7 +165,8 @@ class LoraConfig(PeftConfig):
 
     def _validate_init(self) -> None:
         run_checks(self)  # init_lora_weights, eva_config, loftq_config, ...: each feature registers its own
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and modifies_base(self.init_lora_weights):
+        if (self.use_rslora and (self.rank_pattern or self.alpha_pattern)
+            and modifies_base(self.init_lora_weights)):
             logger.warning(
                 "use_rslora with rank_pattern/alpha_pattern and init_lora_weights=%r: save_pretrained cannot "
                 "convert this adapter to plain LoRA (path_initial_model_for_weight_conversion).",

@@ -19,7 +19,8 @@ from torch import nn
 
 # Fewer distinct adapters than this in a batch: the per-adapter loop (see benchmarks/README.md).
 MIN_ADAPTERS = 4
-# Merged weights when every adapter's rows hold >= MERGE_FROM * in * out / (in + out) tokens (benchmarks/README.md).
+# Merged weights when every adapter's rows hold >= MERGE_FROM * in * out / (in + out) tokens
+# (benchmarks/README.md).
 MERGE_FROM = 1.0
 _UNSEEN = object()
 
@@ -35,7 +36,8 @@ class Group(NamedTuple):
 
 def plan(layer, adapter_names: list[str]) -> list[Group] | None:
     """The batch's rows grouped by (rank, dtype) when the gathered path applies, else None (use the loop)."""
-    if layer.merged or len(adapter_names) < MIN_ADAPTERS or not layer.cast_input_dtype_enabled:  # group_output casts
+    # group_output casts
+    if layer.merged or len(adapter_names) < MIN_ADAPTERS or not layer.cast_input_dtype_enabled:
         return None
     factors: dict[str, tuple | None] = {}  # adapter -> (group key, A, B, scaling); None: not on this layer
     groups: dict[tuple, Group] = {}
@@ -72,7 +74,8 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 def _factors(view: tuple, name: str):
     """(group key, A, B, scaling); None for "__base__" or an adapter this layer lacks; False where the
-    loop's semantics are needed (a LoRA bias, dropout that is active while training, hooked / offloaded factors)."""
+    loop's semantics are needed (a LoRA bias, dropout that is active while training, hooked / offloaded
+    factors)."""
     a_modules, b_modules, dropouts, scaling = view
     a_mod = a_modules.get(name)
     if a_mod is None:
@@ -89,8 +92,8 @@ def _factors(view: tuple, name: str):
 
 
 def _runs_as_is(module: nn.Module, weight: torch.Tensor) -> bool:
-    """Whether reading `module`'s weight directly is what calling it would use: no accelerate hook swapping the
-    weight in on call (offloading leaves it on the meta device), no forward hooks of the user skipped."""
+    """Whether reading `module`'s weight directly is what calling it would use: no accelerate hook swapping
+    the weight in on call (offloading leaves it on the meta device), no forward hooks of the user skipped."""
     return (not weight.is_meta and "forward" not in module.__dict__ and not module._forward_pre_hooks
             and not module._forward_hooks)
 
@@ -101,9 +104,11 @@ def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: li
     result = layer.base_forward(x, *args, **kwargs)  # (batch, ..., out)
     out_dtype = result.dtype
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
-    # the rows and scalings of all groups in one tensor each (list -> tensor conversions are slow), sliced below
+    # the rows and scalings of all groups in one tensor each (list -> tensor conversions are slow), sliced
+    # below
     rows = torch.tensor([row for group in groups for row in group.rows], device=x.device)
-    scales = torch.tensor([s for group in groups for s in group.scaling], dtype=torch.float64, device=x.device)
+    scales = torch.tensor([s for group in groups for s in group.scaling], dtype=torch.float64,
+                          device=x.device)
     start = 0
     for group in groups:
         end = start + len(group.rows)
@@ -136,7 +141,8 @@ def merged_plan(layer, x: torch.Tensor, adapter_names: list[str]) -> list[tuple]
     """[(factors or None for base rows, rows)] when every adapter's rows are long enough for a merged weight;
     None: use the other paths (training, a base layer other than nn.Linear, mixed dtypes, short rows)."""
     base = layer.get_base_layer()
-    if (layer.merged or type(base) is not nn.Linear or layer.fan_in_fan_out or torch.is_grad_enabled() or x.dim() < 3
+    if (layer.merged or type(base) is not nn.Linear or layer.fan_in_fan_out
+        or torch.is_grad_enabled() or x.dim() < 3
             or not x.numel() or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type)
             or not _runs_as_is(base, base.weight)):
         return None
@@ -159,7 +165,8 @@ def merged_plan(layer, x: torch.Tensor, adapter_names: list[str]) -> list[tuple]
 
 
 def merged_forward(layer, x: torch.Tensor, groups: list[tuple], adapter_names: list[str]) -> torch.Tensor:
-    """Rows of each adapter through `W + s B A` (base rows through W): the LoRA output, one matmul per group."""
+    """Rows of each adapter through `W + s B A` (base rows through W): the LoRA output, one matmul per
+    group."""
     layer.check_mixed_batch(x, adapter_names)
     base = layer.get_base_layer()
     if len(groups) == 1:
@@ -167,7 +174,8 @@ def merged_forward(layer, x: torch.Tensor, groups: list[tuple], adapter_names: l
     out = x.new_empty(x.shape[:-1] + (base.out_features,))
     for item, rows in groups:
         idx = torch.tensor(rows, device=x.device)
-        out.index_copy_(0, idx, F.linear(x.index_select(0, idx), _merged_weight(base.weight, item), base.bias))
+        out.index_copy_(0, idx, F.linear(x.index_select(0, idx),
+                                         _merged_weight(base.weight, item), base.bias))
     return out
 
 

@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 class LoraLayer(AdapterLayer):
-    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    adapter_layer_names = adapter_param_names  # HF PEFT's name for them (diffusers' layerwise casting skips these)
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                           "lora_magnitude_vector")
+    # HF PEFT's name for them (diffusers' layerwise casting skips these)
+    adapter_layer_names = adapter_param_names
     input_cast_switchable = True  # every input cast goes through cast_input (variants' included)
     is_embedding = False
     variant_kind = "linear"  # layer kind in the rows of variants/table.py VARIANTS
@@ -48,7 +50,8 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (variants/dora.py)
         self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant; plain LoRA: absent
         self._variant_cache: dict = {}  # variants' derived tensors (never saved)
-        self.fan_in_fan_out = fan_in_fan_out  # base weight stored (in, out) (Conv1D); set before variants init
+        # base weight stored (in, out) (Conv1D); set before variants init
+        self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = self.feature_sizes(base_layer)
         self.update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
         self._active_adapters = [adapter_name]
@@ -71,7 +74,8 @@ class LoraLayer(AdapterLayer):
         self.use_rslora[adapter_name] = config.use_rslora
         self.lora_bias[adapter_name] = config.lora_bias
         self.scaling[adapter_name] = self.initial_scaling(adapter_name)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = (nn.Dropout(config.lora_dropout) if config.lora_dropout > 0
+                                           else nn.Identity())
         self.build(adapter_name, r, config.lora_bias)
         INIT_SCHEMES.run(self, adapter_name, config)
         self.lora_variant.pop(adapter_name, None)
@@ -79,7 +83,8 @@ class LoraLayer(AdapterLayer):
             del self.lora_magnitude_vector[adapter_name]
         if variant is not None:
             self.lora_variant[adapter_name] = variant
-            self.target_name = kwargs.get("target_name", getattr(self, "target_name", ""))  # module key (BD-LoRA)
+            # module key (BD-LoRA)
+            self.target_name = kwargs.get("target_name", getattr(self, "target_name", ""))
             variant.init(self, adapter_name)
 
     def initial_scaling(self, name: str) -> float:
@@ -116,8 +121,8 @@ class LoraLayer(AdapterLayer):
         return self.lora_path(name, self.lora_dropout[name](x))
 
     def add_adapters(self, result, x, names, *args, **kwargs):
-        # per call only live lookups (as HF PEFT's `lora_A.keys()`): no set over all adapter dicts, and no cast
-        # where the dtype is already right, so an unmerged forward costs no more Python than HF PEFT's
+        # per call only live lookups (as HF PEFT's `lora_A.keys()`): no set over all adapter dicts, and no
+        # cast where the dtype is already right, so an unmerged forward costs no more Python than HF PEFT's
         out_dtype, own, with_variant = result.dtype, getattr(self, self.factors_attr), self.lora_variant
         for name in names:  # in order: a variant may depend on the output so far (as in HF PEFT)
             if name not in own:
@@ -214,7 +219,8 @@ class Linear(LoraLayer):
 
     # --- gathered mixed batches (methods/lora/gathered.py): batched matmuls when the batch has many adapters
     def mixed_forward(self, x, *args, adapter_names, **kwargs):
-        # DoRA etc.: the loop (plain membership tests: dict_keys.isdisjoint does not trace under torch.compile)
+        # DoRA etc.: the loop (plain membership tests: dict_keys.isdisjoint does not trace under
+        # torch.compile)
         with_variant = bool(self.lora_variant) and any(n in self.lora_variant for n in set(adapter_names))
         merged = None if with_variant or args or kwargs else gathered.merged_plan(self, x, adapter_names)
         if merged is not None:  # long rows, few adapters: one matmul per adapter with W + s B A
@@ -280,8 +286,9 @@ class Conv(LoraLayer):
         base = self.get_base_layer()
         if r % base.groups:
             raise ValueError(
-                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by groups; "
-                f"got r={r}. Pick r as a multiple of {base.groups} (rank_pattern can set it for this layer)."
+                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
+                f"groups; got r={r}. Pick r as a multiple of {base.groups} (rank_pattern can "
+                "set it for this layer)."
             )
         conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
@@ -298,7 +305,8 @@ class Conv(LoraLayer):
 
     def delta_weight(self, name):
         if self.get_base_layer().groups > 1:
-            raise NotImplementedError("Merging LoRA into a grouped convolution (groups > 1) is not supported.")
+            raise NotImplementedError(
+                "Merging LoRA into a grouped convolution (groups > 1) is not supported.")
         a, b = self.lora_weights(name)
         # W'[o, i, k...] = sum_r B[o, r] A[r, i, k...]
         delta = torch.einsum("or,ri...->oi...", b.flatten(1).float(), a.float()) * self.scaling[name]
@@ -311,8 +319,8 @@ class MultiheadAttention(LoraLayer):
     MHA's forward never calls `out_proj.forward`, so both deltas are added to the weights functionally.
     """
 
-    # HF PEFT 0.21 applies out_proj's delta twice (its MHA merge adds it, then the nested layer's merge adds it
-    # again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
+    # HF PEFT 0.21 applies out_proj's delta twice (its MHA merge adds it, then the nested layer's merge adds
+    # it again, in forward and in merge_and_unload alike). Adapters trained there rely on it, so outputs and
     # merges here use the same effective out_proj update, 2 * (alpha / r) * B @ A, to load them unchanged.
     OUT_PROJ_DELTA_FACTOR = 2.0
     variant_kind = "nn.MultiheadAttention"  # in no row of variants/table.py: DoRA is refused, as in HF PEFT
@@ -353,8 +361,8 @@ class MultiheadAttention(LoraLayer):
         return self.OUT_PROJ_DELTA_FACTOR * self.out_lora.delta_weight(name)
 
     def _trained_out_delta(self, name):
-        """out_delta for the forward pass: HF PEFT's second copy sits in the weight's data, outside autograd, so
-        gradients see the delta once (training matches HF PEFT step for step)."""
+        """out_delta for the forward pass: HF PEFT's second copy sits in the weight's data, outside autograd,
+        so gradients see the delta once (training matches HF PEFT step for step)."""
         delta = self.out_lora.delta_weight(name)
         return delta + (self.OUT_PROJ_DELTA_FACTOR - 1) * delta.detach()
 

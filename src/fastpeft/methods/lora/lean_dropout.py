@@ -88,8 +88,10 @@ MASK_STORAGE = "bool"
 def _keep_mask(ctx, x: torch.Tensor, p: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(dropout(x) as nn.Dropout draws it, the tensors `_mask_scale` needs to rebuild the mask)."""
     ctx.rng = _rng_state(x.device) if MASK_STORAGE == "regenerate" else None
-    scale = F.dropout(torch.ones_like(x), p, training=True)  # the same draws as F.dropout(x): 0 or 1 / (1 - p)
-    kept = () if ctx.rng is not None else (scale.bool(), scale.amax() if scale.numel() else scale.new_zeros(()))
+    # the same draws as F.dropout(x): 0 or 1 / (1 - p)
+    scale = F.dropout(torch.ones_like(x), p, training=True)
+    kept = () if ctx.rng is not None else (scale.bool(),
+                                           scale.amax() if scale.numel() else scale.new_zeros(()))
     return x * scale, kept  # x * scale: what F.dropout(x) returns, bit for bit
 
 
@@ -147,7 +149,8 @@ def _fast_path_exact(x: torch.Tensor) -> bool:
 
 def lean_lora_output(x: torch.Tensor, dropout: nn.Dropout, a: nn.Linear, b: nn.Linear,
                      scaling: float) -> torch.Tensor:
-    """s * b(a(dropout(x))) for `x` already in `a`'s dtype, keeping only `x` and the RNG state for backward."""
+    """s * b(a(dropout(x))) for `x` already in `a`'s dtype, keeping only `x` and the RNG state for
+    backward."""
     if _fast_path_exact(x):
         return LeanDropoutLinear.apply(x, dropout.p, scaling, a.weight, b.weight, b.bias)
     params = tuple(t for t in (a.weight, b.weight, b.bias) if t is not None)
@@ -155,6 +158,7 @@ def lean_lora_output(x: torch.Tensor, dropout: nn.Dropout, a: nn.Linear, b: nn.L
 
 
 def lean_applies(dropout: nn.Module) -> bool:
-    """Whether the lean path would change anything: active dropout (training, p > 0) with autograd recording."""
+    """Whether the lean path would change anything: active dropout (training, p > 0) with autograd
+    recording."""
     return (type(dropout) is nn.Dropout and dropout.training and 0 < dropout.p < 1 and torch.is_grad_enabled()
             and not dropout.inplace)

@@ -57,8 +57,9 @@ class MergeRequest:
 def _same_rank(ranks: list[int], svd_rank: int | None, combination_type: str) -> int:
     if len(set(ranks)) != 1:
         raise ValueError(
-            f"combination_type={combination_type!r} merges the A and B factors entry by entry, so all adapters need "
-            f"the same rank, got ranks {ranks}. Use 'cat' or an '*_svd' type (e.g. 'svd') for different ranks."
+            f"combination_type={combination_type!r} merges the A and B factors entry by entry, so all "
+            f"adapters need the same rank, got ranks {ranks}. Use 'cat' or an '*_svd' type (e.g. 'svd') "
+            "for different ranks."
         )
     return ranks[0]
 
@@ -69,7 +70,8 @@ def _sum_rank(ranks: list[int], svd_rank: int | None, combination_type: str) -> 
 
 def _svd_rank(ranks: list[int], svd_rank: int | None, combination_type: str) -> int:
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(f"svd_rank must be a positive integer or None (= the largest rank), got {svd_rank!r}.")
+        raise ValueError(
+            f"svd_rank must be a positive integer or None (= the largest rank), got {svd_rank!r}.")
     return svd_rank or max(ranks)
 
 
@@ -91,8 +93,8 @@ def merged_target_modules(configs: list):
     kinds = {isinstance(c.target_modules, str) for c in configs}
     if len(kinds) > 1:
         raise ValueError(
-            "Cannot combine adapters whose target_modules mix a regex string with a list/set of names; give all "
-            "of them target_modules of the same kind (e.g. all lists of module names)."
+            "Cannot combine adapters whose target_modules mix a regex string with a list/set of names; give "
+            "all of them target_modules of the same kind (e.g. all lists of module names)."
         )
     if kinds == {True}:
         return "|".join(f"({c.target_modules})" for c in configs)
@@ -105,8 +107,8 @@ def new_adapter_config(configs: list, rank: int):
 
     HF PEFT keeps use_rslora from the first adapter, which scales the result by sqrt(rank) (peft issue #3761).
     """
-    return replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False, target_modules=merged_target_modules(configs),
-                   alpha_pattern={}, rank_pattern={})
+    return replace(configs[0], r=rank, lora_alpha=rank, use_rslora=False,
+                   target_modules=merged_target_modules(configs), alpha_pattern={}, rank_pattern={})
 
 
 # ---------------------------------------------------------------------------------------------- per layer
@@ -132,8 +134,9 @@ def combine_factors(layer, req: MergeRequest) -> tuple[torch.Tensor, torch.Tenso
     a_list, b_list = _factors(layer, names)
     if len({a.shape for a in a_list}) > 1 or len({b.shape for b in b_list}) > 1:
         raise ValueError(
-            f"combination_type with task_merge={req.combination.task_merge!r} needs equal factor shapes per layer; "
-            f"adapters {names} have ranks {[a.shape[0] for a in a_list]} here (rank_pattern?). Use 'cat' or 'svd'."
+            f"combination_type with task_merge={req.combination.task_merge!r} needs equal factor shapes per "
+            f"layer; adapters {names} have ranks {[a.shape[0] for a in a_list]} here "
+            "(rank_pattern?). Use 'cat' or 'svd'."
         )
     scaled = [w * layer.scaling[n] for n, w in zip(names, weights)]
     a_weights = [math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in scaled]
@@ -179,8 +182,8 @@ def _svd_factors(delta: torch.Tensor, req: MergeRequest) -> tuple[torch.Tensor, 
 def combine_svd(layer, req: MergeRequest) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the full deltas (task_merge), then refactor the result by a truncated SVD."""
     names, weights = _present(layer, req)
-    delta = merging.merge(req.combination.task_merge, _weight_deltas(layer, names), weights, density=req.density,
-                          majority_sign_method=req.majority_sign_method)
+    delta = merging.merge(req.combination.task_merge, _weight_deltas(layer, names), weights,
+                          density=req.density, majority_sign_method=req.majority_sign_method)
     new_a, new_b = _svd_factors(_to_factor_layout(layer, delta), req)
     a_ref, b_ref = layer.lora_weights(names[0])
     new_a = new_a.reshape((new_a.shape[0],) + tuple(a_ref.shape[1:]))
@@ -225,7 +228,8 @@ def _check_sources(tuner, adapters: list[str], weights: list[float], adapter_nam
     if missing:
         raise ValueError(f"Adapter(s) {missing} do not exist; loaded adapters: {sorted(tuner.peft_config)}.")
     if len(weights) != len(adapters):
-        raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
+        raise ValueError(
+            f"Got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
     biased = [a for a in adapters if tuner.peft_config[a].lora_bias]
     if biased:
         raise NotImplementedError(
@@ -235,17 +239,17 @@ def _check_sources(tuner, adapters: list[str], weights: list[float], adapter_nam
     with_variant = {a: opt for a in adapters if (opt := variant_table.active_option(tuner.peft_config[a]))}
     if with_variant:
         raise NotImplementedError(
-            f"Adapter(s) {with_variant} use a LoRA variant; add_weighted_adapter combines only the A/B factors, and "
-            "the variant's own weights (e.g. DoRA's magnitude vector) have no weighted combination, so the result "
-            "would silently differ from every source. Merge such adapters into the base instead "
-            "(merge_and_unload), or combine adapters trained without the variant."
+            f"Adapter(s) {with_variant} use a LoRA variant; add_weighted_adapter combines only the A/B "
+            "factors, and the variant's own weights (e.g. DoRA's magnitude vector) have no weighted "
+            "combination, so the result would silently differ from every source. Merge such adapters into "
+            "the base instead (merge_and_unload), or combine adapters trained without the variant."
         )
     shared = [name for name, h in tuner.holders() if isinstance(h, ModulesToSaveWrapper)
               and sum(a in h.modules_to_save for a in adapters) > 1]
     if shared:
         raise ValueError(
-            f"Adapters {adapters} each keep their own trained copy of {shared} (modules_to_save); such copies "
-            "cannot be combined. Combine adapters where at most one of them saves each module."
+            f"Adapters {adapters} each keep their own trained copy of {shared} (modules_to_save); such "
+            "copies cannot be combined. Combine adapters where at most one of them saves each module."
         )
 
 
@@ -261,7 +265,8 @@ def _check_options(combination_type: str, density, majority_sign_method: str, sv
 
 
 def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         combination_type: str = "svd", svd_rank: int | None = None,
+                         svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, svd_driver: str | None = None,
                          density: float | None = None, majority_sign_method: str = "total") -> None:
     """Add `adapter_name` to the LoRA `tuner`: the weighted combination of `adapters` (not activated)."""

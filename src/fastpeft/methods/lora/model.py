@@ -56,7 +56,8 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
         if config.layer_replication:
             replication.replicate_layers(model, config.layer_replication)
 
-    # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's layers
+    # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's
+    # layers
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        **options) -> None:
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
@@ -72,7 +73,8 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     def select_targets(self, model, config):
         params.check_same_parameters(self.peft_config, config)
         if not config.target_parameters:
-            return tied.without_tied(super().select_targets(model, config), getattr(self, "_pending_tie", None))
+            return tied.without_tied(super().select_targets(model, config),
+                                     getattr(self, "_pending_tie", None))
         modules = super().select_targets(model, config) if config.target_modules else []
         return modules + params.parameter_targets(model, config, {name for name, _ in modules})
     # ---- end of target_parameters
@@ -88,11 +90,13 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
         return original_base.converted_file_state(self, adapter_name, tensors, config_dict, initial_dir)
 
     def convert_loaded_state(self, adapter_name, tensors, root):
-        """Adapters of transformers v4 MoE models (per-expert linears) in the v5 layout (conversion/moe.py)."""
+        """Adapters of transformers v4 MoE models (per-expert linears) in the v5 layout
+        (conversion/moe.py)."""
         return convert_state(root, self.model, tensors)
 
     def _get_monteclora_loss(self, adapter_names=None):
-        """MonteCLoRA's variational regulariser for the given (default: active) adapters; add it to the task loss."""
+        """MonteCLoRA's variational regulariser for the given (default: active) adapters; add it to the task
+        loss."""
         return monteclora_loss(self, adapter_names)
 
     def _get_kasa_loss(self, adapter_names=None):
@@ -102,8 +106,9 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     def check_mergeable(self):
         if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
             raise ValueError(
-                "Cannot merge adapters into a model built with layer_replication: the replicated layers share one base "
-                "weight, so every copy's update would land in it. Keep the adapter unmerged (or use unload())."
+                "Cannot merge adapters into a model built with layer_replication: the replicated layers "
+                "share one base weight, so every copy's update would land in it. Keep the adapter "
+                "unmerged (or use unload())."
             )
 
     def check_new_adapter(self, config):
@@ -111,8 +116,9 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
         others = [n for n, c in self.peft_config.items() if c is not config and c.bias != "none"]
         if others and config.bias != "none":
             raise ValueError(
-                f"Adapter '{others[0]}' already trains base biases (bias={self.peft_config[others[0]].bias!r}); "
-                "only one adapter per model may set bias other than 'none'."
+                f"Adapter '{others[0]}' already trains base biases "
+                f"(bias={self.peft_config[others[0]].bias!r}); only one adapter per model may set "
+                "bias other than 'none'."
             )
 
     def layer_kwargs(self, config, key, module):
@@ -156,15 +162,15 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
                              majority_sign_method: str = "total") -> None:
         """Add `adapter_name`, a weighted combination of existing LoRA `adapters` (HF PEFT's signature).
 
-        combination_type: 'linear' / 'ties' / 'dare_linear' / 'dare_ties' / 'magnitude_prune' merge the A and B
-        factors (same ranks needed); 'cat' stacks them (rank = sum); 'svd' and the '*_svd' variants merge the full
-        deltas and keep a rank-`svd_rank` SVD (default: the largest rank). `density` is the fraction kept by
-        pruning types; `majority_sign_method` ('total' / 'frequency') elects TIES signs. The new adapter has
-        lora_alpha = r and is not activated: call set_adapter(adapter_name) to use it.
+        combination_type: 'linear' / 'ties' / 'dare_linear' / 'dare_ties' / 'magnitude_prune' merge the A and
+        B factors (same ranks needed); 'cat' stacks them (rank = sum); 'svd' and the '*_svd' variants merge
+        the full deltas and keep a rank-`svd_rank` SVD (default: the largest rank). `density` is the fraction
+        kept by pruning types; `majority_sign_method` ('total' / 'frequency') elects TIES signs. The new
+        adapter has lora_alpha = r and is not activated: call set_adapter(adapter_name) to use it.
         """
         params.refuse_weighted(self.peft_config, adapters)  # target_parameters
-        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                                   svd_full_matrices, svd_driver, density, majority_sign_method)
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                                   svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method)
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -1,8 +1,9 @@
 """LoRA on bare `nn.Parameter`s (`LoraConfig.target_parameters`), e.g. MoE expert stacks stored as tensors.
 
-2-D weight W (out, in): A (r, in), B (out, r), dW = s * B @ A. 3-D experts W (E, out, in), or (E, in, out) when the
-owner sets `is_transposed`: A (r*E, in), B (out, r*E); expert e uses A rows [e*r, (e+1)*r) and B columns e, e+E, ...
-The wrapper replaces the module owning W; in forward W reads as W + dW. Two targets on one module nest wrappers.
+2-D weight W (out, in): A (r, in), B (out, r), dW = s * B @ A. 3-D experts W (E, out, in), or (E, in, out)
+when the owner sets `is_transposed`: A (r*E, in), B (out, r*E); expert e uses A rows [e*r, (e+1)*r) and B
+columns e, e+E, ... The wrapper replaces the module owning W; in forward W reads as W + dW. Two targets on one
+module nest wrappers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _check_config(config) -> None:
     if config.init_lora_weights not in SUPPORTED_INITS:
         bad.append(f"init_lora_weights={config.init_lora_weights!r} (supported: {list(SUPPORTED_INITS)})")
     if bad:
-        raise ValueError(f"LoRA on target_parameters does not support {', '.join(bad)}; change these options.")
+        raise ValueError(
+            f"LoRA on target_parameters does not support {', '.join(bad)}; change these options.")
 
 
 class _AddDelta(nn.Module):
@@ -89,7 +91,8 @@ class ParamLora(LoraLayer):
             return (shape[1], shape[2]) if self.transposed else (shape[2], shape[1])
         raise ValueError(
             f"target_parameters: '{self.parameter_name}' of {type(self.owner()).__name__} has shape "
-            f"{tuple(shape)}; only 2-D (out, in) weights and 3-D (experts, out, in) expert stacks are supported."
+            f"{tuple(shape)}; only 2-D (out, in) weights and 3-D (experts, out, in) expert "
+            "stacks are supported."
         )
 
     def build(self, name, r, lora_bias):
@@ -115,11 +118,13 @@ class ParamLora(LoraLayer):
     # ------------------------------------------------------------------ forward
     def forward(self, x, *args, **kwargs):
         if self.call_adapter_names(kwargs) is not None:
-            raise ValueError("LoRA on target_parameters does not support mixed-adapter batches (adapter_names).")
+            raise ValueError(
+                "LoRA on target_parameters does not support mixed-adapter batches (adapter_names).")
         if self._disable_adapters and self.merged:
             self.unmerge()
         own = self.adapter_names()
-        active = [] if self._disable_adapters or self.merged else [n for n in self._active_adapters if n in own]
+        active = ([] if self._disable_adapters or self.merged
+                  else [n for n in self._active_adapters if n in own])
         if not active:
             return self.base_layer(x, *args, **kwargs)
         with self._delta_applied(active):
@@ -161,7 +166,8 @@ class ParamLora(LoraLayer):
 
 
 def _remove_last(owner: nn.Module, pname: str) -> None:
-    """Drop the `_AddDelta` registered last on `owner.pname` (keeping parametrizations registered by others)."""
+    """Drop the `_AddDelta` registered last on `owner.pname` (keeping parametrizations registered by
+    others)."""
     chain = owner.parametrizations[pname]
     if len(chain) == 1:
         parametrize.remove_parametrizations(owner, pname, leave_parametrized=False)
@@ -175,14 +181,16 @@ def _remove_last(owner: nn.Module, pname: str) -> None:
 # ---------------------------------------------------------------------------------------------- targeting
 @dataclass
 class ParamTarget:
-    """Parameters of one module that get new wrappers: `params` = [(parameter name, full key)], innermost first."""
+    """Parameters of one module that get new wrappers: `params` = [(parameter name, full key)], innermost
+    first."""
 
     module: nn.Module
     params: list[tuple[str, str]] = field(default_factory=list)
 
 
 def build_wrappers(target: ParamTarget, adapter_name: str, config, **_module_kwargs) -> ParamLora:
-    """Nest one ParamLora per parameter around `target.module`; rank / alpha come from each parameter's key."""
+    """Nest one ParamLora per parameter around `target.module`; rank / alpha come from each parameter's
+    key."""
     layer = target.module
     for pname, key in target.params:
         r = targeting.pattern_value(config.rank_pattern, key, config.r)
@@ -213,9 +221,11 @@ def _matches(key: str, wanted: set[str]) -> bool:
 
 
 def matched_parameters(model: nn.Module, config) -> list[tuple[str, str, str]]:
-    """(owner module name in the model, parameter name, key without '.base_layer') for every targeted parameter."""
+    """(owner module name in the model, parameter name, key without '.base_layer') for every targeted
+    parameter."""
     if isinstance(config.target_parameters, str):
-        raise TypeError("target_parameters must be a list of parameter names (or dotted suffixes), not a str.")
+        raise TypeError(
+            "target_parameters must be a list of parameter names (or dotted suffixes), not a str.")
     wanted, internal = set(config.target_parameters), _internal_ids(model)
     found, seen = [], []
     for name, module in model.named_modules():
@@ -226,25 +236,29 @@ def matched_parameters(model: nn.Module, config) -> list[tuple[str, str, str]]:
             seen.append(key)
             if _matches(key, wanted):
                 if not name:
-                    raise ValueError(f"target_parameters: '{pname}' belongs to the top-level model itself, which "
-                                     "cannot be wrapped; target a parameter of a submodule.")
+                    raise ValueError(f"target_parameters: '{pname}' belongs to the top-level model itself, "
+                                     "which cannot be wrapped; target a parameter of a submodule.")
                 found.append((name, pname, key))
     if not found:
         close = sorted({c for w in wanted for c in difflib.get_close_matches(w, seen, n=5, cutoff=0.4)})
-        raise ValueError(f"target_parameters={sorted(wanted)} matched no parameter of the model. Parameters that "
-                         f"look close: {close or seen[:8]}. Use names (or dotted suffixes) from model.named_parameters().")
+        raise ValueError(
+            f"target_parameters={sorted(wanted)} matched no parameter of the model. Parameters that "
+            f"look close: {close or seen[:8]}. Use names (or dotted suffixes) from model.named_parameters().")
     return found
 
 
 def _top_name(model: nn.Module, owner_name: str) -> str:
     """Name of the outermost ParamLora around the module at `owner_name` (the name itself if unwrapped)."""
     name = owner_name
-    while name.endswith(".base_layer") and isinstance(model.get_submodule(name[: -len(".base_layer")]), ParamLora):
+    while (name.endswith(".base_layer")
+           and isinstance(model.get_submodule(name[: -len(".base_layer")]), ParamLora)):
         name = name[: -len(".base_layer")]
-    if name.endswith(".base_layer") and isinstance(model.get_submodule(name[: -len(".base_layer")]), AdapterLayer):
+    if (name.endswith(".base_layer")
+        and isinstance(model.get_submodule(name[: -len(".base_layer")]), AdapterLayer)):
         layer_name = name[: -len(".base_layer")]
-        raise ValueError(f"target_parameters: module '{layer_name}' is already adapted through target_modules; a "
-                         "module cannot be targeted both ways. Remove it from target_modules (or set target_modules=[]).")
+        raise ValueError(
+            f"target_parameters: module '{layer_name}' is already adapted through target_modules; a "
+            "module cannot be targeted both ways. Remove it from target_modules (or set target_modules=[]).")
     return name
 
 
@@ -257,17 +271,20 @@ def _existing_wrapper(module: nn.Module, pname: str) -> ParamLora | None:
 
 
 def parameter_targets(model: nn.Module, config, module_names: set[str]) -> list[tuple[str, object]]:
-    """Tuner targets for `config.target_parameters`: (key, existing ParamLora) to update, (name, ParamTarget) to add.
+    """Tuner targets for `config.target_parameters`: (key, existing ParamLora) to update, (name, ParamTarget)
+    to add.
 
-    `module_names` are the modules targeted through target_modules in the same adapter (they may not own targets).
+    `module_names` are the modules targeted through target_modules in the same adapter (they may not own
+    targets).
     """
     groups: dict[str, ParamTarget] = {}
     updates: list[tuple[str, object]] = []
     for owner_name, pname, key in matched_parameters(model, config):
         top = _top_name(model, owner_name)
         if top in module_names:
-            raise ValueError(f"target_parameters: '{key}' lives in module '{top}', which target_modules targets "
-                             "too; a module cannot be targeted both ways. Drop it from one of the two options.")
+            raise ValueError(
+                f"target_parameters: '{key}' lives in module '{top}', which target_modules targets "
+                "too; a module cannot be targeted both ways. Drop it from one of the two options.")
         existing = _existing_wrapper(model.get_submodule(top), pname)
         if existing is not None:
             updates.append((key, existing))  # the name only feeds rank_pattern / alpha_pattern lookups
@@ -277,21 +294,25 @@ def parameter_targets(model: nn.Module, config, module_names: set[str]) -> list[
 
 
 def check_same_parameters(peft_config: dict, config) -> None:
-    """All adapters using target_parameters must target the same parameters (they share the nested wrappers)."""
+    """All adapters using target_parameters must target the same parameters (they share the nested
+    wrappers)."""
     wanted = set(config.target_parameters or ())
     for name, other in peft_config.items():
         theirs = set(getattr(other, "target_parameters", None) or ())
         if other is not config and wanted and theirs and theirs != wanted:
             raise ValueError(f"All adapters using target_parameters must target the same parameters: got "
-                             f"{sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter '{name}'.")
+                             f"{sorted(wanted)} for the new adapter and {sorted(theirs)} "
+                             f"for adapter '{name}'.")
 
 
 def refuse_weighted(peft_config: dict, adapters: list[str]) -> None:
     for name in adapters:
         if getattr(peft_config.get(name), "target_parameters", None):
-            raise ValueError(f"add_weighted_adapter does not support adapters using target_parameters ('{name}').")
+            raise ValueError(
+                f"add_weighted_adapter does not support adapters using target_parameters ('{name}').")
 
 
 def needs_default_modules(model: nn.Module, config, table: dict) -> bool:
-    """target_modules=None is filled from the model type's defaults; with target_parameters only if one exists."""
+    """target_modules=None is filled from the model type's defaults; with target_parameters only if one
+    exists."""
     return not config.target_parameters or model_type_of(model) in table

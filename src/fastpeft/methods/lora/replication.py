@@ -44,7 +44,8 @@ def find_layer_list(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 def check_layer_map(layer_map, num_layers: int) -> list[tuple[int, int]]:
     """Validate `[[start, end], ...]` (end exclusive) against a stack of `num_layers` blocks."""
     if not isinstance(layer_map, (list, tuple)) or not layer_map:
-        raise ValueError(f"layer_replication must be a non-empty list of [start, end] pairs, got {layer_map!r}.")
+        raise ValueError(
+            f"layer_replication must be a non-empty list of [start, end] pairs, got {layer_map!r}.")
     ranges = []
     for pair in layer_map:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(i, int) for i in pair):
@@ -73,7 +74,8 @@ def renumber(block: nn.Module, index: int) -> None:
 
 
 def replicate_layers(model: nn.Module, layer_map) -> None:
-    """Replace the block list by the concatenation of `layer_map`'s ranges, e.g. [[0, 2], [1, 2]] -> 0, 1, 1."""
+    """Replace the block list by the concatenation of `layer_map`'s ranges, e.g. [[0, 2], [1, 2]] -> 0, 1,
+    1."""
     owner, path = find_layer_list(model)
     parent = owner
     for attr in path[:-1]:

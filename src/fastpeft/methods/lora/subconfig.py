@@ -59,10 +59,12 @@ def coerce(value, cls: type, option: str):
 
 
 def for_init(value, cls: type, option: str, init_lora_weights, scheme: str, default: bool = True):
-    """`coerce` for a sub-config used only by `init_lora_weights=scheme` (the default instance when missing)."""
+    """`coerce` for a sub-config used only by `init_lora_weights=scheme` (the default instance when
+    missing)."""
     value = coerce(value, cls, option)
     if init_lora_weights == scheme and value is None and default:
-        logger.warning("init_lora_weights=%r without %s: using the default %s().", scheme, option, cls.__name__)
+        logger.warning("init_lora_weights=%r without %s: using the default %s().", scheme,
+                       option, cls.__name__)
         value = cls()
     elif init_lora_weights != scheme and value is not None:
         logger.warning("%s is ignored unless init_lora_weights=%r.", option, scheme)

@@ -1,12 +1,14 @@
 """`ensure_weight_tying` for LoRA: modules tied to the input embedding (an LM head) follow its adapter.
 
-When a model ties its word embeddings and the input embedding (or a module tied to it) is in `modules_to_save` or
-`target_modules`, the adapter is given to the input embedding only, as HF PEFT 0.21 does, and every tied module
-shares it:
-- modules_to_save: the tied module's trained copy is a bias-free linear whose weight IS the embedding copy's weight;
-- target_modules: the tied module gets a LoRA layer whose factors share storage with the embedding's, transposed
-  (A = B_emb^T, B = A_emb^T), so its delta is the embedding's delta in the linear layout. Its merge is a no-op: the
-  embedding's merge already changes the one shared weight (HF PEFT 0.21 merges both and doubles the delta).
+When a model ties its word embeddings and the input embedding (or a module tied to it) is in `modules_to_save`
+or `target_modules`, the adapter is given to the input embedding only, as HF PEFT 0.21 does, and every tied
+module shares it:
+- modules_to_save: the tied module's trained copy is a bias-free linear whose weight IS the embedding copy's
+  weight;
+- target_modules: the tied module gets a LoRA layer whose factors share storage with the embedding's,
+  transposed (A = B_emb^T, B = A_emb^T), so its delta is the embedding's delta in the linear layout. Its merge
+  is a no-op: the embedding's merge already changes the one shared weight (HF PEFT 0.21 merges both and
+  doubles the delta).
 The saved config keeps the rewritten lists (as HF PEFT), so a reload ties again.
 """
 
@@ -70,15 +72,16 @@ def _moved_to_embedding(entries, embedding: str, tied: list[str]):
 
 
 def _warn_one_sided(model: nn.Module, config) -> None:
-    """As HF PEFT: a tied embedding layer in modules_to_save / target_modules without ensure_weight_tying is adapted
-    on its own; say what that means for merging (core/tying.py unties it there)."""
+    """As HF PEFT: a tied embedding layer in modules_to_save / target_modules without ensure_weight_tying is
+    adapted on its own; say what that means for merging (core/tying.py unties it there)."""
     if not (_names_embedding(config.modules_to_save) or _targets_embedding(config)) or not tied_names(model):
         return
     warnings.warn(
-        "The model ties its word embeddings (tie_word_embeddings=True) and an embedding layer (embed_tokens / "
-        "lm_head) is in target_modules or modules_to_save, but ensure_weight_tying=False: the adapter changes that "
-        "side only. Merging gives it its own copy of the weight and sets config.tie_word_embeddings=False, so a "
-        "merged export keeps both weights. Set ensure_weight_tying=True to adapt both sides as one.", stacklevel=5)
+        "The model ties its word embeddings (tie_word_embeddings=True) and an embedding layer (embed_tokens "
+        "/ lm_head) is in target_modules or modules_to_save, but ensure_weight_tying=False: the adapter "
+        "changes that side only. Merging gives it its own copy of the weight and sets "
+        "config.tie_word_embeddings=False, so a merged export keeps both weights. Set "
+        "ensure_weight_tying=True to adapt both sides as one.", stacklevel=5)
 
 
 def plan(model: nn.Module, config) -> TiePlan | None:
@@ -140,7 +143,8 @@ def _share_copy(model: nn.Module, name: str, source: ModulesToSaveWrapper, adapt
 
 
 class TiedFollower(LoraVariant):
-    """Plain LoRA on a module whose weight is the input embedding's: its merge leaves the shared weight alone."""
+    """Plain LoRA on a module whose weight is the input embedding's: its merge leaves the shared weight
+    alone."""
 
     def contribution(self, layer, name, x, result):
         x = layer.cast_input(x, layer.lora_weights(name)[0].dtype)

@@ -38,26 +38,29 @@ def plan(model: nn.Module, config) -> TokenPlan:
     else:
         targets = {input_embedding_name(model) or "embed_tokens": list(spec)}
     tied_flag = ties_word_embeddings(model)
-    mismatch, skip = _tied_targets(model, targets, config.ensure_weight_tying) if tied_flag else (False, set())
+    mismatch, skip = (_tied_targets(model, targets, config.ensure_weight_tying) if tied_flag
+                      else (False, set()))
     return TokenPlan({k: v for k, v in targets.items() if k not in skip}, tied_flag and (
         config.ensure_weight_tying or not mismatch))
 
 
 def _tied_targets(model: nn.Module, targets: dict[str, list[int]], ensure: bool) -> tuple[bool, set[str]]:
-    """(indices differ between tied targets, targets to leave to the tying) for a model with tied embeddings."""
+    """(indices differ between tied targets, targets to leave to the tying) for a model with tied
+    embeddings."""
     if len(targets) < 2:
         return False, set()
     tied = set(tied_module_names(model))
     embedding = input_embedding_name(model) or ""
-    keys = [k for k in targets if embedding.endswith(k) or any(t.endswith(k) or k in t.split(".") for t in tied)]
+    keys = [k for k in targets if embedding.endswith(k)
+            or any(t.endswith(k) or k in t.split(".") for t in tied)]
     if len(keys) < 2:
         return False, set()
     mismatch = any(targets[k] != targets[keys[0]] for k in keys[1:])
     if mismatch and ensure:
         shown = ", ".join(f"{k}: {targets[k]}" for k in keys)
         raise ValueError(
-            f"ensure_weight_tying=True but the tied layers get different token indices ({shown}); give them the "
-            "same indices or set ensure_weight_tying=False.")
+            f"ensure_weight_tying=True but the tied layers get different token indices ({shown}); give them "
+            "the same indices or set ensure_weight_tying=False.")
     return mismatch, set() if mismatch else set(keys) & tied
 
 
@@ -79,24 +82,24 @@ def check_lora_config(model: nn.Module, config) -> None:
 def _check_target(model: nn.Module, config, target: str, ids: list[int]) -> None:
     check_index_list(ids, f"trainable_token_indices[{target!r}]")
     if target in (config.modules_to_save or []):
-        raise ValueError(f"'{target}' is both in modules_to_save (trained whole) and in trainable_token_indices; "
-                         "pick one of the two.")
+        raise ValueError(f"'{target}' is both in modules_to_save (trained whole) and in "
+                         "trainable_token_indices; pick one of the two.")
     found = matches(model, target)
     if not found:
         raise ValueError(f"trainable_token_indices names '{target}', which matches no module of the model.")
     for name, module in found:
         if targeting.is_target(config, name) or isinstance(module, AdapterHolder) and not isinstance(
                 module, TrainableTokensWrapper):
-            raise ValueError(f"'{name}' is already adapted (target_modules / modules_to_save); it cannot also get "
-                             "trainable_token_indices.")
+            raise ValueError(f"'{name}' is already adapted (target_modules / modules_to_save); it cannot "
+                             "also get trainable_token_indices.")
         if isinstance(module, TrainableTokensWrapper) and module.token_adapter.tied_to is not None:
-            raise ValueError(f"'{name}' shares the input embedding's trainable tokens (tied weights); give token "
-                             "indices for the input embedding instead.")
+            raise ValueError(f"'{name}' shares the input embedding's trainable tokens (tied weights); give "
+                             "token indices for the input embedding instead.")
         rows = getattr(module, "weight", None)
         if rows is not None and any(i >= rows.shape[0] for i in ids):
             bad = next(i for i in ids if i >= rows.shape[0])
-            raise ValueError(f"Token index {bad} in trainable_token_indices is out of range for '{name}' with "
-                             f"vocabulary size {rows.shape[0]} (valid ids: 0..{rows.shape[0] - 1}).")
+            raise ValueError(f"Token index {bad} in trainable_token_indices is out of range for '{name}' "
+                             f"with vocabulary size {rows.shape[0]} (valid ids: 0..{rows.shape[0] - 1}).")
 
 
 def add_token_wrappers(tuner, model: nn.Module, adapter_name: str, config) -> None:

@@ -2,8 +2,9 @@
 Sharing", https://arxiv.org/abs/2409.15371; formerly "Bone").
 
 Variants (per adapter, from `init_weights`):
-- True / False ("balance"): a block D of shape (r, out). The input is cut into r-wide shards (zero-padded) that
-  are summed and multiplied by D, i.e. the weight gains D^T tiled along in_features: dW[o, i] = D[i % r, o].
+- True / False ("balance"): a block D of shape (r, out). The input is cut into r-wide shards (zero-padded)
+  that are summed and multiplied by D, i.e. the weight gains D^T tiled along in_features:
+  dW[o, i] = D[i % r, o].
 - "mini": D of shape (r, mini_r), repeated out / mini_r times along out, then as above.
 - "bat": D of shape (out / r, r, r). Every r x r block W_ij of the weight becomes W_ij + W_ij D_i + B_i where
   B_i = D_i, so the update depends on W; unmerging solves W_ij = (W'_ij - D_i) (I + D_i)^-1.
@@ -77,7 +78,8 @@ class Linear(AdapterLayer):
         self.miss_fn[adapter_name] = variant
         self.miss_dropout[adapter_name] = nn.Dropout(config.miss_dropout) if config.miss_dropout > 0 \
             else nn.Identity()
-        shape = {"bat": (self.out_features // r, r, r), "mini": (r, mini_r)}.get(variant, (r, self.out_features))
+        shape = {"bat": (self.out_features // r, r, r), "mini": (r, mini_r)}.get(
+            variant, (r, self.out_features))
         block = torch.zeros(shape)
         if variant is False:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
@@ -88,11 +90,11 @@ class Linear(AdapterLayer):
         if r > self.in_features:
             raise ValueError(f"MiSS r={r} exceeds in_features of {where}; lower r or leave the module out.")
         if variant == "bat" and (self.in_features % r or self.out_features % r):
-            raise ValueError(f"MiSS init_weights='bat' needs in_features and out_features divisible by r={r}, "
-                             f"not so for {where}; pick an r dividing both.")
+            raise ValueError("MiSS init_weights='bat' needs in_features and out_features divisible by "
+                             f"r={r}, not so for {where}; pick an r dividing both.")
         if variant == "mini" and self.out_features % mini_r:
-            raise ValueError(f"MiSS init_weights='mini' needs out_features divisible by mini_r={mini_r}, not so "
-                             f"for {where}; pick another mini_r.")
+            raise ValueError(f"MiSS init_weights='mini' needs out_features divisible by mini_r={mini_r}, not "
+                             f"so for {where}; pick another mini_r.")
 
     # ------------------------------------------------------------------ pieces
     def block(self, name: str) -> torch.Tensor:
@@ -119,7 +121,8 @@ class Linear(AdapterLayer):
         return self._changed_weight(name, weight, bat_unmerged, torch.sub)
 
     def _changed_weight(self, name: str, weight: torch.Tensor, bat_fn, combine) -> torch.Tensor:
-        """`weight` in a float32-or-wider dtype with the update applied ('bat': `bat_fn`) or `combine`d with dW."""
+        """`weight` in a float32-or-wider dtype with the update applied ('bat': `bat_fn`) or `combine`d with
+        dW."""
         block = self.miss_block[name]
         dtype = _work_dtype(block.dtype)
         weight, block = weight.to(dtype), block.to(dtype)

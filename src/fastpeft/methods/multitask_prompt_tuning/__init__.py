@@ -1,4 +1,5 @@
-"""Multitask prompt tuning: a shared soft prompt scaled per task by a low-rank matrix (select with task_ids)."""
+"""Multitask prompt tuning: a shared soft prompt scaled per task by a low-rank matrix (select with
+task_ids)."""
 
 from ...registry import MethodSpec, register
 from ...types import PeftType

@@ -1,4 +1,5 @@
-"""`MultitaskPromptTuningConfig` (Wang et al., 2023): one shared prompt scaled by a low-rank matrix per task."""
+"""`MultitaskPromptTuningConfig` (Wang et al., 2023): one shared prompt scaled by a low-rank matrix per
+task."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
         metadata={"help": "TEXT, RANDOM, AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK or ONLY_SOURCE_SHARED."})
     prompt_tuning_init_state_dict_path: str | None = field(
         default=None, metadata={"help": "Source-training adapter weights (.safetensors or torch file)."})
-    prompt_tuning_init_task: int | None = field(default=0, metadata={"help": "Source task for EXACT_SOURCE_TASK."})
+    prompt_tuning_init_task: int | None = field(default=0,
+                                                metadata={"help": "Source task for EXACT_SOURCE_TASK."})
     num_ranks: int | None = field(default=1, metadata={
         "size": "dim", "help": "Rank of each task's prompt scaling matrix."})
     num_tasks: int | None = field(default=1, metadata={

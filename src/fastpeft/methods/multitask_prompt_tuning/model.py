@@ -25,20 +25,21 @@ def _init_name(config) -> str:
 
 
 def _read_source(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a source-training adapter file (safetensors, else a torch file of plain tensors), read by
-    fastpeft's checked reader: a forged header, pickled code or a truncated file raises a FastPeftError."""
+    """The tensors of a source-training adapter file (safetensors, else a torch file of plain tensors), read
+    by fastpeft's checked reader: a forged header, pickled code or a truncated file raises a FastPeftError."""
     from ...checkpoint.io import load_weights_file
     from ...errors import AdapterFileNotFoundError, AdapterLoadError
 
     if not os.path.isfile(path):
-        raise AdapterFileNotFoundError(f"prompt_tuning_init_state_dict_path {path!r} is not a file: point it at the "
-                                       "adapter_model.safetensors of a MULTITASK_PROMPT_TUNING source training run.")
+        raise AdapterFileNotFoundError(
+            f"prompt_tuning_init_state_dict_path {path!r} is not a file: point it at the "
+            "adapter_model.safetensors of a MULTITASK_PROMPT_TUNING source training run.")
     tensors = load_weights_file(str(path))
     missing = [k for k in FILE_KEYS if k not in tensors]
     if missing:
         raise AdapterLoadError(
-            f"prompt_tuning_init_state_dict_path {path!r} lacks {missing}: point it at the adapter weights saved "
-            "from a MULTITASK_PROMPT_TUNING source training run."
+            f"prompt_tuning_init_state_dict_path {path!r} lacks {missing}: point it at the adapter weights "
+            "saved from a MULTITASK_PROMPT_TUNING source training run."
         )
     return tensors
 
@@ -63,7 +64,8 @@ def _source_state(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _copy_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `module`'s parameters after checking every shape (nothing is written on a mismatch)."""
+    """Copy `state` into `module`'s parameters after checking every shape (nothing is written on a
+    mismatch)."""
     params = dict(module.named_parameters())
     for key, value in state.items():
         if tuple(value.shape) != tuple(params[key].shape):
@@ -88,24 +90,27 @@ class MultitaskPromptEmbedding(PromptEmbedding):
             base.prompt_tuning_init = "RANDOM"
         super().__init__(base, word_embeddings, rows)
         self.num_tasks, self.num_ranks = config.num_tasks, config.num_ranks
-        self.prefix_task_cols = nn.Parameter(torch.normal(0.0, 0.02, size=(config.num_tasks, rows, config.num_ranks)))
+        self.prefix_task_cols = nn.Parameter(
+            torch.normal(0.0, 0.02, size=(config.num_tasks, rows, config.num_ranks)))
         self.prefix_task_rows = nn.Parameter(
             torch.normal(0.0, 0.02, size=(config.num_tasks, config.num_ranks, config.token_dim)))
-        if init in SOURCE_INITS and not config.inference_mode:  # a loaded adapter overwrites everything anyway
+        # a loaded adapter overwrites everything anyway
+        if init in SOURCE_INITS and not config.inference_mode:
             self._init_from_source(config)
 
     def _init_from_source(self, config) -> None:
         path = config.prompt_tuning_init_state_dict_path
         if path is None:
-            raise ValueError(f"prompt_tuning_init={_init_name(config)} needs prompt_tuning_init_state_dict_path "
-                             "(the adapter weights of a source training run).")
+            raise ValueError(
+                f"prompt_tuning_init={_init_name(config)} needs prompt_tuning_init_state_dict_path "
+                "(the adapter weights of a source training run).")
         state = _source_state(config, _read_source(path))
         _copy_checked(self, state, f"prompt_tuning_init_state_dict_path {path!r}")
 
     def forward(self, indices: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         if task_ids is None:
-            raise ValueError("MULTITASK_PROMPT_TUNING needs task_ids: pass task_ids=<LongTensor of shape (batch,)> "
-                             "to the forward / generate call.")
+            raise ValueError("MULTITASK_PROMPT_TUNING needs task_ids: pass task_ids=<LongTensor of shape "
+                             "(batch,)> to the forward / generate call.")
         scale = self.prefix_task_cols[task_ids] @ self.prefix_task_rows[task_ids]
         return self.embedding(indices) * scale
 
@@ -125,8 +130,8 @@ class MultitaskPromptTuning(EmbeddingPrompt):
         if prompts is None:
             prompts = super().encode(encoder, config, batch_size, task_ids)
         if prompts.shape[0] not in (1, batch_size):
-            raise ValueError(f"task_ids holds {prompts.shape[0]} ids for a batch of {batch_size}: pass one id per "
-                             "example (or a single id for the whole batch).")
+            raise ValueError(f"task_ids holds {prompts.shape[0]} ids for a batch of {batch_size}: pass one "
+                             "id per example (or a single id for the whole batch).")
         return prompts.expand(batch_size, -1, -1)
 
     # ------------------------------------------------------------------ files
@@ -138,7 +143,8 @@ class MultitaskPromptTuning(EmbeddingPrompt):
         }
 
     def load_file_state(self, encoder, config, tensors):
-        state = {"embedding.weight": tensors["prompt_embeddings"], "prefix_task_cols": tensors["prefix_task_cols"],
+        state = {"embedding.weight": tensors["prompt_embeddings"],
+                 "prefix_task_cols": tensors["prefix_task_cols"],
                  "prefix_task_rows": tensors["prefix_task_rows"]}
         _copy_checked(encoder, state, "The adapter file (made for another base model or config?)")
 
@@ -183,8 +189,8 @@ def _task_tensor(task_ids, config, device: torch.device) -> torch.Tensor | None:
         return None
     ids = torch.as_tensor(task_ids, device=device)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() > 1:
-        raise ValueError(f"task_ids must be integer task indices of shape (batch,), got dtype {ids.dtype} and "
-                         f"shape {tuple(ids.shape)}.")
+        raise ValueError(f"task_ids must be integer task indices of shape (batch,), got dtype {ids.dtype} "
+                         f"and shape {tuple(ids.shape)}.")
     ids = ids.reshape(-1).long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.num_tasks):
         raise ValueError(f"task_ids must lie in [0, {config.num_tasks}) (num_tasks={config.num_tasks}), got "
@@ -193,11 +199,12 @@ def _task_tensor(task_ids, config, device: torch.device) -> torch.Tensor | None:
 
 
 def _decoder_embeds(model, word_embeddings, labels, decoder) -> torch.Tensor:
-    """The decoder input embeddings the prompt rows go in front of (from labels, shifted right, if not given)."""
+    """The decoder input embeddings the prompt rows go in front of (from labels, shifted right, if not
+    given)."""
     if decoder["decoder_input_ids"] is not None:
         raise ValueError(
-            "MULTITASK_PROMPT_TUNING on an encoder-decoder (num_transformer_submodules=2) puts prompt rows in front "
-            "of the decoder inputs, so it takes labels (decoder inputs are derived from them) or "
+            "MULTITASK_PROMPT_TUNING on an encoder-decoder (num_transformer_submodules=2) puts prompt rows "
+            "in front of the decoder inputs, so it takes labels (decoder inputs are derived from them) or "
             "decoder_inputs_embeds, not decoder_input_ids (HF PEFT fails on them too). Pass "
             "decoder_inputs_embeds=model.get_input_embeddings()(decoder_input_ids) instead."
         )
@@ -210,8 +217,8 @@ def _shift_right(labels: torch.Tensor, model_config) -> torch.Tensor:
     start = getattr(model_config, "decoder_start_token_id", None)
     pad = getattr(model_config, "pad_token_id", None)
     if start is None or pad is None:
-        raise ValueError("Deriving decoder inputs from labels needs decoder_start_token_id and pad_token_id in the "
-                         "model config; set them, or pass decoder_inputs_embeds.")
+        raise ValueError("Deriving decoder inputs from labels needs decoder_start_token_id and pad_token_id "
+                         "in the model config; set them, or pass decoder_inputs_embeds.")
     shifted = labels.new_full(labels.shape, start)
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == -100, pad)

@@ -16,34 +16,42 @@ OFT_BIAS_VALUES = ("none", "all", "oft_only")
 
 @dataclass
 class OFTConfig(PeftConfig):
-    """Orthogonal Finetuning (Qiu et al., 2023, https://arxiv.org/abs/2306.07280): the layer input is rotated by a
-    block-diagonal orthogonal matrix (Cayley transform of trainable skew-symmetric blocks)."""
+    """Orthogonal Finetuning (Qiu et al., 2023, https://arxiv.org/abs/2306.07280): the layer input is rotated
+    by a block-diagonal orthogonal matrix (Cayley transform of trainable skew-symmetric blocks)."""
 
     r: int = field(default=0, metadata={
         "size": "dim",
         "help": "Number of OFT blocks per layer; give either r or oft_block_size (the other must be 0)."})
     oft_block_size: int = field(default=32, metadata={
         "size": "dim",
-        "help": "Size of each OFT block; r x oft_block_size = the layer's input size (adjusted to a divisor)."})
+        "help": "Size of each OFT block; r x oft_block_size = the layer's input size "
+                "(adjusted to a divisor)."})
     module_dropout: float = field(default=0.0, metadata={
-        "help": "Block dropout probability (accepted for file compatibility; HF PEFT 0.21.2 does not apply it)."})
+        "help": "Block dropout probability (accepted for file compatibility; HF PEFT "
+                "0.21.2 does not apply it)."})
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Names, regex or 'all-linear'; default from the model type."})
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored (in, out); False for nn.Linear."})
+    fan_in_fan_out: bool = field(default=False,
+                                 metadata={"help": "Weights stored (in, out); False for nn.Linear."})
     bias: Literal["none", "all", "oft_only"] = field(default="none", metadata={
         "help": "Which base biases train: 'none', 'all' or 'oft_only' (those of adapted layers)."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     init_weights: bool = field(default=True, metadata={
         "help": "True: identity rotation at start; False: random blocks (normal, std 0.1), for tests."})
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_to_transform: list[int] | int | None = field(default=None,
+                                                        metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    modules_to_save: list[str] | None = field(default=None,
+                                              metadata={"help": "Modules trained and saved whole."})
     coft: bool = field(default=False, metadata={
-        "help": "Constrained OFT: keep each block's skew matrix within radius eps (projected before each use)."})
+        "help": "Constrained OFT: keep each block's skew matrix within radius eps "
+                "(projected before each use)."})
     eps: float = field(default=6e-5, metadata={"help": "COFT radius (only with coft=True)."})
     block_share: bool = field(default=False, metadata={"help": "One block shared by all blocks of a layer."})
     use_cayley_neumann: bool = field(default=True, metadata={
-        "help": "Approximate the Cayley transform by a Neumann series (matmuls only) instead of a linear solve."})
+        "help": "Approximate the Cayley transform by a Neumann series (matmuls only) "
+                "instead of a linear solve."})
     num_cayley_neumann_terms: int = field(default=5, metadata={
         "size": "dim", "help": "Terms of the Neumann series."})
 
@@ -64,12 +72,13 @@ class OFTConfig(PeftConfig):
     def from_dict(cls, data: dict) -> OFTConfig:
         if "oft_block_size" not in data:
             raise ValueError(
-                "This OFT adapter_config.json has no 'oft_block_size': it was written by PEFT < 0.14, whose OFT "
-                "weights are incompatible. Retrain the adapter (or load it with PEFT <= 0.13)."
+                "This OFT adapter_config.json has no 'oft_block_size': it was written by PEFT < 0.14, whose "
+                "OFT weights are incompatible. Retrain the adapter (or load it with PEFT <= 0.13)."
             )
         if data.get("use_cayley_neumann") and _older_than(data.get("peft_version"), "0.18.0"):
-            logger.warning("This OFT adapter was saved by PEFT < 0.18, whose Cayley-Neumann series differed slightly; "
-                           "its outputs will not be exactly those it was trained with. Retrain it to be exact.")
+            logger.warning("This OFT adapter was saved by PEFT < 0.18, whose Cayley-Neumann series differed "
+                           "slightly; its outputs will not be exactly those it was trained with. "
+                           "Retrain it to be exact.")
         return super().from_dict(data)
 
     @property

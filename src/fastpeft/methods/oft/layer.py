@@ -1,8 +1,8 @@
 """OFT layers: Linear and Conv2d rotate their input, Embedding rotates its output (HF PEFT 0.21.2's forward).
 
 Each adapter is an `OFTRotation` module in `oft_R` (`oft_embedding_R` for embeddings) whose `weight` holds the
-upper triangles of the skew-symmetric blocks, so file keys are `...oft_R.weight` as in HF PEFT. Merging multiplies
-the base weight by the block-diagonal rotation; unmerging undoes it with a per-block linear solve.
+upper triangles of the skew-symmetric blocks, so file keys are `...oft_R.weight` as in HF PEFT. Merging
+multiplies the base weight by the block-diagonal rotation; unmerging undoes it with a per-block linear solve.
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ class OFTRotation(nn.Module):
 
 
 def block_layout(dim: int, r: int, block_size: int, where: str) -> tuple[int, int]:
-    """(r, block_size) with r x block_size == dim; the given one is moved to the nearest divisor of dim (warned)."""
+    """(r, block_size) with r x block_size == dim; the given one is moved to the nearest divisor of dim
+    (warned)."""
     if r == 0:
         if dim % block_size or block_size > dim:
             adjusted = orth.nearest_divisor(dim, block_size)
-            logger.warning("%s: oft_block_size=%d does not divide %d; using %d.", where, block_size, dim, adjusted)
+            logger.warning("%s: oft_block_size=%d does not divide %d; using %d.", where,
+                           block_size, dim, adjusted)
             block_size = adjusted
         return dim // block_size, block_size
     if dim % r or r > dim:
@@ -141,17 +143,18 @@ class Linear(OFTLayer):
 
 
 class Conv2d(OFTLayer):
-    """Conv2d: each kernel-sized input patch (stride 1, no padding) is rotated, then patches are folded back."""
+    """Conv2d: each kernel-sized input patch (stride 1, no padding) is rotated, then patches are folded
+    back."""
 
     def check_base(self) -> None:
         base = self.base_layer
         kh, kw = base.kernel_size
-        problems = {"dilation > 1": base.dilation[0] > 1 or base.dilation[1] > 1, "groups > 1": base.groups > 1,
-                    "a non-square kernel": kh != kw}
+        problems = {"dilation > 1": base.dilation[0] > 1 or base.dilation[1] > 1,
+                    "groups > 1": base.groups > 1, "a non-square kernel": kh != kw}
         found = [what for what, bad in problems.items() if bad]
         if found:
-            raise ValueError(f"OFT does not support Conv2d with {', '.join(found)} (got {base}); remove this module "
-                             "from target_modules.")
+            raise ValueError(f"OFT does not support Conv2d with {', '.join(found)} (got {base}); remove this "
+                             "module from target_modules.")
 
     def rotated_dim(self) -> int:
         return orth.conv_rotated_dim(self.base_layer)
@@ -162,8 +165,9 @@ class Conv2d(OFTLayer):
         out_h, out_w = height - kh + 1, width - kw + 1
         patches = F.unfold(x, (kh, kw)).transpose(1, 2).reshape(batch * out_h * out_w, channels * kh * kw)
         rotated = module.rotate(patches)
-        # HF PEFT 0.21.2 hands the rotated patches to fold in (channel, row, column, kh, kw) memory order; kept
-        # so outputs match its adapters (for kernels > 1 this differs from the merged convolution, as in HF).
+        # HF PEFT 0.21.2 hands the rotated patches to fold in (channel, row, column, kh, kw) memory order;
+        # kept so outputs match its adapters (for kernels > 1 this differs from the merged convolution, as in
+        # HF).
         grid = rotated.reshape(batch, out_h, out_w, channels, kh, kw).permute(0, 3, 1, 2, 4, 5)
         grid = grid.reshape(batch, channels * kh * kw, out_h * out_w)
         return F.fold(grid, (height, width), (kh, kw))

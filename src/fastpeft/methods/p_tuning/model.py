@@ -24,14 +24,16 @@ class PromptEncoder(nn.Module):
     def __init__(self, config, rows: int) -> None:
         super().__init__()
         dim, hidden = config.token_dim, config.encoder_hidden_size
-        self.kind = getattr(config.encoder_reparameterization_type, "value", config.encoder_reparameterization_type)
+        self.kind = getattr(config.encoder_reparameterization_type, "value",
+                            config.encoder_reparameterization_type)
         self.embedding = nn.Embedding(rows, dim)
         if config.inference_mode:  # loaded adapters hold the encoder's output: no head needed
             return
         if self.kind == "LSTM":
             self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers,
                                      dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, dim))
         else:
             self.mlp_head = _mlp_head(config, dim, hidden)
 

@@ -22,7 +22,8 @@ class PolyConfig(PeftConfig):
     r: int = field(default=8, metadata={"size": "dim", "help": "Rank of each skill's low-rank update."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names (or a full-match regex) of the nn.Linear modules to adapt."})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    exclude_modules: list[str] | str | None = field(default=None,
+                                                    metadata={"help": "Names or regex to skip."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Other modules trained in full and saved with the adapter."})
     init_weights: bool = field(

@@ -1,10 +1,10 @@
 """Poly layers: per-task mixtures of a small inventory of low-rank "skills" on nn.Linear.
 
-Polytropon (Ponti et al., 2022, arXiv:2202.13914): layer l holds skills (A_k, B_k), k < n_skills; a router keeps
-one logit per (task, skill) and turns it into mixing weights w (a relaxed Bernoulli sample while training, a
-sigmoid at inference, normalised to sum to 1). A row of task t gets x @ (sum_k w_k A_k) @ (sum_k w_k B_k) / r.
-Multi-Head Routing (Caccia et al., 2022, arXiv:2211.03831) cuts the input features of A and the output features
-of B into `n_splits` blocks, each with its own mixing weights.
+Polytropon (Ponti et al., 2022, arXiv:2202.13914): layer l holds skills (A_k, B_k), k < n_skills; a router
+keeps one logit per (task, skill) and turns it into mixing weights w (a relaxed Bernoulli sample while
+training, a sigmoid at inference, normalised to sum to 1). A row of task t gets x @ (sum_k w_k A_k) @ (sum_k
+w_k B_k) / r. Multi-Head Routing (Caccia et al., 2022, arXiv:2211.03831) cuts the input features of A and the
+output features of B into `n_splits` blocks, each with its own mixing weights.
 
 The task of each row reaches the layers through the tuner's per-call `forward_context` (model.py).
 """
@@ -24,7 +24,8 @@ _EPS = 1e-12
 
 
 class PolyRouter(nn.Module):
-    """Task -> (n_splits, n_skills) mixing weights; its only tensor is `module_logits` (n_tasks, splits*skills)."""
+    """Task -> (n_splits, n_skills) mixing weights; its only tensor is `module_logits` (n_tasks,
+    splits*skills)."""
 
     def __init__(self, n_tasks: int, n_splits: int, n_skills: int) -> None:
         super().__init__()
@@ -68,21 +69,23 @@ class PolyLinear(AdapterLayer):
         for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % splits:
                 raise ValueError(f"Poly: n_splits={splits} does not divide {what}={size} of a targeted "
-                                 f"{type(self.base_layer).__name__}; pick n_splits dividing both feature sizes "
-                                 "of every target, or leave this module out of target_modules.")
+                                 f"{type(self.base_layer).__name__}; pick n_splits dividing both feature "
+                                 "sizes of every target, or leave this module out of target_modules.")
         self.r[adapter_name] = r
         self.n_tasks[adapter_name] = config.n_tasks
         self.n_skills[adapter_name] = skills
         self.n_splits[adapter_name] = splits
         self.poly_type[adapter_name] = config.poly_type
-        self.poly_lora_A[adapter_name] = nn.Parameter(torch.empty(splits, skills, self.in_features // splits, r))
-        self.poly_lora_B[adapter_name] = nn.Parameter(torch.empty(splits, skills, r, self.out_features // splits))
+        self.poly_lora_A[adapter_name] = nn.Parameter(
+            torch.empty(splits, skills, self.in_features // splits, r))
+        self.poly_lora_B[adapter_name] = nn.Parameter(
+            torch.empty(splits, skills, r, self.out_features // splits))
         self.poly_router[adapter_name] = PolyRouter(config.n_tasks, splits, skills)
         self.reset_poly_parameters(adapter_name, config.init_weights)
 
     def reset_poly_parameters(self, name: str, init_weights: bool) -> None:
-        """Each skill block gets nn.Linear's default (Kaiming-uniform) init, drawn as a (fan_out, fan_in) matrix
-        (same draw order as HF PEFT); B is zero unless `init_weights=False`."""
+        """Each skill block gets nn.Linear's default (Kaiming-uniform) init, drawn as a (fan_out, fan_in)
+        matrix (same draw order as HF PEFT); B is zero unless `init_weights=False`."""
         _kaiming_blocks(self.poly_lora_A[name])
         if init_weights:
             nn.init.zeros_(self.poly_lora_B[name])
@@ -95,15 +98,15 @@ class PolyLinear(AdapterLayer):
         """The task id of each of the `rows` input rows, from the current call's context."""
         context = (getattr(self, "forward_context", None) or {}).get(CONTEXT_KEY)
         if context is None:
-            raise ValueError("Poly adapters need task_ids: pass task_ids=torch.LongTensor of shape (batch,) with "
-                             "each row's task index to forward() / generate() of the PeftModel.")
+            raise ValueError("Poly adapters need task_ids: pass task_ids=torch.LongTensor of shape (batch,) "
+                             "with each row's task index to forward() / generate() of the PeftModel.")
         ids, copies = context["ids"], context["copies"]
         if rows == ids.shape[0]:
             return ids
         if rows == ids.shape[0] * copies:  # generate's expanded rows (beams / num_return_sequences)
             return ids.repeat_interleave(copies)
-        raise ValueError(f"task_ids has {ids.shape[0]} entries but a Poly layer got a batch of {rows} rows; pass "
-                         "one task id per row of the input batch.")
+        raise ValueError(f"task_ids has {ids.shape[0]} entries but a Poly layer got a batch of {rows} rows; "
+                         "pass one task id per row of the input batch.")
 
     def adapter_output(self, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.poly_output(name, x, self.task_rows(x.shape[0]))

@@ -30,11 +30,14 @@ class PolyModel(Tuner):
     def generate(self, *args, **kwargs):
         return self.model_generate(*args, **kwargs)
 
-    call_keywords = ("task_ids",)  # read by call_context below; the generic tuner drops other methods' keywords
+    # read by call_context below; the generic tuner drops other methods' keywords
+    call_keywords = ("task_ids",)
 
-    def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None, copies: int = 1) -> dict:
-        """Take `task_ids` out of the call: one task index per input row, checked against each active adapter's
-        n_tasks; generate's extra rows per input (`copies`) reuse their input's task (see PolyLinear.task_rows)."""
+    def call_context(self, args: tuple, kwargs: dict, adapter_names: list[str] | None,
+                     copies: int = 1) -> dict:
+        """Take `task_ids` out of the call: one task index per input row, checked against each active
+        adapter's n_tasks; generate's extra rows per input (`copies`) reuse their input's task (see
+        PolyLinear.task_rows)."""
         task_ids = kwargs.pop("task_ids", None)
         if task_ids is None:
             return {}  # layers that need a task raise (adapters disabled or "__base__" rows need none)
@@ -48,7 +51,8 @@ class PolyModel(Tuner):
     def check_mergeable(self) -> None:
         raise NotImplementedError(
             "Poly adapters cannot be merged: each row's update depends on its task id, so no single weight "
-            "matrix expresses them (HF PEFT does not merge Poly either). Keep them unmerged, or use unload().")
+            "matrix expresses them (HF PEFT does not merge Poly either). Keep them "
+            "unmerged, or use unload().")
 
 
 def checked_task_ids(task_ids, limits: dict[str, int]) -> torch.Tensor:
@@ -57,14 +61,15 @@ def checked_task_ids(task_ids, limits: dict[str, int]) -> torch.Tensor:
     if ids.dim() == 0:
         ids = ids.reshape(1)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"task_ids must be integer task indices of shape (batch,), got dtype {ids.dtype} and shape "
-                         f"{tuple(ids.shape)}.")
+        raise ValueError(f"task_ids must be integer task indices of shape (batch,), got dtype {ids.dtype} "
+                         f"and shape {tuple(ids.shape)}.")
     ids = ids.long()
     if ids.numel() == 0:
         return ids
     low, high = int(ids.min()), int(ids.max())
     for name, n_tasks in limits.items():
         if low < 0 or high >= n_tasks:
-            raise ValueError(f"task_ids must lie in [0, {n_tasks}) for Poly adapter '{name}' (n_tasks={n_tasks}), "
-                             f"got values from {low} to {high}; raise n_tasks in its PolyConfig or fix task_ids.")
+            raise ValueError(
+                f"task_ids must lie in [0, {n_tasks}) for Poly adapter '{name}' (n_tasks={n_tasks}), "
+                f"got values from {low} to {high}; raise n_tasks in its PolyConfig or fix task_ids.")
     return ids

@@ -77,8 +77,10 @@ class PrefixTuning(PromptMethod):
     def prepare_config(self, config, model):
         config = super().prepare_config(config, model)
         cache_argument(model)  # refuse models that cannot take a KV cache now, not at the first forward
-        if getattr(model, "is_gradient_checkpointing", False) or getattr(model, "is_activation_checkpointing", False):
-            raise ValueError("Prefix tuning does not work with gradient checkpointing; disable it on the model.")
+        if (getattr(model, "is_gradient_checkpointing", False)
+            or getattr(model, "is_activation_checkpointing", False)):
+            raise ValueError(
+                "Prefix tuning does not work with gradient checkpointing; disable it on the model.")
         model_cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
         kv_heads = model_cfg.get("num_key_value_heads")
         if kv_heads:  # grouped-query attention: the cache holds kv_heads heads, not num_attention_heads
@@ -99,7 +101,8 @@ class PrefixTuning(PromptMethod):
         kwargs = dict(kwargs)
         kwargs.pop("task_ids", None)
         task, n = config.task_type, config.num_virtual_tokens
-        reference = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        reference = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                     else kwargs.get("inputs_embeds"))
         if reference is None:
             raise ValueError("Pass input_ids or inputs_embeds to the model.")
         dtype = getattr(model, "dtype", None) or word_embeddings.weight.dtype
@@ -118,10 +121,10 @@ class PrefixTuning(PromptMethod):
     def generate(self, encoder, config, model, word_embeddings, kwargs):
         """Generate with the prefix pre-filled in the cache.
 
-        Only the caller's ids go to generate(): its logits processors (forced BOS at the first step, forced EOS at
-        max_length, n-gram and repetition rules) and the decoder-start check must see the real sequence. The mask
-        is n longer than those ids, which generate() reads as "the cache already holds the first n positions",
-        so positions and masks line up with forward().
+        Only the caller's ids go to generate(): its logits processors (forced BOS at the first step, forced
+        EOS at max_length, n-gram and repetition rules) and the decoder-start check must see the real
+        sequence. The mask is n longer than those ids, which generate() reads as "the cache already holds the
+        first n positions", so positions and masks line up with forward().
         """
         kwargs = dict(kwargs)
         kwargs.pop("task_ids", None)
@@ -153,7 +156,8 @@ def _legacy_positions(model, config, kwargs, ids: torch.Tensor, n: int) -> None:
     kwargs["cache_position"] = torch.arange(n, n + ids.shape[1], device=ids.device)
     if config.task_type == "SEQ_2_SEQ_LM" and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = model.get_encoder()(input_ids=kwargs["input_ids"],
-                                                        attention_mask=kwargs.get("attention_mask"), return_dict=True)
+                                                        attention_mask=kwargs.get("attention_mask"),
+                                                        return_dict=True)
 
 
 def _use_cache(kwargs: dict) -> None:
@@ -161,7 +165,8 @@ def _use_cache(kwargs: dict) -> None:
     caller's use_cache=False is overridden (said in the log); a generation_config gets it on a copy."""
     settings = kwargs.get("generation_config")
     if kwargs.get("use_cache") is False or getattr(settings, "use_cache", None) is False:
-        logger.warning("Prefix tuning generates with use_cache=True: the prefix keys / values live in the cache.")
+        logger.warning("Prefix tuning generates with use_cache=True: the prefix keys / "
+                       "values live in the cache.")
     if settings is None:
         kwargs["use_cache"] = True
     else:

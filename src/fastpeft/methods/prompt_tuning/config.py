@@ -20,7 +20,8 @@ class PromptTuningConfig(PromptLearningConfig):
         default=PromptTuningInit.RANDOM, metadata={"help": "RANDOM, SAMPLE_VOCAB or TEXT."})
     prompt_tuning_init_text: str | None = field(default=None, metadata={"help": "Text for TEXT init."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer for TEXT init."})
-    tokenizer_kwargs: dict | None = field(default=None, metadata={"help": "AutoTokenizer kwargs for TEXT init."})
+    tokenizer_kwargs: dict | None = field(default=None,
+                                          metadata={"help": "AutoTokenizer kwargs for TEXT init."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,7 +33,8 @@ class PromptTuningConfig(PromptLearningConfig):
         if init not in allowed:
             raise ValueError(f"prompt_tuning_init={init!r} is not one of {allowed}.")
         if init == "TEXT" and not self.tokenizer_name_or_path:
-            raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer folder or repo id).")
+            raise ValueError(
+                "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a tokenizer folder or repo id).")
         if init == "TEXT" and self.prompt_tuning_init_text is None:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text.")
         if self.tokenizer_kwargs and init != "TEXT":

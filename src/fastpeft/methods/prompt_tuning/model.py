@@ -1,4 +1,5 @@
-"""Prompt tuning's encoder (`PromptEmbedding`) and its init schemes, as a table keyed by `PromptTuningInit`."""
+"""Prompt tuning's encoder (`PromptEmbedding`) and its init schemes, as a table keyed by
+`PromptTuningInit`."""
 
 from __future__ import annotations
 

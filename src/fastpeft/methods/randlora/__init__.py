@@ -1,4 +1,5 @@
-"""RandLoRA: full-rank updates from shared random bases (Albert et al., 2025, https://arxiv.org/abs/2502.00987)."""
+"""RandLoRA: full-rank updates from shared random bases (Albert et al., 2025,
+https://arxiv.org/abs/2502.00987)."""
 
 from ...registry import MethodSpec, register
 from ...types import PeftType

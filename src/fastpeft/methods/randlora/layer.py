@@ -1,7 +1,9 @@
-"""RandLoRA layer (Albert et al., 2025, https://arxiv.org/abs/2502.00987) for nn.Linear and transformers' Conv1D.
+"""RandLoRA layer (Albert et al., 2025, https://arxiv.org/abs/2502.00987) for nn.Linear and transformers'
+Conv1D.
 
 The shared bases are A: (r, 1, d_min) and B: (d_max, n, r) (_shared/random_projections.py). A layer with
-d = min(in, out), D = max(in, out) uses n_l = ceil(d / r) bases and trains lambda: (r, n_l) and gamma: (n_l, d):
+d = min(in, out), D = max(in, out) uses n_l = ceil(d / r) bases and trains lambda: (r, n_l) and gamma: (n_l,
+d):
 
     S = (lambda[:, :, None] * A[:, :, :d] * gamma[None]).reshape(r * n_l, d)   (the scaled small side)
     L = B[:D, :n_l].reshape(D, n_l * r)                                         (the large side)
@@ -29,7 +31,8 @@ class RandLoraLinear(ProjectionLayer):
     projection_names = ("randlora_A", "randlora_B")
     method_label = "RandLoRA"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections, fan_in_fan_out: bool = False):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections,
+                 fan_in_fan_out: bool = False):
         super().__init__(base_layer, projections, fan_in_fan_out)
         self.scaling: dict[str, float] = {}
         self.num_bases: dict[str, int] = {}
@@ -49,7 +52,8 @@ class RandLoraLinear(ProjectionLayer):
         low, high = self.min_max
         n = num_bases(low, config.r)
         a, b = self.shared(adapter_name)
-        self.check_fits(adapter_name, {"randlora_A": (2, low, a.shape[-1]), "randlora_B": (0, high, b.shape[0])})
+        self.check_fits(adapter_name, {"randlora_A": (2, low, a.shape[-1]),
+                                       "randlora_B": (0, high, b.shape[0])})
         self.r[adapter_name], self.num_bases[adapter_name] = config.r, n
         self.scaling[adapter_name] = config.randlora_alpha / config.r
         p = config.randlora_dropout

@@ -33,7 +33,8 @@ def _kaiming(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor
 
 
 def dense_bases(r: int, low: int, high: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A: (r, 1, low), then B: (high, n, r) drawn one (high, 1, r) basis at a time; each scaled to unit std."""
+    """A: (r, 1, low), then B: (high, n, r) drawn one (high, 1, r) basis at a time; each scaled to unit
+    std."""
     a = _kaiming((r, 1, low), generator)
     b = torch.cat([_kaiming((high, 1, r), generator) for _ in range(num_bases(low, r))], dim=1)
     return a / a.std(), b / b.std()
@@ -62,7 +63,8 @@ class RandLoraModel(AllOrNothingMerge, ProjectionTuner):
     per_layer_file_copies = True
 
     def make_projections(self, config, out_dim: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bases for the largest target (out_dim, in_dim), from a CPU generator seeded with projection_prng_key."""
+        """Bases for the largest target (out_dim, in_dim), from a CPU generator seeded with
+        projection_prng_key."""
         low, high = min(out_dim, in_dim), max(out_dim, in_dim)
         generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
         if config.very_sparse:

@@ -17,7 +17,8 @@ class TrainableTokensConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Embedding layer(s) to adapt; default: the model's input embedding."})
     init_weights: bool = field(
-        default=True, metadata={"help": "Start from the current rows (a no-op until trained); False: random."})
+        default=True, metadata={
+            "help": "Start from the current rows (a no-op until trained); False: random."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

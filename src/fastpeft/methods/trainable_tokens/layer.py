@@ -1,4 +1,5 @@
-"""`TrainableTokensLayer`: new values for a few rows of an embedding (or tied output head) weight, per adapter.
+"""`TrainableTokensLayer`: new values for a few rows of an embedding (or tied output head) weight, per
+adapter.
 
 `TrainableTokensWrapper` holds such a layer as `token_adapter`, the layout HF PEFT uses for LoRA's
 `trainable_token_indices` (file keys `<embedding>.token_adapter.trainable_tokens_delta`).
@@ -22,8 +23,8 @@ ROW_LAYERS = (nn.Embedding, nn.Linear)  # weight rows are tokens: embedding rows
 class TrainableTokensLayer(AdapterLayer):
     """Per adapter: `token_indices[name]` and their trained rows `trainable_tokens_delta[name]` (k, dim).
 
-    Forward replaces those rows and leaves all others untouched; merge writes them into the base weight. A layer
-    built with `tied_to` (an output head sharing the input embedding's weight) shares that layer's rows.
+    Forward replaces those rows and leaves all others untouched; merge writes them into the base weight. A
+    layer built with `tied_to` (an output head sharing the input embedding's weight) shares that layer's rows.
     """
 
     adapter_param_names = ("trainable_tokens_delta",)
@@ -33,8 +34,9 @@ class TrainableTokensLayer(AdapterLayer):
         super().__init__(base_layer)
         if not isinstance(base_layer, ROW_LAYERS):
             raise ValueError(
-                f"Trainable tokens replace rows of nn.Embedding / nn.Linear weights; got {type(base_layer).__name__}."
-                " Point target_modules (or trainable_token_indices) at an embedding layer.")
+                "Trainable tokens replace rows of nn.Embedding / nn.Linear weights; got "
+                f"{type(base_layer).__name__}. Point target_modules (or trainable_token_indices) "
+                "at an embedding layer.")
         self._tied = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
         self.save_tied = save_tied  # tied copies are written to files by the method (as HF PEFT), not by LoRA
         self._merged_rows: dict[str, torch.Tensor] = {}
@@ -91,8 +93,9 @@ class TrainableTokensLayer(AdapterLayer):
             overlap = seen.intersection(self.token_indices[name])
             if overlap:
                 raise ValueError(
-                    f"Adapter '{name}' trains token ids {sorted(overlap)[:10]} that another active or merged adapter "
-                    "of this layer also trains; only adapters with disjoint token ids can be combined.")
+                    f"Adapter '{name}' trains token ids {sorted(overlap)[:10]} that another active or merged "
+                    "adapter of this layer also trains; only adapters with disjoint token "
+                    "ids can be combined.")
             seen.update(self.token_indices[name])
 
     def add_adapters(self, result: torch.Tensor, x: torch.Tensor, names: Iterable[str], *args, **kwargs):
@@ -164,23 +167,25 @@ class TrainableTokensLayer(AdapterLayer):
 
 
 class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
-    """Holds a `TrainableTokensLayer` as `token_adapter` (HF PEFT's layout for LoRA's trainable_token_indices).
+    """Holds a `TrainableTokensLayer` as `token_adapter` (HF PEFT's layout for LoRA's
+    trainable_token_indices).
 
-    The inner layer is itself an adapter holder, so the tuner activates, merges, saves and unloads it directly;
-    the wrapper forwards calls and collapses to the plain module on unload.
+    The inner layer is itself an adapter holder, so the tuner activates, merges, saves and unloads it
+    directly; the wrapper forwards calls and collapses to the plain module on unload.
     """
 
     def __init__(self, module: nn.Module, adapter_name: str, config=None,
                  tied_to: TrainableTokensLayer | None = None) -> None:
         super().__init__()
-        self.token_adapter = TrainableTokensLayer(module, adapter_name, config, tied_to=tied_to, save_tied=False)
+        self.token_adapter = TrainableTokensLayer(module, adapter_name, config, tied_to=tied_to,
+                                                  save_tied=False)
 
     def update(self, adapter_name: str, config) -> None:
         self.token_adapter.update_layer(adapter_name, config)
 
     def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
-        """transformers' loader: the file's `token_adapter.trainable_tokens_delta` fills this adapter's delta. A
-        wrapper tied to another one's rows (an output head) has no key of its own in files."""
+        """transformers' loader: the file's `token_adapter.trainable_tokens_delta` fills this adapter's delta.
+        A wrapper tied to another one's rows (an output head) has no key of its own in files."""
         inner = self.token_adapter
         if not isinstance(inner, TrainableTokensLayer) or inner.tied_to is not None:
             return {}
@@ -211,7 +216,8 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
             return weight
         for name in inner.active_adapters:
             if name in inner.trainable_tokens_delta:
-                weight = weight.index_copy(0, inner._index(name, weight.device), inner._rows(name, weight.dtype))
+                weight = weight.index_copy(0, inner._index(name, weight.device),
+                                           inner._rows(name, weight.dtype))
         return weight
 
     def forward(self, x, *args, **kwargs):
@@ -234,7 +240,8 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
     def delete_adapter(self, name: str) -> None:
         pass
 
-    def unloaded(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def unloaded(self, merge: bool, safe_merge: bool = False,
+                 adapter_names: list[str] | None = None) -> nn.Module:
         inner = self.token_adapter
         if isinstance(inner, AdapterLayer):  # not yet unloaded by the tuner (it unloads inner holders first)
             return inner.unloaded(merge, safe_merge=safe_merge, adapter_names=adapter_names)

@@ -1,4 +1,5 @@
-"""`TrainableTokensModel`: the tuner of the TRAINABLE_TOKENS method (input embedding by default, tied heads follow)."""
+"""`TrainableTokensModel`: the tuner of the TRAINABLE_TOKENS method (input embedding by default, tied heads
+follow)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class TrainableTokensModel(Tuner):
     dispatch = DISPATCH
 
     def prepare_config(self, config, model):
-        if config.target_modules is None:  # as HF PEFT: the input embedding's full name (a full-match pattern)
+        # as HF PEFT: the input embedding's full name (a full-match pattern)
+        if config.target_modules is None:
             config.target_modules = input_embedding_name(model) or "embed_tokens"
         return config
 

@@ -6,6 +6,7 @@ from .config import VBLoRAConfig
 from .layer import VBLoRALinear
 from .model import VBLoRAModel
 
-register(MethodSpec(peft_type=PeftType.VBLORA, config_cls=VBLoRAConfig, prefix="vblora_", tuner_cls=VBLoRAModel))
+register(MethodSpec(peft_type=PeftType.VBLORA, config_cls=VBLoRAConfig, prefix="vblora_",
+                    tuner_cls=VBLoRAModel))
 
 __all__ = ["VBLoRAConfig", "VBLoRALinear", "VBLoRAModel"]

@@ -1,8 +1,9 @@
 """VB-LoRA layers (Li et al., 2024, https://arxiv.org/abs/2405.15179) on linear and GPT-2 Conv1D layers.
 
-A (r, in) and B (out, r) are cut into sub-vectors of the bank's vector length. Each sub-vector has `num_vectors`
-logits; it is the softmax(top-k logits)-weighted sum of the matching top-k bank vectors. The bank is one
-`nn.ParameterDict` (adapter name -> (num_vectors, vector_length)) owned by the tuner and referenced by every layer.
+A (r, in) and B (out, r) are cut into sub-vectors of the bank's vector length. Each sub-vector has
+`num_vectors` logits; it is the softmax(top-k logits)-weighted sum of the matching top-k bank vectors. The
+bank is one `nn.ParameterDict` (adapter name -> (num_vectors, vector_length)) owned by the tuner and
+referenced by every layer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ LOGIT_NAMES = ("vblora_logits_A", "vblora_logits_B")
 
 
 def mix_bank(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
-    """(..., num_vectors) logits -> (..., vector_length): softmax over the top-k logits weights their bank rows."""
+    """(..., num_vectors) logits -> (..., vector_length): softmax over the top-k logits weights their bank
+    rows."""
     top, index = logits.topk(topk, dim=-1)
     weights = torch.softmax(top, dim=-1)
     return (weights.unsqueeze(-1) * bank[index]).sum(dim=-2)
@@ -34,9 +36,9 @@ def check_layer_sizes(config, in_features: int, out_features: int) -> None:
     for what, size in (("in_features", in_features), ("out_features", out_features)):
         if size % config.vector_length:
             raise ValueError(
-                f"VB-LoRA: {what}={size} of a target layer is not divisible by vector_length={config.vector_length}; "
-                "choose a vector_length dividing every target's in and out features, or leave this layer out of "
-                "target_modules.")
+                f"VB-LoRA: {what}={size} of a target layer is not divisible by "
+                f"vector_length={config.vector_length}; choose a vector_length dividing every target's in "
+                "and out features, or leave this layer out of target_modules.")
 
 
 class VBLoRALinear(AdapterLayer):
@@ -44,20 +46,23 @@ class VBLoRALinear(AdapterLayer):
 
     adapter_param_names = LOGIT_NAMES
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, vector_bank: nn.ParameterDict) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config,
+                 vector_bank: nn.ParameterDict) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = linear_dims(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.r: dict[str, int] = {}
         self.topk: dict[str, int] = {}
-        self.vblora_config: dict = {}  # read at save time (save_only_topk_weights), as HF PEFT reads its config
+        # read at save time (save_only_topk_weights), as HF PEFT reads its config
+        self.vblora_config: dict = {}
         self.vblora_dropout = nn.ModuleDict()
         self.vblora_logits_A = nn.ParameterDict()
         self.vblora_logits_B = nn.ParameterDict()
         self.vblora_vector_bank = vector_bank
         self.update_layer(adapter_name, config, vector_bank=vector_bank)
 
-    def update_layer(self, adapter_name: str, config, vector_bank: nn.ParameterDict | None = None, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, config, vector_bank: nn.ParameterDict | None = None,
+                     **kwargs) -> None:
         check_layer_sizes(config, self.in_features, self.out_features)
         if vector_bank is not None:
             self.vblora_vector_bank = vector_bank
@@ -68,7 +73,8 @@ class VBLoRALinear(AdapterLayer):
         self.vblora_config[adapter_name] = config
         self.vblora_dropout[adapter_name] = nn.Dropout(config.vblora_dropout) if config.vblora_dropout > 0 \
             else nn.Identity()
-        tiles_in, tiles_out = self.in_features // config.vector_length, self.out_features // config.vector_length
+        tiles_in, tiles_out = (self.in_features // config.vector_length,
+                               self.out_features // config.vector_length)
         logits_a = torch.zeros(config.r, tiles_in, config.num_vectors)
         logits_b = torch.zeros(tiles_out, config.r, config.num_vectors)
         nn.init.normal_(logits_a, 0.0, config.init_logits_std)
@@ -94,8 +100,9 @@ class VBLoRALinear(AdapterLayer):
         logits_a, logits_b = self.vblora_logits_A[name], self.vblora_logits_B[name]
         if self.training and torch.isinf(logits_a[0, 0]).any():
             raise RuntimeError(
-                f"VB-LoRA adapter '{name}' has infinite logits: it was loaded from a save_only_topk_weights file, "
-                "which keeps only the top-k logits and cannot be trained further. Train from a full save instead.")
+                f"VB-LoRA adapter '{name}' has infinite logits: it was loaded from a save_only_topk_weights "
+                "file, which keeps only the top-k logits and cannot be trained further. Train from "
+                "a full save instead.")
         bank = self.vblora_vector_bank[name].to(logits_a.device)
         if float32:
             logits_a, logits_b, bank = logits_a.float(), logits_b.float(), bank.float()

@@ -1,6 +1,7 @@
-"""`VBLoRAModel`: the VB-LoRA tuner. It owns the shared vector bank (`vblora_vector_bank`, one entry per adapter)
-and writes / reads HF PEFT's file layout: the bank once as `base_model.vblora_vector_bank`, the logits per layer,
-or with `save_only_topk_weights` each logits tensor as `<key>_topk_indices` and `<key>_topk_weights`."""
+"""`VBLoRAModel`: the VB-LoRA tuner. It owns the shared vector bank (`vblora_vector_bank`, one entry per
+adapter) and writes / reads HF PEFT's file layout: the bank once as `base_model.vblora_vector_bank`, the
+logits per layer, or with `save_only_topk_weights` each logits tensor as `<key>_topk_indices` and
+`<key>_topk_weights`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ MODEL_PREFIX = FILE_PREFIX + "model."
 
 _QV = ["q_proj", "v_proj"]
 VBLORA_TARGETS: dict[str, list[str]] = {
-    **{t: _QV for t in ("gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
+    **{t: _QV for t in ("gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text",
+                        "qwen2", "qwen3")},
     **{t: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] for t in ("bart", "opt")},
     **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
     **{t: ["query_key_value"] for t in ("bloom", "gpt_neox")},
@@ -68,7 +70,8 @@ class VBLoRAModel(Tuner):
         if BANK not in self._modules:
             self.vblora_vector_bank = nn.ParameterDict()
         try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **options)
+            super().inject_adapter(model, adapter_name,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, **options)
         except Exception:
             if adapter_name in self.vblora_vector_bank:
                 del self.vblora_vector_bank[adapter_name]
@@ -108,7 +111,8 @@ class VBLoRAModel(Tuner):
         return out
 
     def load_extra_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> set[str]:
-        """The bank, and in top-k mode the logits rebuilt from their top-k form; every shape checked before writing."""
+        """The bank, and in top-k mode the logits rebuilt from their top-k form; every shape checked before
+        writing."""
         if adapter_name not in self.vblora_vector_bank:
             return set()
         config = self.peft_config[adapter_name]
@@ -118,10 +122,12 @@ class VBLoRAModel(Tuner):
         writes = [(bank_key, tensors.get(bank_key), self.vblora_vector_bank[adapter_name])]
         if config.save_only_topk_weights:
             for key, param in self._logit_params(adapter_name):
-                writes.append((key, self._saved_logits(key, tensors, config.num_vectors, used, missing), param))
+                writes.append((key, self._saved_logits(key, tensors, config.num_vectors, used, missing),
+                               param))
         if missing:
-            raise ValueError(f"The VB-LoRA adapter file lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                             "it does not match this model or its save_only_topk_weights setting.")
+            raise ValueError(
+                f"The VB-LoRA adapter file lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                "it does not match this model or its save_only_topk_weights setting.")
         for key, value, param in writes:
             self._check_shape(key, value, param)
         with torch.no_grad():
@@ -130,8 +136,10 @@ class VBLoRAModel(Tuner):
         return used
 
     @staticmethod
-    def _saved_logits(key: str, tensors: dict, num_vectors: int, used: set, missing: list) -> torch.Tensor | None:
-        """Logits `key` from the file: stored whole (accepted too, as HF PEFT does), or as top-k indices / weights."""
+    def _saved_logits(key: str, tensors: dict, num_vectors: int, used: set,
+                      missing: list) -> torch.Tensor | None:
+        """Logits `key` from the file: stored whole (accepted too, as HF PEFT does), or as top-k indices
+        / weights."""
         if key in tensors:
             used.add(key)
             return tensors[key]
@@ -147,13 +155,14 @@ class VBLoRAModel(Tuner):
     def _check_shape(key: str, value: torch.Tensor, param: torch.Tensor) -> None:
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"VB-LoRA tensor '{key}' has shape {tuple(value.shape)} in the file but "
-                             f"{tuple(param.shape)} in the model: the adapter was made for a different base model or "
-                             "different r / num_vectors / vector_length.")
+                             f"{tuple(param.shape)} in the model: the adapter was made for a different base "
+                             "model or different r / num_vectors / vector_length.")
 
     # ------------------------------------------------------------------ parameter counts (HF PEFT's helpers)
     def get_nb_savable_parameters(self, adapter: str = "default") -> tuple[int, int]:
-        """(VB-LoRA parameters saved, in float32 equivalents; other trainable parameters saved), as HF PEFT counts:
-        logits and banks of all adapters; the top-k form costs topk - 1 weights plus topk indices per sub-vector."""
+        """(VB-LoRA parameters saved, in float32 equivalents; other trainable parameters saved), as HF PEFT
+        counts: logits and banks of all adapters; the top-k form costs topk - 1 weights plus topk indices per
+        sub-vector."""
         config = self.peft_config[adapter]
         logits = bank = others = 0
         for name, param in self.named_parameters():

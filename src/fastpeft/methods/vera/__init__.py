@@ -6,6 +6,7 @@ from .config import VeraConfig
 from .layer import VeraLinear
 from .model import VeraModel
 
-register(MethodSpec(peft_type=PeftType.VERA, config_cls=VeraConfig, prefix="vera_lambda_", tuner_cls=VeraModel))
+register(MethodSpec(peft_type=PeftType.VERA, config_cls=VeraConfig, prefix="vera_lambda_",
+                    tuner_cls=VeraModel))
 
 __all__ = ["VeraConfig", "VeraLinear", "VeraModel"]

@@ -1,4 +1,5 @@
-"""`VeraConfig`: HF PEFT 0.21's fields and defaults for VeRA (Kopiczko et al., 2023, https://arxiv.org/abs/2310.11454)."""
+"""`VeraConfig`: HF PEFT 0.21's fields and defaults for VeRA (Kopiczko et al., 2023,
+https://arxiv.org/abs/2310.11454)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ class VeraConfig(PeftConfig):
         "size": "dim",
         "help": "Rows of the shared random A (columns of B). Cheap: only lambda_d grows with r."})
     target_modules: list[str] | str | None = field(default=None, metadata={
-        "help": "Names (exact or dotted suffixes), a full-match regex, or 'all-linear'. nn.Linear and Conv1D only."})
+        "help": "Names (exact or dotted suffixes), a full-match regex, or 'all-linear'. "
+                "nn.Linear and Conv1D only."})
     projection_prng_key: int = field(default=0, metadata={
-        "help": "Seed of the torch.Generator that draws the shared A and B (same for all adapters of a model)."})
+        "help": "Seed of the torch.Generator that draws the shared A and B (same for all "
+                "adapters of a model)."})
     save_projection: bool = field(default=True, metadata={
         "help": "Store A and B in the adapter file (as base_model.vera_A / vera_B); False: redraw them from "
                 "projection_prng_key on load (smaller files, relies on the generator being reproducible)."})
@@ -31,14 +34,18 @@ class VeraConfig(PeftConfig):
     fan_in_fan_out: bool = field(default=False, metadata={
         "help": "Base weight stored as (in, out), e.g. GPT-2's Conv1D (set automatically per layer type)."})
     bias: str = field(default="none", metadata={
-        "help": "'none', 'all' (train every bias of the model) or 'vera_only' (biases of the adapted layers)."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved whole."})
+        "help": "'none', 'all' (train every bias of the model) or 'vera_only' (biases of "
+                "the adapted layers)."})
+    modules_to_save: list[str] | None = field(default=None,
+                                              metadata={"help": "Modules trained and saved whole."})
     init_weights: bool = field(default=True, metadata={
-        "help": "True: lambda_b = 0 (the adapter starts as a no-op), lambda_d = d_initial; False: random (tests)."})
+        "help": "True: lambda_b = 0 (the adapter starts as a no-op), lambda_d = d_initial; "
+                "False: random (tests)."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={
         "help": "Only adapt the layers with these indices (needs a list of names as target_modules)."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={
-        "help": "Name of the nn.ModuleList holding the layers indexed by layers_to_transform (e.g. 'layers', 'h')."})
+        "help": "Name of the nn.ModuleList holding the layers indexed by layers_to_transform "
+                "(e.g. 'layers', 'h')."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,7 +1,8 @@
-"""VeRA layer (Kopiczko et al., 2023, https://arxiv.org/abs/2310.11454) for nn.Linear and transformers' Conv1D.
+"""VeRA layer (Kopiczko et al., 2023, https://arxiv.org/abs/2310.11454) for nn.Linear and transformers'
+Conv1D.
 
-delta_W = diag(lambda_b) @ B[:out] @ diag(lambda_d) @ A[:, :in], where A: (r, in_max) and B: (out_max, r) are the
-model's shared frozen random matrices (_shared/random_projections.py); lambda_b: (out,) and lambda_d: (r,)
+delta_W = diag(lambda_b) @ B[:out] @ diag(lambda_d) @ A[:, :in], where A: (r, in_max) and B: (out_max, r) are
+the model's shared frozen random matrices (_shared/random_projections.py); lambda_b: (out,) and lambda_d: (r,)
 train.
 """
 
@@ -23,7 +24,8 @@ class VeraLinear(ProjectionLayer):
     projection_names = ("vera_A", "vera_B")
     method_label = "VeRA"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections, fan_in_fan_out: bool = False):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, projections,
+                 fan_in_fan_out: bool = False):
         super().__init__(base_layer, projections, fan_in_fan_out)
         self.vera_dropout = nn.ModuleDict()
         self.vera_lambda_b = nn.ParameterDict()
@@ -38,7 +40,8 @@ class VeraLinear(ProjectionLayer):
         self.check_fits(adapter_name, {"vera_A": (1, self.in_features, a.shape[1]),
                                        "vera_B": (0, self.out_features, b.shape[0])})
         self.r[adapter_name] = config.r
-        self.vera_dropout[adapter_name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.vera_dropout[adapter_name] = (nn.Dropout(config.vera_dropout) if config.vera_dropout > 0
+                                           else nn.Identity())
         # drawn as HF PEFT does (ones / standard normal) before the optional no-op init below
         self.vera_lambda_b[adapter_name] = nn.Parameter(torch.ones(self.out_features))
         self.vera_lambda_d[adapter_name] = nn.Parameter(torch.randn(config.r))

@@ -1,4 +1,5 @@
-"""`VeraModel`: the VeRA tuner (one pair of frozen random matrices per model, drawn with Kaiming-uniform bounds)."""
+"""`VeraModel`: the VeRA tuner (one pair of frozen random matrices per model, drawn with Kaiming-uniform
+bounds)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ VERA_TARGETS: dict[str, list[str]] = {**LORA_TARGETS, "phi": ["q_proj", "v_proj"
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """U(-bound, bound) with bound = sqrt(3) * gain / sqrt(fan_in), gain = sqrt(2), fan_in = shape[1] (He et al.,
-    2015), drawn from `generator` (the same stream as HF PEFT's VeRA for the same seed)."""
+    """U(-bound, bound) with bound = sqrt(3) * gain / sqrt(fan_in), gain = sqrt(2), fan_in = shape[1] (He et
+    al., 2015), drawn from `generator` (the same stream as HF PEFT's VeRA for the same seed)."""
     std = math.sqrt(2) / math.sqrt(shape[1])
     bound = math.sqrt(3.0) * std
     with torch.no_grad():

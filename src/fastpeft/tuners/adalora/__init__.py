@@ -1,4 +1,5 @@
-"""HF PEFT's module path `peft.tuners.adalora`: re-exports of fastpeft.methods.adalora (the code lives there)."""
+"""HF PEFT's module path `peft.tuners.adalora`: re-exports of fastpeft.methods.adalora (the code lives
+there)."""
 
 from ...methods import adalora as _adalora
 from ...methods.adalora import AdaLoraConfig, AdaLoraLayer, AdaLoraModel, RankAllocator, SVDConv2d, SVDLinear

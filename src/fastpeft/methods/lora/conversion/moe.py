@@ -1,14 +1,14 @@
 """LoRA adapters trained on transformers v4 MoE models, used on the v5 versions of those models.
 
 transformers v5 stores the experts of Mixtral-like and Qwen2-MoE-like models as stacked 3-D parameters
-(`experts.gate_up_proj` (E, 2*I, H), `experts.down_proj` (E, H, I)) instead of one `nn.Linear` per projection and
-expert, and turned the router `gate` into a module holding a bare `weight`. A v4 adapter targeted those linears by
-name, so (as HF PEFT does) it is moved to LoRA on parameters (`target_parameters`, see params.py):
+(`experts.gate_up_proj` (E, 2*I, H), `experts.down_proj` (E, H, I)) instead of one `nn.Linear` per projection
+and expert, and turned the router `gate` into a module holding a bare `weight`. A v4 adapter targeted those
+linears by name, so (as HF PEFT does) it is moved to LoRA on parameters (`target_parameters`, see params.py):
 
 * config, at injection: v4 names in `target_modules` become `target_parameters` entries (`w1`/`w3` or
   `gate_proj`/`up_proj` -> `gate_up_proj`, `w2`/`down_proj` -> `down_proj`, `gate` -> `gate.weight`). Two
-  projections fused into one parameter get one LoRA of rank 2r (alpha doubled, so alpha / r is kept) whose factors
-  are block-diagonal in the two original ones: [B1 0; 0 B3] @ [A1; A3] = [B1 A1; B3 A3].
+  projections fused into one parameter get one LoRA of rank 2r (alpha doubled, so alpha / r is kept) whose
+  factors are block-diagonal in the two original ones: [B1 0; 0 B3] @ [A1; A3] = [B1 A1; B3 A3].
 * weights, on load: per-expert factors are stacked in the layout of params.py (A rows expert-major, B columns
   rank-major) and the v4 module path is renamed (`block_sparse_moe` -> `mlp`). Saving keeps the v5 layout.
 
@@ -36,8 +36,10 @@ class MoeFamily:
     renames: tuple[tuple[str, str], ...] = ()  # (v4, v5) substrings of LoRA weight keys
 
     def match(self, target: str) -> tuple[str, str] | None:
-        """(v4 name, v5 parameter) of a `target_modules` entry (a name or dotted suffix) naming a v4 MoE linear."""
-        return next(((old, new) for old, new in self.targets if target == old or target.endswith("." + old)), None)
+        """(v4 name, v5 parameter) of a `target_modules` entry (a name or dotted suffix) naming a v4 MoE
+        linear."""
+        return next(((old, new) for old, new in self.targets if target == old or target.endswith("." + old)),
+                    None)
 
     def sources(self, new: str) -> list[str]:
         """v4 projections stacked into parameter `new`, in stacking order (e.g. gate before up)."""
@@ -49,7 +51,8 @@ class MoeFamily:
 
 FAMILIES = {
     "mixtral": MoeFamily(
-        targets=(("gate", "gate.weight"), ("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")),
+        targets=(("gate", "gate.weight"), ("w1", "gate_up_proj"), ("w3", "gate_up_proj"),
+                 ("w2", "down_proj")),
         renames=((".block_sparse_moe.", ".mlp."),),
     ),
     "qwen2_moe": MoeFamily(
@@ -66,7 +69,8 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _transformers_tables(model_type: str) -> tuple[bool, dict[str, str]]:
-    """(does transformers convert checkpoints of `model_type`, its model type -> shared conversion table aliases)."""
+    """(does transformers convert checkpoints of `model_type`, its model type -> shared conversion table
+    aliases)."""
     try:
         from transformers import conversion_mapping
     except ImportError:  # transformers < 5: the v4 layout is still the model's own
@@ -76,8 +80,9 @@ def _transformers_tables(model_type: str) -> tuple[bool, dict[str, str]]:
 
 
 def config_family(model: nn.Module) -> MoeFamily | None:
-    """Family whose v4 target names are rewritten at injection. As in HF PEFT, found through transformers' alias
-    table (where Mixtral is added to itself); a model type that is itself a table name (qwen2_moe) is not in it."""
+    """Family whose v4 target names are rewritten at injection. As in HF PEFT, found through transformers'
+    alias table (where Mixtral is added to itself); a model type that is itself a table name (qwen2_moe) is
+    not in it."""
     model_type = _model_type(model)
     if model_type is None:
         return None
@@ -87,7 +92,8 @@ def config_family(model: nn.Module) -> MoeFamily | None:
 
 
 def weights_family(model: nn.Module) -> MoeFamily | None:
-    """Family whose v4 weight keys are converted on load: the model type's own table, or the one it aliases."""
+    """Family whose v4 weight keys are converted on load: the model type's own table, or the one it
+    aliases."""
     model_type = _model_type(model)
     if model_type is None:
         return None
@@ -99,7 +105,8 @@ def weights_family(model: nn.Module) -> MoeFamily | None:
 
 # ---------------------------------------------------------------------------------------------- config
 def _resolve_string_targets(config, model: nn.Module, family: MoeFamily, all_linear) -> set[str]:
-    """Leaf names a str `target_modules` ("all-linear" or a regex) selects, counting the v4 experts it would match."""
+    """Leaf names a str `target_modules` ("all-linear" or a regex) selects, counting the v4 experts it would
+    match."""
     old_names = {old for old, _ in family.targets}
     if config.target_modules.lower() == targeting.ALL_LINEAR:
         # the v4 experts and router were nn.Linear too; on v5 they are not, so add their v4 names
@@ -113,7 +120,8 @@ def _resolve_string_targets(config, model: nn.Module, family: MoeFamily, all_lin
         owners[leaf].add(owner)
     for old, new in family.targets:
         # a v4 expert projection matched `<experts module>.<old>`; that key no longer exists, so probe it
-        if old not in leaves and any(targeting.is_target(config, f"{owner}.{old}") for owner in owners.get(new, ())):
+        if old not in leaves and any(targeting.is_target(config, f"{owner}.{old}")
+                                     for owner in owners.get(new, ())):
             leaves.add(old)
     return leaves
 
@@ -124,9 +132,9 @@ def _check_fused(family: MoeFamily, present: dict[str, set[str]]) -> None:
         if 0 < len(found) < len(sources):
             missing = sorted(set(sources) - found)
             raise ValueError(
-                f"This LoRA config targets {sorted(found)} but not {missing}; on transformers v5 these projections "
-                f"are fused into the single parameter '{new}', which can only be adapted as a whole. Add {missing} "
-                f"to target_modules (or target '{new}' through target_parameters)."
+                f"This LoRA config targets {sorted(found)} but not {missing}; on transformers v5 these "
+                f"projections are fused into the single parameter '{new}', which can only be adapted as a "
+                f"whole. Add {missing} to target_modules (or target '{new}' through target_parameters)."
             )
 
 
@@ -141,9 +149,10 @@ def convert_config(config, model: nn.Module, all_linear) -> None:
         return
     if config.target_modules is None and not config.target_parameters:
         raise ValueError(
-            f"LoraConfig has neither target_modules nor target_parameters. For {_model_type(model)!r} models, whose "
-            "layout changed in transformers v5, no default targets are filled in (as in HF PEFT): set target_modules "
-            "(e.g. ['q_proj', 'v_proj']) and/or target_parameters (e.g. ['experts.gate_up_proj', 'experts.down_proj'])."
+            f"LoraConfig has neither target_modules nor target_parameters. For {_model_type(model)!r} "
+            "models, whose layout changed in transformers v5, no default targets are filled in (as in HF "
+            "PEFT): set target_modules (e.g. ['q_proj', 'v_proj']) and/or target_parameters (e.g. "
+            "['experts.gate_up_proj', 'experts.down_proj'])."
         )
     if isinstance(config.target_modules, str):
         resolved = _resolve_string_targets(config, model, family, all_linear)
@@ -174,19 +183,21 @@ def convert_config(config, model: nn.Module, all_linear) -> None:
 # ---------------------------------------------------------------------------------------------- weights
 def _expert_key_pattern(family: MoeFamily) -> re.Pattern:
     projections = "|".join(re.escape(old) for old, new in family.targets if new in EXPERT_PARAMS)
-    return re.compile(rf"^(?P<owner>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>{projections})\.(?P<lora>lora_[AB])\.weight$")
+    return re.compile(
+        rf"^(?P<owner>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>{projections})\.(?P<lora>lora_[AB])\.weight$")
 
 
 def _stacked(per_expert: dict[int, torch.Tensor], where: str) -> torch.Tensor:
     indices = sorted(per_expert)
     if indices != list(range(len(indices))):
-        raise ValueError(f"The v4 adapter has LoRA weights for experts {indices} of '{where}' only; converting it to "
-                         "the fused v5 expert parameters needs every expert 0..E-1.")
+        raise ValueError(f"The v4 adapter has LoRA weights for experts {indices} of '{where}' only; "
+                         "converting it to the fused v5 expert parameters needs every expert 0..E-1.")
     return torch.stack([per_expert[i] for i in indices])  # (E, ., .)
 
 
 def _fuse(lora: str, stacks: list[torch.Tensor]) -> torch.Tensor:
-    """Per-projection (E, r, in) A / (E, out, r) B stacks -> params.py's 2-D A (E*n*r, in) / B (n*out, n*r*E)."""
+    """Per-projection (E, r, in) A / (E, out, r) B stacks -> params.py's 2-D A (E*n*r, in) / B (n*out,
+    n*r*E)."""
     if lora == "lora_A":
         return torch.cat(stacks, dim=1).flatten(0, 1)  # row e*n*r + j: expert e, fused rank j
     blocks = torch.stack([torch.block_diag(*[s[e] for s in stacks]) for e in range(stacks[0].shape[0])])
@@ -212,17 +223,21 @@ def _renamed(key: str, family: MoeFamily) -> str:
     return key
 
 
-def convert_state(model: nn.Module, base_model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """v4 LoRA weight keys of an MoE adapter file -> the v5 keys and layout of `model` (whose keys the file uses).
+def convert_state(model: nn.Module, base_model: nn.Module,
+                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """v4 LoRA weight keys of an MoE adapter file -> the v5 keys and layout of `model` (whose keys the file
+    uses).
 
-    Only `lora_*` keys change; others (modules_to_save copies, ...) pass through. Nothing changes for other models.
+    Only `lora_*` keys change; others (modules_to_save copies, ...) pass through. Nothing changes for other
+    models.
     """
     family = weights_family(base_model)
     if family is None or not any(".lora_" in key for key in tensors):
         return tensors
     pattern, by_param = _expert_key_pattern(family), {old: new for old, new in family.targets}
     out: dict[str, torch.Tensor] = {}
-    groups: dict[tuple[str, str, str], dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    groups: dict[tuple[str, str, str], dict[str, dict[int, torch.Tensor]]] = defaultdict(
+        lambda: defaultdict(dict))
     for key, value in tensors.items():
         if ".lora_" not in key:
             out[key] = value
@@ -238,8 +253,9 @@ def convert_state(model: nn.Module, base_model: nn.Module, tensors: dict[str, to
     for (owner, new, lora), per_proj in groups.items():
         missing = [p for p in family.sources(new) if p not in per_proj]
         if missing:
-            raise ValueError(f"The v4 adapter has no {lora} weights for {missing} under '{owner}', which are fused "
-                             f"with {sorted(per_proj)} into '{new}' on transformers v5; the file is incomplete.")
+            raise ValueError(
+                f"The v4 adapter has no {lora} weights for {missing} under '{owner}', which are fused "
+                f"with {sorted(per_proj)} into '{new}' on transformers v5; the file is incomplete.")
         stacks = [_stacked(per_proj[p], f"{owner}.*.{p}") for p in family.sources(new)]
         out[_target_key(wrappers, owner, new, lora)] = _fuse(lora, stacks)
     return out

@@ -1,7 +1,8 @@
 """Save a trained PiSSA / OLoRA adapter as a plain LoRA adapter for the original (unmodified) base model.
 
 With W = W_res + s B0 A0 at init and W_res + s B A after training, the update is
-s (B A - B0 A0) = s [B | -B0] [A ; A0]: a rank-2r LoRA with the same scaling (PiSSA: Meng et al. 2024, sec. 4).
+s (B A - B0 A0) = s [B | -B0] [A ; A0]: a rank-2r LoRA with the same scaling (PiSSA: Meng et al. 2024,
+sec. 4).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from ....checkpoint import io
 from ....checkpoint.keys import adapter_key_map
 from ..config import modifies_base
 
-FILE_PREFIX = "base_model.model."  # file keys of layer methods: PeftModel.base_model (tuner) .model (user's model)
+# file keys of layer methods: PeftModel.base_model (tuner) .model (user's model)
+FILE_PREFIX = "base_model.model."
 
 # how each factor of the trained adapter is joined with its initial value
 _JOIN = {
@@ -27,10 +29,12 @@ _JOIN = {
 
 def converted_file_state(tuner, adapter_name: str, tensors: dict[str, torch.Tensor], config_dict: dict,
                          initial_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) of adapter `adapter_name` rewritten as plain LoRA relative to the adapter in `initial_dir`.
+    """(tensors, config) of adapter `adapter_name` rewritten as plain LoRA relative to the adapter in
+    `initial_dir`.
 
     `initial_dir` holds the adapter as saved right after `get_peft_model` (before training). As HF PEFT, its
-    `adapter_config.json` is then rewritten with init_lora_weights=True so it loads as-is onto the residual model.
+    `adapter_config.json` is then rewritten with init_lora_weights=True so it loads as-is onto the residual
+    model.
     """
     config = tuner.peft_config[adapter_name]
     _check_convertible(adapter_name, config)
@@ -45,9 +49,10 @@ def converted_file_state(tuner, adapter_name: str, tensors: dict[str, torch.Tens
         ref = initial.get(key)
         if ref is None or ref.shape != tensor.shape:
             raise ValueError(
-                f"The adapter in {str(initial_dir)!r} does not match adapter '{adapter_name}' at {key!r} (found "
-                f"{None if ref is None else tuple(ref.shape)}, expected {tuple(tensor.shape)}). Pass the folder "
-                "that save_pretrained wrote for this adapter right after get_peft_model, before training."
+                f"The adapter in {str(initial_dir)!r} does not match adapter '{adapter_name}' at {key!r} "
+                f"(found {None if ref is None else tuple(ref.shape)}, expected {tuple(tensor.shape)}). Pass "
+                "the folder that save_pretrained wrote for this adapter right after "
+                "get_peft_model, before training."
             )
         out[key] = _JOIN[role](tensor, ref.to(device=tensor.device, dtype=tensor.dtype)).contiguous()
     initial_config = copy.copy(config)
@@ -61,15 +66,16 @@ def _check_convertible(adapter_name: str, config) -> None:
     # True: HF PEFT's documented workflow relabels a PiSSA adapter True before saving its initial state
     if not (value is True or modifies_base(value)):
         raise ValueError(
-            "path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters and others that rewrite the "
-            "base (init_lora_weights 'pissa', 'pissa_niter_K', 'olora', 'corda' or 'lora_ga'); adapter "
-            f"'{adapter_name}' has init_lora_weights={value!r}, whose base model is unchanged: save it without "
-            "path_initial_model_for_weight_conversion."
+            "path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters and others that "
+            "rewrite the base (init_lora_weights 'pissa', 'pissa_niter_K', 'olora', 'corda' or 'lora_ga'); "
+            f"adapter '{adapter_name}' has init_lora_weights={value!r}, whose base model is unchanged: save "
+            "it without path_initial_model_for_weight_conversion."
         )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(
             "path_initial_model_for_weight_conversion cannot be used with use_rslora=True together with "
-            "rank_pattern / alpha_pattern (the doubled rank cannot keep every layer's scaling), as in HF PEFT."
+            "rank_pattern / alpha_pattern (the doubled rank cannot keep every layer's "
+            "scaling), as in HF PEFT."
         )
 
 
@@ -93,7 +99,8 @@ def _factor_roles(tuner, adapter_name: str, config) -> dict[str, str]:
 
 
 def _converted_config(config_dict: dict, use_rslora: bool) -> dict:
-    """The saved config of the rank-2r adapter: same scaling alpha / r (rsLoRA: alpha / sqrt(r)), as HF PEFT."""
+    """The saved config of the rank-2r adapter: same scaling alpha / r (rsLoRA: alpha / sqrt(r)), as HF
+    PEFT."""
     data = dict(config_dict)
     data["init_lora_weights"] = True
     data["r"] = 2 * data["r"]

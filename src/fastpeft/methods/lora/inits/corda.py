@@ -1,14 +1,15 @@
 """CorDA, context-oriented decomposition adaptation (Yang et al. 2024, "CorDA: Context-Oriented Decomposition
 Adaptation of Large Language Models for Task-Aware Parameter-Efficient Fine-tuning", arXiv:2406.05223).
 
-Each linear layer's weight W (out, in) is multiplied by the covariance C of its inputs on a few calibration samples
-and decomposed, W C = U S V^T, so W = U S (C^-1 V)^T. The adapter starts from r of these triplets and the base keeps
-the rest, so base + adapter gives W back at init. IPM (instruction-previewed mode) takes the r largest triplets,
-KPM (knowledge-preserved mode) the r smallest, leaving the directions the calibration data relies on in the base.
+Each linear layer's weight W (out, in) is multiplied by the covariance C of its inputs on a few calibration
+samples and decomposed, W C = U S V^T, so W = U S (C^-1 V)^T. The adapter starts from r of these triplets and
+the base keeps the rest, so base + adapter gives W back at init. IPM (instruction-previewed mode) takes the r
+largest triplets, KPM (knowledge-preserved mode) the r smallest, leaving the directions the calibration data
+relies on in the base.
 
-Workflow, as HF PEFT: `preprocess_corda(model, config, run_model=...)` (hooks collect C while `run_model()` runs the
-model on calibration data), then `get_peft_model(model, config)` with init_lora_weights="corda". Cache and
-covariance files use HF PEFT's keys, so either library can read the other's.
+Workflow, as HF PEFT: `preprocess_corda(model, config, run_model=...)` (hooks collect C while `run_model()`
+runs the model on calibration data), then `get_peft_model(model, config)` with init_lora_weights="corda".
+Cache and covariance files use HF PEFT's keys, so either library can read the other's.
 """
 
 from __future__ import annotations
@@ -44,16 +45,17 @@ class CordaConfig:
 
     cache_file: where the cropped decompositions are stored (read instead of recomputing when present).
     covariance_file: where the input covariances are stored (reusable for other ranks). corda_method: 'ipm' or
-    'kpm' (see the module docstring). verbose: log each layer as it is decomposed. use_float16_for_covariance: keep
-    the inputs in the model's dtype instead of float32 when accumulating C. prune_temporary_fields: kept for file
-    compatibility (fastpeft never leaves temporary fields on the modules).
+    'kpm' (see the module docstring). verbose: log each layer as it is decomposed. use_float16_for_covariance:
+    keep the inputs in the model's dtype instead of float32 when accumulating C. prune_temporary_fields: kept
+    for file compatibility (fastpeft never leaves temporary fields on the modules).
     """
 
     cache_file: str | None = field(default=None, metadata={"help": "File for the decompositions (cache)."})
     covariance_file: str | None = field(default=None, metadata={"help": "File for the input covariances."})
     corda_method: Literal["ipm", "kpm"] = field(default="ipm", metadata={"help": "'ipm' or 'kpm'."})
     verbose: bool = field(default=False, metadata={"help": "Log progress of the decompositions."})
-    use_float16_for_covariance: bool = field(default=False, metadata={"help": "Accumulate C in the model dtype."})
+    use_float16_for_covariance: bool = field(default=False,
+                                             metadata={"help": "Accumulate C in the model dtype."})
     prune_temporary_fields: bool = field(default=True, metadata={"help": "Accepted for compatibility."})
 
     def __post_init__(self) -> None:
@@ -62,7 +64,8 @@ class CordaConfig:
 
 
 def check_config(config) -> None:
-    """LoraConfig's `corda_config` as a CordaConfig (files hold a dict); the default one when init is 'corda'."""
+    """LoraConfig's `corda_config` as a CordaConfig (files hold a dict); the default one when init is
+    'corda'."""
     config.corda_config = for_init(config.corda_config, CordaConfig, "corda_config", config.init_lora_weights,
                                    "corda")
 
@@ -72,7 +75,8 @@ register_check("corda_config", check_config)
 
 @dataclass
 class CordaEigens:
-    """The r kept triplets of one layer: W C = U S V'^T with V = C^-1 V' (U: (out, r), S: (r,), V: (in, r))."""
+    """The r kept triplets of one layer: W C = U S V'^T with V = C^-1 V' (U: (out, r), S: (r,), V: (in,
+    r))."""
 
     S_WC: torch.Tensor
     U_WC: torch.Tensor
@@ -81,7 +85,8 @@ class CordaEigens:
 
 # ---------------------------------------------------------------------------------------------- targets
 def linear_targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of the nn.Linear / Conv1D modules `config` targets, in model order (shared with LoRA-GA)."""
+    """(name, module) of the nn.Linear / Conv1D modules `config` targets, in model order (shared with
+    LoRA-GA)."""
     config_view = _resolved_targets(model, config)
     for name, module in model.named_modules():
         if is_linear(module) and targeting.is_target(config_view, name):
@@ -89,8 +94,8 @@ def linear_targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _resolved_targets(model: nn.Module, config):
-    """`config`, with target_modules=None filled from the model type's defaults (stored on config, as HF PEFT's
-    LoRA-GA does) and 'all-linear' expanded on a copy."""
+    """`config`, with target_modules=None filled from the model type's defaults (stored on config, as HF
+    PEFT's LoRA-GA does) and 'all-linear' expanded on a copy."""
     if config.target_modules is None:
         config.target_modules = default_targets(LORA_TARGETS, model, "LoRA")
     targets = config.target_modules
@@ -137,8 +142,8 @@ class _CovarianceHook:
         x = x if self.keep_dtype else x.float()
         x = x / torch.max(x).abs()  # as the reference code: scaled by |max|, not max |x|
         if not torch.isfinite(x).all():
-            raise ValueError("CorDA: the calibration inputs of a target layer contain NaN or inf; check run_model's "
-                             "data (or turn off use_float16_for_covariance).")
+            raise ValueError("CorDA: the calibration inputs of a target layer contain NaN or inf; check "
+                             "run_model's data (or turn off use_float16_for_covariance).")
         cov = x.T @ x
         if not torch.isfinite(cov).all():
             raise ValueError("CorDA: the input covariance overflowed; set use_float16_for_covariance=False.")
@@ -149,8 +154,9 @@ class _CovarianceHook:
 def _collect_covariances(model, config, run_model, hooked_model) -> dict[str, torch.Tensor]:
     """{layer name: mean over run_model's forward calls of x^T x} for the targets of `model`."""
     if run_model is None:
-        raise ValueError("preprocess_corda needs run_model (a callable running the model on calibration data) "
-                         "unless corda_config.cache_file or corda_config.covariance_file already exists.")
+        raise ValueError(
+            "preprocess_corda needs run_model (a callable running the model on calibration data) "
+            "unless corda_config.cache_file or corda_config.covariance_file already exists.")
     hooked = model if hooked_model is None else hooked_model
     keep = config.corda_config.use_float16_for_covariance
     hooks = {name: _CovarianceHook(keep) for name, _ in linear_targets(hooked, config)}
@@ -167,8 +173,8 @@ def _collect_covariances(model, config, run_model, hooked_model) -> dict[str, to
     for name, _ in linear_targets(model, config):
         hook = hooks.get(name)
         if hook is None or hook.calls == 0:
-            raise ValueError(f"CorDA: target layer '{name}' never ran during run_model(); make run_model call the "
-                             "model on calibration data, or leave that layer out of target_modules.")
+            raise ValueError(f"CorDA: target layer '{name}' never ran during run_model(); make run_model "
+                             "call the model on calibration data, or leave that layer out of target_modules.")
         covariances[name] = hook.total / hook.calls
     return covariances
 
@@ -179,8 +185,8 @@ def _covariances(model, config, run_model, hooked_model) -> dict[str, torch.Tens
         stored = _load(path, _device(model))
         missing = [n for n, _ in linear_targets(model, config) if n not in stored]
         if missing:
-            raise ValueError(f"CorDA: covariance_file {path!r} has no covariance for {missing}; delete the file "
-                             "to recompute it.")
+            raise ValueError(f"CorDA: covariance_file {path!r} has no covariance for {missing}; delete the "
+                             "file to recompute it.")
         return stored
     covariances = _collect_covariances(model, config, run_model, hooked_model)
     if path is not None:
@@ -222,13 +228,15 @@ def _check_rank(name: str, module: nn.Module, r: int) -> None:
     out_f, in_f = _out_in(module)
     if r > min(out_f, in_f):
         raise ValueError(f"CorDA: r={r} for layer '{name}' exceeds min(in_features, out_features) = "
-                         f"{min(out_f, in_f)} (weight {tuple(module.weight.shape)}); lower r or set rank_pattern.")
+                         f"{min(out_f, in_f)} (weight {tuple(module.weight.shape)}); lower r "
+                         "or set rank_pattern.")
 
 
 def _computed_eigens(model, config, run_model, hooked_model) -> dict[str, CordaEigens]:
     method = config.corda_config.corda_method
     if method is None:
-        raise ValueError("CorDA: corda_config.corda_method ('ipm' or 'kpm') is needed when no cache_file exists.")
+        raise ValueError(
+            "CorDA: corda_config.corda_method ('ipm' or 'kpm') is needed when no cache_file exists.")
     targets = list(linear_targets(model, config))
     ranks = {name: targeting.pattern_value(config.rank_pattern, name, config.r) for name, _ in targets}
     for name, module in targets:
@@ -248,8 +256,8 @@ def _cached_eigens(model, config, path: str) -> dict[str, CordaEigens]:
     for name, _ in linear_targets(model, config):
         keys = [f"{name}.eigens.{part}" for part in ("S_WC", "U_WC", "V_WC")]
         if any(k not in stored for k in keys):
-            raise ValueError(f"CorDA: cache_file {path!r} has no decomposition for layer '{name}'; delete the file "
-                             "to recompute it.")
+            raise ValueError(f"CorDA: cache_file {path!r} has no decomposition for layer '{name}'; delete "
+                             "the file to recompute it.")
         result[name] = CordaEigens(*(stored[k] for k in keys))
     return result
 
@@ -257,21 +265,25 @@ def _cached_eigens(model, config, path: str) -> dict[str, CordaEigens]:
 @torch.no_grad()
 def preprocess_corda(model: nn.Module, lora_config, run_model: Callable[[], None] | None = None,
                      hooked_model: nn.Module | None = None) -> None:
-    """Decompose every targeted linear layer of `model` for init_lora_weights='corda' (call before get_peft_model).
+    """Decompose every targeted linear layer of `model` for init_lora_weights='corda' (call before
+    get_peft_model).
 
-    run_model: runs the model on calibration samples (forward only); not needed when corda_config.cache_file or
-    covariance_file exists. hooked_model: a different model to collect the inputs on (layers matched by name).
+    run_model: runs the model on calibration samples (forward only); not needed when corda_config.cache_file
+    or covariance_file exists. hooked_model: a different model to collect the inputs on (layers matched by
+    name).
     """
     if getattr(lora_config, "corda_config", None) is None:
-        raise ValueError("preprocess_corda needs a LoraConfig with init_lora_weights='corda' (corda_config is set "
-                         "to the default CordaConfig() then) or an explicit corda_config=CordaConfig(...).")
+        raise ValueError(
+            "preprocess_corda needs a LoraConfig with init_lora_weights='corda' (corda_config is set "
+            "to the default CordaConfig() then) or an explicit corda_config=CordaConfig(...).")
     cache = lora_config.corda_config.cache_file
     if _readable(cache):
         eigens = _cached_eigens(model, lora_config, cache)
     else:
         eigens = _computed_eigens(model, lora_config, run_model, hooked_model)
         if cache is not None:
-            _save({f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items() for k in ("S_WC", "U_WC", "V_WC")},
+            _save({f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items()
+                   for k in ("S_WC", "U_WC", "V_WC")},
                   cache)
     modules = dict(model.named_modules())
     for name, found in eigens.items():
@@ -286,19 +298,20 @@ def _eigens_for(layer, name: str) -> CordaEigens:
     eigens = getattr(layer.get_base_layer(), EIGENS_ATTR, None)
     if eigens is None:
         raise ValueError(
-            "init_lora_weights='corda' needs preprocess_corda(model, lora_config, run_model=...) to be run on the "
-            "model before get_peft_model (no decomposition found on this layer). To load a saved CorDA adapter, "
-            "load it onto the saved residual base model with init_lora_weights=True in its adapter_config.json, "
-            "or save a converted plain LoRA with path_initial_model_for_weight_conversion."
+            "init_lora_weights='corda' needs preprocess_corda(model, lora_config, run_model=...) to be run "
+            "on the model before get_peft_model (no decomposition found on this layer). To load a saved "
+            "CorDA adapter, load it onto the saved residual base model with init_lora_weights=True in its "
+            "adapter_config.json, or save a converted plain LoRA with "
+            "path_initial_model_for_weight_conversion."
         )
     out_f, in_f, r = layer.out_features, layer.in_features, layer.r[name]
     expected = {"U_WC": (out_f, r), "S_WC": (r,), "V_WC": (in_f, r)}
     for part, shape in expected.items():
         tensor = getattr(eigens, part)
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"CorDA: {part} has shape {tuple(tensor.shape)}, expected {shape}: run preprocess_corda "
-                             "with the same model and LoraConfig (r, rank_pattern) as get_peft_model, or rebuild "
-                             "corda_config.cache_file.")
+            raise ValueError(f"CorDA: {part} has shape {tuple(tensor.shape)}, expected {shape}: run "
+                             "preprocess_corda with the same model and LoraConfig (r, rank_pattern) as "
+                             "get_peft_model, or rebuild corda_config.cache_file.")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"CorDA: {part} contains NaN or inf; check the calibration data.")
     return eigens
@@ -315,7 +328,8 @@ def corda_init(layer, name: str, config=None) -> None:
     a = (eigens.V_WC.T * root.view(-1, 1)).contiguous()
     b = (eigens.U_WC * root).contiguous()
     weight_a, weight_b = layer.lora_weights(name)
-    # stored in the base dtype (autocast may widen them again), the residual from the float32 factors: as HF PEFT
+    # stored in the base dtype (autocast may widen them again), the residual from the float32 factors: as HF
+    # PEFT
     weight_a.data, weight_b.data = a.to(dtype), b.to(dtype)
     delta = s * b @ a
     w = weight.to(torch.float32).data - (delta.T if transposed else delta)

@@ -1,6 +1,7 @@
-"""EVA, Explained Variance Adaptation (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning via
-Explained Variance Adaptation"): lora_A starts as the top right-singular vectors of each layer's inputs, found by an
-incremental SVD over batches; ranks move between layers by explained variance within the budget sum(r).
+"""EVA, Explained Variance Adaptation (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning
+via Explained Variance Adaptation"): lora_A starts as the top right-singular vectors of each layer's inputs,
+found by an incremental SVD over batches; ranks move between layers by explained variance within the budget
+sum(r).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ PEFT_PREFIX = "base_model.model."
 MIN_NAMES_TO_CONDENSE = 20  # from this many target names on, they are condensed to distinguishing suffixes
 
 
-# ---------------------------------------------------------------------------------------------- incremental SVD
+# -------------------------------------------------------------------------------------------- incremental SVD
 class IncrementalSVD:
     """Incremental PCA over batches of rows (Ross et al. 2008, as in scikit-learn), each step a randomized SVD
-    (torch.svd_lowrank, q = 2 * n_components, 4 iterations, seed 42) of the stacked previous components, the centred
-    batch and a mean-shift row. Keeps `components_`, `singular_values_`, `explained_variance_ratio_`.
+    (torch.svd_lowrank, q = 2 * n_components, 4 iterations, seed 42) of the stacked previous components, the
+    centred batch and a mean-shift row. Keeps `components_`, `singular_values_`, `explained_variance_ratio_`.
     """
 
     def __init__(self, n_components: int, seed: int = 42, niter: int = 4) -> None:
@@ -66,8 +67,8 @@ class IncrementalSVD:
         x = x.to(torch.float32).clone()
         n_rows, n_features = x.shape
         if self.n_components > n_features:
-            raise ValueError(f"EVA needs round(r * rho) = {self.n_components} <= in_features = {n_features}; lower r "
-                             "or EvaConfig.rho for this layer.")
+            raise ValueError(f"EVA needs round(r * rho) = {self.n_components} <= in_features = {n_features}; "
+                             "lower r or EvaConfig.rho for this layer.")
         mean, var, total = self._moments(x)
         if not self.fitted:
             x -= mean
@@ -88,16 +89,18 @@ class IncrementalSVD:
         self.mean, self.var, self.count = mean, var, total
 
 
-# ---------------------------------------------------------------------------------------------- input preparation
+# ------------------------------------------------------------------------------------------ input preparation
 def forward_fn_dict(model, inputs):
     return model(**inputs)
 
 
 def prepare_model_inputs_fn_language_modeling(model_input, peft_config):
-    """Indices (batch, position) of the tokens used: attention mask, minus label-masked tokens if configured."""
+    """Indices (batch, position) of the tokens used: attention mask, minus label-masked tokens if
+    configured."""
     if not isinstance(model_input, dict):
-        raise TypeError("prepare_model_inputs_fn_language_modeling needs dict batches (input_ids, attention_mask, ...);"
-                        " pass prepare_model_inputs_fn=None or your own function for other batches.")
+        raise TypeError(
+            "prepare_model_inputs_fn_language_modeling needs dict batches (input_ids, attention_mask, ...);"
+            " pass prepare_model_inputs_fn=None or your own function for other batches.")
     mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
     eva = peft_config.eva_config
     if eva is not None and eva.use_label_mask and "labels" in model_input:
@@ -109,8 +112,8 @@ def _first_tensor(layer_input, layer_name: str) -> torch.Tensor:
     if isinstance(layer_input, (tuple, list)):
         layer_input = layer_input[0]
     if not isinstance(layer_input, torch.Tensor):
-        raise TypeError(f"EVA cannot read the input of layer '{layer_name}' ({type(layer_input).__name__}); pass a "
-                        "prepare_layer_inputs_fn that returns a 2-D tensor.")
+        raise TypeError(f"EVA cannot read the input of layer '{layer_name}' ({type(layer_input).__name__}); "
+                        "pass a prepare_layer_inputs_fn that returns a 2-D tensor.")
     return layer_input
 
 
@@ -158,7 +161,8 @@ class _EvaRun:
             prepare_layer = dict(prepare_layer)
             self.prepare_layer = {n: prepare_layer.pop(n, None) or _flatten_inputs for n in targets}
             if prepare_layer:
-                raise ValueError(f"prepare_layer_inputs_fn names modules that are not EVA targets: {sorted(prepare_layer)}")
+                raise ValueError("prepare_layer_inputs_fn names modules that are not EVA targets: "
+                                 f"{sorted(prepare_layer)}")
         else:
             self.prepare_layer = dict.fromkeys(targets, prepare_layer or _flatten_inputs)
         rho = self.eva.rho
@@ -182,7 +186,8 @@ class _EvaRun:
         self.handles.pop(name).remove()
 
     def group_equal_inputs(self, batch) -> None:
-        """Forward one batch; layers fed identical inputs (q/k/v, gate/up) share the SVD of the first of them."""
+        """Forward one batch; layers fed identical inputs (q/k/v, gate/up) share the SVD of the first of
+        them."""
         seen: dict[str, bytes] = {}
 
         def fingerprint(name, rows):
@@ -255,8 +260,9 @@ class _EvaRun:
         raise ValueError("EVA: the dataloader yielded no batches.")
 
     def rank_distribution(self) -> dict[str, int]:
-        """The `budget` largest explained-variance ratios over all layers; each layer gets as many ranks as it has
-        among them (at most its max rank). Layers sharing an input: the SVD's owner takes the largest count."""
+        """The `budget` largest explained-variance ratios over all layers; each layer gets as many ranks as it
+        has among them (at most its max rank). Layers sharing an input: the SVD's owner takes the largest
+        count."""
         names, ratios = [], []
         for name, lead in self.leader.items():
             part = self.svds[lead].explained_variance_ratio_[: self.max_components[name]]
@@ -293,7 +299,8 @@ def _tuner(model):
 
 def _eva_targets(model, config, adapter_name: str, is_peft: bool) -> list[str]:
     if is_peft:
-        return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, SKIPPED_LAYERS)
+        return [n for n, m in model.named_modules()
+                if isinstance(m, LoraLayer) and not isinstance(m, SKIPPED_LAYERS)
                 and not getattr(m, "nested", False) and adapter_name in m.lora_A]
     return [n for n, m in model.named_modules() if is_linear(m)
             and (config.target_modules is None or targeting.is_target(config, n))]
@@ -308,11 +315,12 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
                        show_progress_bar: bool = True) -> dict[str, torch.Tensor]:
     """EVA's A matrices: {module name: (rank, in_features)} from the SVD of each target layer's inputs.
 
-    `model` is a PeftModel (its LoRA layers are the targets; adapters off during the pass) or a plain model with
-    `peft_config` (a LoraConfig whose target_modules pick nn.Linear / Conv1D layers). `forward_fn(model, batch)` runs
-    a batch; `prepare_model_inputs_fn(batch, config)` and `prepare_layer_inputs_fn(layer_input, model_input, name)`
-    (one function, or a dict per module name) choose the token rows used (default: attention and label masks).
-    `gather_distributed_inputs` and `show_progress_bar` are accepted for HF PEFT compatibility.
+    `model` is a PeftModel (its LoRA layers are the targets; adapters off during the pass) or a plain model
+    with `peft_config` (a LoraConfig whose target_modules pick nn.Linear / Conv1D layers).
+    `forward_fn(model, batch)` runs a batch; `prepare_model_inputs_fn(batch, config)` and
+    `prepare_layer_inputs_fn(layer_input, model_input, name)` (one function, or a dict per module name) choose
+    the token rows used (default: attention and label masks). `gather_distributed_inputs` and
+    `show_progress_bar` are accepted for HF PEFT compatibility.
     """
     if dataloader is None or len(dataloader) == 0:
         raise ValueError("EVA needs a non-empty dataloader (batches of model inputs) to compute the SVD.")
@@ -322,7 +330,8 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
     is_peft = hasattr(model, "peft_config")
     if peft_config is None:
         if not is_peft:
-            raise ValueError("get_eva_state_dict needs peft_config (a LoraConfig) when model is not a PeftModel.")
+            raise ValueError(
+                "get_eva_state_dict needs peft_config (a LoraConfig) when model is not a PeftModel.")
         peft_config = model.peft_config[adapter_name]
     if peft_config.eva_config is None:
         peft_config = copy(peft_config)
@@ -335,7 +344,8 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
     model.eval()
     try:
         with context:
-            run = _EvaRun(model, peft_config, targets, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
+            run = _EvaRun(model, peft_config, targets, forward_fn, prepare_model_inputs_fn,
+                          prepare_layer_inputs_fn)
             run.group_equal_inputs(_to_device(next(iter(dataloader)), run.device))
             return run.components(run.fit(dataloader))
     finally:
@@ -412,30 +422,31 @@ def _load_eva_state_dict(model, eva_state_dict: dict, adapter_name: str) -> None
 
 
 @torch.no_grad()
-def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = None,
-                                eva_state_dict: dict | None = None,
-                                forward_fn: Callable | None = forward_fn_dict,
-                                prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
-                                prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
-                                adapter_name: str = "default", gather_distributed_inputs: bool = True,
-                                show_progress_bar: bool = True):
-    """Initialise the LoRA adapter `adapter_name` of a PeftModel built with init_lora_weights='eva': compute EVA's
-    components from `dataloader` (or take `eva_state_dict`), redistribute ranks and write lora_A in place.
-    Other arguments as in `get_eva_state_dict`. Returns the model.
+def initialize_lora_eva_weights(
+        model: nn.Module, dataloader: Iterable | None = None, eva_state_dict: dict | None = None,
+        forward_fn: Callable | None = forward_fn_dict,
+        prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
+        prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling, adapter_name: str = "default",
+        gather_distributed_inputs: bool = True, show_progress_bar: bool = True):
+    """Initialise the LoRA adapter `adapter_name` of a PeftModel built with init_lora_weights='eva': compute
+    EVA's components from `dataloader` (or take `eva_state_dict`), redistribute ranks and write lora_A in
+    place. Other arguments as in `get_eva_state_dict`. Returns the model.
     """
     if not hasattr(model, "peft_config"):
-        raise ValueError("initialize_lora_eva_weights needs a PeftModel (get_peft_model(model, LoraConfig(...))).")
+        raise ValueError(
+            "initialize_lora_eva_weights needs a PeftModel (get_peft_model(model, LoraConfig(...))).")
     if len(model.active_adapters) > 1:
         raise ValueError("initialize_lora_eva_weights works with a single active adapter; "
                          f"active: {model.active_adapters}.")
     if adapter_name not in model.peft_config:
         raise ValueError(f"Adapter '{adapter_name}' does not exist; loaded: {sorted(model.peft_config)}.")
     if model.peft_config[adapter_name].init_lora_weights != "eva":
-        raise ValueError("initialize_lora_eva_weights needs an adapter created with init_lora_weights='eva', got "
-                         f"{model.peft_config[adapter_name].init_lora_weights!r}.")
+        raise ValueError("initialize_lora_eva_weights needs an adapter created with init_lora_weights='eva', "
+                         f"got {model.peft_config[adapter_name].init_lora_weights!r}.")
     if eva_state_dict is None:
         if dataloader is None:
-            raise ValueError("initialize_lora_eva_weights needs a dataloader (or a precomputed eva_state_dict).")
+            raise ValueError(
+                "initialize_lora_eva_weights needs a dataloader (or a precomputed eva_state_dict).")
         eva_state_dict = get_eva_state_dict(model, dataloader, None, forward_fn, prepare_model_inputs_fn,
                                             prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
                                             show_progress_bar)

@@ -1,8 +1,8 @@
-"""`LoftQConfig`: settings of LoftQ (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language
-Models", https://arxiv.org/abs/2310.08659); HF PEFT 0.21's field names and defaults.
+"""`LoftQConfig`: settings of LoftQ (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large
+Language Models", https://arxiv.org/abs/2310.08659); HF PEFT 0.21's field names and defaults.
 
-As in HF PEFT, `LoraConfig.loftq_config` holds a plain dict ({"loftq_bits": ..., "loftq_iter": ...}) once the config
-is built, so the saved `adapter_config.json` carries the same object in both libraries.
+As in HF PEFT, `LoraConfig.loftq_config` holds a plain dict ({"loftq_bits": ..., "loftq_iter": ...}) once the
+config is built, so the saved `adapter_config.json` carries the same object in both libraries.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from ..subconfig import coerce, register_check
 
 logger = logging.getLogger(__name__)
 
-# bits -> name of the quantiser LoftQ applies to the base weight (HF PEFT 0.21's `loftq_init` offers these two)
+# bits -> name of the quantiser LoftQ applies to the base weight (HF PEFT 0.21's `loftq_init` offers these
+# two)
 LOFTQ_QUANTISERS = {4: "NF4, blocks of 64", 8: "int8, one absmax per row"}
 
 
@@ -23,11 +24,12 @@ LOFTQ_QUANTISERS = {4: "NF4, blocks of 64", 8: "int8, one absmax per row"}
 class LoftQConfig:
     """How `init_lora_weights='loftq'` quantises each target weight W and fits the adapter to what is lost.
 
-    loftq_bits: bits of the quantised base (4: NF4, 8: int8). loftq_iter: how many times quantisation and the rank-r
-    fit of the residual alternate (>= 1).
+    loftq_bits: bits of the quantised base (4: NF4, 8: int8). loftq_iter: how many times quantisation and the
+    rank-r fit of the residual alternate (>= 1).
     """
 
-    loftq_bits: int = field(default=4, metadata={"help": "Bits of the quantised base weight: 4 (NF4) or 8 (int8)."})
+    loftq_bits: int = field(default=4,
+                            metadata={"help": "Bits of the quantised base weight: 4 (NF4) or 8 (int8)."})
     loftq_iter: int = field(default=1, metadata={"help": "Rounds of quantise / low-rank fit (>= 1)."})
 
 
@@ -51,16 +53,16 @@ def _warn_scaling(config) -> None:
     scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
     if scaling != 1 or config.alpha_pattern or config.rank_pattern:
         logger.warning(
-            "init_lora_weights='loftq' sets B @ A to the quantisation residual W - Q itself, without dividing by the "
-            "LoRA scaling (as HF PEFT), so Q + scaling * B @ A approximates W only where scaling == 1; here "
-            "lora_alpha / r = %s (rank_pattern/alpha_pattern: %s). Set lora_alpha = r (no rsLoRA) for LoftQ's fit.",
-            scaling, bool(config.alpha_pattern or config.rank_pattern))
+            "init_lora_weights='loftq' sets B @ A to the quantisation residual W - Q itself, without "
+            "dividing by the LoRA scaling (as HF PEFT), so Q + scaling * B @ A approximates W only where "
+            "scaling == 1; here lora_alpha / r = %s (rank_pattern/alpha_pattern: %s). Set lora_alpha = r (no "
+            "rsLoRA) for LoftQ's fit.", scaling, bool(config.alpha_pattern or config.rank_pattern))
 
 
 def check_config(config) -> None:
-    """LoraConfig's `loftq_config`, checked as HF PEFT does: required (non-empty) with init_lora_weights='loftq',
-    stored as a dict; set without 'loftq' it is cleared with a warning. Bits and rounds are checked here already
-    (HF PEFT only refuses them when the layers are built).
+    """LoraConfig's `loftq_config`, checked as HF PEFT does: required (non-empty) with
+    init_lora_weights='loftq', stored as a dict; set without 'loftq' it is cleared with a warning. Bits and
+    rounds are checked here already (HF PEFT only refuses them when the layers are built).
     """
     given = config.loftq_config
     if config.init_lora_weights != "loftq":
@@ -70,8 +72,8 @@ def check_config(config) -> None:
         return
     if not given:
         raise ValueError(
-            "init_lora_weights='loftq' needs loftq_config: pass loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1) "
-            "(fastpeft.LoftQConfig)."
+            "init_lora_weights='loftq' needs loftq_config: pass loftq_config=LoftQConfig(loftq_bits=4, "
+            "loftq_iter=1) (fastpeft.LoftQConfig)."
         )
     settings = _as_dict(given)
     _check_settings(settings)

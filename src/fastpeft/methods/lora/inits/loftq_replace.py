@@ -1,18 +1,20 @@
 """`replace_lora_weights_loftq`: LoftQ for a LoRA model whose base model is already quantised to 4 bits with
 bitsandbytes (HF PEFT 0.21's function of that name, same signature and results).
 
-LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659) fits the adapter to the quantisation error. Here the base
-is quantised already, so one round of its Algorithm 1 remains: for every LoRA layer over a `Linear4bit`,
+LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659) fits the adapter to the quantisation error. Here the
+base is quantised already, so one round of its Algorithm 1 remains: for every LoRA layer over a `Linear4bit`,
 
     W      = the original float weight, read from the model's safetensors file(s)
     Q      = the layer's NF4 / FP4 weight, dequantised (what the layer computes with)
     B, A   = the best rank-r fit of W - Q (loftq.rank_r_fit: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T)
 
-so that Q + B A is closer to W than Q alone (B A is W - Q itself, not divided by the LoRA scaling, as in HF PEFT).
+so that Q + B A is closer to W than Q alone (B A is W - Q itself, not divided by the LoRA scaling, as in HF
+PEFT).
 
-The weights are read one tensor at a time (safetensors is memory-mapped), so the full-precision model is never held
-in memory. A `callback(model, module_name) -> bool` is called after each layer is replaced; False restores that
-layer's previous factors (a greedy check, e.g. "did the logits get closer to the float model's?").
+The weights are read one tensor at a time (safetensors is memory-mapped), so the full-precision model is never
+held in memory. A `callback(model, module_name) -> bool` is called after each layer is replaced; False
+restores that layer's previous factors (a greedy check, e.g. "did the logits get closer to the float
+model's?").
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # ---------------------------------------------------------------------------------------------- reading W
 def _local_snapshot(name_or_path: str) -> str:
-    """The folder of `name_or_path`: a local folder as it is, else the Hub cache's snapshot (never downloaded)."""
+    """The folder of `name_or_path`: a local folder as it is, else the Hub cache's snapshot (never
+    downloaded)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     try:
         return snapshot_download(name_or_path, local_files_only=True)
     except Exception as err:  # invalid repo id, not in the cache
         raise ValueError(
-            f"replace_lora_weights_loftq could not find the original weights of '{name_or_path}' on disk (no such "
-            "folder, not in the Hugging Face cache). Pass model_path= pointing to the folder (or the file) holding "
-            f"the model's {WEIGHTS_FILE}."
+            f"replace_lora_weights_loftq could not find the original weights of '{name_or_path}' on disk (no "
+            "such folder, not in the Hugging Face cache). Pass model_path= pointing to the folder (or the "
+            f"file) holding the model's {WEIGHTS_FILE}."
         ) from err
 
 
@@ -57,8 +60,9 @@ def _base_folder_or_file(peft_model, model_path: str | None) -> str:
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     if not name:
         raise ValueError(
-            "replace_lora_weights_loftq needs the original (unquantised) weights: this base model does not say "
-            f"where it was loaded from. Pass model_path= pointing to the folder (or the file) holding {WEIGHTS_FILE}."
+            "replace_lora_weights_loftq needs the original (unquantised) weights: this base model does not "
+            "say where it was loaded from. Pass model_path= pointing to the folder (or the file) "
+            f"holding {WEIGHTS_FILE}."
         )
     return _local_snapshot(str(name))
 
@@ -80,9 +84,10 @@ class OriginalWeights:
         index = os.path.join(folder, INDEX_FILE)
         if not os.path.isfile(index):
             raise AdapterFileNotFoundError(
-                f"replace_lora_weights_loftq needs the original weights as safetensors: neither {WEIGHTS_FILE} nor "
-                f"{INDEX_FILE} (shards) is in '{folder}'. Save the model with save_pretrained (safe_serialization) "
-                "and pass that folder as model_path= (PyTorch .bin files cannot be read one tensor at a time)."
+                "replace_lora_weights_loftq needs the original weights as safetensors: neither "
+                f"{WEIGHTS_FILE} nor {INDEX_FILE} (shards) is in '{folder}'. Save the model with "
+                "save_pretrained (safe_serialization) and pass that folder as model_path= (PyTorch .bin "
+                "files cannot be read one tensor at a time)."
             )
         weight_map = validate.read_config_json(index).get("weight_map", {})
         # shard names come from the file: each must stay inside the folder (no '..', no symlink out of it)
@@ -90,7 +95,8 @@ class OriginalWeights:
                 for key, shard in weight_map.items()}
 
     def _candidates(self, key: str) -> list[str]:
-        """`key`, then without the model class's prefix (a LlamaModel file read for a LlamaForCausalLM, ...)."""
+        """`key`, then without the model class's prefix (a LlamaModel file read for a LlamaForCausalLM,
+        ...)."""
         keys = [key]
         if self.prefix and key.startswith(self.prefix + "."):
             keys.append(key[len(self.prefix) + 1:])
@@ -101,7 +107,8 @@ class OriginalWeights:
             path = self.path if self.files is None else self.files.get(candidate)
             if path is None:
                 continue
-            if path not in self.checked:  # forged / truncated headers refused before safetensors maps the file
+            # forged / truncated headers refused before safetensors maps the file
+            if path not in self.checked:
                 validate.safetensors_header(path)
                 self.checked.add(path)
             with safe_open(path, framework="pt", device="cpu") as handle:
@@ -116,7 +123,8 @@ class OriginalWeights:
 
 # ---------------------------------------------------------------------------------------------- the layers
 def _four_bit_layers(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer]]:
-    """(module name inside the base model, LoRA layer) for each LoRA layer of `adapter_name` over a 4-bit layer."""
+    """(module name inside the base model, LoRA layer) for each LoRA layer of `adapter_name` over a 4-bit
+    layer."""
     found = []
     for name, module in peft_model.get_base_model().named_modules():
         if isinstance(module, LoraLayer) and bnb_kind(module.get_base_layer()) == "4bit":
@@ -128,35 +136,39 @@ def _four_bit_layers(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer
 def _check_model(peft_model, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     if not hasattr(peft_model, "get_base_model"):
         raise TypeError(
-            f"replace_lora_weights_loftq expects a PeftModel (from get_peft_model), got {type(peft_model).__name__}."
+            "replace_lora_weights_loftq expects a PeftModel (from get_peft_model), got "
+            f"{type(peft_model).__name__}."
         )
     known = getattr(peft_model, "peft_config", {})
     if adapter_name not in known:
-        raise ValueError(f"replace_lora_weights_loftq: no adapter '{adapter_name}'; this model has {sorted(known)}.")
+        raise ValueError(
+            f"replace_lora_weights_loftq: no adapter '{adapter_name}'; this model has {sorted(known)}.")
     layers = _four_bit_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(
-            f"replace_lora_weights_loftq found no LoRA layer of adapter '{adapter_name}' over a bitsandbytes 4-bit "
-            "Linear4bit. Load the base model with BitsAndBytesConfig(load_in_4bit=True) and target its linear "
-            "layers with LoRA (8-bit Linear8bitLt bases are not supported, as in HF PEFT)."
+            f"replace_lora_weights_loftq found no LoRA layer of adapter '{adapter_name}' over a bitsandbytes "
+            "4-bit Linear4bit. Load the base model with BitsAndBytesConfig(load_in_4bit=True) and target its "
+            "linear layers with LoRA (8-bit Linear8bitLt bases are not supported, as in HF PEFT)."
         )
     return layers
 
 
 @torch.no_grad()
-def loftq_factors(layer: LoraLayer, name: str, original: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def loftq_factors(layer: LoraLayer, name: str, original: torch.Tensor,
+                  key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one LoftQ round over the layer's 4-bit weight, in float32 on the weight's device."""
     quantised = dequantize_weight(layer.get_base_layer())
     if tuple(original.shape) != tuple(quantised.shape):
         raise ValueError(
-            f"replace_lora_weights_loftq: '{key}' has shape {tuple(original.shape)} in the weights file but the "
-            f"quantised layer is {tuple(quantised.shape)}: model_path holds another model."
+            f"replace_lora_weights_loftq: '{key}' has shape {tuple(original.shape)} in the weights file but "
+            f"the quantised layer is {tuple(quantised.shape)}: model_path holds another model."
         )
     rank, module_name = layer.r[name], key.removesuffix(".weight")
     if rank > min(quantised.shape):
         raise ValueError(
-            f"replace_lora_weights_loftq: adapter '{name}' has r={rank} on '{module_name}', above min(out, in) = "
-            f"{min(quantised.shape)}; a rank-r fit needs r <= min(out, in). Lower r for this layer (rank_pattern)."
+            f"replace_lora_weights_loftq: adapter '{name}' has r={rank} on '{module_name}', above min(out, "
+            f"in) = {min(quantised.shape)}; a rank-r fit needs r <= min(out, in). Lower r for this "
+            "layer (rank_pattern)."
         )
     residual = original.to(device=quantised.device, dtype=torch.float32) - quantised.float()
     left, right = rank_r_fit(residual, rank)
@@ -179,16 +191,18 @@ def replace_lora_weights_loftq(
     adapter_name: str = "default",
     callback: Callable[[nn.Module, str], bool] | None = None,
 ) -> None:
-    """Re-initialise the LoRA factors of `adapter_name` on every 4-bit (bitsandbytes Linear4bit) layer with one
-    LoftQ step against the original weights (see the module doc).
+    """Re-initialise the LoRA factors of `adapter_name` on every 4-bit (bitsandbytes Linear4bit) layer with
+    one LoftQ step against the original weights (see the module doc).
 
-    model_path: folder (or model.safetensors file, or a folder of shards with model.safetensors.index.json) of the
-    unquantised model; default: where the base model was loaded from (a local folder or the Hugging Face cache).
-    callback(model, module_name) -> bool: called after each layer; False puts that layer's previous factors back.
+    model_path: folder (or model.safetensors file, or a folder of shards with model.safetensors.index.json) of
+    the unquantised model; default: where the base model was loaded from (a local folder or the Hugging Face
+    cache). callback(model, module_name) -> bool: called after each layer; False puts that layer's previous
+    factors back.
     """
     layers = _check_model(peft_model, adapter_name)
     base = peft_model.get_base_model()
-    weights = OriginalWeights(_base_folder_or_file(peft_model, model_path), getattr(base, "base_model_prefix", None))
+    weights = OriginalWeights(_base_folder_or_file(peft_model, model_path),
+                              getattr(base, "base_model_prefix", None))
     for module_name, layer in layers:
         key = f"{module_name}.weight"
         a, b = loftq_factors(layer, adapter_name, weights.get(key), key)

@@ -1,12 +1,14 @@
 """LoRA-GA, LoRA with gradient approximation (Wang et al. 2024, "LoRA-GA: Low-Rank Adaptation with Gradient
 Approximation", arXiv:2407.05000).
 
-The gradient G of the loss w.r.t. each target weight is estimated on a few batches; with G ~ U S V^T, the factors
-start as A = V[:, a]^T and B = U[:, b] diag(S[b]) for two disjoint sets a, b of the top 2r components (`direction`),
-so the first update of B A follows full fine-tuning's first step. The base keeps W - s B A: outputs are unchanged.
+The gradient G of the loss w.r.t. each target weight is estimated on a few batches; with G ~ U S V^T, the
+factors start as A = V[:, a]^T and B = U[:, b] diag(S[b]) for two disjoint sets a, b of the top 2r components
+(`direction`), so the first update of B A follows full fine-tuning's first step. The base keeps W - s B A:
+outputs are unchanged.
 
-Workflow, as HF PEFT: `preprocess_loraga(model, config, train_step=...)` (runs forward + backward on a few batches),
-then `get_peft_model(model, config)` with init_lora_weights="lora_ga". Gradient cache files use HF PEFT's keys.
+Workflow, as HF PEFT: `preprocess_loraga(model, config, train_step=...)` (runs forward + backward on a few
+batches), then `get_peft_model(model, config)` with init_lora_weights="lora_ga". Gradient cache files use HF
+PEFT's keys.
 """
 
 from __future__ import annotations
@@ -32,19 +34,19 @@ CACHE_SUFFIX = "._peft_loraga_grad"  # HF PEFT's cache keys: f"{layer name}._pef
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 SVD_ITERATIONS = 4
-NO_ESTIMATE = ("init_lora_weights='lora_ga': a target layer has no gradient estimate, so it starts as plain LoRA "
-               "(kaiming A, zero B, base unchanged). Expected while loading a saved adapter; for a new adapter run "
-               "preprocess_loraga(model, lora_config, train_step=...) before get_peft_model.")
+NO_ESTIMATE = ("init_lora_weights='lora_ga': a target layer has no gradient estimate, so it starts as plain "
+               "LoRA (kaiming A, zero B, base unchanged). Expected while loading a saved adapter; for a new "
+               "adapter run preprocess_loraga(model, lora_config, train_step=...) before get_peft_model.")
 
 
 @dataclass
 class LoraGAConfig:
     """Settings of the LoRA-GA init (HF PEFT 0.21's fields and defaults).
 
-    direction: which of the top 2r gradient components go to A and which to B: 'ArB2r' (A: 0..r-1, B: r..2r-1),
-    'A2rBr' (A: r..2r-1, B: 0..r-1), 'ArBr' (A: odd, B: even) or 'random' (r random ones, shared by A and B).
-    scale: 'stable' (B *= out^(1/4) / sqrt(stable_gamma)), 'weight_svd' (B's top singular value set to W's),
-    'gd_scale' (both divided by the LoRA scaling) or 'unit' (none).
+    direction: which of the top 2r gradient components go to A and which to B: 'ArB2r' (A: 0..r-1, B:
+    r..2r-1), 'A2rBr' (A: r..2r-1, B: 0..r-1), 'ArBr' (A: odd, B: even) or 'random' (r random ones, shared by
+    A and B). scale: 'stable' (B *= out^(1/4) / sqrt(stable_gamma)), 'weight_svd' (B's top singular value set
+    to W's), 'gd_scale' (both divided by the LoRA scaling) or 'unit' (none).
     """
 
     direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = field(default="ArB2r", metadata={
@@ -55,7 +57,8 @@ class LoraGAConfig:
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"LoraGAConfig.direction must be one of {list(DIRECTIONS)}, got {self.direction!r}.")
+            raise ValueError(
+                f"LoraGAConfig.direction must be one of {list(DIRECTIONS)}, got {self.direction!r}.")
         if self.scale not in SCALES:
             raise ValueError(f"LoraGAConfig.scale must be one of {list(SCALES)}, got {self.scale!r}.")
         if self.scale == "stable" and not self.stable_gamma > 0:
@@ -84,12 +87,12 @@ class GradientEstimate:
 def _targets(model: nn.Module, lora_config) -> list[tuple[str, nn.Module]]:
     targets = list(linear_targets(model, lora_config))
     if not targets:
-        raise ValueError("LoRA-GA: target_modules matched no nn.Linear / Conv1D layer of the model; LoRA-GA works "
-                         "on linear layers only. Check target_modules.")
+        raise ValueError("LoRA-GA: target_modules matched no nn.Linear / Conv1D layer of the model; LoRA-GA "
+                         "works on linear layers only. Check target_modules.")
     quantized = [name for name, module in targets if hasattr(module, "quant_state")]
     if quantized:
-        raise ValueError(f"LoRA-GA needs full-precision gradients, but {quantized} are quantized; preprocess and "
-                         "initialise the unquantised model.")
+        raise ValueError(f"LoRA-GA needs full-precision gradients, but {quantized} are quantized; preprocess "
+                         "and initialise the unquantised model.")
     return targets
 
 
@@ -106,7 +109,8 @@ class _CallCounter:
 def mean_gradients(model: nn.Module, lora_config, train_step: Callable[[], None]) -> dict[str, torch.Tensor]:
     """{layer name: weight gradient summed over train_step's backward passes / number of passes}.
 
-    Only the target weights require grad meanwhile; requires_grad, .grad and train/eval mode are restored after.
+    Only the target weights require grad meanwhile; requires_grad, .grad and train/eval mode are restored
+    after.
     """
     targets = _targets(model, lora_config)
     was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
@@ -134,8 +138,8 @@ def mean_gradients(model: nn.Module, lora_config, train_step: Callable[[], None]
 
 def _mean_gradient(name: str, module: nn.Module, calls: int) -> torch.Tensor:
     if calls == 0 or module.weight.grad is None:
-        raise ValueError(f"LoRA-GA: no gradient reached layer '{name}' during train_step(); train_step must run "
-                         "forward and loss.backward() through every target layer.")
+        raise ValueError(f"LoRA-GA: no gradient reached layer '{name}' during train_step(); train_step must "
+                         "run forward and loss.backward() through every target layer.")
     return module.weight.grad.detach() / calls
 
 
@@ -144,17 +148,20 @@ def _load_cache(model: nn.Module, targets, path: str) -> dict[str, torch.Tensor]
     stored = io.load_weights_file(path, next(inner.parameters()).device)  # checked: never unpickles code
     missing = [name for name, _ in targets if f"{name}{CACHE_SUFFIX}" not in stored]
     if missing:
-        raise ValueError(f"LoRA-GA: cache_file {path!r} has no gradient for {missing}; delete it to recompute.")
+        raise ValueError(
+            f"LoRA-GA: cache_file {path!r} has no gradient for {missing}; delete it to recompute.")
     return {name: stored[f"{name}{CACHE_SUFFIX}"] for name, _ in targets}
 
 
 @torch.no_grad()
 def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], None],
                       cache_file: str | None = None) -> None:
-    """Estimate each target layer's weight gradient for init_lora_weights='lora_ga' (call before get_peft_model).
+    """Estimate each target layer's weight gradient for init_lora_weights='lora_ga' (call before
+    get_peft_model).
 
     train_step: runs forward and loss.backward() on a few batches (no optimizer step). cache_file: read the
-    gradients from it when it exists, else write them to it. target_modules=None is filled in from the model type.
+    gradients from it when it exists, else write them to it. target_modules=None is filled in from the model
+    type.
     """
     if getattr(lora_config, "lora_ga_config", None) is None:
         raise ValueError("preprocess_loraga needs LoraConfig(init_lora_weights='lora_ga', "
@@ -166,9 +173,11 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
         grads = mean_gradients(model, lora_config, train_step)
         if cache_file is not None:
             cache = {f"{name}{CACHE_SUFFIX}": grad for name, grad in grads.items()}
-            io.atomic_write_many([(cache_file, io.weights_writer(cache, safe=False))])  # torch.save format, atomic
+            # torch.save format, atomic
+            io.atomic_write_many([(cache_file, io.weights_writer(cache, safe=False))])
     for name, module in targets:
-        setattr(module, GRADIENT_ATTR, GradientEstimate(grads[name], lora_ga_config=lora_config.lora_ga_config))
+        setattr(module, GRADIENT_ATTR,
+                GradientEstimate(grads[name], lora_ga_config=lora_config.lora_ga_config))
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -213,7 +222,8 @@ def _scale_unit(layer, name, a, b, s_b, cfg):
     return a, b
 
 
-SCALINGS = {"stable": _scale_stable, "weight_svd": _scale_weight_svd, "gd_scale": _scale_gd, "unit": _scale_unit}
+SCALINGS = {"stable": _scale_stable, "weight_svd": _scale_weight_svd, "gd_scale": _scale_gd,
+            "unit": _scale_unit}
 
 
 def _weight_out_in(layer) -> torch.Tensor:
@@ -222,7 +232,8 @@ def _weight_out_in(layer) -> torch.Tensor:
 
 
 def gradient_factors(layer, name: str, grad: torch.Tensor, cfg: LoraGAConfig):
-    """(A, B) in float32 from the top 2r singular triplets of `grad` (out, in), split and scaled as `cfg` says."""
+    """(A, B) in float32 from the top 2r singular triplets of `grad` (out, in), split and scaled as `cfg`
+    says."""
     r = layer.r[name]
     u, s, v = torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=SVD_ITERATIONS)
     u, s, vh = u[:, :2 * r], s[:2 * r], v.T[:2 * r]
@@ -235,17 +246,19 @@ def gradient_factors(layer, name: str, grad: torch.Tensor, cfg: LoraGAConfig):
 def _check_rank(layer, name: str, scheme: str) -> None:
     r, limit = layer.r[name], min(layer.in_features, layer.out_features)
     if 2 * r > limit:
-        raise ValueError(f"init_lora_weights={scheme!r} splits the top 2r gradient components between A and B, so it "
-                         f"needs 2 * r <= min(in_features, out_features) = {limit}; got r={r} (weight shape "
-                         f"{tuple(layer.get_base_layer().weight.shape)}). Lower r or set rank_pattern for this layer.")
+        raise ValueError(
+            f"init_lora_weights={scheme!r} splits the top 2r gradient components between A and B, so it "
+            f"needs 2 * r <= min(in_features, out_features) = {limit}; got r={r} (weight shape "
+            f"{tuple(layer.get_base_layer().weight.shape)}). Lower r or set rank_pattern for this layer.")
 
 
 @torch.no_grad()
 def lora_ga_init(layer, name: str, config=None) -> None:
     """Factors from the gradient estimate left by preprocess_loraga; the base keeps W - s B A.
 
-    Without an estimate (while loading a saved adapter, whose weights then overwrite the factors; or a layer that is
-    not linear) the layer gets the default init (kaiming A, zero B) and its base stays unchanged, as HF PEFT.
+    Without an estimate (while loading a saved adapter, whose weights then overwrite the factors; or a layer
+    that is not linear) the layer gets the default init (kaiming A, zero B) and its base stays unchanged, as
+    HF PEFT.
     """
     estimate = getattr(layer.get_base_layer(), GRADIENT_ATTR, None)
     if estimate is None:  # also embeddings and convolutions, which preprocess_loraga skips (as HF PEFT)

@@ -1,9 +1,9 @@
 """MiCA, `init_lora_weights="mica"` (Minor Component Adaptation, arXiv:2604.01694).
 
 The update lives in the subspace the base weight uses least: B (out, r) holds the left singular vectors of W
-(out, in) with the r smallest singular values and never trains; A starts at zero and is the only trained factor.
-So B A = 0 at init (the base weight is left as it is), and forward and merging are those of plain LoRA.
-On embeddings W^T (dim, vocab) plays the linear weight: B (dim, r), A (r, vocab).
+(out, in) with the r smallest singular values and never trains; A starts at zero and is the only trained
+factor. So B A = 0 at init (the base weight is left as it is), and forward and merging are those of plain
+LoRA. On embeddings W^T (dim, vocab) plays the linear weight: B (dim, r), A (r, vocab).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ DECOMPOSABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _minor_directions(layer, name: str, w: torch.Tensor) -> torch.Tensor:
-    """U[:, -r:] of W = U S V^T (w: (out, in), any dtype): the r left singular vectors with the smallest values."""
+    """U[:, -r:] of W = U S V^T (w: (out, in), any dtype): the r left singular vectors with the smallest
+    values."""
     r, limit = layer.r[name], min(w.shape)
     if r > limit:
         raise ValueError(
             f"init_lora_weights='mica' needs r <= min(out, in) = {limit} for a layer whose weight is "
-            f"{tuple(layer.get_base_layer().weight.shape)}, got r={r}; lower r (rank_pattern can set it per layer)."
+            f"{tuple(layer.get_base_layer().weight.shape)}, got r={r}; lower r (rank_pattern "
+            "can set it per layer)."
         )
     u, _, _ = torch.linalg.svd(w.detach().to(torch.float32), full_matrices=False)
     return u[:, -r:]
@@ -29,7 +31,8 @@ def _minor_directions(layer, name: str, w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mica_init(layer, name: str) -> None:
-    """INIT_SCHEMES["mica"]: B from the minor left singular vectors of the base weight, A zero (base dtype)."""
+    """INIT_SCHEMES["mica"]: B from the minor left singular vectors of the base weight, A zero (base
+    dtype)."""
     weight = layer.get_base_layer().weight
     if weight.device.type == "meta":  # built empty, filled from a file later (as HF PEFT: no SVD then)
         return

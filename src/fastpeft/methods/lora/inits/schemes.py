@@ -31,7 +31,8 @@ def _init_random(layer, name: str) -> None:
 
 
 def _eva_deferred(layer, name: str) -> None:
-    """init_lora_weights='eva': B zero, A kept as built; initialize_lora_eva_weights (eva.py) writes A later."""
+    """init_lora_weights='eva': B zero, A kept as built; initialize_lora_eva_weights (eva.py) writes A
+    later."""
     nn.init.zeros_(layer.lora_weights(name)[1])
 
 
@@ -53,9 +54,10 @@ _loftq.takes_config = True  # SchemeTable.run passes the LoraConfig (loftq_confi
 
 # ---------------------------------------------------------------------------------------------- schemes
 def _pissa(layer, name: str, niter: int | None = None) -> None:
-    """PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation"): the adapter
-    holds the top-r singular triplets of W, split as B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, and the base
-    keeps W - s B A. `niter` set: the randomized SVD of Halko et al. (torch.svd_lowrank) with that many iterations.
+    """PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation"): the
+    adapter holds the top-r singular triplets of W, split as B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T,
+    and the base keeps W - s B A. `niter` set: the randomized SVD of Halko et al. (torch.svd_lowrank) with
+    that many iterations.
     """
     scheme = "pissa" if niter is None else f"pissa_niter_{niter}"
     weight = base_weight(layer, scheme)
@@ -84,7 +86,8 @@ def _olora(layer, name: str) -> None:
     check_decomposable(layer, name, weight, "olora")
     dtype, transposed, r, s = weight.dtype, is_transposed(layer), layer.r[name], layer.scaling[name]
     w = weight.to(torch.float32)
-    w = w.T if transposed else w  # (out, in); HF PEFT 0.21 skips this for Conv1D and builds mis-shaped factors
+    # (out, in); HF PEFT 0.21 skips this for Conv1D and builds mis-shaped factors
+    w = w.T if transposed else w
     q, rr = torch.linalg.qr(w.data)
     b, a = q[:, :r], rr[:r]
     set_factors(layer, name, a, b, dtype)
@@ -94,8 +97,9 @@ def _olora(layer, name: str) -> None:
 
 @torch.no_grad()
 def _orthogonal(layer, name: str) -> None:
-    """Orthogonal init (https://datta0.github.io/posts/rethink-lora-init/): A's rows come from the even rows of a
-    random orthogonal Q, B's columns from the odd ones, so B @ A = 0 at init while neither factor is zero.
+    """Orthogonal init (https://datta0.github.io/posts/rethink-lora-init/): A's rows come from the even rows
+    of a random orthogonal Q, B's columns from the odd ones, so B @ A = 0 at init while neither factor is
+    zero.
     """
     weight = base_weight(layer, "orthogonal")
     r = layer.r[name]
@@ -109,7 +113,8 @@ def _orthogonal(layer, name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- the table
 class SchemeTable(dict):
-    """The scheme table; a miss is looked up in `families` (full-match pattern -> factory(match) -> function)."""
+    """The scheme table; a miss is looked up in `families` (full-match pattern -> factory(match)
+    -> function)."""
 
     def __init__(self, fixed: dict, families: dict[str, tuple[str, object]]) -> None:
         super().__init__(fixed)
@@ -131,13 +136,14 @@ class SchemeTable(dict):
         return True
 
     def run(self, layer, name: str, config) -> None:
-        """Apply `config.init_lora_weights`' scheme to adapter `name`; schemes marked `takes_config` get config."""
+        """Apply `config.init_lora_weights`' scheme to adapter `name`; schemes marked `takes_config` get
+        config."""
         scheme = self[config.init_lora_weights]
         if layer.lora_weights(name)[0].is_meta:  # low_cpu_mem_usage: the factors' values come from the file
             if init_rewrites_base(config.init_lora_weights):
                 raise ValueError(
-                    f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight from the adapter's "
-                    "initial values, which low_cpu_mem_usage=True does not compute. Load with "
+                    f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight from the "
+                    "adapter's initial values, which low_cpu_mem_usage=True does not compute. Load with "
                     "low_cpu_mem_usage=False."
                 )
             return

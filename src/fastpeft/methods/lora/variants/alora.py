@@ -1,17 +1,19 @@
-"""Activated LoRA (aLoRA, `LoraConfig(alora_invocation_tokens=[...])`): the adapter is switched on by a prompt.
+"""Activated LoRA (aLoRA, `LoraConfig(alora_invocation_tokens=[...])`): the adapter is switched on by a
+prompt.
 
 Greenewald et al. 2025, "Activated LoRA: Fine-tuned LLMs for Intrinsics" (arXiv:2504.12397). An aLoRA adapter
-changes a linear layer only on the tokens from the last occurrence of its invocation token sequence onwards; every
-earlier token sees the base model, so the KV cache of the prefix is the base model's and can be shared.
+changes a linear layer only on the tokens from the last occurrence of its invocation token sequence onwards;
+every earlier token sees the base model, so the KV cache of the prefix is the base model's and can be shared.
 
 How the pieces fit:
 - per call, `call_context` (LoraModel's `Tuner.call_context` hook, run by `model_forward` / `model_generate`)
-  finds each row's offset, counted from the END of the row: offset = length - start of the last invocation match
-  (None: not found, the row uses the base model). The offsets travel to the layers through the generic
+  finds each row's offset, counted from the END of the row: offset = length - start of the last invocation
+  match (None: not found, the row uses the base model). The offsets travel to the layers through the generic
   `Tuner.forward_context` as {"alora_offsets": {adapter name: [offset of each row the adapter sees]}}.
 - `Alora.contribution` adds the LoRA update on the last `offset` positions of each row of the current input
   (clipped to its length): the whole suffix at prefill, the new token in cached decoding steps.
-Counting from the end makes left padding harmless. As in HF PEFT: linear layers only, no merging, no beam search.
+Counting from the end makes left padding harmless. As in HF PEFT: linear layers only, no merging, no beam
+search.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ CONTEXT_KEY = "alora_offsets"
 
 # ---------------------------------------------------------------------------------------------- config checks
 def invocation_tokens(config) -> list[int] | None:
-    """The adapter's invocation sequence, or None for a plain LoRA adapter (an empty list is off, as in HF PEFT)."""
+    """The adapter's invocation sequence, or None for a plain LoRA adapter (an empty list is off, as in HF
+    PEFT)."""
     tokens = getattr(config, OPTION, None)
     return list(tokens) if tokens else None
 
@@ -45,9 +48,9 @@ def check_config(config, refuse_combinations) -> None:
                          "use tokenizer.encode(invocation_string, add_special_tokens=False).")
     refuse_combinations(config)
     if getattr(config, "task_type", None) != "CAUSAL_LM":
-        warnings.warn("aLoRA is meant for task_type='CAUSAL_LM'. fastpeft finds the invocation tokens in input_ids "
-                      "for any task; HF PEFT only for CAUSAL_LM models (elsewhere its aLoRA adapter stays off unless "
-                      "alora_offsets are passed).", UserWarning, stacklevel=2)
+        warnings.warn("aLoRA is meant for task_type='CAUSAL_LM'. fastpeft finds the invocation tokens in "
+                      "input_ids for any task; HF PEFT only for CAUSAL_LM models (elsewhere its aLoRA "
+                      "adapter stays off unless alora_offsets are passed).", UserWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------- the variant
@@ -58,8 +61,8 @@ class Alora(LoraVariant):
         a = layer.lora_weights(name)[0]
         x = layer.cast_input(x, a.dtype)
         if x.dim() not in (2, 3):
-            raise ValueError(f"aLoRA expects inputs of shape (batch, features) or (batch, tokens, features); got "
-                             f"{tuple(x.shape)} at a layer of adapter '{name}'.")
+            raise ValueError("aLoRA expects inputs of shape (batch, features) or (batch, tokens, features); "
+                             f"got {tuple(x.shape)} at a layer of adapter '{name}'.")
         rows, steps = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
         counts = active_counts(layer_offsets(layer, name), rows, steps)
         if steps and all(c == steps for c in counts):  # every token active (e.g. a cached decoding step)
@@ -74,9 +77,9 @@ class Alora(LoraVariant):
 
     def merged_weight(self, layer, name):
         raise NotImplementedError(
-            f"Adapter '{name}' is an aLoRA adapter (alora_invocation_tokens): it acts only on tokens after the "
-            "invocation sequence, which no merged weight can express, so it cannot be merged (as in HF PEFT). "
-            "Keep it unmerged, or use unload() to remove it.")
+            f"Adapter '{name}' is an aLoRA adapter (alora_invocation_tokens): it acts only on tokens after "
+            "the invocation sequence, which no merged weight can express, so it cannot be merged (as in HF "
+            "PEFT). Keep it unmerged, or use unload() to remove it.")
 
     def unmerged_weight(self, layer, name):
         return self.merged_weight(layer, name)
@@ -93,8 +96,9 @@ def active_counts(offsets: list[int | None] | None, rows: int, steps: int) -> li
     if offsets is None:  # no offsets for this call: the adapter is off (as HF PEFT)
         return [0] * rows
     if len(offsets) != rows:
-        raise ValueError(f"aLoRA got {len(offsets)} offsets for a batch of {rows} rows; pass one alora_offsets "
-                         "entry per row of input_ids (None for rows without the invocation sequence).")
+        raise ValueError(
+            f"aLoRA got {len(offsets)} offsets for a batch of {rows} rows; pass one alora_offsets "
+            "entry per row of input_ids (None for rows without the invocation sequence).")
     return [0 if o is None else max(0, min(int(o), steps)) for o in offsets]
 
 
@@ -113,7 +117,8 @@ def picked_tokens(layer, name: str, counts: list[int], steps: int, device) -> to
 
 # ---------------------------------------------------------------------------------------------- offsets
 def find_offsets(input_ids: torch.Tensor, tokens: list[int]) -> list[int | None]:
-    """Per row: length - start of the last occurrence of `tokens` in input_ids (batch, length); None if absent."""
+    """Per row: length - start of the last occurrence of `tokens` in input_ids (batch, length); None if
+    absent."""
     length, k = input_ids.shape[-1], len(tokens)
     if length < k:
         return [None] * input_ids.shape[0]
@@ -125,7 +130,8 @@ def find_offsets(input_ids: torch.Tensor, tokens: list[int]) -> list[int | None]
 
 
 def _rows_per_adapter(tuner, rows: int, adapter_names: list[str] | None) -> dict[str, list[int]]:
-    """aLoRA adapter -> the batch rows it runs on (all rows for active adapters; by adapter_names if given)."""
+    """aLoRA adapter -> the batch rows it runs on (all rows for active adapters; by adapter_names if
+    given)."""
     if adapter_names is None:
         names = [n for n in tuner.active_adapters if invocation_tokens(tuner.peft_config.get(n))]
         return {n: list(range(rows)) for n in names}
@@ -153,7 +159,8 @@ def call_context(tuner, args, kwargs: dict, adapter_names: list[str] | None, cop
     """
     explicit = kwargs.pop(CONTEXT_KEY, None)
     ids = _input_ids(args, kwargs)
-    rows = len(adapter_names) if adapter_names is not None else (None if ids is None else ids.shape[0] * copies)
+    rows = (len(adapter_names) if adapter_names is not None
+            else (None if ids is None else ids.shape[0] * copies))
     if rows is None:
         rows = len(explicit) * copies if explicit is not None else 0
     per_adapter = _rows_per_adapter(tuner, rows, adapter_names)
@@ -164,9 +171,9 @@ def call_context(tuner, args, kwargs: dict, adapter_names: list[str] | None, cop
         full = [o for o in explicit for _ in range(copies)]
         return _context({n: [full[i] for i in idx] for n, idx in per_adapter.items()})
     if ids is None:
-        warnings.warn("Cannot find aLoRA invocation tokens without input_ids (only inputs_embeds given): the aLoRA "
-                      "adapters stay off for this call. Pass input_ids, or alora_offsets=[...] per row.",
-                      UserWarning, stacklevel=3)
+        warnings.warn("Cannot find aLoRA invocation tokens without input_ids (only inputs_embeds given): the "
+                      "aLoRA adapters stay off for this call. Pass input_ids, or "
+                      "alora_offsets=[...] per row.", UserWarning, stacklevel=3)
         return {CONTEXT_KEY: {}}
     ids = ids.repeat_interleave(copies, 0) if copies > 1 else ids
     if ids.shape[0] != rows:
@@ -176,28 +183,29 @@ def call_context(tuner, args, kwargs: dict, adapter_names: list[str] | None, cop
 
 
 def _context(offsets: dict[str, list[int | None]]) -> dict:
-    return {CONTEXT_KEY: offsets, CONTEXT_KEY + "_picked": {}}  # the second: token indices, filled by the layers
+    # the second: token indices, filled by the layers
+    return {CONTEXT_KEY: offsets, CONTEXT_KEY + "_picked": {}}
 
 
 def _adapter_offsets(tuner, name: str, ids: torch.Tensor) -> list[int | None]:
     offsets = find_offsets(ids, invocation_tokens(tuner.peft_config[name]))
     missing = [i for i, o in enumerate(offsets) if o is None]
     if missing:  # HF PEFT says nothing here; the row silently runs as the base model
-        warnings.warn(f"aLoRA adapter '{name}': invocation tokens {invocation_tokens(tuner.peft_config[name])} not "
-                      f"found in {len(missing)} of its {len(offsets)} rows; those rows use the base model.",
-                      UserWarning, stacklevel=4)
+        warnings.warn(f"aLoRA adapter '{name}': invocation tokens "
+                      f"{invocation_tokens(tuner.peft_config[name])} not found in {len(missing)} of its "
+                      f"{len(offsets)} rows; those rows use the base model.", UserWarning, stacklevel=4)
     return offsets
 
 
 def _refuse_unsupported_call(tuner, kwargs: dict) -> None:
     beams = kwargs.get("num_beams")
     if isinstance(beams, int) and beams > 1:
-        raise ValueError("Beam search (num_beams > 1) is not supported with aLoRA adapters (as in HF PEFT); use "
-                         "greedy or sampling generation.")
+        raise ValueError("Beam search (num_beams > 1) is not supported with aLoRA adapters (as in HF PEFT); "
+                         "use greedy or sampling generation.")
     if not (tuner.model.training and torch.is_grad_enabled()):
         return
     if any(getattr(m, "gradient_checkpointing", False) is True for m in tuner.model.modules()):
         raise NotImplementedError(
-            "aLoRA with gradient checkpointing is not supported by fastpeft yet: the recomputed forward in backward "
-            "would not see the invocation offsets. Disable gradient checkpointing (model."
+            "aLoRA with gradient checkpointing is not supported by fastpeft yet: the recomputed forward in "
+            "backward would not see the invocation offsets. Disable gradient checkpointing (model."
             "gradient_checkpointing_disable()) to train an aLoRA adapter.")

@@ -1,16 +1,16 @@
 """Arrow: per-token routing over a library of trained LoRA experts (HF PEFT 0.21's `arrow_config`).
 
 Arrow (Ostapenko et al. 2024, "Towards Modular LLMs by Building and Reusing a Library of LoRAs")
-gives every expert a prototype: the top right-singular vector of its update B A, a direction in the layer's input
-space. A token x is scored against expert e by |<x, p_e>| (the sign of a singular vector is arbitrary), the top_k
-scores go through a softmax with temperature T, and the layer adds sum_e c_e(x) * s_e * B_e A_e x.
+gives every expert a prototype: the top right-singular vector of its update B A, a direction in the layer's
+input space. A token x is scored against expert e by |<x, p_e>| (the sign of a singular vector is arbitrary),
+the top_k scores go through a softmax with temperature T, and the layer adds sum_e c_e(x) * s_e * B_e A_e x.
 
 GenKnowSub (Bagherifard et al. 2025, "GenKnowSub: Improving Modularity and Reusability of LLMs through General
-Knowledge Subtraction", ACL short) first subtracts the mean of some "general knowledge" adapters from each task
-expert: A_e -= mean(A_g), B_e -= mean(B_g), once, in place, before the prototypes are computed.
+Knowledge Subtraction", ACL short) first subtracts the mean of some "general knowledge" adapters from each
+task expert: A_e -= mean(A_g), B_e -= mean(B_g), once, in place, before the prototypes are computed.
 
-The router is an ordinary LoRA adapter (its own A and B are saved but never used) whose variant reads the experts
-that sit beside it in the same layer. `create_arrow_model` builds such a model from adapter folders.
+The router is an ordinary LoRA adapter (its own A and B are saved but never used) whose variant reads the
+experts that sit beside it in the same layer. `create_arrow_model` builds such a model from adapter folders.
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ class ArrowConfig:
     """Settings of the Arrow router (HF PEFT 0.21's field names and defaults).
 
     top_k: experts mixed per token. router_temperature: softmax temperature of their scores. use_gks: apply
-    GenKnowSub with the adapters in gks_adapter_names. rng_seed: seed of the power iteration's start vector (None:
-    torch's global generator). task_adapter_names / gks_adapter_names are filled in by `create_arrow_model`; they are
-    written to adapter_config.json but, as in HF PEFT, not read back from it.
+    GenKnowSub with the adapters in gks_adapter_names. rng_seed: seed of the power iteration's start vector
+    (None: torch's global generator). task_adapter_names / gks_adapter_names are filled in by
+    `create_arrow_model`; they are written to adapter_config.json but, as in HF PEFT, not read back from it.
     """
 
     top_k: int = field(default=3, metadata={"help": "Experts mixed per token."})
-    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the expert scores."})
-    use_gks: bool = field(default=False, metadata={"help": "Subtract general-knowledge adapters (GenKnowSub)."})
+    router_temperature: float = field(default=1.0,
+                                      metadata={"help": "Softmax temperature of the expert scores."})
+    use_gks: bool = field(default=False,
+                          metadata={"help": "Subtract general-knowledge adapters (GenKnowSub)."})
     task_adapter_names: list[str] | None = field(default=None, init=False, metadata={
         "help": "The expert adapters; set by create_arrow_model()."})
     gks_adapter_names: list[str] | None = field(default=None, init=False, metadata={
@@ -68,16 +70,19 @@ register_coercion("arrow_config", ArrowConfig)  # a file's dict keeps only the c
 
 
 def arrow_check(config) -> None:
-    """variant_table check: Arrow mixes plain LoRA experts, so it takes no other variant (HF PEFT refuses too)."""
+    """variant_table check: Arrow mixes plain LoRA experts, so it takes no other variant (HF PEFT refuses
+    too)."""
     if getattr(config, "use_dora", False):
-        raise ValueError("arrow_config cannot be combined with use_dora=True (as in HF PEFT); turn one of them off.")
+        raise ValueError(
+            "arrow_config cannot be combined with use_dora=True (as in HF PEFT); turn one of them off.")
 
 
 # ---------------------------------------------------------------------------------------------- the router
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor, seed: int | None) -> torch.Tensor:
     """Unit top right-singular vector of B A (in,), by power iteration on A^T (B^T B) A without forming B A.
 
-    Float32 throughout; the start vector is drawn from a generator seeded with `seed` (torch's global one if None).
+    Float32 throughout; the start vector is drawn from a generator seeded with `seed` (torch's global one if
+    None).
     """
     a, b = a.detach().float(), b.detach().float()
     gram = b.T @ b  # (r, r)
@@ -94,11 +99,13 @@ def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor, seed: int | None
 
 
 class ArrowRouter(LoraVariant):
-    """The Arrow variant on a linear layer: one instance per (layer, router adapter), holding the routing state.
+    """The Arrow variant on a linear layer: one instance per (layer, router adapter), holding the routing
+    state.
 
     The experts are the layer's other adapters, minus general-knowledge ones (gks_<i> or listed in
-    gks_adapter_names) and other Arrow routers. The set is re-read before each forward; experts added after the
-    router join (and get GenKnowSub if it already ran), and prototypes are recomputed when the set changes.
+    gks_adapter_names) and other Arrow routers. The set is re-read before each forward; experts added after
+    the router join (and get GenKnowSub if it already ran), and prototypes are recomputed when the set
+    changes.
     """
 
     def __init__(self, config) -> None:
@@ -116,13 +123,14 @@ class ArrowRouter(LoraVariant):
     def init(self, layer, name):
         if self.experts is None:
             raise ValueError(
-                f"Arrow router '{name}': arrow_config.task_adapter_names is not set (it is not read back from "
-                "adapter_config.json, as in HF PEFT). Build Arrow models with create_arrow_model(base_model, "
-                "task_specific_adapter_paths, arrow_config), which loads the experts and sets it.")
+                f"Arrow router '{name}': arrow_config.task_adapter_names is not set (it is not read back "
+                "from adapter_config.json, as in HF PEFT). Build Arrow models with "
+                "create_arrow_model(base_model, task_specific_adapter_paths, arrow_config), which loads the "
+                "experts and sets it.")
         if self.use_gks and not self.general:
             raise ValueError(
-                f"Arrow router '{name}': use_gks=True needs general-knowledge adapters (gks_adapter_names); pass "
-                "general_adapter_paths to create_arrow_model or set use_gks=False.")
+                f"Arrow router '{name}': use_gks=True needs general-knowledge adapters (gks_adapter_names); "
+                "pass general_adapter_paths to create_arrow_model or set use_gks=False.")
         self.sync_experts(layer, name)
 
     def contribution(self, layer, name, x, result):
@@ -134,8 +142,9 @@ class ArrowRouter(LoraVariant):
         return self.route(layer, name, x)
 
     def merged_weight(self, layer, name):
-        raise RuntimeError(f"Cannot merge the Arrow router '{name}': it mixes experts per token, so no single weight "
-                           "stands for it (as in HF PEFT). Delete the router adapter first, or keep it unmerged.")
+        raise RuntimeError(
+            f"Cannot merge the Arrow router '{name}': it mixes experts per token, so no single weight "
+            "stands for it (as in HF PEFT). Delete the router adapter first, or keep it unmerged.")
 
     def unmerged_weight(self, layer, name):
         raise RuntimeError(f"Cannot unmerge the Arrow router '{name}': it is never merged (as in HF PEFT).")
@@ -158,15 +167,17 @@ class ArrowRouter(LoraVariant):
 
     def check_layer(self, layer, name) -> None:
         if not self.experts:
-            raise ValueError(f"Arrow router '{name}' has no expert adapters on this layer; load the task adapters "
-                             "first (create_arrow_model does).")
+            raise ValueError(f"Arrow router '{name}' has no expert adapters on this layer; load the task "
+                             "adapters first (create_arrow_model does).")
         if self.top_k > len(self.experts):
-            raise ValueError(f"ArrowConfig.top_k={self.top_k} exceeds the {len(self.experts)} expert adapters of "
-                             f"router '{name}' ({self.experts}); lower top_k or load more task adapters.")
+            raise ValueError(
+                f"ArrowConfig.top_k={self.top_k} exceeds the {len(self.experts)} expert adapters of "
+                f"router '{name}' ({self.experts}); lower top_k or load more task adapters.")
         missing = [n for n in self.general if n not in layer.lora_A]
         if self.use_gks and missing:
-            raise ValueError(f"Arrow router '{name}': general-knowledge adapters {missing} are not on this layer; "
-                             "load them (create_arrow_model's general_adapter_paths) or set use_gks=False.")
+            raise ValueError(
+                f"Arrow router '{name}': general-knowledge adapters {missing} are not on this layer; "
+                "load them (create_arrow_model's general_adapter_paths) or set use_gks=False.")
 
     # -------- GenKnowSub and prototypes
     @torch.no_grad()
@@ -198,7 +209,8 @@ class ArrowRouter(LoraVariant):
         coeff = self.coefficients(tokens, protos)  # (t, E)
         a = torch.stack([layer.lora_A[n].weight for n in self.experts])  # (E, r, in)
         b = torch.stack([layer.lora_B[n].weight for n in self.experts])  # (E, out, r)
-        scales = torch.tensor([layer.scaling[n] for n in self.experts], device=tokens.device, dtype=tokens.dtype)
+        scales = torch.tensor([layer.scaling[n] for n in self.experts], device=tokens.device,
+                              dtype=tokens.dtype)
         low = torch.einsum("ti,eri->ter", tokens, a)
         per_expert = torch.einsum("ter,eor->teo", low, b) * scales.view(1, -1, 1)
         delta = torch.einsum("te,teo->to", coeff, per_expert)
@@ -213,7 +225,7 @@ class ArrowRouter(LoraVariant):
         return torch.softmax(masked / self.temperature, dim=1)
 
 
-# ---------------------------------------------------------------------------------------------- building a model
+# ------------------------------------------------------------------------------------------- building a model
 def lora_layers_with(model, names: list[str]):
     """(module name, layer, adapter) for every LoRA layer of `model` that holds one of `names`."""
     for mod_name, module in model.named_modules():
@@ -226,39 +238,45 @@ def lora_layers_with(model, names: list[str]):
 
 
 def check_compatible_experts(model, names: list[str]) -> tuple[list[str], int]:
-    """All adapters must share one rank and adapt the same modules with the same shapes (the router stacks them).
+    """All adapters must share one rank and adapt the same modules with the same shapes (the router stacks
+    them).
 
     Returns (sorted last components of the adapted module names: the router's target_modules, the rank).
     """
     layout: dict[str, dict[str, tuple]] = {n: {} for n in names}
     for mod_name, module, name in lora_layers_with(model, names):
-        layout[name][mod_name] = (tuple(module.lora_A[name].weight.shape), tuple(module.lora_B[name].weight.shape))
+        layout[name][mod_name] = (tuple(module.lora_A[name].weight.shape),
+                                  tuple(module.lora_B[name].weight.shape))
     ref_name, ref = names[0], layout[names[0]]
     ranks = {n: {a[0] for a, _ in lay.values()} for n, lay in layout.items()}
     for name in names[1:]:
         if ranks[name] != ranks[ref_name] or len(ranks[name]) != 1:
-            raise ValueError(f"Arrow needs one LoRA rank for all adapters: '{name}' has r={sorted(ranks[name])}, "
-                             f"'{ref_name}' has r={sorted(ranks[ref_name])}. Retrain or pick adapters of one rank.")
+            raise ValueError(
+                f"Arrow needs one LoRA rank for all adapters: '{name}' has r={sorted(ranks[name])}, "
+                f"'{ref_name}' has r={sorted(ranks[ref_name])}. Retrain or pick adapters of one rank.")
         if set(layout[name]) != set(ref):
             raise ValueError(f"Arrow needs all adapters on the same modules: '{name}' adapts "
-                             f"{sorted(layout[name])}, '{ref_name}' adapts {sorted(ref)} (target_modules differ).")
+                             f"{sorted(layout[name])}, '{ref_name}' adapts {sorted(ref)} "
+                             "(target_modules differ).")
         diff = [m for m in ref if layout[name][m] != ref[m]]
         if diff:
             raise ValueError(f"Arrow needs equal LoRA shapes: '{name}' differs from '{ref_name}' on {diff} "
                              f"({layout[name][diff[0]]} vs {ref[diff[0]]}).")
     if not ref:
-        raise ValueError(f"Adapter '{ref_name}' adapts no LoRA module of the model; Arrow has nothing to route.")
+        raise ValueError(
+            f"Adapter '{ref_name}' adapts no LoRA module of the model; Arrow has nothing to route.")
     return sorted({m.rsplit(".", 1)[-1] for m in ref}), next(iter(ranks[ref_name]))
 
 
 def check_linear_only(model, names: list[str]) -> None:
-    """Arrow routes linear layers only (nn.Linear, nn.Conv1d, transformers' Conv1D, bitsandbytes' Linear4bit)."""
+    """Arrow routes linear layers only (nn.Linear, nn.Conv1d, transformers' Conv1D, bitsandbytes'
+    Linear4bit)."""
     offenders = [f"adapter '{name}' on '{mod_name}' ({type(module.get_base_layer()).__name__})"
                  for mod_name, module, name in lora_layers_with(model, names)
                  if not _is_linear_like(module.get_base_layer())]
     if offenders:
-        raise TypeError("Arrow experts must only adapt linear layers (nn.Linear, nn.Conv1d, transformers' Conv1D, "
-                        "bitsandbytes' Linear4bit); leave the others out of target_modules. Found: "
+        raise TypeError("Arrow experts must only adapt linear layers (nn.Linear, nn.Conv1d, transformers' "
+                        "Conv1D, bitsandbytes' Linear4bit); leave the others out of target_modules. Found: "
                         + "; ".join(offenders))
 
 
@@ -267,8 +285,9 @@ def _warn_unrouted(model, names: list[str]) -> None:
     unrouted = sorted({mod_name for mod_name, module in model.named_modules()
                        for name in names if name in getattr(module, "lora_embedding_A", {})})
     if unrouted:
-        logger.warning("Arrow routes linear layers only: the experts' LoRA on %s is loaded but not used (as in HF "
-                       "PEFT); leave embeddings out of the experts' target_modules to silence this.", unrouted)
+        logger.warning("Arrow routes linear layers only: the experts' LoRA on %s is loaded but not used (as "
+                       "in HF PEFT); leave embeddings out of the experts' target_modules to silence this.",
+                       unrouted)
 
 
 def _is_linear_like(module) -> bool:
@@ -282,7 +301,8 @@ def _adapter_source(path: str) -> tuple[str, str | None]:
     """(model_id, subfolder) of an adapter path: a local folder, "user/repo" or "user/repo/sub/folder"."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise ValueError(f"Local adapter path '{path}' has no adapter_config.json; pass an adapter folder.")
+            raise ValueError(
+                f"Local adapter path '{path}' has no adapter_config.json; pass an adapter folder.")
         return path, None
     parts = path.strip("/").split("/")
     if len(parts) > 2:
@@ -298,7 +318,8 @@ def _load_kwargs(path: str, adapter_kwargs: dict[str, Any]) -> tuple[str, dict[s
     return model_id, kwargs
 
 
-def _load_group(model, paths: list[str], prefix: str, adapter_kwargs: dict[str, Any], start: int = 0) -> list[str]:
+def _load_group(model, paths: list[str], prefix: str, adapter_kwargs: dict[str, Any],
+                start: int = 0) -> list[str]:
     names = []
     for i, path in enumerate(paths, start):
         model_id, kwargs = _load_kwargs(path, adapter_kwargs)
@@ -311,26 +332,28 @@ def create_arrow_model(base_model, task_specific_adapter_paths: list[str], arrow
                        general_adapter_paths: list[str] | None = None, **adapter_kwargs: Any):
     """A PeftModel routing `base_model` through the given LoRA experts with Arrow (HF PEFT's signature).
 
-    The experts load as task_0, task_1, ... (general-knowledge adapters, for use_gks=True, as gks_0, ...), and a
-    router adapter "arrow_router" (same rank and target modules) is added and activated. `adapter_kwargs` go to
-    every load (e.g. subfolder, revision, torch_device). Sets arrow_config.task_adapter_names / gks_adapter_names.
+    The experts load as task_0, task_1, ... (general-knowledge adapters, for use_gks=True, as gks_0, ...), and
+    a router adapter "arrow_router" (same rank and target modules) is added and activated. `adapter_kwargs` go
+    to every load (e.g. subfolder, revision, torch_device). Sets arrow_config.task_adapter_names
+    / gks_adapter_names.
     """
     if not task_specific_adapter_paths:
-        raise ValueError("task_specific_adapter_paths should contain at least one adapter path (an Arrow expert).")
+        raise ValueError(
+            "task_specific_adapter_paths should contain at least one adapter path (an Arrow expert).")
     if arrow_config.use_gks and not general_adapter_paths:
         raise ValueError("use_gks=True (GenKnowSub) needs general_adapter_paths: the general-knowledge LoRA "
                          "adapters to subtract; pass them or set use_gks=False.")
     first_id, first_kwargs = _load_kwargs(task_specific_adapter_paths[0], adapter_kwargs)
     model = PeftModel.from_pretrained(base_model, first_id, adapter_name=f"{TASK_PREFIX}0", **first_kwargs)
-    tasks = [f"{TASK_PREFIX}0"] + _load_group(model, task_specific_adapter_paths[1:], TASK_PREFIX, adapter_kwargs,
-                                              start=1)
+    tasks = [f"{TASK_PREFIX}0"] + _load_group(model, task_specific_adapter_paths[1:], TASK_PREFIX,
+                                              adapter_kwargs, start=1)
     general = []
     if arrow_config.use_gks:
         general = _load_group(model, list(general_adapter_paths), GKS_PREFIX, adapter_kwargs)
     arrow_config.task_adapter_names, arrow_config.gks_adapter_names = tasks, general
     if arrow_config.top_k > len(tasks):
-        raise ValueError(f"ArrowConfig.top_k={arrow_config.top_k} exceeds the {len(tasks)} task adapters; lower "
-                         "top_k or pass more task_specific_adapter_paths.")
+        raise ValueError(f"ArrowConfig.top_k={arrow_config.top_k} exceeds the {len(tasks)} task adapters; "
+                         "lower top_k or pass more task_specific_adapter_paths.")
     check_linear_only(model, tasks + general)
     _warn_unrouted(model, tasks + general)
     target_modules, r = check_compatible_experts(model, tasks + general)

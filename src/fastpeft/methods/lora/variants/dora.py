@@ -19,7 +19,8 @@ CANCELLATION = 1e-2
 
 def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
              w_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """||W_o + s (B A)_o||_2 for every row o, in the factored form; w (out, n), b (out, r), a (r, n) -> (out,).
+    """||W_o + s (B A)_o||_2 for every row o, in the factored form; w (out, n), b (out, r), a (r, n)
+    -> (out,).
 
     ||W_o + s B_o A||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T, so only (out, r) and (r, r)
     products are formed, never an (out, n) one. `w_sq` is ||W_o||^2 (cached by the caller for a frozen W).
@@ -34,7 +35,8 @@ def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
         w_sq = w.square().sum(1)  # (out,)
     lora_sq = ((b @ (a @ a.T)) * b).sum(1) * (s * s)  # (out,)
     sq = w_sq + 2 * s * (b * wa).sum(1) + lora_sq
-    bad = sq < CANCELLATION * (w_sq + lora_sq)  # W_o and s (BA)_o nearly cancel: fp error is no longer relative
+    # W_o and s (BA)_o nearly cancel: fp error is no longer relative
+    bad = sq < CANCELLATION * (w_sq + lora_sq)
     if torch.compiler.is_compiling():  # no data-dependent Python branch in a graph: torch.cond instead
         sq = torch.cond(bad.any(), _exact_where, _unchanged, (sq, bad, w, b, a, torch.tensor(s, dtype=dtype)))
     elif bool(bad.any()):
@@ -45,7 +47,8 @@ def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
 
 
 def _exact_where(sq, bad, w, b, a, s):
-    """`sq` with the rows in `bad` replaced by ||W_o + s (B A)_o||^2 computed directly (all rows: no gather)."""
+    """`sq` with the rows in `bad` replaced by ||W_o + s (B A)_o||^2 computed directly (all rows: no
+    gather)."""
     return torch.where(bad, (w + s * (b @ a)).square().sum(1), sq)
 
 
@@ -95,14 +98,16 @@ class Dora(LoraVariant):
 
     # -------- hooks
     def init(self, layer, name):
-        if layer.lora_weights(name)[0].is_meta:  # low_cpu_mem_usage: m comes from the file, only its size here
+        # low_cpu_mem_usage: m comes from the file, only its size here
+        if layer.lora_weights(name)[0].is_meta:
             rows = self.factors(layer, name, layer.get_base_layer().weight)[0].shape[0]
             norm = torch.empty(rows, dtype=torch.float32, device="meta")
         else:
             with torch.no_grad():
                 norm = self.weight_norm(layer, name)  # m starts at ||W + s B A||_row: identity at init
         shape = self.magnitude_shape(layer, norm.shape[0])
-        layer.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
+        layer.lora_magnitude_vector[name] = nn.Parameter(
+            norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
 
     def magnitude_shape(self, layer, out: int) -> tuple[int, ...]:
         return (out,)

@@ -2,10 +2,10 @@
 Large Language Models", arXiv:2412.06071).
 
 Two changes to LoRA on a linear layer W (out, in), k = min(out, in):
-1. at init the base weight loses its r smallest singular components, W <- U_{k-r} S_{k-r} V_{k-r}^T (section 3.1;
-   destructive: unloading keeps the truncated weight, as in HF PEFT);
-2. the update is written in SVD form, dW = s B diag(d) A, with a trained vector d = `lora_diag` (r,) between the
-   factors (section 3.2). B starts at zero, so dW = 0 at init; d starts N(0, 1).
+1. at init the base weight loses its r smallest singular components, W <- U_{k-r} S_{k-r} V_{k-r}^T (section
+   3.1; destructive: unloading keeps the truncated weight, as in HF PEFT);
+2. the update is written in SVD form, dW = s B diag(d) A, with a trained vector d = `lora_diag` (r,) between
+   the factors (section 3.2). B starts at zero, so dW = 0 at init; d starts N(0, 1).
 The paper's regularisers (eq. 9-11), beta ||d||^2 + gamma (||B^T B - I||_F + ||A A^T - I||_F), are returned by
 `kasa_loss` for the caller to add to the task loss.
 """
@@ -25,7 +25,8 @@ from .base import AdditiveMerge
 class KasaConfig:
     """KaSA's regulariser weights (HF PEFT 0.21's names and defaults); used only by `kasa_loss`."""
 
-    beta: float = field(default=1e-4, metadata={"help": "Weight of the L2 penalty sum(lora_diag ** 2) (eq. 9-10)."})
+    beta: float = field(default=1e-4,
+                        metadata={"help": "Weight of the L2 penalty sum(lora_diag ** 2) (eq. 9-10)."})
     gamma: float = field(default=1e-3, metadata={
         "help": "Weight of the orthogonality penalty ||B^T B - I||_F + ||A A^T - I||_F (eq. 11)."})
 
@@ -43,13 +44,14 @@ def uses_kasa(config) -> bool:
 
 
 def check_new_adapter(peft_config: dict, config) -> None:
-    """Refuse mixing KaSA and non-KaSA adapters in one model (the truncated base serves only KaSA), as HF PEFT."""
+    """Refuse mixing KaSA and non-KaSA adapters in one model (the truncated base serves only KaSA), as HF
+    PEFT."""
     for name, other in peft_config.items():
         if other is not config and uses_kasa(other) != uses_kasa(config):
             raise ValueError(
-                f"KaSA truncates the base weights, so KaSA and non-KaSA adapters cannot share a model: the new adapter "
-                f"{'uses' if uses_kasa(config) else 'does not use'} kasa_config but adapter '{name}' "
-                f"{'does not' if uses_kasa(config) else 'does'}. Load them into separate models."
+                "KaSA truncates the base weights, so KaSA and non-KaSA adapters cannot share a model: the "
+                f"new adapter {'uses' if uses_kasa(config) else 'does not use'} kasa_config but adapter "
+                f"'{name}' {'does not' if uses_kasa(config) else 'does'}. Load them into separate models."
             )
 
 
@@ -60,23 +62,27 @@ def truncate_minor_components(layer, r: int) -> None:
     keep = min(weight.shape) - r
     if keep < 1:
         raise ValueError(
-            f"kasa_config needs r < min(out_features, in_features) = {min(weight.shape)} so that part of the base "
-            f"weight {tuple(weight.shape)} survives the truncation, got r={r}; lower r (rank_pattern can set it).")
+            f"kasa_config needs r < min(out_features, in_features) = {min(weight.shape)} so that part of the "
+            f"base weight {tuple(weight.shape)} survives the truncation, got r={r}; lower r "
+            "(rank_pattern can set it).")
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
     weight.data = ((u[:, :keep] * s[:keep]) @ vh[:keep]).to(weight.dtype)
 
 
 class Kasa(AdditiveMerge):
-    """KaSA on nn.Linear: output base(x) + s B (d * A dropout(x)); the layer gains `lora_diag` (a ParameterDict)."""
+    """KaSA on nn.Linear: output base(x) + s B (d * A dropout(x)); the layer gains `lora_diag` (a
+    ParameterDict)."""
 
     def init(self, layer, name):
         if layer.fan_in_fan_out:
-            raise ValueError("kasa_config does not support fan_in_fan_out layers such as transformers' Conv1D (as HF "
-                             "PEFT); target nn.Linear modules only.")
+            raise ValueError("kasa_config does not support fan_in_fan_out layers such as transformers' "
+                             "Conv1D (as HF PEFT); target nn.Linear modules only.")
         if not hasattr(layer, "lora_diag"):
             layer.lora_diag = nn.ParameterDict()
-            layer.adapter_param_names = (*layer.adapter_param_names, "lora_diag")  # trained and saved per adapter
-        weight = layer.get_base_layer().weight  # drawn in its dtype (HF PEFT's values); placement casts it later
+            # trained and saved per adapter
+            layer.adapter_param_names = (*layer.adapter_param_names, "lora_diag")
+        # drawn in its dtype (HF PEFT's values); placement casts it later
+        weight = layer.get_base_layer().weight
         dtype = weight.dtype if weight.is_floating_point() else layer.lora_weights(name)[0].dtype
         layer.lora_diag[name] = nn.Parameter(torch.randn(layer.r[name], device=weight.device, dtype=dtype))
         truncate_minor_components(layer, layer.r[name])
@@ -105,7 +111,8 @@ def layer_loss(layer, name: str, beta: float, gamma: float) -> torch.Tensor:
 
 
 def kasa_loss(model: nn.Module, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
-    """The KaSA regularisers summed over layers and adapters (default: the active ones); 0.0 without KaSA layers.
+    """The KaSA regularisers summed over layers and adapters (default: the active ones); 0.0 without KaSA
+    layers.
 
     HF PEFT's `LoraModel._get_kasa_loss`; `model` is a PeftModel or LoraModel (anything with `peft_config`).
     """

@@ -1,8 +1,8 @@
 """Which LoRA variant an adapter uses: one row per variant, checked in order; the first active row wins.
 
-A row names the LoraConfig option that turns it on (for messages), a predicate over the config, the variant class
-per layer kind (a kind missing from a row does not support the variant, as in HF PEFT) and an optional check of
-the config that refuses combinations the variant cannot take. Variants live in their own modules.
+A row names the LoraConfig option that turns it on (for messages), a predicate over the config, the variant
+class per layer kind (a kind missing from a row does not support the variant, as in HF PEFT) and an optional
+check of the config that refuses combinations the variant cannot take. Variants live in their own modules.
 """
 
 from __future__ import annotations
@@ -59,16 +59,18 @@ VARIANTS: list[VariantRow] = [
     VariantRow("monteclora_config", lambda c: getattr(c, "monteclora_config", None) is not None,
                {"linear": Monteclora}, lambda c: alone("monteclora_config", c)),
     VariantRow("use_dora", lambda c: bool(getattr(c, "use_dora", False)),
-               {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv, "bnb-linear": DoraQuant}, _dora_check),
+               {"linear": Dora, "embedding": DoraEmbedding, "conv": DoraConv, "bnb-linear": DoraQuant},
+               _dora_check),
 ]
 
 
 def alone(option: str, config) -> None:
-    """Refuse other active variants and target_parameters next to `option` (HF PEFT has no such combination)."""
+    """Refuse other active variants and target_parameters next to `option` (HF PEFT has no such
+    combination)."""
     others = [row.option for row in VARIANTS if row.option != option and row.active(config)]
     if others:
-        raise ValueError(f"{option} cannot be combined with {others} (HF PEFT has no such combined LoRA variant); "
-                         "turn one of them off.")
+        raise ValueError(f"{option} cannot be combined with {others} (HF PEFT has no such combined LoRA "
+                         "variant); turn one of them off.")
     if getattr(config, "target_parameters", None):
         raise ValueError(f"{option} does not work with target_parameters (LoRA on bare parameters takes no "
                          "variants, as in HF PEFT); adapt modules via target_modules instead.")
@@ -84,14 +86,15 @@ def active_option(config) -> str | None:
 
 
 def choose(kind: str, config) -> LoraVariant | None:
-    """The variant the config asks for on a layer of `kind`; None for plain LoRA. Refuses what HF PEFT refuses."""
+    """The variant the config asks for on a layer of `kind`; None for plain LoRA. Refuses what HF PEFT
+    refuses."""
     for row in VARIANTS:
         if not row.active(config):
             continue
         if row.check is not None:
             row.check(config)
         if kind not in row.by_kind:
-            raise ValueError(f"{row.option} is not supported on {kind} layers (as in HF PEFT); turn it off or leave "
-                             "these modules out of target_modules.")
+            raise ValueError(f"{row.option} is not supported on {kind} layers (as in HF PEFT); turn it off "
+                             "or leave these modules out of target_modules.")
         return row.by_kind[kind](config)
     return None

@@ -1,12 +1,12 @@
-"""VeLoRA, `velora_config=VeloraConfig(...)` (Miles et al. 2024, "VeLoRA: Memory Efficient Training using Rank-1
-Sub-Token Projections", arXiv:2405.17991).
+"""VeLoRA, `velora_config=VeloraConfig(...)` (Miles et al. 2024, "VeLoRA: Memory Efficient Training using
+Rank-1 Sub-Token Projections", arXiv:2405.17991).
 
-Outputs are plain LoRA's; only the backward of the A projection changes. Instead of the input x (tokens, in) the
-forward keeps one number per sub-token: x is cut into G groups of g = ceil(in / G) features (zero padded), and
-each group is projected on a unit vector v (g,): c = x_grouped . v, (tokens, G) (section 3, eq. 2). The backward
-rebuilds x ~ scale * c v^T and uses it for A's gradient; the input's own gradient is exact. v (`lora_velora_embed`,
-saved with the adapter as in HF PEFT) is the normalised mean sub-token of each training batch ("batch_average"), of
-the first one ("batch_average_once") or random ("random").
+Outputs are plain LoRA's; only the backward of the A projection changes. Instead of the input x (tokens, in)
+the forward keeps one number per sub-token: x is cut into G groups of g = ceil(in / G) features (zero padded),
+and each group is projected on a unit vector v (g,): c = x_grouped . v, (tokens, G) (section 3, eq. 2). The
+backward rebuilds x ~ scale * c v^T and uses it for A's gradient; the input's own gradient is exact. v
+(`lora_velora_embed`, saved with the adapter as in HF PEFT) is the normalised mean sub-token of each training
+batch ("batch_average"), of the first one ("batch_average_once") or random ("random").
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ class VeloraConfig:
     """VeLoRA's settings (HF PEFT 0.21's names and defaults)."""
 
     num_groups: int = field(default=64, metadata={
-        "help": "Groups G the input features are cut into; more groups: a closer rebuilt input, more memory."})
+        "help": "Groups G the input features are cut into; more groups: a closer "
+                "rebuilt input, more memory."})
     scale: float = field(default=1.0, metadata={"help": "Factor on the rebuilt input in the backward."})
-    init_type: Literal["batch_average", "batch_average_once", "random"] = field(default="batch_average", metadata={
-        "help": "Projection vector: mean sub-token of every training batch ('batch_average'), of the first one "
-                "('batch_average_once'), or random ('random')."})
+    init_type: Literal["batch_average", "batch_average_once", "random"] = field(
+        default="batch_average", metadata={
+            "help": "Projection vector: mean sub-token of every training batch ('batch_average'), of the "
+                    "first one ('batch_average_once'), or random ('random')."})
 
     def __post_init__(self) -> None:
         if self.num_groups <= 0:
@@ -41,13 +43,14 @@ class VeloraConfig:
         if self.scale <= 0:
             raise ValueError(f"VeloraConfig.scale must be positive, got {self.scale}.")
         if self.init_type not in INIT_TYPES:
-            raise ValueError(f"VeloraConfig.init_type must be one of {list(INIT_TYPES)}, got {self.init_type!r}.")
+            raise ValueError(
+                f"VeloraConfig.init_type must be one of {list(INIT_TYPES)}, got {self.init_type!r}.")
 
 
 register_coercion("velora_config", VeloraConfig)  # LoraConfig.velora_config: a file holds a dict
 
 
-# ---------------------------------------------------------------------------------------------- the projection
+# --------------------------------------------------------------------------------------------- the projection
 def group_size(in_features: int, groups: int) -> int:
     return -(-in_features // groups)
 
@@ -118,8 +121,10 @@ class Velora(AdditiveMerge):
         weight = layer.get_base_layer().weight
         g = group_size(layer.in_features, cfg.num_groups)
         self.initialized = cfg.init_type == "random"  # batch averages are taken at the first training forward
-        v = unit(torch.randn(g, device=weight.device, dtype=weight.dtype)) if self.initialized else torch.zeros(g)
-        # HF PEFT rounds v to the base dtype and, for a half-precision base, keeps it in float32 (adapter autocast)
+        v = (unit(torch.randn(g, device=weight.device, dtype=weight.dtype)) if self.initialized
+             else torch.zeros(g))
+        # HF PEFT rounds v to the base dtype and, for a half-precision base, keeps it in float32 (adapter
+        # autocast)
         stored = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         layer.lora_velora_embed[name] = v.to(device=weight.device, dtype=weight.dtype).to(stored)
 
