@@ -1,5 +1,6 @@
 """Shared check for init schemes that rewrite the base (PiSSA-like): saving with
-`path_initial_model_for_weight_conversion` gives HF PEFT's files, and they apply to the original base model."""
+`path_initial_model_for_weight_conversion` gives HF PEFT's files, and they apply to the original base
+model."""
 
 from __future__ import annotations
 
@@ -30,17 +31,21 @@ def assert_bitwise_same(fp, hf, autocast: bool) -> None:
     for key in hf_t:
         assert fp_t[key].dtype == hf_t[key].dtype, key
         assert torch.equal(fp_t[key], hf_t[key]), key
-    assert fp_t["base_model.model.lin0.lora_A.default.weight"].dtype == (torch.float32 if autocast else torch.bfloat16)
+    assert (fp_t["base_model.model.lin0.lora_A.default.weight"].dtype
+            == (torch.float32 if autocast else torch.bfloat16))
 
 
 def assert_converted_like_hf(fp, hf, tmp_path, factory, inputs, r_alpha: tuple[int, int]) -> None:
-    """`fp` was saved to tmp_path/"init" (copied to "init_hf") right after get_peft_model and then trained; `hf` is
-    the same untrained adapter in HF PEFT. Both convert the trained weights; files, config and outputs must agree."""
+    """`fp` was saved to tmp_path/"init" (copied to "init_hf") right after get_peft_model and then trained;
+    `hf` is the same untrained adapter in HF PEFT. Both convert the trained weights; files, config and outputs
+    must agree."""
     trained = models.forward(fp, inputs)
     fp.save_pretrained(str(tmp_path / "trained"))
-    fp.save_pretrained(str(tmp_path / "conv"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    fp.save_pretrained(str(tmp_path / "conv"),
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     peft.set_peft_model_state_dict(hf, load_file(str(tmp_path / "trained" / "adapter_model.safetensors")))
-    hf.save_pretrained(str(tmp_path / "conv_hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
+    hf.save_pretrained(str(tmp_path / "conv_hf"),
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
 
     fp_sd = load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))
     hf_sd = load_file(str(tmp_path / "conv_hf" / "adapter_model.safetensors"))

@@ -38,7 +38,8 @@ def wrap(model, mode: str):
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.get_base_model().model.layers:  # auto-wrap unit: a decoder layer (frozen + LoRA params)
+    # auto-wrap unit: a decoder layer (frozen + LoRA params)
+    for layer in model.get_base_model().model.layers:
         fully_shard(layer)
     return fully_shard(model)
 
@@ -61,14 +62,16 @@ def save(peft_model, state: dict[str, torch.Tensor], mode: str, folder: str, is_
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "adapter_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()},
+                  os.path.join(folder, "adapter_model.safetensors"))
         peft_model.peft_config["default"].save_pretrained(folder)
 
 
 def main(mode: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    peft_model = get_peft_model(models.make_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(models.make_llama(),
+                                LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
     model = wrap(peft_model, mode)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()

@@ -1,11 +1,13 @@
-"""An independent reference for `generate`: full forwards of the same model (no cache), one input row at a time.
+"""An independent reference for `generate`: full forwards of the same model (no cache), one input row at a
+time.
 
 It needs nothing from generate() or from HF PEFT's generate (broken on transformers 5). It follows the rules
 transformers' generate applies to greedy search and beam scores, which are the contract a prompt method must
 keep: the decoder start token, forced BOS when the sequence holds one token, forced EOS at the last step
 (max_length), stopping at eos and padding finished rows with pad_token_id. Each row runs alone without its
 padding: generate's promise for padded batches (left padding for decoder-only models) is that rows do not
-change with padding. Settings this reference does not model are refused, so a test cannot pass by ignoring them.
+change with padding. Settings this reference does not model are refused, so a test cannot pass by ignoring
+them.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import torch
 # generation settings that change greedy decoding but are not modelled here: they must keep these values
 UNMODELLED = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "min_length": (None, 0),
               "min_new_tokens": (None,), "bad_words_ids": (None,), "suppress_tokens": (None,),
-              "begin_suppress_tokens": (None,), "sequence_bias": (None,), "encoder_no_repeat_ngram_size": (None, 0),
+              "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+              "encoder_no_repeat_ngram_size": (None, 0),
               "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,)}
 
 
 @dataclass(frozen=True)
 class Rules:
-    """What generate() honours beyond the argmax, read from the base model's generation config and the call."""
+    """What generate() honours beyond the argmax, read from the base model's generation config and the
+    call."""
 
     seq2seq: bool
     eos: tuple[int, ...]
@@ -50,7 +54,8 @@ def generation_rules(model, **overrides) -> Rules:
 
 
 def forced_token(rules: Rules, cur_len: int, last_step: bool) -> int | None:
-    """The token a forcing rule imposes (forced EOS is applied after forced BOS, so it wins when both hold)."""
+    """The token a forcing rule imposes (forced EOS is applied after forced BOS, so it wins when both
+    hold)."""
     if last_step and rules.forced_eos is not None:
         return rules.forced_eos
     if cur_len == 1 and rules.forced_bos is not None:
@@ -92,7 +97,8 @@ def _greedy_row(model, prompt, extra: dict, rules: Rules, steps: int) -> list[in
 
 def greedy_reference(model, input_ids, attention_mask=None, *, max_new_tokens: int, row_kwargs=None,
                      **overrides) -> torch.Tensor:
-    """What `model.generate(input_ids, attention_mask, max_new_tokens=..., do_sample=False, **overrides)` returns.
+    """What `model.generate(input_ids, attention_mask, max_new_tokens=..., do_sample=False, **overrides)`
+    returns.
 
     `row_kwargs`: per-row forward inputs such as task_ids (sliced per row). Causal rows keep their (padded)
     prompt in front, encoder-decoder rows start with the decoder start token, as generate() returns them.
@@ -110,16 +116,18 @@ def greedy_reference(model, input_ids, attention_mask=None, *, max_new_tokens: i
 
 def sequence_score(model, input_ids, sequence: torch.Tensor, i: int, *, max_new_tokens: int, row_kwargs=None,
                    **overrides) -> float:
-    """Sum of the processed log-probabilities of one generated `sequence` for input row `i` (forced tokens: 0).
+    """Sum of the processed log-probabilities of one generated `sequence` for input row `i` (forced tokens:
+    0).
 
-    This is beam search's `sequences_scores` with length_penalty=0; generate's sequence is checked token by token
-    against full forwards, so a misplaced prefix or start token shows up as a different score.
+    This is beam search's `sequences_scores` with length_penalty=0; generate's sequence is checked token by
+    token against full forwards, so a misplaced prefix or start token shows up as a different score.
     """
     rules = generation_rules(model, **overrides)
     prompt, extra = _row_inputs(input_ids, None, i, row_kwargs)
     prompt_len = 1 if rules.seq2seq else input_ids.shape[1]
     if rules.seq2seq:
-        assert int(sequence[0]) == rules.start, f"sequence {sequence.tolist()} does not start with {rules.start}"
+        assert int(sequence[0]) == rules.start, (
+            f"sequence {sequence.tolist()} does not start with {rules.start}")
     seq, total = sequence[:prompt_len].tolist(), 0.0
     for step, token in enumerate(sequence[prompt_len:].tolist()):
         forced = forced_token(rules, len(seq), step == max_new_tokens - 1)

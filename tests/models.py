@@ -205,7 +205,8 @@ def mha_inputs():
 
 
 class TaskMLP(MLP):
-    """MLP over (batch, tokens, features) whose forward accepts (and ignores) task_ids, for Poly's contract rows."""
+    """MLP over (batch, tokens, features) whose forward accepts (and ignores) task_ids, for Poly's contract
+    rows."""
 
     def forward(self, x, task_ids=None):
         return super().forward(x)
@@ -349,8 +350,8 @@ MODELS = {
 
 
 def perturb(model, seed: int = 0, scale: float = 0.3, wanted=None):
-    """Move every trainable tensor (or, given `wanted`, every one whose name it accepts) off its init by seeded
-    noise, in sorted name order, so two libraries with the same parameter names get the same values."""
+    """Move every trainable tensor (or, given `wanted`, every one whose name it accepts) off its init by
+    seeded noise, in sorted name order, so two libraries with the same parameter names get the same values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):

@@ -81,10 +81,11 @@ def assert_merges_like_hf(ours, theirs, inputs, close, safe_merge: bool = False)
 
 
 class CaseTable:
-    """A method test file's cases `{name: (tests/models.py MODELS key, config kwargs)}` and the builders its tests
-    share: `config(lib, case, **extra)`, `base(case)` (a fresh base model), `inputs(case)`, and `build(lib, case)`,
-    the adapted model with every trainable tensor moved off its init by `models.perturb` (seeded, by name), eval.
-    `init_seed`, when set, seeds the global RNG right before `get_peft_model` (methods drawing their init from it)."""
+    """A method test file's cases `{name: (tests/models.py MODELS key, config kwargs)}` and the builders its
+    tests share: `config(lib, case, **extra)`, `base(case)` (a fresh base model), `inputs(case)`, and
+    `build(lib, case)`, the adapted model with every trainable tensor moved off its init by `models.perturb`
+    (seeded, by name), eval. `init_seed`, when set, seeds the global RNG right before `get_peft_model`
+    (methods drawing their init from it)."""
 
     def __init__(self, cases: dict, ours_cls, theirs_cls, scale: float, init_seed: int | None = None):
         self.cases, self.classes = cases, {fastpeft: ours_cls, peft: theirs_cls}
@@ -136,8 +137,8 @@ def assert_gradients_like_hf(ours, theirs, inputs, close, marker: str) -> None:
 
 
 def assert_shared_tensors_equal(ours, theirs, attrs, adapter: str = "default") -> None:
-    """Tensors the tuner (`model.base_model`) holds once for all layers, e.g. VeRA's projections: the same shape,
-    dtype and bits as HF PEFT's."""
+    """Tensors the tuner (`model.base_model`) holds once for all layers, e.g. VeRA's projections: the same
+    shape, dtype and bits as HF PEFT's."""
     for attr in attrs:
         a, b = getattr(ours.base_model, attr)[adapter], getattr(theirs.base_model, attr)[adapter]
         assert (a.shape, a.dtype) == (b.shape, b.dtype), attr
@@ -145,8 +146,9 @@ def assert_shared_tensors_equal(ours, theirs, attrs, adapter: str = "default") -
 
 
 def assert_file_tensor_wins(theirs, attr: str, base, inputs, tmp_path: Path, close) -> None:
-    """A shared tensor saved in HF PEFT's file is loaded, not drawn again from the config's seed: scaled in the HF
-    model before saving, fastpeft gives the scaled model's outputs. `base()` builds a fresh base model."""
+    """A shared tensor saved in HF PEFT's file is loaded, not drawn again from the config's seed: scaled in
+    the HF model before saving, fastpeft gives the scaled model's outputs. `base()` builds a fresh base
+    model."""
     with torch.no_grad():
         getattr(theirs.base_model, attr)["default"].mul_(1.5)
     expected = models.forward(theirs, inputs)
@@ -156,8 +158,9 @@ def assert_file_tensor_wins(theirs, attr: str, base, inputs, tmp_path: Path, clo
 
 
 def assert_second_adapter_like_hf(with_other, base, inputs, tmp_path: Path, close) -> None:
-    """`with_other(lib)`: a model of `lib` with a second, perturbed adapter 'other'. Active, 'other' gives HF PEFT's
-    outputs; disabled, the base's; its saved folder equals HF PEFT's, whose folder loads in fastpeft."""
+    """`with_other(lib)`: a model of `lib` with a second, perturbed adapter 'other'. Active, 'other' gives HF
+    PEFT's outputs; disabled, the base's; its saved folder equals HF PEFT's, whose folder loads in
+    fastpeft."""
     results = {}
     for lib in (fastpeft, peft):
         model = with_other(lib)
@@ -170,7 +173,8 @@ def assert_second_adapter_like_hf(with_other, base, inputs, tmp_path: Path, clos
     close(results[fastpeft][0], results[peft][0], "second adapter")
     close(results[fastpeft][1], models.forward(base(), inputs), "disabled")
     assert_same_files(tmp_path / "fastpeft" / "other", tmp_path / "peft" / "other")
-    loaded = fastpeft.PeftModel.from_pretrained(base(), str(tmp_path / "peft" / "other"), adapter_name="other")
+    loaded = fastpeft.PeftModel.from_pretrained(base(), str(tmp_path / "peft" / "other"),
+                                                adapter_name="other")
     close(models.forward(loaded.eval(), inputs), results[peft][0], "HF 'other' file -> fastpeft")
 
 
@@ -199,14 +203,16 @@ def assert_adapters_merge_like_hf(ours, theirs, inputs, close, exact_unmerge: bo
     for name, weight in _base_weights(ours).items():
         torch.testing.assert_close(weight, before[name], atol=1e-6, rtol=1e-5, msg=f"restored {name}")
         assert not exact_unmerge or torch.equal(weight, restored_theirs[name]), name
-    unloaded, unloaded_theirs = ours.merge_and_unload(safe_merge=True), theirs.merge_and_unload(safe_merge=True)
+    unloaded, unloaded_theirs = (ours.merge_and_unload(safe_merge=True),
+                                 theirs.merge_and_unload(safe_merge=True))
     assert {type(m) for m in unloaded.modules()} == {type(m) for m in unloaded_theirs.modules()}
     close(models.forward(unloaded, inputs), models.forward(unloaded_theirs, inputs), "merge_and_unload")
 
 
 def assert_adapter_switching_like_hf(ours, theirs, inputs: dict, base_outputs, close) -> None:
-    """Adapters 'default' and 'other' (token inputs, two rows): disabling gives the base outputs, set_adapter HF
-    PEFT's, a mixed batch ('other', '__base__') each row's own, and after delete_adapter('other') HF PEFT's."""
+    """Adapters 'default' and 'other' (token inputs, two rows): disabling gives the base outputs, set_adapter
+    HF PEFT's, a mixed batch ('other', '__base__') each row's own, and after delete_adapter('other') HF
+    PEFT's."""
     with ours.disable_adapter():
         close(models.forward(ours, inputs), base_outputs, "disabled")
     for name in ("other", "default"):
@@ -230,8 +236,9 @@ def rewrite_config(folder: Path, **changes) -> None:
 
 
 def save_random_adapters(lib, make_model, make_config, folder, n: int, seed: int = 0) -> list[str]:
-    """Save `n` adapters of `lib` (`make_config()` on a fresh `make_model()` each) whose lora_ weights are seeded
-    random values (seed + i, scale 0.3) into folder/expert_<seed + i>; returns those folders (Arrow experts)."""
+    """Save `n` adapters of `lib` (`make_config()` on a fresh `make_model()` each) whose lora_ weights are
+    seeded random values (seed + i, scale 0.3) into folder/expert_<seed + i>; returns those folders (Arrow
+    experts)."""
     paths = []
     for i in range(n):
         model = lib.get_peft_model(make_model(), make_config())
@@ -253,13 +260,14 @@ def assert_add_adapter_refused(model, name: str, config, match: str) -> None:
     assert not any(f".{name}" in k for k in model.state_dict()), f"{name} left tensors behind"
 
 
-# ------------------------------------------------------------------- LyCORIS / OFT-style checks on a CaseTable
+# ------------------------------------------------------------------ LyCORIS / OFT-style checks on a CaseTable
 def assert_init_like_hf(table: CaseTable, case, tmp_path: Path, close, identity=True, fields=None,
                         hf_runs=True) -> None:
-    """Made from the same seed, fresh adapters of both libraries give the same outputs (unless not `hf_runs`; the
-    base model's when the init is the `identity`), the same file tensors and adapter_config.json `fields` (None:
-    all)."""
-    ours, theirs = (lib.get_peft_model(table.base(case), table.config(lib, case)).eval() for lib in (fastpeft, peft))
+    """Made from the same seed, fresh adapters of both libraries give the same outputs (unless not `hf_runs`;
+    the base model's when the init is the `identity`), the same file tensors and adapter_config.json `fields`
+    (None: all)."""
+    ours, theirs = (lib.get_peft_model(table.base(case), table.config(lib, case)).eval()
+                    for lib in (fastpeft, peft))
     x = table.inputs(case)
     if hf_runs:
         close(models.forward(ours, x), models.forward(theirs, x), "at init")
@@ -271,12 +279,13 @@ def assert_init_like_hf(table: CaseTable, case, tmp_path: Path, close, identity=
 
 
 def assert_loads_both_ways(table: CaseTable, case, tmp_path: Path, close, exact: bool = True) -> None:
-    """An adapter made by HF PEFT passes through fastpeft and back (`assert_files_both_ways`); one made by fastpeft
-    loads in HF PEFT with the same outputs. Both adapters visibly change the outputs."""
+    """An adapter made by HF PEFT passes through fastpeft and back (`assert_files_both_ways`); one made by
+    fastpeft loads in HF PEFT with the same outputs. Both adapters visibly change the outputs."""
     x = table.inputs(case)
     theirs = table.build(peft, case)
     assert_differs(models.forward(theirs, x), models.forward(table.base(case), x))
-    assert_files_both_ways(theirs, functools.partial(table.base, case), x, tmp_path / "hf_made", close, exact=exact)
+    assert_files_both_ways(theirs, functools.partial(table.base, case), x, tmp_path / "hf_made",
+                           close, exact=exact)
     ours = table.build(fastpeft, case, seed=3)
     expected = models.forward(ours, x)
     assert_differs(expected, models.forward(table.base(case), x))
@@ -286,8 +295,8 @@ def assert_loads_both_ways(table: CaseTable, case, tmp_path: Path, close, exact:
 
 
 def training_step(model, inputs, seed: int):
-    """Training-mode output and gradients of mean(output^2) (by parameter name, zeros where none flowed), torch
-    seeded to `seed` right before the forward so that dropout draws are reproducible."""
+    """Training-mode output and gradients of mean(output^2) (by parameter name, zeros where none flowed),
+    torch seeded to `seed` right before the forward so that dropout draws are reproducible."""
     model.train()
     model.zero_grad()
     torch.manual_seed(seed)
@@ -301,8 +310,8 @@ def training_step(model, inputs, seed: int):
 
 
 def assert_same_training_step(ours, theirs, inputs, close, seed: int = 0, skip: tuple = ()):
-    """Same training output and gradients as HF PEFT under one seed (names holding a string of `skip` not compared);
-    returns fastpeft's (output, gradients)."""
+    """Same training output and gradients as HF PEFT under one seed (names holding a string of `skip` not
+    compared); returns fastpeft's (output, gradients)."""
     (out, grads), (hf_out, hf_grads) = training_step(ours, inputs, seed), training_step(theirs, inputs, seed)
     close(out, hf_out, f"training output, seed {seed}")
     assert sorted(grads) == sorted(hf_grads)
@@ -313,15 +322,15 @@ def assert_same_training_step(ours, theirs, inputs, close, seed: int = 0, skip: 
 
 
 def assert_dropout_draws_like_hf(ours, theirs, inputs, close, seeds) -> None:
-    """Training-mode dropout draws what HF PEFT draws for each seed (same outputs and gradients), and the draws
-    change the outputs from one seed to the next."""
+    """Training-mode dropout draws what HF PEFT draws for each seed (same outputs and gradients), and the
+    draws change the outputs from one seed to the next."""
     outs = [assert_same_training_step(ours, theirs, inputs, close, seed)[0] for seed in seeds]
     assert any((outs[0] - o).abs().max() > 1e-4 for o in outs[1:]), "dropout did not change anything"
 
 
 def assert_dropout_never_merged(ours, theirs, inputs, close, targets) -> None:
-    """Eval mode draws nothing; merge_adapter in training mode adds only the deterministic update (the merged eval
-    outputs are the unmerged ones) and gives HF PEFT's base weights for the `targets` (module names)."""
+    """Eval mode draws nothing; merge_adapter in training mode adds only the deterministic update (the merged
+    eval outputs are the unmerged ones) and gives HF PEFT's base weights for the `targets` (module names)."""
     expected = models.forward(ours.eval(), inputs)
     close(models.forward(ours, inputs), expected, "eval mode draws nothing")
     for model in (ours, theirs):
@@ -334,8 +343,9 @@ def assert_dropout_never_merged(ours, theirs, inputs, close, targets) -> None:
 
 
 def assert_two_adapters_like_hf(table: CaseTable, case, other: dict, tmp_path: Path, close) -> None:
-    """A second adapter 'other' (the case's config with `other` overrides) in both libraries: each active adapter
-    gives HF PEFT's outputs, disabling gives the base, HF PEFT loads the saved 'other', deleting it leaves 'default'."""
+    """A second adapter 'other' (the case's config with `other` overrides) in both libraries: each active
+    adapter gives HF PEFT's outputs, disabling gives the base, HF PEFT loads the saved 'other', deleting it
+    leaves 'default'."""
     ours, theirs, x = table.build(fastpeft, case), table.build(peft, case), table.inputs(case)
     for lib, model in ((fastpeft, ours), (peft, theirs)):
         torch.manual_seed(7)  # same initial factors in both libraries
@@ -358,8 +368,8 @@ def assert_two_adapters_like_hf(table: CaseTable, case, other: dict, tmp_path: P
 
 
 def assert_merge_cycle_like_hf(ours, theirs, inputs, close, safe_merge=False, keeps_outputs=True) -> None:
-    """merge_adapter moves the base weights (keeping the outputs when `keeps_outputs`), unmerge_adapter restores the
-    weights and outputs, disabled models agree, merge_and_unload gives HF PEFT's weights."""
+    """merge_adapter moves the base weights (keeping the outputs when `keeps_outputs`), unmerge_adapter
+    restores the weights and outputs, disabled models agree, merge_and_unload gives HF PEFT's weights."""
     expected = models.forward(ours, inputs)
     weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
     ours.base_model.merge_adapter(safe_merge=safe_merge)
@@ -382,8 +392,9 @@ def assert_merge_cycle_like_hf(ours, theirs, inputs, close, safe_merge=False, ke
 
 
 def assert_adapter_sets_like_hf(ours, theirs, inputs, close, merged_keeps_outputs: bool) -> None:
-    """Two adapters 'default' and 'other' (same tensors in both libraries): every active set gives HF PEFT's outputs,
-    merging both gives HF PEFT's outputs (and the unmerged ones when `merged_keeps_outputs`), unmerging restores."""
+    """Two adapters 'default' and 'other' (same tensors in both libraries): every active set gives HF PEFT's
+    outputs, merging both gives HF PEFT's outputs (and the unmerged ones when `merged_keeps_outputs`),
+    unmerging restores."""
     for active in (["default", "other"], "other", "default"):
         theirs.base_model.set_adapter(active)
         ours.base_model.set_adapter(active)
@@ -401,7 +412,8 @@ def assert_adapter_sets_like_hf(ours, theirs, inputs, close, merged_keeps_output
 
 
 def assert_mixed_batch_rows(model, inputs, names, close) -> None:
-    """A batch with one adapter name per row ('__base__': none) gives each row what that adapter alone gives."""
+    """A batch with one adapter name per row ('__base__': none) gives each row what that adapter alone
+    gives."""
     mixed = model(inputs, adapter_names=names)
     for i, name in enumerate(names):
         if name == "__base__":
@@ -414,19 +426,20 @@ def assert_mixed_batch_rows(model, inputs, names, close) -> None:
 
 
 def assert_same_config_json(ours, theirs, tmp_path: Path) -> None:
-    """Configs `ours` (fastpeft) and `theirs` (HF PEFT) saved to tmp_path/"ours" and tmp_path/"hf" write the same
-    adapter_config.json fields and values (but peft_version; lists without order)."""
+    """Configs `ours` (fastpeft) and `theirs` (HF PEFT) saved to tmp_path/"ours" and tmp_path/"hf" write the
+    same adapter_config.json fields and values (but peft_version; lists without order)."""
     ours.save_pretrained(str(tmp_path / "ours"))
     theirs.save_pretrained(str(tmp_path / "hf"))
     a, b = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "hf"))
     assert sorted(set(a) - {"peft_version"}) == sorted(set(b) - {"peft_version"})
-    assert {k: unordered(a[k]) for k in a if k != "peft_version"} == {k: unordered(b[k]) for k in b if k != "peft_version"}
+    assert ({k: unordered(a[k]) for k in a if k != "peft_version"}
+            == {k: unordered(b[k]) for k in b if k != "peft_version"})
 
 
-# ------------------------------------------------------------- HRA / MiSS / LN tuning: one adapter in both libraries
+# ------------------------------------------------------ HRA / MiSS / LN tuning: one adapter in both libraries
 def same_adapter_pair(table: CaseTable, case, **extra):
-    """(HF model, fastpeft model) holding the same adapter tensors: HF PEFT's perturbed adapter handed to a fresh
-    fastpeft model through HF PEFT's state dict (every key used, none missing); both in eval mode."""
+    """(HF model, fastpeft model) holding the same adapter tensors: HF PEFT's perturbed adapter handed to a
+    fresh fastpeft model through HF PEFT's state dict (every key used, none missing); both in eval mode."""
     theirs = table.build(peft, case, **extra)
     ours = table.fresh(fastpeft, case, **extra).eval()
     result = fastpeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
@@ -440,8 +453,8 @@ def _trainable(model) -> set[str]:
 
 def assert_saves_like_hf(table: CaseTable, case, tmp_path: Path, close) -> None:
     """HF PEFT's adapter (changing the outputs by more than 1e-4) passes through fastpeft and back
-    (`assert_files_both_ways`); a fresh fastpeft model given its tensors trains the parameters HF PEFT trains and
-    saves HF PEFT's file: the same keys and tensors, every config field alike."""
+    (`assert_files_both_ways`); a fresh fastpeft model given its tensors trains the parameters HF PEFT trains
+    and saves HF PEFT's file: the same keys and tensors, every config field alike."""
     theirs, x = table.build(peft, case), table.inputs(case)
     expected = models.forward(theirs, x)
     assert (expected - models.forward(table.base(case), x)).abs().max() > 1e-4, "the adapter changes nothing"
@@ -453,8 +466,8 @@ def assert_saves_like_hf(table: CaseTable, case, tmp_path: Path, close) -> None:
 
 
 def build_with_other(table: CaseTable, lib, case, **other):
-    """`table.build`'s model plus a second adapter 'other' (the case's config with the `other` overrides), moved off
-    its init by seed 5; both adapters active."""
+    """`table.build`'s model plus a second adapter 'other' (the case's config with the `other` overrides),
+    moved off its init by seed 5; both adapters active."""
     model = table.build(lib, case)
     model.add_adapter("other", table.config(lib, case, **other))
     models.perturb(model, 5, table.scale, wanted=lambda n: ".other." in n).eval()
@@ -463,8 +476,8 @@ def build_with_other(table: CaseTable, lib, case, **other):
 
 
 def assert_two_active_like_hf(table: CaseTable, case, close, **other) -> None:
-    """Two active adapters (`build_with_other`): HF PEFT's outputs when disabled and for every active set, merged
-    like HF PEFT (unmerging restores the base), merge_and_unload gives HF PEFT's weights."""
+    """Two active adapters (`build_with_other`): HF PEFT's outputs when disabled and for every active set,
+    merged like HF PEFT (unmerging restores the base), merge_and_unload gives HF PEFT's weights."""
     theirs, ours = (build_with_other(table, lib, case, **other) for lib in (peft, fastpeft))
     x = table.inputs(case)
     with theirs.disable_adapter(), ours.disable_adapter():
@@ -474,12 +487,15 @@ def assert_two_active_like_hf(table: CaseTable, case, close, **other) -> None:
 
 
 def assert_bf16_base_like_hf(table: CaseTable, case, **kwargs) -> None:
-    """On a bfloat16 base (`kwargs` for get_peft_model, e.g. autocast_adapter_dtype): HF PEFT's parameter dtypes and
-    bf16 outputs; after merge_adapter its base weights to within a bf16 ulp (fp32 products rounded to bf16)."""
-    built = {lib: models.perturb(lib.get_peft_model(table.base(case).to(torch.bfloat16), table.config(lib, case),
-                                                    **kwargs), 0, table.scale) for lib in (peft, fastpeft)}
+    """On a bfloat16 base (`kwargs` for get_peft_model, e.g. autocast_adapter_dtype): HF PEFT's parameter
+    dtypes and bf16 outputs; after merge_adapter its base weights to within a bf16 ulp (fp32 products rounded
+    to bf16)."""
+    built = {lib: models.perturb(lib.get_peft_model(table.base(case).to(torch.bfloat16),
+                                                    table.config(lib, case), **kwargs), 0, table.scale)
+             for lib in (peft, fastpeft)}
     ours, theirs, x = built[fastpeft], built[peft], table.inputs(case).to(torch.bfloat16)
-    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert ({n: p.dtype for n, p in ours.named_parameters()}
+            == {n: p.dtype for n, p in theirs.named_parameters()})
     out, expected = models.forward(ours, x), models.forward(theirs, x)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected)
@@ -491,7 +507,8 @@ def assert_bf16_base_like_hf(table: CaseTable, case, **kwargs) -> None:
 
 
 class ModelCaseTable(CaseTable):
-    """A CaseTable whose model keys index `model_table` (tests/models.py's MODELS plus a test file's own models)."""
+    """A CaseTable whose model keys index `model_table` (tests/models.py's MODELS plus a test file's own
+    models)."""
 
     def __init__(self, cases: dict, ours_cls, theirs_cls, scale: float, model_table: dict):
         super().__init__(cases, ours_cls, theirs_cls, scale)
@@ -505,10 +522,11 @@ class ModelCaseTable(CaseTable):
 
 
 class SharedProjectionTests:
-    """Tests for a method whose frozen random projections the tuner holds once for all layers and adapters (VeRA,
-    RandLoRA). A test file subclasses it as `Test...` and sets: `table` (a CaseTable with "mlp" and "llama" cases,
-    the "mlp" one adapting lin0 and head), `attr` (the first projection, e.g. "vera_A"), `other` (config changes of
-    a second adapter), `larger_layer` (the refusal's message pattern) and `close`."""
+    """Tests for a method whose frozen random projections the tuner holds once for all layers and adapters
+    (VeRA, RandLoRA). A test file subclasses it as `Test...` and sets: `table` (a CaseTable with "mlp" and
+    "llama" cases, the "mlp" one adapting lin0 and head), `attr` (the first projection, e.g. "vera_A"),
+    `other` (config changes of a second adapter), `larger_layer` (the refusal's message pattern) and
+    `close`."""
 
     table: CaseTable
     attr: str

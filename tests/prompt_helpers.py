@@ -58,9 +58,9 @@ def make_t5_for_generation():
     """A tiny T5 whose greedy output is not all pad tokens (make_t5's is) and that has no eos to stop on."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
-                   pad_token_id=0, eos_token_id=None, initializer_factor=3.0)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=None, initializer_factor=3.0)
     torch.manual_seed(1234)
     return T5ForConditionalGeneration(cfg).eval()
 
@@ -75,9 +75,9 @@ def make_bart_for_generation():
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
     ids = {k: v for k, v in BART_GENERATION.items() if not k.startswith("forced")}
-    cfg = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                     init_std=1.0, **ids)
+    cfg = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, max_position_embeddings=64, init_std=1.0, **ids)
     torch.manual_seed(1230)
     model = BartForConditionalGeneration(cfg).eval()
     model.generation_config = GenerationConfig(**BART_GENERATION)
@@ -90,9 +90,9 @@ def make_t5_with_eos():
     """t5-small's special ids (pad = decoder start = 0, eos = 1) on a tiny T5."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
-                   pad_token_id=0, eos_token_id=1, initializer_factor=3.0)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=3.0)
     torch.manual_seed(1)
     return T5ForConditionalGeneration(cfg).eval()
 
@@ -100,9 +100,9 @@ def make_t5_with_eos():
 def make_llama_for_generation():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, initializer_range=1.0,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=1.0, attn_implementation="eager")
     torch.manual_seed(4321)
     return LlamaForCausalLM(cfg).eval()
 
@@ -110,8 +110,8 @@ def make_llama_for_generation():
 def make_gpt2_for_generation():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1,
-                     initializer_range=1.0, attn_implementation="eager")
+    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                     eos_token_id=1, initializer_range=1.0, attn_implementation="eager")
     torch.manual_seed(4321)
     return GPT2LMHeadModel(cfg).eval()
 

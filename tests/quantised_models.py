@@ -1,8 +1,9 @@
 """Tiny models quantised with real bitsandbytes (CPU), for the QLoRA tests of the other methods and LoftQ.
 
-bitsandbytes 0.50.2's CPU kernel dequantises 4-bit weights block by block along each row while quantisation runs
-over the flattened weight; the two agree only when a row's length is a multiple of the block size (64). Every layer
-quantised here therefore has in_features in {64, 128}, so the quantised layers compute with genuine NF4 weights.
+bitsandbytes 0.50.2's CPU kernel dequantises 4-bit weights block by block along each row while quantisation
+runs over the flattened weight; the two agree only when a row's length is a multiple of the block size (64).
+Every layer quantised here therefore has in_features in {64, 128}, so the quantised layers compute with
+genuine NF4 weights.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ HIDDEN, INTERMEDIATE, VOCAB = 64, 128, 100
 def llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                       attn_implementation="eager", tie_word_embeddings=False)
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=32, attn_implementation="eager", tie_word_embeddings=False)
 
 
 def make_llama():
@@ -93,8 +94,8 @@ def _on_cpu(device):
 
 
 def keep_device_moves_on_cpu(monkeypatch) -> None:
-    """HF PEFT's LoftQ code moves tensors to "cuda" / "xpu" for its SVD: turn those `Tensor.to` moves into CPU ones
-    for the test (tests/test_loftq.py, tests/test_loftq_bnb.py)."""
+    """HF PEFT's LoftQ code moves tensors to "cuda" / "xpu" for its SVD: turn those `Tensor.to` moves into CPU
+    ones for the test (tests/test_loftq.py, tests/test_loftq_bnb.py)."""
     tensor_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):

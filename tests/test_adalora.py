@@ -1,5 +1,6 @@
-"""AdaLoRA against HF PEFT: outputs, losses (orthogonality regulariser), rank allocation (masks and rank_pattern
-step by step under identical training), pruned adapter files both ways, merging, the schedule guard and callback."""
+"""AdaLoRA against HF PEFT: outputs, losses (orthogonality regulariser), rank allocation (masks and
+rank_pattern step by step under identical training), pruned adapter files both ways, merging, the schedule
+guard and callback."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ CASES = {
     "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], lora_alpha=8)),
     "conv2d": ("conv2d", dict(target_modules=["conv0", "conv1"], lora_alpha=4)),
     "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], fan_in_fan_out=True)),
-    "llama": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], lora_alpha=16)),
+    "llama": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
+                            lora_alpha=16)),
     "gpt2": ("gpt2", dict(task_type="CAUSAL_LM", lora_alpha=8)),
 }
 
@@ -34,14 +36,16 @@ def config(lib, case, **extra):
 
 
 def build(lib, case, seed=0, **extra):
-    """AdaLoRA model of `lib` on the case's base model; every trainable tensor perturbed (same names in both)."""
+    """AdaLoRA model of `lib` on the case's base model; every trainable tensor perturbed (same names in
+    both)."""
     factory, _ = models.MODELS[CASES[case][0]]
     model = lib.get_peft_model(factory(), config(lib, case, **extra))
     return models.perturb(model, seed, 0.2)
 
 
 def pair(case, **extra):
-    """(HF model, fastpeft model) with the same base and adapter weights (HF's init copied over, then perturbed)."""
+    """(HF model, fastpeft model) with the same base and adapter weights (HF's init copied over, then
+    perturbed)."""
     hf, fp = build(peft, case, **extra), build(fastpeft, case, **extra)
     theirs = dict(hf.named_parameters())
     with torch.no_grad():
@@ -119,7 +123,8 @@ def test_pruned_files_both_ways(case, tmp_path):
     assert_same_files(tmp_path / "fp", tmp_path / "hf", exact=False)
     f_hf = load_file(tmp_path / "hf" / "adapter_model.safetensors")
     assert not any("ranknum" in k for k in f_hf)
-    assert any(t.shape[0] < SCHEDULE["init_r"] for k, t in f_hf.items() if k.endswith("lora_E")), "nothing pruned"
+    assert any(t.shape[0] < SCHEDULE["init_r"] for k, t in f_hf.items() if k.endswith("lora_E")), (
+        "nothing pruned")
     assert json.loads((tmp_path / "fp" / "adapter_config.json").read_text())["rank_pattern"]
     expected = models.forward(hf, inputs(case))
     factory = models.MODELS[CASES[case][0]][0]
@@ -129,7 +134,8 @@ def test_pruned_files_both_ways(case, tmp_path):
     loaded = fastpeft.PeftModel.from_pretrained(factory(), tmp_path / "hf")
     ref = peft.PeftModel.from_pretrained(factory(), tmp_path / "hf")
     shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
-    assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == shapes  # resized like HF, ranknum kept
+    # resized like HF, ranknum kept
+    assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == shapes
     for (n, p), (_, q) in zip(sorted(loaded.named_parameters()), sorted(ref.named_parameters())):
         close(p, q, n)
     trainable = fastpeft.PeftModel.from_pretrained(factory(), tmp_path / "hf", is_trainable=True)
@@ -150,8 +156,8 @@ def test_unpruned_files_both_ways(case, extra, tmp_path):
     assert_same_files(tmp_path / "fp", tmp_path / "hf", exact=False)
     factory = models.MODELS[CASES[case][0]][0]
     for lib, folder in ((fastpeft, "hf"), (peft, "fp")):
-        close(models.forward(lib.PeftModel.from_pretrained(factory(), tmp_path / folder), inputs(case)), expected,
-              f"{lib.__name__} loading {folder}")
+        close(models.forward(lib.PeftModel.from_pretrained(factory(), tmp_path / folder), inputs(case)),
+              expected, f"{lib.__name__} loading {folder}")
 
 
 @pytest.mark.parametrize("case", ["mlp", "conv2d", "gpt2_conv1d", "llama"])
@@ -192,7 +198,8 @@ def test_disable_and_second_adapter():
 
 
 def test_config_roundtrip_and_bad_input(tmp_path):
-    kw = dict(target_modules=["lin0"], init_r=4, target_r=2, total_step=10, tinit=2, beta1=0.9, orth_reg_weight=0.1)
+    kw = dict(target_modules=["lin0"], init_r=4, target_r=2, total_step=10, tinit=2, beta1=0.9,
+              orth_reg_weight=0.1)
     peft.AdaLoraConfig(**kw).save_pretrained(tmp_path / "hf")
     fp = fastpeft.PeftConfig.from_pretrained(tmp_path / "hf")
     assert isinstance(fp, AdaLoraConfig) and fp.beta1 == 0.9 and fp.tinit == 2
@@ -228,10 +235,12 @@ def test_forgotten_schedule_is_refused_and_accumulation_is_one_step():
 def test_trainer_callback_runs_schedule(tmp_path):
     import transformers
     x = inputs("llama")
-    rows = [{"input_ids": x["input_ids"][i], "labels": x["input_ids"][i]} for i in range(x["input_ids"].shape[0])]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1,
-                                          gradient_accumulation_steps=2, learning_rate=0.05, report_to=[],
-                                          save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    rows = [{"input_ids": x["input_ids"][i], "labels": x["input_ids"][i]}
+            for i in range(x["input_ids"].shape[0])]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3,
+                                          per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                          learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_strategy="no", disable_tqdm=True)
     model = build(fastpeft, "llama", tinit=0, tfinal=1, total_step=3)
     steps = []
     allocate = model.base_model.update_and_allocate

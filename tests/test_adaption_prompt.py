@@ -44,11 +44,13 @@ def config_kwargs(family, **extra):
 
 
 def hf_model(family, **extra):
-    return peft.get_peft_model(FAMILIES[family][0](), peft.AdaptionPromptConfig(**config_kwargs(family, **extra)))
+    return peft.get_peft_model(FAMILIES[family][0](),
+                               peft.AdaptionPromptConfig(**config_kwargs(family, **extra)))
 
 
 def fp_model(family, **extra):
-    return fastpeft.get_peft_model(FAMILIES[family][0](), AdaptionPromptConfig(**config_kwargs(family, **extra)))
+    return fastpeft.get_peft_model(FAMILIES[family][0](),
+                                   AdaptionPromptConfig(**config_kwargs(family, **extra)))
 
 
 def perturb(model, seed=7):
@@ -133,7 +135,8 @@ def test_same_seed_same_init_and_state_dict_names(family):
 def test_two_adapters_match_hf(tmp_path):
     inputs = models.llama_inputs()
     hf = perturb(hf_model("llama"))
-    hf.add_adapter("other", peft.AdaptionPromptConfig(**config_kwargs("llama", adapter_layers=2, adapter_len=2)))
+    hf.add_adapter("other",
+                   peft.AdaptionPromptConfig(**config_kwargs("llama", adapter_layers=2, adapter_len=2)))
     perturb(hf, seed=11)  # only the active adapter's modules are in HF's model: re-perturb after switching
     hf.set_adapter("other")
     perturb(hf, seed=12)

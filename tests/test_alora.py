@@ -1,4 +1,5 @@
-"""aLoRA (`alora_invocation_tokens`) against HF PEFT on a tiny llama: forward, generate, files both ways, errors."""
+"""aLoRA (`alora_invocation_tokens`) against HF PEFT on a tiny llama: forward, generate, files both ways,
+errors."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ STARTS = [5, 0, 6, None]  # where each row's last invocation starts (None: absen
 
 
 def config(lib, tokens=INVOKE, **extra):
-    kw = dict(task_type="CAUSAL_LM", target_modules=TARGETS, r=4, lora_alpha=8, alora_invocation_tokens=tokens)
+    kw = dict(task_type="CAUSAL_LM", target_modules=TARGETS, r=4, lora_alpha=8,
+              alora_invocation_tokens=tokens)
     return lib.LoraConfig(**{**kw, **extra})
 
 
@@ -147,8 +149,8 @@ def test_explicit_offsets_match_hf():
 
 
 def test_absent_invocation_and_embeds_only_match_hf():
-    """No invocation anywhere: both give the base model (HF silently; fastpeft also warns). inputs_embeds only:
-    both warn and give the base model."""
+    """No invocation anywhere: both give the base model (HF silently; fastpeft also warns). inputs_embeds
+    only: both warn and give the base model."""
     hf, fp = pair()
     ids = IDS[3:]  # row without the invocation sequence
     base = logits(models.make_llama(), input_ids=ids)
@@ -206,8 +208,8 @@ def test_bad_tokens_and_task_warning():
 
 
 def test_num_return_sequences_rows_share_their_prompt_offsets():
-    """HF PEFT fails here (offsets not expanded); fastpeft repeats each row's offset for its copies, so sampling
-    2 sequences per prompt equals sampling from the prompts repeated (same seed)."""
+    """HF PEFT fails here (offsets not expanded); fastpeft repeats each row's offset for its copies, so
+    sampling 2 sequences per prompt equals sampling from the prompts repeated (same seed)."""
     _, fp = pair()
     kw = dict(attention_mask=MASK.repeat_interleave(2, 0), max_new_tokens=4, do_sample=True, pad_token_id=PAD)
     with warnings.catch_warnings():
@@ -220,7 +222,8 @@ def test_num_return_sequences_rows_share_their_prompt_offsets():
 
 
 def test_gradient_checkpointing_refused_in_training():
-    """Deliberate difference: HF PEFT re-registers its hooks for checkpointed recomputation; fastpeft refuses."""
+    """Deliberate difference: HF PEFT re-registers its hooks for checkpointed recomputation; fastpeft
+    refuses."""
     _, fp = pair()
     base = fp.get_base_model()
     (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()

@@ -43,7 +43,8 @@ def lora_config(lib, case, **extra):
 
 def save_experts(lib, case, folder, n, seed=0, **extra):
     """Save `n` LoRA adapters of `lib` with random (seeded) A and B; returns their folders."""
-    return save_random_adapters(lib, lambda: base(case), lambda: lora_config(lib, case, **extra), folder, n, seed)
+    return save_random_adapters(lib, lambda: base(case), lambda: lora_config(lib, case, **extra),
+                                folder, n, seed)
 
 
 def arrow_config(lib, **kw):
@@ -70,7 +71,8 @@ def lora_state(model, name):
     ("mlp", False, "peft"), ("mlp", True, "peft"), ("mlp", False, "fastpeft"), ("mlp", True, "fastpeft"),
     ("llama", False, "peft"), ("llama", True, "fastpeft")])
 def test_outputs_match_hf(case, gks, saver, tmp_path):
-    """Experts saved by either library -> both build the Arrow model -> same outputs (and the same GKS'd experts)."""
+    """Experts saved by either library -> both build the Arrow model -> same outputs (and the same GKS'd
+    experts)."""
     lib = peft if saver == "peft" else fastpeft
     tasks = save_experts(lib, case, tmp_path, 3)
     general = save_experts(lib, case, tmp_path, 2, seed=10) if gks else None
@@ -86,7 +88,8 @@ def test_outputs_match_hf(case, gks, saver, tmp_path):
             torch.testing.assert_close(mine[key], hf[key], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_k=3, router_temperature=0.3), dict(top_k=2, rng_seed=7)])
+@pytest.mark.parametrize("kw",
+                         [dict(top_k=1), dict(top_k=3, router_temperature=0.3), dict(top_k=2, rng_seed=7)])
 def test_router_settings_match_hf(kw, tmp_path):
     tasks = save_experts(peft, "mlp", tmp_path, 3)
     ours, theirs = build(fastpeft, "mlp", tasks, **kw), build(peft, "mlp", tasks, **kw)
@@ -122,8 +125,10 @@ def test_expert_added_later_matches_hf(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- files
 def _tree(folder):
-    """The adapter files under `folder` (model-card READMEs aside: where they go is save_pretrained's business)."""
-    return sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, files in os.walk(folder) for f in files
+    """The adapter files under `folder` (model-card READMEs aside: where they go is save_pretrained's
+    business)."""
+    return sorted(os.path.relpath(os.path.join(root, f), folder)
+                  for root, _, files in os.walk(folder) for f in files
                   if f != "README.md")
 
 
@@ -134,7 +139,8 @@ def _config(folder, name):
 
 @pytest.mark.parametrize("gks", [False, True], ids=["arrow", "genknowsub"])
 def test_saved_arrow_models_match_and_reload_both_ways(gks, tmp_path):
-    """Both libraries save the same files (experts after GenKnowSub, router config); each rebuilds the other's."""
+    """Both libraries save the same files (experts after GenKnowSub, router config); each rebuilds the
+    other's."""
     tasks = save_experts(peft, "llama", tmp_path, 3)
     general = save_experts(peft, "llama", tmp_path, 2, seed=10) if gks else None
     ours, theirs = build(fastpeft, "llama", tasks, general), build(peft, "llama", tasks, general)
@@ -152,7 +158,8 @@ def test_saved_arrow_models_match_and_reload_both_ways(gks, tmp_path):
                 assert mine[key].shape == hf[key].shape
             else:
                 torch.testing.assert_close(mine[key], hf[key], atol=1e-6, rtol=0)
-    mine_cfg, hf_cfg = _config(tmp_path / "ours", "arrow_router"), _config(tmp_path / "theirs", "arrow_router")
+    mine_cfg, hf_cfg = (_config(tmp_path / "ours", "arrow_router"),
+                        _config(tmp_path / "theirs", "arrow_router"))
     assert mine_cfg["arrow_config"] == hf_cfg["arrow_config"]
     assert set(mine_cfg["target_modules"]) == set(hf_cfg["target_modules"]) and mine_cfg["r"] == hf_cfg["r"]
     # each library rebuilds the other's saved experts (saved after GenKnowSub: plain Arrow over them)
@@ -178,7 +185,8 @@ def test_loading_router_alone_refused_like_hf(tmp_path):
     tasks = save_experts(peft, "mlp", tmp_path, 2)
     build(peft, "mlp", tasks).save_pretrained(tmp_path / "saved")
     for lib in (peft, fastpeft):
-        model = lib.PeftModel.from_pretrained(base("mlp"), str(tmp_path / "saved" / "task_0"), adapter_name="task_0")
+        model = lib.PeftModel.from_pretrained(base("mlp"), str(tmp_path / "saved" / "task_0"),
+                                              adapter_name="task_0")
         with pytest.raises((AttributeError, ValueError)) as err:
             model.load_adapter(str(tmp_path / "saved" / "arrow_router"), adapter_name="arrow_router")
         if lib is fastpeft:
@@ -187,7 +195,8 @@ def test_loading_router_alone_refused_like_hf(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- refusals
 def _both_refuse(call, error, match, hf_error=None):
-    """`call(lib)` raises for HF PEFT (`hf_error`, default `error`) and for fastpeft (`error` matching `match`)."""
+    """`call(lib)` raises for HF PEFT (`hf_error`, default `error`) and for fastpeft (`error` matching
+    `match`)."""
     with pytest.raises(hf_error or error):
         call(peft)
     with pytest.raises(error, match=match):
@@ -206,8 +215,8 @@ def test_gks_without_general_adapters_refused(tmp_path):
 def test_top_k_above_experts_refused(tmp_path):
     """HF PEFT fails at the first forward (torch.topk); fastpeft already when building, with the counts."""
     tasks = save_experts(peft, "mlp", tmp_path, 2)
-    _both_refuse(lambda lib: out(build(lib, "mlp", tasks, top_k=3), "mlp"), ValueError, "top_k=3 exceeds the 2",
-                 hf_error=RuntimeError)
+    _both_refuse(lambda lib: out(build(lib, "mlp", tasks, top_k=3), "mlp"), ValueError,
+                 "top_k=3 exceeds the 2", hf_error=RuntimeError)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=0), dict(router_temperature=0.0)])
@@ -225,7 +234,8 @@ def test_non_linear_experts_refused(tmp_path):
 
 
 def test_embedding_parts_not_routed_like_hf(tmp_path, caplog):
-    """HF PEFT routes only the linear parts of experts that also adapt embeddings; so does fastpeft (and warns)."""
+    """HF PEFT routes only the linear parts of experts that also adapt embeddings; so does fastpeft (and
+    warns)."""
     tasks = save_experts(peft, "llama", tmp_path, 3, target_modules=["embed_tokens", "q_proj", "v_proj"])
     ours, theirs = build(fastpeft, "llama", tasks), build(peft, "llama", tasks)
     assert set(ours.peft_config["arrow_router"].target_modules) == {"q_proj", "v_proj"}

@@ -1,4 +1,5 @@
-"""BD-LoRA (`use_bdlora`) against HF PEFT: init and files, outputs and files both ways, gradients, merging, errors."""
+"""BD-LoRA (`use_bdlora`) against HF PEFT: init and files, outputs and files both ways, gradients, merging,
+errors."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ CASES = {
             dict(target_modules_bd_a=["lin1"], target_modules_bd_b=["lin0"], nblocks=2)),
     "mlp_loose": ("mlp", dict(target_modules=["lin0", "lin1", "head"], r=4, lora_alpha=8, lora_dropout=0.2),
                   dict(target_modules_bd_a=["lin1"], nblocks=4, match_strict=False)),
-    "gpt2_conv1d_loose": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj", "head"], r=4),  # Conv1D: plain
+    # Conv1D: plain
+    "gpt2_conv1d_loose": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj", "head"], r=4),
                           dict(target_modules_bd_a=["head"], nblocks=2, match_strict=False)),
     "llama": ("llama", dict(task_type="CAUSAL_LM", r=4, lora_alpha=8,
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -51,8 +53,8 @@ def inputs(case):
 
 
 def build(lib, case, perturb=True, **extra):
-    """A BD-LoRA model of `lib`; factories seed torch, so both libraries draw the same init. Then every trainable
-    tensor is perturbed by the same generator (B starts at zero)."""
+    """A BD-LoRA model of `lib`; factories seed torch, so both libraries draw the same init. Then every
+    trainable tensor is perturbed by the same generator (B starts at zero)."""
     model = lib.get_peft_model(factory(case)(), config(lib, case, **extra))
     if perturb:
         models.perturb(model, 0, 0.3)
@@ -69,7 +71,8 @@ def base_out(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_and_files_match_hf(case, tmp_path):
-    """Same seed: the same tensors (block factors kaiming-drawn / zero), keys, shapes and adapter_config.json."""
+    """Same seed: the same tensors (block factors kaiming-drawn / zero), keys, shapes and
+    adapter_config.json."""
     fp, hf = build(fastpeft, case, perturb=False), build(peft, case, perturb=False)
     close(models.forward(fp, inputs(case)), base_out(case), "identity at init")
     fp.save_pretrained(str(tmp_path / "fp"))
@@ -197,8 +200,8 @@ def test_unsupported_layer_kinds_refused():
     emb = fastpeft.LoraConfig(target_modules=["emb"], use_bdlora=BdLoraConfig(target_modules_bd_a=["emb"]))
     with pytest.raises(ValueError, match="use_bdlora is not supported on embedding"):
         fastpeft.get_peft_model(models.make_emb(), emb)
-    conv1d = fastpeft.LoraConfig(target_modules=["c_fc"], use_bdlora=BdLoraConfig(target_modules_bd_b=["c_fc"],
-                                                                                  nblocks=2))
+    conv1d = fastpeft.LoraConfig(target_modules=["c_fc"], use_bdlora=BdLoraConfig(
+        target_modules_bd_b=["c_fc"], nblocks=2))
     with pytest.raises(ValueError, match="Conv1D"):
         fastpeft.get_peft_model(models.make_conv1d_gpt2(), conv1d)
     params = fastpeft.LoraConfig(target_parameters=["lin0.weight"], target_modules=[],
@@ -219,7 +222,8 @@ def test_bad_subconfigs_refused():
     bias_b = dict(target_modules_bd_b=["lin0", "lin1"], nblocks=2)
     with pytest.raises(ValueError, match="lora_bias=True with a block-diagonal LoRA B"):
         fastpeft.get_peft_model(models.make_mlp(), config(fastpeft, "mlp", bd=bias_b, lora_bias=True))
-    cfg = fastpeft.LoraConfig(target_modules=["lin0"], use_bdlora={"target_modules_bd_a": ["lin0"], "nblocks": 2})
+    cfg = fastpeft.LoraConfig(target_modules=["lin0"],
+                              use_bdlora={"target_modules_bd_a": ["lin0"], "nblocks": 2})
     assert isinstance(cfg.use_bdlora, BdLoraConfig) and cfg.use_bdlora.match_strict is True
 
 
@@ -227,7 +231,8 @@ def test_refused_injection_leaves_model_unchanged():
     model = models.make_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError):
-        fastpeft.get_peft_model(model, config(fastpeft, "mlp", bd=dict(target_modules_bd_a=["lin1"], nblocks=2)))
+        fastpeft.get_peft_model(model,
+                                config(fastpeft, "mlp", bd=dict(target_modules_bd_a=["lin1"], nblocks=2)))
     assert not any(isinstance(m, BlockDiagonalLinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

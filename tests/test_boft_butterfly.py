@@ -1,8 +1,8 @@
 """BOFT with boft_n_butterfly_factor > 1 against HF PEFT 0.21.2, both ways, on nn.Linear and nn.Conv2d.
 
 HF PEFT builds N factors only with its fbd_cuda extension; here (no CUDA build) it builds one, and so does
-fastpeft for every new adapter. Files with N factors are made by HF PEFT with the extension, emulated on the CPU by
-`hf_with_extension` (HF's own FastBlockDiag path, fed by a PyTorch block-diagonal kernel).
+fastpeft for every new adapter. Files with N factors are made by HF PEFT with the extension, emulated on the
+CPU by `hf_with_extension` (HF's own FastBlockDiag path, fed by a PyTorch block-diagonal kernel).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from oracle_helpers import (
 
 
 class ConvNet(nn.Module):
-    """conv0 rotates in_channels * k * k = 8 * 2 * 2 = 32 inputs: room for 3 factors of 2 x 2 or 4 x 4 blocks."""
+    """conv0 rotates in_channels * k * k = 8 * 2 * 2 = 32 inputs: room for 3 factors of 2 x 2 or 4 x 4
+    blocks."""
 
     def __init__(self):
         super().__init__()
@@ -71,8 +72,8 @@ TABLE = ModelCaseTable(CASES, BOFTConfig, peft.BOFTConfig, scale=0.1,
 
 @pytest.fixture
 def hf_without_extension(monkeypatch):
-    """HF PEFT as where fbd_cuda does not compile (this machine, any CPU one): one factor, whatever the config.
-    Pinned so that a CUDA machine with ninja / nvcc runs the same comparison."""
+    """HF PEFT as where fbd_cuda does not compile (this machine, any CPU one): one factor, whatever the
+    config. Pinned so that a CUDA machine with ninja / nvcc runs the same comparison."""
     monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: None)
 
 
@@ -87,14 +88,15 @@ def factor_counts(model) -> set[int]:
 
 
 def assert_hf_loads_strictly(case, folder) -> None:
-    """HF PEFT (as it runs here) takes every tensor of the file in `folder`: no unexpected or missing adapter key."""
+    """HF PEFT (as it runs here) takes every tensor of the file in `folder`: no unexpected or missing adapter
+    key."""
     hf = peft.get_peft_model(TABLE.base(case), TABLE.config(peft, case))
     result = peft.set_peft_model_state_dict(hf, load_file(str(folder / "adapter_model.safetensors")))
     assert not result.unexpected_keys, result.unexpected_keys
     assert not [k for k in result.missing_keys if "boft_" in k], result.missing_keys
 
 
-# ---------------------------------------------------------------------------------------------- as HF runs here
+# -------------------------------------------------------------------------------------------- as HF runs here
 @pytest.mark.parametrize("case", list(CASES))
 def test_new_adapters_are_built_and_saved_like_hf_without_extension(case, tmp_path, hf_without_extension):
     """Same init outputs, file keys, shapes (one factor) and adapter_config.json (the factor as given)."""
@@ -131,7 +133,7 @@ def test_one_warning_per_config_names_the_single_factor(caplog):
     assert "boft_n_butterfly_factor=3" in message and "fbd_cuda" in message
 
 
-# ---------------------------------------------------------------------------------------------- N-factor files
+# --------------------------------------------------------------------------------------------- N-factor files
 @pytest.mark.parametrize("case", BUTTERFLIES)
 def test_hf_files_with_extension_load_with_all_factors(case, tmp_path, hf_with_extension):
     """HF-with-fbd_cuda file -> fastpeft (N factors, same outputs: the butterfly order) -> same file -> HF."""
@@ -154,7 +156,8 @@ def _hf_without_extension(case, seed=2):
 
 
 def _three_factor_model(tmp_path):
-    """fastpeft's 'square-f3-size' adapter loaded from an HF-with-extension file (3 factors), and its inputs."""
+    """fastpeft's 'square-f3-size' adapter loaded from an HF-with-extension file (3 factors), and its
+    inputs."""
     case = "square-f3-size"
     TABLE.build(peft, case).save_pretrained(str(tmp_path / "three"))
     ours = fastpeft.PeftModel.from_pretrained(TABLE.base(case), str(tmp_path / "three")).eval()
@@ -194,7 +197,8 @@ def test_failed_load_of_a_resizing_file_changes_nothing(direction, tmp_path, hf_
 
 
 def test_n_factor_file_hf_would_refuse_is_refused_before_any_change():
-    """lin0's 3 factors are valid, lin1's 5 are not (8 blocks): nothing is rebuilt, the error names the key."""
+    """lin0's 3 factors are valid, lin1's 5 are not (8 blocks): nothing is rebuilt, the error names the
+    key."""
     case = "square-f1-num"
     ours = fastpeft.get_peft_model(TABLE.base(case), TABLE.config(fastpeft, case))
     state = {k: v for k, v in peft.get_peft_model_state_dict(_hf_without_extension(case)).items()}

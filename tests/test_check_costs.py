@@ -1,11 +1,13 @@
 """The cheaper paths of the load / save / training checks (benchmarks/README.md) keep their results.
 
-- `fingerprint.module_entries` (one gather per weight, one host copy per device) gives the sums the fingerprint
-  defines: 64 evenly strided elements in row-major order, summed exactly; checked against a direct computation here.
-- `checks._checkpointing` reads only the modules that carry a `gradient_checkpointing` flag after its first call:
-  switching reentrant checkpointing on after some training steps must still make the adapters train, with the
-  gradients HF PEFT gives with non-reentrant checkpointing.
-- A load nested in `from_pretrained` records nothing again: a failure inside it still leaves the base as it was.
+- `fingerprint.module_entries` (one gather per weight, one host copy per device) gives the sums the
+  fingerprint defines: 64 evenly strided elements in row-major order, summed exactly; checked against a direct
+  computation here.
+- `checks._checkpointing` reads only the modules that carry a `gradient_checkpointing` flag after its first
+  call: switching reentrant checkpointing on after some training steps must still make the adapters train,
+  with the gradients HF PEFT gives with non-reentrant checkpointing.
+- A load nested in `from_pretrained` records nothing again: a failure inside it still leaves the base as it
+  was.
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def test_batched_entries_match_the_definition():
 
 
 def test_saved_fingerprint_matches_the_definition(tmp_path):
-    model = fastpeft.get_peft_model(models.make_mlp(), fastpeft.LoraConfig(target_modules=["lin0", "lin1"], r=4))
+    model = fastpeft.get_peft_model(models.make_mlp(),
+                                    fastpeft.LoraConfig(target_modules=["lin0", "lin1"], r=4))
     model.save_pretrained(str(tmp_path))
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as fh:
         stored = json.loads(fh.metadata()[fingerprint.METADATA_KEY])["modules"]
     base = model.get_base_model()
-    assert stored == {name: direct_entry(getattr(base, name).get_base_layer().weight) for name in ("lin0", "lin1")}
+    assert stored == {name: direct_entry(getattr(base, name).get_base_layer().weight)
+                      for name in ("lin0", "lin1")}
 
 
 def tiny_vit():
@@ -85,7 +89,8 @@ def lora_grads_after_late_checkpointing(lib, reentrant: bool) -> dict[str, torch
     for _ in range(2):
         model(pixel_values=pixels, labels=labels).loss.backward()
     model.zero_grad()
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     model(pixel_values=pixels, labels=labels).loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
@@ -104,7 +109,8 @@ def test_failure_inside_from_pretrained_nested_load_leaves_base_unchanged(tmp_pa
     """from_pretrained's inner load_adapter records nothing itself: the enclosing load restores the base."""
     saved = tmp_path / "a"
     peft.get_peft_model(models.make_mlp(), peft.LoraConfig(target_modules=["lin0", "lin1"], r=4,
-                                                           modules_to_save=["head"])).save_pretrained(str(saved))
+                                                           modules_to_save=["head"])
+                        ).save_pretrained(str(saved))
     weights = saved / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # truncated: fails inside the nested load, after injection
     base = models.make_mlp()

@@ -1,4 +1,5 @@
-"""Tests for the ``fastpeft`` command line: argument handling and a ``demo --quick`` end-to-end run (with its plot).
+"""Tests for the ``fastpeft`` command line: argument handling and a ``demo --quick`` end-to-end run (with its
+plot).
 
 The quick demo trains LoRA on all-MiniLM-L6-v2 for a few steps, saves the adapter, and the
 tests reload it (with fastpeft and with HF PEFT as an oracle) to compare predictions.
@@ -51,9 +52,10 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 def test_cli_import_is_lazy():
     code = (
-        "import sys, fastpeft; before = set(sys.modules); import fastpeft.cli, fastpeft.cli.demo, fastpeft.cli.train, "
-        "fastpeft.cli.merge, fastpeft.cli.inspect_adapter; "
-        "new = set(sys.modules) - before; print(sorted(m for m in new if m.split('.')[0] in ('torch', 'transformers', 'matplotlib')))"
+        "import sys, fastpeft; before = set(sys.modules); import fastpeft.cli, fastpeft.cli.demo, "
+        "fastpeft.cli.train, fastpeft.cli.merge, fastpeft.cli.inspect_adapter; "
+        "new = set(sys.modules) - before; print(sorted(m for m in new if m.split('.')[0] in ('torch', "
+        "'transformers', 'matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -82,8 +84,10 @@ def test_quick_demo_does_the_quick_work(quick_demo):
     assert code == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     assert (summary["n_train"], summary["n_test"], summary["epochs"]) == (64, 32, 1)
-    lora_b = [t for k, t in load_file(out / "adapter_model.safetensors").items() if k.endswith("lora_B.weight")]
-    assert lora_b and all(t.abs().max() > 0 for t in lora_b), "lora_B starts at zero: the quick demo did not train"
+    lora_b = [t for k, t in load_file(out / "adapter_model.safetensors").items()
+              if k.endswith("lora_B.weight")]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b), (
+        "lora_B starts at zero: the quick demo did not train")
 
 
 def test_quick_demo_writes_lora_seq_cls_adapter(quick_demo):

@@ -1,6 +1,7 @@
 """End-to-end CLI runs on tiny offline models: train -> inspect --json -> merge -> compare with the adapter.
 
-Also: ``--resume`` gives the same adapter as an uninterrupted run, and prompt tuning trains (but cannot merge).
+Also: ``--resume`` gives the same adapter as an uninterrupted run, and prompt tuning trains (but cannot
+merge).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _assert_merged_matches(auto_cls, base, adapter, merged, texts):
     plain = _logits(auto_cls.from_pretrained(merged), texts, merged)
     torch.testing.assert_close(plain, expected, atol=1e-5, rtol=0)
     disabled = _logits(auto_cls.from_pretrained(base), texts, merged)
-    assert (plain - disabled).abs().max() > 1e-4, "the adapter changed nothing; the comparison would be vacuous"
+    assert (plain - disabled).abs().max() > 1e-4, (
+        "the adapter changed nothing; the comparison would be vacuous")
 
 
 def test_lora_causal_lm_train_inspect_merge(setup, tmp_path, capsys):
@@ -135,7 +137,8 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path, capsys):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    losses = [[s["loss"] for s in json.loads((d / "metrics.json").read_text())["steps"]] for d in (full, split)]
+    losses = [[s["loss"] for s in json.loads((d / "metrics.json").read_text())["steps"]]
+              for d in (full, split)]
     assert losses[0] == losses[1] and len(losses[0]) == 9
     assert [p.name for p in (split / "checkpoints").iterdir()] == ["epoch-3"]
 
@@ -143,8 +146,8 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path, capsys):
 def test_resume_refuses_changed_options(setup, tmp_path, capsys):
     out = tmp_path / "run"
     _train(setup["llama"], setup["lm"], "--epochs", "1", "--r", "2", "--output-dir", out)
-    code = main(["train", str(setup["llama"]), str(setup["lm"]), "--r", "4", "--batch-size", "4", "--lr", "1e-2",
-                 "--epochs", "2", "--output-dir", str(out), "--resume"])
+    code = main(["train", str(setup["llama"]), str(setup["lm"]), "--r", "4", "--batch-size", "4", "--lr",
+                 "1e-2", "--epochs", "2", "--output-dir", str(out), "--resume"])
     assert code == 2 and "method_config" in capsys.readouterr().err
 
 

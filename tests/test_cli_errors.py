@@ -130,9 +130,9 @@ def test_every_config_field_becomes_a_flag(method):
 def test_flag_values_are_typed_from_annotations():
     spec = resolve_method("lora")
     args = build_parser().parse_args([
-        "train", "m", "d.jsonl", "--r", "4", "--lora-dropout", "0.1", "--use-rslora", "--target-modules", "q_proj",
-        "--exclude-modules", ".*mlp.*", "--rank-pattern", '{"q_proj": 2}', "--init-lora-weights", "gaussian",
-        "--layers-to-transform", "0", "1"])
+        "train", "m", "d.jsonl", "--r", "4", "--lora-dropout", "0.1", "--use-rslora", "--target-modules",
+        "q_proj", "--exclude-modules", ".*mlp.*", "--rank-pattern", '{"q_proj": 2}', "--init-lora-weights",
+        "gaussian", "--layers-to-transform", "0", "1"])
     assert flag_values(args, spec.config_cls) == {
         "r": 4, "lora_dropout": 0.1, "use_rslora": True, "target_modules": ["q_proj"],
         "exclude_modules": ".*mlp.*", "rank_pattern": {"q_proj": 2}, "init_lora_weights": "gaussian",

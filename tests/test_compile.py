@@ -1,9 +1,9 @@
 """torch.compile over fastpeft LoRA models: no graph breaks from the adapter layers, same outputs as eager.
 
 Breaks are counted with `torch._dynamo.explain`; the tiny Llama itself compiles in one graph (checked below),
-so every break would be fastpeft's. `fullgraph=True` compiles then prove there is none at all (explain does not
-count frames dynamo skips whole). The compiled outputs are checked against the eager ones and against HF PEFT
-(eager) holding the same adapter, loaded from the other library's files, both directions.
+so every break would be fastpeft's. `fullgraph=True` compiles then prove there is none at all (explain does
+not count frames dynamo skips whole). The compiled outputs are checked against the eager ones and against HF
+PEFT (eager) holding the same adapter, loaded from the other library's files, both directions.
 `backend="eager"` / `"aot_eager"` trace and (aot) autograd-split without inductor's compile time.
 """
 
@@ -181,7 +181,8 @@ def test_train_mode_with_dropout_under_autocast():
 
 def test_dora_cancelling_rows_in_graph():
     """DoRA rows where W and s B A nearly cancel are recomputed directly in eager; compiled, the graph does it
-    without a Python branch (torch.cond): same output as eager and as HF PEFT (which always computes directly)."""
+    without a Python branch (torch.cond): same output as eager and as HF PEFT (which always computes
+    directly)."""
     torch.manual_seed(0)
     ours = fastpeft.get_peft_model(models.make_mlp(), config(fastpeft, "dora_mlp")).eval()
     theirs = peft.get_peft_model(models.make_mlp(), config(peft, "dora_mlp")).eval()
@@ -198,7 +199,8 @@ def test_dora_cancelling_rows_in_graph():
 
 
 def _as_hf_state(ours, theirs) -> dict:
-    """fastpeft's state dict under HF PEFT's keys (DoRA's m is a ParameterDict entry here, `.weight` there)."""
+    """fastpeft's state dict under HF PEFT's keys (DoRA's m is a ParameterDict entry here, `.weight`
+    there)."""
     state = {}
     for key, value in ours.state_dict().items():
         hf_key = key if key in theirs.state_dict() else f"{key}.weight"
@@ -253,7 +255,8 @@ def test_mixed_batch_adapter_layers(n_adapters, tmp_path):
 
 
 def _adapters_in_both(n_adapters: int, tmp_path, r: int | None = None):
-    """`n_adapters` seeded LoRA adapters in fastpeft (the later ones with rank `r`), saved and loaded into HF PEFT."""
+    """`n_adapters` seeded LoRA adapters in fastpeft (the later ones with rank `r`), saved and loaded into HF
+    PEFT."""
     torch.manual_seed(0)
     names = [f"a{i}" for i in range(n_adapters)]
     ours = fastpeft.get_peft_model(models.make_llama(), config(fastpeft, "qv"), adapter_name=names[0])
@@ -269,7 +272,8 @@ def _adapters_in_both(n_adapters: int, tmp_path, r: int | None = None):
     return names, ours.eval(), theirs.eval()
 
 
-@pytest.mark.parametrize(("n_adapters", "tokens", "path"), [(2, 6, "loop"), (4, 6, "gathered"), (2, 24, "merged")],
+@pytest.mark.parametrize(("n_adapters", "tokens", "path"),
+                         [(2, 6, "loop"), (4, 6, "gathered"), (2, 24, "merged")],
                          ids=["loop", "gathered", "merged"])
 def test_peft_model_forward_with_adapter_names_compiles(n_adapters, tokens, path, tmp_path, monkeypatch):
     """`PeftModel(..., adapter_names=rows)` compiled whole (fullgraph): the per-row names reach the layers

@@ -1,10 +1,10 @@
-"""Size checks of a loaded adapter_config.json against the base model (checkpoint/config_values.py) must not refuse
-adapters HF PEFT loads.
+"""Size checks of a loaded adapter_config.json against the base model (checkpoint/config_values.py) must not
+refuse adapters HF PEFT loads.
 
 Two false refusals fixed here:
 - FourierFT's n_frequency counts spectral entries of a whole in x out weight, so it may exceed every single
-  dimension (the FourierFT paper uses n = 10000 on ViT-Base, whose largest dimension is 3072); it was bounded by
-  the largest dimension.
+  dimension (the FourierFT paper uses n = 10000 on ViT-Base, whose largest dimension is 3072); it was bounded
+  by the largest dimension.
 - Under DeepSpeed ZeRO-3 every parameter is a shape-(0,) placeholder with its real shape in `ds_shape`, so the
   bound fell to its floor (1024) and refused e.g. trainable token ids of a 128k vocabulary.
 """
@@ -51,7 +51,8 @@ def _x() -> torch.Tensor:
 def test_fourierft_with_more_frequencies_than_any_dimension_loads_both_ways(tmp_path, hf_saves):
     src, dst = (peft, fastpeft) if hf_saves else (fastpeft, peft)
     torch.manual_seed(1)
-    saved = src.get_peft_model(_model(), src.FourierFTConfig(n_frequency=2000, scaling=50.0, target_modules=["lin"]))
+    saved = src.get_peft_model(_model(),
+                               src.FourierFTConfig(n_frequency=2000, scaling=50.0, target_modules=["lin"]))
     with torch.no_grad():
         for name, param in saved.named_parameters():
             if "fourierft_spectrum" in name:
@@ -64,7 +65,8 @@ def test_fourierft_with_more_frequencies_than_any_dimension_loads_both_ways(tmp_
 
 
 def test_fourierft_n_frequency_beyond_the_largest_weight_is_still_refused(tmp_path):
-    peft.get_peft_model(_model(), peft.FourierFTConfig(n_frequency=100, target_modules=["lin"])).save_pretrained(
+    peft.get_peft_model(_model(),
+                        peft.FourierFTConfig(n_frequency=100, target_modules=["lin"])).save_pretrained(
         str(tmp_path))
     config = fastpeft.PeftConfig.from_pretrained(str(tmp_path))
     config.n_frequency = 128 * 128 + 1
@@ -85,7 +87,8 @@ def _zero3_placeholders(model: nn.Module) -> nn.Module:
 def test_sizes_under_zero3_placeholders_use_the_real_shapes(tmp_path):
     torch.manual_seed(0)
     big_vocab = nn.Sequential(nn.Embedding(5000, 16), nn.Linear(16, 16))
-    peft.get_peft_model(big_vocab, peft.TrainableTokensConfig(target_modules=["0"], token_indices=[4000, 4999])
+    peft.get_peft_model(big_vocab,
+                        peft.TrainableTokensConfig(target_modules=["0"], token_indices=[4000, 4999])
                         ).save_pretrained(str(tmp_path))
     config = fastpeft.PeftConfig.from_pretrained(str(tmp_path))
     check_config_for_model(config, big_vocab, tmp_path)  # the full model
@@ -96,14 +99,14 @@ def test_sizes_under_zero3_placeholders_use_the_real_shapes(tmp_path):
 
 
 # The central lists of size-like field names that checkpoint/config_values.py kept before each config field
-# declared its own bound (metadata "size"): every registered config field of these names must still be bounded,
-# with the same kind of bound.
+# declared its own bound (metadata "size"): every registered config field of these names must still be
+# bounded, with the same kind of bound.
 OLD_SIZE_FIELDS = {
-    "r", "init_r", "target_r", "mini_r", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
-    "num_transformer_submodules", "encoder_hidden_size", "encoder_num_layers", "n_frequency", "num_vectors",
-    "vector_length", "oft_block_size", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor",
-    "adapter_len", "adapter_layers", "num_tasks", "n_tasks", "n_skills", "n_splits", "num_ranks",
-    "decompose_factor", "topk", "num_cayley_neumann_terms",
+    "r", "init_r", "target_r", "mini_r", "num_virtual_tokens", "token_dim", "num_layers",
+    "num_attention_heads", "num_transformer_submodules", "encoder_hidden_size", "encoder_num_layers",
+    "n_frequency", "num_vectors", "vector_length", "oft_block_size", "boft_block_size", "boft_block_num",
+    "boft_n_butterfly_factor", "adapter_len", "adapter_layers", "num_tasks", "n_tasks", "n_skills",
+    "n_splits", "num_ranks", "decompose_factor", "topk", "num_cayley_neumann_terms",
 }
 OLD_MATRIX_SIZE_FIELDS = {"n_frequency"}
 OLD_SIZE_DICT_FIELDS = {"rank_pattern"}
@@ -130,6 +133,7 @@ def test_every_formerly_listed_size_field_still_declares_its_bound():
             want = _old_kind(field.name)
             checked += want is not None
             if want is not None and kinds.get(field.name) != want:
-                wrong.append(f"{spec.config_cls.__name__}.{field.name}: {kinds.get(field.name)!r}, not {want!r}")
+                wrong.append(f"{spec.config_cls.__name__}.{field.name}: "
+                             f"{kinds.get(field.name)!r}, not {want!r}")
     assert not wrong, wrong
     assert checked > 40  # every method's rank, the prompt dims, ...

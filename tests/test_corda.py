@@ -1,6 +1,6 @@
-"""CorDA init (Yang et al. 2024): fastpeft's preprocess_corda + init_lora_weights='corda' against HF PEFT 0.21 on the
-same base weights and calibration data (factors, residual base weights, outputs), cache / covariance files read
-across libraries, saved adapters loaded both ways, save-time conversion to plain LoRA, and errors.
+"""CorDA init (Yang et al. 2024): fastpeft's preprocess_corda + init_lora_weights='corda' against HF PEFT 0.21
+on the same base weights and calibration data (factors, residual base weights, outputs), cache / covariance
+files read across libraries, saved adapters loaded both ways, save-time conversion to plain LoRA, and errors.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from conversion_helpers import (
     assert_same_tensors,
 )
 
-TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
-LIBS = {"fastpeft": (fastpeft, CordaConfig, preprocess_corda), "hf": (peft, HFCordaConfig, hf_preprocess_corda)}
+TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"],
+           "conv1d_gpt2": ["c_fc", "c_proj"]}
+LIBS = {"fastpeft": (fastpeft, CordaConfig, preprocess_corda),
+        "hf": (peft, HFCordaConfig, hf_preprocess_corda)}
 
 
 def _calibration(model_name: str) -> list:
@@ -77,8 +79,8 @@ def _residual(peft_model):
 
 
 # ---------------------------------------------------------------------------------------------- init
-@pytest.mark.parametrize("model_name, method", [("mlp", "ipm"), ("mlp", "kpm"), ("llama", "ipm"), ("llama", "kpm"),
-                                                ("conv1d_gpt2", "ipm")])
+@pytest.mark.parametrize("model_name, method", [("mlp", "ipm"), ("mlp", "kpm"), ("llama", "ipm"),
+                                                ("llama", "kpm"), ("conv1d_gpt2", "ipm")])
 def test_factors_and_residual_match_hf_and_outputs_are_kept(model_name, method):
     fp, hf = _build("fastpeft", model_name, method), _build("hf", model_name, method)
     _assert_same(fp, hf)
@@ -106,7 +108,8 @@ def test_half_precision_base_matches_hf(autocast):
 
 def test_ipm_keeps_the_largest_triplets_and_kpm_the_smallest():
     ipm, kpm = _build("fastpeft", "mlp", "ipm", lora_alpha=4), _build("fastpeft", "mlp", "kpm", lora_alpha=4)
-    layers = {m: dict(model.named_modules())["base_model.model.lin1"] for m, model in (("ipm", ipm), ("kpm", kpm))}
+    layers = {m: dict(model.named_modules())["base_model.model.lin1"]
+              for m, model in (("ipm", ipm), ("kpm", kpm))}
     deltas = {m: (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
               for m, layer in layers.items()}
     assert torch.linalg.matrix_rank(deltas["ipm"]) == 4
@@ -144,7 +147,8 @@ def test_cache_and_covariance_files_are_read_across_libraries(writer, reader, tm
 def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tmp_path):
     built = {name: _build(name, model_name) for name in LIBS}
     source = built[writer]
-    source.peft_config["default"].init_lora_weights = True  # HF PEFT's workflow: the saved adapter is plain LoRA
+    # HF PEFT's workflow: the saved adapter is plain LoRA
+    source.peft_config["default"].init_lora_weights = True
     source.save_pretrained(str(tmp_path / "a"))
     other = built[reader]
     other.peft_config["default"].init_lora_weights = True
@@ -157,7 +161,8 @@ def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tm
     lib = LIBS[reader][0]
     loaded = lib.PeftModel.from_pretrained(_residual(source), str(tmp_path / "a"))
     inputs = _inputs(model_name)
-    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_config_file_round_trips_corda_config(tmp_path):
@@ -184,7 +189,8 @@ def _train_step(model, model_name: str) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     inputs = _inputs(model_name)
     model.train()
-    out = model(**inputs, labels=inputs["input_ids"]).loss if model_name == "llama" else model(inputs).pow(2).mean()
+    out = (model(**inputs, labels=inputs["input_ids"]).loss if model_name == "llama"
+           else model(inputs).pow(2).mean())
     out.backward()
     opt.step()
     model.eval()
@@ -209,7 +215,8 @@ def test_preprocessing_with_another_rank_is_refused():
     model = models.make_mlp()
     pre_config = _config("fastpeft", "mlp", r=2)
     preprocess_corda(model, pre_config, run_model=_runner(model, _calibration("mlp")))
-    with pytest.raises(ValueError, match=r"U_WC has shape \(20, 2\), expected \(20, 4\).*same model and LoraConfig"):
+    with pytest.raises(ValueError,
+                       match=r"U_WC has shape \(20, 2\), expected \(20, 4\).*same model and LoraConfig"):
         fastpeft.get_peft_model(model, _config("fastpeft", "mlp", r=4))
 
 
@@ -219,7 +226,8 @@ def test_bad_config_and_preprocessing_input_are_refused(tmp_path):
     with pytest.raises(TypeError, match="corda_config must be a CordaConfig"):
         fastpeft.LoraConfig(init_lora_weights="corda", corda_config=3)
     assert fastpeft.LoraConfig(init_lora_weights="corda").corda_config == CordaConfig()
-    coerced = fastpeft.LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "kpm", "verbose": True})
+    coerced = fastpeft.LoraConfig(init_lora_weights="corda",
+                                  corda_config={"corda_method": "kpm", "verbose": True})
     assert coerced.corda_config == CordaConfig(corda_method="kpm", verbose=True)
     model = models.make_mlp()
     with pytest.raises(ValueError, match="needs run_model"):
@@ -228,11 +236,13 @@ def test_bad_config_and_preprocessing_input_are_refused(tmp_path):
         preprocess_corda(model, fastpeft.LoraConfig(target_modules=["lin0"]), run_model=lambda: None)
     with pytest.raises(ValueError, match="'lin1' never ran during run_model"):
         preprocess_corda(model, _config("fastpeft", "mlp"), run_model=lambda: model.lin0(torch.randn(4, 10)))
-    with pytest.raises(ValueError, match=r"r=4 for layer 'head' exceeds min\(in_features, out_features\) = 2"):
+    with pytest.raises(ValueError,
+                       match=r"r=4 for layer 'head' exceeds min\(in_features, out_features\) = 2"):
         preprocess_corda(model, _config("fastpeft", "mlp", target_modules=["head"]),
                          run_model=_runner(model, _calibration("mlp")))
     with pytest.raises(ValueError, match="NaN or inf"):
-        preprocess_corda(model, _config("fastpeft", "mlp"), run_model=lambda: model(torch.full((2, 10), float("nan"))))
+        preprocess_corda(model, _config("fastpeft", "mlp"),
+                         run_model=lambda: model(torch.full((2, 10), float("nan"))))
     assert not any(hasattr(m, "_fastpeft_corda_eigens") for m in model.modules())  # nothing half-done left
 
 

@@ -1,4 +1,5 @@
-"""CPT (context-aware prompt tuning): files and logits against HF PEFT, the CPT loss, training rules, generate.
+"""CPT (context-aware prompt tuning): files and logits against HF PEFT, the CPT loss, training rules,
+generate.
 
 HF PEFT is the oracle.
 """
@@ -126,7 +127,8 @@ def test_decay_weighs_older_examples_less():
     decayed = cpt_loss(logits, targets, types, config)
     config.opt_weighted_loss_type = "none"
     plain = cpt_loss(logits, targets, types, config)
-    ce = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0, 1:], reduction="none", ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0, 1:], reduction="none",
+                                           ignore_index=-100)
     # input types shift by 5 to [6, 7, 8, 9]: labels are the prompt's type 4 and the input's 8 (the newest)
     label_ce = ce[targets[0, 1:] != -100]
     assert label_ce.shape == (2,)
@@ -135,7 +137,8 @@ def test_decay_weighs_older_examples_less():
 
 
 def test_targets_follow_type_mask():
-    config = _config(fastpeft, cpt_token_ids=[5, 6, 7, 8, 9], cpt_mask=[1] * 5, cpt_tokens_type_mask=[1, 2, 2, 3, 4])
+    config = _config(fastpeft, cpt_token_ids=[5, 6, 7, 8, 9], cpt_mask=[1] * 5,
+                     cpt_tokens_type_mask=[1, 2, 2, 3, 4])
     user_types = torch.tensor([[1, 2, 3, 4]])
     targets, types = cpt_targets(config, torch.tensor([[10, 11, 12, 13]]), user_types)
     assert targets.tolist() == [[-100, -100, -100, -100, 9, -100, -100, -100, 13]]
@@ -148,7 +151,8 @@ def test_targets_follow_type_mask():
 def test_loss_uses_the_active_adapters_config():
     """HF PEFT reads the loss settings of the adapter named "default" whatever is active."""
     model = fastpeft.get_peft_model(models.make_llama(), _config(fastpeft, opt_weighted_loss_type="decay",
-                                                                 opt_loss_decay_factor=0.0), adapter_name="ctx")
+                                                                 opt_loss_decay_factor=0.0),
+                                    adapter_name="ctx")
     inputs = models.llama_inputs()
     labels = inputs["input_ids"]
     out = model(**inputs, labels=labels, input_type_mask=INPUT_TYPES)

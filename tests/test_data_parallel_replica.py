@@ -1,11 +1,13 @@
-"""nn.DataParallel replicas of a PeftModel must run their own weights (peft_model.py `_replicate_for_data_parallel`).
+"""nn.DataParallel replicas of a PeftModel must run their own weights (peft_model.py
+`_replicate_for_data_parallel`).
 
-A plain PeftModel (no task_type) gives each instance a `forward` with the base model's signature (for Trainer's column filtering), stored
-in the instance `__dict__` as a method bound to that instance. DataParallel (what transformers' Trainer uses on a
-multi-GPU machine without torchrun) builds replicas by copying `__dict__`, so every replica's `forward` ran the
-original module on the first device's weights. torch's `replicate` broadcasts with CUDA, so the replicas are built
-here the way it builds them (same `_replicate_for_data_parallel` calls, same tree, parameter copies as non-leaf
-tensors) on the CPU, and compared with HF PEFT's replicas.
+A plain PeftModel (no task_type) gives each instance a `forward` with the base model's signature (for
+Trainer's column filtering), stored in the instance `__dict__` as a method bound to that instance.
+DataParallel (what transformers' Trainer uses on a multi-GPU machine without torchrun) builds replicas by
+copying `__dict__`, so every replica's `forward` ran the original module on the first device's weights.
+torch's `replicate` broadcasts with CUDA, so the replicas are built here the way it builds them (same
+`_replicate_for_data_parallel` calls, same tree, parameter copies as non-leaf tensors) on the CPU, and
+compared with HF PEFT's replicas.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from models import make_llama  # noqa: E402
 
 
 def _replica(model: nn.Module, scale: float) -> nn.Module:
-    """One replica as torch.nn.parallel.replicate builds it, its parameters `scale` x the original's (standing in
-    for another device's copy, so that running the original's weights shows)."""
+    """One replica as torch.nn.parallel.replicate builds it, its parameters `scale` x the original's (standing
+    in for another device's copy, so that running the original's weights shows)."""
     copies = {id(m): m._replicate_for_data_parallel() for m in model.modules()}
     for module in model.modules():
         replica = copies[id(module)]

@@ -1,4 +1,5 @@
-"""fastpeft LoRA on tiny Diffusers models (UNet2DConditionModel, SD3Transformer2DModel), checked against HF PEFT.
+"""fastpeft LoRA on tiny Diffusers models (UNet2DConditionModel, SD3Transformer2DModel), checked against HF
+PEFT.
 
 Covers get_peft_model and inject_adapter_in_model, training, save/load, files, state-dict helpers and merging.
 """
@@ -27,7 +28,8 @@ def tiny_unet():
     return diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
         sample_size=8, norm_num_groups=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
 
 
@@ -149,7 +151,8 @@ def test_conv_layers_get_conv_adapters():
 
 
 def test_no_default_targets_for_diffusers_models():
-    # like HF PEFT (which fails with a KeyError on 'model_type'), diffusers models have no default target_modules
+    # like HF PEFT (which fails with a KeyError on 'model_type'), diffusers models have no default
+    # target_modules
     with pytest.raises((ValueError, KeyError)):
         peft.get_peft_model(base("unet"), peft.LoraConfig(r=4))
     with pytest.raises(ValueError, match="target_modules"):
@@ -162,7 +165,8 @@ def test_no_default_targets_for_diffusers_models():
 def test_forward_kwargs_pass_through_peft_model():
     x = unet_inputs()
     model = perturb(fastpeft.get_peft_model(base("unet"), config(fastpeft, "unet_attn")))
-    by_kw = model(sample=x["sample"], timestep=x["timestep"], encoder_hidden_states=x["encoder_hidden_states"])
+    by_kw = model(sample=x["sample"], timestep=x["timestep"],
+                  encoder_hidden_states=x["encoder_hidden_states"])
     assert isinstance(by_kw, diffusers.models.unets.unet_2d_condition.UNet2DConditionOutput)
     positional = model(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
     close(positional, by_kw.sample, "positional vs keyword")
@@ -291,16 +295,19 @@ def test_long_target_lists_are_condensed_like_hf_peft(tmp_path):
     assert set(fp.peft_config["default"].target_modules) == hf_targets
 
 
-# ------------------------------------------------------------------------------------------- state-dict helpers
+# ----------------------------------------------------------------------------------------- state-dict helpers
 
 
 @pytest.mark.parametrize("case_id", ["unet_conv", "sd3_conv_patterns", "sd3_all_linear"])
 def test_state_dict_helpers_on_injected_model(case_id):
-    """The diffusers loader path: inject_adapter_in_model + get/set_peft_model_state_dict, keys without prefix."""
+    """The diffusers loader path: inject_adapter_in_model + get/set_peft_model_state_dict, keys without
+    prefix."""
     kind, _ = CASES[case_id]
     x = MODELS[kind][1]()
-    fp = perturb(fastpeft.inject_adapter_in_model(config(fastpeft, case_id), base(kind), adapter_name="pokemon"))
-    hf = perturb(peft.inject_adapter_in_model(config(peft, case_id), base(kind), adapter_name="pokemon"), seed=1)
+    fp = perturb(fastpeft.inject_adapter_in_model(config(fastpeft, case_id), base(kind),
+                                                  adapter_name="pokemon"))
+    hf = perturb(peft.inject_adapter_in_model(config(peft, case_id), base(kind), adapter_name="pokemon"),
+                 seed=1)
     fp_sd = fastpeft.get_peft_model_state_dict(fp, adapter_name="pokemon")
     hf_sd = peft.get_peft_model_state_dict(hf, adapter_name="pokemon")
     assert set(fp_sd) == set(hf_sd) and fp_sd
@@ -361,7 +368,8 @@ def test_merge_and_unload_keeps_outputs(case_id):
 
 
 def test_merge_unmerge_layers_of_injected_model():
-    """diffusers' fuse_lora / unfuse_lora call merge() / unmerge() on each adapter layer of an injected model."""
+    """diffusers' fuse_lora / unfuse_lora call merge() / unmerge() on each adapter layer of an injected
+    model."""
     from fastpeft.core.layer import AdapterLayer
 
     x = unet_inputs()
@@ -381,10 +389,10 @@ def test_merge_unmerge_layers_of_injected_model():
     close(out(model, x), expected, "after unmerge")
 
 
-# ------------------------------------------------------------------------------------------- diffusers' layer API
+# --------------------------------------------------------------------------------------- diffusers' layer API
 # diffusers drives adapter layers directly: set_adapter(list) + set_scale per adapter (set_adapters weights),
-# scale_layer / unscale_layer around a forward (lora_scale), scale_layer + merge(safe_merge=, adapter_names=) /
-# unmerge (fuse_lora / unfuse_lora). The same calls on fastpeft's and HF PEFT's layers must agree.
+# scale_layer / unscale_layer around a forward (lora_scale), scale_layer + merge(safe_merge=, adapter_names=)
+# / unmerge (fuse_lora / unfuse_lora). The same calls on fastpeft's and HF PEFT's layers must agree.
 
 SCALED_METHODS = {
     "lora": lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN),
@@ -443,7 +451,8 @@ def test_layer_scale_merge_calls_match_hf_peft(method):
             step(fp_layers[name])
             step(hf_layers[name])
         for name, layer in fp_layers.items():
-            assert layer.scaling == pytest.approx(hf_layers[name].scaling), f"{method}, {what}: scaling of {name}"
+            assert layer.scaling == pytest.approx(hf_layers[name].scaling), (
+                f"{method}, {what}: scaling of {name}")
             assert layer.merged_adapters == hf_layers[name].merged_adapters
             close(layer.get_base_layer().weight, hf_layers[name].get_base_layer().weight, f"{what}: {name}")
         close(out(fp, x), out(hf, x), f"{method}, after {what}")
@@ -452,9 +461,9 @@ def test_layer_scale_merge_calls_match_hf_peft(method):
 
 @pytest.mark.parametrize("lib", [fastpeft, peft], ids=["fastpeft", "hf"])
 def test_disable_input_dtype_casting_with_layerwise_cast_adapter_weights(lib):
-    """Adapter weights stored in bf16 and upcast to fp32 just before each runs (diffusers' layerwise casting on
-    the LoRA modules): casting the input to the stored dtype fails; inside disable_input_dtype_casting the fp32
-    input reaches the upcast weights. Both libraries behave the same, with the same numbers."""
+    """Adapter weights stored in bf16 and upcast to fp32 just before each runs (diffusers' layerwise casting
+    on the LoRA modules): casting the input to the stored dtype fails; inside disable_input_dtype_casting the
+    fp32 input reaches the upcast weights. Both libraries behave the same, with the same numbers."""
     from diffusers.hooks import apply_layerwise_casting
 
     x = unet_inputs()

@@ -25,13 +25,15 @@ MODES = ("ddp", "fsdp")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start both 2-process runs at once; return {mode: output folder}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     outs, procs = {}, {}
     for mode in MODES:
         outs[mode] = tmp_path_factory.mktemp(mode)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(HERE, "ddp_worker.py"), mode, str(outs[mode])]
-        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, env=env)
     for mode, proc in procs.items():
         try:
             log, _ = proc.communicate(timeout=240)
@@ -47,7 +49,8 @@ def _digests(folder) -> list[str]:
 
 
 def _fresh():
-    return get_peft_model(make_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(make_llama(),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
 
 
 def test_ddp_ranks_agree_and_only_rank0_writes(runs):

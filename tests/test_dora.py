@@ -70,7 +70,8 @@ def test_hf_dora_adapter_loads_in_fastpeft(case, tmp_path):
     hf_out = models.forward(hf, inputs(case))
     differs(hf_out, base_out(case))
     hf.save_pretrained(str(tmp_path))
-    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert any(k.endswith("lora_magnitude_vector")
+               for k in load_file(str(tmp_path / "adapter_model.safetensors")))
     fp = fastpeft.PeftModel.from_pretrained(models.MODELS[CASES[case][0]][0](), str(tmp_path)).eval()
     close(models.forward(fp, inputs(case)), hf_out, "fastpeft(HF DoRA adapter) vs HF PEFT")
 
@@ -176,7 +177,8 @@ def test_dora_and_plain_adapters_together_match_hf():
     x = inputs("mlp")
     expected = models.forward(hf, x)
     close(models.forward(fp, x), expected, "three active adapters")
-    models.assert_merge_roundtrip(fp, x, expected, close)  # later DoRA adapters need the unmerged weight's norm
+    # later DoRA adapters need the unmerged weight's norm
+    models.assert_merge_roundtrip(fp, x, expected, close)
     hf_w = dict(hf.merge_and_unload().named_parameters())
     for n, p in fp.merge_and_unload().named_parameters():
         close(p, hf_w[n], f"merged weight {n}")

@@ -1,5 +1,5 @@
-"""The HF-PEFT-written adapter folders in tests_ecosystem/data/ (used where HF PEFT is not installed) are what the
-pinned HF PEFT writes today: same config, same tensors."""
+"""The HF-PEFT-written adapter folders in tests_ecosystem/data/ (used where HF PEFT is not installed) are what
+the pinned HF PEFT writes today: same config, same tensors."""
 
 from __future__ import annotations
 

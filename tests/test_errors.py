@@ -1,4 +1,5 @@
-"""Bad input: each case must fail loudly, with a message that names the problem, and leave things as they were."""
+"""Bad input: each case must fail loudly, with a message that names the problem, and leave things as they
+were."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+                      num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=32, pad_token_id=0)
     return LlamaForCausalLM(cfg)
 
 
@@ -270,7 +272,7 @@ def test_get_peft_model_on_peft_model_points_to_add_adapter():
     assert list(pm.state_dict()) == keys
 
 
-# ---------------------------------------------------------------------------------------------- interrupted save
+# ------------------------------------------------------------------------------------------- interrupted save
 _KILLED_SAVE = textwrap.dedent(
     """
     import os, shutil, signal, sys
@@ -339,7 +341,8 @@ def test_save_killed_midway_keeps_previous_adapter_files(tmp_path):
     assert json.loads((out_dir / "adapter_config.json").read_text())["lora_alpha"] == 8
 
     # only the final files, plus the killed save's hidden staging folder (checkpoint/atomic.py)
-    extra = sorted(set(os.listdir(out_dir)) - {"adapter_model.safetensors", "adapter_config.json", "README.md"})
+    extra = sorted(set(os.listdir(out_dir))
+                   - {"adapter_model.safetensors", "adapter_config.json", "README.md"})
     assert len(extra) == 1 and re.fullmatch(r"\.fastpeft-staging-.*", extra[0]), extra
     assert os.listdir(out_dir / extra[0]) == ["adapter_model.safetensors"], "the crash did not hit the write"
 

@@ -1,5 +1,6 @@
 """EVA init (Paischer et al. 2024, "Explained Variance Adaptation"): rank redistribution within the budget,
-whitening, equality with HF PEFT 0.21 on the same data (ranks, alphas, lora_A), files that HF PEFT loads, errors.
+whitening, equality with HF PEFT 0.21 on the same data (ranks, alphas, lora_A), files that HF PEFT loads,
+errors.
 """
 
 from __future__ import annotations
@@ -79,14 +80,16 @@ def test_budget_kept_and_ranks_follow_explained_variance():
     ranks = _ranks(model)
     assert sum(ranks.values()) == R * 14  # budget: r x 2 blocks x (q, k, v, o, gate, up, down)
     assert max(ranks.values()) <= round(R * 2.0) and len(set(ranks.values())) > 1
-    for name, rank in ranks.items():  # alpha follows the rank (adjust_scaling_factors): scaling stays alpha / r
+    # alpha follows the rank (adjust_scaling_factors): scaling stays alpha / r
+    for name, rank in ranks.items():
         layer = model.get_submodule(PREFIX + name)
         assert layer.r["default"] == rank and layer.scaling["default"] == pytest.approx(2.0)
     assert set(_ranks(_eva_model(fastpeft, data=data, rho=1.0)).values()) == {R}  # rho=1: no redistribution
 
 
 def test_ranks_take_the_largest_explained_variance_ratios():
-    """Greedy property: a layer's last kept ratio is >= every other layer's first dropped one (distinct inputs)."""
+    """Greedy property: a layer's last kept ratio is >= every other layer's first dropped one (distinct
+    inputs)."""
     data, targets = _batches(), ["q_proj", "o_proj", "down_proj"]
     cfg = fastpeft.LoraConfig(r=R, target_modules=targets, init_lora_weights="eva")
     base = models.make_llama()
@@ -139,10 +142,12 @@ def test_given_state_dict_rank_zero_and_new_rank_match_hf(tmp_path):
              for i in range(2) for p, n in (("q_proj", 0 if i == 0 else 4), ("v_proj", 6))}
     ours = _eva_model(fastpeft, ["q_proj", "v_proj"], state={k: v.clone() for k, v in state.items()})
     theirs = _eva_model(peft, ["q_proj", "v_proj"], state={k: v.clone() for k, v in state.items()})
-    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # rank 0: no LoRA
+    # rank 0: no LoRA
+    assert isinstance(ours.base_model.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     for attr in ("rank_pattern", "alpha_pattern"):
         assert getattr(ours.peft_config["default"], attr) == getattr(theirs.peft_config["default"], attr)
-    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    assert (sorted(ours.peft_config["default"].target_modules)
+            == sorted(theirs.peft_config["default"].target_modules))
     a_ours, a_theirs = _lora_a(ours), _lora_a(theirs)
     assert a_ours.keys() == a_theirs.keys()
     for key in a_ours:
@@ -161,7 +166,8 @@ def test_saved_adapter_loads_in_hf_peft_with_equal_outputs(tmp_path):
     assert loaded.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
     batch = {k: v for k, v in data[0].items()}
     with torch.no_grad():
-        ours, theirs, base = model(**batch).logits, loaded(**batch).logits, models.make_llama()(**batch).logits
+        ours, theirs, base = (model(**batch).logits, loaded(**batch).logits,
+                              models.make_llama()(**batch).logits)
     assert not torch.allclose(ours, base, atol=1e-4)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     reloaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path)

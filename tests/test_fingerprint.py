@@ -1,6 +1,7 @@
-"""Base-model fingerprint (a fastpeft extension): saved in the safetensors metadata, invisible to HF PEFT, checked on
-load. Same base (any dtype) -> silent; different weights or shapes -> a warning naming the modules (strict=True:
-AdapterLoadError, model untouched); no fingerprint where the saved base is not the one to load onto."""
+"""Base-model fingerprint (a fastpeft extension): saved in the safetensors metadata, invisible to HF PEFT,
+checked on load. Same base (any dtype) -> silent; different weights or shapes -> a warning naming the modules
+(strict=True: AdapterLoadError, model untouched); no fingerprint where the saved base is not the one to load
+onto."""
 
 from __future__ import annotations
 
@@ -58,11 +59,13 @@ def test_saved_in_metadata_and_hf_loads_silently_both_ways(tmp_path, caplog):
     assert sorted(stored["modules"]) == ["lin0", "lin1"]
     assert stored["modules"]["lin0"]["shape"] == [20, 10]
     assert len(json.dumps(stored)) < 600  # small: a few numbers per module
-    assert "fastpeft_base_fingerprint" not in json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert "fastpeft_base_fingerprint" not in json.loads(
+        (tmp_path / "ours" / "adapter_config.json").read_text())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "ours")).eval()
-    assert [str(w.message) for w in caught if "fingerprint" in str(w.message) or "Unexpected" in str(w.message)] == []
+    assert [str(w.message) for w in caught
+            if "fingerprint" in str(w.message) or "Unexpected" in str(w.message)] == []
     close(models.forward(theirs, models.mlp_inputs()), expected, "fastpeft file -> HF")
     theirs.save_pretrained(str(tmp_path / "hf"))
     assert _stored(tmp_path / "hf") is None  # HF PEFT's files carry none: never checked
@@ -129,10 +132,12 @@ def test_shape_and_missing_module_reported(tmp_path):
     _lora().save_pretrained(str(tmp_path / "a"))
     wider = models.MLP(hidden=24)
     found = fingerprint.check_fingerprint(wider, str(tmp_path / "a"), "default")
-    assert found == {"lin0": "shape [24, 10], saved with [20, 10]", "lin1": "shape [24, 24], saved with [20, 20]"}
+    assert found == {"lin0": "shape [24, 10], saved with [20, 10]",
+                     "lin1": "shape [24, 24], saved with [20, 20]"}
     renamed = torch.nn.Sequential()
     renamed.add_module("lin0", torch.nn.Linear(10, 20))
-    assert fingerprint.check_fingerprint(renamed, str(tmp_path / "a"), "default")["lin1"] == "not in this model"
+    assert (fingerprint.check_fingerprint(renamed, str(tmp_path / "a"), "default")["lin1"]
+            == "not in this model")
 
 
 def test_transformers_model_and_second_adapter_folder(tmp_path, caplog):
@@ -188,7 +193,8 @@ def test_malformed_fingerprint_is_ignored_with_a_warning(tmp_path, caplog, text)
     expected = _lora()
     expected.save_pretrained(str(tmp_path / "a"))
     tensors = load_file(str(tmp_path / "a" / WEIGHTS))
-    save_file(tensors, str(tmp_path / "a" / WEIGHTS), metadata={"format": "pt", fingerprint.METADATA_KEY: text})
+    save_file(tensors, str(tmp_path / "a" / WEIGHTS),
+              metadata={"format": "pt", fingerprint.METADATA_KEY: text})
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         loaded = fastpeft.PeftModel.from_pretrained(_other_base(), str(tmp_path / "a"), strict=True)
     assert any("unreadable base-model fingerprint" in m for m in _warnings(caplog))
@@ -200,11 +206,13 @@ def test_entry_reads_a_strided_sample_of_any_layout():
     a = fingerprint.module_entry(torch.nn.Linear(70, 300).requires_grad_(False).to(torch.float32))
     assert a["shape"] == [300, 70]
     linear = torch.nn.Linear(70, 300)
-    linear.weight = torch.nn.Parameter(weight.t().contiguous().t())  # non-contiguous view: no full copy needed
+    # non-contiguous view: no full copy needed
+    linear.weight = torch.nn.Parameter(weight.t().contiguous().t())
     plain = torch.nn.Linear(70, 300)
     plain.weight = torch.nn.Parameter(weight.clone())
     assert fingerprint.module_entry(linear) == fingerprint.module_entry(plain)
-    assert fingerprint.entry_difference(fingerprint.module_entry(plain), fingerprint.module_entry(linear)) is None
+    assert fingerprint.entry_difference(
+        fingerprint.module_entry(plain), fingerprint.module_entry(linear)) is None
     plain.weight.data[0, 0] += 1.0  # index 0 is always sampled
     assert fingerprint.entry_difference(fingerprint.module_entry(linear), fingerprint.module_entry(plain))
 
@@ -223,7 +231,8 @@ def test_layers_merged_at_load_time_are_not_judged(tmp_path, caplog):
 def test_entry_of_scalar_and_one_dimensional_weights():
     holder = torch.nn.Module()
     holder.register_parameter("scale", torch.nn.Parameter(torch.tensor(3.0)))
-    assert fingerprint.module_entry(holder) == {"shape": [], "dtype": "float32", "sum": 3.0, "abs": 3.0, "alt": 3.0}
+    assert fingerprint.module_entry(holder) == {"shape": [], "dtype": "float32", "sum": 3.0,
+                                                "abs": 3.0, "alt": 3.0}
     norm = torch.nn.LayerNorm(5)
     assert fingerprint.module_entry(norm)["sum"] == 5.0
     quantised_like = torch.nn.Module()

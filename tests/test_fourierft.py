@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op thre
 
 CASES = {
     "mlp": ("mlp", dict(target_modules=["lin0", "lin1"], n_frequency=30)),
-    "mlp_options": ("mlp", dict(target_modules=["lin0", "lin1"], n_frequency=25, scaling=12.5, random_loc_seed=3,
-                                init_weights=True, bias="fourier_only")),
+    "mlp_options": ("mlp", dict(target_modules=["lin0", "lin1"], n_frequency=25, scaling=12.5,
+                                random_loc_seed=3, init_weights=True, bias="fourier_only")),
     "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], n_frequency=40)),
     "llama": ("llama", dict(task_type="CAUSAL_LM", n_frequency=50, n_frequency_pattern={"v_proj": 20})),
     "gpt2": ("gpt2", dict(task_type="CAUSAL_LM", n_frequency=60, bias="all")),
@@ -59,11 +59,13 @@ def test_seeded_init_and_locations_match_hf(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_files_and_outputs_both_ways(case, tmp_path):
-    """HF save -> fastpeft load and fastpeft save -> HF load give the same outputs, keys, values and config."""
+    """HF save -> fastpeft load and fastpeft save -> HF load give the same outputs, keys, values and
+    config."""
     hf = build(peft, case)
     oracle_helpers.assert_differs(models.forward(hf, inputs(case)), models.forward(base(case), inputs(case)))
     oracle_helpers.assert_files_both_ways(hf, partial(base, case), inputs(case), tmp_path, close)
-    assert any(".fourierft_spectrum" in k for k in load_file(str(tmp_path / "hf" / "adapter_model.safetensors")))
+    assert any(".fourierft_spectrum" in k
+               for k in load_file(str(tmp_path / "hf" / "adapter_model.safetensors")))
 
 
 def test_fastpeft_built_adapter_loads_in_hf(tmp_path):
@@ -71,7 +73,8 @@ def test_fastpeft_built_adapter_loads_in_hf(tmp_path):
     fp = build(fastpeft, "llama", seed=3)
     fp.save_pretrained(str(tmp_path))
     hf = peft.PeftModel.from_pretrained(base("llama"), str(tmp_path)).eval()
-    close(models.forward(hf, inputs("llama")), models.forward(fp, inputs("llama")), "HF(fastpeft) vs fastpeft")
+    close(models.forward(hf, inputs("llama")), models.forward(fp, inputs("llama")),
+          "HF(fastpeft) vs fastpeft")
 
 
 @pytest.mark.parametrize("case", ["mlp", "gpt2_conv1d", "llama", "gpt2"])
@@ -94,9 +97,9 @@ def test_merge_unmerge_and_unload_match_hf(case):
 
 
 def test_disable_set_delete_and_mixed_batch_match_hf():
-    oracle_helpers.assert_adapter_switching_like_hf(_two_adapters(fastpeft, "llama"), _two_adapters(peft, "llama"),
-                                                    inputs("llama"), models.forward(base("llama"), inputs("llama")),
-                                                    close)
+    oracle_helpers.assert_adapter_switching_like_hf(_two_adapters(fastpeft, "llama"),
+                                                    _two_adapters(peft, "llama"), inputs("llama"),
+                                                    models.forward(base("llama"), inputs("llama")), close)
 
 
 def test_n_frequency_pattern_follows_hf_lookup():
@@ -117,7 +120,8 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="bias must be one of"):
         FourierFTConfig(bias="lora_only")
     with pytest.raises(ValueError, match="random_loc_seed"):
-        fastpeft.get_peft_model(models.make_mlp(), FourierFTConfig(target_modules=["lin0"], random_loc_seed=None,
-                                                                   n_frequency=5))
-    model = fastpeft.get_peft_model(models.make_mlp(), FourierFTConfig(target_modules=["lin0"], n_frequency=5))
+        fastpeft.get_peft_model(models.make_mlp(), FourierFTConfig(
+            target_modules=["lin0"], random_loc_seed=None, n_frequency=5))
+    model = fastpeft.get_peft_model(models.make_mlp(),
+                                    FourierFTConfig(target_modules=["lin0"], n_frequency=5))
     assert isinstance(model.base_model, FourierFTModel)

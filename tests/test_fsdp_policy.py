@@ -34,7 +34,8 @@ def test_blocks_and_trainable_leaves_like_hf():
 def test_environment_names_the_block_classes(monkeypatch):
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaRMSNorm")
     wrapped = _wrapped(fastpeft, _lora(fastpeft))
-    assert any(n.endswith("input_layernorm") for n in wrapped) and not any(n.endswith("layers.0") for n in wrapped)
+    assert (any(n.endswith("input_layernorm") for n in wrapped)
+            and not any(n.endswith("layers.0") for n in wrapped))
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "NoSuchBlock")
     with pytest.raises(ValueError, match="NoSuchBlock"):
         fsdp_auto_wrap_policy(_lora(fastpeft))

@@ -1,4 +1,5 @@
-"""Fuzzing adapter files: mutated adapter_config.json contents (several methods) and mutated safetensors files.
+"""Fuzzing adapter files: mutated adapter_config.json contents (several methods) and mutated safetensors
+files.
 
 Every input must either load or raise a `FastPeftError` (AdapterConfigError, AdapterLoadError, ...): never a
 crash, a hang or another exception type. The example budget is fixed and derandomized so CI is reproducible.
@@ -80,7 +81,8 @@ junk = st.recursive(
 
 
 def _mutations(keys: list[str]):
-    one = st.tuples(st.sampled_from(["set", "delete", "add"]), st.sampled_from(keys), junk, st.text(max_size=10))
+    one = st.tuples(st.sampled_from(["set", "delete", "add"]), st.sampled_from(keys), junk,
+                    st.text(max_size=10))
     return st.lists(one, min_size=1, max_size=3)
 
 
@@ -120,7 +122,8 @@ def test_fuzzed_configs_load_or_raise_fastpeft_errors(saved, tmp_path, method):
     def run(mutations):
         folder = _config_case(saved, tmp_path, method, mutations)
         _loads_or_refuses(lambda: fastpeft.PeftConfig.from_pretrained(str(folder)))
-        _loads_or_refuses(lambda: fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(folder)), outcomes)
+        _loads_or_refuses(lambda: fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(folder)),
+                          outcomes)
 
     run()
     assert {"loaded", "refused"} <= set(outcomes)  # the mutations reach both sides of the checks
@@ -136,7 +139,7 @@ def test_fuzzed_prompt_configs_load_or_raise_fastpeft_errors(saved, tmp_path):
     run()
 
 
-# ---------------------------------------------------------------------------------------------------- safetensors
+# ------------------------------------------------------------------------------------------------ safetensors
 def _split(raw: bytes) -> tuple[dict, bytes]:
     (length,) = struct.unpack("<Q", raw[:8])
     return json.loads(raw[8:8 + length]), raw[8 + length:]

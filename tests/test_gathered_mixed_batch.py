@@ -12,20 +12,23 @@ from fastpeft.methods.lora import gathered
 
 from models import MODELS, forward
 
-TARGETS = {"mlp": (["lin0", "lin1"], "x"), "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], "input_ids"),
+TARGETS = {"mlp": (["lin0", "lin1"], "x"),
+           "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], "input_ids"),
            "conv1d_gpt2": (["c_fc", "c_proj"], "x")}
 N_ADAPTERS = 6
-NAMES = ["a0", "a3", "__base__", "a1", "a5", "a2", "a0", "a4", "__base__", "a5", "a3"]  # 6 adapters + base rows
+# 6 adapters + base rows
+NAMES = ["a0", "a3", "__base__", "a1", "a5", "a2", "a0", "a4", "__base__", "a5", "a3"]
 
 
 def lora_config(lib, model_name: str, i: int, **extra):
     r = (2, 4, 8)[i % 3]
-    return lib.LoraConfig(r=r, lora_alpha=r + 3 * i, use_rslora=i % 2 == 1, target_modules=TARGETS[model_name][0],
-                          init_lora_weights=False, **extra)
+    return lib.LoraConfig(r=r, lora_alpha=r + 3 * i, use_rslora=i % 2 == 1,
+                          target_modules=TARGETS[model_name][0], init_lora_weights=False, **extra)
 
 
 def build(lib, model_name: str, n: int = N_ADAPTERS, **extra):
-    model = lib.get_peft_model(MODELS[model_name][0](), lora_config(lib, model_name, 0, **extra), adapter_name="a0")
+    model = lib.get_peft_model(MODELS[model_name][0](), lora_config(lib, model_name, 0, **extra),
+                               adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", lora_config(lib, model_name, i, **extra))
     randomize(model, seed=0)
@@ -201,7 +204,8 @@ def test_fresh_after_delete_and_add_adapter(calls):
     theirs.delete_adapter("a4")
     theirs.add_adapter("a4", lora_config(peft, "llama", 5))
     randomize(theirs, seed=3, only="a4")
-    torch.testing.assert_close(after, forward(theirs.eval(), {**inputs, "adapter_names": NAMES}), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, forward(theirs.eval(), {**inputs, "adapter_names": NAMES}),
+                               atol=1e-5, rtol=0)
     assert not torch.allclose(before, after, atol=1e-4)
 
 

@@ -28,8 +28,8 @@ def test_rescale_adapter_scale_as_hf(multiplier):
     ours, theirs = _pair()
     x = models.mlp_inputs()
     before = ours(x)
-    with fastpeft.helpers.rescale_adapter_scale(ours, multiplier), peft.helpers.rescale_adapter_scale(theirs,
-                                                                                                      multiplier):
+    with (fastpeft.helpers.rescale_adapter_scale(ours, multiplier),
+          peft.helpers.rescale_adapter_scale(theirs, multiplier)):
         scaled = ours(x)
         torch.testing.assert_close(scaled, theirs(x), atol=1e-6, rtol=1e-6)
     assert (scaled - before).abs().max() > 1e-3 or multiplier == 1
@@ -37,7 +37,8 @@ def test_rescale_adapter_scale_as_hf(multiplier):
 
 
 def test_rescale_adapter_scale_refusals():
-    with pytest.raises(TypeError, match="multiplier"), fastpeft.helpers.rescale_adapter_scale(_pair()[0], "2"):
+    with (pytest.raises(TypeError, match="multiplier"),
+          fastpeft.helpers.rescale_adapter_scale(_pair()[0], "2")):
         pass
     ia3 = fastpeft.get_peft_model(models.make_mlp(), fastpeft.IA3Config(target_modules=["lin0"],
                                                                          feedforward_modules=[]))

@@ -43,7 +43,8 @@ def test_set_adapter_makes_loaded_adapter_trainable(tmp_path):
     model.save_pretrained(tmp_path)
     model.load_adapter(tmp_path, adapter_name="b")
     model.set_adapter("b")
-    assert _trainable(model) == {"base_model.model.lin0.lora_A.b.weight", "base_model.model.lin0.lora_B.b.weight"}
+    assert _trainable(model) == {"base_model.model.lin0.lora_A.b.weight",
+                                 "base_model.model.lin0.lora_B.b.weight"}
 
 
 def test_delete_adapter_makes_remaining_loaded_adapter_trainable(tmp_path):
@@ -53,7 +54,8 @@ def test_delete_adapter_makes_remaining_loaded_adapter_trainable(tmp_path):
     model.load_adapter(tmp_path, adapter_name="b")
     model.delete_adapter("default")
     assert model.active_adapter == "b"
-    assert _trainable(model) == {"base_model.model.lin0.lora_A.b.weight", "base_model.model.lin0.lora_B.b.weight"}
+    assert _trainable(model) == {"base_model.model.lin0.lora_A.b.weight",
+                                 "base_model.model.lin0.lora_B.b.weight"}
 
 
 def test_set_adapter_keeps_user_unfrozen_base_params():
@@ -71,7 +73,7 @@ def test_delete_active_adapter_activates_first_remaining_in_sorted_order():
     assert model.active_adapter == "alpha"
 
 
-# ---------------------------------------------------------------------------------------------- modules_to_save
+# -------------------------------------------------------------------------------------------- modules_to_save
 
 
 class _BNModel(nn.Module):
@@ -150,4 +152,5 @@ def test_trainer_keeps_input_columns_for_plain_peft_model(tmp_path):
 def test_prepare_model_for_kbit_training_leaves_checkpointing_off_for_unquantized_model():
     # HF only enables gradient checkpointing / input grads for quantized (k-bit, GPTQ, ...) models
     model = fastpeft.prepare_model_for_kbit_training(models.make_llama())
-    assert not getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
+    assert not getattr(model, "is_activation_checkpointing",
+                       getattr(model, "is_gradient_checkpointing", False))

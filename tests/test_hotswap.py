@@ -1,4 +1,5 @@
-"""Adapter hot-swapping: in-place weights and scaling, padding for torch.compile, errors, parity with HF PEFT."""
+"""Adapter hot-swapping: in-place weights and scaling, padding for torch.compile, errors, parity with HF
+PEFT."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def test_hotswap_other_layer_kinds(tmp_path, model_name):
     model = load(path_a, model_name)
     ids = tensor_ids(model)
     hotswap_adapter(model, path_b, "default")
-    torch.testing.assert_close(run(model, model_name), run(load(path_b, model_name), model_name), atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(model, model_name), run(load(path_b, model_name), model_name),
+                               atol=1e-6, rtol=0)
     assert tensor_ids(model) == ids
 
 
@@ -223,8 +225,10 @@ def test_errors_leave_the_model_unchanged(tmp_path):
     prepare_model_for_compiled_hotswap(model, target_rank=4)
     _failing_swap(model, lambda: hotswap_adapter(model, other_targets, "default"), RuntimeError,
                   r"lacks.*head.*load_adapter\(\)")
-    _failing_swap(model, lambda: hotswap_adapter(model, rank8, "default"), ValueError, r"rank 8.*target_rank >= 8")
-    _failing_swap(model, lambda: hotswap_adapter(model, path_a, "other"), ValueError, r"No adapter named 'other'")
+    _failing_swap(model, lambda: hotswap_adapter(model, rank8, "default"), ValueError,
+                  r"rank 8.*target_rank >= 8")
+    _failing_swap(model, lambda: hotswap_adapter(model, path_a, "other"), ValueError,
+                  r"No adapter named 'other'")
     _failing_swap(model, lambda: hotswap_adapter(model, rslora, "default"), ValueError,
                   r"use_rslora.*scaling differently")
     _failing_swap(model, lambda: prepare_model_for_compiled_hotswap(model, target_rank=2), ValueError,
@@ -247,7 +251,8 @@ def test_merged_adapter_is_refused(tmp_path):
     model = load(save_adapter(tmp_path / "a", "mlp", 4, 8, seed=0), "mlp")
     path_b = save_adapter(tmp_path / "b", "mlp", 4, 8, seed=1)
     model.merge_adapter()
-    _failing_swap(model, lambda: hotswap_adapter(model, path_b, "default"), ValueError, r"unmerge_adapter\(\)")
+    _failing_swap(model, lambda: hotswap_adapter(model, path_b, "default"), ValueError,
+                  r"unmerge_adapter\(\)")
 
 
 def test_method_without_rules_is_refused():
@@ -264,8 +269,8 @@ def test_prepare_checks(tmp_path):
     compiled = torch.compile(model, backend="eager")
     _failing_swap(model, lambda: prepare_model_for_compiled_hotswap(compiled, target_rank=8), ValueError,
                   r"before torch.compile")
-    _failing_swap(model, lambda: prepare_model_for_compiled_hotswap(model, check_compiled="maybe"), ValueError,
-                  r"'error', 'warn' or 'ignore'")
+    _failing_swap(model, lambda: prepare_model_for_compiled_hotswap(model, check_compiled="maybe"),
+                  ValueError, r"'error', 'warn' or 'ignore'")
     _failing_swap(model, lambda: prepare_model_for_compiled_hotswap(MODELS["mlp"][0]()), ValueError,
                   r"No LoRA layers")
     with pytest.warns(UserWarning, match="already compiled"):

@@ -41,7 +41,8 @@ def test_load_from_hub_repo_id_offline_cache(tmp_path):
     _fake_hub_cache(tmp_path / "cache", "someone/tiny-lora", tmp_path / "adapter")
     config = PeftConfig.from_pretrained("someone/tiny-lora", cache_dir=str(tmp_path / "cache"))
     assert isinstance(config, LoraConfig) and config.r == 4
-    loaded = PeftModel.from_pretrained(MODELS["mlp"][0](), "someone/tiny-lora", cache_dir=str(tmp_path / "cache"))
+    loaded = PeftModel.from_pretrained(MODELS["mlp"][0](), "someone/tiny-lora",
+                                       cache_dir=str(tmp_path / "cache"))
     assert torch.allclose(forward(loaded, x), forward(model, x), atol=1e-6)
     weights = fastpeft.load_peft_weights("someone/tiny-lora", cache_dir=str(tmp_path / "cache"))
     assert set(weights) == set(fastpeft.get_peft_model_state_dict(model))

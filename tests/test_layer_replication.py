@@ -1,4 +1,5 @@
-"""LoRA `layer_replication` on a tiny Llama: structure, weight sharing, parity with HF PEFT, files, training, errors."""
+"""LoRA `layer_replication` on a tiny Llama: structure, weight sharing, parity with HF PEFT, files, training,
+errors."""
 
 from __future__ import annotations
 
@@ -84,10 +85,12 @@ def test_copies_share_base_weights_but_not_lora(pattern):
         for j in range(i + 1, len(sources)):
             other = blocks[j]
             same = src == sources[j]
-            assert (q.base_layer.weight.data_ptr() == other.self_attn.q_proj.base_layer.weight.data_ptr()) is same
+            assert (q.base_layer.weight.data_ptr()
+                    == other.self_attn.q_proj.base_layer.weight.data_ptr()) is same
             assert (blocks[i].input_layernorm.weight is other.input_layernorm.weight) is same
             assert q.lora_A["default"].weight is not other.self_attn.q_proj.lora_A["default"].weight
-            assert q.lora_A["default"].weight.data_ptr() != other.self_attn.q_proj.lora_A["default"].weight.data_ptr()
+            assert (q.lora_A["default"].weight.data_ptr()
+                    != other.self_attn.q_proj.lora_A["default"].weight.data_ptr())
 
 
 def test_outputs_match_hf_peft(pattern):

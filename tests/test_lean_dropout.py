@@ -1,5 +1,5 @@
-"""Memory-lean LoRA dropout (methods/lora/lean_dropout.py): same masks, outputs and gradients as nn.Dropout and
-HF PEFT under one seed, with neither the dropped input nor the mask kept for backward."""
+"""Memory-lean LoRA dropout (methods/lora/lean_dropout.py): same masks, outputs and gradients as nn.Dropout
+and HF PEFT under one seed, with neither the dropped input nor the mask kept for backward."""
 
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def test_llama_saves_less_than_hf(mask_storage):
     # 2 decoder layers, each with 6 projections reading 32 features (q, k, v, o, gate, up) and one reading 64
     tokens = inputs["input_ids"].numel()
     masks = mask_bytes(mask_storage, 2 * tokens * (6 * 32 + 64), 2 * 7)
-    # the lean path keeps no more than training without dropout at all (HF PEFT's or ours), plus the bool masks
+    # the lean path keeps no more than training without dropout at all (HF PEFT's or ours), plus the bool
+    # masks
     assert sizes["fastpeft", P][1] <= min(sizes["fastpeft", 0.0][1], sizes["peft", 0.0][1]) + masks
     # HF PEFT keeps the dropped input (an input-sized float tensor) per adapted layer on top of that
     assert sizes["peft", P][1] - sizes["fastpeft", P][1] >= 2 * tokens * 4 * (6 * 32 + 64) - masks
@@ -191,7 +192,8 @@ def test_gradient_checkpointing_recomputes_the_same_masks(mask_storage):
     inputs = models.llama_inputs()
     plain = step(ours, inputs)
     for model in (ours, theirs):
-        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     checkpointed = step(ours, inputs)
     assert_same_step(checkpointed, plain)

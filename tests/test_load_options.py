@@ -37,8 +37,10 @@ def test_low_cpu_mem_usage_load_equals_hf(case, tmp_path):
 def test_low_cpu_mem_usage_builds_on_meta_then_loads(tmp_path):
     case = next(c for c in ROWS if c.id == "lora-llama")
     trained(fastpeft, case).save_pretrained(str(tmp_path))
-    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](), low_cpu_mem_usage=True)
-    assert _meta_adapter_weights(model), "low_cpu_mem_usage=True must create the adapter weights without memory"
+    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](),
+                                             low_cpu_mem_usage=True)
+    assert _meta_adapter_weights(model), (
+        "low_cpu_mem_usage=True must create the adapter weights without memory")
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     state = {k.removeprefix("base_model.model."): v for k, v in saved.items()}
     fastpeft.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
@@ -54,7 +56,8 @@ def test_low_cpu_mem_usage_refuses_a_file_that_leaves_weights_empty(tmp_path):
     trained(fastpeft, case).save_pretrained(str(tmp_path))
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     partial = {k: v for k, v in saved.items() if "lin0" not in k}
-    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](), low_cpu_mem_usage=True)
+    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](),
+                                             low_cpu_mem_usage=True)
     with pytest.raises(AdapterLoadError, match="no values for 2 weight"):
         fastpeft.set_peft_model_state_dict(model, {k.removeprefix("base_model.model."): v
                                                    for k, v in partial.items()})
@@ -96,12 +99,14 @@ def test_from_pretrained_key_mapping_and_model_default(tmp_path):
     cfg = fastpeft.LoraConfig(**kwargs)
     with pytest.raises(AdapterLoadError):  # without a mapping the file's lin0 keys fit nothing
         fastpeft.PeftModel.from_pretrained(_renamed_mlp(), str(tmp_path), config=cfg, strict=True)
-    model = fastpeft.PeftModel.from_pretrained(_renamed_mlp(), str(tmp_path), config=fastpeft.LoraConfig(**kwargs),
+    model = fastpeft.PeftModel.from_pretrained(_renamed_mlp(), str(tmp_path),
+                                               config=fastpeft.LoraConfig(**kwargs),
                                                key_mapping={r"^lin0\.": "first."}, strict=True)
     torch.testing.assert_close(model(inputs), source(inputs), atol=0, rtol=0)
     base = _renamed_mlp()
     base._checkpoint_conversion_mapping = {r"^lin0\.": "first."}  # transformers' per-model renames
-    model = fastpeft.PeftModel.from_pretrained(base, str(tmp_path), config=fastpeft.LoraConfig(**kwargs), strict=True)
+    model = fastpeft.PeftModel.from_pretrained(base, str(tmp_path),
+                                               config=fastpeft.LoraConfig(**kwargs), strict=True)
     torch.testing.assert_close(model(inputs), source(inputs), atol=0, rtol=0)
 
 
@@ -115,8 +120,8 @@ def test_inject_targets_the_state_dict_modules(tmp_path):
     adapted = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     assert adapted == {"lin0", "lin1"}
     with pytest.raises(ValueError, match="has not"):
-        fastpeft.inject_adapter_in_model(only_lin1, MODELS["mlp"][0](), state_dict={"nope.lora_A.weight": state[
-            next(iter(state))]})
+        fastpeft.inject_adapter_in_model(only_lin1, MODELS["mlp"][0](),
+                                         state_dict={"nope.lora_A.weight": state[next(iter(state))]})
 
 
 def test_ephemeral_gpu_offload_is_refused(tmp_path):
@@ -145,11 +150,14 @@ def _lora_state(model) -> dict:
 
 @pytest.mark.parametrize(("base_dtype", "file_dtype", "trainable"), [
     (torch.bfloat16, torch.float32, False), (torch.float32, torch.bfloat16, True)])
-def test_low_cpu_mem_usage_gives_the_normal_loads_dtypes_and_flags(tmp_path, base_dtype, file_dtype, trainable):
-    """Adapter dtype (fp32 on a bf16 base, as autocast_adapter_dtype) and requires_grad as without the option."""
+def test_low_cpu_mem_usage_gives_the_normal_loads_dtypes_and_flags(
+        tmp_path, base_dtype, file_dtype, trainable):
+    """Adapter dtype (fp32 on a bf16 base, as autocast_adapter_dtype) and requires_grad as without the
+    option."""
     folder = _lora_folder(tmp_path, file_dtype)
-    loaded = [fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0]().to(base_dtype), folder, is_trainable=trainable,
-                                                 low_cpu_mem_usage=low) for low in (False, True)]
+    loaded = [fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0]().to(base_dtype), folder,
+                                                 is_trainable=trainable, low_cpu_mem_usage=low)
+              for low in (False, True)]
     assert _lora_state(loaded[1]) == _lora_state(loaded[0])
     assert set(_lora_state(loaded[1]).values()) == {(torch.float32, trainable)}
 
@@ -175,7 +183,8 @@ def test_load_adapter_low_cpu_mem_usage_builds_on_meta(tmp_path, monkeypatch):
     folder = _lora_folder(tmp_path)
     model = fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0](), folder)
     seen, write = [], keys.write_tensor
-    monkeypatch.setattr(keys, "write_tensor", lambda target, value: (seen.append(target.is_meta), write(target, value)))
+    monkeypatch.setattr(keys, "write_tensor",
+                        lambda target, value: (seen.append(target.is_meta), write(target, value)))
     model.load_adapter(folder, "other", low_cpu_mem_usage=True)
     assert seen and all(seen)
 
@@ -202,7 +211,8 @@ def test_key_mapping_rules_follow_hf(tmp_path):
 
 
 def test_model_key_mapping_does_not_apply_to_prompt_methods(tmp_path):
-    """A prompt adapter's file holds `prompt_embeddings` (no module path): the base model's renames leave it be."""
+    """A prompt adapter's file holds `prompt_embeddings` (no module path): the base model's renames leave it
+    be."""
     fastpeft.get_peft_model(MODELS["llama"][0](), fastpeft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(str(tmp_path))
     base = MODELS["llama"][0]()
@@ -217,6 +227,6 @@ def test_state_dict_targets_warn_only_when_they_differ(tmp_path, caplog):
         fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin0", "lin1"]),
                                          MODELS["mlp"][0](), state_dict=state)
         assert "state_dict targets" not in caplog.text
-        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin1"]), MODELS["mlp"][0](),
-                                         state_dict=state)
+        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin1"]),
+                                         MODELS["mlp"][0](), state_dict=state)
     assert caplog.text.count("state_dict targets") == 1

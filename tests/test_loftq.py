@@ -1,12 +1,12 @@
 """LoftQ (init_lora_weights='loftq', LoftQConfig) against HF PEFT 0.21.2.
 
-HF PEFT 0.21.2 quantises through bitsandbytes on CUDA (peft/utils/loftq_utils.py: Params4bit NF4 with blocks of 64,
-Int8Params vector-wise int8), neither of which exists here. To still run HF PEFT's own LoftQ code (its loop, SVD
-split, factor assignment, load path) as the oracle, `hf_loftq_env` gives HF a stand-in for the four bitsandbytes
-calls it makes, written in this file from bitsandbytes' documented semantics and independently of fastpeft (NF4
-levels derived from the normal quantile function, nearest level by brute-force distance, block by block), and keeps
-HF's "cuda" tensors on the CPU. tests/test_loftq_bnb.py compares fastpeft's NF4/int8 bit for bit with bitsandbytes
-0.50.2 and LoftQ with HF PEFT's on real bitsandbytes.
+HF PEFT 0.21.2 quantises through bitsandbytes on CUDA (peft/utils/loftq_utils.py: Params4bit NF4 with blocks
+of 64, Int8Params vector-wise int8), neither of which exists here. To still run HF PEFT's own LoftQ code (its
+loop, SVD split, factor assignment, load path) as the oracle, `hf_loftq_env` gives HF a stand-in for the four
+bitsandbytes calls it makes, written in this file from bitsandbytes' documented semantics and independently of
+fastpeft (NF4 levels derived from the normal quantile function, nearest level by brute-force distance, block
+by block), and keeps HF's "cuda" tensors on the CPU. tests/test_loftq_bnb.py compares fastpeft's NF4/int8 bit
+for bit with bitsandbytes 0.50.2 and LoftQ with HF PEFT's on real bitsandbytes.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"]}
 
 # ------------------------------------------------------------------------------- stand-in for bitsandbytes
 def _nf4_levels_by_definition() -> torch.Tensor:
-    """QLoRA appendix E: quantiles of N(0, 1) at 8 evenly spaced probabilities in [0.5, 0.9677083) above and 7 below
-    zero, plus 0, scaled so the largest is 1."""
+    """QLoRA appendix E: quantiles of N(0, 1) at 8 evenly spaced probabilities in [0.5, 0.9677083) above and 7
+    below zero, plus 0, scaled so the largest is 1."""
     top = 0.9677083
     upper = torch.special.ndtri(torch.linspace(top, 0.5, 9, dtype=torch.float64)[:-1])
     lower = -torch.special.ndtri(torch.linspace(top, 0.5, 8, dtype=torch.float64)[:-1])
@@ -179,15 +179,18 @@ def test_bad_bits_or_rounds_refused_as_in_hf(hf_loftq_env, settings, hf_message,
     with pytest.raises(ValueError, match=hf_message):  # HF refuses when the layers are built
         peft.get_peft_model(models.make_mlp(), hf_config)
     with pytest.raises(ValueError, match=ours):  # fastpeft already when the config is built
-        fastpeft.LoraConfig(target_modules=["lin0"], init_lora_weights="loftq", loftq_config=LoftQConfig(**settings))
+        fastpeft.LoraConfig(target_modules=["lin0"], init_lora_weights="loftq",
+                            loftq_config=LoftQConfig(**settings))
 
 
 @pytest.mark.parametrize("model, target, kind", [("emb", "emb", "Embedding"), ("conv2d", "conv0", "Conv2d")])
 def test_non_linear_layers_refused(model, target, kind):
     base = models.MODELS[model][0]()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    config = fastpeft.LoraConfig(target_modules=[target], r=2, init_lora_weights="loftq", loftq_config=LoftQConfig())
-    with pytest.raises(ValueError, match=f"init_lora_weights='loftq' works on linear layers .* not on {kind}"):
+    config = fastpeft.LoraConfig(target_modules=[target], r=2, init_lora_weights="loftq",
+                                 loftq_config=LoftQConfig())
+    with pytest.raises(ValueError,
+                       match=f"init_lora_weights='loftq' works on linear layers .* not on {kind}"):
         fastpeft.get_peft_model(base, config)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
@@ -256,7 +259,8 @@ def test_files_both_directions(hf_loftq_env, tmp_path):
     in_fp = fastpeft.PeftModel.from_pretrained(models.make_mlp(), tmp_path / "hf")
     expected = models.forward(fp, inputs)
     torch.testing.assert_close(models.forward(in_hf, inputs), expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(models.forward(in_fp, inputs), models.forward(hf, inputs), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(models.forward(in_fp, inputs), models.forward(hf, inputs),
+                               atol=1e-5, rtol=1e-4)
     _assert_same_state(in_fp, in_hf)
 
 
@@ -275,7 +279,8 @@ def test_saved_as_plain_lora_loads_in_hf_onto_the_quantised_base(tmp_path):
 
 
 def test_loading_a_loftq_adapter_onto_the_quantised_base_keeps_it(tmp_path):
-    """Loading re-runs LoftQ (as HF PEFT); on an already quantised base that changes nothing (NF4 is idempotent)."""
+    """Loading re-runs LoftQ (as HF PEFT); on an already quantised base that changes nothing (NF4 is
+    idempotent)."""
     fp = fastpeft.get_peft_model(models.make_mlp(), _config(fastpeft, "mlp", bits=4, rounds=3))
     inputs = models.mlp_inputs()
     expected = models.forward(fp, inputs)
@@ -313,8 +318,9 @@ def test_loftq_error_below_plain_quantisation(bits):
 
 
 def test_conv1d_factors_in_lora_layout():
-    """GPT-2's Conv1D stores (in, out); fastpeft transposes LoftQ's factors (HF PEFT 0.21 assigns them untransposed,
-    mis-shaped unless in == out), so merging gives W back more closely than the quantised base."""
+    """GPT-2's Conv1D stores (in, out); fastpeft transposes LoftQ's factors (HF PEFT 0.21 assigns them
+    untransposed, mis-shaped unless in == out), so merging gives W back more closely than the quantised
+    base."""
     base = models.make_conv1d_gpt2()
     original = base.c_fc.weight.detach().clone()
     config = fastpeft.LoraConfig(target_modules=["c_fc"], r=4, lora_alpha=4, init_lora_weights="loftq",

@@ -2,10 +2,11 @@
 
 1. fastpeft's NF4 / int8 quantisers (pure PyTorch, loftq.py) against bitsandbytes' own, bit for bit.
 2. init_lora_weights='loftq' against HF PEFT's LoftQ, which quantises through real bitsandbytes.
-3. replace_lora_weights_loftq on 4-bit models loaded by transformers with BitsAndBytesConfig, against HF PEFT's.
+3. replace_lora_weights_loftq on 4-bit models loaded by transformers with BitsAndBytesConfig, against HF
+   PEFT's.
 
-HF PEFT's LoftQ code moves tensors to "cuda" (or "xpu") for the SVD; `hf_on_cpu` keeps those moves on the CPU and
-changes nothing else (the bitsandbytes calls are the real ones).
+HF PEFT's LoftQ code moves tensors to "cuda" (or "xpu") for the SVD; `hf_on_cpu` keeps those moves on the CPU
+and changes nothing else (the bitsandbytes calls are the real ones).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def llama_folder(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- quantisers
 def _weights(shape, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen) * torch.logspace(-3, 2, shape[0])[:, None]  # rows of very mixed scale
+    # rows of very mixed scale
+    w = torch.randn(shape, generator=gen) * torch.logspace(-3, 2, shape[0])[:, None]
     w.view(-1)[:64] = 0.0  # an all-zero block
     return w
 
@@ -56,13 +58,15 @@ def _ties(rows: int) -> torch.Tensor:
 
 def _bnb_nf4(weight: torch.Tensor) -> torch.Tensor:
     """Quantise and dequantise as HF PEFT's LoftQ does (Params4bit, blocks of 64, no double quantisation)."""
-    param = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+    param = bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
     return bnb_f.dequantize_4bit(param.data, param.quant_state)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (48, 64), (3, 192), (128, 64)])
 def test_nf4_equals_bitsandbytes_bit_for_bit(shape):
-    for weight in (_weights(shape, 0), torch.randn(shape) * 1e-4, _ties(shape[0] * shape[1] // 64).view(shape)):
+    for weight in (_weights(shape, 0), torch.randn(shape) * 1e-4,
+                   _ties(shape[0] * shape[1] // 64).view(shape)):
         ours = nf4_roundtrip(weight)
         assert ours.dtype == torch.float32
         assert torch.equal(ours, _bnb_nf4(weight))
@@ -70,8 +74,9 @@ def test_nf4_equals_bitsandbytes_bit_for_bit(shape):
 
 @pytest.mark.parametrize("shape", [(24, 40), (7, 9), (10, 20)])
 def test_nf4_blocks_run_over_the_flattened_weight_as_bitsandbytes_quantises(shape):
-    """Rows shorter than a block: bitsandbytes quantises the flattened weight (blocks cross rows). Its CPU kernel
-    dequantises 2-D tensors of such shapes row by row, so the dequantised reference is taken on the flat codes."""
+    """Rows shorter than a block: bitsandbytes quantises the flattened weight (blocks cross rows). Its CPU
+    kernel dequantises 2-D tensors of such shapes row by row, so the dequantised reference is taken on the
+    flat codes."""
     weight = _weights(shape, 1)
     codes, state = bnb_f.quantize_4bit(weight.reshape(-1), blocksize=64, quant_type="nf4")
     expected = bnb_f.dequantize_4bit(codes, state).view(shape)
@@ -90,7 +95,7 @@ def test_int8_equals_bitsandbytes_bit_for_bit(shape, dtype):
     assert torch.equal(int8_roundtrip(weight), expected)
 
 
-# ---------------------------------------------------------------------------------------------- init_lora_weights="loftq"
+# ---------------------------------------------------------------------------------- init_lora_weights="loftq"
 def _loftq_config(lib, targets, bits, rounds):
     loftq = LoftQConfig if lib is fastpeft else lib.LoftQConfig
     return lib.LoraConfig(target_modules=targets, r=4, lora_alpha=4, init_lora_weights="loftq",
@@ -131,7 +136,7 @@ def test_loftq_init_on_llama_matches_hf_and_files_load_both_ways(hf_on_cpu, tmp_
     torch.testing.assert_close(qm.logits(in_fp), expected, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- replace_lora_weights_loftq
+# --------------------------------------------------------------------------------- replace_lora_weights_loftq
 def _four_bit_lora(lib, folder, **kw):
     config = lib.LoraConfig(target_modules=LLAMA_TARGETS, r=4, lora_alpha=4, **kw)
     base = qm.load_quantised(folder, 4)
@@ -168,8 +173,8 @@ def test_replace_matches_hf(hf_on_cpu, llama_folder, path_given):
 @pytest.mark.parametrize("forward_first", [False, True])
 def test_replace_fits_the_quantisation_error(llama_folder, forward_first):
     """Per layer, base + B A is closer to the original weight than the quantised base alone (lora_alpha == r).
-    bitsandbytes' CPU kernel repacks 4-bit weights on the first forward (absmax rounded to bfloat16); the fit is
-    then taken against the repacked weight, which HF PEFT's function would read in the packed layout."""
+    bitsandbytes' CPU kernel repacks 4-bit weights on the first forward (absmax rounded to bfloat16); the fit
+    is then taken against the repacked weight, which HF PEFT's function would read in the packed layout."""
     from fastpeft.quant.bnb import dequantize_weight
 
     model = _four_bit_lora(fastpeft, llama_folder)
@@ -206,8 +211,8 @@ def test_callback_keeps_or_reverts_each_layer_as_hf(hf_on_cpu, llama_folder):
 
 
 def test_sharded_and_prefixless_files_as_hf(hf_on_cpu, tmp_path, llama_folder):
-    """Weights split into shards (model.safetensors.index.json), or saved from the inner LlamaModel (keys without
-    the 'model.' prefix of LlamaForCausalLM): both read as HF PEFT reads them."""
+    """Weights split into shards (model.safetensors.index.json), or saved from the inner LlamaModel (keys
+    without the 'model.' prefix of LlamaForCausalLM): both read as HF PEFT reads them."""
     reference = _four_bit_lora(fastpeft, llama_folder)
     replace_lora_weights_loftq(reference, model_path=llama_folder)
     qm.make_llama().save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
@@ -230,8 +235,10 @@ def test_replace_refusals(tmp_path, llama_folder):
         replace_lora_weights_loftq(model, model_path=llama_folder, adapter_name="other")
     from safetensors.torch import save_file
 
-    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"has shape \(8, 8\) in the weights file but the quantised layer is"):
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError,
+                       match=r"has shape \(8, 8\) in the weights file but the quantised layer is"):
         replace_lora_weights_loftq(model, model_path=str(tmp_path))
     assert all(torch.equal(v, before[k]) for k, v in _lora_tensors(model).items())
     eight_bit = fastpeft.get_peft_model(qm.load_quantised(llama_folder, 8),
@@ -239,7 +246,8 @@ def test_replace_refusals(tmp_path, llama_folder):
     with pytest.raises(ValueError, match="8-bit Linear8bitLt bases are not supported"):
         replace_lora_weights_loftq(eight_bit, model_path=llama_folder)
     too_high = _four_bit_lora(fastpeft, llama_folder, rank_pattern={"q_proj": 80})
-    with pytest.raises(ValueError, match=r"r=80 on 'model.layers.0.self_attn.q_proj', above min\(out, in\) = 64"):
+    with pytest.raises(ValueError,
+                       match=r"r=80 on 'model.layers.0.self_attn.q_proj', above min\(out, in\) = 64"):
         replace_lora_weights_loftq(too_high, model_path=llama_folder)
 
 

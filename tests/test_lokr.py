@@ -1,5 +1,6 @@
 """LoKr against HF PEFT 0.21.2: config and files both ways, every factor layout (full / low-rank W1 and W2, CP
-kernels), outputs, gradients, dropout in training, merging, several adapters, errors. HF PEFT is the oracle."""
+kernels), outputs, gradients, dropout in training, merging, several adapters, errors. HF PEFT is the
+oracle."""
 
 from __future__ import annotations
 
@@ -70,9 +71,12 @@ def _seeded_factory(cls):
 
 MODELS = {
     **models.MODELS,
-    "wide2d": (_seeded_factory(WideConv2d), lambda: torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(5))),
-    "wide1d": (_seeded_factory(WideConv1d), lambda: torch.randn(2, 16, 9, generator=torch.Generator().manual_seed(6))),
-    "tall2d": (_seeded_factory(TallConv2d), lambda: torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(5))),
+    "wide2d": (_seeded_factory(WideConv2d),
+               lambda: torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(5))),
+    "wide1d": (_seeded_factory(WideConv1d),
+               lambda: torch.randn(2, 16, 9, generator=torch.Generator().manual_seed(6))),
+    "tall2d": (_seeded_factory(TallConv2d),
+               lambda: torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(5))),
 }
 
 CASES = {
@@ -91,8 +95,9 @@ CASES = {
                                        rank_pattern={"value": 8}, alpha_pattern={"query": 7},
                                        decompose_factor=4)),
 }
-# CP-factored kernels with a unit dim (every Conv1d, Conv2d with a (k, 1) kernel): HF 0.21.2 builds and saves these
-# adapters but its forward / merge crash in torch.kron; fastpeft is checked against HF's own factor math instead
+# CP-factored kernels with a unit dim (every Conv1d, Conv2d with a (k, 1) kernel): HF 0.21.2 builds and saves
+# these adapters but its forward / merge crash in torch.kron; fastpeft is checked against HF's own factor math
+# instead
 HF_CRASHES = {
     "wide1d_effective": ("wide1d", dict(target_modules=["conv0", "conv1"], r=1, use_effective_conv2d=True)),
     "tall2d_effective": ("tall2d", dict(target_modules=["conv1"], r=1, decompose_both=True,
@@ -114,7 +119,7 @@ def saved(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-# ------------------------------------------------------------------------------------------------ config, math
+# ----------------------------------------------------------------------------------------------- config, math
 def test_factorization_matches_hf():
     from peft.tuners.lokr.layer import factorization as hf_factorization
 
@@ -125,16 +130,17 @@ def test_factorization_matches_hf():
 
 def test_config_fields_defaults_and_json_match_hf(tmp_path):
     assert set(LoKrConfig().to_dict()) == set(peft.LoKrConfig().to_dict())
-    kw = dict(r=3, alpha=5, rank_dropout=0.2, module_dropout=0.1, use_effective_conv2d=True, decompose_both=True,
-              decompose_factor=4, rank_dropout_scale=True, init_weights="lycoris", target_modules="lin.*",
-              rank_pattern={"a": 2}, alpha_pattern={"b": 7}, exclude_modules=["head"])
+    kw = dict(r=3, alpha=5, rank_dropout=0.2, module_dropout=0.1, use_effective_conv2d=True,
+              decompose_both=True, decompose_factor=4, rank_dropout_scale=True, init_weights="lycoris",
+              target_modules="lin.*", rank_pattern={"a": 2}, alpha_pattern={"b": 7}, exclude_modules=["head"])
     assert_same_config_json(LoKrConfig(**kw), peft.LoKrConfig(**kw), tmp_path)
     loaded = fastpeft.PeftConfig.from_pretrained(str(tmp_path / "hf"))
-    assert isinstance(loaded, LoKrConfig) and loaded.init_weights == "lycoris" and loaded.decompose_factor == 4
+    assert (isinstance(loaded, LoKrConfig) and loaded.init_weights == "lycoris"
+            and loaded.decompose_factor == 4)
     assert peft.PeftConfig.from_pretrained(str(tmp_path / "ours")).rank_dropout_scale is True
 
 
-# ------------------------------------------------------------------------------------------------ init and files
+# --------------------------------------------------------------------------------------------- init and files
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_and_saved_files_match_hf(case, tmp_path):
     """Same seed -> the same factors and layout (which of W1 / W2 are factored), bitwise the same file tensors
@@ -159,8 +165,8 @@ def test_adapter_files_load_both_ways(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(HF_CRASHES))
 def test_unit_dim_cp_kernels_where_hf_crashes(case, tmp_path):
-    """HF saves the adapter; fastpeft loads it and adds exactly dW = scale * kron(W1, CP(t2, W2a, W2b)) rebuilt with
-    HF's own functions (on contiguous copies), per layer and in the model output."""
+    """HF saves the adapter; fastpeft loads it and adds exactly dW = scale * kron(W1, CP(t2, W2a, W2b))
+    rebuilt with HF's own functions (on contiguous copies), per layer and in the model output."""
     from peft.tuners.lokr.layer import make_kron, make_weight_cp
 
     hf = build(peft, case)
@@ -193,7 +199,8 @@ def test_gradients_match_hf(case):
 
 @pytest.mark.parametrize("case, scale", [("mlp", False), ("wide2d_effective", True), ("bert_patterns", True)])
 def test_dropout_in_training_matches_hf_under_the_same_seed(case, scale):
-    """rank_dropout (with / without rank_dropout_scale) and module_dropout draw the same random numbers as HF."""
+    """rank_dropout (with / without rank_dropout_scale) and module_dropout draw the same random numbers as
+    HF."""
     extra = dict(rank_dropout=0.5, module_dropout=0.3, rank_dropout_scale=scale)
     fp, hf = build(fastpeft, case, **extra), build(peft, case, **extra)
     assert_dropout_draws_like_hf(fp, hf, inputs(case), close, seeds=range(3))
@@ -206,7 +213,8 @@ def test_dropout_is_never_merged_and_eval_is_deterministic():
 
 
 # ------------------------------------------------------------------------------------------------ merging
-@pytest.mark.parametrize("case", ["mlp_full_w2", "conv1d_full_w2", "conv2d", "wide2d_effective", "bert_patterns"])
+@pytest.mark.parametrize("case",
+                         ["mlp_full_w2", "conv1d_full_w2", "conv2d", "wide2d_effective", "bert_patterns"])
 def test_merge_unmerge_and_unload_match_hf(case):
     assert_merges_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close, safe_merge=True)
 

@@ -1,6 +1,7 @@
-"""LoRA-GA init (Wang et al. 2024): fastpeft's preprocess_loraga + init_lora_weights='lora_ga' against HF PEFT 0.21 on
-the same base weights and batches (factors, residual base weights, outputs) for every direction and scale, gradient
-cache files read across libraries, saved adapters loaded both ways, save-time conversion to plain LoRA, and errors.
+"""LoRA-GA init (Wang et al. 2024): fastpeft's preprocess_loraga + init_lora_weights='lora_ga' against HF PEFT
+0.21 on the same base weights and batches (factors, residual base weights, outputs) for every direction and
+scale, gradient cache files read across libraries, saved adapters loaded both ways, save-time conversion to
+plain LoRA, and errors.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from conversion_helpers import (
     assert_same_tensors,
 )
 
-TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
+TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"],
+           "conv1d_gpt2": ["c_fc", "c_proj"]}
 LIBS = {"fastpeft": (fastpeft, LoraGAConfig, preprocess_loraga),
         "hf": (peft, peft.LoraGAConfig, peft.preprocess_loraga)}
 DIRECTIONS = ["ArBr", "A2rBr", "ArB2r", "random"]
@@ -78,7 +80,8 @@ def _inputs(model_name: str):
 
 # ---------------------------------------------------------------------------------------------- init
 # each direction and each scale at least once (plus the defaults below)
-@pytest.mark.parametrize("direction, scale", [*zip(DIRECTIONS, SCALES), ("ArBr", "unit"), ("random", "weight_svd")])
+@pytest.mark.parametrize("direction, scale",
+                         [*zip(DIRECTIONS, SCALES), ("ArBr", "unit"), ("random", "weight_svd")])
 def test_every_direction_and_scale_matches_hf_on_the_mlp(direction, scale):
     ga = {"direction": direction, "scale": scale, "stable_gamma": 4}
     fp, hf = _build("fastpeft", "mlp", ga), _build("hf", "mlp", ga)
@@ -88,8 +91,9 @@ def test_every_direction_and_scale_matches_hf_on_the_mlp(direction, scale):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_name, ga", [("llama", {}), ("llama", {"direction": "ArBr", "scale": "weight_svd"}),
-                                            ("conv1d_gpt2", {}), ("conv1d_gpt2", {"scale": "gd_scale"})])
+@pytest.mark.parametrize("model_name, ga",
+                         [("llama", {}), ("llama", {"direction": "ArBr", "scale": "weight_svd"}),
+                          ("conv1d_gpt2", {}), ("conv1d_gpt2", {"scale": "gd_scale"})])
 def test_transformers_models_match_hf_and_outputs_are_kept(model_name, ga):
     fp, hf = _build("fastpeft", model_name, ga), _build("hf", model_name, ga)
     _assert_same(fp, hf)
@@ -99,7 +103,8 @@ def test_transformers_models_match_hf_and_outputs_are_kept(model_name, ga):
     torch.testing.assert_close(out, models.forward(original, inputs), atol=1e-4, rtol=1e-4)  # step 0
     for name, module in fp.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            assert module.lora_A["default"].weight.abs().sum() > 0 and module.lora_B["default"].weight.abs().sum() > 0
+            assert (module.lora_A["default"].weight.abs().sum() > 0
+                    and module.lora_B["default"].weight.abs().sum() > 0)
             base = dict(original.named_modules())[name.removeprefix("base_model.model.")].weight
             assert not torch.equal(module.base_layer.weight, base), name
 
@@ -110,7 +115,8 @@ def test_half_precision_base_matches_hf(autocast):
     for name, (lib, _, pre) in LIBS.items():
         model = models.make_mlp().bfloat16()
         config = _config(name, "mlp")
-        pre(model, config, train_step=lambda m=model: m(_batches("mlp")[0].bfloat16()).float().pow(2).mean().backward())
+        pre(model, config,
+            train_step=lambda m=model: m(_batches("mlp")[0].bfloat16()).float().pow(2).mean().backward())
         torch.manual_seed(3)
         built[name] = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
     assert_bitwise_same(built["fastpeft"], built["hf"], autocast)
@@ -186,7 +192,8 @@ def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tm
     residual = copy.deepcopy(source).unload()
     loaded = LIBS[reader][0].PeftModel.from_pretrained(residual, str(tmp_path / "a"))
     inputs = _inputs(model_name)
-    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_config_file_round_trips_lora_ga_config(tmp_path):
@@ -235,7 +242,8 @@ def test_bad_config_and_preprocessing_input_are_refused():
         preprocess_loraga(model, fastpeft.LoraConfig(target_modules=["lin0"], init_lora_weights="lora_ga"),
                           train_step=lambda: None)
     with pytest.raises(ValueError, match="no gradient reached layer 'lin1'"):
-        preprocess_loraga(model, _config("fastpeft", "mlp"), train_step=lambda: model.lin0(torch.randn(2, 10)).sum()
+        preprocess_loraga(model, _config("fastpeft", "mlp"),
+                          train_step=lambda: model.lin0(torch.randn(2, 10)).sum()
                           .backward())
     with pytest.raises(ValueError, match="matched no nn.Linear / Conv1D layer"):
         emb = models.make_emb()

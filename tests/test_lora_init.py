@@ -19,7 +19,8 @@ from fastpeft.checkpoint.keys import get_peft_model_state_dict
 
 import models
 
-TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "k_proj", "down_proj"], "conv1d_gpt2": ["c_fc", "c_proj"]}
+TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "k_proj", "down_proj"],
+           "conv1d_gpt2": ["c_fc", "c_proj"]}
 SCHEMES = ["pissa", "pissa_niter_2", "olora", "orthogonal"]
 MODIFIES_BASE = {"pissa", "pissa_niter_2", "olora"}
 
@@ -61,7 +62,8 @@ def test_scheme_matches_hf_and_keeps_outputs(model, scheme):
     factory, inputs = models.MODELS[model]
     original = factory()
     fp, hf = _pair(model, scheme)
-    torch.testing.assert_close(models.forward(fp, inputs()), models.forward(original, inputs()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(models.forward(fp, inputs()), models.forward(original, inputs()),
+                               atol=1e-5, rtol=0)
 
     fp_sd, hf_sd = get_peft_model_state_dict(fp), peft.get_peft_model_state_dict(hf)
     assert sorted(fp_sd) == sorted(hf_sd)
@@ -71,7 +73,8 @@ def test_scheme_matches_hf_and_keeps_outputs(model, scheme):
     assert sorted(fp_base) == sorted(hf_base)
     for key in hf_base:
         torch.testing.assert_close(fp_base[key], hf_base[key], atol=1e-6, rtol=1e-5, msg=key)
-        unchanged = torch.equal(fp_base[key], orig[key.replace("base_model.model.", "").replace(".base_layer", "")])
+        unchanged = torch.equal(fp_base[key],
+                                orig[key.replace("base_model.model.", "").replace(".base_layer", "")])
         assert unchanged != (scheme in MODIFIES_BASE), key
     for name, (a, b) in _factors(fp).items():
         assert a.abs().sum() > 0 and b.abs().sum() > 0, name  # no zero factor, unlike init_lora_weights=True
@@ -92,7 +95,8 @@ def test_half_precision_base_matches_hf(scheme, autocast):
     fp = fastpeft.get_peft_model(models.make_mlp().bfloat16(), fastpeft.LoraConfig(**config),
                                  autocast_adapter_dtype=autocast)
     torch.manual_seed(5)
-    hf = peft.get_peft_model(models.make_mlp().bfloat16(), peft.LoraConfig(**config), autocast_adapter_dtype=autocast)
+    hf = peft.get_peft_model(models.make_mlp().bfloat16(), peft.LoraConfig(**config),
+                             autocast_adapter_dtype=autocast)
     fp_sd, hf_sd = get_peft_model_state_dict(fp), peft.get_peft_model_state_dict(hf)
     for key in hf_sd:
         assert fp_sd[key].dtype == hf_sd[key].dtype == (torch.float32 if autocast else torch.bfloat16)
@@ -104,7 +108,8 @@ def test_half_precision_base_matches_hf(scheme, autocast):
 def test_olora_on_conv1d_keeps_outputs():
     factory, inputs = models.MODELS["conv1d_gpt2"]
     fp = fastpeft.get_peft_model(factory(), _config(fastpeft, "conv1d_gpt2", "olora"))
-    torch.testing.assert_close(models.forward(fp, inputs()), models.forward(factory(), inputs()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(models.forward(fp, inputs()), models.forward(factory(), inputs()),
+                               atol=1e-5, rtol=0)
     layer = fp.base_model.model.c_fc
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert a.shape == (4, 10) and b.shape == (24, 4)
@@ -128,7 +133,8 @@ def test_non_linear_layers_are_refused_untouched(model, targets, scheme):
     factory, _ = models.MODELS[model]
     base, before = factory(), factory().state_dict()
     with pytest.raises(ValueError, match="linear layers"):
-        fastpeft.get_peft_model(base, fastpeft.LoraConfig(target_modules=targets, r=2, init_lora_weights=scheme))
+        fastpeft.get_peft_model(base,
+                                fastpeft.LoraConfig(target_modules=targets, r=2, init_lora_weights=scheme))
     after = base.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -213,7 +219,8 @@ def test_conversion_applies_to_the_original_model_and_matches_hf(model, scheme, 
 
     # HF PEFT's conversion of the same trained adapter
     peft.set_peft_model_state_dict(hf, load_file(str(tmp_path / "trained" / "adapter_model.safetensors")))
-    hf.save_pretrained(str(tmp_path / "conv_hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
+    hf.save_pretrained(str(tmp_path / "conv_hf"),
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
     fp_sd = load_file(str(tmp_path / "conv" / "adapter_model.safetensors"))
     hf_sd = load_file(str(tmp_path / "conv_hf" / "adapter_model.safetensors"))
     # HF PEFT 0.21 drops DoRA's trained magnitude from its converted file (a reload re-initialises it: wrong
@@ -235,7 +242,8 @@ def test_conversion_doubles_patterns_as_hf(tmp_path):
     fp.save_pretrained(tmp_path / "init")
     shutil.copytree(tmp_path / "init", tmp_path / "init_hf")
     fp.save_pretrained(tmp_path / "conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    hf.save_pretrained(str(tmp_path / "conv_hf"), path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
+    hf.save_pretrained(str(tmp_path / "conv_hf"),
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init_hf"))
     cfg = _config_json(tmp_path / "conv")
     assert cfg == _config_json(tmp_path / "conv_hf")
     assert cfg["rank_pattern"] == {"lin1": 4} and cfg["alpha_pattern"] == {"lin0": 8}
@@ -245,7 +253,8 @@ def test_conversion_of_a_plain_lora_adapter_is_refused(tmp_path):
     model = fastpeft.get_peft_model(models.make_mlp(), _config(fastpeft, "mlp", "gaussian"))
     model.save_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="converts PiSSA / OLoRA adapters.*'gaussian'"):
-        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        model.save_pretrained(tmp_path / "out",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -254,15 +263,18 @@ def test_conversion_refuses_a_mismatching_initial_adapter_and_rslora_patterns(tm
         tmp_path / "init")
     model = fastpeft.get_peft_model(models.make_mlp(), _config(fastpeft, "mlp", "pissa"))
     with pytest.raises(ValueError, match="does not match adapter 'default'"):
-        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        model.save_pretrained(tmp_path / "out",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     model = fastpeft.get_peft_model(models.make_mlp(), _config(fastpeft, "mlp", "pissa", use_rslora=True,
                                                                rank_pattern={"lin1": 2}))
     with pytest.raises(ValueError, match="use_rslora"):
-        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        model.save_pretrained(tmp_path / "out",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
 
 
 def test_conversion_is_refused_for_prompt_methods(tmp_path):
     config = fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     model = fastpeft.get_peft_model(models.make_llama(), config)
     with pytest.raises(NotImplementedError, match="path_initial_model_for_weight_conversion"):
-        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        model.save_pretrained(tmp_path / "out",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))

@@ -1,7 +1,8 @@
 """MiCA (init_lora_weights='mica'), KaSA (kasa_config) and VeLoRA (velora_config) against HF PEFT.
 
-Same base model and seed on both sides: same initial adapter (and truncated base for KaSA), same trainable set,
-same outputs and gradients of every trainable tensor, same merges, same files (keys and values), both directions.
+Same base model and seed on both sides: same initial adapter (and truncated base for KaSA), same trainable
+set, same outputs and gradients of every trainable tensor, same merges, same files (keys and values), both
+directions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ VARIANTS = {
     "velora": lambda lib: {"velora_config": _sub(lib, "VeloraConfig", num_groups=4)},
     "velora_once": lambda lib: {"velora_config": _sub(lib, "VeloraConfig", num_groups=3,
                                                       init_type="batch_average_once", scale=0.5)},
-    "velora_random": lambda lib: {"velora_config": _sub(lib, "VeloraConfig", num_groups=8, init_type="random")},
+    "velora_random": lambda lib: {
+        "velora_config": _sub(lib, "VeloraConfig", num_groups=8, init_type="random")},
 }
 MODELS = {
     "mlp": ("mlp", {"target_modules": ["lin0", "lin1"], "r": 4, "lora_alpha": 8}),
@@ -44,7 +46,8 @@ PAIRS = [(v, "mlp") for v in VARIANTS] + [(v, "llama") for v in ("mica", "kasa",
 
 
 def _sub(lib, name, **kw):
-    cls = getattr(lib, name) if lib is peft else {"KasaConfig": KasaConfig, "VeloraConfig": VeloraConfig}[name]
+    cls = getattr(lib, name) if lib is peft else {"KasaConfig": KasaConfig,
+                                                  "VeloraConfig": VeloraConfig}[name]
     return cls(**kw)
 
 
@@ -105,15 +108,16 @@ def test_same_init_and_trainable_set(variant, case):
 
 
 def test_mica_b_is_the_minor_subspace():
-    """Independent check of the MiCA init: B spans the left singular vectors of W with the r smallest values."""
+    """Independent check of the MiCA init: B spans the left singular vectors of W with the r smallest
+    values."""
     fp = build(fastpeft, "mica", "mlp", perturb=False)
     layer = fp.base_model.model.lin1
     w = layer.get_base_layer().weight.detach()
     b = layer.lora_B["default"].weight.detach()
     torch.testing.assert_close(b.T @ b, torch.eye(4), atol=1e-5, rtol=0)
     sv = torch.linalg.svdvals(w)
-    torch.testing.assert_close(torch.linalg.norm(w.T @ b, dim=0).sort().values, sv[-4:].sort().values, atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(torch.linalg.norm(w.T @ b, dim=0).sort().values, sv[-4:].sort().values,
+                               atol=1e-5, rtol=0)
     assert torch.count_nonzero(layer.lora_A["default"].weight) == 0
 
 
@@ -126,7 +130,7 @@ def test_kasa_truncates_the_r_smallest_components():
     assert sv[-4:].abs().max() < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------- outputs, grads
+# --------------------------------------------------------------------------------------------- outputs, grads
 def _grads(model, case):
     model.train()
     model.zero_grad()
@@ -150,7 +154,8 @@ def test_outputs_and_gradients_match_hf(variant, case):
 
 
 def test_velora_backward_uses_the_compressed_input():
-    """The A gradient differs from plain LoRA's (the projection is lossy) while the input's gradient is exact."""
+    """The A gradient differs from plain LoRA's (the projection is lossy) while the input's gradient is
+    exact."""
     fp = build(fastpeft, "velora", "mlp")
     x = models.mlp_inputs().requires_grad_(True)
     fp.train()
@@ -303,12 +308,14 @@ def test_sub_config_types(option):
     with pytest.raises(TypeError, match=option):
         fastpeft.LoraConfig(**{option: 3})
     cfg = fastpeft.LoraConfig(**{option: {}})  # a file's dict becomes the sub-config
-    assert type(getattr(cfg, option)).__name__ == type(getattr(peft.LoraConfig(**{option: {}}), option)).__name__
+    assert (type(getattr(cfg, option)).__name__
+            == type(getattr(peft.LoraConfig(**{option: {}}), option)).__name__)
 
 
 @pytest.mark.parametrize("variant", ["mica", "kasa", "velora_random"])
 def test_half_precision_base_matches_hf(variant):
-    """bf16 base: adapter tensors upcast to float32 as HF PEFT (VeLoRA's buffer too); same weights -> same results."""
+    """bf16 base: adapter tensors upcast to float32 as HF PEFT (VeLoRA's buffer too); same weights -> same
+    results."""
     hf, fp = (lib.get_peft_model(models.make_mlp().to(torch.bfloat16), config(lib, variant, "mlp"))
               for lib in (peft, fastpeft))
     hs = hf.state_dict()
@@ -326,7 +333,8 @@ def test_half_precision_base_matches_hf(variant):
 
 
 def test_kasa_and_plain_adapters_do_not_mix():
-    """HF PEFT refuses a plain adapter next to a KaSA one (and the reverse); kasa.check_new_adapter does too."""
+    """HF PEFT refuses a plain adapter next to a KaSA one (and the reverse); kasa.check_new_adapter does
+    too."""
     from fastpeft.methods.lora.variants.kasa import check_new_adapter
 
     hf, fp = pair("kasa", "mlp")

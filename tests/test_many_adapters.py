@@ -1,4 +1,5 @@
-"""Several adapters on one base: mixed batches (forward and generate) and several active adapters, vs HF PEFT."""
+"""Several adapters on one base: mixed batches (forward and generate) and several active adapters, vs HF
+PEFT."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ CASES = {  # model -> (LoRA targets: linear, embedding and conv layers, name of 
 
 def _two_adapters(lib, model_name, modules_to_save=None):
     factory = MODELS[model_name][0]
-    config = dict(r=4, target_modules=CASES[model_name][0], init_lora_weights=False, modules_to_save=modules_to_save)
+    config = dict(r=4, target_modules=CASES[model_name][0], init_lora_weights=False,
+                  modules_to_save=modules_to_save)
     model = lib.get_peft_model(factory(), lib.LoraConfig(**config))
     model.add_adapter("b", lib.LoraConfig(**{**config, "r": 2}))
     gen = torch.Generator().manual_seed(0)
@@ -123,8 +125,8 @@ def test_mixed_batch_generate_seq2seq_matches_hf(extra):
 
     inputs = MODELS["t5"][1]()
     ids, mask = inputs["input_ids"][:2].repeat(2, 1)[:3], inputs["attention_mask"][:2].repeat(2, 1)[:3]
-    args = dict(input_ids=ids, attention_mask=mask, adapter_names=["default", "b", "__base__"], max_new_tokens=4,
-                do_sample=False, **extra)
+    args = dict(input_ids=ids, attention_mask=mask, adapter_names=["default", "b", "__base__"],
+                max_new_tokens=4, do_sample=False, **extra)
     ours = build(fastpeft).generate(**args)
     assert torch.equal(ours, build(peft).generate(**args))
     assert len({tuple(row.tolist()) for row in ours}) > 1  # the adapters make a difference

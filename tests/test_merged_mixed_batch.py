@@ -67,7 +67,8 @@ def merged_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("hf_first", [True, False], ids=["hf_files", "fastpeft_files"])
-@pytest.mark.parametrize("rows", [ROWS, ["a1"] * 2, ["a0", "a1"]], ids=["with_base_rows", "one_adapter", "two"])
+@pytest.mark.parametrize("rows", [ROWS, ["a1"] * 2, ["a0", "a1"]],
+                         ids=["with_base_rows", "one_adapter", "two"])
 def test_long_rows_take_merged_weights_and_match_hf(hf_first, rows, tmp_path, merged_calls):
     ours, theirs = _pair(tmp_path, hf_first)
     ids = _ids(len(rows), LONG)

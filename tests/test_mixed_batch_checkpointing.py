@@ -1,10 +1,11 @@
 """Mixed batches (adapter_names=[...]) in a training forward under activation checkpointing.
 
-Checkpointed blocks are re-run in backward, after the call has reset the per-row names, so the re-run would use
-the active adapter for every row: reentrant checkpointing gave silently wrong gradients (the second adapter got
-none), non-reentrant a CheckpointError about tensor counts. fastpeft refuses that combination with a clear error;
-HF PEFT refuses adapter_names in any training forward. A checkpointed model in eval mode (or in train mode under
-no_grad) still runs mixed batches, matching HF PEFT on the same adapter files saved by either library.
+Checkpointed blocks are re-run in backward, after the call has reset the per-row names, so the re-run would
+use the active adapter for every row: reentrant checkpointing gave silently wrong gradients (the second
+adapter got none), non-reentrant a CheckpointError about tensor counts. fastpeft refuses that combination with
+a clear error; HF PEFT refuses adapter_names in any training forward. A checkpointed model in eval mode (or in
+train mode under no_grad) still runs mixed batches, matching HF PEFT on the same adapter files saved by either
+library.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Mixed batches on offloaded or hooked layers (methods/lora/gathered.py).
 
 The fast mixed-batch paths read the base weight and the LoRA factors directly instead of calling the modules.
-Under accelerate offloading (`cpu_offload`, device_map with offload) those weights sit on the meta device and a
-hook swaps them in on call, so reading them directly gave wrong logits (merged path for long rows) where HF PEFT
-gives the right ones; a forward hook the user put on a base layer was skipped. Such layers now take the loop.
-Checked against HF PEFT on the same adapter files, saved by either library.
+Under accelerate offloading (`cpu_offload`, device_map with offload) those weights sit on the meta device and
+a hook swaps them in on call, so reading them directly gave wrong logits (merged path for long rows) where HF
+PEFT gives the right ones; a forward hook the user put on a base layer was skipped. Such layers now take the
+loop. Checked against HF PEFT on the same adapter files, saved by either library.
 """
 
 from __future__ import annotations

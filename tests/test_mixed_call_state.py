@@ -34,12 +34,15 @@ def _logits(model, rows=ROWS, **kw) -> torch.Tensor:
 
 def _pair(tmp_path, hf_first: bool):
     """(fastpeft, HF PEFT) models with adapter "first" on q_proj and "second", added later, on other modules
-    (v_proj, down_proj) and each its own modules_to_save copy of lm_head: layers the tuner creates after the first bind."""
+    (v_proj, down_proj) and each its own modules_to_save copy of lm_head: layers the tuner creates after the
+    first bind."""
     lib_a, lib_b = (peft, fastpeft) if hf_first else (fastpeft, peft)
     torch.manual_seed(0)
-    first = lib_a.get_peft_model(make_llama(), _config(lib_a, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    first = lib_a.get_peft_model(make_llama(),
+                                 _config(lib_a, target_modules=["q_proj"], modules_to_save=["lm_head"]),
                                  adapter_name="first")
-    first.add_adapter("second", _config(lib_a, target_modules=["v_proj", "down_proj"], modules_to_save=["lm_head"]))
+    first.add_adapter("second", _config(lib_a, target_modules=["v_proj", "down_proj"],
+                                        modules_to_save=["lm_head"]))
     with torch.no_grad():  # HF PEFT's mixed batch needs a copy for every adapter named (KeyError otherwise)
         for i, copy_ in enumerate(first.base_model.model.lm_head.modules_to_save.values()):
             copy_.weight.add_(0.5 * (i + 1))

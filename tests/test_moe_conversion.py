@@ -1,9 +1,9 @@
-"""LoRA adapters made on transformers v4 MoE models (per-expert `nn.Linear`s) used on the v5 models (stacked expert
-parameters), methods/lora/conversion/moe.py, against HF PEFT: converted configs at injection, converted
+"""LoRA adapters made on transformers v4 MoE models (per-expert `nn.Linear`s) used on the v5 models (stacked
+expert parameters), methods/lora/conversion/moe.py, against HF PEFT: converted configs at injection, converted
 weights on load, and the v5 layout on save (both directions).
 
-No transformers v4 is installed, so the "v4 adapter" files are written by hand with the keys and shapes HF PEFT
-saved on v4 (`...block_sparse_moe.experts.<e>.w1.lora_A.weight` (r, hidden), ...)."""
+No transformers v4 is installed, so the "v4 adapter" files are written by hand with the keys and shapes HF
+PEFT saved on v4 (`...block_sparse_moe.experts.<e>.w1.lora_A.weight` (r, hidden), ...)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def make_qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=12, moe_intermediate_size=12,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=3,
+                         num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8, num_experts=3,
                          num_experts_per_tok=2, max_position_embeddings=32, attn_implementation="eager")
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(cfg).eval()
@@ -37,8 +38,8 @@ def make_qwen2_moe():
 
     cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=12, moe_intermediate_size=12,
                          shared_expert_intermediate_size=14, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, num_experts=3, num_experts_per_tok=2, max_position_embeddings=32,
-                         attn_implementation="eager")
+                         num_key_value_heads=1, num_experts=3, num_experts_per_tok=2,
+                         max_position_embeddings=32, attn_implementation="eager")
     torch.manual_seed(0)
     return Qwen2MoeForCausalLM(cfg).eval()
 
@@ -52,7 +53,8 @@ MODELS = {
 
 
 def v4_shapes(model, layer: int, kind: str) -> tuple[int, int]:
-    """(out, in) of a v4 expert linear, read off the v5 stacks: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+    """(out, in) of a v4 expert linear, read off the v5 stacks: gate_up_proj (E, 2I, H), down_proj (E, H,
+    I)."""
     experts = model.model.layers[layer].mlp.experts
     hidden, inter = experts.down_proj.shape[1:]
     return (hidden, inter) if kind == "down" else (inter, hidden)
@@ -80,12 +82,13 @@ def v4_adapter(directory, model_id: str, targets: list[str], seed: int = 1, expe
             elif target == "gate":
                 add(f"{base}.{block}.gate", num_experts, model.config.hidden_size)
             else:  # still an nn.Linear on v5 (attention)
-                out_features, in_features = model.get_submodule(f"model.layers.{i}.self_attn.{target}").weight.shape
+                out_features, in_features = model.get_submodule(
+                    f"model.layers.{i}.self_attn.{target}").weight.shape
                 add(f"{base}.self_attn.{target}", out_features, in_features)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
-    data = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA, "target_modules": targets,
-            **config}
+    data = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA,
+            "target_modules": targets, **config}
     (directory / "adapter_config.json").write_text(json.dumps(data))
     return tensors
 
@@ -102,10 +105,11 @@ def config_view(config) -> dict:
     return {"target_modules": config.target_modules if isinstance(config.target_modules, str)
             else set(config.target_modules or ()),
             "target_parameters": set(config.target_parameters or ()),
-            "rank_pattern": dict(config.rank_pattern or {}), "alpha_pattern": dict(config.alpha_pattern or {})}
+            "rank_pattern": dict(config.rank_pattern or {}),
+            "alpha_pattern": dict(config.alpha_pattern or {})}
 
 
-# ---------------------------------------------------------------------------------------------- config at injection
+# ---------------------------------------------------------------------------------------- config at injection
 CONFIG_CASES = {
     "all_experts_and_attention": ("mixtral", {"target_modules": ["w1", "w3", "w2", "gate", "q_proj"]}),
     "fused_pair_only": ("mixtral", {"target_modules": ["w1", "w3"]}),
@@ -115,8 +119,10 @@ CONFIG_CASES = {
     "all_linear": ("mixtral", {"target_modules": "all-linear"}),
     "regex": ("mixtral", {"target_modules": r".*\.(w1|w3|q_proj)"}),
     "regex_down_and_router": ("mixtral", {"target_modules": r".*layers\.1.*\.(w2|gate)"}),
-    "params_without_modules": ("mixtral", {"target_modules": None, "target_parameters": ["experts.down_proj"]}),
-    "v5_params_kept": ("mixtral", {"target_modules": ["k_proj"], "target_parameters": ["experts.gate_up_proj"]}),
+    "params_without_modules": ("mixtral",
+                               {"target_modules": None, "target_parameters": ["experts.down_proj"]}),
+    "v5_params_kept": ("mixtral", {"target_modules": ["k_proj"],
+                                   "target_parameters": ["experts.gate_up_proj"]}),
     "qwen3_all": ("qwen3_moe", {"target_modules": ["gate_proj", "up_proj", "down_proj", "gate", "o_proj"]}),
     "qwen3_all_linear": ("qwen3_moe", {"target_modules": "all-linear"}),
     "qwen3_regex": ("qwen3_moe", {"target_modules": r".*\.(gate_proj|up_proj)"}),
@@ -138,7 +144,8 @@ def test_config_converted_as_hf(case):
 
 
 def test_target_parameters_alone_means_no_default_modules():
-    """On a model with a v5 conversion, target_modules=None + target_parameters targets no module (HF PEFT)."""
+    """On a model with a v5 conversion, target_modules=None + target_parameters targets no module (HF
+    PEFT)."""
     kwargs = {"target_modules": None, "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
     ours = fastpeft.get_peft_model(make_mixtral(), fastpeft.LoraConfig(**kwargs))
     theirs = peft.get_peft_model(make_mixtral(), peft.LoraConfig(**kwargs))
@@ -163,13 +170,14 @@ def test_no_targets_at_all_is_refused_like_hf():
         fastpeft.get_peft_model(make_mixtral(), fastpeft.LoraConfig(target_modules=None))
 
 
-# ---------------------------------------------------------------------------------------------- weights on load
+# -------------------------------------------------------------------------------------------- weights on load
 LOAD_CASES = {
     "mixtral_everything": ("mixtral", ["w1", "w3", "w2", "gate", "q_proj", "v_proj"], {}),
     "mixtral_down_and_router": ("mixtral", ["w2", "gate"], {}),
     "mixtral_rslora": ("mixtral", ["w1", "w3", "w2"], {"use_rslora": True}),
     "qwen3_everything": ("qwen3_moe", ["gate_proj", "up_proj", "down_proj", "gate", "k_proj"], {}),
-    "qwen2_shared_expert_only": ("qwen2_moe", ["gate_proj", "up_proj", "down_proj"], {}),  # HF: no config conversion
+    # HF: no config conversion
+    "qwen2_shared_expert_only": ("qwen2_moe", ["gate_proj", "up_proj", "down_proj"], {}),
 }
 
 
@@ -200,12 +208,14 @@ def test_save_after_conversion_is_v5_both_ways(case, tmp_path):
     ours = fastpeft.PeftModel.from_pretrained(factory(), str(tmp_path / "v4")).eval()
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
-    files = {name: load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("ours", "theirs")}
+    files = {name: load_file(str(tmp_path / name / "adapter_model.safetensors"))
+             for name in ("ours", "theirs")}
     assert files["ours"].keys() == files["theirs"].keys()
     assert not any(".experts.0." in k or "block_sparse_moe" in k for k in files["ours"])
     for key, value in files["theirs"].items():
         torch.testing.assert_close(files["ours"][key], value, msg=key)
-    configs = {name: json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in ("ours", "theirs")}
+    configs = {name: json.loads((tmp_path / name / "adapter_config.json").read_text())
+               for name in ("ours", "theirs")}
     assert comparable(configs["ours"]) == comparable(configs["theirs"])
     expected = out(theirs, inputs())
     hf_from_ours = peft.PeftModel.from_pretrained(factory(), str(tmp_path / "ours")).eval()
@@ -236,8 +246,9 @@ def v4_update(tensors, layer: int, expert: int, proj: str) -> torch.Tensor:
 def test_fused_experts_equal_the_v4_per_expert_updates(targets, tmp_path):
     """The math, straight from the file: expert e of gate_up_proj gets [s B1 A1; s B3 A3], down_proj s B2 A2.
 
-    With only w1 + w3 the gate_up_proj wrapper is the outer one: HF PEFT still writes these weights under the inner
-    wrapper's name (so they are not loaded there and the adapter stays at its init); fastpeft uses the model's name."""
+    With only w1 + w3 the gate_up_proj wrapper is the outer one: HF PEFT still writes these weights under the
+    inner wrapper's name (so they are not loaded there and the adapter stays at its init); fastpeft uses the
+    model's name."""
     tensors = v4_adapter(tmp_path / "v4", "mixtral", targets, seed=4)
     model = fastpeft.PeftModel.from_pretrained(make_mixtral(), str(tmp_path / "v4"))
     wanted = {"gate_up_proj"} | ({"down_proj"} if "w2" in targets else set())

@@ -1,8 +1,8 @@
 """MonteCLoRA (`monteclora_config`) against HF PEFT.
 
-Training mode samples: both libraries pre-draw the same random numbers in the same order (when the adapter is built
-and whenever `buffer_size` forward passes used them up), so with the same seed the training outputs, regulariser,
-gradients and saved sampler state agree step by step. Eval mode and merging are plain LoRA.
+Training mode samples: both libraries pre-draw the same random numbers in the same order (when the adapter is
+built and whenever `buffer_size` forward passes used them up), so with the same seed the training outputs,
+regulariser, gradients and saved sampler state agree step by step. Eval mode and merging are plain LoRA.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def inputs(case):
 
 
 def build(lib, case, perturb=True):
-    """Factories seed torch, so both libraries build (and pre-draw) identically; then the same perturbation."""
+    """Factories seed torch, so both libraries build (and pre-draw) identically; then the same
+    perturbation."""
     model = lib.get_peft_model(factory(case)(), config(lib, case))
     if perturb:
         models.perturb(model, 0, 0.3)
@@ -92,7 +93,8 @@ def test_init_and_files_match_hf(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["mlp", "mlp_entropy", "llama"])
 def test_training_steps_match_hf_under_the_same_seed(case, tmp_path):
-    """buffer_size + 2 steps (the pre-drawn numbers run out and are redrawn): outputs, loss, grads, updates."""
+    """buffer_size + 2 steps (the pre-drawn numbers run out and are redrawn): outputs, loss, grads,
+    updates."""
     hf, fp = build(peft, case), build(fastpeft, case)
     x = inputs(case)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01) for m in (hf, fp)]

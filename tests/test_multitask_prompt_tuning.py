@@ -1,4 +1,5 @@
-"""MULTITASK_PROMPT_TUNING: files and outputs against HF PEFT (the oracle), generate, training, task_ids, inits.
+"""MULTITASK_PROMPT_TUNING: files and outputs against HF PEFT (the oracle), generate, training, task_ids,
+inits.
 
 Adapter tensors are perturbed before saving (the default task matrices are ~N(0, 0.02), which would make the
 prompts nearly zero), so a tensor dropped, mis-keyed or applied to the wrong task changes the outputs.
@@ -221,8 +222,8 @@ def source_file(tmp_path):
 
 
 def source_encoder(lib, init, path, **kwargs):
-    config = make_config(lib, "CAUSAL_LM", prompt_tuning_init=init, prompt_tuning_init_state_dict_path=str(path),
-                         **{"num_tasks": 1, **kwargs})
+    config = make_config(lib, "CAUSAL_LM", prompt_tuning_init=init,
+                         prompt_tuning_init_state_dict_path=str(path), **{"num_tasks": 1, **kwargs})
     return lib.get_peft_model(models.make_llama(), config).prompt_encoder["default"]
 
 

@@ -17,7 +17,8 @@ R, ALPHA = 4, 8
 
 
 class EmbMLP(nn.Module):
-    """Embedding -> Linear -> LayerNorm -> Linear head: LoRA on embedding and linears, LayerNorm / head saved."""
+    """Embedding -> Linear -> LayerNorm -> Linear head: LoRA on embedding and linears, LayerNorm / head
+    saved."""
 
     def __init__(self):
         super().__init__()
@@ -43,7 +44,8 @@ def _llama_loss(model):
 
 
 MLP_CFG = {"target_modules": ["emb", "lin0", "lin1"], "modules_to_save": ["ln", "head"], "bias": "lora_only"}
-LLAMA_CFG = {"target_modules": ["embed_tokens", "q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]}
+LLAMA_CFG = {"target_modules": ["embed_tokens", "q_proj", "v_proj", "down_proj"],
+             "modules_to_save": ["lm_head"]}
 CASES = {"mlp": (EmbMLP, MLP_CFG, _mlp_loss), "llama": (make_llama, LLAMA_CFG, _llama_loss)}
 
 
@@ -82,7 +84,8 @@ def _assert_same_weights(ours, theirs, atol=1e-6):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA+
-LORAPLUS_KW = {"lr": 2e-3, "loraplus_lr_ratio": 16.0, "loraplus_weight_decay": 0.1, "loraplus_lr_embedding": 5e-3}
+LORAPLUS_KW = {"lr": 2e-3, "loraplus_lr_ratio": 16.0, "loraplus_weight_decay": 0.1,
+               "loraplus_lr_embedding": 5e-3}
 
 
 @pytest.mark.parametrize("case", ["mlp", "llama"])
@@ -116,7 +119,8 @@ def test_loraplus_steps_match_hf(case):
     ours, theirs, loss_fn = _pair(case)
     before = {n: p.detach().clone() for n, p in ours.named_parameters() if "lora_B" in n}
     _train(ours, create_loraplus_optimizer(ours, torch.optim.AdamW, **LORAPLUS_KW), loss_fn)
-    _train(theirs, peft.optimizers.create_loraplus_optimizer(theirs, torch.optim.AdamW, **LORAPLUS_KW), loss_fn)
+    _train(theirs, peft.optimizers.create_loraplus_optimizer(theirs, torch.optim.AdamW, **LORAPLUS_KW),
+           loss_fn)
     _assert_same_weights(ours, theirs)
     assert any(not torch.equal(p, before[n]) for n, p in ours.named_parameters() if n in before)
 
@@ -147,11 +151,13 @@ def _factors(model):
 def test_lorafa_groups_match_hf(case):
     ours, theirs, _ = _pair(case)
     opt_ours = create_lorafa_optimizer(ours, r=R, lora_alpha=ALPHA, lr=3e-3, weight_decay=0.05)
-    opt_theirs = peft.optimizers.create_lorafa_optimizer(theirs, r=R, lora_alpha=ALPHA, lr=3e-3, weight_decay=0.05)
+    opt_theirs = peft.optimizers.create_lorafa_optimizer(theirs, r=R, lora_alpha=ALPHA, lr=3e-3,
+                                                         weight_decay=0.05)
     keys = ("lr", "weight_decay", "betas", "names")
     assert _group_view(ours, opt_ours, keys) == _group_view(theirs, opt_theirs, keys)
     (g_ours,), (g_theirs,) = opt_ours.param_groups, opt_theirs.param_groups
-    for name, s_ours, s_theirs in zip(g_ours["names"], g_ours["scaling_factors"], g_theirs["scaling_factors"]):
+    for name, s_ours, s_theirs in zip(g_ours["names"], g_ours["scaling_factors"],
+                                      g_theirs["scaling_factors"]):
         if ".lora_A." in name or ".lora_B." in name or "lora_embedding" in name:
             assert s_ours == s_theirs == ALPHA / R, name
         else:
@@ -159,7 +165,8 @@ def test_lorafa_groups_match_hf(case):
     frozen = {n for n, p in ours.named_parameters() if not p.requires_grad}
     assert {n for n, p in theirs.named_parameters() if not p.requires_grad and "lora_A" in n} <= frozen
     for a, b, _ in _factors(ours):
-        assert not a.requires_grad and b.requires_grad  # HF leaves lora_embedding_A trainable but never steps it
+        # HF leaves lora_embedding_A trainable but never steps it
+        assert not a.requires_grad and b.requires_grad
 
 
 @pytest.mark.parametrize("case", ["mlp", "llama"])

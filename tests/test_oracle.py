@@ -323,9 +323,11 @@ def test_saved_files_match_hf(case, tmp_path):
     with safe_open(str(fp_dir / "adapter_model.safetensors"), "pt") as f_fp:
         with safe_open(str(hf_dir / "adapter_model.safetensors"), "pt") as f_hf:
             ours = {k: v for k, v in f_fp.metadata().items() if k != "fastpeft_base_fingerprint"}
-            assert ours == f_hf.metadata()  # but fastpeft's base-model fingerprint (checkpoint/fingerprint.py)
+            # but fastpeft's base-model fingerprint (checkpoint/fingerprint.py)
+            assert ours == f_hf.metadata()
     assert sorted(set(fp_sd) - set(hf_sd)) == [] and sorted(set(hf_sd) - set(fp_sd)) == [], (
-        f"only in fastpeft: {sorted(set(fp_sd) - set(hf_sd))}; only in HF PEFT: {sorted(set(hf_sd) - set(fp_sd))}"
+        f"only in fastpeft: {sorted(set(fp_sd) - set(hf_sd))}; only in HF PEFT: "
+        f"{sorted(set(hf_sd) - set(fp_sd))}"
     )
     for k in hf_sd:
         assert fp_sd[k].shape == hf_sd[k].shape, f"{k}: {tuple(fp_sd[k].shape)} != {tuple(hf_sd[k].shape)}"

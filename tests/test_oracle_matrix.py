@@ -1,8 +1,9 @@
 """HF PEFT as the oracle for every row of the contract matrix (tests/cases.py), whatever the method.
 
-For each row: an adapter trained away from its init in HF PEFT loads in fastpeft with the same outputs, and the
-reverse; the files fastpeft writes hold HF PEFT's keys, shapes and dtypes; one SGD step taken in both libraries on
-the same loss gives the same gradients (compared under file keys) and the same outputs afterwards. Method files test what is specific to a method.
+For each row: an adapter trained away from its init in HF PEFT loads in fastpeft with the same outputs, and
+the reverse; the files fastpeft writes hold HF PEFT's keys, shapes and dtypes; one SGD step taken in both
+libraries on the same loss gives the same gradients (compared under file keys) and the same outputs
+afterwards. Method files test what is specific to a method.
 
 Tolerances are a few times the largest difference measured between the libraries (outputs 2.4e-7,
 dora-embedding; gradients 9e-8, randlora-mlp; most rows are bitwise equal), and every row's adapter moves

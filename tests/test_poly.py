@@ -1,8 +1,9 @@
-"""Poly / MHR (PolyConfig) against HF PEFT 0.21.2 as the oracle: outputs, gradients, files both ways, generate.
+"""Poly / MHR (PolyConfig) against HF PEFT 0.21.2 as the oracle: outputs, gradients, files both ways,
+generate.
 
 Poly needs task_ids on every call. HF's PolyModel takes them in forward / generate (for custom models call its
-`base_model`, since HF's plain PeftModel.forward hands task_ids to the user's model); fastpeft's PeftModel takes
-them directly.
+`base_model`, since HF's plain PeftModel.forward hands task_ids to the user's model); fastpeft's PeftModel
+takes them directly.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def close(actual, expected, atol=1e-5):
 
 
 def mlp_x():
-    return torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(3))  # HF's Poly needs (batch, seq, dim)
+    # HF's Poly needs (batch, seq, dim)
+    return torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(3))
 
 
 def pair(make, config_kwargs, seed=0):
@@ -94,7 +96,8 @@ def test_multiple_adapters_and_disable_match():
     other = {**MLP_KW, "n_tasks": 2, "n_skills": 2, "r": 2}
     hf.add_adapter("other", peft.PolyConfig(**other))
     fp.add_adapter("other", PolyConfig(**other))
-    hf.eval()  # HF PEFT builds the new router in training mode (sampling gates); fastpeft follows the base's mode
+    # HF PEFT builds the new router in training mode (sampling gates); fastpeft follows the base's mode
+    hf.eval()
     perturb(hf, seed=5, wanted=lambda n: ".other" in n)
     copy_adapter(peft, hf, fastpeft, fp, "other")
     x, tasks = mlp_x(), torch.tensor([1, 0, 1])
@@ -202,8 +205,8 @@ def test_llama_forward_training_and_generate():
     fp.eval()
     gen = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}
     assert torch.equal(fp.generate(**gen, task_ids=tasks), hf.generate(**gen, task_ids=tasks))
-    # fastpeft repeats each row's task for its beams; HF PEFT needs them repeated by hand (its prompt is expanded
-    # before the first forward, so that works there for decoder-only models)
+    # fastpeft repeats each row's task for its beams; HF PEFT needs them repeated by hand (its prompt is
+    # expanded before the first forward, so that works there for decoder-only models)
     gen.update(num_beams=2, num_return_sequences=2)
     expected = hf.generate(**gen, task_ids=tasks.repeat_interleave(2))
     assert torch.equal(fp.generate(**gen, task_ids=tasks), expected)

@@ -64,7 +64,8 @@ TRAIN_CASES = [("llama", m) for m in MAIN_METHODS] + [("gpt2", "prefix"), ("t5",
 def test_adamw_steps_lower_the_loss(base_name, method):
     make, inputs_fn, task = BASES[base_name]
     model = fastpeft.get_peft_model(make(), make_config(fastpeft, method, task))
-    frozen = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()
+              if not p.requires_grad}
     encoder = {n: p.detach().clone() for n, p in model.prompt_encoder.named_parameters()}
     inputs = _labelled(base_name, inputs_fn())
 
@@ -93,7 +94,8 @@ ROUNDTRIP_CASES = [(b, m) for b in ("llama", "t5") for m in MAIN_METHODS] + [
     ("bert_seq_cls", "p_tuning_lstm"), ("bert_bare", "prefix_projection")]
 
 
-@pytest.mark.parametrize(("base_name", "method"), ROUNDTRIP_CASES, ids=[f"{b}-{m}" for b, m in ROUNDTRIP_CASES])
+@pytest.mark.parametrize(("base_name", "method"), ROUNDTRIP_CASES,
+                         ids=[f"{b}-{m}" for b, m in ROUNDTRIP_CASES])
 def test_save_load_roundtrip(base_name, method, tmp_path):
     make, inputs_fn, _ = BASES[base_name]
     inputs = inputs_fn()
@@ -135,8 +137,8 @@ def test_disable_adapter_generate_is_base_generate():
     kw = {"max_new_tokens": 5, "do_sample": False}
     with model.disable_adapter():
         disabled = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    assert torch.equal(disabled, models.make_llama().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                              **kw))
+    assert torch.equal(disabled, models.make_llama().generate(input_ids=ids,
+                                                              attention_mask=torch.ones_like(ids), **kw))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning_mlp", "prefix"])
@@ -233,7 +235,8 @@ def test_positional_forward_args():
     with pytest.raises(TypeError, match="keyword"):
         generic(ids)
     # the task class names input_ids first, as HF PEFT's does: a positional call is that keyword
-    task_model = fastpeft.get_peft_model(models.make_llama(), make_config(fastpeft, "prompt_tuning", "CAUSAL_LM"))
+    task_model = fastpeft.get_peft_model(models.make_llama(),
+                                         make_config(fastpeft, "prompt_tuning", "CAUSAL_LM"))
     torch.testing.assert_close(outputs(task_model, {}, input_ids=ids), task_model(ids).logits.detach())
 
 

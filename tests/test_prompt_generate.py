@@ -1,4 +1,5 @@
-"""Soft-prompt generate: greedy / sampling / beams / left padding vs greedy decoding by forward() (greedy_reference).
+"""Soft-prompt generate: greedy / sampling / beams / left padding vs greedy decoding by forward()
+(greedy_reference).
 
 HF PEFT 0.21's own prompt generate() is broken with transformers 5.2x (spec section 5), hence the reference.
 """
@@ -99,7 +100,8 @@ def test_seq2seq_greedy_generate_equals_manual_loop(method):
     assert len(set(expected[:, 1:].flatten().tolist())) > 1, "degenerate generation: every token the same"
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected), f"generate {got.tolist()} != manual {expected.tolist()}"
-    alone = model.generate(input_ids=ids[2:, :3], attention_mask=mask[2:, :3], max_new_tokens=6, do_sample=False)
+    alone = model.generate(input_ids=ids[2:, :3], attention_mask=mask[2:, :3], max_new_tokens=6,
+                           do_sample=False)
     assert torch.equal(alone[0], got[2])
 
 
@@ -110,7 +112,8 @@ SEQ2SEQ_HF_GEN = [("prompt_tuning", {"max_new_tokens": 5}), ("p_tuning_mlp", {"m
                   ("p_tuning_mlp", {"max_new_tokens": 4, "num_beams": 3, "num_return_sequences": 2})]
 
 
-@pytest.mark.parametrize(("method", "kw"), SEQ2SEQ_HF_GEN, ids=[f"{m}-{'-'.join(k)}" for m, k in SEQ2SEQ_HF_GEN])
+@pytest.mark.parametrize(("method", "kw"), SEQ2SEQ_HF_GEN,
+                         ids=[f"{m}-{'-'.join(k)}" for m, k in SEQ2SEQ_HF_GEN])
 def test_seq2seq_generate_matches_hf(method, kw, tmp_path):
     """HF PEFT's seq2seq generate works in this environment for the embedding methods (spec 5.2)."""
     model = _t5_gen_model(method)
@@ -143,8 +146,8 @@ def test_generate_call_variants_agree(base_name, method):
     assert torch.equal(out.sequences, reference) and len(out.scores) == 4
 
 
-SEVERAL = [("llama", "prompt_tuning"), ("llama", "prefix"), ("gpt2", "prefix_projection"), ("t5", "prompt_tuning"),
-           ("t5", "prefix")]
+SEVERAL = [("llama", "prompt_tuning"), ("llama", "prefix"), ("gpt2", "prefix_projection"),
+           ("t5", "prompt_tuning"), ("t5", "prefix")]
 
 
 @pytest.mark.parametrize(("base_name", "method"), SEVERAL, ids=[f"{b}-{m}" for b, m in SEVERAL])
@@ -160,7 +163,8 @@ def test_generate_several_sequences_per_prompt(base_name, method):
     if causal:
         assert torch.equal(sampled[:, :5], ids.repeat_interleave(2, dim=0))
     best = model.generate(input_ids=ids, max_new_tokens=4, num_beams=3, pad_token_id=0)
-    beams = model.generate(input_ids=ids, max_new_tokens=4, num_beams=3, num_return_sequences=2, pad_token_id=0)
+    beams = model.generate(input_ids=ids, max_new_tokens=4, num_beams=3,
+                           num_return_sequences=2, pad_token_id=0)
     assert beams.shape == (4, width)
     assert torch.equal(beams[::2], best)  # beams come best first
 

@@ -1,7 +1,9 @@
-"""generate() of every prompt method x task x base against an independent greedy reference (greedy_reference.py).
+"""generate() of every prompt method x task x base against an independent greedy reference
+(greedy_reference.py).
 
-The reference decodes by full forwards of the same model, honouring what generate honours (decoder start, forced
-BOS / EOS, eos stopping and padding, left padding); beams are checked by rescoring each returned sequence.
+The reference decodes by full forwards of the same model, honouring what generate honours (decoder start,
+forced BOS / EOS, eos stopping and padding, left padding); beams are checked by rescoring each returned
+sequence.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 6
 TASK_IDS = torch.tensor([2, 0])
-GEN_BASES = {"llama": (make_llama_for_generation, "CAUSAL_LM"), "gpt2": (make_gpt2_for_generation, "CAUSAL_LM"),
+GEN_BASES = {"llama": (make_llama_for_generation, "CAUSAL_LM"),
+             "gpt2": (make_gpt2_for_generation, "CAUSAL_LM"),
              "t5": (make_t5_with_eos, "SEQ_2_SEQ_LM"), "bart": (make_bart_for_generation, "SEQ_2_SEQ_LM")}
 
 
 def _multitask(task):
     # one prompt stack on encoder-decoders: with two, forward puts rows in front of the decoder inputs that
     # HF PEFT's generate (and so fastpeft's) never uses, so no forward-based greedy loop can equal generate
-    return fastpeft.MultitaskPromptTuningConfig(task_type=task, num_virtual_tokens=N, num_tasks=3, num_ranks=2,
-                                                num_transformer_submodules=1 if task == "SEQ_2_SEQ_LM" else None)
+    return fastpeft.MultitaskPromptTuningConfig(
+        task_type=task, num_virtual_tokens=N, num_tasks=3, num_ranks=2,
+        num_transformer_submodules=1 if task == "SEQ_2_SEQ_LM" else None)
 
 
 def _cpt(task):
@@ -63,7 +67,8 @@ def adapted(base_name, method, seed=3):
 
 
 def batch(base_name):
-    """Two rows with padding: causal rows left-padded with 0 (passed as pad_token_id), encoder rows right-padded."""
+    """Two rows with padding: causal rows left-padded with 0 (passed as pad_token_id), encoder rows
+    right-padded."""
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(17))
     mask = torch.ones_like(ids)
     if GEN_BASES[base_name][1] == "CAUSAL_LM":
@@ -76,7 +81,8 @@ def batch(base_name):
 
 def early_eos(out, offset, pad):
     """(row, step, token): a token one row emits at step >= 1 for the first time, which the other row has not
-    emitted up to that step; made the eos, it stops that row while the other one goes on (so padding shows)."""
+    emitted up to that step; made the eos, it stops that row while the other one goes on (so padding
+    shows)."""
     new = out[:, offset:].tolist()
     for step in range(1, STEPS - 1):
         for row in (0, 1):
@@ -94,15 +100,18 @@ def test_greedy_generate_equals_reference(base_name, method):
 
     def generate_and_check(**extra):
         kw = {**settings, **extra}
-        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, **call, **kw)
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS,
+                             do_sample=False, **call, **kw)
         expected = greedy_reference(model, ids, mask, max_new_tokens=STEPS, row_kwargs=rows, **kw)
         assert torch.equal(got, expected), f"generate {got.tolist()} != reference {expected.tolist()}"
         return got
 
     plain = generate_and_check()
     with model.disable_adapter():
-        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, **settings)
-    assert not torch.equal(base, plain), "the adapter does not change the generation: the check would be vacuous"
+        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS,
+                              do_sample=False, **settings)
+    assert not torch.equal(base, plain), (
+        "the adapter does not change the generation: the check would be vacuous")
 
     rules = generation_rules(model, **settings)
     offset = 1 if rules.seq2seq else ids.shape[1]
@@ -110,7 +119,8 @@ def test_greedy_generate_equals_reference(base_name, method):
     stopped = generate_and_check(eos_token_id=eos, forced_eos_token_id=eos)
     end = offset + step + 1
     assert stopped[row, end - 1] == eos and stopped.shape[1] > end, stopped.tolist()
-    assert (stopped[row, end:] == rules.pad).all(), f"row {row} is not padded after its eos: {stopped.tolist()}"
+    assert (stopped[row, end:] == rules.pad).all(), (
+        f"row {row} is not padded after its eos: {stopped.tolist()}")
 
 
 BEAM_CASES = [("bart", "prefix"), ("bart", "prefix_projection"), ("bart", "prompt_tuning"), ("t5", "prefix"),
@@ -119,14 +129,14 @@ BEAM_CASES = [("bart", "prefix"), ("bart", "prefix_projection"), ("bart", "promp
 
 @pytest.mark.parametrize(("base_name", "method"), BEAM_CASES, ids=[f"{b}-{m}" for b, m in BEAM_CASES])
 def test_beam_sequences_rescore_to_their_scores(base_name, method):
-    """Every returned beam is rescored by full forwards: with length_penalty=0 its score is its log-probability,
-    so a sequence decoded against a misplaced prefix or start token scores differently."""
+    """Every returned beam is rescored by full forwards: with length_penalty=0 its score is its
+    log-probability, so a sequence decoded against a misplaced prefix or start token scores differently."""
     model, call = adapted(base_name, method)
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(5))
     beams, settings = 3, ({} if GEN_BASES[base_name][1] == "SEQ_2_SEQ_LM" else {"pad_token_id": 0})
     out = model.generate(input_ids=ids, max_new_tokens=5, num_beams=beams, num_return_sequences=beams,
-                         length_penalty=0.0, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                         **call, **settings)
+                         length_penalty=0.0, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **call, **settings)
     rules = generation_rules(model, **settings)
     if rules.seq2seq:  # bart: decoder start 2 then the forced bos 0, on every beam
         assert (out.sequences[:, 0] == rules.start).all(), out.sequences.tolist()
@@ -154,10 +164,12 @@ PROCESSOR_CASES = [("llama", "prompt_tuning"), ("llama", "prefix"), ("gpt2", "cp
                    ("bart", "prefix"), ("bart", "p_tuning_mlp")]
 
 
-@pytest.mark.parametrize(("base_name", "method"), PROCESSOR_CASES, ids=[f"{b}-{m}" for b, m in PROCESSOR_CASES])
+@pytest.mark.parametrize(("base_name", "method"), PROCESSOR_CASES,
+                         ids=[f"{b}-{m}" for b, m in PROCESSOR_CASES])
 def test_logits_processors_see_the_callers_sequence(base_name, method):
-    """Repetition penalties, n-gram bans, forced BOS etc. read the running sequence: it must be the caller's ids
-    (causal) or the decoder start (encoder-decoder), not virtual-token placeholders nor the new tokens alone."""
+    """Repetition penalties, n-gram bans, forced BOS etc. read the running sequence: it must be the caller's
+    ids (causal) or the decoder start (encoder-decoder), not virtual-token placeholders nor the new tokens
+    alone."""
     model, call = adapted(base_name, method)
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(8))
     recorder = Recorder()
@@ -172,18 +184,20 @@ def test_logits_processors_see_the_callers_sequence(base_name, method):
 
 
 
-@pytest.mark.parametrize(("base_name", "method"), [("llama", "prefix"), ("bart", "prefix"), ("llama", "prompt_tuning")])
+@pytest.mark.parametrize(("base_name", "method"),
+                         [("llama", "prefix"), ("bart", "prefix"), ("llama", "prompt_tuning")])
 def test_generate_without_cache_equals_reference(base_name, method):
     """use_cache=False only trades speed for memory: the tokens stay those of the reference."""
     model, call = adapted(base_name, method)
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(5))
-    got = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0, **call)
+    got = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False,
+                         pad_token_id=0, **call)
     assert torch.equal(got, greedy_reference(model, ids, max_new_tokens=4, pad_token_id=0))
 
 def _tiny_encoder_decoder(config_cls, model_cls, special: dict, forced: dict):
-    config = config_cls(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                        init_std=1.0, **special)
+    config = config_cls(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=64, init_std=1.0, **special)
     torch.manual_seed(0)
     model = model_cls(config).eval()
     model.generation_config = GenerationConfig(**special, **forced)
@@ -193,7 +207,8 @@ def _tiny_encoder_decoder(config_cls, model_cls, special: dict, forced: dict):
 def _marian():
     from transformers import MarianConfig, MarianMTModel
 
-    # opus-mt's layout: the decoder starts with pad (the last id) and eos is 0, the id a placeholder would take
+    # opus-mt's layout: the decoder starts with pad (the last id) and eos is 0, the id a placeholder would
+    # take
     return _tiny_encoder_decoder(MarianConfig, MarianMTModel, {"pad_token_id": 99, "eos_token_id": 0,
                                                                "decoder_start_token_id": 99}, {})
 
@@ -217,8 +232,8 @@ def test_prefix_generate_on_other_encoder_decoders(make):
     got = model.generate(input_ids=ids, max_new_tokens=STEPS, do_sample=False)
     expected = greedy_reference(model, ids, max_new_tokens=STEPS)
     assert torch.equal(got, expected), f"generate {got.tolist()} != reference {expected.tolist()}"
-    out = model.generate(input_ids=ids, max_new_tokens=4, num_beams=3, num_return_sequences=3, length_penalty=0.0,
-                         output_scores=True, return_dict_in_generate=True)
+    out = model.generate(input_ids=ids, max_new_tokens=4, num_beams=3, num_return_sequences=3,
+                         length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
     for j, sequence in enumerate(out.sequences):
         score = sequence_score(model, ids, sequence, j // 3, max_new_tokens=4)
         assert abs(score - float(out.sequences_scores[j])) < 1e-3, (j, score, out.sequences_scores.tolist())

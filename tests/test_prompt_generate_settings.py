@@ -22,8 +22,8 @@ IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(5))
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("where", ["keyword", "generation_config", "model_default"])
 def test_max_length_counts_the_callers_ids(method, where):
-    """max_length = 14 means 14 tokens in the returned rows (the 6 given + 8 new), wherever it is set, and those
-    8 are greedy decoding's (virtual tokens never count)."""
+    """max_length = 14 means 14 tokens in the returned rows (the 6 given + 8 new), wherever it is set, and
+    those 8 are greedy decoding's (virtual tokens never count)."""
     model, extra = adapted("llama", method)
     kwargs = {"pad_token_id": 0, "do_sample": False}
     if where == "keyword":
@@ -57,13 +57,14 @@ def test_prefix_use_cache_false_is_overridden_and_said(how, caplog):
     with caplog.at_level(logging.WARNING, logger="fastpeft"):
         got = model.generate(input_ids=IDS, **kwargs)
     assert "use_cache=True" in caplog.text
-    assert torch.equal(got, greedy_reference(model, IDS, torch.ones_like(IDS), max_new_tokens=4, pad_token_id=0))
+    assert torch.equal(got, greedy_reference(model, IDS, torch.ones_like(IDS), max_new_tokens=4,
+                                             pad_token_id=0))
 
 
 @pytest.mark.parametrize("base_name", ["llama", "t5"])
 def test_prefix_positions_for_older_generate(base_name):
-    """transformers < 5.2 takes cache positions from the caller: they start after the n cached prefix tokens, and
-    an encoder-decoder's encoder runs here without them (its relative positions start at 0)."""
+    """transformers < 5.2 takes cache positions from the caller: they start after the n cached prefix tokens,
+    and an encoder-decoder's encoder runs here without them (its relative positions start at 0)."""
     from fastpeft.methods.prefix_tuning.model import _legacy_positions
 
     model, _ = adapted(base_name, "prefix")

@@ -184,12 +184,14 @@ TEXT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("base_name", "n", "text", "ids"), TEXT_CASES, ids=[c[0] + str(c[1]) for c in TEXT_CASES])
+@pytest.mark.parametrize(("base_name", "n", "text", "ids"), TEXT_CASES,
+                         ids=[c[0] + str(c[1]) for c in TEXT_CASES])
 def test_text_init_copies_word_embeddings(base_name, n, text, ids, word_tokenizer):
     from transformers import AutoTokenizer
 
     make, _, task = BASES[base_name]
-    assert AutoTokenizer.from_pretrained(word_tokenizer)(text)["input_ids"] == [int(w[1:]) for w in text.split()]
+    assert (AutoTokenizer.from_pretrained(word_tokenizer)(text)["input_ids"]
+            == [int(w[1:]) for w in text.split()])
     # the rule of spec section 1, written out independently
     reps = math.ceil(len(ids) / len(text.split()))
     assert ([int(w[1:]) for w in text.split()] * reps)[: len(ids)] == ids
@@ -227,7 +229,8 @@ def test_sample_vocab_init_copies_vocabulary_rows(base_name):
 
 def test_random_init_is_standard_normal_and_not_vocabulary():
     base = models.make_llama()
-    model = fastpeft.get_peft_model(base, make_config(fastpeft, "prompt_tuning", "CAUSAL_LM", num_virtual_tokens=16))
+    model = fastpeft.get_peft_model(base, make_config(fastpeft, "prompt_tuning", "CAUSAL_LM",
+                                                      num_virtual_tokens=16))
     rows = model.prompt_encoder["default"].embedding.weight.detach()
     assert rows.shape == (16, 32)
     assert 0.8 < rows.std().item() < 1.2 and abs(rows.mean().item()) < 0.2

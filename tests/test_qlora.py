@@ -50,13 +50,14 @@ def base_dir(tmp_path_factory):
 
 def load(folder, kind, **kwargs):
     quant = transformers.BitsAndBytesConfig(**QUANT[kind])
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
-                                                              **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                             device_map="cpu", **kwargs)
 
 
 def plain_cpu_kernel(model):
-    """Keep bitsandbytes' reference 4-bit CPU path: its AVX512-BF16 kernel repacks weights on the first inference
-    call (bfloat16 block scales), which HF PEFT's DoRA cannot dequantise (it reads the packed bytes as standard)."""
+    """Keep bitsandbytes' reference 4-bit CPU path: its AVX512-BF16 kernel repacks weights on the first
+    inference call (bfloat16 block scales), which HF PEFT's DoRA cannot dequantise (it reads the packed bytes
+    as standard)."""
     for module in model.modules():
         if qbnb.bnb_kind(module) == "4bit":
             module.support_avx512bf16_for_cpu = False
@@ -104,7 +105,7 @@ def copy_lora(source, target):
     assert_all_keys_used(result, lambda key: "lora_" in key)
 
 
-# ---------------------------------------------------------------------------------------------- files both ways
+# -------------------------------------------------------------------------------------------- files both ways
 @pytest.mark.parametrize("kind", list(QUANT))
 def test_adapter_files_both_ways_give_equal_logits(base_dir, tmp_path, kind):
     hf = hf_model(base_dir, kind).eval()
@@ -145,12 +146,13 @@ def test_fastpeft_works_without_bitsandbytes():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-# ---------------------------------------------------------------------------------------------- parameter counts
+# ------------------------------------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("kind", ["nf4_dq_bf16", "int8"])
 def test_parameter_counts_match_hf_and_full_precision(base_dir, kind, capsys):
     hf = hf_model(base_dir, kind)
     fp = fastpeft.get_peft_model(load(base_dir, kind), lora_config(fastpeft))
-    dense = fastpeft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), lora_config(fastpeft))
+    dense = fastpeft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                    lora_config(fastpeft))
     assert fp.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
     assert fp.get_nb_trainable_parameters() == dense.get_nb_trainable_parameters()
     status = fastpeft.get_model_status(fp)
@@ -229,12 +231,12 @@ def _target_and_achieved(layer, original, original_scales):
 
 
 # nf4: bounds loosened (a 1e-3 update is mostly rounded away by the 4-bit grid); int8: the default bounds
-@pytest.mark.parametrize("kind, scale, bounds", [("nf4", 1e-3, dict(max_merge_error=0.05, max_adapter_loss=1.5)),
-                                                 ("int8", 1e-2, {})])
+@pytest.mark.parametrize("kind, scale, bounds", [
+    ("nf4", 1e-3, dict(max_merge_error=0.05, max_adapter_loss=1.5)), ("int8", 1e-2, {})])
 def test_merge_within_bounds_matches_hf_merge(base_dir, kind, scale, bounds):
     hf = perturb_small(hf_model(base_dir, kind), scale)
-    fp = perturb_small(fastpeft.get_peft_model(load(base_dir, kind), lora_config(fastpeft, init_lora_weights=False)),
-                       scale)
+    fp = perturb_small(
+        fastpeft.get_peft_model(load(base_dir, kind), lora_config(fastpeft, init_lora_weights=False)), scale)
     copy_lora(hf, fp)
     layers = [m for m in fp.modules() if isinstance(m, lora_bnb.QuantLinear)]
     originals = {layer: layer.get_base_layer().weight for layer in layers}  # no forward yet: int8 SCB on them
@@ -286,9 +288,10 @@ def test_allowed_lossy_merge_matches_hf_and_unmerge_is_exact(base_dir):
 
 
 def test_update_rounded_away_is_refused_although_the_output_error_is_small(base_dir):
-    fp = perturb_small(fastpeft.get_peft_model(load(base_dir, "nf4"), lora_config(fastpeft, init_lora_weights=False)),
-                       1e-4)
-    with pytest.raises(LossyMergeError, match=r"\d+\.\d% of the adapter's own contribution.*max_adapter_loss=50%"):
+    fp = perturb_small(
+        fastpeft.get_peft_model(load(base_dir, "nf4"), lora_config(fastpeft, init_lora_weights=False)), 1e-4)
+    with pytest.raises(LossyMergeError,
+                       match=r"\d+\.\d% of the adapter's own contribution.*max_adapter_loss=50%"):
         fp.merge_adapter()
     fp.merge_adapter(max_adapter_loss=2.0)  # outputs barely move: within max_merge_error
     errors = [m.last_merge_error for m in fp.modules() if isinstance(m, lora_bnb.QuantLinear)]
@@ -333,7 +336,8 @@ def test_dequantized_merge_gives_dense_layers_with_the_adapter_outputs(base_dir,
         assert (expected - logits(fp)).abs().max() > 0.5  # the adapter's effect (measured 0.8)
     q_proj = fp.base_model.model.model.layers[0].self_attn.q_proj
     a, b = q_proj.lora_A["default"].weight, q_proj.lora_B["default"].weight
-    dense_q = (qbnb.dequantize_weight(q_proj.get_base_layer()).float() + (b @ a).detach() * q_proj.scaling["default"])
+    dense_q = (qbnb.dequantize_weight(q_proj.get_base_layer()).float()
+               + (b @ a).detach() * q_proj.scaling["default"])
     merged = fp.merge_and_unload(dequantize=True)
     close(merged.model.layers[0].self_attn.q_proj.weight.float(), dense_q, atol=1e-6)
     assert not [n for n, m in merged.named_modules() if qbnb.bnb_kind(m)]
@@ -347,7 +351,7 @@ def test_dequantized_merge_gives_dense_layers_with_the_adapter_outputs(base_dir,
     close(logits(reloaded), logits(merged), atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- DoRA, mixed batches
+# ---------------------------------------------------------------------------------------- DoRA, mixed batches
 def test_dora_on_4bit_matches_hf_both_ways(base_dir, tmp_path):
     hf = perturb_small(hf_model(base_dir, "nf4", plain_kernel=True, use_dora=True), scale=0.05).eval()
     hf.save_pretrained(tmp_path / "hf")

@@ -1,7 +1,7 @@
-"""Arrow routing (`arrow_config`, `create_arrow_model`) over a bitsandbytes 4-bit tiny Llama (hidden 64, NF4 with
-float32 compute, real bitsandbytes on the CPU) against HF PEFT 0.21.2, which routes LoRA experts on `Linear4bit`
-layers as on dense ones: routed outputs, GenKnowSub, mixed batches, saved Arrow models both ways, merging the
-router refused, and LLM.int8() layers."""
+"""Arrow routing (`arrow_config`, `create_arrow_model`) over a bitsandbytes 4-bit tiny Llama (hidden 64, NF4
+with float32 compute, real bitsandbytes on the CPU) against HF PEFT 0.21.2, which routes LoRA experts on
+`Linear4bit` layers as on dense ones: routed outputs, GenKnowSub, mixed batches, saved Arrow models both ways,
+merging the router refused, and LLM.int8() layers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def llama_folder(tmp_path_factory):
 
 
 def save_experts(lib, folder, n, seed=0):
-    """`n` LoRA adapters of `lib` on the float tiny Llama with random (seeded) A and B; returns their folders."""
+    """`n` LoRA adapters of `lib` on the float tiny Llama with random (seeded) A and B; returns their
+    folders."""
     def config():
         return lib.LoraConfig(task_type=lib.TaskType.CAUSAL_LM, target_modules=TARGETS, r=4, lora_alpha=16,
                               init_lora_weights=False)
@@ -76,8 +77,8 @@ def test_mixed_batch_matches_hf_on_4bit(llama_folder, tmp_path):
 
 
 def test_saved_arrow_models_match_and_reload_both_ways(llama_folder, tmp_path):
-    """Both save the same adapter files from the 4-bit Arrow model (experts after GenKnowSub, the router's B); each
-    library rebuilds the other's saved experts on the 4-bit base with the same outputs."""
+    """Both save the same adapter files from the 4-bit Arrow model (experts after GenKnowSub, the router's B);
+    each library rebuilds the other's saved experts on the 4-bit base with the same outputs."""
     tasks, general = save_experts(peft, tmp_path, 3), save_experts(fastpeft, tmp_path, 2, seed=10)
     ours, theirs = build(fastpeft, llama_folder, tasks, general), build(peft, llama_folder, tasks, general)
     expected = qm.logits(theirs)
@@ -99,7 +100,8 @@ def test_saved_arrow_models_match_and_reload_both_ways(llama_folder, tmp_path):
 
 
 def test_merging_router_refused_like_hf(llama_folder, tmp_path):
-    """Merging the router into the 4-bit weights: both refuse (no single weight stands for per-token routing)."""
+    """Merging the router into the 4-bit weights: both refuse (no single weight stands for per-token
+    routing)."""
     tasks = save_experts(peft, tmp_path, 2)
     with pytest.raises(RuntimeError):
         build(peft, llama_folder, tasks).merge_and_unload()
@@ -111,7 +113,8 @@ def test_merging_router_refused_like_hf(llama_folder, tmp_path):
 
 
 def test_8bit_outputs_match_hf(llama_folder, tmp_path):
-    """bitsandbytes' Linear8bitLt is an nn.Linear, so both libraries route experts over LLM.int8() layers too."""
+    """bitsandbytes' Linear8bitLt is an nn.Linear, so both libraries route experts over LLM.int8() layers
+    too."""
     tasks = save_experts(peft, tmp_path, 3)
     ours, theirs = build(fastpeft, llama_folder, tasks, bits=8), build(peft, llama_folder, tasks, bits=8)
     assert any(isinstance(m, lora_bnb.Linear8bitLt) for m in ours.modules())

@@ -1,9 +1,9 @@
 """A failed merge on a quantised model is taken back on every layer (quant/merge.py `_merge_all_or_nothing`).
 
-The bug: the rollback only knew the layers whose `merge` call had returned. A plain (not quantised) LoRA layer that
-merges its adapters one by one, here `lm_head` with adapters ["default", "b"], and fails on "b" (NaN with
-safe_merge=True) kept "default" merged. Now every layer the merge reached is taken back, and the model computes
-what HF PEFT computes with the same adapter files unmerged (files saved by either library).
+The bug: the rollback only knew the layers whose `merge` call had returned. A plain (not quantised) LoRA layer
+that merges its adapters one by one, here `lm_head` with adapters ["default", "b"], and fails on "b" (NaN with
+safe_merge=True) kept "default" merged. Now every layer the merge reached is taken back, and the model
+computes what HF PEFT computes with the same adapter files unmerged (files saved by either library).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def test_failed_merge_leaves_no_layer_merged_and_matches_hf_unmerged(base_dir, t
     ours = _load(fastpeft, base_dir, tmp_path)
     with pytest.raises(ValueError, match="NaN"):
         ours.base_model.merge_adapter(["default", "b"], safe_merge=True, allow_lossy_merge=True)
-    merged = {name: list(m.merged_adapters) for name, m in ours.named_modules() if getattr(m, "merged_adapters", None)}
+    merged = {name: list(m.merged_adapters) for name, m in ours.named_modules()
+              if getattr(m, "merged_adapters", None)}
     assert merged == {}
     torch.testing.assert_close(_logits(ours), want, atol=1e-5, rtol=0)

@@ -1,11 +1,11 @@
 """IA3, AdaLoRA and RandLoRA on bitsandbytes 4-bit / 8-bit layers (QLoRA-style), against HF PEFT 0.21.2.
 
 These are the registered fastpeft methods HF PEFT 0.21.2 dispatches to bitsandbytes layer classes (its
-tuners/*/bnb.py; HiRA, PVeRA and RoAd have such classes too but are not fastpeft methods). The base is a tiny Llama
-loaded by transformers with BitsAndBytesConfig on the CPU (tests/quantised_models.py). Checked: the layer classes
-chosen, HF file -> fastpeft -> same file -> HF with equal logits, a training step's outputs and gradients, and
-merging into the quantised weights (requantised under the merge policy, exact unmerge; RandLoRA against HF PEFT's
-own merge, which HF PEFT refuses for IA3 and AdaLoRA).
+tuners/*/bnb.py; HiRA, PVeRA and RoAd have such classes too but are not fastpeft methods). The base is a tiny
+Llama loaded by transformers with BitsAndBytesConfig on the CPU (tests/quantised_models.py). Checked: the
+layer classes chosen, HF file -> fastpeft -> same file -> HF with equal logits, a training step's outputs and
+gradients, and merging into the quantised weights (requantised under the merge policy, exact unmerge; RandLoRA
+against HF PEFT's own merge, which HF PEFT refuses for IA3 and AdaLoRA).
 """
 
 from __future__ import annotations
@@ -85,13 +85,15 @@ def _pair(method: str, bits: int, folder: str):
 
 def _adapted_layers(model) -> dict[str, str]:
     base = model.get_base_model()
-    return {name: type(module).__name__ for name, module in base.named_modules() if name.endswith(tuple(TARGETS))}
+    return {name: type(module).__name__ for name, module in base.named_modules()
+            if name.endswith(tuple(TARGETS))}
 
 
 @pytest.mark.parametrize("method, bits", CASES)
 def test_layer_classes_logits_and_training_step_like_hf(folder, method, bits):
-    """The training step runs first: after an eval-mode forward, bitsandbytes 0.50.2 repacks 4-bit weights for its
-    CPU inference kernel, which has no backward (gradients through the layer are then lost, in HF PEFT too)."""
+    """The training step runs first: after an eval-mode forward, bitsandbytes 0.50.2 repacks 4-bit weights for
+    its CPU inference kernel, which has no backward (gradients through the layer are then lost, in HF PEFT
+    too)."""
     ours, theirs = _pair(method, bits, folder)
     assert _adapted_layers(ours) == _adapted_layers(theirs)
     kinds = {qbnb.bnb_kind(m.get_base_layer()) for m in ours.base_model.adapter_layers()}
@@ -118,8 +120,8 @@ def test_files_both_ways(folder, tmp_path, method, bits):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_ia3_widens_half_inputs_as_hf(folder, bits):
-    """A bfloat16 input is scaled in float32 and run through the quantised layer as HF PEFT does; fastpeft hands
-    the result back in bfloat16 (HF PEFT returns float32): the same values up to that last rounding."""
+    """A bfloat16 input is scaled in float32 and run through the quantised layer as HF PEFT does; fastpeft
+    hands the result back in bfloat16 (HF PEFT returns float32): the same values up to that last rounding."""
     ours, theirs = _pair("ia3", bits, folder)
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
@@ -157,7 +159,8 @@ def test_merge_requantises_under_the_policy_and_unmerges_exactly(folder, method,
     with ours.disable_adapter():
         plain = qm.logits(ours)  # disabling unmerges
     relative = (merged - expected).norm() / (expected - plain).norm()
-    assert relative < (0.5 if bits == 4 else 0.05)  # requantising costs some of the adapter's effect, not most
+    # requantising costs some of the adapter's effect, not most
+    assert relative < (0.5 if bits == 4 else 0.05)
     after = _quantised_state(ours)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     close(qm.logits(ours), expected, "unmerged")
@@ -165,16 +168,17 @@ def test_merge_requantises_under_the_policy_and_unmerges_exactly(folder, method,
 
 @pytest.mark.parametrize("method", ["ia3", "randlora"])
 def test_a_refusal_in_a_later_layer_takes_back_the_earlier_merges(folder, method):
-    """Merges are all or nothing: the error bound is set between the layers' errors, so some layers merge before
-    one refuses; merge_adapter and merge_and_unload then leave every layer (and the model) as it was."""
+    """Merges are all or nothing: the error bound is set between the layers' errors, so some layers merge
+    before one refuses; merge_adapter and merge_and_unload then leave every layer (and the model) as it
+    was."""
     ours, _ = _pair(method, 4, folder)
     expected, before = qm.logits(ours), _quantised_state(ours)
     errors = []
     for layer in ours.base_model.adapter_layers():
         start, weight, _ = layer._merge_plan(["default"], False)
         base = layer.get_base_layer()
-        errors.append(qbnb.measure_error(weight, qbnb.dequantize_param(base, qbnb.quantized_param(base, weight)),
-                                         weight - start).output)
+        errors.append(qbnb.measure_error(
+            weight, qbnb.dequantize_param(base, qbnb.quantized_param(base, weight)), weight - start).output)
     bound = (min(errors) + max(errors)) / 2
     assert min(errors) < bound < max(errors)
     for call in (ours.base_model.merge_adapter, ours.merge_and_unload):
@@ -193,7 +197,8 @@ def test_merge_and_unload_dequantized_matches_hf_dense_merge(folder, method, bit
     RandLoRA merge multiplies its two factors in the wrong order, and it has none for IA3 / AdaLoRA, so its
     quantised merge is no oracle.)"""
     ours, theirs = _pair(method, bits, folder)
-    adapted = qm.logits(ours)  # first: bitsandbytes' CPU kernel repacks 4-bit weights (bf16 scales) on first use
+    # first: bitsandbytes' CPU kernel repacks 4-bit weights (bf16 scales) on first use
+    adapted = qm.logits(ours)
     with ours.disable_adapter():
         plain = qm.logits(ours)
     names = list(_adapted_layers(ours))
@@ -211,8 +216,8 @@ def test_merge_and_unload_dequantized_matches_hf_dense_merge(folder, method, bit
     for name in names:
         assert type(merged.get_submodule(name)) is torch.nn.Linear
         close(merged.get_submodule(name).weight, expected.get_submodule(name).weight, name)
-    # the adapter's effect is kept up to the quantised kernels' own rounding (bitsandbytes' int8 matmul quantises
-    # the activations too; its 4-bit CPU kernel computes in bfloat16)
+    # the adapter's effect is kept up to the quantised kernels' own rounding (bitsandbytes' int8 matmul
+    # quantises the activations too; its 4-bit CPU kernel computes in bfloat16)
     assert (qm.logits(merged) - adapted).norm() < 0.1 * (adapted - plain).norm()
 
 
@@ -232,9 +237,9 @@ OTHER_METHODS = {"vera": lambda lib: lib.VeraConfig(target_modules=TARGETS[:2], 
 
 @pytest.mark.parametrize("method, bits", [("vera", 4), ("vera", 8), ("oft", 8)])
 def test_other_methods_run_on_quantised_layers_but_refuse_to_merge(folder, method, bits):
-    """Methods without bitsandbytes layers wrap them as plain linear layers (as HF PEFT does): the forward matches
-    HF PEFT's, but a merge would break the packed 4-bit tensor or silently corrupt the int8 one, so it is refused
-    before anything changes."""
+    """Methods without bitsandbytes layers wrap them as plain linear layers (as HF PEFT does): the forward
+    matches HF PEFT's, but a merge would break the packed 4-bit tensor or silently corrupt the int8 one, so it
+    is refused before anything changes."""
     torch.manual_seed(0)
     theirs = peft.get_peft_model(qm.load_quantised(folder, bits), OTHER_METHODS[method](peft))
     models.perturb(theirs, seed=1, scale=0.1)
@@ -242,7 +247,8 @@ def test_other_methods_run_on_quantised_layers_but_refuse_to_merge(folder, metho
     _copy_adapter_tensors(theirs, ours)
     expected = qm.logits(theirs)
     close(qm.logits(ours), expected, "logits")
-    before = _quantised_state(ours)  # after the first forward (bitsandbytes' CPU kernel repacks 4-bit weights)
+    # after the first forward (bitsandbytes' CPU kernel repacks 4-bit weights)
+    before = _quantised_state(ours)
     for call in (ours.base_model.merge_adapter, ours.merge_and_unload):
         with pytest.raises(AdapterStateError, match=f"Cannot merge {method} adapter.*bitsandbytes {bits}bit"):
             call()

@@ -1,8 +1,8 @@
 """The method registry against what the project claims: the README's method table and the test matrices.
 
-Every method the README lists is registered under HF PEFT's `peft_type`, importable from `fastpeft` under HF PEFT's
-config name, and every registered method has rows in a contract matrix (tests/cases.py for layer methods,
-tests/prompt_helpers.py for soft prompts) or a named dedicated suite.
+Every method the README lists is registered under HF PEFT's `peft_type`, importable from `fastpeft` under HF
+PEFT's config name, and every registered method has rows in a contract matrix (tests/cases.py for layer
+methods, tests/prompt_helpers.py for soft prompts) or a named dedicated suite.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ DEDICATED_SUITES = {
 
 
 def claimed_methods() -> dict[str, str]:
-    """{peft_type: config class name} from the README's method table (rows `| name | `PEFT_TYPE` | Config | ...`)."""
+    """{peft_type: config class name} from the README's method table (rows
+    `| name | `PEFT_TYPE` | Config | ...`)."""
     rows = re.findall(r"^\|[^|]+\|\s*`([A-Z_0-9]+)`\s*\|\s*`(\w+)`\s*\|", README.read_text(), flags=re.M)
     assert rows, "README.md has no method table"
     return dict(rows)
@@ -55,7 +56,8 @@ def test_every_registered_method_has_matrix_rows(peft_type):
     spec = registry.get_spec(peft_type)
     name = spec.config_cls.__name__
     if spec.prompt_cls is not None and peft_type not in DEDICATED_SUITES:
-        assert any(cls == name for cls, _ in PROMPT_METHODS.values()), f"{name}: no row in prompt_helpers.METHODS"
+        assert any(cls == name for cls, _ in PROMPT_METHODS.values()), (
+            f"{name}: no row in prompt_helpers.METHODS")
     elif peft_type in DEDICATED_SUITES:
         assert (Path(__file__).parent / DEDICATED_SUITES[peft_type]).is_file()
     else:
@@ -92,8 +94,8 @@ def test_a_tuner_stating_another_prefix_is_refused():
     class OtherTuner(registry.get_spec("IA3").tuner_cls):
         prefix = "other_"
 
-    spec = registry.MethodSpec(peft_type=unused, config_cls=type("C", (fastpeft.PeftConfig,), {}), prefix="own_",
-                               tuner_cls=OtherTuner)
+    spec = registry.MethodSpec(peft_type=unused, config_cls=type("C", (fastpeft.PeftConfig,), {}),
+                               prefix="own_", tuner_cls=OtherTuner)
     with pytest.raises(ValueError, match="OtherTuner.prefix is 'other_'"):
         registry.register(spec)
     assert unused not in registry.registered() and spec.config_cls.PEFT_TYPE is None

@@ -3,8 +3,8 @@
 HF PEFT 0.21.2, checked by hand and noted per test: its disable_adapter re-enables every active adapter's
 requires_grad on exit (adapters or modules_to_save copies the user froze come back trainable); its
 inject_adapter_in_model on a PeftModel injects into the wrapped model, and with a name already in use silently
-replaces that adapter; it accepts adapter names with spaces, '/', '__base__' or a parameter prefix ('lora_x'), and
-fails with torch's KeyError on '.' in a name.
+replaces that adapter; it accepts adapter names with spaces, '/', '__base__' or a parameter prefix ('lora_x'),
+and fails with torch's KeyError on '.' in a name.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ ROWS = [c for c in METHOD_CASES if c.id in ("lora-mlp-save-head", "ia3-mlp-save-
 
 
 def hand_tuned(case):
-    """The row's model with adapter weights off their init and requires_grad changed by hand: the first adapter
-    tensor and a modules_to_save copy frozen, a base bias unfrozen."""
+    """The row's model with adapter weights off their init and requires_grad changed by hand: the first
+    adapter tensor and a modules_to_save copy frozen, a base bias unfrozen."""
     model = perturb(fastpeft.get_peft_model(make_mlp(), config_of(fastpeft, case)), 0, 0.1)
     prefix = registry.get_spec(model.peft_type).prefix
     next(p for n, p in sorted(model.named_parameters()) if f".{prefix}" in n).requires_grad_(False)
@@ -64,7 +64,8 @@ def test_disable_adapter_restores_hand_set_flags(case, tmp_path):
     with model.disable_adapter(), theirs.disable_adapter():
         torch.testing.assert_close(forward(model, mlp_inputs()), forward(make_mlp(), mlp_inputs()), atol=ATOL,
                                    rtol=ATOL)
-        torch.testing.assert_close(forward(model, mlp_inputs()), forward(theirs, mlp_inputs()), atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(forward(model, mlp_inputs()), forward(theirs, mlp_inputs()),
+                                   atol=ATOL, rtol=ATOL)
     assert flags(model) == before
     torch.testing.assert_close(forward(model, mlp_inputs()), adapted, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(forward(theirs, mlp_inputs()), adapted, atol=ATOL, rtol=ATOL)
@@ -149,7 +150,8 @@ def test_inject_adapter_in_model_of_another_method_is_refused():
 
 
 def test_inject_adapter_in_model_side_by_side_matches_hf():
-    """A second name adds a second adapter (diffusers loads several LoRAs so): both configs kept, as HF PEFT."""
+    """A second name adds a second adapter (diffusers loads several LoRAs so): both configs kept, as HF
+    PEFT."""
     models = {}
     for lib in (fastpeft, peft):
         torch.manual_seed(0)
@@ -159,7 +161,8 @@ def test_inject_adapter_in_model_side_by_side_matches_hf():
         models[lib] = perturb(model, 0, 0.1, wanted=lambda n: "lora_" in n)
     ours, theirs = models[fastpeft], models[peft]
     assert list(ours.peft_config) == list(theirs.peft_config) == ["default", "two"]
-    torch.testing.assert_close(forward(ours, mlp_inputs()), forward(theirs, mlp_inputs()), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(forward(ours, mlp_inputs()), forward(theirs, mlp_inputs()),
+                               atol=ATOL, rtol=ATOL)
     for name in ("default", "two"):
         a = fastpeft.get_peft_model_state_dict(ours, adapter_name=name)
         b = peft.get_peft_model_state_dict(theirs, adapter_name=name)
@@ -174,7 +177,8 @@ def test_get_peft_model_on_injected_model_points_to_add_adapter():
 
 
 # ----------------------------------------------------------------------------------------- safe adapter names
-# names used across the test-suite and by fastpeft itself (create_arrow_model's task_<i>), plus edge cases allowed
+# names used across the test-suite and by fastpeft itself (create_arrow_model's task_<i>), plus edge cases
+# allowed
 ALLOWED = ["default", "other", "pokemon", "task_0", "arrow_router", "a0", "dora2", "a-1", "-x", "_x", "X9",
            "LORA_upper", "adapter_lora_"]
 PATH_LIKE = ["", ".", "..", ".x", "adapter.1", "a.b", "a/b", "../x", "a\\b", "a b", " x", "x\n", "é", "a:b"]
@@ -205,20 +209,23 @@ def test_reserved_mixed_batch_name_is_refused():
 
 
 def test_hf_also_fails_on_dotted_names():
-    """Why '.' stays refused: torch refuses it in module names, so HF PEFT cannot build such an adapter either."""
+    """Why '.' stays refused: torch refuses it in module names, so HF PEFT cannot build such an adapter
+    either."""
     with pytest.raises(KeyError, match="module name"):
         peft.get_peft_model(make_mlp(), peft.LoraConfig(target_modules=["lin0"]), adapter_name="adapter.1")
 
 
 ENTRY_POINTS = {
-    "get_peft_model": lambda name, folder: fastpeft.get_peft_model(make_mlp(), lora(fastpeft), adapter_name=name),
-    "inject_adapter_in_model": lambda name, folder: fastpeft.inject_adapter_in_model(lora(fastpeft), make_mlp(),
-                                                                                     adapter_name=name),
+    "get_peft_model": lambda name, folder: fastpeft.get_peft_model(
+        make_mlp(), lora(fastpeft), adapter_name=name),
+    "inject_adapter_in_model": lambda name, folder: fastpeft.inject_adapter_in_model(
+        lora(fastpeft), make_mlp(), adapter_name=name),
     "add_adapter": lambda name, folder: fastpeft.get_peft_model(make_mlp(), lora(fastpeft)).add_adapter(
         name, lora(fastpeft)),
     "load_adapter": lambda name, folder: fastpeft.get_peft_model(make_mlp(), lora(fastpeft)).load_adapter(
         folder, adapter_name=name),
-    "from_pretrained": lambda name, folder: fastpeft.PeftModel.from_pretrained(make_mlp(), folder, adapter_name=name),
+    "from_pretrained": lambda name, folder: fastpeft.PeftModel.from_pretrained(
+        make_mlp(), folder, adapter_name=name),
 }
 
 
@@ -236,7 +243,8 @@ def test_allowed_name_round_trips_with_hf(tmp_path):
     ours = perturb(fastpeft.get_peft_model(make_mlp(), lora(fastpeft), adapter_name="a-1"), 0, 0.1)
     ours.save_pretrained(str(tmp_path))  # a non-default adapter goes to its own sub-folder
     theirs = peft.PeftModel.from_pretrained(make_mlp(), str(tmp_path / "a-1"), adapter_name="a-1")
-    torch.testing.assert_close(forward(theirs, mlp_inputs()), forward(ours, mlp_inputs()), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(forward(theirs, mlp_inputs()), forward(ours, mlp_inputs()),
+                               atol=ATOL, rtol=ATOL)
     theirs.save_pretrained(str(tmp_path / "hf"))
     back = fastpeft.PeftModel.from_pretrained(make_mlp(), str(tmp_path / "hf" / "a-1"), adapter_name="a-1")
     torch.testing.assert_close(forward(back, mlp_inputs()), forward(ours, mlp_inputs()), atol=ATOL, rtol=ATOL)

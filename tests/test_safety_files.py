@@ -52,7 +52,8 @@ _CHILD = textwrap.dedent(
 
     ADAPTERS = %r
     %s
-    model = fastpeft.get_peft_model(wide_base(), fastpeft.LoraConfig(r=ADAPTERS["default"], target_modules=["0", "2"]))
+    model = fastpeft.get_peft_model(wide_base(),
+                                    fastpeft.LoraConfig(r=ADAPTERS["default"], target_modules=["0", "2"]))
     for name, r in ADAPTERS.items():
         if name != "default":
             model.add_adapter(name, fastpeft.LoraConfig(r=r, target_modules=["0", "2"]))
@@ -159,7 +160,8 @@ def version_seen_by_fastpeft(path: Path) -> int:
     version = config.lora_alpha
     assert weights, path
     for key, tensor in weights.items():
-        assert torch.equal(tensor, torch.full_like(tensor, float(version))), f"{path}: {key} is not version {version}"
+        assert torch.equal(tensor, torch.full_like(tensor, float(version))), (
+            f"{path}: {key} is not version {version}")
     return version
 
 
@@ -232,10 +234,12 @@ def test_kill9_before_every_step_of_a_save_switches_versions_once(saver):
     the new one from there on (one switch per folder, in step order), never anything else."""
     proc, folder = saver
     steps = proc.step(folder, 10**6, 2)  # a full save: the file-system steps it takes
-    commits = [i for i, op in enumerate(steps) if op[0] == "replace" and op[1].startswith(atomic.STAGING_PREFIX)]
+    commits = [i for i, op in enumerate(steps)
+               if op[0] == "replace" and op[1].startswith(atomic.STAGING_PREFIX)]
     assert len(commits) == len(ADAPTERS), steps  # one commit rename per adapter folder
     fsynced = {op[1] for op in steps[:commits[0]] if op[0] == "fsync"}
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= fsynced, steps  # data on disk before commit
+    # data on disk before commit
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= fsynced, steps
     switched: dict[str, list[int]] = {name: [] for name in ADAPTERS}
     seen = check_after_kill(folder)
     for k in range(1, len(steps) + 1):
@@ -256,7 +260,8 @@ def test_a_killed_save_is_finished_by_the_next_save_and_readers_in_between(saver
     the next save finishes the killed one (user files kept, no hidden folders left), HF PEFT then reads it."""
     proc, folder = saver
     steps = proc.step(folder, 10**6, 5)
-    first_publish = next(i for i, op in enumerate(steps) if op[0] == "replace" and op[1] == "adapter_config.json")
+    first_publish = next(i for i, op in enumerate(steps)
+                         if op[0] == "replace" and op[1] == "adapter_config.json")
     assert steps[first_publish + 1][:2] == ["replace", "adapter_model.safetensors"], steps
     assert proc.step(folder, first_publish + 2, 6) is None  # killed right after the config was published
     assert _config_version(folder) == 6 and _weights_version(folder) == 5  # a mix, as the plain files go

@@ -1,11 +1,12 @@
 """Merging never applies dropout, random masks or sampling, whatever the mode.
 
 Every mergeable row of tests/cases.py, with every dropout-like option of its config set > 0 (found from the
-config class's fields, not a list), merged in *training* mode: the merged weights are HF PEFT's eval-mode merge of
-the same adapter, both ways (HF file -> fastpeft merge, fastpeft file -> HF merge); two merges under different seeds
-agree, and merge -> unmerge gives the base weights back. (HF PEFT 0.21.2 merges deterministically in training mode
-too; fastpeft's BOFT drew its block dropout there until AdapterLayer.merge / unmerge ran in eval mode.)
-Flags, wrapping and adapter names: tests/test_safety_adapters.py; merged exports: tests/test_safety_export.py.
+config class's fields, not a list), merged in *training* mode: the merged weights are HF PEFT's eval-mode
+merge of the same adapter, both ways (HF file -> fastpeft merge, fastpeft file -> HF merge); two merges under
+different seeds agree, and merge -> unmerge gives the base weights back. (HF PEFT 0.21.2 merges
+deterministically in training mode too; fastpeft's BOFT drew its block dropout there until AdapterLayer.merge
+/ unmerge ran in eval mode.) Flags, wrapping and adapter names: tests/test_safety_adapters.py; merged exports:
+tests/test_safety_export.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def config_class(lib, name: str):
 
 
 def dropout_fields(cls) -> list[str]:
-    """The config's float options named like dropout (lora_dropout, rank_dropout, module_dropout, boft_dropout ...)."""
+    """The config's float options named like dropout (lora_dropout, rank_dropout, module_dropout, boft_dropout
+    ...)."""
     return [f.name for f in dataclasses.fields(cls) if "dropout" in f.name and isinstance(f.default, float)]
 
 

@@ -1,9 +1,9 @@
 """Untrusted files read outside `from_pretrained` : `hotswap_adapter`, multitask
 prompt tuning's source checkpoint, and the CLI (`inspect`, `merge`'s labels, `train --resume` checkpoints).
 
-Each reads through fastpeft's checked readers: a pickled payload is refused and never runs, a truncated or forged
-file is a `FastPeftError` (in the CLI: exit code 2 and a message naming the file), and the model is unchanged.
-HF PEFT, where it reads the same file, is the oracle for what still loads and for refusing pickles.
+Each reads through fastpeft's checked readers: a pickled payload is refused and never runs, a truncated or
+forged file is a `FastPeftError` (in the CLI: exit code 2 and a message naming the file), and the model is
+unchanged. HF PEFT, where it reads the same file, is the oracle for what still loads and for refusing pickles.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def test_hotswap_from_a_damaged_folder_is_refused_and_changes_nothing(tmp_path, 
 
 
 def test_hotswap_pickle_is_refused_by_hf_too_and_clean_files_swap_as_in_hf(tmp_path):
-    loaded, good = _mlp_adapter(tmp_path / "a", seed=0, lib=peft), _mlp_adapter(tmp_path / "g", seed=2, lib=peft)
+    loaded, good = (_mlp_adapter(tmp_path / "a", seed=0, lib=peft),
+                    _mlp_adapter(tmp_path / "g", seed=2, lib=peft))
     bad = _mlp_adapter(tmp_path / "b", seed=1, lib=peft)
     _pickle(bad / WEIGHTS)
     theirs = peft.PeftModel.from_pretrained(models.make_mlp(), str(loaded)).eval()
@@ -108,10 +109,11 @@ def test_hotswap_pickle_is_refused_by_hf_too_and_clean_files_swap_as_in_hf(tmp_p
     hotswap_adapter(ours, str(good), "default")
     hf_hotswap.hotswap_adapter(theirs, str(good), "default")
     inputs = models.mlp_inputs()
-    torch.testing.assert_close(models.forward(ours, inputs), models.forward(theirs, inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(models.forward(ours, inputs), models.forward(theirs, inputs),
+                               atol=1e-6, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------- MPT source file
+# -------------------------------------------------------------------------------------------- MPT source file
 def _mpt_source(folder: Path) -> Path:
     """A safetensors 'source training' file with the keys multitask prompt tuning reads."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,10 +238,10 @@ def test_init_cache_files_are_written_atomically_and_read_checked(tmp_path, buil
     assert not (tmp_path / "MARKER").exists()
 
 
-# ---------------------------------------------------------------------------------------------- LoftQ originals
+# -------------------------------------------------------------------------------------------- LoftQ originals
 def test_loftq_original_weights_reader_checks_shards(tmp_path):
-    """replace_lora_weights_loftq reads the base model's safetensors shards named by its index file: shard names
-    must stay inside the folder and every shard header is checked before safetensors maps the file."""
+    """replace_lora_weights_loftq reads the base model's safetensors shards named by its index file: shard
+    names must stay inside the folder and every shard header is checked before safetensors maps the file."""
     from fastpeft.methods.lora.inits.loftq_replace import INDEX_FILE, OriginalWeights
 
     weight = torch.randn(4, 3)

@@ -49,19 +49,21 @@ def seq_cls(folder):
 
 
 def test_random_head_not_saved_warns_with_the_fix(causal_checkpoint, tmp_path):
-    """HF PEFT (task_type=None on a ...ForSequenceClassification loaded from a causal-LM checkpoint): no warning;
-    the random `score` head stays frozen and is not in the saved file, so every reload gets another random head.
-    fastpeft warns at wrap time, naming the module and the fix (modules_to_save or task_type)."""
+    """HF PEFT (task_type=None on a ...ForSequenceClassification loaded from a causal-LM checkpoint): no
+    warning; the random `score` head stays frozen and is not in the saved file, so every reload gets another
+    random head. fastpeft warns at wrap time, naming the module and the fix (modules_to_save or task_type)."""
     theirs = lora(peft, seq_cls(causal_checkpoint))
     theirs.save_pretrained(tmp_path / "hf")
     assert not any("score" in k for k in load_file(tmp_path / "hf" / "adapter_model.safetensors"))
     with pytest.warns(UserWarning, match=r"'score': 'Linear'.*modules_to_save=\['score'\]"):
         lora(fastpeft, seq_cls(causal_checkpoint))
-    with pytest.warns(UserWarning, match=NEW_HEAD):  # loading such an adapter onto a fresh model: same warning
+    # loading such an adapter onto a fresh model: same warning
+    with pytest.warns(UserWarning, match=NEW_HEAD):
         fastpeft.PeftModel.from_pretrained(seq_cls(causal_checkpoint), tmp_path / "hf")
 
 
-@pytest.mark.parametrize("kw", [{"task_type": "SEQ_CLS"}, {"modules_to_save": ["score"]}], ids=["task", "mts"])
+@pytest.mark.parametrize("kw", [{"task_type": "SEQ_CLS"}, {"modules_to_save": ["score"]}],
+                         ids=["task", "mts"])
 def test_saved_head_gives_no_warning_and_matches_hf(causal_checkpoint, tmp_path, kw):
     """With the head trained and saved (task_type SEQ_CLS or modules_to_save) there is nothing to warn about;
     the adapter files and outputs are HF PEFT's."""
@@ -89,7 +91,8 @@ def test_strict_mode_makes_the_head_warning_an_error(causal_checkpoint, monkeypa
 
 
 def test_head_by_class_name_without_loading_flags():
-    """A model built from a config carries no loading flags: the class's known head (BERT's `classifier`) counts."""
+    """A model built from a config carries no loading flags: the class's known head (BERT's `classifier`)
+    counts."""
     with pytest.warns(UserWarning, match=r"'classifier'.*modules_to_save=\['classifier'\]"):
         fastpeft.get_peft_model(models.make_bert_cls(), fastpeft.LoraConfig(target_modules=["query"]))
 
@@ -98,15 +101,17 @@ def test_head_by_class_name_without_loading_flags():
 @pytest.mark.parametrize("kw, found", [
     ({"rank_pattern": {"q_prj": 2}}, r"rank_pattern key 'q_prj' matches no targeted module.*'q_proj'"),
     ({"alpha_pattern": {"layers.1.v_prj": 2}}, r"alpha_pattern key 'layers.1.v_prj'.*v_proj"),
-    ({"exclude_modules": ["layers.0.q_proj", "v_prj"]}, r"exclude_modules entry 'v_prj' matches no module.*v_proj"),
-    ({"exclude_modules": r".*\.q_prj"}, r"exclude_modules='.\*\\\\.q_prj' \(a full-match regex\) matches no module"),
+    ({"exclude_modules": ["layers.0.q_proj", "v_prj"]},
+     r"exclude_modules entry 'v_prj' matches no module.*v_proj"),
+    ({"exclude_modules": r".*\.q_prj"},
+     r"exclude_modules='.\*\\\\.q_prj' \(a full-match regex\) matches no module"),
     ({"layers_to_transform": [0, 7]}, r"layers_to_transform indices \[7\] .* indices are \[0, 1\]"),
 ], ids=["rank", "alpha", "exclude_list", "exclude_regex", "layers"])
 def test_entries_that_select_nothing_are_errors(kw, found):
-    """HF PEFT: rank_pattern / alpha_pattern keys that match nothing give a warning ("did not match any targeted
-    module and were ignored"); an unmatched exclude_modules entry warns only when nothing at all was excluded;
-    an unmatched layers_to_transform index is silent. All build a model that trains something else than asked.
-    fastpeft refuses each with the closest module names."""
+    """HF PEFT: rank_pattern / alpha_pattern keys that match nothing give a warning ("did not match any
+    targeted module and were ignored"); an unmatched exclude_modules entry warns only when nothing at all was
+    excluded; an unmatched layers_to_transform index is silent. All build a model that trains something else
+    than asked. fastpeft refuses each with the closest module names."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lora(peft, **kw)  # HF PEFT builds the model
@@ -128,13 +133,15 @@ def test_valid_entries_build_hf_adapters_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(models.make_llama(), tmp_path / "ours")
     close(back(**inputs).logits, theirs(**inputs).logits)
-    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "ours" / "adapter_model.safetensors").items()}
-    assert shapes == {k: tuple(v.shape) for k, v in load_file(tmp_path / "hf" / "adapter_model.safetensors").items()}
+    shapes = {k: tuple(v.shape)
+              for k, v in load_file(tmp_path / "ours" / "adapter_model.safetensors").items()}
+    assert shapes == {k: tuple(v.shape)
+                      for k, v in load_file(tmp_path / "hf" / "adapter_model.safetensors").items()}
 
 
 def test_stale_entry_in_a_saved_file_only_warns(tmp_path):
-    """A file HF PEFT saved with a dead rank_pattern key still loads (the weights decide; HF PEFT loads it with a
-    warning): fastpeft warns and gives HF PEFT's outputs. Strict mode refuses."""
+    """A file HF PEFT saved with a dead rank_pattern key still loads (the weights decide; HF PEFT loads it
+    with a warning): fastpeft warns and gives HF PEFT's outputs. Strict mode refuses."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = lora(peft, rank_pattern={"q_prj": 2}).eval()
@@ -151,8 +158,9 @@ def test_stale_entry_in_a_saved_file_only_warns(tmp_path):
 
 # ----------------------------------------------------------------------------- targets that cannot be adapted
 def test_unsupported_targets_are_all_listed():
-    """HF PEFT raises ValueError at the first matched module it cannot wrap (printing the whole module). fastpeft
-    raises one error (also a ValueError) listing every such module with its type, and the exclude_modules fix."""
+    """HF PEFT raises ValueError at the first matched module it cannot wrap (printing the whole module).
+    fastpeft raises one error (also a ValueError) listing every such module with its type, and the
+    exclude_modules fix."""
     with pytest.raises(ValueError, match="is not supported"):
         lora(peft, target_modules=["q_proj", "mlp", "act_fn"])
     with pytest.raises(ValueError) as info:

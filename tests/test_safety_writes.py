@@ -2,9 +2,9 @@
 per-epoch checkpoints and its small output files. Whole folders go through `atomic.replace_folder` (built in a
 hidden sibling, fsynced, swapped in with one rename); single files through the adapter saver's commit.
 
-The folder swap is tested with real SIGKILLs at every file-system step (a forked child per step), `fastpeft merge`
-with real SIGKILLs at moments spread over an export, the other CLI writes with simulated failures in the middle of
-a write, and the merged export's outputs against HF PEFT's `merge_and_unload`.
+The folder swap is tested with real SIGKILLs at every file-system step (a forked child per step),
+`fastpeft merge` with real SIGKILLs at moments spread over an export, the other CLI writes with simulated
+failures in the middle of a write, and the merged export's outputs against HF PEFT's `merge_and_unload`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def entries(parent: Path) -> list[str]:
     return sorted(os.listdir(parent))
 
 
-# ---------------------------------------------------------------------------------------------- replace_folder
+# --------------------------------------------------------------------------------------------- replace_folder
 def test_replace_folder_swaps_whole_folders_with_a_plain_folder_mode(tmp_path):
     target = tmp_path / "out"
     atomic.replace_folder(target, fill_with(1))
@@ -135,7 +135,8 @@ def killer(tmp_path):
     assert proc.stdout.readline().strip() == "READY"
 
     def trial(target: Path, step: int, version: int, fallback: bool) -> bool:
-        """Replace `target` with `version`, killed before step `step`; True if the replace finished instead."""
+        """Replace `target` with `version`, killed before step `step`; True if the replace finished
+        instead."""
         proc.stdin.write(f"{target} {step} {version} {int(fallback)}\n")
         proc.stdin.flush()
         line = proc.stdout.readline().strip()
@@ -175,7 +176,7 @@ def test_kill9_before_every_step_leaves_the_old_or_the_new_folder(tmp_path, kill
     assert seen == {"old", "new"}  # the kills straddled the switch
 
 
-# ---------------------------------------------------------------------------------------------- CLI merge export
+# ------------------------------------------------------------------------------------------- CLI merge export
 @pytest.fixture(scope="module")
 def llama_and_adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -183,9 +184,10 @@ def llama_and_adapter(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(3)
-    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
-                                 init_lora_weights=False)
-    fastpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(root / "adapter")
+    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4,
+                                 lora_alpha=8, init_lora_weights=False)
+    fastpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(
+        root / "adapter")
     return base, root / "adapter"
 
 
@@ -193,7 +195,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_merge_export_matches_hf_and_a_failed_export_keeps_the_old_one(tmp_path, llama_and_adapter, monkeypatch):
+def test_merge_export_matches_hf_and_a_failed_export_keeps_the_old_one(
+        tmp_path, llama_and_adapter, monkeypatch):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
     base, adapter = llama_and_adapter
@@ -238,15 +241,16 @@ _MERGER = textwrap.dedent(
 
 
 def test_kill9_of_fastpeft_merge_leaves_the_old_or_the_new_export(tmp_path, llama_and_adapter):
-    """`fastpeft merge` SIGKILLed after random delays while it alternates two adapters into one OUT: OUT always
-    holds one complete export, byte for byte (compared with exports of each adapter made without kills)."""
+    """`fastpeft merge` SIGKILLed after random delays while it alternates two adapters into one OUT: OUT
+    always holds one complete export, byte for byte (compared with exports of each adapter made without
+    kills)."""
     from transformers import AutoModelForCausalLM
 
     base, adapter_a = llama_and_adapter
     adapter_b = tmp_path / "adapter-b"
     torch.manual_seed(4)
-    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
-                                 init_lora_weights=False)
+    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4,
+                                 lora_alpha=8, init_lora_weights=False)
     fastpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(adapter_b)
     refs = {}
     for name, adapter in (("a", adapter_a), ("b", adapter_b)):
@@ -256,8 +260,9 @@ def test_kill9_of_fastpeft_merge_leaves_the_old_or_the_new_export(tmp_path, llam
     script = tmp_path / "merger.py"
     script.write_text(_MERGER)
     proc = subprocess.Popen([sys.executable, str(script), str(base), str(adapter_a), str(tmp_path / "warm")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(tmp_path / "log").open("w"),
-                            text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path)))
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=(tmp_path / "log").open("w"), text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path)))
     ready = proc.stdout.readline().split()
     assert ready and ready[0] == "READY", (tmp_path / "log").read_text()[-2000:]
     out, killed = tmp_path / "out", 0
@@ -290,11 +295,12 @@ def test_kill9_of_fastpeft_merge_leaves_the_old_or_the_new_export(tmp_path, llam
         proc.stdin.close()
         proc.wait(timeout=60)
     assert killed >= 2  # most kills land inside an export
-    assert main(["merge", str(base), str(adapter_b), str(out), "--overwrite"]) == 0  # clears killed runs' folders
+    # clears killed runs' folders
+    assert main(["merge", str(base), str(adapter_b), str(out), "--overwrite"]) == 0
     assert _files(out) == refs["b"] and sorted(p.name for p in tmp_path.glob(".out*")) == []
 
 
-# ---------------------------------------------------------------------------------------------- CLI checkpoints
+# -------------------------------------------------------------------------------------------- CLI checkpoints
 def _checkpoint_state(epoch: int) -> dict:
     return {"epoch": epoch, "step": 2 * epoch, "seconds": 0.5, "history": {"steps": [], "epochs": []}}
 

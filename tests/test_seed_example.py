@@ -84,8 +84,9 @@ def test_seed_example_seq2seq_lora_trains_with_trainer_and_saves(tmp_path, capsy
         assert torch.allclose(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
 
 
-LLAMA_KW = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LLAMA_KW = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from models import make_llama
 
 
 def _model(lib):
-    model = lib.get_peft_model(make_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = lib.get_peft_model(make_llama(),
+                               lib.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.add_adapter("b", lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     return model
 

@@ -1,5 +1,5 @@
-"""LoRA `target_parameters` (methods/lora/params.py) vs HF PEFT: tiny Mixtral (experts (E, out, in)) and custom
-modules holding a 2-D weight (out, in) or a transposed 3-D expert stack (E, in, out)."""
+"""LoRA `target_parameters` (methods/lora/params.py) vs HF PEFT: tiny Mixtral (experts (E, out, in)) and
+custom modules holding a 2-D weight (out, in) or a transposed 3-D expert stack (E, in, out)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ def make_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
-                        max_position_embeddings=32, attn_implementation="eager")
+                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
+                        num_experts_per_tok=2, max_position_embeddings=32, attn_implementation="eager")
     torch.manual_seed(0)
     return MixtralForCausalLM(cfg).eval()
 
 
 class Mixer(nn.Module):
-    """y = x @ weight.T (weight (out, in)) followed by a transposed expert stack: y_e = y @ stack[e] (E, in, out)."""
+    """y = x @ weight.T (weight (out, in)) followed by a transposed expert stack: y_e = y @ stack[e] (E, in,
+    out)."""
 
     def __init__(self, d_in=6, d_out=5, experts=2):
         super().__init__()
@@ -69,9 +70,10 @@ CASES = {
                              {"target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERTS,
                               "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"gate_up_proj": 5}}),
     "mixtral_one_layer": (make_mixtral, mixtral_inputs,
-                          {"target_modules": [], "target_parameters": ["model.layers.1.mlp.experts.down_proj"]}),
-    "custom_2d_3d": (Custom, custom_inputs, {"target_modules": ["head"], "target_parameters": ["mix.weight", "mix.stack"],
-                                             "use_rslora": True}),
+                          {"target_modules": [],
+                           "target_parameters": ["model.layers.1.mlp.experts.down_proj"]}),
+    "custom_2d_3d": (Custom, custom_inputs, {
+        "target_modules": ["head"], "target_parameters": ["mix.weight", "mix.stack"], "use_rslora": True}),
 }
 
 

@@ -31,8 +31,8 @@ def make_llama_tied():
 def make_gpt2_untied():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1,
-                     attn_implementation="eager", tie_word_embeddings=False)
+    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                     eos_token_id=1, attn_implementation="eager", tie_word_embeddings=False)
     torch.manual_seed(models.SEED)
     return GPT2LMHeadModel(cfg).eval()
 
@@ -67,7 +67,8 @@ CASES = [
     ("lora_llama_tied_list", "llama_tied", lora_config, {"trainable_token_indices": IDS}),
     ("lora_gpt2_list", "gpt2", lora_config, {"trainable_token_indices": IDS}),
     ("lora_gpt2_untied_list", "gpt2_untied", lora_config, {"trainable_token_indices": IDS}),
-    ("lora_gpt2_ensure_tying", "gpt2", lora_config, {"trainable_token_indices": IDS, "ensure_weight_tying": True}),
+    ("lora_gpt2_ensure_tying", "gpt2", lora_config,
+     {"trainable_token_indices": IDS, "ensure_weight_tying": True}),
     ("lora_gpt2_dict_tied", "gpt2", lora_config, {"trainable_token_indices": {"wte": IDS, "lm_head": IDS}}),
     ("lora_gpt2_dict_mismatch", "gpt2", lora_config,
      {"trainable_token_indices": {"wte": IDS, "lm_head": OTHER_IDS}}),
@@ -130,7 +131,8 @@ def test_saved_files_match_hf(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_trainable_parameter_count_matches_hf(case):
-    counts = [sum(p.numel() for p in build(lib, case).parameters() if p.requires_grad) for lib in (fastpeft, peft)]
+    counts = [sum(p.numel() for p in build(lib, case).parameters() if p.requires_grad)
+              for lib in (fastpeft, peft)]
     assert counts[0] == counts[1]
 
 
@@ -250,7 +252,8 @@ def test_bad_index_lists_are_refused(bad):
 
 
 def test_ensure_weight_tying_with_different_indices_is_refused():
-    cfg = lora_config(fastpeft, trainable_token_indices={"wte": IDS, "lm_head": OTHER_IDS}, ensure_weight_tying=True)
+    cfg = lora_config(fastpeft, trainable_token_indices={"wte": IDS, "lm_head": OTHER_IDS},
+                      ensure_weight_tying=True)
     with pytest.raises(ValueError, match="ensure_weight_tying"):
         fastpeft.get_peft_model(models.make_gpt2(), cfg)
 

@@ -1,4 +1,5 @@
-"""fastpeft models under transformers' Trainer, TRL's SFTTrainer and Accelerate, with and without HF PEFT installed.
+"""fastpeft models under transformers' Trainer, TRL's SFTTrainer and Accelerate, with and without HF PEFT
+installed.
 
 "Without" is simulated: `import peft` fails and every `is_peft_available` the trainers read answers False.
 """
@@ -50,7 +51,8 @@ def peft_env(request, monkeypatch):
 
 def _lora_llama(base=None):
     base = models.make_llama() if base is None else base
-    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                           target_modules=["q_proj", "v_proj"]))
 
 
 def _dataset(n: int = 16, seq: int = 8) -> list[dict]:
@@ -58,7 +60,8 @@ def _dataset(n: int = 16, seq: int = 8) -> list[dict]:
     rows = []
     for i in range(n):
         ids = (torch.arange(seq) + 3 * (i % 4)) % 100
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long),
+                     "labels": ids.clone()})
     return rows
 
 
@@ -97,7 +100,7 @@ def _assert_states_close(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
-# ---------------------------------------------------------------------------------------------- the patch itself
+# ------------------------------------------------------------------------------------------- the patch itself
 
 
 def test_patch_recognises_fastpeft_and_keeps_hf_peft():
@@ -126,7 +129,8 @@ def test_patch_is_idempotent_and_repairs_reset_names(monkeypatch):
 
 
 def test_import_is_lazy_and_later_imports_get_patched():
-    """`import fastpeft` imports no trainer; a trainer module imported after the first PeftModel is patched."""
+    """`import fastpeft` imports no trainer; a trainer module imported after the first PeftModel is
+    patched."""
     code = (
         "import sys, fastpeft, models\n"
         "assert 'transformers.trainer' not in sys.modules and 'trl' not in sys.modules\n"
@@ -135,8 +139,10 @@ def test_import_is_lazy_and_later_imports_get_patched():
         "assert t._is_peft_model(m) and isinstance(m, t.PeftModel) and s.is_peft_model(m)\n"
         "assert not t._is_peft_model(models.make_mlp())\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -172,7 +178,8 @@ def test_resume_restores_adapter_weights(tmp_path):
     _trainer(model, tmp_path / "run").train()
     _assert_adapter_only(tmp_path / "run" / "checkpoint-6")
     fresh = _lora_llama()
-    assert not torch.equal(next(iter(_adapter_state(fresh).values())), next(iter(_adapter_state(model).values())))
+    assert not torch.equal(next(iter(_adapter_state(fresh).values())),
+                           next(iter(_adapter_state(model).values())))
     # nothing left to train at step 6: what the model holds afterwards is exactly what the checkpoint held
     _trainer(fresh, tmp_path / "run2").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
     _assert_states_close(_adapter_state(fresh), _adapter_state(model), atol=0)
@@ -209,17 +216,20 @@ def _enable_after(base):
 
 
 def _enable_by_args(base):
-    return _lora_llama(base), {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    return _lora_llama(base), {"gradient_checkpointing": True,
+                               "gradient_checkpointing_kwargs": {"use_reentrant": True}}
 
 
-@pytest.mark.parametrize("how", [_enable_before, _enable_after, _enable_by_args], ids=["before", "after", "args"])
+@pytest.mark.parametrize("how", [_enable_before, _enable_after, _enable_by_args],
+                         ids=["before", "after", "args"])
 def test_gradient_checkpointing_trains_adapters(how, peft_env, tmp_path):
     model, extra = how(models.make_llama())
     trainer = _trainer(model, tmp_path / "run", max_steps=2, save_strategy="no", **extra)
     trainer.train()  # reentrant checkpointing with frozen inputs would raise "does not require grad"
     assert model.get_base_model().is_gradient_checkpointing
     lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values()), "LoRA B stayed at its zero init: no gradient"
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values()), (
+        "LoRA B stayed at its zero init: no gradient")
 
 
 # ---------------------------------------------------------------------------------------------- TRL
@@ -234,7 +244,8 @@ def _tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
 
 
 def test_sft_trainer_trains_a_wrapped_model(peft_env, tmp_path):
@@ -266,7 +277,8 @@ def test_accelerate_custom_loop(tmp_path):
     model = _lora_llama()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = {k: torch.stack([row[k] for row in _dataset(4)]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.stack([row[k] for row in _dataset(4)])
+             for k in ("input_ids", "attention_mask", "labels")}
     model.train()
     losses = []
     for _ in range(5):
@@ -307,7 +319,8 @@ def test_get_prompt_and_prompt_embedding_to_save_as_hf_peft(config_name):
         assert type(got) is type(expected) and len(got.layers) == len(expected.layers) == 2
         for mine, hf in zip(got.layers, expected.layers):
             assert torch.equal(mine.keys, hf.keys) and torch.equal(mine.values, hf.values)
-    assert torch.equal(ours.get_prompt_embedding_to_save("default"), theirs.get_prompt_embedding_to_save("default"))
+    assert torch.equal(ours.get_prompt_embedding_to_save("default"),
+                       theirs.get_prompt_embedding_to_save("default"))
     with pytest.raises(NotImplementedError, match="max_cache_len"):
         ours.get_prompt(2, max_cache_len=16)
 
@@ -335,8 +348,10 @@ def test_add_and_load_adapter_autocast_dtype_as_hf_peft(tmp_path):
     import peft
 
     def dtypes(lib, tmp):
-        model = lib.get_peft_model(models.make_llama().bfloat16(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
-        model.add_adapter("kept", lib.LoraConfig(r=4, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+        model = lib.get_peft_model(models.make_llama().bfloat16(),
+                                   lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.add_adapter("kept", lib.LoraConfig(r=4, target_modules=["q_proj"]),
+                          autocast_adapter_dtype=False)
         model.add_adapter("cast", lib.LoraConfig(r=4, target_modules=["q_proj"]))
         model.save_pretrained(str(tmp))
         model.load_adapter(str(tmp), "loaded", autocast_adapter_dtype=False)

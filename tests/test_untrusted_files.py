@@ -1,6 +1,6 @@
-"""Adapter folders from untrusted sources: pickles, forged safetensors headers, absurd or ill-typed configs, paths
-and symlinks that leave the folder, remote code. Each is refused with a fastpeft error before anything is built;
-HF PEFT is the oracle for what well-formed files (its own and ours) must still do."""
+"""Adapter folders from untrusted sources: pickles, forged safetensors headers, absurd or ill-typed configs,
+paths and symlinks that leave the folder, remote code. Each is refused with a fastpeft error before anything
+is built; HF PEFT is the oracle for what well-formed files (its own and ours) must still do."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def close(a, b, what=""):
 
 
 def _lora(**extra):
-    return fastpeft.get_peft_model(models.make_mlp(), fastpeft.LoraConfig(target_modules=["lin0", "lin1"], r=4,
-                                                                          init_lora_weights=False, **extra)).eval()
+    return fastpeft.get_peft_model(models.make_mlp(), fastpeft.LoraConfig(
+        target_modules=["lin0", "lin1"], r=4, init_lora_weights=False, **extra)).eval()
 
 
 def _saved(folder: Path, **extra) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_bin_file_that_is_not_a_dict_of_tensors_is_refused(tmp_path):
         fastpeft.load_peft_weights(str(tmp_path / "a"))
 
 
-# ---------------------------------------------------------------------------------------------------- safetensors
+# ------------------------------------------------------------------------------------------------ safetensors
 def _raw(header: dict, data: bytes, length: int | None = None) -> bytes:
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text) if length is None else length) + text + data
@@ -112,7 +112,8 @@ def _entry(shape, begin, end, dtype="F32"):
 
 
 FORGED = {
-    "header length beyond the file": (_raw({"a": _entry([2], 0, 8)}, bytes(8), length=1 << 40), "header claims"),
+    "header length beyond the file": (_raw({"a": _entry([2], 0, 8)}, bytes(8), length=1 << 40),
+                                      "header claims"),
     "header length = whole file": (_raw({"a": _entry([2], 0, 8)}, bytes(8), length=200), "header claims"),
     "tensor bytes beyond the file": (_raw({"a": _entry([4], 0, 16)}, bytes(8)), "declares 16 bytes"),
     "huge shape": (_raw({"a": _entry([1 << 30, 1 << 30], 0, 8)}, bytes(8)), "does not match"),
@@ -145,7 +146,8 @@ def test_forged_sizes_are_unsafe_errors(tmp_path):
 
 
 def test_valid_safetensors_with_odd_but_legal_tensors_load(tmp_path):
-    tensors = {"a": torch.zeros(0, 3), "b": torch.ones(()), "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    tensors = {"a": torch.zeros(0, 3), "b": torch.ones(()),
+               "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
     save_file(tensors, tmp_path / WEIGHTS)
     loaded = validate.load_safetensors(str(tmp_path / WEIGHTS))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
@@ -345,7 +347,7 @@ def _saved_dir(tmp_path: Path) -> Path:
     return tmp_path / "src"
 
 
-# ---------------------------------------------------------------------------------------------------- remote code
+# ------------------------------------------------------------------------------------------------ remote code
 def test_auto_mapping_import_outside_the_allowlist_is_refused(tmp_path, monkeypatch):
     marker = tmp_path / "IMPORTED"
     (tmp_path / "evil_pkg_fp.py").write_text(
@@ -375,8 +377,10 @@ def test_adapter_tokenizer_remote_code_is_not_trusted_implicitly(tmp_path):
     model.save_pretrained(str(tmp_path / "a"))
     marker = tmp_path / "TOKENIZER_CODE_RAN"
     (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
-    (tmp_path / "a" / "evil_tok.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n")
+        {"tokenizer_class": "EvilTokenizer",
+         "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
+    (tmp_path / "a" / "evil_tok.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n")
     with pytest.raises(ValueError, match="trust_remote_code"):
         fastpeft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a"))
     assert not marker.exists()
@@ -386,12 +390,14 @@ def test_cli_refuses_auto_mapping_imports_outside_the_allowlist(tmp_path, monkey
     from fastpeft.cli.common import CliError, auto_class_for
 
     marker = tmp_path / "CLI_IMPORTED"
-    (tmp_path / "evil_cli_fp.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    (tmp_path / "evil_cli_fp.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(CliError, match="allowlist"):
         auto_class_for(None, {"parent_library": "evil_cli_fp", "base_model_class": "Base"})
     assert not marker.exists()
-    mapping = {"parent_library": "transformers.models.llama.modeling_llama", "base_model_class": "LlamaForCausalLM"}
+    mapping = {"parent_library": "transformers.models.llama.modeling_llama",
+               "base_model_class": "LlamaForCausalLM"}
     assert auto_class_for(None, mapping).__name__ == "LlamaForCausalLM"
 
 
@@ -410,7 +416,8 @@ def test_huge_lists_and_token_ids_refused(tmp_path):
 
 
 def test_base_model_remote_code_named_by_the_adapter_is_not_run(tmp_path):
-    """The adapter config names the base folder; that folder's auto_map code runs only with trust_remote_code."""
+    """The adapter config names the base folder; that folder's auto_map code runs only with
+    trust_remote_code."""
     base = models.make_llama()
     base.save_pretrained(str(tmp_path / "base"))
     marker = tmp_path / "MODEL_CODE_RAN"

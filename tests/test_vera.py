@@ -1,5 +1,5 @@
-"""VeRA against HF PEFT 0.21.2 (the oracle): shared projections bit for bit, outputs, gradients, adapter files in
-both directions (with and without saved projections), merging, several adapters, refusals."""
+"""VeRA against HF PEFT 0.21.2 (the oracle): shared projections bit for bit, outputs, gradients, adapter files
+in both directions (with and without saved projections), merging, several adapters, refusals."""
 
 from __future__ import annotations
 
@@ -66,12 +66,12 @@ def test_init_matches_hf():
     close(models.forward(model, inputs("mlp")), models.forward(base("mlp"), inputs("mlp")), "no-op at init")
 
 
-# ---------------------------------------------------------------------------------------------- outputs / files
+# -------------------------------------------------------------------------------------------- outputs / files
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_files_both_ways(case, save_projection, tmp_path):
-    """Built alike, both libraries save the same file; each loads the other's. The projections are stored once,
-    under base_model. (not per layer), or not at all."""
+    """Built alike, both libraries save the same file; each loads the other's. The projections are stored
+    once, under base_model. (not per layer), or not at all."""
     theirs, ours = (build(lib, case, save_projection=save_projection) for lib in (peft, fastpeft))
     close(models.forward(ours, inputs(case)), models.forward(theirs, inputs(case)), "built alike")
     oracle_helpers.assert_files_both_ways(theirs, partial(base, case), inputs(case), tmp_path, close)
@@ -95,7 +95,7 @@ def test_merge_unmerge_and_unload_equal_hf(case):
     oracle_helpers.assert_merges_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close)
 
 
-# ---------------------------------------------------------------------------------------------- shared projections
+# ----------------------------------------------------------------------------------------- shared projections
 class TestSharedProjections(oracle_helpers.SharedProjectionTests):
     """Loaded from the file, shared by a second adapter (as in HF PEFT), dropped on delete, refusals."""
 

@@ -1,8 +1,9 @@
 """`ensure_weight_tying` with tied embeddings in modules_to_save / target_modules, against HF PEFT.
 
-HF PEFT 0.21 gives the adapter to the input embedding and makes the tied LM head share it (the same trained copy,
-or LoRA factors sharing storage). Outputs, config rewrites and files must agree both ways; merging is exact here
-(HF PEFT merges the shared LoRA delta twice for tied target_modules, so its merge is not the oracle there).
+HF PEFT 0.21 gives the adapter to the input embedding and makes the tied LM head share it (the same trained
+copy, or LoRA factors sharing storage). Outputs, config rewrites and files must agree both ways; merging is
+exact here (HF PEFT merges the shared LoRA delta twice for tied target_modules, so its merge is not the oracle
+there).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def test_head_stays_tied_through_training(case):
         assert trained == ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
     else:
         a, b = emb.lora_weights("default")
-        torch.testing.assert_close(head.delta_weight("default"), emb.delta_weight("default"), atol=1e-6, rtol=0)
+        torch.testing.assert_close(head.delta_weight("default"), emb.delta_weight("default"),
+                                   atol=1e-6, rtol=0)
         assert head.lora_A["default"].weight.data_ptr() == b.data_ptr()
         assert head.lora_B["default"].weight.data_ptr() == a.data_ptr()
 
@@ -143,7 +145,8 @@ def test_second_adapter_is_tied_too(tmp_path):
     model.set_adapter("other")
     train_step(model)
     inner = model.base_model.model
-    torch.testing.assert_close(inner.lm_head.delta_weight("other"), inner.model.embed_tokens.delta_weight("other"))
+    torch.testing.assert_close(inner.lm_head.delta_weight("other"),
+                               inner.model.embed_tokens.delta_weight("other"))
     model.save_pretrained(tmp_path, selected_adapters=["other"])
     theirs = peft.PeftModel.from_pretrained(make_llama_tied(), str(tmp_path / "other"))
     torch.testing.assert_close(logits(theirs), logits(model), atol=1e-5, rtol=1e-5)
@@ -152,7 +155,8 @@ def test_second_adapter_is_tied_too(tmp_path):
 def test_untied_model_warns_and_adapts_normally():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, tie_word_embeddings=False))
+    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                      tie_word_embeddings=False))
     with pytest.warns(UserWarning, match="no tied word embeddings"):
         model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=2, target_modules=["wte", "c_attn"],
                                                                    ensure_weight_tying=True))

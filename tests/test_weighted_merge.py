@@ -35,7 +35,8 @@ MIXED_RANKS = {
     "t3": dict(target_modules=["lin1"], r=4, lora_alpha=8),
 }
 LAYER_KINDS = {  # embedding and Conv1D store the weight transposed; conv deltas are 4-D; MHA nests out_proj
-    "emb": {"t1": dict(target_modules=["emb", "lin"], r=4, lora_alpha=8), "t2": dict(target_modules=["emb"], r=4)},
+    "emb": {"t1": dict(target_modules=["emb", "lin"], r=4, lora_alpha=8),
+            "t2": dict(target_modules=["emb"], r=4)},
     "conv1d_gpt2": {"t1": dict(target_modules=["c_fc", "c_proj"], r=4, fan_in_fan_out=True),
                     "t2": dict(target_modules=["c_fc"], r=4, lora_alpha=2, fan_in_fan_out=True)},
     "conv2d": {"t1": dict(target_modules=["conv0", "conv1"], r=4, lora_alpha=8),
@@ -104,7 +105,8 @@ def assert_same_adapter(theirs, ours, model_name: str, exact_factors: bool) -> N
         for key in ref_f:
             torch.testing.assert_close(got_f[key], ref_f[key], atol=ATOL, rtol=0, msg=key)
     inputs = models.MODELS[model_name][1]()
-    torch.testing.assert_close(models.forward(ours, inputs), models.forward(theirs, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(models.forward(ours, inputs), models.forward(theirs, inputs),
+                               atol=ATOL, rtol=0)
     assert theirs.peft_config["new"].r == ours.peft_config["new"].r
     assert set(theirs.peft_config["new"].target_modules) == set(ours.peft_config["new"].target_modules)
 
@@ -122,8 +124,8 @@ def test_matches_hf_peft(model_name, combination_type):
 @pytest.mark.parametrize("combination_type", ["linear", "cat", "svd", "dare_ties_svd"])
 @pytest.mark.parametrize("model_name", sorted(LAYER_KINDS))
 def test_layer_kinds_match_hf_peft(model_name, combination_type):
-    theirs, ours = merged_pair(model_name, LAYER_KINDS[model_name], [0.8, -1.1], combination_type=combination_type,
-                               density=0.6)
+    theirs, ours = merged_pair(model_name, LAYER_KINDS[model_name], [0.8, -1.1],
+                               combination_type=combination_type, density=0.6)
     assert_same_adapter(theirs, ours, model_name, exact_factors=combination_type not in SVD_TYPES)
 
 
@@ -140,7 +142,8 @@ def test_frequency_and_total_differ():
     _, total = merged_pair("mlp", MLP_ADAPTERS, [1.0, -0.4, 2.0], combination_type="ties", density=0.8)
     _, freq = merged_pair("mlp", MLP_ADAPTERS, [1.0, -0.4, 2.0], combination_type="ties", density=0.8,
                           majority_sign_method="frequency")
-    assert any(not torch.equal(t, f) for t, f in zip(factors(total, "new").values(), factors(freq, "new").values()))
+    assert any(not torch.equal(t, f)
+               for t, f in zip(factors(total, "new").values(), factors(freq, "new").values()))
 
 
 @pytest.mark.parametrize("combination_type", ["cat"] + SVD_TYPES)
@@ -153,8 +156,8 @@ def test_different_ranks_match_hf_peft(combination_type):
 
 @pytest.mark.parametrize("svd_rank,svd_clamp", [(2, None), (3, 0.9), (None, 0.7), (10, 0.95)])
 def test_svd_rank_and_clamp_match_hf_peft(svd_rank, svd_clamp):
-    theirs, ours = merged_pair("mlp", MIXED_RANKS, [0.5, 1.0, -0.8], combination_type="svd", svd_rank=svd_rank,
-                               svd_clamp=svd_clamp)
+    theirs, ours = merged_pair("mlp", MIXED_RANKS, [0.5, 1.0, -0.8], combination_type="svd",
+                               svd_rank=svd_rank, svd_clamp=svd_clamp)
     assert ours.peft_config["new"].r == (svd_rank or 6)
     assert_same_adapter(theirs, ours, "mlp", exact_factors=False)
 
@@ -177,7 +180,8 @@ def test_svd_rank_above_layer_size_is_exact():
     ours.add_weighted_adapter(list(MIXED_RANKS), [0.5, 1.0, -0.8], "new", combination_type="svd", svd_rank=16)
     assert ours.peft_config["new"].r == 16
     for name, delta in deltas(ours, "new").items():
-        want = sum(w * deltas(ours, a)[name] for a, w in zip(MIXED_RANKS, [0.5, 1.0, -0.8]) if name in deltas(ours, a))
+        want = sum(w * deltas(ours, a)[name] for a, w in zip(MIXED_RANKS, [0.5, 1.0, -0.8])
+                   if name in deltas(ours, a))
         torch.testing.assert_close(delta, want, atol=ATOL, rtol=0)
 
 
@@ -187,7 +191,8 @@ def test_saved_merged_adapter_loads_in_hf_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(models.make_mlp(), tmp_path / "new")
     inputs = models.mlp_inputs()
     assert not torch.allclose(models.forward(loaded, inputs), models.forward(models.make_mlp(), inputs))
-    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(ours, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(models.forward(loaded, inputs), models.forward(ours, inputs),
+                               atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- exactness
@@ -204,7 +209,8 @@ def test_cat_is_exact_weighted_sum():
     weights = [0.5, 1.0, -0.8]
     model.add_weighted_adapter(list(MIXED_RANKS), weights, "new", combination_type="cat")
     for name, delta in deltas(model, "new").items():
-        want = sum(w * deltas(model, a)[name] for a, w in zip(MIXED_RANKS, weights) if name in deltas(model, a))
+        want = sum(w * deltas(model, a)[name] for a, w in zip(MIXED_RANKS, weights)
+                   if name in deltas(model, a))
         torch.testing.assert_close(delta, want, atol=ATOL, rtol=0)
 
 
@@ -230,9 +236,10 @@ def test_sources_can_be_deleted_after_merge():
     torch.testing.assert_close(models.forward(model, inputs), models.forward(models.make_mlp(), inputs))
 
 
-# ---------------------------------------------------------------------------------------------- DARE statistics
+# -------------------------------------------------------------------------------------------- DARE statistics
 def test_dare_rescaling_is_unbiased():
-    """DARE (Yu et al. 2023): about density of the entries survive, scaled by 1/density, so the mean is kept."""
+    """DARE (Yu et al. 2023): about density of the entries survive, scaled by 1/density, so the mean is
+    kept."""
     torch.manual_seed(0)
     task = torch.randn(200, 200)
     draws = torch.stack([merging.dare_linear([task], [1.0], density=0.25) for _ in range(40)])
@@ -262,7 +269,8 @@ def test_ties_by_hand():
     torch.testing.assert_close(got, torch.tensor([3.0, -2.0, 4.0, 2.0]))
     weighted = merging.ties([t1, t2], [2.0, 0.5], density=1.0)
     # no trim; signs elected on unweighted sums [2, -3, 4.5, 2.1] -> [+, -, +, +]; mean of agreeing weighted
-    torch.testing.assert_close(weighted, torch.tensor([6.0, (-2.0 - 1.0) / 2, (1.0 + 2.0) / 2, (4.0 + 0.05) / 2]))
+    torch.testing.assert_close(weighted,
+                               torch.tensor([6.0, (-2.0 - 1.0) / 2, (1.0 + 2.0) / 2, (4.0 + 0.05) / 2]))
 
 
 def test_majority_sign_methods_differ():
@@ -273,7 +281,8 @@ def test_majority_sign_methods_differ():
 
 def test_magnitude_prune_keeps_top_fraction():
     t = torch.tensor([0.1, -5.0, 2.0, -0.3, 4.0])
-    torch.testing.assert_close(merging.magnitude_prune([t], [2.0], density=0.4), torch.tensor([0, -10.0, 0, 0, 8.0]))
+    torch.testing.assert_close(merging.magnitude_prune([t], [2.0], density=0.4),
+                               torch.tensor([0, -10.0, 0, 0, 8.0]))
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -282,11 +291,13 @@ def test_magnitude_prune_keeps_top_fraction():
     (dict(adapters=["t1", "zz"], weights=[1, 1], adapter_name="n"), "do not exist"),
     (dict(adapters=["t1", "t2"], weights=[1], adapter_name="n"), "one weight per adapter"),
     (dict(adapters=[], weights=[], adapter_name="n"), "at least one"),
-    (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", combination_type="avg"), "combination_type"),
+    (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", combination_type="avg"),
+     "combination_type"),
     (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", combination_type="ties"), "density"),
     (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", combination_type="dare_ties", density=0.5,
           majority_sign_method="vote"), "majority_sign_method"),
-    (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", combination_type="dare_linear", density=0.0),
+    (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n",
+          combination_type="dare_linear", density=0.0),
      "density > 0"),
     (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", svd_clamp=5), "quantile"),
     (dict(adapters=["t1", "t2"], weights=[1, 1], adapter_name="n", svd_rank=0), "svd_rank"),
@@ -338,7 +349,8 @@ def test_shared_modules_to_save_refused():
 def test_rslora_source_combines_exactly(combination_type):
     """A single rsLoRA adapter with weight 1 gives back the same outputs. HF PEFT keeps use_rslora on the new
     adapter and so scales it by sqrt(r); the result here has alpha = r and use_rslora off."""
-    model = build(fastpeft, "mlp", {"t1": dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=16, use_rslora=True)})
+    model = build(fastpeft, "mlp",
+                  {"t1": dict(target_modules=["lin0", "lin1"], r=4, lora_alpha=16, use_rslora=True)})
     inputs = models.mlp_inputs()
     before = models.forward(model, inputs)
     model.add_weighted_adapter(["t1"], [1.0], "n", combination_type=combination_type)
@@ -356,7 +368,8 @@ def test_rslora_result_loads_in_hf_peft(tmp_path):
     model.save_pretrained(tmp_path, selected_adapters=["n"])
     theirs = peft.PeftModel.from_pretrained(models.make_mlp(), tmp_path / "n")
     inputs = models.mlp_inputs()
-    torch.testing.assert_close(models.forward(theirs, inputs), models.forward(model, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(models.forward(theirs, inputs), models.forward(model, inputs),
+                               atol=ATOL, rtol=0)
 
 
 def test_dora_sources_refused_with_model_unchanged():
