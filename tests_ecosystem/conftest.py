@@ -1,7 +1,9 @@
-"""The ecosystem suite: transformers / diffusers / TRL using fastpeft as `peft`, in an environment WITHOUT HF PEFT.
+"""The ecosystem suite: transformers / diffusers / TRL using fastpeft as `peft`, in an environment WITHOUT HF
+PEFT.
 
-Run by `make test-ecosystem` in .venv-eco (the dev venv's packages less HF PEFT). fastpeft.install_as_peft() runs
-here, before any test module imports transformers' Trainer, diffusers or TRL (they import peft when they load).
+Run by `make test-ecosystem` in .venv-eco (the dev venv's packages less HF PEFT). fastpeft.install_as_peft()
+runs here, before any test module imports transformers' Trainer, diffusers or TRL (they import peft when they
+load).
 """
 
 import importlib.metadata
@@ -32,8 +34,8 @@ def pytest_configure(config):
     found = _hf_peft_present()
     if found is not None:
         raise pytest.UsageError(
-            f"tests_ecosystem must run where HF PEFT is not installed, found {found}. Run `make test-ecosystem` "
-            "(it builds .venv-eco without HF PEFT)."
+            f"tests_ecosystem must run where HF PEFT is not installed, found {found}. Run "
+            "`make test-ecosystem` (it builds .venv-eco without HF PEFT)."
         )
     import fastpeft
 

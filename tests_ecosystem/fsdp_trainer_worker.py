@@ -1,18 +1,21 @@
-"""Worker for tests_ecosystem/test_fsdp_trainer.py: transformers' Trainer on a fastpeft LoRA Llama, FSDP2 on CPU.
+"""Worker for tests_ecosystem/test_fsdp_trainer.py: transformers' Trainer on a fastpeft LoRA Llama, FSDP2 on
+CPU.
 
 `python -m torch.distributed.run --nproc_per_node 2 fsdp_trainer_worker.py fsdp OUT` trains 2 steps with
-`TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2, ...})` on gloo; `python fsdp_trainer_worker.py single
-OUT` is the oracle: one process, no FSDP, the same seed and the same global batch of 4. fastpeft serves as `peft`
-(install_as_peft) in every process. Each process writes under OUT:
+`TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2, ...})` on gloo;
+`python fsdp_trainer_worker.py single OUT` is the oracle: one process, no FSDP, the same seed and the same
+global batch of 4. fastpeft serves as `peft` (install_as_peft) in every process. Each process writes under
+OUT:
 
 - `rank{R}.safetensors`: its adapter after training (the full, gathered adapter under FSDP2);
 - `rank{R}.json`: the distributed type, the FSDP units, the dataset rows it read, the loss log;
 - `adapter/`: what `trainer.save_model` wrote (rank 0 only, for FSDP via accelerate's FULL_STATE_DICT gather).
 
 Why the shim (`_let_accelerate_shard_on_cpu`): accelerate 1.x turns a Trainer's FSDP plugin into
-DistributedType.FSDP only for GPU-like process types (MULTI_GPU / MULTI_XPU / ... in AcceleratorState.__init__);
-on CPU the state stays MULTI_CPU and the Trainer silently runs DDP. The shim redoes that one assignment on
-MULTI_CPU, leaving everything downstream (Trainer, accelerate's fsdp2_prepare_model, torch's fully_shard) as shipped.
+DistributedType.FSDP only for GPU-like process types (MULTI_GPU / MULTI_XPU / ... in
+AcceleratorState.__init__); on CPU the state stays MULTI_CPU and the Trainer silently runs DDP. The shim
+redoes that one assignment on MULTI_CPU, leaving everything downstream (Trainer, accelerate's
+fsdp2_prepare_model, torch's fully_shard) as shipped.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class Rows(torch.utils.data.Dataset):
 
 
 def lora_llama():
-    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    config = fastpeft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj"])
     return fastpeft.get_peft_model(models.make_llama(), config)
 
 
@@ -101,13 +105,14 @@ def main(mode: str, out: str) -> None:
         _let_accelerate_shard_on_cpu()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {}
-    if fsdp:  # sync_module_states=True is refused on CPU by accelerate's plugin; every rank builds equal weights
+    # sync_module_states=True is refused on CPU by accelerate's plugin; every rank builds equal weights
+    if fsdp:
         extra = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT",
                                               "sync_module_states": False})
     args = transformers.TrainingArguments(
         os.path.join(out, "trainer"), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-        seed=0, **extra)
+        learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, seed=0, **extra)
     data = Rows()
     trainer = transformers.Trainer(model=lora_llama(), args=args, train_dataset=data)
     trainer.train()

@@ -1,6 +1,6 @@
-"""Adapter folders written by HF PEFT (the pinned oracle), stored in tests_ecosystem/data/ for the ecosystem suite,
-which runs where HF PEFT is not installed. `python tests_ecosystem/hf_fixtures.py` (dev venv) rewrites them;
-tests/test_ecosystem_fixtures.py checks that HF PEFT still writes exactly these tensors."""
+"""Adapter folders written by HF PEFT (the pinned oracle), stored in tests_ecosystem/data/ for the ecosystem
+suite, which runs where HF PEFT is not installed. `python tests_ecosystem/hf_fixtures.py` (dev venv) rewrites
+them; tests/test_ecosystem_fixtures.py checks that HF PEFT still writes exactly these tensors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def hf_lora_llama(folder: Path) -> None:
-    """LoRA r=4 on q_proj / v_proj of tests/models.make_llama, weights moved off their init by seeded noise."""
+    """LoRA r=4 on q_proj / v_proj of tests/models.make_llama, weights moved off their init by seeded
+    noise."""
     import peft
     import torch
 

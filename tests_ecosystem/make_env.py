@@ -1,8 +1,8 @@
 """Fill a fresh venv (argv[2]) with the packages of the dev venv (argv[1]) except HF PEFT, as hard links.
 
-The ecosystem tests need transformers, diffusers, TRL, accelerate, torch and pytest exactly as the dev venv has
-them, and HF PEFT absent. Linking the installed files takes seconds where a second install downloads gigabytes;
-files on another filesystem are copied instead.
+The ecosystem tests need transformers, diffusers, TRL, accelerate, torch and pytest exactly as the dev venv
+has them, and HF PEFT absent. Linking the installed files takes seconds where a second install downloads
+gigabytes; files on another filesystem are copied instead.
 """
 
 from __future__ import annotations

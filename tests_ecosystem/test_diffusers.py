@@ -1,15 +1,15 @@
 """diffusers' LoRA API on fastpeft as `peft`, HF PEFT not installed: tiny UNet2DConditionModel, SD3 and Flux
 transformers and a tiny StableDiffusionPipeline.
 
-Served and checked: add_adapter, load_lora_adapter / the pipeline's load_lora_weights of state dicts (LoRA, with
-per-module ranks, and LoKr), set_adapters weights, the forward's lora scale (scale_layer / unscale_layer /
-set_scale), fuse_lora / unfuse_lora (merge(safe_merge=, adapter_names=), unmerge, merged_adapters), disable_lora /
-enable_lora, delete_adapters, unload_lora(_weights), enable_lora_hotswap + hot swaps (peft.utils.hotswap) and
-layerwise casting (peft.helpers.disable_input_dtype_casting, adapter_layer_names).
+Served and checked: add_adapter, load_lora_adapter / the pipeline's load_lora_weights of state dicts (LoRA,
+with per-module ranks, and LoKr), set_adapters weights, the forward's lora scale (scale_layer / unscale_layer
+/ set_scale), fuse_lora / unfuse_lora (merge(safe_merge=, adapter_names=), unmerge, merged_adapters),
+disable_lora / enable_lora, delete_adapters, unload_lora(_weights), enable_lora_hotswap + hot swaps
+(peft.utils.hotswap) and layerwise casting (peft.helpers.disable_input_dtype_casting, adapter_layer_names).
 
 Expected outputs are computed independently: a copy of the base model whose targeted weights get
-W + sum_i w_i * s_i * B_i @ A_i (LoKr: torch.kron of its factors), run as a plain model. The per-layer calls are
-compared with HF PEFT's in tests/test_diffusers.py.
+W + sum_i w_i * s_i * B_i @ A_i (LoKr: torch.kron of its factors), run as a plain model. The per-layer calls
+are compared with HF PEFT's in tests/test_diffusers.py.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _unet():
     return diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
         sample_size=8, norm_num_groups=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def _sd3():
@@ -81,7 +82,8 @@ def _flux_inputs(g):
 class Kind:
     build: Callable
     inputs: Callable
-    scale_kwarg: str  # the forward argument whose {"scale": s} diffusers turns into scale_layer / unscale_layer
+    # the forward argument whose {"scale": s} diffusers turns into scale_layer / unscale_layer
+    scale_kwarg: str
 
 
 KINDS = {"unet": Kind(_unet, _unet_inputs, "cross_attention_kwargs"),
@@ -177,16 +179,18 @@ def test_layer_api_that_diffusers_reads():
 
     assert LoraLayer.adapter_layer_names == (
         "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    assert LoHaLayer.adapter_layer_names == ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    assert LoHaLayer.adapter_layer_names == ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                                             "hada_t1", "hada_t2")
     assert LoKrLayer.adapter_layer_names == (
         "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     assert [factorization(64, 4), factorization(48), factorization(96, 8)] == [(4, 16), (6, 8), (8, 12)]
     assert disable_input_dtype_casting is fastpeft.helpers.disable_input_dtype_casting
     for layer in (LoraLayer, LoHaLayer, LoKrLayer):
-        assert "adapter_names" in inspect.signature(layer.merge).parameters  # fuse_lora(adapter_names=) needs it
+        # fuse_lora(adapter_names=) needs it
+        assert "adapter_names" in inspect.signature(layer.merge).parameters
 
 
-# ---------------------------------------------------------------------------------------------- add / set weights
+# ------------------------------------------------------------------------------------------ add / set weights
 @pytest.mark.parametrize("kind", ["unet", "sd3"])
 def test_add_adapter_and_set_adapters_weights(kind, tmp_path):
     model = base(kind)
@@ -208,7 +212,8 @@ def test_add_adapter_and_set_adapters_weights(kind, tmp_path):
     model.set_adapters("a")  # weight None -> 1.0
     close(run(model, kind), expected(kind, layer_deltas(model, "a", 2.0)), "set_adapters('a')")
 
-    # save_lora_adapter writes the config into the file's metadata; loading builds LoraConfig(**metadata) from it
+    # save_lora_adapter writes the config into the file's metadata; loading builds LoraConfig(**metadata) from
+    # it
     model.save_lora_adapter(str(tmp_path), adapter_name="b")
     fresh = base(kind)
     fresh.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", prefix=None,
@@ -247,14 +252,16 @@ def test_load_dora_and_lora_bias_state_dicts():
     dora, biased = lora_state_dict(model, names, seed=1), lora_state_dict(model, names, seed=2)
     for name in names:
         w = model.get_submodule(name).weight
-        dora[f"{name}.lora_magnitude_vector"] = w.norm(dim=1) * (1 + 0.2 * torch.randn(w.shape[0], generator=g))
+        dora[f"{name}.lora_magnitude_vector"] = (w.norm(dim=1)
+                                                 * (1 + 0.2 * torch.randn(w.shape[0], generator=g)))
         biased[f"{name}.lora_B.bias"] = torch.randn(w.shape[0], generator=g) * 0.1
     model.load_lora_adapter(dict(dora), prefix=None, adapter_name="dora")
     model.load_lora_adapter(dict(biased), prefix=None, adapter_name="biased")
     assert model.peft_config["dora"].use_dora and model.peft_config["biased"].lora_bias
     hand_dora, hand_bias = base(kind), hand_model(kind, lora_deltas(biased))
     with torch.no_grad():
-        for name in names:  # DoRA: W' = m / ||W + B A||_row * (W + B A); lora_bias adds B's bias to the base bias
+        # DoRA: W' = m / ||W + B A||_row * (W + B A); lora_bias adds B's bias to the base bias
+        for name in names:
             merged = hand_dora.get_submodule(name).weight + lora_deltas(dora)[name]
             hand_dora.get_submodule(name).weight.copy_((dora[f"{name}.lora_magnitude_vector"]
                                                         / merged.norm(dim=1))[:, None] * merged)
@@ -305,7 +312,8 @@ def _two_loaded(kind):
 def test_fuse_and_unfuse(kind):
     model, sd_a, sd_b = _two_loaded(kind)
     model.set_adapters(["a", "b"], weights=[1.0, 2.0])
-    originals = {n: model.get_submodule(n).get_base_layer().weight.detach().clone() for n in lora_deltas(sd_a)}
+    originals = {n: model.get_submodule(n).get_base_layer().weight.detach().clone()
+                 for n in lora_deltas(sd_a)}
     model.fuse_lora(lora_scale=0.5, safe_fusing=True, adapter_names=["a"])
     for name, delta in lora_deltas(sd_a, 0.5).items():
         layer = model.get_submodule(name)
@@ -317,13 +325,15 @@ def test_fuse_and_unfuse(kind):
         assert layer.merged_adapters == []
         close(layer.get_base_layer().weight, weight, f"{name} after unfuse", atol=1e-6)
     # lora_scale multiplied every active adapter's scale (b's too) and stays after unfusing, as with HF PEFT
-    close(run(model, kind), expected(kind, add(lora_deltas(sd_a, 0.5), lora_deltas(sd_b, 1.0))), "after unfuse")
+    close(run(model, kind), expected(kind, add(lora_deltas(sd_a, 0.5), lora_deltas(sd_b, 1.0))),
+          "after unfuse")
 
     model.set_adapters(["a", "b"], weights=[1.0, 2.0])
     model.fuse_lora()  # every active adapter
     want = expected(kind, add(lora_deltas(sd_a), lora_deltas(sd_b, 2.0)))
     close(run(model, kind), want, "all adapters fused")
-    assert not any(torch.equal(model.get_submodule(n).get_base_layer().weight, w) for n, w in originals.items())
+    assert not any(torch.equal(model.get_submodule(n).get_base_layer().weight, w)
+                   for n, w in originals.items())
 
 
 # ---------------------------------------------------------------------------------------------- switching
@@ -347,13 +357,15 @@ def test_disable_enable_delete_and_unload():
 
     model.unload_lora()
     assert not lora_layers(model) and not hasattr(model, "peft_config")
-    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in _BASES[kind].named_modules()}
+    assert ({n: type(m) for n, m in model.named_modules()}
+            == {n: type(m) for n, m in _BASES[kind].named_modules()})
     assert torch.equal(run(model, kind), base_out)
 
 
 def test_unserved_scale_call_names_the_entry_point():
     model = base("unet")
-    model.add_adapter(fastpeft.IA3Config(target_modules=["to_k", "ff.net.2"], feedforward_modules=["ff.net.2"]),
+    model.add_adapter(fastpeft.IA3Config(target_modules=["to_k", "ff.net.2"],
+                                         feedforward_modules=["ff.net.2"]),
                       adapter_name="ia3")
     with pytest.raises(NotImplementedError, match="set_scale"):
         model.set_adapters(["ia3"], weights=[0.5])
@@ -386,7 +398,8 @@ def test_enable_lora_hotswap_and_swap_other_ranks():
     assert all(layers[n].scaling["h"] is t for n, t in scalings.items())
     model.set_adapters(["h"], weights=[1.0])
 
-    third = lora_state_dict(model, names[:2], seed=8, rank=8)  # covers fewer modules: the others get no update
+    # covers fewer modules: the others get no update
+    third = lora_state_dict(model, names[:2], seed=8, rank=8)
     model.load_lora_adapter(dict(third), prefix=None, adapter_name="h", hotswap=True)
     close(run(model, kind), expected(kind, lora_deltas(third)), "hot swap covering two modules")
     too_big = lora_state_dict(model, names, seed=9, rank=10)
@@ -407,9 +420,10 @@ def test_hotswap_same_rank_without_enable():
     close(run(model, kind), expected(kind, lora_deltas(new)), "hot swap, same rank")
 
 
-# ---------------------------------------------------------------------------------------------- layerwise casting
+# ------------------------------------------------------------------------------------------ layerwise casting
 def _rounded_reference(kind, model, sd):
-    """An fp32 model without hooks holding `model`'s stored values (bf16 where layerwise casting stores them)."""
+    """An fp32 model without hooks holding `model`'s stored values (bf16 where layerwise casting stores
+    them)."""
     reference = base(kind)
     reference.load_lora_adapter(dict(sd), prefix=None, adapter_name="a")
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
@@ -441,8 +455,10 @@ def test_enable_layerwise_casting_skips_adapter_weights():
     model.load_lora_adapter(dict(sd), prefix=None, adapter_name="a")
     model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
     layer = model.get_submodule(names[0])
-    assert layer.lora_A["a"].weight.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
-    close(run(model, kind), run(_rounded_reference(kind, model, sd), kind), "enable_layerwise_casting", atol=1e-5)
+    assert (layer.lora_A["a"].weight.dtype == torch.float32
+            and layer.get_base_layer().weight.dtype == torch.bfloat16)
+    close(run(model, kind), run(_rounded_reference(kind, model, sd), kind),
+          "enable_layerwise_casting", atol=1e-5)
 
 
 def test_disable_input_dtype_casting_contract():
@@ -457,8 +473,8 @@ def test_disable_input_dtype_casting_contract():
     assert layers[0].cast_input_dtype_enabled is False and all(m.cast_input_dtype_enabled for m in layers[1:])
     with disable_input_dtype_casting(model, active=False):
         assert all(m.cast_input_dtype_enabled for m in layers[1:])
-    ia3 = fastpeft.inject_adapter_in_model(fastpeft.IA3Config(target_modules=["to_k"], feedforward_modules=[]),
-                                           base("unet"))
+    ia3 = fastpeft.inject_adapter_in_model(
+        fastpeft.IA3Config(target_modules=["to_k"], feedforward_modules=[]), base("unet"))
     with pytest.raises(NotImplementedError, match="ia3"):
         with disable_input_dtype_casting(ia3):
             pass
@@ -470,7 +486,8 @@ def _pipeline():
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
         max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    vae = diffusers.AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, sample_size=8)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), latent_channels=4,
+                                  norm_num_groups=8, sample_size=8)
     scheduler = diffusers.DDIMScheduler(steps_offset=1, clip_sample=False)
     return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=base("unet"),
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -502,7 +519,8 @@ def test_pipeline_load_lora_weights_set_fuse_unload():
     pipe = _pipeline()
     ids, embeds = torch.tensor([[0, 5, 9, 1]]), torch.randn(1, 4, 32)
     text_base, latents_base = _encode(pipe.text_encoder, ids), _latents(pipe, embeds)
-    unet_sd, text_sd = lora_state_dict(pipe.unet, targets(pipe.unet), seed=15), _text_lora(pipe.text_encoder, 16)
+    unet_sd, text_sd = (lora_state_dict(pipe.unet, targets(pipe.unet), seed=15),
+                        _text_lora(pipe.text_encoder, 16))
     pipe.load_lora_weights({f"unet.{k}": v for k, v in unet_sd.items()} | text_sd, adapter_name="style")
     assert pipe.get_list_adapters() == {"unet": ["style"], "text_encoder": ["style"]}
     assert pipe.get_active_adapters() == ["style"]

@@ -1,5 +1,5 @@
-"""The same diffusers calls with HF PEFT underneath (the oracle, run by the dev venv's Python in a subprocess so the
-two `peft` packages never meet) and with fastpeft underneath give the same UNet outputs."""
+"""The same diffusers calls with HF PEFT underneath (the oracle, run by the dev venv's Python in a subprocess
+so the two `peft` packages never meet) and with fastpeft underneath give the same UNet outputs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE_PYTHON = os.environ.get("ORACLE_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 
-# one script, run by both: a tiny UNet gets two LoRA adapters from state dicts, then set_adapters with weights,
-# the forward's lora scale, fuse_lora and unfuse_lora each give an output
+# one script, run by both: a tiny UNet gets two LoRA adapters from state dicts, then set_adapters with
+# weights, the forward's lora scale, fuse_lora and unfuse_lora each give an output
 SCRIPT = """
 import sys, torch
 if {alias}:
@@ -22,8 +22,9 @@ if {alias}:
 import diffusers, peft
 torch.manual_seed(0)
 unet = diffusers.UNet2DConditionModel(
-    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, sample_size=8,
-    norm_num_groups=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+    sample_size=8, norm_num_groups=8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
 g = torch.Generator().manual_seed(1)
 sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 32, generator=g)
@@ -63,7 +64,8 @@ def _outputs(python: str, alias: bool, path: Path) -> dict:
 
 def test_diffusers_lora_calls_equal_hf_peft(tmp_path):
     if not Path(ORACLE_PYTHON).exists():
-        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the dev venv has HF PEFT)")
+        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the "
+                    "dev venv has HF PEFT)")
     expected, hf_version = _outputs(ORACLE_PYTHON, False, tmp_path / "hf.pt")
     got, version = _outputs(str(Path(os.sys.executable)), True, tmp_path / "fastpeft.pt")
     assert hf_version == "0.21.2" and version == "0.22.0"  # HF PEFT there, fastpeft here

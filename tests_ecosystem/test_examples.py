@@ -1,5 +1,5 @@
-"""The README's ecosystem examples (examples/*.py) run where HF PEFT is not installed, and every check they print
-holds."""
+"""The README's ecosystem examples (examples/*.py) run where HF PEFT is not installed, and every check they
+print holds."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.mark.parametrize("script", ["transformers_adapters.py", "diffusers_lora.py", "trl_sft.py"])
 def test_example_runs_and_its_checks_hold(script):
-    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     checks = [line for line in result.stdout.splitlines() if line.endswith((": True", ": False"))]
     assert not [line for line in checks if line.endswith("False")], result.stdout

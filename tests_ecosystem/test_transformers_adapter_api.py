@@ -1,8 +1,9 @@
-"""transformers' adapter API (PeftAdapterMixin: load_adapter, add_adapter, set_adapter, enable / disable_adapters,
-active_adapters, get_adapter_state_dict, delete_adapter, save_pretrained) on fastpeft, HF PEFT not installed.
+"""transformers' adapter API (PeftAdapterMixin: load_adapter, add_adapter, set_adapter, enable
+/ disable_adapters, active_adapters, get_adapter_state_dict, delete_adapter, save_pretrained) on fastpeft, HF
+PEFT not installed.
 
-Expected values come from fastpeft's own PeftModel (checked against HF PEFT in the main suite) and from adapter
-folders HF PEFT wrote (tests_ecosystem/data, checked by tests/test_ecosystem_fixtures.py).
+Expected values come from fastpeft's own PeftModel (checked against HF PEFT in the main suite) and from
+adapter folders HF PEFT wrote (tests_ecosystem/data, checked by tests/test_ecosystem_fixtures.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def logits(model) -> torch.Tensor:
 
 
 def lora_config(**kwargs):
-    return fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                               **kwargs)
+    return fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               init_lora_weights=False, **kwargs)
 
 
 @pytest.fixture
@@ -49,7 +50,8 @@ def test_load_adapter_equals_peft_model_from_pretrained(which, fastpeft_folder):
     expected = logits(fastpeft.PeftModel.from_pretrained(models.make_llama(), str(folder)))
     model = models.make_llama()
     base = logits(model)
-    torch.manual_seed(1234)  # the new adapter's random init differs from the file: a loader writing nothing fails
+    # the new adapter's random init differs from the file: a loader writing nothing fails
+    torch.manual_seed(1234)
     model.load_adapter(str(folder), adapter_name="x")
     stored = load_file(str(folder / "adapter_model.safetensors"))
     loaded = _adapter_tensors(model, "x")
@@ -115,7 +117,8 @@ def test_save_pretrained_writes_an_adapter_fastpeft_and_peft_model_load(tmp_path
 
 
 def test_load_adapter_with_trainable_tokens(tmp_path):
-    """LoRA with trainable_token_indices: transformers renames the token rows through the wrapper's load map."""
+    """LoRA with trainable_token_indices: transformers renames the token rows through the wrapper's load
+    map."""
     torch.manual_seed(3)
     config = lora_config(trainable_token_indices={"embed_tokens": [1, 5]})
     source = models.perturb(fastpeft.get_peft_model(models.make_llama(), config), seed=3, scale=0.1)
@@ -125,5 +128,6 @@ def test_load_adapter_with_trainable_tokens(tmp_path):
     model.load_adapter(str(tmp_path), adapter_name="x")
     delta = model.get_submodule("model.embed_tokens.token_adapter").trainable_tokens_delta["x"]
     stored = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert torch.equal(delta, stored["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
+    assert torch.equal(delta,
+                       stored["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
     torch.testing.assert_close(logits(model), logits(source), atol=1e-6, rtol=1e-6)

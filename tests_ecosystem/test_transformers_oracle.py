@@ -1,5 +1,5 @@
-"""The same transformers call with HF PEFT underneath (the oracle, run by the dev venv's Python in a subprocess so
-the two `peft` packages never meet) and with fastpeft underneath give the same logits."""
+"""The same transformers call with HF PEFT underneath (the oracle, run by the dev venv's Python in a
+subprocess so the two `peft` packages never meet) and with fastpeft underneath give the same logits."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ with torch.no_grad():
 
 def _oracle_logits(folder: Path, out: Path) -> torch.Tensor:
     if not Path(ORACLE_PYTHON).exists():
-        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the dev venv has HF PEFT)")
+        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the "
+                    "dev venv has HF PEFT)")
     code = SCRIPT.format(tests=str(ROOT / "tests"), folder=str(folder), out=str(out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([ORACLE_PYTHON, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -1,5 +1,6 @@
-"""TRL's SFTTrainer(peft_config=...) trains the same adapter on fastpeft as on HF PEFT (the oracle, run by the dev
-venv's Python in a subprocess so the two `peft` packages never meet): same seed, data and steps, same tensors."""
+"""TRL's SFTTrainer(peft_config=...) trains the same adapter on fastpeft as on HF PEFT (the oracle, run by the
+dev venv's Python in a subprocess so the two `peft` packages never meet): same seed, data and steps, same
+tensors."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from trl import SFTConfig, SFTTrainer
 words = ["<pad>", "<eos>", "<unk>", *"the cat sat on mat a dog ran in park".split()]
 tok = Tokenizer(WordLevel({{w: i for i, w in enumerate(words)}}, unk_token="<unk>"))
 tok.pre_tokenizer = pre_tokenizers.Whitespace()
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                    unk_token="<unk>")
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2))
@@ -54,10 +56,12 @@ def _trained(python: str, alias: bool, out: Path) -> dict[str, torch.Tensor]:
 
 def test_sft_adapter_equals_hf_peft(tmp_path):
     if not Path(ORACLE_PYTHON).exists():
-        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the dev venv has HF PEFT)")
+        pytest.fail(f"the oracle's Python {ORACLE_PYTHON} is missing: run `make install` (the "
+                    "dev venv has HF PEFT)")
     expected = _trained(ORACLE_PYTHON, False, tmp_path / "hf")
     got = _trained(sys.executable, True, tmp_path / "fastpeft")
     assert sorted(got) == sorted(expected)
-    assert all(expected[k].abs().max() > 0 for k in expected if "lora_B" in k)  # it trained (lora_B starts at 0)
+    # it trained (lora_B starts at 0)
+    assert all(expected[k].abs().max() > 0 for k in expected if "lora_B" in k)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=key)
