@@ -11,13 +11,14 @@ Peak memory, and why it is measured this way: torch allocates CPU tensor storage
 lifetime `ru_maxrss` mostly measures imports and model construction. Here each (library, workload) runs in its
 own child process, forked from the benchmark after the imports (so a child starts in well under a second; a
 spawned child would import torch + transformers + both libraries again, ~10 s each on the dev VM). The child
-fixes glibc's mmap threshold at 128 KiB (`mallopt`), builds its model, makes one warm-up call, hands glibc's free
-heap pages back to the kernel (`malloc_trim(0)`), takes its resident size as the baseline, resets the kernel's
-peak-RSS counter (VmHWM, through /proc/self/clear_refs "5"), runs the workload, and reports VmHWM - baseline:
-the extra memory the call touched (activations, saved tensors, gradients). Without the trim, buffers freed by
-the warm-up stay resident in malloc's free lists and the measured call reuses them unseen (a 10 MiB tensor read
-as 0 MiB). Checked: one 10 MiB tensor plus 2000 x 32 KiB tensors held at once reads 73.2 MiB (72.5 MiB of
-data). Without /proc/self/clear_refs (not Linux) it falls back to ru_maxrss, and to spawn where fork is missing.
+fixes glibc's mmap threshold at 128 KiB (`mallopt`), builds its model, makes one warm-up call, hands glibc's
+free heap pages back to the kernel (`malloc_trim(0)`), takes its resident size as the baseline, resets the
+kernel's peak-RSS counter (VmHWM, through /proc/self/clear_refs "5"), runs the workload, and reports
+VmHWM - baseline: the extra memory the call touched (activations, saved tensors, gradients). Without the trim,
+buffers freed by the warm-up stay resident in malloc's free lists and the measured call reuses them unseen (a
+10 MiB tensor read as 0 MiB). Checked: one 10 MiB tensor plus 2000 x 32 KiB tensors held at once reads 73.2
+MiB (72.5 MiB of data). Without /proc/self/clear_refs (not Linux) it falls back to ru_maxrss, and to spawn
+where fork is missing.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def interleaved_with_setup(variants: dict[str, tuple[Callable[[], object], Calla
     (e.g. setup copies the base model that get_peft_model then modifies).
 
     `quiet_gc`: collect garbage after setup and keep the collector off during `fn`, as `timeit` does. For
-    workloads that leave a big heap behind (deep copies of a 48-layer model each round), a full collection costs
-    ~240 ms on the dev VM and lands in whichever call happens to cross the collector's threshold: without this,
-    one library's median can swing 2.5x between runs of the same code (149 ms vs 388 ms for from_pretrained).
+    workloads that leave a big heap behind (deep copies of a 48-layer model each round), a full collection
+    costs ~240 ms on the dev VM and lands in whichever call happens to cross the collector's threshold:
+    without this, one library's median can swing 2.5x between runs of the same code (149 ms vs 388 ms for
+    from_pretrained).
     """
     labels = list(variants)
     times: dict[str, list[float]] = {label: [] for label in labels}
@@ -80,7 +82,8 @@ def interleaved_with_setup(variants: dict[str, tuple[Callable[[], object], Calla
 
 
 def _timed_call(fn: Callable[[object], object], arg: object, quiet_gc: bool) -> float:
-    """ms of `fn(arg)`; with `quiet_gc`, garbage is collected first and the collector is off during the call."""
+    """ms of `fn(arg)`; with `quiet_gc`, garbage is collected first and the collector is off during the
+    call."""
     if quiet_gc:
         gc.collect()
         gc.disable()
@@ -244,7 +247,8 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-second run: smaller sizes, fewer rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, 3 with --quick)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared VM)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: least noise on a shared VM)")
     return parser
 
 

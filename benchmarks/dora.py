@@ -1,10 +1,11 @@
-"""DoRA training step (forward + backward) on a stack of wide Linears: fastpeft vs HF PEFT vs the bare base model.
+"""DoRA training step (forward + backward) on a stack of wide Linears: fastpeft vs HF PEFT vs the bare base
+model.
 
 Run: `.venv/bin/python benchmarks/dora.py [--hidden 2048] [--layers 4] [--tokens 8 512 2048] [--rounds 9]`.
-One process builds the three models (same weights), checks that the DoRA outputs agree, then times one step per
-token count with the libraries alternating inside each round (order reversed every other round, medians;
-benchmarks/common.py `interleaved`). The base model's step (frozen weights, input gradient formed) is the floor.
-Ratios are fastpeft / HF PEFT: below 1, fastpeft is faster.
+One process builds the three models (same weights), checks that the DoRA outputs agree, then times one step
+per token count with the libraries alternating inside each round (order reversed every other round, medians;
+benchmarks/common.py `interleaved`). The base model's step (frozen weights, input gradient formed) is the
+floor. Ratios are fastpeft / HF PEFT: below 1, fastpeft is faster.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ def main() -> None:
               "base": frozen_base(args.hidden, args.layers)}
     print(f"Linear stack: {args.layers} x nn.Linear({args.hidden}, {args.hidden}) + tanh, DoRA r={args.r} on "
           "every layer; one step = forward, mean-square loss, backward")
-    print(f"{'tokens':>7} | {'HF PEFT ms':>10} | {'fastpeft ms':>11} | {'base ms':>8} | {'fastpeft / HF':>13} | "
-          f"{'base / HF':>9}")
+    print(f"{'tokens':>7} | {'HF PEFT ms':>10} | {'fastpeft ms':>11} | {'base ms':>8} | "
+          f"{'fastpeft / HF':>13} | {'base / HF':>9}")
     for tokens in args.tokens or TOKENS["quick" if args.quick else "full"]:
         x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(2))
-        check_close(models["fastpeft"](x), models["peft"](x), f"{tokens} tokens: outputs", atol=1e-5, rtol=1e-5)
+        check_close(models["fastpeft"](x), models["peft"](x), f"{tokens} tokens: outputs",
+                    atol=1e-5, rtol=1e-5)
         t = interleaved({name: (lambda m=m, x=x: step(m, x)) for name, m in models.items()}, rounds(args))
         print(f"{tokens:>7} | {t['peft']:>10.2f} | {t['fastpeft']:>11.2f} | {t['base']:>8.2f} | "
               f"{t['fastpeft'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}")

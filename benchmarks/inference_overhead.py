@@ -2,8 +2,9 @@
 
 Run: `.venv/bin/python benchmarks/inference_overhead.py [--quick] [--rounds N] [--threads 1]`
 (or `python -m benchmarks.inference_overhead`). A small Llama with one LoRA adapter (r=16, all-linear, not
-merged) in each library and the bare base model (same weights), under `inference_mode`. Logits are checked equal
-first. Prints each library's overhead over the base model and fastpeft / HF PEFT (target: no worse, <= 1.0).
+merged) in each library and the bare base model (same weights), under `inference_mode`. Logits are checked
+equal first. Prints each library's overhead over the base model and fastpeft / HF PEFT (target: no worse,
+<= 1.0).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
     header(args)
     size = "quick" if args.quick else "full"
     hidden, inter, layers, _, vocab = SIZES[size]
-    print(f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, vocab {vocab}; one LoRA r=16 all-linear")
+    print(f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, vocab {vocab}; one "
+          "LoRA r=16 all-linear")
     n_rounds = 3 * rounds(args)  # a forward is quick: three times the usual rounds
     print(f"{n_rounds} interleaved rounds per scenario (base model, fastpeft, HF PEFT)")
     models = {"base": base_model(size), "fastpeft": adapted(fastpeft, size), "peft": adapted(peft, size)}

@@ -6,7 +6,8 @@ LoRA r=16 on all linear layers. Timed, each on a fresh copy of the base model (t
 `get_peft_model`, `PeftModel.from_pretrained` of a saved adapter, and `save_pretrained`. Checked first: both
 libraries' injected adapters hold the same initial weights (same seed), their saved files have the same keys
 and tensors, and the loaded models give the same logits. Prints fastpeft / HF PEFT (target <= 0.5). Garbage is
-collected before each timed call and the collector is off during it (as `timeit`; common.interleaved_with_setup).
+collected before each timed call and the collector is off during it (as `timeit`;
+common.interleaved_with_setup).
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def timings(base, folder: str, n_rounds: int) -> dict[str, dict[str, float]]:
     new_dir = lambda: os.path.join(folder, f"out{next(out_dirs)}")  # noqa: E731
     return {
         "get_peft_model": interleaved_with_setup(
-            {name: (fresh, lambda b, lib=lib: inject(lib, b)) for name, lib in LIBS.items()}, n_rounds, quiet_gc=True),
+            {name: (fresh, lambda b, lib=lib: inject(lib, b)) for name, lib in LIBS.items()}, n_rounds,
+            quiet_gc=True),
         "PeftModel.from_pretrained": interleaved_with_setup(
-            {name: (fresh, lambda b, lib=lib: lib.PeftModel.from_pretrained(b, saved)) for name, lib in LIBS.items()},
+            {name: (fresh, lambda b, lib=lib: lib.PeftModel.from_pretrained(b, saved))
+             for name, lib in LIBS.items()},
             n_rounds, quiet_gc=True),
         "save_pretrained": interleaved_with_setup(
             {name: (new_dir, lambda d, m=m: m.save_pretrained(d)) for name, m in injected.items()}, n_rounds,
@@ -93,7 +96,8 @@ def main() -> None:
     header(args)
     layers = LAYERS["quick" if args.quick else "full"]
     base = base_model(layers)
-    print(f"Llama {layers} layers, hidden 64, intermediate 128 ({7 * layers} target Linears); LoRA r=16 all-linear")
+    print(f"Llama {layers} layers, hidden 64, intermediate 128 ({7 * layers} target Linears); "
+          "LoRA r=16 all-linear")
     folder = tempfile.mkdtemp(prefix="fastpeft-bench-")
     try:
         check(base, folder)

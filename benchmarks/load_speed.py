@@ -2,13 +2,13 @@
 
 Run: `.venv/bin/python benchmarks/load_speed.py [--layers 48] [--hidden 64] [--repeats 7] [--threads 1]`.
 
-For a tiny Llama with many layers (where the per-module Python work dominates) and LoRA r=8 on "all-linear" and on
-q/v, times: `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained` of a saved adapter and `load_adapter`
-of a second one (both saved by HF PEFT), and `PeftModel.from_pretrained` of an adapter saved by fastpeft (its file
-holds fastpeft's base fingerprint, which fastpeft checks on load). Before timing it checks that both libraries give
-the same outputs from the same adapter file (each library loads the file the other saved). The base model is copied
-outside the timed region. Rounds alternate the two libraries; the table shows medians and fastpeft / HF PEFT
-(below 1: fastpeft is faster).
+For a tiny Llama with many layers (where the per-module Python work dominates) and LoRA r=8 on "all-linear"
+and on q/v, times: `get_peft_model`, `save_pretrained`, `PeftModel.from_pretrained` of a saved adapter and
+`load_adapter` of a second one (both saved by HF PEFT), and `PeftModel.from_pretrained` of an adapter saved by
+fastpeft (its file holds fastpeft's base fingerprint, which fastpeft checks on load). Before timing it checks
+that both libraries give the same outputs from the same adapter file (each library loads the file the other
+saved). The base model is copied outside the timed region. Rounds alternate the two libraries; the table shows
+medians and fastpeft / HF PEFT (below 1: fastpeft is faster).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ TARGETS = {"all-linear": "all-linear", "q/v": ["q_proj", "v_proj"]}
 
 
 def make_base(layers: int, hidden: int) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, attn_implementation="eager")
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
 
 def lora_config(lib, targets, init=False):
-    """init=False: B random too, so saved adapters change the outputs (checks can fail); True: LoRA's default."""
+    """init=False: B random too, so saved adapters change the outputs (checks can fail); True: LoRA's
+    default."""
     return lib.LoraConfig(r=8, lora_alpha=16, target_modules=copy.copy(targets), init_lora_weights=init)
 
 
@@ -71,9 +72,9 @@ def check_outputs(base, targets, workdir: str) -> None:
 
 
 def workloads(lib, base, targets, workdir: str, first: str, second: str, first_fp: str):
-    """{workload: (setup() -> state, timed(state))}; only `timed` is measured. `first` and `second` were saved by
-    HF PEFT (no base fingerprint, so fastpeft has nothing to check); `first_fp` by fastpeft: loading it includes
-    fastpeft's base-fingerprint check (HF PEFT ignores the fingerprint)."""
+    """{workload: (setup() -> state, timed(state))}; only `timed` is measured. `first` and `second` were saved
+    by HF PEFT (no base fingerprint, so fastpeft has nothing to check); `first_fp` by fastpeft: loading it
+    includes fastpeft's base-fingerprint check (HF PEFT ignores the fingerprint)."""
     def inject(model):
         lib.get_peft_model(model, lora_config(lib, targets, init=True))
 
@@ -99,8 +100,9 @@ def workloads(lib, base, targets, workdir: str, first: str, second: str, first_f
 
 
 def time_once(setup, timed) -> float:
-    """ms of `timed(setup())`; garbage collection is run before and kept out of the timed call (as timeit does), since
-    a collection landing in it costs tens of ms here (the whole base model is scanned) whichever library runs."""
+    """ms of `timed(setup())`; garbage collection is run before and kept out of the timed call (as timeit
+    does), since a collection landing in it costs tens of ms here (the whole base model is scanned) whichever
+    library runs."""
     state = setup()
     gc.collect()
     gc.disable()
@@ -120,7 +122,8 @@ def bench(base, targets, workdir: str, repeats: int) -> dict[str, dict[str, floa
     first_fp = os.path.join(workdir, "first_fp")
     torch.manual_seed(2)
     fastpeft.get_peft_model(copy.deepcopy(base), lora_config(fastpeft, targets)).save_pretrained(first_fp)
-    jobs = {name: workloads(lib, base, targets, workdir, first, second, first_fp) for name, lib in LIBS.items()}
+    jobs = {name: workloads(lib, base, targets, workdir, first, second, first_fp)
+            for name, lib in LIBS.items()}
     times = {name: {w: [] for w in jobs[name]} for name in LIBS}
     for round_ in range(repeats + 1):  # round 0 warms up
         for name in LIBS if round_ % 2 else reversed(LIBS):  # alternate which library goes first

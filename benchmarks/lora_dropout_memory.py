@@ -1,6 +1,7 @@
 """LoRA training step with dropout: memory kept for backward and time, fastpeft vs HF PEFT, in one process.
 
-Run: `.venv/bin/python benchmarks/lora_dropout_memory.py [--hidden 256] [--tokens 512] [--threads 1] [--repeats 9]
+Run:
+`.venv/bin/python benchmarks/lora_dropout_memory.py [--hidden 256] [--tokens 512] [--threads 1] [--repeats 9]
 [--mask-storage bool|regenerate]` (how fastpeft keeps the dropout mask, `lean_dropout.MASK_STORAGE`).
 
 Both libraries get the same Llama (built from a config) with LoRA r=16 on all 7 linear projections,
@@ -110,9 +111,10 @@ def main() -> None:
     print(f"hidden={args.hidden} layers={args.layers} tokens={args.tokens} r=16 dropout={args.dropout} "
           f"threads={args.threads} repeats={args.repeats} mask storage={args.mask_storage}; "
           "outputs and gradients equal (bit for bit)")
-    print(f"saved for backward: HF PEFT {mem['peft'] / mib:.2f} MiB | fastpeft {mem['fastpeft'] / mib:.2f} MiB"
-          f" | fastpeft / HF {mem['fastpeft'] / mem['peft']:.2f}")
-    print(f"  (dropout off: HF PEFT {floor['peft'] / mib:.2f} MiB | fastpeft {floor['fastpeft'] / mib:.2f} MiB)")
+    print(f"saved for backward: HF PEFT {mem['peft'] / mib:.2f} MiB | fastpeft {mem['fastpeft'] / mib:.2f} "
+          f"MiB | fastpeft / HF {mem['fastpeft'] / mem['peft']:.2f}")
+    print(f"  (dropout off: HF PEFT {floor['peft'] / mib:.2f} MiB | fastpeft "
+          f"{floor['fastpeft'] / mib:.2f} MiB)")
     print(f"train step: HF PEFT {hf_ms:.1f} ms | fastpeft {fp_ms:.1f} ms | fastpeft / HF {fp_ms / hf_ms:.2f}")
 
 

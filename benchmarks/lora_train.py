@@ -3,8 +3,9 @@
 Run: `.venv/bin/python benchmarks/lora_train.py [--quick] [--rounds N] [--threads 1]`
 (or `python -m benchmarks.lora_train`). LoRA r=16, alpha 32, on all linear layers ('all-linear'), with
 lora_dropout 0 and 0.05. Before timing, outputs and LoRA gradients are checked equal (dropout off). Times are
-medians of interleaved rounds in one process; peak memory is the extra resident memory of one step, each library
-in its own spawned process (see common.py). Prints fastpeft / HF PEFT ratios (below 1: fastpeft better).
+medians of interleaved rounds in one process; peak memory is the extra resident memory of one step, each
+library in its own spawned process (see common.py). Prints fastpeft / HF PEFT ratios (below 1: fastpeft
+better).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-from common import base_parser, check_close, header, interleaved, peak_memory, ratio_line, rounds  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    check_close,
+    header,
+    interleaved,
+    peak_memory,
+    ratio_line,
+    rounds,
+)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastpeft  # noqa: E402
@@ -105,8 +114,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     header(args)
     hidden, inter, layers, _, vocab, rows, tokens = SIZES["quick" if args.quick else "full"]
-    print(f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, vocab {vocab}; batch {rows} x {tokens} "
-          f"tokens; LoRA r=16 alpha 32 all-linear")
+    print(f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, vocab {vocab}; batch {rows} x "
+          f"{tokens} tokens; LoRA r=16 alpha 32 all-linear")
     memory(args)  # first: the children fork from this process and inherit its heap (see common.peak_memory)
     for dropout in TARGETS:
         time_step(args, dropout)

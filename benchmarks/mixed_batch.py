@@ -4,12 +4,13 @@ Run: `.venv/bin/python benchmarks/mixed_batch.py [--threads 1] [--repeats 9] [--
 [--hidden 256] [--kv-cache 0]`.
 Prints a table of median times (interleaved rounds, order reversed every other round) and the ratio fastpeft
 default / HF PEFT (below 1: fastpeft is faster). Outputs of every fastpeft path are checked against HF PEFT
-before timing. Small enough for a 2-core CPU; `--only "x 512"` runs the scenarios whose label contains the text.
-`--clock cpu` times the CPU the calling thread used (`time.thread_time`) instead of wall time: with 1 torch
-thread every op runs in that thread, and on a machine shared with other jobs it leaves out the time spent
-waiting for a core, the bulk of the noise there. `--hidden H`: Llama hidden size H (intermediate 2H, heads H/64).
-`--kv-cache N`: decode rows continue an N-token prefix held in a KV cache (prefilled once per library with the
-same adapters; each timed call gets a fresh copy of it, copied outside the timing); 0: decode rows have no past.
+before timing. Small enough for a 2-core CPU; `--only "x 512"` runs the scenarios whose label contains the
+text. `--clock cpu` times the CPU the calling thread used (`time.thread_time`) instead of wall time: with 1
+torch thread every op runs in that thread, and on a machine shared with other jobs it leaves out the time
+spent waiting for a core, the bulk of the noise there. `--hidden H`: Llama hidden size H (intermediate 2H,
+heads H/64). `--kv-cache N`: decode rows continue an N-token prefix held in a KV cache (prefilled once per
+library with the same adapters; each timed call gets a fresh copy of it, copied outside the timing); 0: decode
+rows have no past.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ SCENARIOS = [
     ("2 adapters x 1024 tokens", 2, 4, 1024),
 ]
 # each fastpeft path forced through the rule constants of methods/lora/gathered.py (None: left as it is)
-PATHS = {"loop": (10**9, float("inf")), "gathered": (1, float("inf")), "merged": (10**9, 0.0), "default": None}
+PATHS = {"loop": (10**9, float("inf")), "gathered": (1, float("inf")), "merged": (10**9, 0.0),
+         "default": None}
 
 
 HIDDEN = 256  # set from --hidden
@@ -143,9 +145,10 @@ def run_scenario(models, n_adapters, batch, tokens, repeats, clock, kv: int = 0)
     variants = {"hf": lambda past: call(theirs, past, adapter_names=names)}
     for path in PATHS:
         variants[path] = on_path(path, lambda past: call(ours, past, adapter_names=names))
-        check_close(variants[path](*setup(path)), expected, f"{n_adapters} adapters, {batch} x {tokens}, {path}",
-                    atol=1e-4, rtol=1e-4)
-    variants["base"] = lambda past: call(bare, past)  # the bare base model: the floor for any adapter implementation
+        check_close(variants[path](*setup(path)), expected,
+                    f"{n_adapters} adapters, {batch} x {tokens}, {path}", atol=1e-4, rtol=1e-4)
+    # the bare base model: the floor for any adapter implementation
+    variants["base"] = lambda past: call(bare, past)
     return interleaved(variants, repeats, clock, setup=setup)
 
 
@@ -156,32 +159,36 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run the scenarios whose label contains this text")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: time.perf_counter; cpu: time.thread_time (this thread's CPU time)")
-    parser.add_argument("--hidden", type=int, default=256, help="Llama hidden size (intermediate 2x, heads /64)")
-    parser.add_argument("--kv-cache", type=int, default=0, help="decode rows continue a prefix of this many tokens")
+    parser.add_argument("--hidden", type=int, default=256,
+                        help="Llama hidden size (intermediate 2x, heads /64)")
+    parser.add_argument("--kv-cache", type=int, default=0,
+                        help="decode rows continue a prefix of this many tokens")
     args = parser.parse_args()
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     global HIDDEN
     HIDDEN = args.hidden
     models = (with_adapters(fastpeft, 64), with_adapters(peft, 64), base_model())
-    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, {args.repeats} rounds, "
-          f"{args.clock} clock; "
-          f"rule: gathered from {gathered.MIN_ADAPTERS} distinct adapters, merged from {gathered.MERGE_FROM:g} x "
-          "in*out/(in+out) tokens per adapter")
-    print(f"Llama: hidden {HIDDEN}, intermediate {2 * HIDDEN}, 2 layers, vocab 1000; 64 LoRA adapters (r 4/8/16) on "
-          f"all 7 projections; decode rows: {f'{args.kv_cache}-token KV cache' if args.kv_cache else 'no past'}")
+    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, {args.repeats} "
+          f"rounds, {args.clock} clock; "
+          f"rule: gathered from {gathered.MIN_ADAPTERS} distinct adapters, merged from "
+          f"{gathered.MERGE_FROM:g} x in*out/(in+out) tokens per adapter")
+    print(f"Llama: hidden {HIDDEN}, intermediate {2 * HIDDEN}, 2 layers, vocab 1000; 64 LoRA adapters (r "
+          "4/8/16) on all 7 projections; decode rows: "
+          f"{f'{args.kv_cache}-token KV cache' if args.kv_cache else 'no past'}")
     rows = []
     for label, n, batch, tokens in SCENARIOS:
         if args.only in label:
             rows.append((label, run_scenario(models, n, batch, tokens, args.repeats, clock, args.kv_cache)))
     print(f"| {'scenario':24} | HF PEFT ms | loop ms | gathered ms | merged ms | default ms | base ms "
           "| default / HF | base / HF |")
-    print(f"|{'-' * 26}|-----------:|--------:|------------:|----------:|-----------:|--------:|-------------:"
-          "|----------:|")
+    print(
+        f"|{'-' * 26}|-----------:|--------:|------------:|----------:|-----------:|--------:|-------------:"
+        "|----------:|")
     for label, t in rows:
-        print(f"| {label:24} | {t['hf']:10.2f} | {t['loop']:7.2f} | {t['gathered']:11.2f} | {t['merged']:9.2f} | "
-              f"{t['default']:10.2f} | {t['base']:7.2f} | {t['default'] / t['hf']:12.2f} | "
-              f"{t['base'] / t['hf']:9.2f} |")
+        print(f"| {label:24} | {t['hf']:10.2f} | {t['loop']:7.2f} | {t['gathered']:11.2f} | "
+              f"{t['merged']:9.2f} | {t['default']:10.2f} | {t['base']:7.2f} | "
+              f"{t['default'] / t['hf']:12.2f} | {t['base'] / t['hf']:9.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""diffusers' LoRA API on fastpeft: `python examples/diffusers_lora.py` (a tiny UNet built offline; with a real
-pipeline, `pipe.load_lora_weights(...)`, `pipe.set_adapters(...)`, `pipe.fuse_lora()` work the same way)."""
+"""diffusers' LoRA API on fastpeft: `python examples/diffusers_lora.py` (a tiny UNet built offline; with a
+real pipeline, `pipe.load_lora_weights(...)`, `pipe.set_adapters(...)`, `pipe.fuse_lora()` work the same
+way)."""
 
 import fastpeft
 
@@ -15,7 +16,8 @@ def tiny_unet() -> diffusers.UNet2DConditionModel:
     return diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
         sample_size=8, norm_num_groups=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""transformers' adapter API on fastpeft: `python examples/transformers_adapters.py` (a tiny Llama built offline;
-with a real checkpoint, replace `tiny_llama()` by `AutoModelForCausalLM.from_pretrained(...)`)."""
+"""transformers' adapter API on fastpeft: `python examples/transformers_adapters.py` (a tiny Llama built
+offline; with a real checkpoint, replace `tiny_llama()` by `AutoModelForCausalLM.from_pretrained(...)`)."""
 
 import tempfile
 
@@ -14,8 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)).eval()
 
 
 def main() -> None:
