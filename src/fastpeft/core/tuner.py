@@ -70,9 +70,12 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module,
         parents.pop(name, None)  # replaced: a later child of `name` must be looked up in the new module
 
 
-def _base_tensors(targets: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
-    """The base-model parameters and buffers of the targets (inside an adapter layer: its base layer's)."""
+def _base_tensors(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
+    """The base-model parameters and buffers of the targets (inside an adapter layer: its base layer's);
+    every tensor of `model` when a method's targets are not modules (e.g. bare parameters)."""
     bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
+    if not all(isinstance(m, nn.Module) for m in bases):
+        bases = [model]
     return [t for m in bases for t in (*m.parameters(), *m.buffers())]
 
 
@@ -268,7 +271,7 @@ class Tuner(nn.Module):
             config, targets = self._checked_targets(model, adapter_name, state_dict)
             self.peft_config[adapter_name] = config
             if config.rewrites_base_weights:  # e.g. an init that rewrites the weights it adapts: copied first
-                tx.keep_values(_base_tensors(targets), device="cpu")
+                tx.keep_values(_base_tensors(model, targets), device="cpu")
             with empty_parameters(low_cpu_mem_usage, self):
                 updated = self._build_layers(targets, adapter_name, config, created)
             parents: dict[str, nn.Module] = {}
