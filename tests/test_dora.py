@@ -256,11 +256,14 @@ def test_merge_on_a_half_precision_base_rounds_once_like_hf(dtype):
     ours = fastpeft.get_peft_model(factory().to(dtype), config(fastpeft, "mlp"))
     copy_adapter(peft, hf, fastpeft, ours)
     merged, restored = {}, {}
+    def weights(model):
+        return {n: w.clone() for n, w in model.named_parameters() if n.endswith("base_layer.weight")}
+
     for model in (hf, ours):
         model.merge_adapter()
-        merged[model] = {n: w.clone() for n, w in model.named_parameters() if n.endswith("base_layer.weight")}
+        merged[model] = weights(model)
         model.unmerge_adapter()
-        restored[model] = {n: w.clone() for n, w in model.named_parameters() if n.endswith("base_layer.weight")}
+        restored[model] = weights(model)
     assert merged[hf].keys() == merged[ours].keys() and merged[hf]
     for name, weight in merged[hf].items():
         assert weight.dtype == dtype

@@ -130,8 +130,8 @@ class Dora(LoraVariant):
         layer._variant_cache[f"{name}-weight-norm"] = norm
         factor = self._factor(layer, name, norm)
         weight = layer.get_base_layer().weight.data
-        # the sum is taken in the adapter's (wider) dtype and rounded once, as HF PEFT: rounding the delta to a
-        # half-precision base first loses 1.3-2x more of the base weight over a merge / unmerge round trip
+        # the sum is taken in the adapter's (wider) dtype and rounded once, as HF PEFT: rounding the delta to
+        # a half-precision base first loses 1.3-2x more of the base weight over a merge / unmerge round trip
         return (factor * (weight + delta)).to(weight.dtype)
 
     def unmerged_weight(self, layer, name):
