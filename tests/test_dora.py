@@ -249,13 +249,16 @@ def test_row_norm_factored_equals_direct_with_cancellation(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_merge_on_a_half_precision_base_rounds_once_like_hf(dtype):
-    """On an fp16 / bf16 base the adapter stays fp32: W + delta is summed in fp32 and rounded once (as HF PEFT).
-    Rounding the delta to the base dtype first gave other merged weights and lost 1.3-2x more of W on unmerge."""
+    """On an fp16 / bf16 base the adapter stays fp32: W + delta is summed in fp32 and rounded once (as HF
+    PEFT). Rounding the delta to the base dtype first gave other merged weights and lost 1.3-2x more of W on
+    unmerge."""
     factory, _ = models.MODELS["mlp"]
-    hf = models.perturb(peft.get_peft_model(factory().to(dtype), config(peft, "mlp")), 0, 0.5)  # a large delta
+    # a large delta, so that a second rounding shows in the weights
+    hf = models.perturb(peft.get_peft_model(factory().to(dtype), config(peft, "mlp")), 0, 0.5)
     ours = fastpeft.get_peft_model(factory().to(dtype), config(fastpeft, "mlp"))
     copy_adapter(peft, hf, fastpeft, ours)
     merged, restored = {}, {}
+
     def weights(model):
         return {n: w.clone() for n, w in model.named_parameters() if n.endswith("base_layer.weight")}
 
