@@ -1,4 +1,4 @@
-"""Guards against training mistakes that HF PEFT lets pass silently (issue #9, items 2-5 and 8).
+"""Guards against training mistakes that HF PEFT lets pass silently.
 
 Each guard either fixes the problem (and logs what it did) or stops with an error that names the problem and
 the fix. A few checks only warn by default; `strict()` (or FASTPEFT_STRICT=1) turns those warnings into

@@ -397,7 +397,7 @@ class AdapterLayer(nn.Module, AdapterHolder):
             if name in self.merged_adapters:
                 logger.info("Adapter '%s' is already merged; skipping.", name)
                 continue
-            with eval_mode(self):  # training mode must not change what is merged (issue #9, item 9)
+            with eval_mode(self):  # training mode must not change what is merged (e.g. dropout)
                 self.merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 

@@ -1,4 +1,4 @@
-"""Config options that select modules but select nothing, and targets no layer class can wrap (issue #9, 6-7).
+"""Config options that select modules but select nothing, and targets no layer class can wrap.
 
 HF PEFT ignores an `exclude_modules` entry, a `layers_to_transform` index or a `rank_pattern`
 / `alpha_pattern` key that matches no module (at most one warning when no module at all was excluded), so a
@@ -83,7 +83,7 @@ def _unused_patterns(config, target_names: list[str]) -> list[str]:
 
 
 def check_unused_entries(config, model: nn.Module, targets: list[tuple[str, object]]) -> None:
-    """Refuse option entries that select nothing (item 6); a warning while loading a file."""
+    """Refuse option entries that select nothing; a warning while loading a file."""
     names = [n for n, _ in targeting.candidate_modules(model, (AdapterHolder,))]
     problems = (_unused_excludes(config, names) + _unused_layers(config, names)
                 + _unused_patterns(config, [n for n, _ in targets]))
@@ -98,7 +98,7 @@ def check_unused_entries(config, model: nn.Module, targets: list[tuple[str, obje
 
 
 def check_supported(dispatch, targets: list[tuple[str, object]]) -> None:
-    """List every matched module the method cannot wrap, with its type (item 7)."""
+    """List every matched module the method cannot wrap, with its type."""
     if dispatch is None:
         return
     bad: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""Merging into a weight that several modules share, e.g. tied word embeddings (issue #9, item 13).
+"""Merging into a weight that several modules share, e.g. tied word embeddings.
 
 An adapter on one side of a tied pair (say `lm_head` of a model with `tie_word_embeddings=True`, without
 LoRA's `ensure_weight_tying`) changes that side only. Merging it into the one shared tensor would change the

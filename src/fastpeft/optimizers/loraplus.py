@@ -32,7 +32,7 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 
 def require_trainable(model: nn.Module, builder: str, frozen: frozenset[int] = frozenset()) -> None:
-    """Refuse to build an optimizer that would train nothing (issue #9 item 3; HF PEFT builds it silently).
+    """Refuse to build an optimizer that would train nothing (HF PEFT builds it silently).
 
     `frozen`: ids of parameters the optimizer itself freezes (LoRA-FA's A factors)."""
     if any(p.requires_grad and id(p) not in frozen for p in model.parameters()):
