@@ -32,7 +32,8 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     mergeable: bool = True  # merge_adapter supported for every targeted layer
     identity_init: bool = True
-    one_trainable: bool = False  # the method trains one adapter at a time (AdaLoRA): others are inference-only
+    # the method trains one adapter at a time (AdaLoRA): others are inference-only
+    one_trainable: bool = False
     hf_oracle: bool = True  # HF PEFT 0.21.2 handles this row the same way (tests/test_oracle_matrix.py)
     hf_same_gradients: bool = True  # False where fastpeft's gradients deliberately differ from HF PEFT's
     # per column ("checkpointing": tests/test_contract_checkpointing.py): why fastpeft refuses it on purpose
@@ -54,19 +55,21 @@ POLY_RECOMPUTE_BUG = Bug(
 
 METHOD_CASES = [
     Case("lora-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
-    Case("lora-mlp-save-head", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0"], "modules_to_save": ["head"]}),
+    Case("lora-mlp-save-head", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0"], "modules_to_save": ["head"]}),
     Case("lora-mlp-rslora-bias-dropout", "mlp", "LoraConfig",
          {"r": 4, "lora_alpha": 16, "target_modules": ["lin0", "lin1"], "use_rslora": True, "lora_bias": True,
           "lora_dropout": 0.1}),
     Case("lora-mlp-gaussian-patterns", "mlp", "LoraConfig",
-         {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "gaussian", "rank_pattern": {"lin1": 2},
-          "alpha_pattern": {"lin0": 32}}),
+         {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "gaussian",
+          "rank_pattern": {"lin1": 2}, "alpha_pattern": {"lin0": 32}}),
     Case("lora-mlp-bias-all", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin1"], "bias": "all"}),
     Case("lora-embedding", "emb", "LoraConfig", {"r": 4, "target_modules": ["emb", "lin"]}),
     Case("lora-gpt2-conv1d", "conv1d_gpt2", "LoraConfig", {"r": 4, "target_modules": ["c_fc", "c_proj"]}),
     Case("lora-conv1d", "conv1d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
     Case("lora-conv2d", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
-    Case("lora-conv2d-groups", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["gconv"]}, mergeable=False),
+    Case("lora-conv2d-groups", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["gconv"]},
+         mergeable=False),
     Case("lora-conv3d", "conv3d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"]}),
     Case("lora-mha", "mha", "LoraConfig", {"r": 4, "target_modules": ["mha"]}),
     Case("lora-llama", "llama", "LoraConfig", {"r": 4, "target_modules": ["q_proj", "v_proj"],
@@ -80,37 +83,46 @@ METHOD_CASES = [
          {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "orthogonal"}),
     Case("dora-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "use_dora": True}),
     Case("dora-mlp-rslora", "mlp", "LoraConfig",
-         {"r": 4, "lora_alpha": 16, "target_modules": ["lin0", "lin1"], "use_dora": True, "use_rslora": True}),
+         {"r": 4, "lora_alpha": 16, "target_modules": ["lin0", "lin1"], "use_dora": True,
+          "use_rslora": True}),
     Case("dora-embedding", "emb", "LoraConfig", {"r": 4, "target_modules": ["emb", "lin"], "use_dora": True}),
-    Case("dora-conv2d", "conv2d", "LoraConfig", {"r": 4, "target_modules": ["conv0", "conv1"], "use_dora": True}),
+    Case("dora-conv2d", "conv2d", "LoraConfig",
+         {"r": 4, "target_modules": ["conv0", "conv1"], "use_dora": True}),
     Case("dora-gpt2-conv1d", "conv1d_gpt2", "LoraConfig",
          {"r": 4, "target_modules": ["c_fc", "c_proj"], "use_dora": True}),
     Case("dora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "task_type": "CAUSAL_LM"}),
     # MiCA / VeLoRA (KaSA truncates the base weight, so identity at init and an untouched base do not hold)
-    Case("mica-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "mica"}),
-    Case("mica-embedding", "emb", "LoraConfig", {"r": 4, "target_modules": ["emb", "lin"], "init_lora_weights": "mica"}),
+    Case("mica-mlp", "mlp", "LoraConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"], "init_lora_weights": "mica"}),
+    Case("mica-embedding", "emb", "LoraConfig",
+         {"r": 4, "target_modules": ["emb", "lin"], "init_lora_weights": "mica"}),
     Case("velora-mlp", "mlp", "LoraConfig",
          {"r": 4, "target_modules": ["lin0", "lin1"], "velora_config": {"num_groups": 4}}),
     Case("velora-llama", "llama", "LoraConfig",
-         {"r": 4, "target_modules": ["q_proj", "v_proj"], "velora_config": {"num_groups": 8}, "task_type": "CAUSAL_LM"}),
-    # BD-LoRA; MonteCLoRA (stochastic only in training mode: the contract checks run in eval mode, plain LoRA there)
+         {"r": 4, "target_modules": ["q_proj", "v_proj"], "velora_config": {"num_groups": 8},
+          "task_type": "CAUSAL_LM"}),
+    # BD-LoRA; MonteCLoRA (stochastic only in training mode: the contract checks run in eval mode, plain LoRA
+    # there)
     Case("bdlora-mlp", "mlp", "LoraConfig",
          {"r": 4, "target_modules": ["lin0", "lin1"],
           "use_bdlora": {"target_modules_bd_a": ["lin1"], "target_modules_bd_b": ["lin0"], "nblocks": 2}}),
     Case("bdlora-llama", "llama", "LoraConfig",
          {"r": 4, "target_modules": ["q_proj", "o_proj"], "task_type": "CAUSAL_LM",
-          "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}}),
+          "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"],
+                         "nblocks": 2}}),
     Case("monteclora-mlp", "mlp", "LoraConfig",
          {"r": 4, "target_modules": ["lin0", "lin1"],
           "monteclora_config": {"num_samples": 2, "buffer_size": 2}},
          known_bugs={"checkpointing": MONTECLORA_RECOMPUTE_BUG}),
     # aLoRA: token 5 occurs in both rows of llama_inputs, so the adapter acts from there on; it cannot merge
     Case("alora-llama", "llama", "LoraConfig",
-         {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5], "task_type": "CAUSAL_LM"},
+         {"r": 4, "target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": [5],
+          "task_type": "CAUSAL_LM"},
          mergeable=False,
          refused={"checkpointing": "the recomputed forward would not see the per-call invocation offsets"}),
-    # LN tuning (trained copies of norm layers; default targets per model type), HRA, MiSS (balance / bat / mini)
+    # LN tuning (trained copies of norm layers; default targets per model type), HRA, MiSS (balance / bat
+    # / mini)
     Case("ln-tuning-mlp", "mlp", "LNTuningConfig", {"target_modules": ["lin1"]}),
     Case("ln-tuning-llama", "llama", "LNTuningConfig", {"task_type": "CAUSAL_LM"}),
     Case("ln-tuning-gpt2", "gpt2", "LNTuningConfig", {"task_type": "CAUSAL_LM"}),
@@ -119,7 +131,8 @@ METHOD_CASES = [
     Case("hra-mlp-bias-only", "mlp", "HRAConfig", {"r": 2, "target_modules": ["lin1"], "bias": "hra_only"}),
     Case("hra-llama", "llama", "HRAConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     Case("miss-mlp", "mlp", "MissConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
-    Case("miss-mlp-bat", "mlp", "MissConfig", {"r": 2, "target_modules": ["lin0", "lin1"], "init_weights": "bat"}),
+    Case("miss-mlp-bat", "mlp", "MissConfig",
+         {"r": 2, "target_modules": ["lin0", "lin1"], "init_weights": "bat"}),
     Case("miss-mlp-mini", "mlp", "MissConfig",
          {"r": 4, "mini_r": 5, "target_modules": ["lin0", "lin1"], "init_weights": "mini"}),
     Case("miss-llama", "llama", "MissConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
@@ -131,13 +144,15 @@ METHOD_CASES = [
     Case("loha-conv2d-effective", "conv2d", "LoHaConfig",
          {"r": 2, "alpha": 64, "target_modules": ["conv0", "gconv", "conv1"], "use_effective_conv2d": True},
          hf_same_gradients=False),
-    Case("loha-llama", "llama", "LoHaConfig", {"r": 4, "task_type": "CAUSAL_LM", "rank_pattern": {"v_proj": 2}}),
+    Case("loha-llama", "llama", "LoHaConfig",
+         {"r": 4, "task_type": "CAUSAL_LM", "rank_pattern": {"v_proj": 2}}),
     Case("lokr-mlp-decompose-both", "mlp", "LoKrConfig",
          {"r": 1, "target_modules": ["lin0", "lin1"], "decompose_both": True}),
     Case("lokr-conv2d", "conv2d", "LoKrConfig", {"r": 2, "target_modules": ["conv0", "gconv", "conv1"]}),
     Case("lokr-bert-cls", "bert_cls", "LoKrConfig", {"r": 2, "task_type": "SEQ_CLS", "decompose_factor": 4}),
     # methods other than LoRA
-    Case("trainable-tokens-emb", "emb", "TrainableTokensConfig", {"target_modules": ["emb"], "token_indices": [1, 3, 7]}),
+    Case("trainable-tokens-emb", "emb", "TrainableTokensConfig",
+         {"target_modules": ["emb"], "token_indices": [1, 3, 7]}),
     Case("adaption-prompt-llama", "llama", "AdaptionPromptConfig",
          {"adapter_len": 4, "adapter_layers": 1, "task_type": "CAUSAL_LM"}, mergeable=False),
     # VeRA / RandLoRA: frozen random projections shared by all layers (small alpha: RandLoRA's default 640 / r
@@ -150,31 +165,36 @@ METHOD_CASES = [
     Case("randlora-mlp", "mlp", "RandLoraConfig",
          {"r": 4, "randlora_alpha": 8, "target_modules": ["lin0", "lin1", "head"]}),
     Case("randlora-mlp-sparse-no-projection", "mlp", "RandLoraConfig",
-         {"r": 3, "randlora_alpha": 6, "target_modules": ["lin0", "lin1"], "sparse": True, "save_projection": False}),
+         {"r": 3, "randlora_alpha": 6, "target_modules": ["lin0", "lin1"], "sparse": True,
+          "save_projection": False}),
     Case("randlora-gpt2-conv1d", "conv1d_gpt2", "RandLoraConfig",
          {"r": 4, "randlora_alpha": 8, "target_modules": ["c_fc", "c_proj"], "very_sparse": True}),
-    Case("randlora-llama", "llama", "RandLoraConfig", {"r": 8, "randlora_alpha": 16, "task_type": "CAUSAL_LM"}),
+    Case("randlora-llama", "llama", "RandLoraConfig",
+         {"r": 8, "randlora_alpha": 16, "task_type": "CAUSAL_LM"}),
     # Poly / MHR: inputs carry task_ids (one per row); the per-task update has no merged form
-    # HF PEFT's PeftModel hands task_ids to a custom model instead of its Poly layers: the oracle matrix cannot
-    # call it; tests/test_poly.py compares with HF on T5 / llama and through HF's base_model
+    # HF PEFT's PeftModel hands task_ids to a custom model instead of its Poly layers: the oracle matrix
+    # cannot call it; tests/test_poly.py compares with HF on T5 / llama and through HF's base_model
     Case("poly-mlp", "mlp_tasks", "PolyConfig",
          {"r": 4, "n_tasks": 3, "n_skills": 3, "target_modules": ["lin0", "lin1"]}, mergeable=False,
          hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
     Case("poly-mhr-mlp", "mlp_tasks", "PolyConfig",
-         {"r": 4, "n_tasks": 3, "n_skills": 2, "n_splits": 2, "target_modules": ["lin0", "lin1"]}, mergeable=False,
-         hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
+         {"r": 4, "n_tasks": 3, "n_skills": 2, "n_splits": 2, "target_modules": ["lin0", "lin1"]},
+         mergeable=False, hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
     # IA3: vectors rescale outputs, or inputs of feedforward_modules; default targets for llama / bert
-    Case("ia3-mlp", "mlp", "IA3Config", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
+    Case("ia3-mlp", "mlp", "IA3Config",
+         {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
     Case("ia3-mlp-save-head", "mlp", "IA3Config",
          {"target_modules": ["lin0"], "feedforward_modules": [], "modules_to_save": ["head"]}),
     Case("ia3-gpt2-conv1d", "conv1d_gpt2", "IA3Config",
          {"target_modules": ["c_fc", "c_proj"], "feedforward_modules": ["c_proj"]}),
     Case("ia3-conv2d", "conv2d", "IA3Config",
          {"target_modules": ["conv0", "gconv", "conv1"], "feedforward_modules": ["gconv"]}),
-    Case("ia3-conv3d", "conv3d", "IA3Config", {"target_modules": ["conv0", "conv1"], "feedforward_modules": ["conv1"]}),
+    Case("ia3-conv3d", "conv3d", "IA3Config",
+         {"target_modules": ["conv0", "conv1"], "feedforward_modules": ["conv1"]}),
     Case("ia3-llama", "llama", "IA3Config", {"task_type": "CAUSAL_LM"}),
     Case("ia3-bert-cls", "bert_cls", "IA3Config", {"task_type": "SEQ_CLS"}),
-    # FourierFT (init_weights=True: zero spectrum, identity at init); VB-LoRA (random bank and logits: no identity)
+    # FourierFT (init_weights=True: zero spectrum, identity at init); VB-LoRA (random bank and logits: no
+    # identity)
     Case("fourierft-mlp", "mlp", "FourierFTConfig",
          {"target_modules": ["lin0", "lin1"], "n_frequency": 30, "init_weights": True}),
     Case("fourierft-gpt2-conv1d", "conv1d_gpt2", "FourierFTConfig",
@@ -182,14 +202,15 @@ METHOD_CASES = [
     Case("fourierft-llama", "llama", "FourierFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
                                                          "init_weights": True}),
     Case("vblora-mlp", "mlp", "VBLoRAConfig",
-         {"target_modules": ["lin0", "lin1"], "r": 2, "vector_length": 10, "num_vectors": 16}, identity_init=False),
+         {"target_modules": ["lin0", "lin1"], "r": 2, "vector_length": 10, "num_vectors": 16},
+         identity_init=False),
     Case("vblora-gpt2-conv1d", "conv1d_gpt2", "VBLoRAConfig",
          {"target_modules": ["c_fc", "c_proj"], "r": 2, "vector_length": 2, "num_vectors": 8,
           "init_vector_bank_bound": 0.5}, identity_init=False),
     Case("vblora-llama", "llama", "VBLoRAConfig",
          {"task_type": "CAUSAL_LM", "r": 2, "vector_length": 8, "num_vectors": 12}, identity_init=False),
-    # OFT / BOFT: orthogonal rotations of the layer input (OFT on a k x k Conv2d is not its merged form, as in HF:
-    # no contract row there; see tests/test_oft.py)
+    # OFT / BOFT: orthogonal rotations of the layer input (OFT on a k x k Conv2d is not its merged form, as in
+    # HF: no contract row there; see tests/test_oft.py)
     Case("oft-mlp", "mlp", "OFTConfig", {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}),
     Case("oft-mlp-exact-coft-share", "mlp", "OFTConfig",
          {"target_modules": ["lin0", "lin1"], "r": 2, "oft_block_size": 0, "use_cayley_neumann": False,

@@ -1,4 +1,5 @@
-"""BOFT against HF PEFT 0.21.2: files both ways, outputs, gradients (block dropout too), merging, butterflies."""
+"""BOFT against HF PEFT 0.21.2: files both ways, outputs, gradients (block dropout too), merging,
+butterflies."""
 
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ CASES = {
     "llama": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
                             boft_block_size=8)),
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", boft_block_size=8)),
-    # butterflies (> 1 factor) need HF's CUDA kernel: compared with the `hf_butterfly` fixture's stand-in; fastpeft
-    # builds one factor and loads HF's N-factor tensors with all N (files both ways: tests/test_boft_butterfly.py)
-    "butterfly2": ("square", dict(target_modules=["lin0", "lin1"], boft_block_size=2, boft_n_butterfly_factor=2)),
+    # butterflies (> 1 factor) need HF's CUDA kernel: compared with the `hf_butterfly` fixture's stand-in;
+    # fastpeft builds one factor and loads HF's N-factor tensors with all N (files both ways:
+    # tests/test_boft_butterfly.py)
+    "butterfly2": ("square", dict(target_modules=["lin0", "lin1"], boft_block_size=2,
+                                  boft_n_butterfly_factor=2)),
     "butterfly3": ("square", dict(target_modules=["lin0", "lin1"], boft_block_size=0, boft_block_num=8,
                                   boft_n_butterfly_factor=3, boft_dropout=0.3)),
 }
@@ -55,7 +58,8 @@ BUTTERFLY = ["butterfly2", "butterfly3"]
 
 
 class _BlockDiagKernel:
-    """What HF's fbd_cuda extension computes: a block-diagonal matrix per butterfly factor (and its gradient)."""
+    """What HF's fbd_cuda extension computes: a block-diagonal matrix per butterfly factor (and its
+    gradient)."""
 
     @staticmethod
     def forward(blocks):
@@ -70,7 +74,8 @@ class _BlockDiagKernel:
 
 @pytest.fixture(autouse=True)
 def hf_butterfly(request, monkeypatch):
-    """HF PEFT silently uses one factor without its CUDA extension; butterfly cases give it a PyTorch kernel."""
+    """HF PEFT silently uses one factor without its CUDA extension; butterfly cases give it a PyTorch
+    kernel."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("case") in BUTTERFLY:
         monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: _BlockDiagKernel())
@@ -82,7 +87,7 @@ build, config, inputs = TABLE.build, TABLE.config, TABLE.inputs
 ORACLE_MATRIX_ROWS = {"mlp", "mlp_blocknum_bias", "conv2d"}
 
 
-# ---------------------------------------------------------------------------------------------- files, both ways
+# ------------------------------------------------------------------------------------------- files, both ways
 @pytest.mark.parametrize("case", [c for c in CASES if c not in ORACLE_MATRIX_ROWS and c not in BUTTERFLY])
 def test_adapter_files_load_both_ways(case, tmp_path):
     assert_loads_both_ways(TABLE, case, tmp_path, close)
@@ -127,7 +132,7 @@ def test_merge_unmerge_and_unload_match_hf(case):
     assert_merge_cycle_like_hf(fp, hf, inputs(case), close, safe_merge=True)
 
 
-# ---------------------------------------------------------------------------------------------- several adapters
+# ------------------------------------------------------------------------------------------- several adapters
 def test_two_adapters_active_merge_and_switching_match_hf():
     hf, fp = two_adapter_pair(TABLE, boft_block_size=4)
     assert_adapter_sets_like_hf(fp, hf, models.mlp_inputs(), close, merged_keeps_outputs=True)
@@ -138,7 +143,7 @@ def test_mixed_batch_rows_equal_single_adapter_runs():
     assert_mixed_batch_rows(fp, models.mlp_inputs()[:3], ["other", "__base__", "default"], close)
 
 
-# ---------------------------------------------------------------------------------------------- math and errors
+# -------------------------------------------------------------------------------------------- math and errors
 @pytest.mark.parametrize("case", BUTTERFLY + ["mlp"])
 def test_butterfly_rotation_is_orthogonal_and_equals_hf(case):
     hf, fp = pair(TABLE, case)

@@ -1,4 +1,5 @@
-"""Contract properties 1-8 (docs/architecture.md; shared ARCHITECTURE.md sec. 5) for every row of METHOD_CASES."""
+"""Contract properties 1-8 (docs/architecture.md; shared ARCHITECTURE.md sec. 5) for every row of
+METHOD_CASES."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def base_outputs(case):
 
 
 def expected_trainable(name: str, case) -> bool:
-    """Independent statement of what may train: the method's adapter tensors (named with its registered prefix,
-    e.g. `lora_`), modules_to_save copies, biases if asked."""
+    """Independent statement of what may train: the method's adapter tensors (named with its registered
+    prefix, e.g. `lora_`), modules_to_save copies, biases if asked."""
     prefix = registry.get_spec(config_class(case.method).PEFT_TYPE).prefix
     if f".{prefix}" in name or ".modules_to_save." in name:
         return True
@@ -39,7 +40,8 @@ def case(request):
 
 def test_identity_at_init(case):
     model, inputs = build(case)
-    # identity_init=False: methods whose fresh adapter already changes the outputs (e.g. VB-LoRA's random bank)
+    # identity_init=False: methods whose fresh adapter already changes the outputs (e.g. VB-LoRA's random
+    # bank)
     assert torch.allclose(forward(model, inputs), base_outputs(case), atol=ATOL) == case.identity_init
 
 
@@ -173,7 +175,8 @@ def test_multiple_adapters_add_set_delete(case, tmp_path):
     first = forward(model, inputs)
     model.add_adapter("other", other_config(case))
     assert model.active_adapter == "default"
-    assert torch.allclose(forward(model, inputs), first, atol=ATOL), "adding an adapter must not change outputs"
+    assert torch.allclose(forward(model, inputs), first, atol=ATOL), (
+        "adding an adapter must not change outputs")
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
     model.set_adapter("other")
     assert any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
@@ -189,7 +192,8 @@ def test_multiple_adapters_add_set_delete(case, tmp_path):
     assert not any(".other" in k for k in model.state_dict())
     assert torch.allclose(forward(model, inputs), first, atol=ATOL)
     if case.kwargs.get("bias", "none") == "none":  # else "second" also includes default's trained biases
-        loaded = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path / "other", adapter_name="other")
+        loaded = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), tmp_path / "other",
+                                                    adapter_name="other")
         assert torch.allclose(forward(loaded, inputs), second, atol=ATOL)
 
 
@@ -200,7 +204,8 @@ def _rows(inputs, i):
 
 
 def _with_names(inputs, names):
-    return {**inputs, "adapter_names": names} if isinstance(inputs, dict) else {"x": inputs, "adapter_names": names}
+    return ({**inputs, "adapter_names": names} if isinstance(inputs, dict)
+            else {"x": inputs, "adapter_names": names})
 
 
 def test_mixed_batch_equals_each_sample_alone(case):

@@ -14,7 +14,8 @@ from models import llama_inputs, make_llama
 
 def _build(lib, dtype, autocast):
     base = make_llama().to(dtype)
-    config = lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    config = lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                            init_lora_weights=False)
     return lib.get_peft_model(base, config, autocast_adapter_dtype=autocast)
 
 

@@ -45,7 +45,8 @@ def test_init_matches_hf(case):
                               peft.get_peft_model_state_dict(TABLE.fresh(peft, case)))
 
 
-@pytest.mark.parametrize("case", ["mlp_gs", "t5"])  # (other configurations: one SGD step in the oracle matrix)
+# (other configurations: one SGD step in the oracle matrix)
+@pytest.mark.parametrize("case", ["mlp_gs", "t5"])
 def test_training_step_gradients_match_hf(case):
     hf, fp = oh.same_adapter_pair(TABLE, case)
     oh.assert_gradients_like_hf(fp, hf, TABLE.inputs(case), close, "hra_u")
@@ -59,7 +60,8 @@ def test_merge_unmerge_and_unload_match_hf(case, safe):
 
 
 def test_two_active_adapters_match_hf():
-    oh.assert_two_active_like_hf(TABLE, "mlp", close, apply_GS=True, init_weights=False, r=2, target_modules=["lin1"])
+    oh.assert_two_active_like_hf(TABLE, "mlp", close, apply_GS=True, init_weights=False, r=2,
+                                 target_modules=["lin1"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

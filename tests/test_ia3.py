@@ -1,4 +1,5 @@
-"""(IA)^3 against HF PEFT 0.21.2: files both ways, outputs, gradients, merging, several adapters, weighted adapters."""
+"""(IA)^3 against HF PEFT 0.21.2: files both ways, outputs, gradients, merging, several adapters, weighted
+adapters."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ CASES = {
     "mlp": table_row("ia3-mlp"),
     "mlp_regex": ("mlp", dict(target_modules=r"lin\d", feedforward_modules="lin0")),
     "mlp_save_head": table_row("ia3-mlp-save-head"),
-    "conv2d": ("conv2d", dict(target_modules=["conv0", "gconv", "conv1"], feedforward_modules=["gconv", "conv1"])),
+    "conv2d": ("conv2d", dict(target_modules=["conv0", "gconv", "conv1"],
+                              feedforward_modules=["gconv", "conv1"])),
     "conv2d_out": ("conv2d", dict(target_modules=["conv0", "gconv"], feedforward_modules=["conv0"])),
     "conv3d": table_row("ia3-conv3d"),
     "gpt2_conv1d": table_row("ia3-gpt2-conv1d"),
@@ -47,7 +49,8 @@ def close(a, b, what="", atol=ATOL):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_files_and_outputs_both_ways(case, tmp_path):
-    """HF save -> fastpeft load and fastpeft save -> HF load give the same outputs, keys, values and config."""
+    """HF save -> fastpeft load and fastpeft save -> HF load give the same outputs, keys, values and
+    config."""
     hf = build(peft, case)
     oracle_helpers.assert_differs(models.forward(hf, inputs(case)), models.forward(base(case), inputs(case)))
     oracle_helpers.assert_files_both_ways(hf, partial(base, case), inputs(case), tmp_path, close)
@@ -64,10 +67,11 @@ def test_fresh_adapter_files_match_hf(case, tmp_path):
     oracle_helpers.assert_same_files(tmp_path / "fp", tmp_path / "hf")
 
 
-# (mlp, gpt2_conv1d, llama and bert are the contract rows ia3-*: tests/test_oracle_matrix.py takes their training step)
+# (mlp, gpt2_conv1d, llama and bert are the contract rows ia3-*: tests/test_oracle_matrix.py takes their
+# training step)
 def test_training_step_gradients_match_hf():
-    oracle_helpers.assert_gradients_like_hf(build(fastpeft, "conv2d"), build(peft, "conv2d"), inputs("conv2d"), close,
-                                            ".ia3_l")
+    oracle_helpers.assert_gradients_like_hf(build(fastpeft, "conv2d"), build(peft, "conv2d"),
+                                            inputs("conv2d"), close, ".ia3_l")
 
 
 def _two_adapters(lib, case):
@@ -100,8 +104,9 @@ def test_disable_adapter_and_unload_give_base():
 
 def test_disable_set_delete_and_mixed_batch_match_hf():
     x = inputs("llama")
-    oracle_helpers.assert_adapter_switching_like_hf(_two_adapters(fastpeft, "llama"), _two_adapters(peft, "llama"),
-                                                    x, models.forward(base("llama"), x), close)
+    oracle_helpers.assert_adapter_switching_like_hf(_two_adapters(fastpeft, "llama"),
+                                                    _two_adapters(peft, "llama"), x,
+                                                    models.forward(base("llama"), x), close)
 
 
 def test_mixed_batch_rows_match_hf_single_adapter_runs():
@@ -133,13 +138,15 @@ def _weighted(lib, first: dict, second: dict, weights):
 @pytest.mark.parametrize("first,second", [
     (dict(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
      dict(target_modules=["lin1", "head"], feedforward_modules=["lin1"])),
-    (dict(target_modules="lin0", feedforward_modules="lin0"), dict(target_modules="lin1", feedforward_modules="x")),
+    (dict(target_modules="lin0", feedforward_modules="lin0"),
+     dict(target_modules="lin1", feedforward_modules="x")),
 ])
 def test_add_weighted_adapter_matches_hf(first, second, tmp_path):
     hf = _weighted(peft, first, second, [0.7, -0.4])
     fp = _weighted(fastpeft, first, second, [0.7, -0.4])
     hf_cfg, fp_cfg = hf.peft_config["mix"], fp.peft_config["mix"]
-    assert (fp_cfg.target_modules, fp_cfg.feedforward_modules) == (hf_cfg.target_modules, hf_cfg.feedforward_modules)
+    assert ((fp_cfg.target_modules, fp_cfg.feedforward_modules)
+            == (hf_cfg.target_modules, hf_cfg.feedforward_modules))
     hf_sd, fp_sd = peft.get_peft_model_state_dict(hf, adapter_name="mix"), fastpeft.get_peft_model_state_dict(
         fp, adapter_name="mix")
     assert set(fp_sd) == set(hf_sd)
@@ -154,7 +161,8 @@ def test_add_weighted_adapter_matches_hf(first, second, tmp_path):
 
 
 def test_add_weighted_adapter_refusals():
-    fp = fastpeft.get_peft_model(models.make_mlp(), IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    fp = fastpeft.get_peft_model(models.make_mlp(),
+                                 IA3Config(target_modules=["lin0"], feedforward_modules=[]))
     with pytest.raises(ValueError, match="do not exist"):
         fp.base_model.add_weighted_adapter(["default", "nope"], [1.0, 1.0], "mix")
     with pytest.raises(ValueError, match="one weight per adapter"):
@@ -162,9 +170,10 @@ def test_add_weighted_adapter_refusals():
     fp.add_adapter("regex", IA3Config(target_modules="lin1", feedforward_modules="lin1"))
     with pytest.raises(ValueError, match="different kinds"):
         fp.base_model.add_weighted_adapter(["default", "regex"], [1.0, 1.0], "mix")
-    saved = fastpeft.get_peft_model(models.make_mlp(), IA3Config(target_modules=["lin0"], feedforward_modules=[],
-                                                                 modules_to_save=["head"]))
-    saved.add_adapter("two", IA3Config(target_modules=["lin1"], feedforward_modules=[], modules_to_save=["head"]))
+    saved = fastpeft.get_peft_model(models.make_mlp(), IA3Config(
+        target_modules=["lin0"], feedforward_modules=[], modules_to_save=["head"]))
+    saved.add_adapter("two", IA3Config(target_modules=["lin1"], feedforward_modules=[],
+                                       modules_to_save=["head"]))
     with pytest.raises(ValueError, match="modules_to_save"):
         saved.base_model.add_weighted_adapter(["default", "two"], [1.0, 1.0], "mix")
     assert "mix" not in fp.peft_config and "mix" not in saved.peft_config
@@ -182,9 +191,10 @@ def test_default_tables_equal_hf():
 
 
 def test_hf_all_linear_adapter_with_listed_feedforward_loads(tmp_path):
-    """HF PEFT saves 'all-linear' as full names and then refuses its own file (feedforward_modules not a subset);
-    fastpeft accepts feed-forward entries that end target names and gives HF's outputs."""
-    kw = dict(task_type="CAUSAL_LM", target_modules="all-linear", feedforward_modules=["down_proj", "up_proj"])
+    """HF PEFT saves 'all-linear' as full names and then refuses its own file (feedforward_modules not a
+    subset); fastpeft accepts feed-forward entries that end target names and gives HF's outputs."""
+    kw = dict(task_type="CAUSAL_LM", target_modules="all-linear",
+              feedforward_modules=["down_proj", "up_proj"])
     hf = models.perturb(peft.get_peft_model(models.make_llama(), peft.IA3Config(**kw)), 0, 0.3).eval()
     hf.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="subset"):
@@ -210,7 +220,8 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="no default target_modules"):
         fastpeft.get_peft_model(models.make_mlp(), IA3Config(feedforward_modules=[]))
     with pytest.raises(ValueError, match="cannot wrap module 'conv0' of type Conv1d"):
-        fastpeft.get_peft_model(models.make_conv1d(), IA3Config(target_modules=["conv0"], feedforward_modules=[]))
+        fastpeft.get_peft_model(models.make_conv1d(),
+                                IA3Config(target_modules=["conv0"], feedforward_modules=[]))
     with pytest.raises(ValueError, match="cannot wrap module 'emb' of type Embedding"):
         fastpeft.get_peft_model(models.make_emb(), IA3Config(target_modules=["emb"], feedforward_modules=[]))
     with pytest.raises(ValueError, match="init_ia3_weights"):

@@ -1,5 +1,6 @@
-"""LN tuning against HF PEFT: files both ways, gradients, merging (module swap), several adapters, dtypes, errors.
-(Rows ln-tuning-* of tests/cases.py also run through tests/test_oracle_matrix.py and tests/test_contract.py.)"""
+"""LN tuning against HF PEFT: files both ways, gradients, merging (module swap), several adapters, dtypes,
+errors. (Rows ln-tuning-* of tests/cases.py also run through tests/test_oracle_matrix.py and
+tests/test_contract.py.)"""
 
 from __future__ import annotations
 
@@ -80,12 +81,14 @@ def test_two_adapters_switch_merge_delete_like_hf():
 
 
 def test_adapter_missing_on_a_layer_runs_the_base_there():
-    """(HF PEFT raises a KeyError here; fastpeft runs the base module where the active adapter has no copy.)"""
+    """(HF PEFT raises a KeyError here; fastpeft runs the base module where the active adapter has no
+    copy.)"""
     fp = build(fastpeft, "llama")
     fp.add_adapter("other", config(fastpeft, "llama", target_modules=["post_attention_layernorm"]))
     fp.set_adapter("other")
     with torch.no_grad():
-        fp.base_model.model.model.layers[0].post_attention_layernorm.ln_tuning_layers["other"].weight.fill_(2.0)
+        (fp.base_model.model.model.layers[0].post_attention_layernorm
+         .ln_tuning_layers["other"].weight.fill_(2.0))
     ref = build(fastpeft, "llama")
     with torch.no_grad():
         for layer in ref.base_model.model.model.layers:
@@ -93,7 +96,8 @@ def test_adapter_missing_on_a_layer_runs_the_base_there():
                 norm.ln_tuning_layers["default"].load_state_dict(norm.base_layer.state_dict())
         ref.base_model.model.model.norm.ln_tuning_layers["default"].load_state_dict(
             ref.base_model.model.model.norm.base_layer.state_dict())
-        ref.base_model.model.model.layers[0].post_attention_layernorm.ln_tuning_layers["default"].weight.fill_(2.0)
+        (ref.base_model.model.model.layers[0].post_attention_layernorm
+         .ln_tuning_layers["default"].weight.fill_(2.0))
     close(models.forward(fp, inputs("llama")), models.forward(ref, inputs("llama")), "partial adapter")
 
 

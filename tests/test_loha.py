@@ -56,19 +56,21 @@ def close(a, b, what=""):
 # ------------------------------------------------------------------------------------------------ config
 def test_config_fields_defaults_and_json_match_hf(tmp_path):
     assert set(LoHaConfig().to_dict()) == set(peft.LoHaConfig().to_dict())
-    kw = dict(r=3, alpha=5, rank_dropout=0.2, module_dropout=0.1, use_effective_conv2d=True, init_weights=False,
-              target_modules=["a", "b"], rank_pattern={"a": 2}, alpha_pattern={"b": 7}, modules_to_save=["head"])
+    kw = dict(r=3, alpha=5, rank_dropout=0.2, module_dropout=0.1, use_effective_conv2d=True,
+              init_weights=False, target_modules=["a", "b"], rank_pattern={"a": 2}, alpha_pattern={"b": 7},
+              modules_to_save=["head"])
     assert_same_config_json(LoHaConfig(**kw), peft.LoHaConfig(**kw), tmp_path)
     loaded = fastpeft.PeftConfig.from_pretrained(str(tmp_path / "hf"))
     assert isinstance(loaded, LoHaConfig) and loaded.rank_pattern == {"a": 2} and loaded.alpha == 5
     assert peft.PeftConfig.from_pretrained(str(tmp_path / "ours")).use_effective_conv2d is True
 
 
-# ------------------------------------------------------------------------------------------------ init and files
+# --------------------------------------------------------------------------------------------- init and files
 @pytest.mark.parametrize("case", list(CASES))
 def test_init_and_saved_files_match_hf(case, tmp_path):
-    """Same seed -> the same factors (HF's initialisation order), bitwise the same file tensors, the same config
-    (but for "bert": HF PEFT writes `modules_to_save` with the task's "classifier" twice, fastpeft once)."""
+    """Same seed -> the same factors (HF's initialisation order), bitwise the same file tensors, the same
+    config (but for "bert": HF PEFT writes `modules_to_save` with the task's "classifier" twice, fastpeft
+    once)."""
     identity = TABLE.config(fastpeft, case).init_weights
     assert_init_like_hf(TABLE, case, tmp_path, close, identity, fields=() if case == "bert" else None)
     assert any(".hada_w1_a" in k for k in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
@@ -119,7 +121,8 @@ def test_dropout_in_training_matches_hf_under_the_same_seed(case):
 
 
 def test_dropout_is_never_merged():
-    """Merging in training mode adds the deterministic dW: the merged eval output is the unmerged eval output."""
+    """Merging in training mode adds the deterministic dW: the merged eval output is the unmerged eval
+    output."""
     extra = dict(rank_dropout=0.9, module_dropout=0.9)
     fp, hf = build(fastpeft, "conv2d", **extra), build(peft, "conv2d", **extra)
     assert_dropout_never_merged(fp, hf, inputs("conv2d"), close, targets=("conv0", "gconv", "conv1"))

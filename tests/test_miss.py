@@ -1,5 +1,5 @@
-"""MiSS (balance / bat / mini) against HF PEFT: files both ways, init, gradients, merging, several adapters, bf16,
-errors. (Rows miss-* of tests/cases.py also run through tests/test_oracle_matrix.py.)"""
+"""MiSS (balance / bat / mini) against HF PEFT: files both ways, init, gradients, merging, several adapters,
+bf16, errors. (Rows miss-* of tests/cases.py also run through tests/test_oracle_matrix.py.)"""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_merge_unmerge_and_unload_match_hf(case, safe):
 
 @pytest.mark.parametrize("case,other", [("mlp", dict(r=3)), ("mlp_bat", dict(r=5, target_modules=["lin1"]))])
 def test_two_active_adapters_match_hf(case, other):
-    """Two balance adapters of different r (shards padded twice) / two bat adapters applied one after the other."""
+    """Two balance adapters of different r (shards padded twice) / two bat adapters applied one after the
+    other."""
     oh.assert_two_active_like_hf(TABLE, case, close, **other)
 
 

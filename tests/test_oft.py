@@ -1,4 +1,5 @@
-"""OFT against HF PEFT 0.21.2: files both ways, outputs, gradients, merging, several adapters, orthogonality."""
+"""OFT against HF PEFT 0.21.2: files both ways, outputs, gradients, merging, several adapters,
+orthogonality."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ ATOL = 1e-5
 
 CASES = {
     "mlp": table_row("oft-mlp"),
-    "mlp_exact_r": ("mlp", dict(target_modules=["lin0", "lin1"], r=2, oft_block_size=0, use_cayley_neumann=False)),
+    "mlp_exact_r": ("mlp", dict(target_modules=["lin0", "lin1"], r=2, oft_block_size=0,
+                                use_cayley_neumann=False)),
     "mlp_coft_share": ("mlp", dict(target_modules=["lin0", "lin1"], oft_block_size=5, coft=True, eps=0.05,
                                    block_share=True, bias="oft_only")),
     "conv2d": ("conv2d", dict(target_modules=["conv0"], oft_block_size=6)),
@@ -36,10 +38,11 @@ CASES = {
     "llama": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
                             oft_block_size=8)),
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", oft_block_size=8, use_cayley_neumann=False)),
-    "llama_layer1": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "o_proj"], oft_block_size=8,
-                                   layers_to_transform=[1], layers_pattern="layers")),
+    "llama_layer1": ("llama", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "o_proj"],
+                                   oft_block_size=8, layers_to_transform=[1], layers_pattern="layers")),
 }
-# HF PEFT's unmerged OFT Conv2d (kernel > 1) is not its merged convolution: merging there is compared by weights only
+# HF PEFT's unmerged OFT Conv2d (kernel > 1) is not its merged convolution: merging there is compared by
+# weights only
 MERGE_KEEPS_OUTPUTS = ["mlp", "mlp_exact_r", "mlp_coft_share", "embedding", "llama"]
 
 
@@ -52,7 +55,8 @@ def close(a, b, what="", atol=ATOL):
 
 
 def copy_hf_into_fastpeft(build_fn, factory, fp_config):
-    """An HF model (perturbed) and a fastpeft model with the same adapter tensors (through the state-dict API)."""
+    """An HF model (perturbed) and a fastpeft model with the same adapter tensors (through the state-dict
+    API)."""
     hf = build_fn()
     fp = fastpeft.get_peft_model(factory(), fp_config)
     return hf, copy_adapter(peft, hf, fastpeft, fp).eval()
@@ -60,10 +64,11 @@ def copy_hf_into_fastpeft(build_fn, factory, fp_config):
 
 def pair(table, case):
     """`copy_hf_into_fastpeft` for a case of a CaseTable."""
-    return copy_hf_into_fastpeft(lambda: table.build(peft, case), lambda: table.base(case), table.config(fastpeft, case))
+    return copy_hf_into_fastpeft(lambda: table.build(peft, case), lambda: table.base(case),
+                                 table.config(fastpeft, case))
 
 
-# ---------------------------------------------------------------------------------------------- files, both ways
+# ------------------------------------------------------------------------------------------- files, both ways
 # "mlp" is the oracle matrix's oft-mlp row (tests/test_oracle_matrix.py)
 @pytest.mark.parametrize("case", [c for c in CASES if c != "mlp"])
 def test_adapter_files_load_both_ways(case, tmp_path):
@@ -81,7 +86,8 @@ def test_random_init_has_hf_shapes_and_scale(case, tmp_path):
     """init_weights=False: normal(0, 0.1) blocks in both libraries (same keys and shapes, similar spread)."""
     saved = {}
     for lib in (fastpeft, peft):
-        lib.get_peft_model(TABLE.base(case), config(lib, case, init_weights=False)).save_pretrained(str(tmp_path))
+        lib.get_peft_model(TABLE.base(case),
+                           config(lib, case, init_weights=False)).save_pretrained(str(tmp_path))
         saved[lib] = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert {k: t.shape for k, t in saved[fastpeft].items()} == {k: t.shape for k, t in saved[peft].items()}
     assert saved[fastpeft] and all(0.03 < t.std().item() < 0.3 for t in saved[fastpeft].values())
@@ -107,7 +113,8 @@ def test_bias_oft_only_trains_adapted_biases():
     for lib in (fastpeft, peft):
         model = build(lib, "mlp_coft_share")
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
-        assert trainable == ["base_model.model.lin0.base_layer.bias", "base_model.model.lin1.base_layer.bias"], lib
+        assert trainable == ["base_model.model.lin0.base_layer.bias",
+                             "base_model.model.lin1.base_layer.bias"], lib
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -119,8 +126,10 @@ def test_merge_unmerge_and_unload_match_hf(case, safe):
 
 
 def test_hf_unmerge_equals_ours_with_neumann_rotation():
-    """Neumann rotations are not exactly orthogonal: unmerge must invert (solve), not transpose, as HF's inverse."""
-    hf, fp = copy_hf_into_fastpeft(lambda: build(peft, "mlp", seed=3), models.make_mlp, config(fastpeft, "mlp"))
+    """Neumann rotations are not exactly orthogonal: unmerge must invert (solve), not transpose, as HF's
+    inverse."""
+    hf, fp = copy_hf_into_fastpeft(lambda: build(peft, "mlp", seed=3), models.make_mlp,
+                                   config(fastpeft, "mlp"))
     with torch.no_grad():
         for model in (hf, fp):
             for n, p in model.named_parameters():
@@ -137,9 +146,10 @@ def test_hf_unmerge_equals_ours_with_neumann_rotation():
     close(fp.base_model.model.lin0.base_layer.weight, models.make_mlp().lin0.weight, "restored", atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------- several adapters
+# ------------------------------------------------------------------------------------------- several adapters
 def two_adapters(table, lib, **other):
-    """`table`'s "mlp" adapter and a perturbed second one, 'other', on lin1 and head (`other`: its block option)."""
+    """`table`'s "mlp" adapter and a perturbed second one, 'other', on lin1 and head (`other`: its block
+    option)."""
     model = table.build(lib, "mlp")
     model.add_adapter("other", table.config(lib, "mlp", target_modules=["lin1", "head"], **other))
     models.perturb(model, 5, 0.1, wanted=lambda n: ".other" in n)
@@ -173,14 +183,16 @@ def test_delete_adapter_and_reload(tmp_path):
     fp.delete_adapter("other")
     assert "other" not in fp.base_model.model.lin1.oft_R
     assert not hasattr(fp.base_model.model.head, "oft_R")
-    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "other"), adapter_name="other")
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "other"),
+                                                adapter_name="other")
     close(models.forward(loaded.eval(), x), other_out, "reloaded 'other'")
 
 
 # ---------------------------------------------------------------------------------------------- math
 @pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 7])
 def test_rotation_blocks_equal_hf_and_orthogonality(terms):
-    """Blocks from our Cayley / Neumann code equal HF's dense block-diagonal get_weight(); exact ones are orthogonal."""
+    """Blocks from our Cayley / Neumann code equal HF's dense block-diagonal get_weight(); exact ones are
+    orthogonal."""
     for neumann in (True, False):
         kw = dict(oft_block_size=5, use_cayley_neumann=neumann, num_cayley_neumann_terms=terms)
         hf, fp = copy_hf_into_fastpeft(lambda kw=kw: build(peft, "mlp", **kw), models.make_mlp,

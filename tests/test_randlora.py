@@ -1,5 +1,6 @@
-"""RandLoRA against HF PEFT 0.21.2 (the oracle): shared bases (dense / sparse / very sparse) bit for bit, outputs,
-gradients, adapter files in both directions (with and without saved bases), merging, several adapters, refusals."""
+"""RandLoRA against HF PEFT 0.21.2 (the oracle): shared bases (dense / sparse / very sparse) bit for bit,
+outputs, gradients, adapter files in both directions (with and without saved bases), merging, several
+adapters, refusals."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ CASES = {
                                         projection_prng_key=3)),
     "llama": ("llama", dict(task_type="CAUSAL_LM", r=8, randlora_alpha=16,
                             target_modules=["q_proj", "v_proj", "down_proj"])),
-    "gpt2": ("gpt2", dict(task_type="CAUSAL_LM", r=5, randlora_alpha=10, very_sparse=True)),  # default: c_attn
+    # default: c_attn
+    "gpt2": ("gpt2", dict(task_type="CAUSAL_LM", r=5, randlora_alpha=10, very_sparse=True)),
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", r=4, randlora_alpha=8, target_modules=["query", "value"],
                               bias="randlora_only")),
-    "llama_all_linear": ("llama", dict(task_type="CAUSAL_LM", r=16, randlora_alpha=32, target_modules="all-linear")),
+    "llama_all_linear": ("llama", dict(task_type="CAUSAL_LM", r=16, randlora_alpha=32,
+                                       target_modules="all-linear")),
 }
 TABLE = oracle_helpers.CaseTable(CASES, RandLoraConfig, peft.RandLoraConfig, scale=0.1)
 config, base, inputs, build = TABLE.config, TABLE.base, TABLE.inputs, TABLE.build
@@ -57,7 +60,8 @@ def test_bases_bitwise_equal_to_hf(case, kind, seed):
 
 def test_bases_sized_for_the_largest_layer():
     # MLP: lin0 (10 -> 20), head (20 -> 2): largest (out, in) = (20, 20); ceil(20 / 3) = 7 bases of rank 3
-    model = fastpeft.get_peft_model(base("mlp"), config(fastpeft, "mlp", r=3, target_modules=["lin0", "head"]))
+    model = fastpeft.get_peft_model(base("mlp"),
+                                    config(fastpeft, "mlp", r=3, target_modules=["lin0", "head"]))
     assert model.base_model.randlora_A["default"].shape == (3, 1, 20)
     assert model.base_model.randlora_B["default"].shape == (20, 7, 3)
     lin0 = model.base_model.model.lin0  # smaller side 10: ceil(10 / 3) = 4 bases
@@ -85,7 +89,7 @@ def test_default_init_is_a_no_op():
     close(models.forward(model, inputs("mlp")), models.forward(base("mlp"), inputs("mlp")), "no-op at init")
 
 
-# ---------------------------------------------------------------------------------------------- outputs / files
+# -------------------------------------------------------------------------------------------- outputs / files
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_files_both_ways(case, save_projection, tmp_path):
@@ -98,7 +102,8 @@ def test_files_both_ways(case, save_projection, tmp_path):
     oracle_helpers.assert_same_files(tmp_path / "built", tmp_path / "hf")
     keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
     assert ({"base_model.randlora_A", "base_model.randlora_B"} <= keys) == save_projection
-    per_layer = [k for k in keys if k.startswith("base_model.model.") and k.endswith((".randlora_A", ".randlora_B"))]
+    per_layer = [k for k in keys if k.startswith("base_model.model.")
+                 and k.endswith((".randlora_A", ".randlora_B"))]
     assert bool(per_layer) == save_projection
 
 
@@ -116,7 +121,7 @@ def test_merge_unmerge_and_unload_equal_hf(case):
     oracle_helpers.assert_merges_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close)
 
 
-# ---------------------------------------------------------------------------------------------- shared projections
+# ----------------------------------------------------------------------------------------- shared projections
 class TestSharedProjections(oracle_helpers.SharedProjectionTests):
     """Loaded from the file, shared by a second adapter (as in HF PEFT), dropped on delete, refusals."""
 

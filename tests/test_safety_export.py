@@ -48,7 +48,8 @@ def logits(model) -> torch.Tensor:
 
 
 def lora(lib, targets, **kwargs):
-    return lib.LoraConfig(r=4, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM", **kwargs)
+    return lib.LoraConfig(r=4, target_modules=targets, init_lora_weights=False,
+                          task_type="CAUSAL_LM", **kwargs)
 
 
 def adapted(lib, config, seed=0):
@@ -77,7 +78,8 @@ def assert_export(merged, expected, folder, tied: bool) -> None:
 
 
 # ---------------------------------------------------------------------- one-sided adapters on tied embeddings
-ONE_SIDED = {"head": ["lm_head", "q_proj"], "embed": ["embed_tokens", "q_proj"], "both": ["embed_tokens", "lm_head"]}
+ONE_SIDED = {"head": ["lm_head", "q_proj"], "embed": ["embed_tokens", "q_proj"],
+             "both": ["embed_tokens", "lm_head"]}
 
 
 def test_one_sided_adapter_on_tied_embeddings_warns_like_hf():
@@ -198,7 +200,8 @@ def test_export_writes_no_adapter_files(case, unload, tmp_path):
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, atol=ATOL, rtol=ATOL, msg=key)
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fastpeft")).eval()
-    torch.testing.assert_close(forward(reloaded, inputs()), forward(exports[peft], inputs()), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forward(reloaded, inputs()), forward(exports[peft], inputs()),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_export_can_be_adapted_again():

@@ -1,11 +1,11 @@
 """All-or-nothing loads and the strict load report.
 
-Every failure path of `PeftModel.from_pretrained` / `load_adapter` (bad JSON, corrupt or truncated safetensors,
-shapes of another model, missing / unexpected keys under strict=True, a method's loader failing half-way, an
-adapter of another method) must raise an error that names the file, and leave the model exactly as it was:
-module tree (types), state_dict values, requires_grad and training flags, peft_config and the active adapter.
-Adapters are saved by HF PEFT; HF PEFT also loads them where it succeeds, as the oracle for the outputs and for
-the missing / unexpected keys reported by non-strict loads.
+Every failure path of `PeftModel.from_pretrained` / `load_adapter` (bad JSON, corrupt or truncated
+safetensors, shapes of another model, missing / unexpected keys under strict=True, a method's loader failing
+half-way, an adapter of another method) must raise an error that names the file, and leave the model exactly
+as it was: module tree (types), state_dict values, requires_grad and training flags, peft_config and the
+active adapter. Adapters are saved by HF PEFT; HF PEFT also loads them where it succeeds, as the oracle for
+the outputs and for the missing / unexpected keys reported by non-strict loads.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def assert_same_state(model, before: dict) -> None:
 
 
 def peft_model_with_default(tmp_path: Path):
-    """A fastpeft model with adapter 'default' loaded for training, one tensor frozen by hand, in train mode."""
+    """A fastpeft model with adapter 'default' loaded for training, one tensor frozen by hand, in train
+    mode."""
     model = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(hf_saved(tmp_path / "good", seed=5)),
                                                is_trainable=True)
     model.base_model.model.lin0.lora_A["default"].weight.requires_grad_(False)
@@ -107,7 +108,8 @@ def unexpected_key(path: Path) -> None:
     rewrite_weights(path, lambda t: t.update({"base_model.model.act.lora_A.weight": torch.ones(4, 20)}))
 
 
-# name -> (corrupt the folder, load kwargs, error type, text the message must hold, fails into an existing name)
+# name -> (corrupt the folder, load kwargs, error type, text the message must hold, fails into an existing
+# name)
 FAILURES = {
     "bad_json": (bad_json, {}, AdapterConfigError, "adapter_config.json", False),
     "corrupt_header": (corrupt_header, {}, AdapterLoadError, WEIGHTS, True),
@@ -145,7 +147,8 @@ def test_failed_from_pretrained_leaves_base_model_unchanged(tmp_path, failure):
     fastpeft.get_peft_model(base, fastpeft.LoraConfig(**KW))  # the model is still usable
 
 
-# into a new adapter (every failure), or into the existing one (failures that reach its weights: they are kept)
+# into a new adapter (every failure), or into the existing one (failures that reach its weights: they are
+# kept)
 LOAD_ADAPTER_CASES = [(f, "new") for f in sorted(FAILURES)] + [(f, "default") for f in sorted(FAILURES)
                                                                 if FAILURES[f][4]]
 
@@ -276,7 +279,8 @@ def test_strict_report_groups_problems_per_module(tmp_path):
         model.load_adapter(str(path), "new", strict=True, ignore_mismatched_sizes=True)
     report = err.value.report
     assert isinstance(report, LoadResult) and not report.clean
-    assert sorted(report.modules) == ["base_model.model.act", "base_model.model.lin0", "base_model.model.lin1"]
+    assert sorted(report.modules) == ["base_model.model.act", "base_model.model.lin0",
+                                      "base_model.model.lin1"]
     assert report.modules["base_model.model.lin0"].missing_keys == ["base_model.model.lin0.lora_B.new.weight"]
     assert report.modules["base_model.model.act"].unexpected_keys == ["base_model.model.act.lora_A.weight"]
     assert report.modules["base_model.model.lin1"].mismatched_keys == [
@@ -313,7 +317,8 @@ def test_non_strict_load_reports_the_keys_hf_reports_and_warns(tmp_path, caplog)
 
 def test_files_whose_dtype_differs_load_converted_as_in_hf(tmp_path):
     path = hf_saved(tmp_path / "a")
-    rewrite_weights(path, lambda t: t.update({k: v.double() if "lin0" in k else v.half() for k, v in t.items()}))
+    rewrite_weights(path, lambda t: t.update({k: v.double() if "lin0" in k else v.half()
+                                              for k, v in t.items()}))
     theirs = peft.PeftModel.from_pretrained(models.make_mlp(), str(path))
     ours = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(path), strict=True)
     assert all(p.dtype == torch.float32 for p in ours.parameters())
@@ -326,8 +331,8 @@ CLEAN_ROWS = {
     "dora": ("LoraConfig", {**KW, "use_dora": True}),
     "ia3": ("IA3Config", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
     "vera": ("VeraConfig", {"r": 4, "target_modules": ["lin1"], "save_projection": True}),
-    "vblora": ("VBLoRAConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "num_vectors": 8, "vector_length": 10,
-                                "save_only_topk_weights": True}),
+    "vblora": ("VBLoRAConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "num_vectors": 8,
+                                "vector_length": 10, "save_only_topk_weights": True}),
     "loha": ("LoHaConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
 }
 
@@ -352,8 +357,9 @@ def test_strict_load_of_hf_adapters_is_clean_both_ways(tmp_path, row):
 
 
 def test_set_peft_model_state_dict_strict_on_a_bare_injected_model(tmp_path):
-    """The diffusers path (inject_adapter_in_model, no PeftModel): strict=True refuses a file with a key missing
-    and leaves every value as it was; the HF-saved file itself loads cleanly and gives HF's outputs."""
+    """The diffusers path (inject_adapter_in_model, no PeftModel): strict=True refuses a file with a key
+    missing and leaves every value as it was; the HF-saved file itself loads cleanly and gives HF's
+    outputs."""
     path = hf_saved(tmp_path / "a", modules_to_save=None)
     file_state = load_file(str(path / WEIGHTS))
     kw = {**KW, "modules_to_save": None}
@@ -363,7 +369,8 @@ def test_set_peft_model_state_dict_strict_on_a_bare_injected_model(tmp_path):
     ours = fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(**kw), models.make_mlp())
     before = state_of(ours)
     partial = {k: v for k, v in state.items() if "lin0.lora_B" not in k}
-    with pytest.raises(AdapterLoadError, match=r"module 'lin0':\n  missing \(left at init\): lin0.lora_B.default"):
+    with pytest.raises(AdapterLoadError,
+                       match=r"module 'lin0':\n  missing \(left at init\): lin0.lora_B.default"):
         fastpeft.set_peft_model_state_dict(ours, {k: v + 1 for k, v in partial.items()}, strict=True)
     assert_same_state(ours, before)
     result = fastpeft.set_peft_model_state_dict(ours, state, strict=True)

@@ -2,9 +2,9 @@
 nothing.
 
 HF PEFT 0.21.2 (the oracle here) builds LoRA+ / LoRA-FA optimizers over zero trainable parameters and, with
-`enable_input_require_grads` on (gradient checkpointing, k-bit preparation), even runs backward and `step()` on a
-hand-built `AdamW(model.parameters())` without changing a weight. fastpeft refuses the optimizer builders with
-`AdapterStateError`, and a hand-built optimizer is caught at the first training forward.
+`enable_input_require_grads` on (gradient checkpointing, k-bit preparation), even runs backward and `step()`
+on a hand-built `AdamW(model.parameters())` without changing a weight. fastpeft refuses the optimizer builders
+with `AdapterStateError`, and a hand-built optimizer is caught at the first training forward.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _trained(optimizer) -> int:
 def test_optimizer_builders_refuse_a_frozen_adapter(saved, build):
     hf_builder = hf_loraplus if build is _loraplus else hf_lorafa
     ours_builder = create_loraplus_optimizer if build is _loraplus else create_lorafa_optimizer
-    assert _trained(build(hf_builder, _load(peft, saved))) == 0  # HF PEFT: an optimizer over nothing, silently
+    # HF PEFT: an optimizer over nothing, silently
+    assert _trained(build(hf_builder, _load(peft, saved))) == 0
     with pytest.raises(AdapterStateError, match="no trainable parameters.*is_trainable=True"):
         build(ours_builder, _load(fastpeft, saved))
     theirs = build(hf_builder, _load(peft, saved, is_trainable=True))
@@ -63,8 +64,8 @@ def test_optimizer_builders_refuse_a_frozen_adapter(saved, build):
 
 
 def test_lorafa_refusal_changes_nothing_when_only_a_factors_train(saved):
-    """LoRA-FA freezes A: a model whose only trainable tensors are A factors would train nothing. The check runs
-    before the freezing, so the refused call leaves every requires_grad flag as it was."""
+    """LoRA-FA freezes A: a model whose only trainable tensors are A factors would train nothing. The check
+    runs before the freezing, so the refused call leaves every requires_grad flag as it was."""
     ours = _load(fastpeft, saved, is_trainable=True)
     for name, param in ours.named_parameters():
         param.requires_grad_("lora_A" in name)

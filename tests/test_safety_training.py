@@ -1,7 +1,7 @@
 """Training mistakes HF PEFT 0.21.2 lets pass silently, each an error or a fix here.
 
-Every test builds the same adapter in HF PEFT (the oracle) and fastpeft and compares outputs / gradients / files;
-each docstring says what HF PEFT does in the same situation (checked against the installed 0.21.2).
+Every test builds the same adapter in HF PEFT (the oracle) and fastpeft and compares outputs / gradients
+/ files; each docstring says what HF PEFT does in the same situation (checked against the installed 0.21.2).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def hf_saved(tmp_path, **extra):
 
 # ------------------------------------------------------------------- mixed batches with unknown adapter names
 def test_mixed_batch_unknown_adapter_is_an_error_and_base_stays_allowed(tmp_path):
-    """HF PEFT (eval mode) raises too ("Trying to infer with non-existing adapter(s)"); in train mode it refuses
-    adapter_names altogether. Here: an unknown name is an error naming it; "__base__" rows match HF PEFT's."""
+    """HF PEFT (eval mode) raises too ("Trying to infer with non-existing adapter(s)"); in train mode it
+    refuses adapter_names altogether. Here: an unknown name is an error naming it; "__base__" rows match HF
+    PEFT's."""
     theirs, folder = hf_saved(tmp_path)
     ours = fastpeft.PeftModel.from_pretrained(models.make_llama(), folder).eval()
     inputs = models.llama_inputs()
@@ -87,9 +88,10 @@ def vit_grads(lib, reentrant: bool, enable_before_wrap: bool):
 @pytest.mark.parametrize("enable_before_wrap", [True, False], ids=["before_wrap", "after_wrap"])
 def test_reentrant_checkpointing_still_trains_adapters(enable_before_wrap):
     """HF PEFT: with reentrant checkpointing switched on after wrapping a ViT (main input `pixel_values`, so
-    transformers does not call enable_input_require_grads; HF PEFT only does at wrap time), every LoRA gradient is
-    None while the classifier trains: the adapters silently never learn. fastpeft makes the embeddings' output
-    require grad at the first training forward, so the gradients equal HF PEFT's non-reentrant ones."""
+    transformers does not call enable_input_require_grads; HF PEFT only does at wrap time), every LoRA
+    gradient is None while the classifier trains: the adapters silently never learn. fastpeft makes the
+    embeddings' output require grad at the first training forward, so the gradients equal HF PEFT's
+    non-reentrant ones."""
     theirs = vit_grads(peft, reentrant=False, enable_before_wrap=enable_before_wrap)
     ours = vit_grads(fastpeft, reentrant=True, enable_before_wrap=enable_before_wrap)
     assert ours.keys() == theirs.keys() and len(ours) == 8
@@ -131,7 +133,8 @@ def test_input_grad_fix_is_applied_once_with_checkpointing(marker):
 
 
 class CheckpointedMLP(nn.Module):
-    """A plain torch model that checkpoints its hidden block itself (reentrant), behind a frozen input layer."""
+    """A plain torch model that checkpoints its hidden block itself (reentrant), behind a frozen input
+    layer."""
 
     def __init__(self):
         super().__init__()
@@ -157,7 +160,8 @@ def test_training_forward_that_bypasses_the_adapters_is_an_error():
     models._seeded()
     ours = fastpeft.get_peft_model(CheckpointedMLP(), fastpeft.LoraConfig(target_modules=["lin1"],
                                                                           modules_to_save=["head"])).train()
-    with pytest.raises(AdapterStateError, match="does not depend on any of the 2 trainable adapter parameters"):
+    with pytest.raises(AdapterStateError,
+                       match="does not depend on any of the 2 trainable adapter parameters"):
         ours(models.mlp_inputs())
     with torch.no_grad():
         ours(models.mlp_inputs())  # inference is not checked
@@ -225,8 +229,8 @@ def test_first_training_batch_that_skips_the_adapted_branch_warns_and_training_g
 # ---------------------------------------------------------------------------------- training a frozen adapter
 def test_training_a_frozen_adapter_is_an_error(tmp_path, capsys):
     """HF PEFT: after from_pretrained(is_trainable=False) and .train() the forward runs and the loss has no
-    gradient ("element 0 of tensors does not require grad" at backward, or nothing at all when the optimizer was
-    built over model.parameters()). fastpeft raises at the training forward; inference keeps working."""
+    gradient ("element 0 of tensors does not require grad" at backward, or nothing at all when the optimizer
+    was built over model.parameters()). fastpeft raises at the training forward; inference keeps working."""
     theirs, folder = hf_saved(tmp_path)
     ours = fastpeft.PeftModel.from_pretrained(models.make_llama(), folder)
     inputs = models.llama_inputs()
@@ -246,7 +250,8 @@ def test_training_a_frozen_adapter_is_an_error(tmp_path, capsys):
 
 
 def test_frozen_adapter_made_trainable_by_hand_is_allowed(tmp_path):
-    """As in HF PEFT tutorials: load frozen, then set requires_grad on the LoRA weights yourself - this trains."""
+    """As in HF PEFT tutorials: load frozen, then set requires_grad on the LoRA weights yourself - this
+    trains."""
     _, folder = hf_saved(tmp_path)
     ours = fastpeft.PeftModel.from_pretrained(models.make_llama(), folder).train()
     for name, param in ours.named_parameters():
@@ -266,8 +271,8 @@ def test_print_trainable_parameters_first_line_as_hf(capsys):
 
 # ----------------------------------------------------------------------- empty (partitioned) tensors in saves
 def test_empty_tensors_are_not_saved(tmp_path):
-    """HF PEFT writes the 0-element placeholders of partitioned (ZeRO-3) parameters into the file, so the saved
-    adapter is empty. fastpeft refuses, names the keys and the fix, and writes nothing."""
+    """HF PEFT writes the 0-element placeholders of partitioned (ZeRO-3) parameters into the file, so the
+    saved adapter is empty. fastpeft refuses, names the keys and the fix, and writes nothing."""
     theirs = lora_llama(peft)
     placeholders = {k: torch.empty(0) for k in theirs.state_dict() if "lora_A" in k}
     theirs.save_pretrained(tmp_path / "hf", state_dict={**theirs.state_dict(), **placeholders})
@@ -284,14 +289,16 @@ def test_empty_tensors_are_not_saved(tmp_path):
 
 
 def test_rank_zero_matrices_are_not_placeholders():
-    """AdaLoRA prunes whole layers to rank 0: (0, n) matrices are real adapter tensors (HF PEFT saves them too)."""
+    """AdaLoRA prunes whole layers to rank 0: (0, n) matrices are real adapter tensors (HF PEFT saves them
+    too)."""
     checks.refuse_empty_tensors({"x.lora_A": torch.zeros(0, 4), "x.lora_E": torch.zeros(0, 1)}, "default")
     with pytest.raises(AdapterStateError, match=r"\['x.lora_B'\]"):
         checks.refuse_empty_tensors({"x.lora_A": torch.zeros(0, 4), "x.lora_B": torch.empty(0)}, "default")
 
 
 def test_gathered_state_dict_saves_like_hf(tmp_path):
-    """The fix the error names: pass the full state dict (as Trainer does); the file then matches HF PEFT's."""
+    """The fix the error names: pass the full state dict (as Trainer does); the file then matches HF
+    PEFT's."""
     theirs = lora_llama(peft)
     ours = lora_llama(fastpeft)
     full = ours.state_dict()
@@ -312,9 +319,9 @@ def dropout_modes(model) -> set[bool]:
 
 
 def test_adapters_on_an_eval_model_start_in_eval_mode(tmp_path):
-    """HF PEFT: get_peft_model / add_adapter / inject_adapter_in_model on an eval() model create LoRA dropout in
-    train mode, so "inference" is random until the user calls eval() again. fastpeft follows the model's mode;
-    outputs then equal HF PEFT's after an explicit eval()."""
+    """HF PEFT: get_peft_model / add_adapter / inject_adapter_in_model on an eval() model create LoRA dropout
+    in train mode, so "inference" is random until the user calls eval() again. fastpeft follows the model's
+    mode; outputs then equal HF PEFT's after an explicit eval()."""
     inputs = models.llama_inputs()
     theirs = lora_llama(peft, lora_dropout=0.5)
     assert dropout_modes(theirs) == {True}  # HF PEFT's behaviour on an eval base
@@ -323,18 +330,20 @@ def test_adapters_on_an_eval_model_start_in_eval_mode(tmp_path):
     close(ours(**inputs).logits, theirs.eval()(**inputs).logits)
     ours.add_adapter("other", fastpeft.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5))
     assert dropout_modes(ours) == {False}
-    injected = fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5),
-                                                models.make_llama())
+    injected = fastpeft.inject_adapter_in_model(
+        fastpeft.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5), models.make_llama())
     assert dropout_modes(injected) == {False}
 
 
 def test_adapters_on_a_train_model_start_in_train_mode(tmp_path):
-    """As HF PEFT: a model in train() mode gets train-mode adapters (dropout active), also when loading one."""
+    """As HF PEFT: a model in train() mode gets train-mode adapters (dropout active), also when loading
+    one."""
     theirs = lora_llama(peft, base=models.make_llama().train(), lora_dropout=0.5)
     ours = lora_llama(fastpeft, base=models.make_llama().train(), lora_dropout=0.5)
     assert dropout_modes(ours) == dropout_modes(theirs) == {True} and ours.training
     theirs.eval().save_pretrained(tmp_path / "hf")
-    loaded = fastpeft.PeftModel.from_pretrained(models.make_llama().train(), tmp_path / "hf", is_trainable=True)
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_llama().train(), tmp_path / "hf",
+                                                is_trainable=True)
     assert dropout_modes(loaded) == {True}
     on_eval = fastpeft.PeftModel.from_pretrained(models.make_llama(), tmp_path / "hf", is_trainable=True)
     assert dropout_modes(on_eval) == {False}

@@ -1,5 +1,5 @@
-"""VB-LoRA against HF PEFT 0.21.2: seeded init, the shared vector bank's file key, full and top-k-only files both
-ways, outputs, gradients, merging, several adapters, mixed batches, refusals."""
+"""VB-LoRA against HF PEFT 0.21.2: seeded init, the shared vector bank's file key, full and top-k-only files
+both ways, outputs, gradients, merging, several adapters, mixed batches, refusals."""
 
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ CASES = {
     "mlp": table_row("vblora-mlp"),
     "mlp_topk": ("mlp", dict(target_modules=["lin0", "lin1"], r=3, vector_length=5, num_vectors=12, topk=3,
                              save_only_topk_weights=True, bias="vblora_only")),
-    "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], r=2, vector_length=2, num_vectors=8,
-                                        init_vector_bank_bound=0.5, init_logits_std=1.0)),
+    "gpt2_conv1d": ("conv1d_gpt2", dict(target_modules=["c_fc", "c_proj"], r=2, vector_length=2,
+                                        num_vectors=8, init_vector_bank_bound=0.5, init_logits_std=1.0)),
     "llama": ("llama", dict(task_type="CAUSAL_LM", r=4, vector_length=8, num_vectors=12)),
     "gpt2_topk_int16": ("gpt2", dict(task_type="CAUSAL_LM", r=2, vector_length=16, num_vectors=300,
                                      save_only_topk_weights=True)),
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", r=2, vector_length=8, num_vectors=10, bias="all")),
     "t5": ("t5", dict(task_type="SEQ_2_SEQ_LM", r=2, vector_length=8, num_vectors=10, vblora_dropout=0.1)),
 }
-# the global RNG in the same state for both libraries before get_peft_model (bank and logits are drawn from it)
+# the global RNG in the same state for both libraries before get_peft_model (bank and logits are drawn from
+# it)
 TABLE = oracle_helpers.CaseTable(CASES, VBLoRAConfig, peft.VBLoRAConfig, scale=0.3, init_seed=7)
 config, base, inputs, build = TABLE.config, TABLE.base, TABLE.inputs, TABLE.build
 
@@ -72,7 +73,8 @@ def test_files_and_outputs_both_ways(case, tmp_path):
     loaded_fp = fastpeft.PeftModel.from_pretrained(base(case), str(tmp_path / "hf"))
     loaded_hf = peft.PeftModel.from_pretrained(base(case), str(tmp_path / "built"))
     fp_state = loaded_fp.state_dict()
-    for key, value in loaded_hf.state_dict().items():  # the same -inf pattern and log-weights after a top-k load
+    # the same -inf pattern and log-weights after a top-k load
+    for key, value in loaded_hf.state_dict().items():
         if "vblora_" in key:
             close(fp_state[key], value, f"loaded {key}")
 
@@ -142,11 +144,13 @@ def test_refusals_name_the_fix():
 
 
 def test_topk_file_problems(tmp_path):
-    """A top-k file missing a tensor is refused by name; whole logits under a top-k config load as in HF PEFT."""
+    """A top-k file missing a tensor is refused by name; whole logits under a top-k config load as in HF
+    PEFT."""
     build(fastpeft, "mlp_topk").save_pretrained(str(tmp_path / "topk"))
     weights = load_file(str(tmp_path / "topk" / "adapter_model.safetensors"))
     key = "base_model.model.lin1.vblora_logits_B_topk_weights"
-    save_file({k: v for k, v in weights.items() if k != key}, str(tmp_path / "topk" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != key},
+              str(tmp_path / "topk" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="lacks.*lin1.vblora_logits_B_topk_weights"):
         fastpeft.PeftModel.from_pretrained(base("mlp_topk"), str(tmp_path / "topk"))
     build(peft, "mlp_topk", save_only_topk_weights=False).save_pretrained(str(tmp_path / "full"))
