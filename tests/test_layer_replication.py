@@ -22,7 +22,8 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _config(lib, layer_map, **kw):
-    return lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, layer_replication=layer_map, **kw)
+    kw = {"target_modules": TARGETS, **kw}
+    return lib.LoraConfig(r=4, lora_alpha=8, layer_replication=layer_map, **kw)
 
 
 def _fast(layer_map):
@@ -177,6 +178,23 @@ def test_bad_ranges_are_refused_before_touching_the_model(layer_map, match):
         with pytest.raises(ValueError, match=match):
             fastpeft.get_peft_model(base, config)
     assert base.model.layers is blocks and base.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("entry", ["get_peft_model", "add_adapter"])
+def test_a_failure_after_the_stacking_puts_the_original_blocks_back(entry):
+    """The blocks are stacked before the targets are looked up; targets that match nothing fail after it, and
+    the model must come back with its own block list and layer count (all or nothing)."""
+    base = models.make_llama()
+    blocks = base.model.layers
+    model = fastpeft.get_peft_model(base, _config(fastpeft, None)) if entry == "add_adapter" else None
+    bad = _config(fastpeft, [[0, 2], [1, 2]], target_modules=["no_such_module"])
+    with pytest.raises(ValueError, match="no_such_module"):
+        if model is None:
+            fastpeft.get_peft_model(base, bad)
+        else:
+            model.add_adapter("other", bad)
+    assert base.model.layers is blocks and base.config.num_hidden_layers == 2
+    assert [m.self_attn.layer_idx for m in base.model.layers] == [0, 1]
 
 
 def test_replication_is_a_model_step_not_a_config_step():

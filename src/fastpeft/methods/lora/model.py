@@ -8,6 +8,7 @@ from torch import nn
 
 from ...core import targeting
 from ...core.dispatch import DispatchChain
+from ...core.transaction import enclosing
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS, default_targets
 from ...quant.merge import AllOrNothingMerge
@@ -54,7 +55,10 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     def prepare_model(self, model, config):
         """layer_replication: stack shared-weight copies of blocks before the targets are looked up."""
         if config.layer_replication:
-            replication.replicate_layers(model, config.layer_replication)
+            undo = replication.replicate_layers(model, config.layer_replication)
+            tx = enclosing(model)  # injection runs in a transaction: a later failure restores the stack
+            if tx is not None:
+                tx.on_failure(undo)
 
     # ---- trainable tokens (trainable_token_indices): wrappers from methods/trainable_tokens, after LoRA's
     # layers

@@ -6,6 +6,7 @@ Copies of a layer share its base parameters (same tensors) and get their own LoR
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 from torch import nn
 
@@ -73,9 +74,9 @@ def renumber(block: nn.Module, index: int) -> None:
             sub.layer_idx = index
 
 
-def replicate_layers(model: nn.Module, layer_map) -> None:
+def replicate_layers(model: nn.Module, layer_map) -> Callable[[], None]:
     """Replace the block list by the concatenation of `layer_map`'s ranges, e.g. [[0, 2], [1, 2]] -> 0, 1,
-    1."""
+    1. Returns the step that puts the original list (and layer count) back, for a failed injection."""
     owner, path = find_layer_list(model)
     parent = owner
     for attr in path[:-1]:
@@ -87,5 +88,12 @@ def replicate_layers(model: nn.Module, layer_map) -> None:
         renumber(block, index)
     setattr(parent, path[-1], new)
     config = getattr(owner, "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers"):
+    counted = config is not None and hasattr(config, "num_hidden_layers")
+    if counted:
         config.num_hidden_layers = len(new)
+
+    def undo() -> None:  # the copies were renumbered, the original blocks never were
+        setattr(parent, path[-1], old)
+        if counted:
+            config.num_hidden_layers = len(old)
+    return undo
