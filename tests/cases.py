@@ -201,6 +201,11 @@ METHOD_CASES = [
          {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "init_weights": True}),
     Case("fourierft-llama", "llama", "FourierFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
                                                          "init_weights": True}),
+    # SHiRA: r * (in + out) trained weight entries at seeded random positions (saved with the adapter)
+    Case("shira-mlp", "mlp", "ShiraConfig", {"r": 2, "target_modules": ["lin0", "lin1"], "random_seed": 3}),
+    Case("shira-mlp-save-head", "mlp", "ShiraConfig",
+         {"r": 1, "target_modules": ["lin0"], "modules_to_save": ["head"]}),
+    Case("shira-llama", "llama", "ShiraConfig", {"r": 2, "task_type": "CAUSAL_LM", "random_seed": 42}),
     Case("vblora-mlp", "mlp", "VBLoRAConfig",
          {"target_modules": ["lin0", "lin1"], "r": 2, "vector_length": 10, "num_vectors": 16},
          identity_init=False),

@@ -60,6 +60,7 @@ from .methods.poly import PolyConfig, PolyModel
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .methods.randlora import RandLoraConfig, RandLoraModel
+from .methods.shira import ShiraConfig, ShiraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
@@ -161,6 +162,8 @@ __all__ = [
     "PromptTuningInit",
     "RandLoraConfig",
     "RandLoraModel",
+    "ShiraConfig",
+    "ShiraModel",
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",

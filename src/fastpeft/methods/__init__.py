@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     prefix_tuning,
     prompt_tuning,
     randlora,
+    shira,
     trainable_tokens,
     vblora,
     vera,

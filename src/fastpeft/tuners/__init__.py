@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     prefix_tuning,
     prompt_tuning,
     randlora,
+    shira,
     trainable_tokens,
     tuners_utils,
     vblora,
@@ -44,6 +45,7 @@ from .poly import PolyConfig, PolyModel
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .randlora import RandLoraConfig, RandLoraModel
+from .shira import ShiraConfig, ShiraModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .vblora import VBLoRAConfig, VBLoRAModel
 from .vera import VeraConfig, VeraModel
@@ -85,6 +87,8 @@ __all__ = [
     "PromptTuningConfig",
     "RandLoraConfig",
     "RandLoraModel",
+    "ShiraConfig",
+    "ShiraModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
     "VBLoRAConfig",
