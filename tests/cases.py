@@ -201,6 +201,14 @@ METHOD_CASES = [
          {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "init_weights": True}),
     Case("fourierft-llama", "llama", "FourierFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
                                                          "init_weights": True}),
+    # GraLoRA: a gralora_k x gralora_k grid of rank r / gralora_k block updates (B zero at init), optional
+    # hybrid LoRA pair
+    Case("gralora-mlp", "mlp", "GraloraConfig", {"r": 4, "gralora_k": 2, "target_modules": ["lin0", "lin1"]}),
+    Case("gralora-mlp-hybrid-bias", "mlp", "GraloraConfig",
+         {"r": 5, "gralora_k": 5, "hybrid_r": 2, "target_modules": ["lin0", "lin1"], "bias": "gralora_only"}),
+    Case("gralora-gpt2-conv1d", "conv1d_gpt2", "GraloraConfig",
+         {"r": 4, "gralora_k": 2, "target_modules": ["c_fc", "c_proj"]}),
+    Case("gralora-llama", "llama", "GraloraConfig", {"r": 8, "gralora_k": 4, "task_type": "CAUSAL_LM"}),
     # SHiRA: r * (in + out) trained weight entries at seeded random positions (saved with the adapter)
     Case("shira-mlp", "mlp", "ShiraConfig", {"r": 2, "target_modules": ["lin0", "lin1"], "random_seed": 3}),
     Case("shira-mlp-save-head", "mlp", "ShiraConfig",

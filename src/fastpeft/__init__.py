@@ -35,6 +35,7 @@ from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.boft import BOFTConfig, BOFTModel
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.fourierft import FourierFTConfig, FourierFTModel
+from .methods.gralora import GraloraConfig, GraloraModel
 from .methods.hra import HRAConfig, HRAModel
 from .methods.ia3 import IA3Config, IA3Model
 from .methods.ln_tuning import LNTuningConfig, LNTuningModel
@@ -113,6 +114,8 @@ __all__ = [
     "FastPeftError",
     "FourierFTConfig",
     "FourierFTModel",
+    "GraloraConfig",
+    "GraloraModel",
     "HRAConfig",
     "HRAModel",
     "IA3Config",

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     boft,
     cpt,
     fourierft,
+    gralora,
     hra,
     ia3,
     ln_tuning,

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     boft,
     cpt,
     fourierft,
+    gralora,
     hra,
     ia3,
     ln_tuning,
@@ -31,6 +32,7 @@ from .adalora import AdaLoraConfig, AdaLoraModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .boft import BOFTConfig, BOFTModel
 from .fourierft import FourierFTConfig, FourierFTModel
+from .gralora import GraloraConfig, GraloraModel
 from .hra import HRAConfig, HRAModel
 from .ia3 import IA3Config, IA3Model
 from .ln_tuning import LNTuningConfig, LNTuningModel
@@ -59,6 +61,8 @@ __all__ = [
     "BOFTModel",
     "FourierFTConfig",
     "FourierFTModel",
+    "GraloraConfig",
+    "GraloraModel",
     "HRAConfig",
     "HRAModel",
     "IA3Config",
