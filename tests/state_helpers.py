@@ -1,12 +1,21 @@
 """Checks that a tensor copy or an adapter load really did its work: every key used and none missing, and the
-loaded model holding the file's tensors (a loader that writes nothing must not pass)."""
+loaded model holding the file's tensors (a loader that writes nothing must not pass); and that a failed one
+left the model exactly as it was (`state_of` / `assert_same_state`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import peft
 import torch
 from safetensors.torch import load_file
+
+import fastpeft
+
+import models
+
+WEIGHTS = "adapter_model.safetensors"
+LORA_KW = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], modules_to_save=["head"])
 
 
 def names_adapter(key: str, adapter_name: str = "default") -> bool:
@@ -41,3 +50,36 @@ def assert_holds_file(lib, model, folder, adapter_name: str = "default") -> None
     for key, value in saved.items():
         assert held[key].dtype == value.dtype, key
         assert torch.equal(held[key].detach().cpu(), value), f"{key} does not hold the file's values"
+
+
+def hf_saved(path: Path, seed: int = 1, **kw) -> Path:
+    """An adapter trained away from its init in HF PEFT, saved to `path`."""
+    model = peft.get_peft_model(models.make_mlp(), peft.LoraConfig(**{**LORA_KW, **kw}))
+    models.perturb(model, seed, 0.3)
+    model.save_pretrained(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ model state
+def state_of(model) -> dict:
+    """Everything a failed load must leave as it was."""
+    peft_state = None
+    if isinstance(model, fastpeft.PeftModel):
+        peft_state = ({k: c.to_dict() for k, c in model.peft_config.items()}, model.active_adapter)
+    return {
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "attrs": sorted(vars(model)),
+        "peft": peft_state,
+    }
+
+
+def assert_same_state(model, before: dict) -> None:
+    after = state_of(model)
+    for key in ("types", "grads", "training", "attrs", "peft"):
+        assert after[key] == before[key], key
+    assert list(after["state"]) == list(before["state"])
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed"

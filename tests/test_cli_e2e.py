@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_models import cls_rows, lm_texts, save_bert, save_llama, write_csv, write_jsonl
 from fastpeft.cli import main
-from test_cli_models import cls_rows, lm_texts, save_bert, save_llama, write_csv, write_jsonl
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 

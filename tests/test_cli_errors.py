@@ -9,9 +9,9 @@ import json
 
 import pytest
 
+from cli_models import write_csv, write_jsonl
 from fastpeft.cli import build_parser, main
 from fastpeft.cli.options import flag_values, method_fields, resolve_method
-from test_cli_models import write_csv, write_jsonl
 
 
 def _error(argv, capsys) -> str:

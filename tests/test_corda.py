@@ -13,11 +13,11 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora.config import CordaConfig as HFCordaConfig
-from peft.tuners.lora.corda import preprocess_corda as hf_preprocess_corda
 from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.methods.lora.inits.corda import CordaConfig, preprocess, preprocess_corda
+from lora_init_helpers import CORDA_LIBS, build_corda, corda_calibration, corda_lora_config, corda_runner
 
 import models
 from conversion_helpers import (
@@ -26,45 +26,6 @@ from conversion_helpers import (
     assert_converted_like_hf,
     assert_same_tensors,
 )
-
-TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"],
-           "conv1d_gpt2": ["c_fc", "c_proj"]}
-LIBS = {"fastpeft": (fastpeft, CordaConfig, preprocess_corda),
-        "hf": (peft, HFCordaConfig, hf_preprocess_corda)}
-
-
-def _calibration(model_name: str) -> list:
-    """Calibration samples, one per forward call (HF PEFT's hook takes a single sample per call)."""
-    g = torch.Generator().manual_seed(11)
-    if model_name == "llama":
-        return [torch.randint(0, 100, (1, 12), generator=g) for _ in range(4)]
-    if model_name == "conv1d_gpt2":
-        return [torch.randn(1, 8, 10, generator=g) for _ in range(3)]
-    return [torch.randn(16, 10, generator=g) for _ in range(3)]
-
-
-def _runner(model, samples):
-    def run_model():
-        for sample in samples:
-            model(sample)
-    return run_model
-
-
-def _config(lib_name: str, model_name: str, method: str = "ipm", **kw):
-    lib, corda_cls, _ = LIBS[lib_name]
-    corda_kw = {k: kw.pop(k) for k in ("cache_file", "covariance_file") if k in kw}
-    kw = {"target_modules": TARGETS[model_name], "r": 4, "lora_alpha": 8, "init_lora_weights": "corda",
-          "corda_config": corda_cls(corda_method=method, **corda_kw), **kw}
-    return lib.LoraConfig(**kw)
-
-
-def _build(lib_name: str, model_name: str, method: str = "ipm", run: bool = True, **kw):
-    lib, _, pre = LIBS[lib_name]
-    model = models.MODELS[model_name][0]()
-    config = _config(lib_name, model_name, method, **kw)
-    pre(model, config, run_model=_runner(model, _calibration(model_name)) if run else None)
-    return lib.get_peft_model(model, config)
-
 
 _tensors, _assert_same = adapter_and_base_tensors, assert_same_tensors
 
@@ -82,7 +43,7 @@ def _residual(peft_model):
 @pytest.mark.parametrize("model_name, method", [("mlp", "ipm"), ("mlp", "kpm"), ("llama", "ipm"),
                                                 ("llama", "kpm"), ("conv1d_gpt2", "ipm")])
 def test_factors_and_residual_match_hf_and_outputs_are_kept(model_name, method):
-    fp, hf = _build("fastpeft", model_name, method), _build("hf", model_name, method)
+    fp, hf = build_corda("fastpeft", model_name, method), build_corda("hf", model_name, method)
     _assert_same(fp, hf)
     original = models.MODELS[model_name][0]()
     out = models.forward(fp, _inputs(model_name))
@@ -98,16 +59,17 @@ def test_factors_and_residual_match_hf_and_outputs_are_kept(model_name, method):
 @pytest.mark.parametrize("autocast", [True, False])
 def test_half_precision_base_matches_hf(autocast):
     built = {}
-    for name, (lib, _, pre) in LIBS.items():
+    for name, (lib, _, pre) in CORDA_LIBS.items():
         model = models.make_mlp().bfloat16()
-        config = _config(name, "mlp", "ipm")
-        pre(model, config, run_model=_runner(model, [x.bfloat16() for x in _calibration("mlp")]))
+        config = corda_lora_config(name, "mlp", "ipm")
+        pre(model, config, run_model=corda_runner(model, [x.bfloat16() for x in corda_calibration("mlp")]))
         built[name] = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
     assert_bitwise_same(built["fastpeft"], built["hf"], autocast)
 
 
 def test_ipm_keeps_the_largest_triplets_and_kpm_the_smallest():
-    ipm, kpm = _build("fastpeft", "mlp", "ipm", lora_alpha=4), _build("fastpeft", "mlp", "kpm", lora_alpha=4)
+    ipm = build_corda("fastpeft", "mlp", "ipm", lora_alpha=4)
+    kpm = build_corda("fastpeft", "mlp", "kpm", lora_alpha=4)
     layers = {m: dict(model.named_modules())["base_model.model.lin1"]
               for m, model in (("ipm", ipm), ("kpm", kpm))}
     deltas = {m: (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
@@ -119,10 +81,10 @@ def test_ipm_keeps_the_largest_triplets_and_kpm_the_smallest():
 def test_rank_pattern_and_hooked_model_match_hf():
     kw = {"rank_pattern": {"lin1": 2}, "alpha_pattern": {"lin0": 16}}
     built = {}
-    for name, (lib, _, pre) in LIBS.items():
+    for name, (lib, _, pre) in CORDA_LIBS.items():
         model, hooked = models.make_mlp(), models.make_mlp()
-        config = _config(name, "mlp", "kpm", **kw)
-        pre(model, config, run_model=_runner(hooked, _calibration("mlp")), hooked_model=hooked)
+        config = corda_lora_config(name, "mlp", "kpm", **kw)
+        pre(model, config, run_model=corda_runner(hooked, corda_calibration("mlp")), hooked_model=hooked)
         built[name] = lib.get_peft_model(model, config)
     _assert_same(built["fastpeft"], built["hf"])
     assert built["fastpeft"].base_model.model.lin1.lora_A["default"].weight.shape == (2, 10 * 2)
@@ -133,19 +95,19 @@ def test_rank_pattern_and_hooked_model_match_hf():
 @pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
 def test_cache_and_covariance_files_are_read_across_libraries(writer, reader, tmp_path):
     files = {"cache_file": str(tmp_path / "c" / "cache.pt"), "covariance_file": str(tmp_path / "cov.pt")}
-    written = _build(writer, "mlp", "kpm", **files)
+    written = build_corda(writer, "mlp", "kpm", **files)
     assert (tmp_path / "c" / "cache.pt").exists() and (tmp_path / "cov.pt").exists()
-    from_cache = _build(reader, "mlp", "kpm", run=False, **files)  # no run_model: the cache is used
+    from_cache = build_corda(reader, "mlp", "kpm", run=False, **files)  # no run_model: the cache is used
     _assert_same(from_cache, written)
     (tmp_path / "c" / "cache.pt").unlink()  # the covariance file alone is enough to decompose again
-    from_cov = _build(reader, "mlp", "kpm", run=False, **files)
+    from_cov = build_corda(reader, "mlp", "kpm", run=False, **files)
     _assert_same(from_cov, written)
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama"])
 @pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
 def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tmp_path):
-    built = {name: _build(name, model_name) for name in LIBS}
+    built = {name: build_corda(name, model_name) for name in CORDA_LIBS}
     source = built[writer]
     # HF PEFT's workflow: the saved adapter is plain LoRA
     source.peft_config["default"].init_lora_weights = True
@@ -158,7 +120,7 @@ def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tm
     assert sorted(saved_a) == sorted(saved_b)
     for key in saved_a:
         torch.testing.assert_close(saved_a[key], saved_b[key], atol=1e-5, rtol=1e-5, msg=key)
-    lib = LIBS[reader][0]
+    lib = CORDA_LIBS[reader][0]
     loaded = lib.PeftModel.from_pretrained(_residual(source), str(tmp_path / "a"))
     inputs = _inputs(model_name)
     torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs),
@@ -166,7 +128,7 @@ def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tm
 
 
 def test_config_file_round_trips_corda_config(tmp_path):
-    config = _config("fastpeft", "mlp", "kpm", cache_file="x.pt")
+    config = corda_lora_config("fastpeft", "mlp", "kpm", cache_file="x.pt")
     config.save_pretrained(str(tmp_path / "fp"))
     hf_config = peft.LoraConfig.from_pretrained(str(tmp_path / "fp"))
     assert isinstance(hf_config.corda_config, HFCordaConfig)
@@ -177,7 +139,7 @@ def test_config_file_round_trips_corda_config(tmp_path):
 
 
 def test_loading_an_unrelabelled_corda_adapter_needs_preprocessing_in_both(tmp_path):
-    model = _build("fastpeft", "mlp")
+    model = build_corda("fastpeft", "mlp")
     model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="preprocess_corda"):
         fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
@@ -198,7 +160,7 @@ def _train_step(model, model_name: str) -> None:
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama"])
 def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
-    fp, hf = _build("fastpeft", model_name), _build("hf", model_name)
+    fp, hf = build_corda("fastpeft", model_name), build_corda("hf", model_name)
     fp.save_pretrained(str(tmp_path / "init"))
     shutil.copytree(tmp_path / "init", tmp_path / "init_hf")
     _train_step(fp, model_name)
@@ -208,16 +170,16 @@ def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 def test_get_peft_model_without_preprocessing_is_refused():
     with pytest.raises(ValueError, match=r"preprocess_corda\(model, lora_config, run_model=\.\.\.\)"):
-        fastpeft.get_peft_model(models.make_mlp(), _config("fastpeft", "mlp"))
+        fastpeft.get_peft_model(models.make_mlp(), corda_lora_config("fastpeft", "mlp"))
 
 
 def test_preprocessing_with_another_rank_is_refused():
     model = models.make_mlp()
-    pre_config = _config("fastpeft", "mlp", r=2)
-    preprocess_corda(model, pre_config, run_model=_runner(model, _calibration("mlp")))
+    pre_config = corda_lora_config("fastpeft", "mlp", r=2)
+    preprocess_corda(model, pre_config, run_model=corda_runner(model, corda_calibration("mlp")))
     with pytest.raises(ValueError,
                        match=r"U_WC has shape \(20, 2\), expected \(20, 4\).*same model and LoraConfig"):
-        fastpeft.get_peft_model(model, _config("fastpeft", "mlp", r=4))
+        fastpeft.get_peft_model(model, corda_lora_config("fastpeft", "mlp", r=4))
 
 
 def test_bad_config_and_preprocessing_input_are_refused(tmp_path):
@@ -231,17 +193,18 @@ def test_bad_config_and_preprocessing_input_are_refused(tmp_path):
     assert coerced.corda_config == CordaConfig(corda_method="kpm", verbose=True)
     model = models.make_mlp()
     with pytest.raises(ValueError, match="needs run_model"):
-        preprocess_corda(model, _config("fastpeft", "mlp"))
+        preprocess_corda(model, corda_lora_config("fastpeft", "mlp"))
     with pytest.raises(ValueError, match="corda_config"):
         preprocess_corda(model, fastpeft.LoraConfig(target_modules=["lin0"]), run_model=lambda: None)
     with pytest.raises(ValueError, match="'lin1' never ran during run_model"):
-        preprocess_corda(model, _config("fastpeft", "mlp"), run_model=lambda: model.lin0(torch.randn(4, 10)))
+        preprocess_corda(model, corda_lora_config("fastpeft", "mlp"),
+                         run_model=lambda: model.lin0(torch.randn(4, 10)))
     with pytest.raises(ValueError,
                        match=r"r=4 for layer 'head' exceeds min\(in_features, out_features\) = 2"):
-        preprocess_corda(model, _config("fastpeft", "mlp", target_modules=["head"]),
-                         run_model=_runner(model, _calibration("mlp")))
+        preprocess_corda(model, corda_lora_config("fastpeft", "mlp", target_modules=["head"]),
+                         run_model=corda_runner(model, corda_calibration("mlp")))
     with pytest.raises(ValueError, match="NaN or inf"):
-        preprocess_corda(model, _config("fastpeft", "mlp"),
+        preprocess_corda(model, corda_lora_config("fastpeft", "mlp"),
                          run_model=lambda: model(torch.full((2, 10), float("nan"))))
     assert not any(hasattr(m, "_fastpeft_corda_eigens") for m in model.modules())  # nothing half-done left
 

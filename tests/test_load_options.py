@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 import fastpeft
 from fastpeft.core.layer import AdapterLayer
 from fastpeft.errors import AdapterLoadError
-from test_oracle_matrix import ROWS, config, outputs, trained
+from oracle_rows import ORACLE_ROWS, row_config, row_outputs, trained_row
 
 from models import MODELS
 
-LAYER_ROWS = [c for c in ROWS if c.method not in ("PromptTuningConfig",)]
+LAYER_ROWS = [c for c in ORACLE_ROWS if c.method not in ("PromptTuningConfig",)]
 
 
 def _meta_adapter_weights(model, adapter: str = "default") -> list[str]:
@@ -27,17 +27,18 @@ def _meta_adapter_weights(model, adapter: str = "default") -> list[str]:
 @pytest.mark.parametrize("case", LAYER_ROWS, ids=lambda c: c.id)
 def test_low_cpu_mem_usage_load_equals_hf(case, tmp_path):
     """Every layer method: adapter weights start on the meta device and take the file's tensors."""
-    theirs = trained(peft, case)
+    theirs = trained_row(peft, case)
     theirs.save_pretrained(str(tmp_path))
     ours = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path), low_cpu_mem_usage=True)
     assert not _meta_adapter_weights(ours)
-    torch.testing.assert_close(outputs(ours.eval(), case), outputs(theirs, case), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(row_outputs(ours.eval(), case), row_outputs(theirs, case),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_low_cpu_mem_usage_builds_on_meta_then_loads(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-llama")
-    trained(fastpeft, case).save_pretrained(str(tmp_path))
-    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](),
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-llama")
+    trained_row(fastpeft, case).save_pretrained(str(tmp_path))
+    model = fastpeft.inject_adapter_in_model(row_config(fastpeft, case), MODELS[case.model][0](),
                                              low_cpu_mem_usage=True)
     assert _meta_adapter_weights(model), (
         "low_cpu_mem_usage=True must create the adapter weights without memory")
@@ -52,11 +53,11 @@ def test_low_cpu_mem_usage_builds_on_meta_then_loads(tmp_path):
 
 
 def test_low_cpu_mem_usage_refuses_a_file_that_leaves_weights_empty(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-mlp")
-    trained(fastpeft, case).save_pretrained(str(tmp_path))
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-mlp")
+    trained_row(fastpeft, case).save_pretrained(str(tmp_path))
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     partial = {k: v for k, v in saved.items() if "lin0" not in k}
-    model = fastpeft.inject_adapter_in_model(config(fastpeft, case), MODELS[case.model][0](),
+    model = fastpeft.inject_adapter_in_model(row_config(fastpeft, case), MODELS[case.model][0](),
                                              low_cpu_mem_usage=True)
     with pytest.raises(AdapterLoadError, match="no values for 2 weight"):
         fastpeft.set_peft_model_state_dict(model, {k.removeprefix("base_model.model."): v
@@ -81,8 +82,8 @@ def _renamed_mlp():
 
 
 def test_key_mapping_renames_file_keys_like_hf(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-mlp")
-    trained(fastpeft, case).save_pretrained(str(tmp_path))
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-mlp")
+    trained_row(fastpeft, case).save_pretrained(str(tmp_path))
     mapping = {r"^lin0\.": "first."}
     ours = fastpeft.load_peft_weights(str(tmp_path), key_mapping=mapping)
     theirs = peft.utils.load_peft_weights(str(tmp_path), key_mapping=mapping)
@@ -91,8 +92,8 @@ def test_key_mapping_renames_file_keys_like_hf(tmp_path):
 
 
 def test_from_pretrained_key_mapping_and_model_default(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-mlp")
-    source = trained(fastpeft, case)
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-mlp")
+    source = trained_row(fastpeft, case)
     source.save_pretrained(str(tmp_path))
     inputs = MODELS["mlp"][1]()
     kwargs = {"target_modules": ["first", "lin1"], "r": 4}
@@ -111,8 +112,8 @@ def test_from_pretrained_key_mapping_and_model_default(tmp_path):
 
 
 def test_inject_targets_the_state_dict_modules(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-mlp")
-    trained(fastpeft, case).save_pretrained(str(tmp_path))
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-mlp")
+    trained_row(fastpeft, case).save_pretrained(str(tmp_path))
     state = {k.removeprefix("base_model.model."): v
              for k, v in load_file(str(tmp_path / "adapter_model.safetensors")).items()}
     only_lin1 = fastpeft.LoraConfig(r=4, target_modules=["lin1"])
@@ -125,8 +126,8 @@ def test_inject_targets_the_state_dict_modules(tmp_path):
 
 
 def test_ephemeral_gpu_offload_is_refused(tmp_path):
-    case = next(c for c in ROWS if c.id == "lora-mlp")
-    model = trained(fastpeft, case)
+    case = next(c for c in ORACLE_ROWS if c.id == "lora-mlp")
+    model = trained_row(fastpeft, case)
     model.save_pretrained(str(tmp_path))
     with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload"):
         fastpeft.PeftModel.from_pretrained(MODELS["mlp"][0](), str(tmp_path), ephemeral_gpu_offload=True)

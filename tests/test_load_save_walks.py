@@ -21,7 +21,7 @@ import fastpeft
 from fastpeft.checkpoint import fingerprint, keys
 from fastpeft.core.transaction import Transaction
 from fastpeft.errors import AdapterLoadError
-from test_safety_loads import WEIGHTS, assert_same_state, state_of
+from state_helpers import WEIGHTS, assert_same_state, state_of
 
 import models
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.methods.lora.inits.lora_ga import LoraGAConfig, preprocess_loraga
+from lora_init_helpers import LORAGA_LIBS, build_loraga, loraga_batches, loraga_lora_config, loraga_trainer
 
 import models
 from conversion_helpers import (
@@ -27,48 +28,8 @@ from conversion_helpers import (
     assert_same_tensors,
 )
 
-TARGETS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"],
-           "conv1d_gpt2": ["c_fc", "c_proj"]}
-LIBS = {"fastpeft": (fastpeft, LoraGAConfig, preprocess_loraga),
-        "hf": (peft, peft.LoraGAConfig, peft.preprocess_loraga)}
 DIRECTIONS = ["ArBr", "A2rBr", "ArB2r", "random"]
 SCALES = ["stable", "weight_svd", "gd_scale", "unit"]
-
-
-def _batches(model_name: str) -> list:
-    g = torch.Generator().manual_seed(21)
-    if model_name == "llama":
-        return [torch.randint(0, 100, (2, 10), generator=g) for _ in range(2)]
-    if model_name == "conv1d_gpt2":
-        return [torch.randn(2, 6, 10, generator=g) for _ in range(2)]
-    return [torch.randn(8, 10, generator=g) for _ in range(3)]
-
-
-def _trainer(model, model_name: str):
-    def train_step():
-        for batch in _batches(model_name):
-            if model_name == "llama":
-                loss = model(input_ids=batch, labels=batch).loss
-            else:
-                loss = model(batch).pow(2).mean()
-            loss.backward()
-    return train_step
-
-
-def _config(lib_name: str, model_name: str, ga=None, **kw):
-    lib, ga_cls, _ = LIBS[lib_name]
-    kw = {"target_modules": TARGETS[model_name], "r": 3, "lora_alpha": 8, "init_lora_weights": "lora_ga",
-          "lora_ga_config": ga_cls(**(ga or {})), **kw}
-    return lib.LoraConfig(**kw)
-
-
-def _build(lib_name: str, model_name: str, ga=None, cache_file=None, train=True, **kw):
-    lib, _, pre = LIBS[lib_name]
-    model = models.MODELS[model_name][0]()
-    config = _config(lib_name, model_name, ga, **kw)
-    pre(model, config, train_step=_trainer(model, model_name) if train else None, cache_file=cache_file)
-    torch.manual_seed(3)  # randomized SVDs and the 'random' direction draw from the global generator
-    return lib.get_peft_model(model, config)
 
 
 _tensors, _assert_same = adapter_and_base_tensors, assert_same_tensors
@@ -84,7 +45,7 @@ def _inputs(model_name: str):
                          [*zip(DIRECTIONS, SCALES), ("ArBr", "unit"), ("random", "weight_svd")])
 def test_every_direction_and_scale_matches_hf_on_the_mlp(direction, scale):
     ga = {"direction": direction, "scale": scale, "stable_gamma": 4}
-    fp, hf = _build("fastpeft", "mlp", ga), _build("hf", "mlp", ga)
+    fp, hf = build_loraga("fastpeft", "mlp", ga), build_loraga("hf", "mlp", ga)
     _assert_same(fp, hf)
     inputs = _inputs("mlp")
     torch.testing.assert_close(models.forward(fp, inputs), models.forward(models.make_mlp(), inputs),
@@ -95,7 +56,7 @@ def test_every_direction_and_scale_matches_hf_on_the_mlp(direction, scale):
                          [("llama", {}), ("llama", {"direction": "ArBr", "scale": "weight_svd"}),
                           ("conv1d_gpt2", {}), ("conv1d_gpt2", {"scale": "gd_scale"})])
 def test_transformers_models_match_hf_and_outputs_are_kept(model_name, ga):
-    fp, hf = _build("fastpeft", model_name, ga), _build("hf", model_name, ga)
+    fp, hf = build_loraga("fastpeft", model_name, ga), build_loraga("hf", model_name, ga)
     _assert_same(fp, hf)
     inputs, original = _inputs(model_name), models.MODELS[model_name][0]()
     out = models.forward(fp, inputs)
@@ -112,11 +73,11 @@ def test_transformers_models_match_hf_and_outputs_are_kept(model_name, ga):
 @pytest.mark.parametrize("autocast", [True, False])
 def test_half_precision_base_matches_hf(autocast):
     built = {}
-    for name, (lib, _, pre) in LIBS.items():
+    for name, (lib, _, pre) in LORAGA_LIBS.items():
         model = models.make_mlp().bfloat16()
-        config = _config(name, "mlp")
-        pre(model, config,
-            train_step=lambda m=model: m(_batches("mlp")[0].bfloat16()).float().pow(2).mean().backward())
+        config = loraga_lora_config(name, "mlp")
+        batch = loraga_batches("mlp")[0].bfloat16()
+        pre(model, config, train_step=lambda m=model, x=batch: m(x).float().pow(2).mean().backward())
         torch.manual_seed(3)
         built[name] = lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
     assert_bitwise_same(built["fastpeft"], built["hf"], autocast)
@@ -126,14 +87,14 @@ def test_factors_follow_the_gradient_and_state_is_restored():
     model = models.make_mlp()
     model.lin1.weight.grad = torch.ones_like(model.lin1.weight)  # stale gradient: not part of the estimate
     model.head.weight.requires_grad_(False)
-    config = _config("fastpeft", "mlp", {"direction": "ArB2r", "scale": "unit"})
-    preprocess_loraga(model, config, train_step=_trainer(model, "mlp"))
+    config = loraga_lora_config("fastpeft", "mlp", {"direction": "ArB2r", "scale": "unit"})
+    preprocess_loraga(model, config, train_step=loraga_trainer(model, "mlp"))
     assert not model.training and model.lin1.weight.grad is None
     assert model.lin0.weight.requires_grad and not model.head.weight.requires_grad
     grad = model.lin1._fastpeft_loraga.grad
 
     reference = models.make_mlp()  # the mean gradient over the 3 batches, computed directly
-    _trainer(reference, "mlp")()
+    loraga_trainer(reference, "mlp")()
     torch.testing.assert_close(grad, reference.lin1.weight.grad / 3)
 
     layer = fastpeft.get_peft_model(model, config).base_model.model.lin1
@@ -146,22 +107,23 @@ def test_factors_follow_the_gradient_and_state_is_restored():
 
 def test_get_peft_model_config_decides_direction_and_scale_as_hf():
     built = {}
-    for name, (lib, _, pre) in LIBS.items():
+    for name, (lib, _, pre) in LORAGA_LIBS.items():
         model = models.make_mlp()
-        pre(model, _config(name, "mlp"), train_step=_trainer(model, "mlp"))
+        pre(model, loraga_lora_config(name, "mlp"), train_step=loraga_trainer(model, "mlp"))
         torch.manual_seed(3)
-        built[name] = lib.get_peft_model(model, _config(name, "mlp", {"direction": "A2rBr", "scale": "unit"}))
+        unit_config = loraga_lora_config(name, "mlp", {"direction": "A2rBr", "scale": "unit"})
+        built[name] = lib.get_peft_model(model, unit_config)
     _assert_same(built["fastpeft"], built["hf"])
-    unit = _build("fastpeft", "mlp", {"direction": "A2rBr", "scale": "unit"})
+    unit = build_loraga("fastpeft", "mlp", {"direction": "A2rBr", "scale": "unit"})
     _assert_same(built["fastpeft"], unit)
 
 
 def test_default_targets_are_filled_in_as_hf():
     built = {}
-    for name, (lib, ga_cls, pre) in LIBS.items():
+    for name, (lib, ga_cls, pre) in LORAGA_LIBS.items():
         model = models.make_llama()
         config = lib.LoraConfig(r=2, init_lora_weights="lora_ga", lora_ga_config=ga_cls())
-        pre(model, config, train_step=_trainer(model, "llama"))
+        pre(model, config, train_step=loraga_trainer(model, "llama"))
         assert set(config.target_modules) == {"q_proj", "v_proj"}
         torch.manual_seed(3)
         built[name] = lib.get_peft_model(model, config)
@@ -172,17 +134,17 @@ def test_default_targets_are_filled_in_as_hf():
 @pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
 def test_gradient_cache_is_read_across_libraries(writer, reader, tmp_path):
     cache = str(tmp_path / "sub" / "grads.pt")
-    written = _build(writer, "mlp", cache_file=cache)
-    read = _build(reader, "mlp", cache_file=cache, train=False)  # no train_step: the cache is used
+    written = build_loraga(writer, "mlp", cache_file=cache)
+    read = build_loraga(reader, "mlp", cache_file=cache, train=False)  # no train_step: the cache is used
     _assert_same(read, written)
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama"])
 @pytest.mark.parametrize("writer, reader", [("hf", "fastpeft"), ("fastpeft", "hf")])
 def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tmp_path):
-    source = _build(writer, model_name)
+    source = build_loraga(writer, model_name)
     source.save_pretrained(str(tmp_path / "a"))
-    _build(reader, model_name).save_pretrained(str(tmp_path / "b"))
+    build_loraga(reader, model_name).save_pretrained(str(tmp_path / "b"))
     saved_a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     saved_b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert sorted(saved_a) == sorted(saved_b)
@@ -190,14 +152,15 @@ def test_saved_adapter_loads_in_the_other_library(model_name, writer, reader, tm
         torch.testing.assert_close(saved_a[key], saved_b[key], atol=1e-5, rtol=1e-5, msg=key)
     # loading needs no preprocessing: the layers start as plain LoRA and take the saved factors
     residual = copy.deepcopy(source).unload()
-    loaded = LIBS[reader][0].PeftModel.from_pretrained(residual, str(tmp_path / "a"))
+    loaded = LORAGA_LIBS[reader][0].PeftModel.from_pretrained(residual, str(tmp_path / "a"))
     inputs = _inputs(model_name)
     torch.testing.assert_close(models.forward(loaded, inputs), models.forward(source, inputs),
                                atol=1e-5, rtol=1e-5)
 
 
 def test_config_file_round_trips_lora_ga_config(tmp_path):
-    config = _config("fastpeft", "mlp", {"direction": "random", "scale": "gd_scale", "stable_gamma": 8})
+    config = loraga_lora_config("fastpeft", "mlp",
+                                {"direction": "random", "scale": "gd_scale", "stable_gamma": 8})
     config.save_pretrained(str(tmp_path / "fp"))
     hf_config = peft.LoraConfig.from_pretrained(str(tmp_path / "fp"))
     assert dataclasses.asdict(hf_config.lora_ga_config) == dataclasses.asdict(config.lora_ga_config)
@@ -208,12 +171,12 @@ def test_config_file_round_trips_lora_ga_config(tmp_path):
 
 @pytest.mark.parametrize("model_name", ["mlp", "llama"])
 def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
-    fp, hf = _build("fastpeft", model_name), _build("hf", model_name)
+    fp, hf = build_loraga("fastpeft", model_name), build_loraga("hf", model_name)
     fp.save_pretrained(str(tmp_path / "init"))
     shutil.copytree(tmp_path / "init", tmp_path / "init_hf")
     opt = torch.optim.SGD([p for p in fp.parameters() if p.requires_grad], lr=0.5)
     fp.train()
-    _trainer(fp, model_name)()
+    loraga_trainer(fp, model_name)()
     opt.step()
     fp.eval()
     assert_converted_like_hf(fp, hf, tmp_path, models.MODELS[model_name][0], _inputs(model_name), (6, 16))
@@ -222,7 +185,7 @@ def test_conversion_to_plain_lora_matches_hf(model_name, tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_preprocessing_warns_and_falls_back_to_plain_lora(caplog):
     with caplog.at_level(logging.WARNING, logger="fastpeft"):
-        model = fastpeft.get_peft_model(models.make_mlp(), _config("fastpeft", "mlp"))
+        model = fastpeft.get_peft_model(models.make_mlp(), loraga_lora_config("fastpeft", "mlp"))
     assert "run preprocess_loraga(model, lora_config, train_step=...) before get_peft_model" in caplog.text
     assert not model.base_model.model.lin0.lora_B["default"].weight.any()
     torch.testing.assert_close(model.base_model.model.lin0.base_layer.weight, models.make_mlp().lin0.weight)
@@ -242,18 +205,19 @@ def test_bad_config_and_preprocessing_input_are_refused():
         preprocess_loraga(model, fastpeft.LoraConfig(target_modules=["lin0"], init_lora_weights="lora_ga"),
                           train_step=lambda: None)
     with pytest.raises(ValueError, match="no gradient reached layer 'lin1'"):
-        preprocess_loraga(model, _config("fastpeft", "mlp"),
+        preprocess_loraga(model, loraga_lora_config("fastpeft", "mlp"),
                           train_step=lambda: model.lin0(torch.randn(2, 10)).sum()
                           .backward())
     with pytest.raises(ValueError, match="matched no nn.Linear / Conv1D layer"):
         emb = models.make_emb()
-        preprocess_loraga(emb, _config("fastpeft", "mlp", target_modules=["emb"]), train_step=lambda: None)
+        preprocess_loraga(emb, loraga_lora_config("fastpeft", "mlp", target_modules=["emb"]),
+                          train_step=lambda: None)
     assert all(p.requires_grad for p in model.parameters()) and model.lin0.weight.grad is None
 
 
 def test_rank_too_large_for_the_gradient_split_is_refused():
     model = models.make_mlp()
-    config = _config("fastpeft", "mlp", r=6)  # 2r = 12 > min(10, 20)
-    preprocess_loraga(model, config, train_step=_trainer(model, "mlp"))
+    config = loraga_lora_config("fastpeft", "mlp", r=6)  # 2r = 12 > min(10, 20)
+    preprocess_loraga(model, config, train_step=loraga_trainer(model, "mlp"))
     with pytest.raises(ValueError, match=r"needs 2 \* r <= min\(in_features, out_features\) = 10; got r=6"):
         fastpeft.get_peft_model(model, config)

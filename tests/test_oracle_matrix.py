@@ -13,69 +13,44 @@ cannot pass.
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import fastpeft
-from fastpeft import registry
+from oracle_rows import ORACLE_ROWS, row_outputs, trained_row
 
-from cases import METHOD_CASES
-from models import MODELS, forward, perturb
+from models import MODELS
 
 ATOL = RTOL = 1e-6  # outputs
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-5
 EFFECT = 100
-ROWS = [c for c in METHOD_CASES if c.hf_oracle]
-
-
-def config(lib, case):
-    kwargs = copy.deepcopy(case.kwargs)
-    if "task_type" in kwargs:
-        kwargs["task_type"] = getattr(lib.TaskType, kwargs["task_type"])
-    if lib is peft:
-        return getattr(peft, case.method)(**kwargs)
-    cls = next(s.config_cls for s in registry.registered().values() if s.config_cls.__name__ == case.method)
-    return cls(**kwargs)
-
-
-def trained(lib, case, seed: int = 0):
-    """A model of `lib` with the row's adapter moved off its init by seeded noise, in eval mode."""
-    torch.manual_seed(seed)
-    model = lib.get_peft_model(MODELS[case.model][0](), config(lib, case))
-    return perturb(model, seed, 0.1).eval()
-
-
-def outputs(model, case):
-    return forward(model, MODELS[case.model][1]())
 
 
 def assert_same_outputs(actual, expected, case) -> None:
     """`actual` equals `expected` (an adapted model's outputs) within the tolerance, and the adapter moves
     `expected` away from the base model's outputs by at least EFFECT tolerances."""
     tolerance = ATOL + RTOL * expected.abs().max().item()
-    effect = (expected - outputs(MODELS[case.model][0](), case)).abs().max().item()
+    effect = (expected - row_outputs(MODELS[case.model][0](), case)).abs().max().item()
     assert effect >= EFFECT * tolerance, f"the adapter's effect {effect:.2e} < {EFFECT} x {tolerance:.1e}"
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("case", ROWS, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ORACLE_ROWS, ids=lambda c: c.id)
 def test_hf_adapter_loads_in_fastpeft(case, tmp_path):
-    theirs = trained(peft, case)
+    theirs = trained_row(peft, case)
     theirs.save_pretrained(str(tmp_path))
     ours = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path)).eval()
-    assert_same_outputs(outputs(ours, case), outputs(theirs, case), case)
+    assert_same_outputs(row_outputs(ours, case), row_outputs(theirs, case), case)
 
 
-@pytest.mark.parametrize("case", ROWS, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ORACLE_ROWS, ids=lambda c: c.id)
 def test_fastpeft_adapter_loads_in_hf_with_hf_keys(case, tmp_path):
-    ours = trained(fastpeft, case)
+    ours = trained_row(fastpeft, case)
     ours.save_pretrained(str(tmp_path / "ours"))
     theirs = peft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path / "ours")).eval()
-    assert_same_outputs(outputs(theirs, case), outputs(ours, case), case)
+    assert_same_outputs(row_outputs(theirs, case), row_outputs(ours, case), case)
     theirs.save_pretrained(str(tmp_path / "hf"))
     ours_sd = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     hf_sd = load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
@@ -107,9 +82,9 @@ def file_gradients(lib, model) -> dict[str, torch.Tensor]:
             p.data = data
 
 
-@pytest.mark.parametrize("case", [c for c in ROWS if c.hf_same_gradients], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in ORACLE_ROWS if c.hf_same_gradients], ids=lambda c: c.id)
 def test_one_training_step_matches_hf(case, tmp_path):
-    theirs = trained(peft, case)
+    theirs = trained_row(peft, case)
     theirs.save_pretrained(str(tmp_path))
     ours = fastpeft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path), is_trainable=True)
     theirs = peft.PeftModel.from_pretrained(MODELS[case.model][0](), str(tmp_path), is_trainable=True)
@@ -125,4 +100,4 @@ def test_one_training_step_matches_hf(case, tmp_path):
     assert largest >= EFFECT * GRAD_ATOL, f"largest gradient {largest:.2e}: < {EFFECT} x {GRAD_ATOL}"
     for key, value in grads[1].items():
         torch.testing.assert_close(grads[0][key], value, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=key)
-    torch.testing.assert_close(outputs(ours, case), outputs(theirs, case), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(row_outputs(ours, case), row_outputs(theirs, case), atol=ATOL, rtol=RTOL)

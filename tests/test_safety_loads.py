@@ -24,50 +24,15 @@ from fastpeft.checkpoint import keys
 from fastpeft.checkpoint.keys import LoadResult
 from fastpeft.errors import AdapterConfigError, AdapterLoadError, AdapterShapeError
 from fastpeft.methods.lora.model import LoraModel
+from state_helpers import LORA_KW, WEIGHTS, assert_same_state, hf_saved, state_of
 
 import models
-
-WEIGHTS = "adapter_model.safetensors"
-KW = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], modules_to_save=["head"])
-
-
-def hf_saved(path: Path, seed: int = 1, **kw) -> Path:
-    """An adapter trained away from its init in HF PEFT, saved to `path`."""
-    model = peft.get_peft_model(models.make_mlp(), peft.LoraConfig(**{**KW, **kw}))
-    models.perturb(model, seed, 0.3)
-    model.save_pretrained(str(path))
-    return path
 
 
 def rewrite_weights(path: Path, change) -> None:
     tensors = load_file(str(path / WEIGHTS))
     change(tensors)
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-
-
-# ------------------------------------------------------------------------------------------ model state
-def state_of(model) -> dict:
-    """Everything a failed load must leave as it was."""
-    peft_state = None
-    if isinstance(model, fastpeft.PeftModel):
-        peft_state = ({k: c.to_dict() for k, c in model.peft_config.items()}, model.active_adapter)
-    return {
-        "types": [(n, type(m)) for n, m in model.named_modules()],
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grads": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "training": [(n, m.training) for n, m in model.named_modules()],
-        "attrs": sorted(vars(model)),
-        "peft": peft_state,
-    }
-
-
-def assert_same_state(model, before: dict) -> None:
-    after = state_of(model)
-    for key in ("types", "grads", "training", "attrs", "peft"):
-        assert after[key] == before[key], key
-    assert list(after["state"]) == list(before["state"])
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), f"{k} changed"
 
 
 def peft_model_with_default(tmp_path: Path):
@@ -144,7 +109,7 @@ def test_failed_from_pretrained_leaves_base_model_unchanged(tmp_path, failure):
         fastpeft.PeftModel.from_pretrained(base, str(path), **FAILURES[failure][1])
     assert_load_error(err, failure, path)
     assert_same_state(base, before)
-    fastpeft.get_peft_model(base, fastpeft.LoraConfig(**KW))  # the model is still usable
+    fastpeft.get_peft_model(base, fastpeft.LoraConfig(**LORA_KW))  # the model is still usable
 
 
 # into a new adapter (every failure), or into the existing one (failures that reach its weights: they are
@@ -327,8 +292,8 @@ def test_files_whose_dtype_differs_load_converted_as_in_hf(tmp_path):
 
 
 CLEAN_ROWS = {
-    "lora": ("LoraConfig", {**KW, "lora_dropout": 0.1, "use_rslora": True}),
-    "dora": ("LoraConfig", {**KW, "use_dora": True}),
+    "lora": ("LoraConfig", {**LORA_KW, "lora_dropout": 0.1, "use_rslora": True}),
+    "dora": ("LoraConfig", {**LORA_KW, "use_dora": True}),
     "ia3": ("IA3Config", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}),
     "vera": ("VeraConfig", {"r": 4, "target_modules": ["lin1"], "save_projection": True}),
     "vblora": ("VBLoRAConfig", {"r": 4, "target_modules": ["lin0", "lin1"], "num_vectors": 8,
@@ -362,7 +327,7 @@ def test_set_peft_model_state_dict_strict_on_a_bare_injected_model(tmp_path):
     outputs."""
     path = hf_saved(tmp_path / "a", modules_to_save=None)
     file_state = load_file(str(path / WEIGHTS))
-    kw = {**KW, "modules_to_save": None}
+    kw = {**LORA_KW, "modules_to_save": None}
     state = {k.removeprefix("base_model.model."): v for k, v in file_state.items()}
     hf_model = peft.inject_adapter_in_model(peft.LoraConfig(**kw), models.make_mlp())
     assert not peft.set_peft_model_state_dict(hf_model, state).unexpected_keys

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastpeft
+from cli_models import lm_texts, save_llama, write_jsonl
 from fastpeft.cli import main
 from fastpeft.cli.checkpoints import CHECKPOINTS, STATE_FILE
 from fastpeft.errors import (
@@ -30,7 +31,7 @@ from fastpeft.errors import (
     UnsafeAdapterFileError,
 )
 from fastpeft.hotswap import hotswap_adapter
-from test_cli_models import lm_texts, save_llama, write_jsonl
+from lora_init_helpers import build_corda, build_loraga
 
 import models
 
@@ -209,15 +210,11 @@ def test_cli_resume_from_a_damaged_checkpoint_exits_2(tmp_path, capsys, llama_ru
 
 # ---------------------------------------------------------------------------------------------- init caches
 def _corda(cache: Path, lib: str = "fastpeft", run: bool = True):
-    from test_corda import _build
-
-    return _build(lib, "mlp", "kpm", run=run, cache_file=str(cache))
+    return build_corda(lib, "mlp", "kpm", run=run, cache_file=str(cache))
 
 
 def _lora_ga(cache: Path, lib: str = "fastpeft", run: bool = True):
-    from test_lora_ga import _build
-
-    return _build(lib, "mlp", cache_file=str(cache), train=run)
+    return build_loraga(lib, "mlp", cache_file=str(cache), train=run)
 
 
 @pytest.mark.parametrize("build", [_corda, _lora_ga], ids=["corda", "lora_ga"])

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import fastpeft
+from cli_models import save_llama
 from fastpeft.checkpoint import atomic
 from fastpeft.cli import checkpoints, common, main
-from test_cli_models import save_llama
 
 import models
 

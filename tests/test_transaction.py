@@ -27,7 +27,7 @@ from fastpeft.core.transaction import Transaction, swap_in
 from fastpeft.core.tuner import Tuner
 from fastpeft.methods.lora import token_rows
 from fastpeft.methods.lora.model import LoraModel
-from test_safety_loads import assert_same_state, hf_saved, state_of
+from state_helpers import assert_same_state, hf_saved, state_of
 
 import models
 
