@@ -237,6 +237,15 @@ METHOD_CASES = [
           "bias": "boft_only"}),
     Case("boft-conv2d", "conv2d", "BOFTConfig", {"target_modules": ["conv0"], "boft_block_size": 6}),
     Case("boft-llama", "llama", "BOFTConfig", {"task_type": "CAUSAL_LM", "boft_block_size": 8}),
+    # C3A: block-circulant updates (default init xavier_uniform: no identity; block_size divides every
+    # target's sizes). HF PEFT 0.21's FFT backward gets the input gradient wrong: stacked C3A layers train
+    # differently there (tests/methods/test_c3a.py)
+    Case("c3a-mlp", "mlp", "C3AConfig", {"block_size": 10, "target_modules": ["lin0", "lin1"]},
+         identity_init=False, hf_same_gradients=False),
+    Case("c3a-mlp-bias-only", "mlp", "C3AConfig",
+         {"block_size": 5, "target_modules": ["lin1"], "bias": "c3a_only", "init_weights": True}),
+    Case("c3a-llama", "llama", "C3AConfig", {"block_size": 16, "task_type": "CAUSAL_LM"},
+         identity_init=False, hf_same_gradients=False),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

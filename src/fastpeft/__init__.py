@@ -33,6 +33,7 @@ from .errors import (
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.boft import BOFTConfig, BOFTModel
+from .methods.c3a import C3AConfig, C3AModel
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.fourierft import FourierFTConfig, FourierFTModel
 from .methods.gralora import GraloraConfig, GraloraModel
@@ -107,6 +108,8 @@ __all__ = [
     "BOFTConfig",
     "BOFTModel",
     "BdLoraConfig",
+    "C3AConfig",
+    "C3AModel",
     "CPTConfig",
     "CPTEmbedding",
     "CordaConfig",

@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     adalora,
     adaption_prompt,
     boft,
+    c3a,
     cpt,
     fourierft,
     gralora,

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     adalora,
     adaption_prompt,
     boft,
+    c3a,
     cpt,
     fourierft,
     gralora,
@@ -31,6 +32,7 @@ from . import (  # noqa: F401
 from .adalora import AdaLoraConfig, AdaLoraModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .boft import BOFTConfig, BOFTModel
+from .c3a import C3AConfig, C3AModel
 from .fourierft import FourierFTConfig, FourierFTModel
 from .gralora import GraloraConfig, GraloraModel
 from .hra import HRAConfig, HRAModel
@@ -59,6 +61,8 @@ __all__ = [
     "AdaptionPromptModel",
     "BOFTConfig",
     "BOFTModel",
+    "C3AConfig",
+    "C3AModel",
     "FourierFTConfig",
     "FourierFTModel",
     "GraloraConfig",
