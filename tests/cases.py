@@ -130,6 +130,11 @@ METHOD_CASES = [
     Case("hra-conv2d", "conv2d", "HRAConfig", {"r": 4, "target_modules": ["conv0"]}),
     Case("hra-mlp-bias-only", "mlp", "HRAConfig", {"r": 2, "target_modules": ["lin1"], "bias": "hra_only"}),
     Case("hra-llama", "llama", "HRAConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # Lily: A / B shared across layers, a router mixing the Bs from the batch's tokens: no merged form
+    Case("lily-mlp", "mlp", "LilyConfig", {"r": 4, "num_B": 2, "target_modules": ["lin0", "lin1"]},
+         mergeable=False),
+    Case("lily-llama", "llama", "LilyConfig", {"r": 4, "stride_A": 2, "task_type": "CAUSAL_LM"},
+         mergeable=False),
     Case("miss-mlp", "mlp", "MissConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
     Case("miss-mlp-bat", "mlp", "MissConfig",
          {"r": 2, "target_modules": ["lin0", "lin1"], "init_weights": "bat"}),

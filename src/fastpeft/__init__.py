@@ -39,6 +39,7 @@ from .methods.fourierft import FourierFTConfig, FourierFTModel
 from .methods.gralora import GraloraConfig, GraloraModel
 from .methods.hra import HRAConfig, HRAModel
 from .methods.ia3 import IA3Config, IA3Model
+from .methods.lily import LilyConfig, LilyModel
 from .methods.ln_tuning import LNTuningConfig, LNTuningModel
 from .methods.loha import LoHaConfig, LoHaModel
 from .methods.lokr import LoKrConfig, LoKrModel
@@ -126,6 +127,8 @@ __all__ = [
     "KasaConfig",
     "LNTuningConfig",
     "LNTuningModel",
+    "LilyConfig",
+    "LilyModel",
     "LoHaConfig",
     "LoHaModel",
     "LoKrConfig",

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     gralora,
     hra,
     ia3,
+    lily,
     ln_tuning,
     loha,
     lokr,
