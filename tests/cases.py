@@ -219,6 +219,11 @@ METHOD_CASES = [
     Case("shira-mlp-save-head", "mlp", "ShiraConfig",
          {"r": 1, "target_modules": ["lin0"], "modules_to_save": ["head"]}),
     Case("shira-llama", "llama", "ShiraConfig", {"r": 2, "task_type": "CAUSAL_LM", "random_seed": 42}),
+    # BEFT: a trained bias on each target's output; merging adds it to the base bias (tiny llama's v_proj has
+    # none: its merge is refused)
+    Case("beft-mlp", "mlp", "BeftConfig", {"target_modules": ["lin0", "lin1"]}),
+    Case("beft-llama", "llama", "BeftConfig", {"task_type": "CAUSAL_LM"}, mergeable=False),
+    Case("beft-bert-cls", "bert_cls", "BeftConfig", {"task_type": "SEQ_CLS"}),
     Case("vblora-mlp", "mlp", "VBLoRAConfig",
          {"target_modules": ["lin0", "lin1"], "r": 2, "vector_length": 10, "num_vectors": 16},
          identity_init=False),

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from .methods.beft import BeftConfig, BeftModel
 from .methods.boft import BOFTConfig, BOFTModel
 from .methods.c3a import C3AConfig, C3AModel
 from .methods.cpt import CPTConfig, CPTEmbedding
@@ -109,6 +110,8 @@ __all__ = [
     "BOFTConfig",
     "BOFTModel",
     "BdLoraConfig",
+    "BeftConfig",
+    "BeftModel",
     "C3AConfig",
     "C3AModel",
     "CPTConfig",

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     adalora,
     adaption_prompt,
+    beft,
     boft,
     c3a,
     cpt,

@@ -4,6 +4,7 @@ fastpeft.methods)."""
 from . import (  # noqa: F401
     adalora,
     adaption_prompt,
+    beft,
     boft,
     c3a,
     cpt,
@@ -32,6 +33,7 @@ from . import (  # noqa: F401
 )
 from .adalora import AdaLoraConfig, AdaLoraModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from .beft import BeftConfig, BeftModel
 from .boft import BOFTConfig, BOFTModel
 from .c3a import C3AConfig, C3AModel
 from .fourierft import FourierFTConfig, FourierFTModel
@@ -63,6 +65,8 @@ __all__ = [
     "AdaptionPromptModel",
     "BOFTConfig",
     "BOFTModel",
+    "BeftConfig",
+    "BeftModel",
     "C3AConfig",
     "C3AModel",
     "FourierFTConfig",
