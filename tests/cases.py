@@ -214,6 +214,11 @@ METHOD_CASES = [
     Case("gralora-gpt2-conv1d", "conv1d_gpt2", "GraloraConfig",
          {"r": 4, "gralora_k": 2, "target_modules": ["c_fc", "c_proj"]}),
     Case("gralora-llama", "llama", "GraloraConfig", {"r": 8, "gralora_k": 4, "task_type": "CAUSAL_LM"}),
+    # PEANuT: the update is a small network of the frozen weight (B zero at init); merges remember W0
+    Case("peanut-mlp", "mlp", "PeanutConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("peanut-mlp-deep", "mlp", "PeanutConfig",
+         {"r": 3, "depth": 2, "act_fn": "gelu", "target_modules": ["lin0", "lin1", "head"]}),
+    Case("peanut-llama", "llama", "PeanutConfig", {"r": 4, "depth": 1, "task_type": "CAUSAL_LM"}),
     # SHiRA: r * (in + out) trained weight entries at seeded random positions (saved with the adapter)
     Case("shira-mlp", "mlp", "ShiraConfig", {"r": 2, "target_modules": ["lin0", "lin1"], "random_seed": 3}),
     Case("shira-mlp-save-head", "mlp", "ShiraConfig",

@@ -60,6 +60,7 @@ from .methods.miss import MissConfig, MissModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.oft import OFTConfig, OFTModel
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.peanut import PeanutConfig, PeanutModel
 from .methods.poly import PolyConfig, PolyModel
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -150,6 +151,8 @@ __all__ = [
     "NoMatchingPeftModuleError",
     "OFTConfig",
     "OFTModel",
+    "PeanutConfig",
+    "PeanutModel",
     "PeftConfig",
     "PeftError",
     "PeftMixedModel",

@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     multitask_prompt_tuning,
     oft,
     p_tuning,
+    peanut,
     poly,
     prefix_tuning,
     prompt_tuning,

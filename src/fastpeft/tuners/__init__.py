@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     multitask_prompt_tuning,
     oft,
     p_tuning,
+    peanut,
     poly,
     prefix_tuning,
     prompt_tuning,
@@ -49,6 +50,7 @@ from .miss import MissConfig, MissModel
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
 from .oft import OFTConfig, OFTModel
 from .p_tuning import PromptEncoder, PromptEncoderConfig
+from .peanut import PeanutConfig, PeanutModel
 from .poly import PolyConfig, PolyModel
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
@@ -93,6 +95,8 @@ __all__ = [
     "MultitaskPromptTuningConfig",
     "OFTConfig",
     "OFTModel",
+    "PeanutConfig",
+    "PeanutModel",
     "PolyConfig",
     "PolyModel",
     "PrefixEncoder",
