@@ -148,3 +148,10 @@ def test_unsupported_layers_are_refused():
 def test_bf16_base_like_hf():
     """fp32 vectors on a bf16 base: added in fp32 and rounded to bf16, as HF PEFT."""
     oracle_helpers.assert_bf16_base_like_hf(TABLE, "mlp_randn_save_head")
+
+
+def test_low_cpu_mem_usage_load(tmp_path):
+    model = build(fastpeft, "mlp_two")
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), inputs("mlp_two")), models.forward(model, inputs("mlp_two")), "meta")

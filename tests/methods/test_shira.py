@@ -171,3 +171,15 @@ def test_set_scale_scales_the_update_like_hf():
             if hasattr(module, "shira_weight"):
                 module.set_scale("default", 0.5)
     close(models.forward(fp, inputs("mlp_two")), models.forward(hf, inputs("mlp_two")), "scale 0.5")
+
+
+def test_low_cpu_mem_usage_load_and_oversize_r_in_file(tmp_path):
+    """Weights built on the meta device get the file's values and positions; an r no model could hold is
+    refused from the config file before anything is allocated."""
+    model = build(fastpeft, "mlp_two")
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), inputs("mlp_two")), models.forward(model, inputs("mlp_two")), "meta")
+    oracle_helpers.rewrite_config(tmp_path, r=10**9)
+    with pytest.raises(ValueError, match=r"ShiraConfig.r=1000000000 .* is outside"):
+        fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
