@@ -1,14 +1,13 @@
+"""Test files live in sub-folders by what they test (core/, methods/, prompt/, quant/, checkpoint/, safety/,
+cli/, integrations/); the helper modules beside this file (models.py, cases.py, ...) are imported by name from
+any of them: pyproject.toml's `pythonpath = ["tests"]` puts this folder on sys.path whatever the import mode.
+Test basenames stay unique across folders (pytest's default import mode, no __init__.py files)."""
+
 import os
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# make `import models` (tests/models.py) work regardless of rootdir / import mode
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -18,7 +18,7 @@ from fastpeft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from models import make_llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: ddp_worker.py, models.py
 MODES = ("ddp", "fsdp")
 
 
@@ -26,12 +26,12 @@ MODES = ("ddp", "fsdp")
 def runs(tmp_path_factory):
     """Start both 2-process runs at once; return {mode: output folder}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
     outs, procs = {}, {}
     for mode in MODES:
         outs[mode] = tmp_path_factory.mktemp(mode)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(HERE, "ddp_worker.py"), mode, str(outs[mode])]
+               os.path.join(TESTS, "ddp_worker.py"), mode, str(outs[mode])]
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, env=env)
     for mode, proc in procs.items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("hf_fixtures", ROOT / "tests_ecosystem" / "hf_fixtures.py")
 hf_fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hf_fixtures)

@@ -139,8 +139,8 @@ def test_import_is_lazy_and_later_imports_get_patched():
         "assert t._is_peft_model(m) and isinstance(m, t.PeftModel) and s.is_peft_model(m)\n"
         "assert not t._is_peft_model(models.make_mlp())\n"
     )
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: models.py
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

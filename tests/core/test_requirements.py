@@ -11,7 +11,8 @@ import pytest
 
 from requirements import CONSTRAINTS, pinned_versions
 
-TESTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]  # the repository: pytest reads pyproject.toml's settings there
 
 
 def test_constraints_pin_the_oracle():
@@ -25,8 +26,8 @@ def _collect_with_fake_peft(tmp_path: Path, init_source: str) -> subprocess.Comp
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         str(TESTS / "test_requirements.py")],
-        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120,
+         str(HERE)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
 
 

@@ -19,12 +19,13 @@ from fastpeft.types import PeftType
 from cases import METHOD_CASES
 from prompt_helpers import METHODS as PROMPT_METHODS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TESTS = Path(__file__).resolve().parents[1]
+README = TESTS.parent / "README.md"
 
 # prompt methods whose forward needs method-specific inputs: their contract lives in their own test file
 DEDICATED_SUITES = {
-    "MULTITASK_PROMPT_TUNING": "test_multitask_prompt_tuning.py",  # task_ids in every call
-    "CPT": "test_cpt.py",  # causal LM only, token-type masks of its own
+    "MULTITASK_PROMPT_TUNING": "methods/test_multitask_prompt_tuning.py",  # task_ids in every call
+    "CPT": "methods/test_cpt.py",  # causal LM only, token-type masks of its own
 }
 
 
@@ -59,7 +60,7 @@ def test_every_registered_method_has_matrix_rows(peft_type):
         assert any(cls == name for cls, _ in PROMPT_METHODS.values()), (
             f"{name}: no row in prompt_helpers.METHODS")
     elif peft_type in DEDICATED_SUITES:
-        assert (Path(__file__).parent / DEDICATED_SUITES[peft_type]).is_file()
+        assert (TESTS / DEDICATED_SUITES[peft_type]).is_file()
     else:
         assert any(c.method == name for c in METHOD_CASES), f"{name}: no row in tests/cases.py"
 
