@@ -261,6 +261,11 @@ METHOD_CASES = [
          {"block_size": 5, "target_modules": ["lin1"], "bias": "c3a_only", "init_weights": True}),
     Case("c3a-llama", "llama", "C3AConfig", {"block_size": 16, "task_type": "CAUSAL_LM"},
          identity_init=False, hf_same_gradients=False),
+    # DeLoRA: a rank-r update with a trained norm bound (B = 0 at init: identity)
+    Case("delora-mlp", "mlp", "DeloraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("delora-mlp-bias-only", "mlp", "DeloraConfig",
+         {"r": 2, "target_modules": ["lin1"], "bias": "delora_only", "delora_lambda": 5}),
+    Case("delora-llama", "llama", "DeloraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

@@ -36,6 +36,7 @@ from .methods.beft import BeftConfig, BeftModel
 from .methods.boft import BOFTConfig, BOFTModel
 from .methods.c3a import C3AConfig, C3AModel
 from .methods.cpt import CPTConfig, CPTEmbedding
+from .methods.delora import DeloraConfig, DeloraModel
 from .methods.fourierft import FourierFTConfig, FourierFTModel
 from .methods.gralora import GraloraConfig, GraloraModel
 from .methods.hra import HRAConfig, HRAModel
@@ -118,6 +119,8 @@ __all__ = [
     "CPTConfig",
     "CPTEmbedding",
     "CordaConfig",
+    "DeloraConfig",
+    "DeloraModel",
     "EvaConfig",
     "FastPeftError",
     "FourierFTConfig",

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     boft,
     c3a,
     cpt,
+    delora,
     fourierft,
     gralora,
     hra,
@@ -37,6 +38,7 @@ from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .beft import BeftConfig, BeftModel
 from .boft import BOFTConfig, BOFTModel
 from .c3a import C3AConfig, C3AModel
+from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
 from .gralora import GraloraConfig, GraloraModel
 from .hra import HRAConfig, HRAModel
@@ -71,6 +73,8 @@ __all__ = [
     "BeftModel",
     "C3AConfig",
     "C3AModel",
+    "DeloraConfig",
+    "DeloraModel",
     "FourierFTConfig",
     "FourierFTModel",
     "GraloraConfig",
