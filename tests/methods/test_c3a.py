@@ -186,3 +186,18 @@ def test_bf16_base_matches_hf(autocast):
 def test_config_json_matches_hf(tmp_path):
     ours, theirs = (TABLE.fresh(lib, "mlp_pattern") for lib in (fastpeft, peft))
     oh.assert_same_config_json(ours, theirs, tmp_path)
+
+
+def test_low_cpu_mem_usage_load_and_oversize_block_size_in_file(tmp_path):
+    """Kernels built on the meta device get the file's values; a block_size (or block_size_pattern value) no
+    model could hold is refused from the config file before anything is allocated."""
+    model, x = TABLE.build(fastpeft, "mlp_pattern"), TABLE.inputs("mlp_pattern")
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), x), models.forward(model, x), "meta")
+    oh.rewrite_config(tmp_path, block_size=10**9)
+    with pytest.raises(ValueError, match=r"C3AConfig.block_size=1000000000 .* is outside"):
+        fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
+    oh.rewrite_config(tmp_path, block_size=10, block_size_pattern={"lin1": 10**9})
+    with pytest.raises(ValueError, match="block_size_pattern"):
+        fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))

@@ -155,3 +155,15 @@ def test_bf16_base_matches_hf(autocast, tmp_path):
 def test_config_json_matches_hf(tmp_path):
     ours, theirs = (TABLE.fresh(lib, "mlp_patterns") for lib in (fastpeft, peft))
     oh.assert_same_config_json(ours, theirs, tmp_path)
+
+
+def test_low_cpu_mem_usage_load_and_oversize_r_in_file(tmp_path):
+    """A, B and lambda built on the meta device get the file's values (the column norms too); an r no model
+    could hold is refused from the config file before anything is allocated."""
+    model, x = TABLE.build(fastpeft, "mlp_patterns"), TABLE.inputs("mlp_patterns")
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), x), models.forward(model, x), "meta")
+    oh.rewrite_config(tmp_path, r=10**9)
+    with pytest.raises(ValueError, match=r"DeloraConfig.r=1000000000 .* is outside"):
+        fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
