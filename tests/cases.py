@@ -135,6 +135,12 @@ METHOD_CASES = [
          mergeable=False),
     Case("lily-llama", "llama", "LilyConfig", {"r": 4, "stride_A": 2, "task_type": "CAUSAL_LM"},
          mergeable=False),
+    # GLoRA: W0 + W0 * A + B and b0 + b0 * D + E + W0 @ C (plain nn.Linear only)
+    Case("glora-mlp", "mlp", "GloraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("glora-mlp-vectors-bias-only", "mlp", "GloraConfig",
+         {"target_modules": ["lin0", "lin1"], "config_A_B": "vector", "config_C": "vector",
+          "config_D_E": "vector", "bias": "glora_only"}),
+    Case("glora-llama", "llama", "GloraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     Case("miss-mlp", "mlp", "MissConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
     Case("miss-mlp-bat", "mlp", "MissConfig",
          {"r": 2, "target_modules": ["lin0", "lin1"], "init_weights": "bat"}),

@@ -38,6 +38,7 @@ from .methods.c3a import C3AConfig, C3AModel
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.delora import DeloraConfig, DeloraModel
 from .methods.fourierft import FourierFTConfig, FourierFTModel
+from .methods.glora import GloraConfig, GloraModel
 from .methods.gralora import GraloraConfig, GraloraModel
 from .methods.hra import HRAConfig, HRAModel
 from .methods.ia3 import IA3Config, IA3Model
@@ -125,6 +126,8 @@ __all__ = [
     "FastPeftError",
     "FourierFTConfig",
     "FourierFTModel",
+    "GloraConfig",
+    "GloraModel",
     "GraloraConfig",
     "GraloraModel",
     "HRAConfig",

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     cpt,
     delora,
     fourierft,
+    glora,
     gralora,
     hra,
     ia3,

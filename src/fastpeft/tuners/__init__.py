@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     cpt,
     delora,
     fourierft,
+    glora,
     gralora,
     hra,
     ia3,
@@ -40,6 +41,7 @@ from .boft import BOFTConfig, BOFTModel
 from .c3a import C3AConfig, C3AModel
 from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
+from .glora import GloraConfig, GloraModel
 from .gralora import GraloraConfig, GraloraModel
 from .hra import HRAConfig, HRAModel
 from .ia3 import IA3Config, IA3Model
@@ -77,6 +79,8 @@ __all__ = [
     "DeloraModel",
     "FourierFTConfig",
     "FourierFTModel",
+    "GloraConfig",
+    "GloraModel",
     "GraloraConfig",
     "GraloraModel",
     "HRAConfig",
