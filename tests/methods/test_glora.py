@@ -132,3 +132,16 @@ def test_unsupported_layer_is_refused_and_model_untouched(model_name, target):
     with pytest.raises(ValueError, match=f"GLoRA cannot wrap module '{target}'"):
         fastpeft.get_peft_model(model, GloraConfig(r=2, target_modules=[target]))
     assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("case", ["mlp_none_vectors", "llama"])
+def test_low_cpu_mem_usage_load_and_oversize_r_in_file(case, tmp_path):
+    """Supports built on the meta device get the file's values (the zeros buffers too); an r no model could
+    hold is refused from the config file before anything is allocated."""
+    model, x = TABLE.build(fastpeft, case), TABLE.inputs(case)
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(TABLE.base(case), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), x), models.forward(model, x), "meta")
+    oh.rewrite_config(tmp_path, r=10**9)
+    with pytest.raises(ValueError, match=r"GloraConfig.r=1000000000 .* is outside"):
+        fastpeft.PeftModel.from_pretrained(TABLE.base(case), str(tmp_path))

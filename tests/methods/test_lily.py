@@ -167,3 +167,17 @@ def test_file_with_per_layer_tensors_keeps_them(tmp_path):
     theirs.save_pretrained(str(tmp_path), selected_adapters=["other"])
     loaded = fastpeft.PeftModel.from_pretrained(TABLE.base("llama"), str(tmp_path / "other")).eval()
     close(models.forward(loaded, x), expected, "per-layer file")
+
+
+@pytest.mark.parametrize("field", ["r", "num_B"])
+def test_low_cpu_mem_usage_load_and_oversize_sizes_in_file(field, tmp_path):
+    """Shared A / B built on the meta device get the file's values; an r or num_B no model could hold is
+    refused from the config file before anything is allocated."""
+    model, x = TABLE.build(fastpeft, "llama"), TABLE.inputs("llama")
+    model.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(TABLE.base("llama"), str(tmp_path), low_cpu_mem_usage=True)
+    close(models.forward(loaded.eval(), x), models.forward(model, x), "meta")
+    assert _sharing(loaded) == _sharing(model)
+    oh.rewrite_config(tmp_path, **{field: 10**9})
+    with pytest.raises(ValueError, match=rf"LilyConfig.{field}=1000000000 .* is outside"):
+        fastpeft.PeftModel.from_pretrained(TABLE.base("llama"), str(tmp_path))

@@ -25,6 +25,7 @@ NOT_MERGEABLE = ("Lily adapters cannot be merged into the base weights: the rout
 
 class LilyLayer(AdapterLayer):
     adapter_param_names = ("lily_A", "lily_B", "lily_router")
+    input_cast_switchable = True  # the one input cast goes through `cast_input`
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__(base_layer)
