@@ -222,3 +222,40 @@ def _labelled(base_name, inputs):
 
 def _prompt_ids(seed, shape=(2, 5)):
     return torch.randint(2, 100, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------- generate() models
+# the adapted bases of the generate suites (tests/prompt/test_prompt_generate_oracle.py, ..._settings.py)
+GEN_TASK_IDS = torch.tensor([2, 0])
+GEN_BASES = {"llama": (make_llama_for_generation, "CAUSAL_LM"),
+             "gpt2": (make_gpt2_for_generation, "CAUSAL_LM"),
+             "t5": (make_t5_with_eos, "SEQ_2_SEQ_LM"), "bart": (make_bart_for_generation, "SEQ_2_SEQ_LM")}
+
+
+def _multitask(task):
+    # one prompt stack on encoder-decoders: with two, forward puts rows in front of the decoder inputs that
+    # HF PEFT's generate (and so fastpeft's) never uses, so no forward-based greedy loop can equal generate
+    return fastpeft.MultitaskPromptTuningConfig(
+        task_type=task, num_virtual_tokens=N, num_tasks=3, num_ranks=2,
+        num_transformer_submodules=1 if task == "SEQ_2_SEQ_LM" else None)
+
+
+def _cpt(task):
+    return fastpeft.CPTConfig(task_type=task, cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1] * 4,
+                              cpt_tokens_type_mask=[1, 2, 2, 3])
+
+
+def _adaption(task):
+    return fastpeft.AdaptionPromptConfig(task_type=task, adapter_len=3, adapter_layers=2)
+
+
+GEN_BUILDERS = {"multitask": _multitask, "cpt": _cpt, "adaption_prompt": _adaption}
+
+
+def adapted(base_name, method, seed=3):
+    """The adapted model and the extra keywords each call needs (task_ids for multitask prompt tuning)."""
+    make, task = GEN_BASES[base_name]
+    config = GEN_BUILDERS[method](task) if method in GEN_BUILDERS else make_config(fastpeft, method, task)
+    model = fastpeft.get_peft_model(make(), config)
+    perturb(model, seed)
+    return model.eval(), ({"task_ids": GEN_TASK_IDS} if method == "multitask" else {})

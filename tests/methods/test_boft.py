@@ -11,7 +11,16 @@ import torch
 import fastpeft
 from fastpeft.methods._shared import orthogonal as orth
 from fastpeft.methods.boft import BOFTConfig
-from test_oft import close, close_states, pair, two_adapter_pair, two_adapters
+from oft_helpers import (
+    BOFT_MODELS,
+    BlockDiagKernel,
+    close,
+    close_states,
+    make_square_mlp,
+    pair,
+    two_adapter_pair,
+    two_adapters,
+)
 
 import models
 from cases import table_row
@@ -26,18 +35,6 @@ from oracle_helpers import (
     assert_mixed_batch_rows,
 )
 
-
-def make_square_mlp():
-    torch.manual_seed(7)
-    return models.MLP(16, 16, 3).eval()
-
-
-def square_inputs():
-    return torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
-
-
-MODELS = {**models.MODELS, "square": (make_square_mlp, square_inputs)}
-
 CASES = {
     "mlp": table_row("boft-mlp"),
     "mlp_dropout": ("mlp", dict(target_modules=["lin0", "lin1"], boft_block_size=2, boft_dropout=0.5)),
@@ -48,7 +45,7 @@ CASES = {
     "bert": ("bert_cls", dict(task_type="SEQ_CLS", boft_block_size=8)),
     # butterflies (> 1 factor) need HF's CUDA kernel: compared with the `hf_butterfly` fixture's stand-in;
     # fastpeft builds one factor and loads HF's N-factor tensors with all N (files both ways:
-    # tests/test_boft_butterfly.py)
+    # tests/methods/test_boft_butterfly.py)
     "butterfly2": ("square", dict(target_modules=["lin0", "lin1"], boft_block_size=2,
                                   boft_n_butterfly_factor=2)),
     "butterfly3": ("square", dict(target_modules=["lin0", "lin1"], boft_block_size=0, boft_block_num=8,
@@ -57,33 +54,18 @@ CASES = {
 BUTTERFLY = ["butterfly2", "butterfly3"]
 
 
-class _BlockDiagKernel:
-    """What HF's fbd_cuda extension computes: a block-diagonal matrix per butterfly factor (and its
-    gradient)."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
-
-    @staticmethod
-    def backward(grad, blocks):
-        size = blocks.shape[-1]
-        parts = [grad[:, i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(blocks.shape[1])]
-        return [torch.stack(parts, dim=1)]
-
-
 @pytest.fixture(autouse=True)
 def hf_butterfly(request, monkeypatch):
     """HF PEFT silently uses one factor without its CUDA extension; butterfly cases give it a PyTorch
     kernel."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("case") in BUTTERFLY:
-        monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: _BlockDiagKernel())
+        monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: BlockDiagKernel())
 
 
-TABLE = ModelCaseTable(CASES, BOFTConfig, peft.BOFTConfig, scale=0.1, model_table=MODELS)
+TABLE = ModelCaseTable(CASES, BOFTConfig, peft.BOFTConfig, scale=0.1, model_table=BOFT_MODELS)
 build, config, inputs = TABLE.build, TABLE.config, TABLE.inputs
-# the boft-* rows of tests/cases.py with these configs: tests/test_oracle_matrix.py loads them both ways
+# the boft-* rows of tests/cases.py with these configs: tests/core/test_oracle_matrix.py loads them both ways
 ORACLE_MATRIX_ROWS = {"mlp", "mlp_blocknum_bias", "conv2d"}
 
 

@@ -19,8 +19,7 @@ from torch import nn
 import fastpeft
 from fastpeft.errors import AdapterLoadError
 from fastpeft.methods.boft import BOFTConfig
-from test_boft import MODELS, _BlockDiagKernel
-from test_oft import close
+from oft_helpers import BOFT_MODELS, BlockDiagKernel, close
 
 import models
 from oracle_helpers import (
@@ -67,7 +66,7 @@ CASES["square-f5-size"] = ("square", dict(target_modules=TARGETS["square"], boft
 BUTTERFLIES = [c for c, (_, kw) in CASES.items() if kw["boft_n_butterfly_factor"] in (2, 3)]
 
 TABLE = ModelCaseTable(CASES, BOFTConfig, peft.BOFTConfig, scale=0.1,
-                       model_table={**MODELS, "conv": (make_conv, conv_inputs)})
+                       model_table={**BOFT_MODELS, "conv": (make_conv, conv_inputs)})
 
 
 @pytest.fixture
@@ -80,7 +79,7 @@ def hf_without_extension(monkeypatch):
 @pytest.fixture
 def hf_with_extension(monkeypatch):
     """HF PEFT as on a machine where fbd_cuda compiles: N factors, block diagonals from FastBlockDiag."""
-    monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: _BlockDiagKernel())
+    monkeypatch.setattr(hf_boft_layer, "get_fbd_cuda", lambda: BlockDiagKernel())
 
 
 def factor_counts(model) -> set[int]:
@@ -116,9 +115,9 @@ def test_layouts_hf_refuses_are_refused(hf_without_extension):
                          (dict(boft_block_size=0, boft_block_num=3), "divisible by boft_block_num")]:
         kwargs = dict(target_modules=["lin0"], boft_n_butterfly_factor=2, **extra)
         with pytest.raises(ValueError):
-            peft.get_peft_model(MODELS["square"][0](), peft.BOFTConfig(**kwargs))
+            peft.get_peft_model(BOFT_MODELS["square"][0](), peft.BOFTConfig(**kwargs))
         with pytest.raises(ValueError, match=match):
-            fastpeft.get_peft_model(MODELS["square"][0](), BOFTConfig(**kwargs))
+            fastpeft.get_peft_model(BOFT_MODELS["square"][0](), BOFTConfig(**kwargs))
 
 
 def test_one_warning_per_config_names_the_single_factor(caplog):

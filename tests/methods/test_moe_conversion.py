@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft.methods.lora.params import ParamLora
-from test_target_parameters import comparable, make_mixtral, mixtral_inputs, out
+from moe_helpers import comparable, make_mixtral, mixtral_inputs, out
 
 ATOL = 1e-5
 R, ALPHA = 2, 4

@@ -11,6 +11,14 @@ from safetensors.torch import load_file
 import fastpeft
 from fastpeft.methods._shared import orthogonal as orth
 from fastpeft.methods.oft import OFTConfig
+from oft_helpers import (
+    close,
+    close_states,
+    copy_hf_into_fastpeft,
+    pair,
+    two_adapter_pair,
+    two_adapters,
+)
 from state_helpers import copy_adapter
 
 import models
@@ -24,8 +32,6 @@ from oracle_helpers import (
     assert_merge_cycle_like_hf,
     assert_mixed_batch_rows,
 )
-
-ATOL = 1e-5
 
 CASES = {
     "mlp": table_row("oft-mlp"),
@@ -50,26 +56,8 @@ TABLE = CaseTable(CASES, OFTConfig, peft.OFTConfig, scale=0.1)
 build, config, inputs = TABLE.build, TABLE.config, TABLE.inputs
 
 
-def close(a, b, what="", atol=ATOL):
-    torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
-
-
-def copy_hf_into_fastpeft(build_fn, factory, fp_config):
-    """An HF model (perturbed) and a fastpeft model with the same adapter tensors (through the state-dict
-    API)."""
-    hf = build_fn()
-    fp = fastpeft.get_peft_model(factory(), fp_config)
-    return hf, copy_adapter(peft, hf, fastpeft, fp).eval()
-
-
-def pair(table, case):
-    """`copy_hf_into_fastpeft` for a case of a CaseTable."""
-    return copy_hf_into_fastpeft(lambda: table.build(peft, case), lambda: table.base(case),
-                                 table.config(fastpeft, case))
-
-
 # ------------------------------------------------------------------------------------------- files, both ways
-# "mlp" is the oracle matrix's oft-mlp row (tests/test_oracle_matrix.py)
+# "mlp" is the oracle matrix's oft-mlp row (tests/core/test_oracle_matrix.py)
 @pytest.mark.parametrize("case", [c for c in CASES if c != "mlp"])
 def test_adapter_files_load_both_ways(case, tmp_path):
     assert_loads_both_ways(TABLE, case, tmp_path, close)
@@ -100,13 +88,6 @@ def test_training_step_gradients_match_hf(case):
     assert_gradients_like_hf(fp, hf, inputs(case), close, marker="oft_R")
     # COFT projects the parameters in place during forward: the projected values agree too
     close_states(fp, hf)
-
-
-def close_states(fp, hf):
-    fp_sd, hf_sd = fastpeft.get_peft_model_state_dict(fp), peft.get_peft_model_state_dict(hf)
-    assert set(fp_sd) == set(hf_sd)
-    for k in hf_sd:
-        close(fp_sd[k], hf_sd[k], k)
 
 
 def test_bias_oft_only_trains_adapted_biases():
@@ -147,22 +128,6 @@ def test_hf_unmerge_equals_ours_with_neumann_rotation():
 
 
 # ------------------------------------------------------------------------------------------- several adapters
-def two_adapters(table, lib, **other):
-    """`table`'s "mlp" adapter and a perturbed second one, 'other', on lin1 and head (`other`: its block
-    option)."""
-    model = table.build(lib, "mlp")
-    model.add_adapter("other", table.config(lib, "mlp", target_modules=["lin1", "head"], **other))
-    models.perturb(model, 5, 0.1, wanted=lambda n: ".other" in n)
-    return model
-
-
-def two_adapter_pair(table, **other):
-    """HF PEFT and fastpeft models with `two_adapters`, the fastpeft one holding HF PEFT's tensors."""
-    hf, fp = two_adapters(table, peft, **other), two_adapters(table, fastpeft, **other)
-    copy_adapter(peft, hf, fastpeft, fp, "other")
-    return hf, copy_adapter(peft, hf, fastpeft, fp)
-
-
 def test_two_adapters_active_and_switching_match_hf():
     hf, fp = two_adapter_pair(TABLE, oft_block_size=4)
     # (two rotations of one layer do not commute: as in HF, merging both is not the unmerged forward)

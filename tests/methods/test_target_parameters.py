@@ -13,19 +13,10 @@ from torch import nn
 
 import fastpeft
 from fastpeft.methods.lora.params import ParamLora
+from moe_helpers import comparable, make_mixtral, mixtral_inputs, out
 
 ATOL = 1e-5
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-def make_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
-                        num_experts_per_tok=2, max_position_embeddings=32, attn_implementation="eager")
-    torch.manual_seed(0)
-    return MixtralForCausalLM(cfg).eval()
 
 
 class Mixer(nn.Module):
@@ -54,11 +45,6 @@ class Custom(nn.Module):
         return self.head(self.mix(x))
 
 
-def mixtral_inputs():
-    gen = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 64, (2, 7), generator=gen)}
-
-
 def custom_inputs():
     return {"x": torch.randn(4, 6, generator=torch.Generator().manual_seed(3))}
 
@@ -75,12 +61,6 @@ CASES = {
     "custom_2d_3d": (Custom, custom_inputs, {
         "target_modules": ["head"], "target_parameters": ["mix.weight", "mix.stack"], "use_rslora": True}),
 }
-
-
-def out(model, inputs):
-    with torch.no_grad():
-        result = model(**inputs)
-    return result.logits if hasattr(result, "logits") else result
 
 
 def perturb(model, seed=0):
@@ -103,11 +83,6 @@ def saved(directory):
     tensors = load_file(str(directory / "adapter_model.safetensors"))
     config = json.loads((directory / "adapter_config.json").read_text())
     return {k: tuple(v.shape) for k, v in tensors.items()}, config
-
-
-def comparable(config):
-    skip = {"peft_version", "auto_mapping", "base_model_name_or_path", "revision"}
-    return {k: (sorted(v) if isinstance(v, (list, set)) else v) for k, v in config.items() if k not in skip}
 
 
 @pytest.mark.parametrize("case", list(CASES))

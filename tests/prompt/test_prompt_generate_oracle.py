@@ -16,54 +16,18 @@ import fastpeft
 
 from greedy_reference import generation_rules, greedy_reference, sequence_score
 from prompt_helpers import (
-    N,
-    make_bart_for_generation,
+    GEN_BASES,
+    adapted,
     make_config,
-    make_gpt2_for_generation,
-    make_llama_for_generation,
-    make_t5_with_eos,
     perturb,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 6
-TASK_IDS = torch.tensor([2, 0])
-GEN_BASES = {"llama": (make_llama_for_generation, "CAUSAL_LM"),
-             "gpt2": (make_gpt2_for_generation, "CAUSAL_LM"),
-             "t5": (make_t5_with_eos, "SEQ_2_SEQ_LM"), "bart": (make_bart_for_generation, "SEQ_2_SEQ_LM")}
-
-
-def _multitask(task):
-    # one prompt stack on encoder-decoders: with two, forward puts rows in front of the decoder inputs that
-    # HF PEFT's generate (and so fastpeft's) never uses, so no forward-based greedy loop can equal generate
-    return fastpeft.MultitaskPromptTuningConfig(
-        task_type=task, num_virtual_tokens=N, num_tasks=3, num_ranks=2,
-        num_transformer_submodules=1 if task == "SEQ_2_SEQ_LM" else None)
-
-
-def _cpt(task):
-    return fastpeft.CPTConfig(task_type=task, cpt_token_ids=[5, 6, 7, 8], cpt_mask=[1] * 4,
-                              cpt_tokens_type_mask=[1, 2, 2, 3])
-
-
-def _adaption(task):
-    return fastpeft.AdaptionPromptConfig(task_type=task, adapter_len=3, adapter_layers=2)
-
-
-BUILDERS = {"multitask": _multitask, "cpt": _cpt, "adaption_prompt": _adaption}
 SHARED = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection", "multitask"]
 CASES = ([(b, m) for b in ("llama", "gpt2") for m in [*SHARED, "cpt", "adaption_prompt"]]
          + [(b, m) for b in ("t5", "bart") for m in SHARED])
-
-
-def adapted(base_name, method, seed=3):
-    """The adapted model and the extra keywords each call needs (task_ids for multitask prompt tuning)."""
-    make, task = GEN_BASES[base_name]
-    config = BUILDERS[method](task) if method in BUILDERS else make_config(fastpeft, method, task)
-    model = fastpeft.get_peft_model(make(), config)
-    perturb(model, seed)
-    return model.eval(), ({"task_ids": TASK_IDS} if method == "multitask" else {})
 
 
 def batch(base_name):

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from test_prompt_generate_oracle import adapted
-
 from greedy_reference import greedy_reference
+from prompt_helpers import adapted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
