@@ -34,10 +34,10 @@ class Case:
     identity_init: bool = True
     # the method trains one adapter at a time (AdaLoRA): others are inference-only
     one_trainable: bool = False
-    hf_oracle: bool = True  # HF PEFT 0.21.2 handles this row the same way (tests/test_oracle_matrix.py)
+    hf_oracle: bool = True  # HF PEFT 0.21.2 handles this row the same way (tests/core/test_oracle_matrix.py)
     hf_same_gradients: bool = True  # False where fastpeft's gradients deliberately differ from HF PEFT's
-    # per column ("checkpointing": tests/test_contract_checkpointing.py): why fastpeft refuses it on purpose
-    # (the test checks the refusal), and library bugs (a `Bug`, the test is xfail)
+    # per column ("checkpointing": tests/core/test_contract_checkpointing.py): why fastpeft refuses it on
+    # purpose (the test checks the refusal), and library bugs (a `Bug`, the test is xfail)
     refused: dict = field(default_factory=dict)
     known_bugs: dict = field(default_factory=dict)
 
@@ -151,7 +151,7 @@ METHOD_CASES = [
     Case("loha-mlp", "mlp", "LoHaConfig", {"r": 4, "alpha": 8, "target_modules": ["lin0", "lin1"]}),
     Case("loha-conv1d", "conv1d", "LoHaConfig", {"r": 2, "target_modules": ["conv0", "conv1"]}),
     # HF PEFT 0.21's hand-written backward of the effective-conv (CP) form gets hada_w1_a / hada_w2_a wrong;
-    # fastpeft uses autograd (checked with gradcheck in tests/test_loha.py)
+    # fastpeft uses autograd (checked with gradcheck in tests/methods/test_loha.py)
     Case("loha-conv2d-effective", "conv2d", "LoHaConfig",
          {"r": 2, "alpha": 64, "target_modules": ["conv0", "gconv", "conv1"], "use_effective_conv2d": True},
          hf_same_gradients=False),
@@ -184,7 +184,7 @@ METHOD_CASES = [
          {"r": 8, "randlora_alpha": 16, "task_type": "CAUSAL_LM"}),
     # Poly / MHR: inputs carry task_ids (one per row); the per-task update has no merged form
     # HF PEFT's PeftModel hands task_ids to a custom model instead of its Poly layers: the oracle matrix
-    # cannot call it; tests/test_poly.py compares with HF on T5 / llama and through HF's base_model
+    # cannot call it; tests/methods/test_poly.py compares with HF on T5 / llama and through HF's base_model
     Case("poly-mlp", "mlp_tasks", "PolyConfig",
          {"r": 4, "n_tasks": 3, "n_skills": 3, "target_modules": ["lin0", "lin1"]}, mergeable=False,
          hf_oracle=False, known_bugs={"checkpointing": POLY_RECOMPUTE_BUG}),
@@ -244,7 +244,7 @@ METHOD_CASES = [
     Case("vblora-llama", "llama", "VBLoRAConfig",
          {"task_type": "CAUSAL_LM", "r": 2, "vector_length": 8, "num_vectors": 12}, identity_init=False),
     # OFT / BOFT: orthogonal rotations of the layer input (OFT on a k x k Conv2d is not its merged form, as in
-    # HF: no contract row there; see tests/test_oft.py)
+    # HF: no contract row there; see tests/methods/test_oft.py)
     Case("oft-mlp", "mlp", "OFTConfig", {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}),
     Case("oft-mlp-exact-coft-share", "mlp", "OFTConfig",
          {"target_modules": ["lin0", "lin1"], "r": 2, "oft_block_size": 0, "use_cayley_neumann": False,
@@ -311,7 +311,7 @@ def build(case, seed_adapter: bool = False, base=None):
 @dataclass(frozen=True)
 class PromptCase:
     """A soft-prompt method (a tests/prompt_helpers.py METHODS key) on the llama model, in the checkpointing
-    and dtype columns (tests/test_contract_checkpointing.py, tests/test_contract_dtype.py)."""
+    and dtype columns (tests/core/test_contract_checkpointing.py, tests/core/test_contract_dtype.py)."""
 
     method: str
     refused: dict = field(default_factory=dict)

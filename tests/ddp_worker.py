@@ -1,4 +1,5 @@
-"""Worker for tests/test_distributed.py: a few LoRA training steps under DDP or FSDP2 on CPU (gloo).
+"""Worker for tests/integrations/test_distributed.py: a few LoRA training steps under DDP or FSDP2 on CPU
+(gloo).
 
 Run with `python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py {ddp,fsdp} OUT_DIR`.
 """

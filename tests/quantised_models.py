@@ -95,7 +95,7 @@ def _on_cpu(device):
 
 def keep_device_moves_on_cpu(monkeypatch) -> None:
     """HF PEFT's LoftQ code moves tensors to "cuda" / "xpu" for its SVD: turn those `Tensor.to` moves into CPU
-    ones for the test (tests/test_loftq.py, tests/test_loftq_bnb.py)."""
+    ones for the test (tests/methods/test_loftq.py, tests/methods/test_loftq_bnb.py)."""
     tensor_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):

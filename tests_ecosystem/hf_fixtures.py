@@ -1,6 +1,6 @@
 """Adapter folders written by HF PEFT (the pinned oracle), stored in tests_ecosystem/data/ for the ecosystem
 suite, which runs where HF PEFT is not installed. `python tests_ecosystem/hf_fixtures.py` (dev venv) rewrites
-them; tests/test_ecosystem_fixtures.py checks that HF PEFT still writes exactly these tensors."""
+them; tests/integrations/test_ecosystem_fixtures.py checks that HF PEFT still writes exactly these tensors."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ disable_lora / enable_lora, delete_adapters, unload_lora(_weights), enable_lora_
 
 Expected outputs are computed independently: a copy of the base model whose targeted weights get
 W + sum_i w_i * s_i * B_i @ A_i (LoKr: torch.kron of its factors), run as a plain model. The per-layer calls
-are compared with HF PEFT's in tests/test_diffusers.py.
+are compared with HF PEFT's in tests/integrations/test_diffusers.py.
 """
 
 from __future__ import annotations

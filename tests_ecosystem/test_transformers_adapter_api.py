@@ -3,7 +3,8 @@
 PEFT not installed.
 
 Expected values come from fastpeft's own PeftModel (checked against HF PEFT in the main suite) and from
-adapter folders HF PEFT wrote (tests_ecosystem/data, checked by tests/test_ecosystem_fixtures.py).
+adapter folders HF PEFT wrote (tests_ecosystem/data, checked by
+tests/integrations/test_ecosystem_fixtures.py).
 """
 
 from __future__ import annotations

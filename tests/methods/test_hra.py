@@ -1,5 +1,5 @@
 """HRA (Householder reflection adaptation) against HF PEFT: files both ways, init, gradients, merging, several
-adapters, bf16, errors. (Rows hra-* of tests/cases.py also run through tests/test_oracle_matrix.py.)"""
+adapters, bf16, errors. (Rows hra-* of tests/cases.py also run through tests/core/test_oracle_matrix.py.)"""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def test_fresh_adapter_files_match_hf(case, tmp_path):
     oracle_helpers.assert_same_files(tmp_path / "fp", tmp_path / "hf")
 
 
-# (mlp, gpt2_conv1d, llama and bert are the contract rows ia3-*: tests/test_oracle_matrix.py takes their
+# (mlp, gpt2_conv1d, llama and bert are the contract rows ia3-*: tests/core/test_oracle_matrix.py takes their
 # training step)
 def test_training_step_gradients_match_hf():
     oracle_helpers.assert_gradients_like_hf(build(fastpeft, "conv2d"), build(peft, "conv2d"),

@@ -1,6 +1,6 @@
 """LN tuning against HF PEFT: files both ways, gradients, merging (module swap), several adapters, dtypes,
-errors. (Rows ln-tuning-* of tests/cases.py also run through tests/test_oracle_matrix.py and
-tests/test_contract.py.)"""
+errors. (Rows ln-tuning-* of tests/cases.py also run through tests/core/test_oracle_matrix.py and
+tests/core/test_contract.py.)"""
 
 from __future__ import annotations
 

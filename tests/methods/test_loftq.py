@@ -5,8 +5,8 @@ of 64, Int8Params vector-wise int8), neither of which exists here. To still run 
 loop, SVD split, factor assignment, load path) as the oracle, `hf_loftq_env` gives HF a stand-in for the four
 bitsandbytes calls it makes, written in this file from bitsandbytes' documented semantics and independently of
 fastpeft (NF4 levels derived from the normal quantile function, nearest level by brute-force distance, block
-by block), and keeps HF's "cuda" tensors on the CPU. tests/test_loftq_bnb.py compares fastpeft's NF4/int8 bit
-for bit with bitsandbytes 0.50.2 and LoftQ with HF PEFT's on real bitsandbytes.
+by block), and keeps HF's "cuda" tensors on the CPU. tests/methods/test_loftq_bnb.py compares fastpeft's
+NF4/int8 bit for bit with bitsandbytes 0.50.2 and LoftQ with HF PEFT's on real bitsandbytes.
 """
 
 from __future__ import annotations

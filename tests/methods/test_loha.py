@@ -76,7 +76,7 @@ def test_init_and_saved_files_match_hf(case, tmp_path):
     assert any(".hada_w1_a" in k for k in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
 
 
-# "mlp" is the oracle matrix's loha-mlp row (tests/test_oracle_matrix.py)
+# "mlp" is the oracle matrix's loha-mlp row (tests/core/test_oracle_matrix.py)
 @pytest.mark.parametrize("case", [c for c in CASES if c != "mlp"])
 def test_adapter_files_load_both_ways(case, tmp_path):
     assert_loads_both_ways(TABLE, case, tmp_path, close)

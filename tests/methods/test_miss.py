@@ -1,5 +1,5 @@
 """MiSS (balance / bat / mini) against HF PEFT: files both ways, init, gradients, merging, several adapters,
-bf16, errors. (Rows miss-* of tests/cases.py also run through tests/test_oracle_matrix.py.)"""
+bf16, errors. (Rows miss-* of tests/cases.py also run through tests/core/test_oracle_matrix.py.)"""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def test_files_both_ways(case, save_projection, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
-# (the "mlp" case is the contract row randlora-mlp: tests/test_oracle_matrix.py takes its training step)
+# (the "mlp" case is the contract row randlora-mlp: tests/core/test_oracle_matrix.py takes its training step)
 @pytest.mark.parametrize("case", ["gpt2_conv1d", "llama", "bert"])
 def test_gradients_equal_hf(case):
     oracle_helpers.assert_gradients_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close,

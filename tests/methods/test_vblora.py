@@ -96,7 +96,7 @@ def test_savable_parameter_counts_match_hf(case):
     assert fp.base_model.get_nb_savable_parameters() == hf.base_model.get_nb_savable_parameters()
 
 
-# (the "mlp" case is the contract row vblora-mlp: tests/test_oracle_matrix.py takes its training step)
+# (the "mlp" case is the contract row vblora-mlp: tests/core/test_oracle_matrix.py takes its training step)
 @pytest.mark.parametrize("case", ["gpt2_conv1d", "bert"])
 def test_training_step_gradients_match_hf(case):
     oracle_helpers.assert_gradients_like_hf(build(fastpeft, case), build(peft, case), inputs(case), close,

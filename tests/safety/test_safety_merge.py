@@ -5,8 +5,8 @@ config class's fields, not a list), merged in *training* mode: the merged weight
 merge of the same adapter, both ways (HF file -> fastpeft merge, fastpeft file -> HF merge); two merges under
 different seeds agree, and merge -> unmerge gives the base weights back. (HF PEFT 0.21.2 merges
 deterministically in training mode too; fastpeft's BOFT drew its block dropout there until AdapterLayer.merge
-/ unmerge ran in eval mode.) Flags, wrapping and adapter names: tests/test_safety_adapters.py; merged exports:
-tests/test_safety_export.py.
+/ unmerge ran in eval mode.) Flags, wrapping and adapter names: tests/safety/test_safety_adapters.py; merged
+exports: tests/safety/test_safety_export.py.
 """
 
 from __future__ import annotations

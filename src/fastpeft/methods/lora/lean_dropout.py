@@ -110,7 +110,7 @@ class LeanDropoutLinear(torch.autograd.Function):
 
     Saves x, h = A dropout(x) (rank-r wide, kept by plain autograd too) and the mask as MASK_STORAGE says, not
     dropout(x). Backward forms the same products, in the same layouts, as autograd's linear/matmul backward,
-    so the gradients match plain autograd bit for bit (tests/test_lean_dropout.py checks it).
+    so the gradients match plain autograd bit for bit (tests/methods/test_lean_dropout.py checks it).
     """
 
     @staticmethod

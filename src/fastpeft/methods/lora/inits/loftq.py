@@ -16,13 +16,13 @@ The quantisers reproduce what HF PEFT gets from bitsandbytes, in plain PyTorch (
     (float32).
   * 8 bits: LLM.int8()'s vector-wise int8 (Dettmers et al. 2022): the weight is cast to float16, each row is
     scaled by 127 / its absmax and rounded half-to-even; dequantisation multiplies by absmax / 127.
-tests/test_loftq_bnb.py checks both bit for bit against bitsandbytes 0.50.2 (and LoftQ against HF PEFT's on
-real bitsandbytes). They stay in PyTorch rather than calling bitsandbytes: its CPU kernel dequantises 2-D
-4-bit tensors row by row, which differs from its own (flat) quantisation when a row is not a multiple of 64
-long, while NF4 as defined (as bitsandbytes computes it on a flattened weight) is what these functions return
-(not checked on GPU). The quantisers see the weight in its stored layout (as HF PEFT hands it to
-bitsandbytes); for GPT-2's Conv1D, which stores (in, out), the factors are transposed into LoRA's (r, in)
-/ (out, r) shapes.
+tests/methods/test_loftq_bnb.py checks both bit for bit against bitsandbytes 0.50.2 (and LoftQ against HF
+PEFT's on real bitsandbytes). They stay in PyTorch rather than calling bitsandbytes: its CPU kernel
+dequantises 2-D 4-bit tensors row by row, which differs from its own (flat) quantisation when a row is not a
+multiple of 64 long, while NF4 as defined (as bitsandbytes computes it on a flattened weight) is what these
+functions return (not checked on GPU). The quantisers see the weight in its stored layout (as HF PEFT hands it
+to bitsandbytes); for GPT-2's Conv1D, which stores (in, out), the factors are transposed into LoRA's (r, in) /
+(out, r) shapes.
 """
 
 from __future__ import annotations
