@@ -272,6 +272,18 @@ METHOD_CASES = [
     Case("delora-mlp-bias-only", "mlp", "DeloraConfig",
          {"r": 2, "target_modules": ["lin1"], "bias": "delora_only", "delora_lambda": 5}),
     Case("delora-llama", "llama", "DeloraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # Uni-LoRA: every layer's factors read from one trained vector (uniform init: no identity; a wider init
+    # bound than the default 0.02 so that one SGD step visibly moves the outputs)
+    Case("unilora-mlp", "mlp", "UniLoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"],
+                                                  "theta_d_length": 32, "init_theta_d_bound": 0.5},
+         identity_init=False),
+    Case("unilora-mlp-bias-only", "mlp", "UniLoraConfig",
+         {"r": 2, "target_modules": ["lin1"], "bias": "unilora_only", "theta_d_length": 16},
+         identity_init=False),
+    Case("unilora-gpt2-conv1d", "conv1d_gpt2", "UniLoraConfig",
+         {"r": 2, "target_modules": ["c_fc", "c_proj"], "theta_d_length": 24, "init_theta_d_bound": 0.5},
+         identity_init=False),
+    Case("unilora-llama", "llama", "UniLoraConfig", {"r": 4, "task_type": "CAUSAL_LM"}, identity_init=False),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

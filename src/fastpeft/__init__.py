@@ -69,6 +69,7 @@ from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTu
 from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.shira import ShiraConfig, ShiraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from .methods.unilora import UniLoraConfig, UniLoraModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
 from .mixed_model import PeftMixedModel
@@ -188,6 +189,8 @@ __all__ = [
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "UniLoraConfig",
+    "UniLoraModel",
     "UnsafeAdapterFileError",
     "VBLoRAConfig",
     "VBLoRAModel",

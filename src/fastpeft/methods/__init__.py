@@ -29,6 +29,7 @@ from . import (  # noqa: F401
     randlora,
     shira,
     trainable_tokens,
+    unilora,
     vblora,
     vera,
 )

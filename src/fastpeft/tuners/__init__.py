@@ -31,6 +31,7 @@ from . import (  # noqa: F401
     shira,
     trainable_tokens,
     tuners_utils,
+    unilora,
     vblora,
     vera,
 )
@@ -61,6 +62,7 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .randlora import RandLoraConfig, RandLoraModel
 from .shira import ShiraConfig, ShiraModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
+from .unilora import UniLoraConfig, UniLoraModel
 from .vblora import VBLoRAConfig, VBLoRAModel
 from .vera import VeraConfig, VeraModel
 
@@ -119,6 +121,8 @@ __all__ = [
     "ShiraModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
+    "UniLoraConfig",
+    "UniLoraModel",
     "VBLoRAConfig",
     "VBLoRAModel",
     "VeraConfig",
