@@ -182,6 +182,15 @@ METHOD_CASES = [
          {"r": 4, "randlora_alpha": 8, "target_modules": ["c_fc", "c_proj"], "very_sparse": True}),
     Case("randlora-llama", "llama", "RandLoraConfig",
          {"r": 8, "randlora_alpha": 16, "task_type": "CAUSAL_LM"}),
+    # PVeRA: VeRA with a sampled latent (training mode; eval mode uses its mean, which is what merges). A
+    # private generator (generator_seed) cannot be replayed by activation checkpointing: refused there
+    Case("pvera-mlp", "mlp", "PveraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("pvera-mlp-bias-seeded-save-head", "mlp", "PveraConfig",
+         {"r": 4, "target_modules": ["lin0"], "bias": "pvera_only", "modules_to_save": ["head"],
+          "generator_seed": 3},
+         refused={"checkpointing": "the noise of a private generator is not replayed in the recomputation"}),
+    Case("pvera-gpt2-conv1d", "conv1d_gpt2", "PveraConfig", {"r": 4, "target_modules": ["c_fc", "c_proj"]}),
+    Case("pvera-llama", "llama", "PveraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     # Poly / MHR: inputs carry task_ids (one per row); the per-task update has no merged form
     # HF PEFT's PeftModel hands task_ids to a custom model instead of its Poly layers: the oracle matrix
     # cannot call it; tests/methods/test_poly.py compares with HF on T5 / llama and through HF's base_model

@@ -66,6 +66,7 @@ from .methods.peanut import PeanutConfig, PeanutModel
 from .methods.poly import PolyConfig, PolyModel
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.pvera import PveraConfig, PveraModel
 from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.shira import ShiraConfig, ShiraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
@@ -182,6 +183,8 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "PveraConfig",
+    "PveraModel",
     "RandLoraConfig",
     "RandLoraModel",
     "ShiraConfig",

@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     poly,
     prefix_tuning,
     prompt_tuning,
+    pvera,
     randlora,
     shira,
     trainable_tokens,

@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     poly,
     prefix_tuning,
     prompt_tuning,
+    pvera,
     randlora,
     shira,
     trainable_tokens,
@@ -59,6 +60,7 @@ from .peanut import PeanutConfig, PeanutModel
 from .poly import PolyConfig, PolyModel
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .pvera import PveraConfig, PveraModel
 from .randlora import RandLoraConfig, RandLoraModel
 from .shira import ShiraConfig, ShiraModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
@@ -115,6 +117,8 @@ __all__ = [
     "PromptEncoder",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "PveraConfig",
+    "PveraModel",
     "RandLoraConfig",
     "RandLoraModel",
     "ShiraConfig",

@@ -1,4 +1,4 @@
-"""Frozen random projections shared by every adapted layer of a model (VeRA and RandLoRA).
+"""Frozen random projections shared by every adapted layer of a model (VeRA, RandLoRA and PVeRA).
 
 Both methods draw ONE pair of random matrices per model from a seeded generator (`projection_prng_key`), sized
 for the largest targeted layer: each layer uses the top-left slice it needs and trains only small scaling
@@ -15,6 +15,7 @@ Where the matrices live (same as HF PEFT, so files and state dicts line up):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
@@ -85,6 +86,14 @@ class BufferDict(nn.Module):
         return self._buffers.items()
 
 
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(-b, b), b = sqrt(3) * sqrt(2) / sqrt(shape[1]) (He et al., 2015: gain sqrt(2), fan_in = columns),
+    drawn from `generator`: the draws torch.nn.init.kaiming_uniform_ makes with the same generator."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    with torch.no_grad():
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of an nn.Linear or a transformers Conv1D (whose weight is stored (in, out))."""
     if is_conv1d(module):
@@ -108,6 +117,7 @@ class ProjectionLayer(AdapterLayer):
 
     projection_names: tuple[str, str] = ("", "")
     method_label = ""
+    target_name = ""  # the module's name in the model, for error messages (set by layers that get it)
 
     def __init__(self, base_layer: nn.Module, projections: tuple[BufferDict, BufferDict],
                  fan_in_fan_out: bool = False) -> None:
@@ -129,11 +139,12 @@ class ProjectionLayer(AdapterLayer):
     def check_fits(self, name: str, needed: dict[str, tuple[int, int, int]]) -> None:
         """`needed`: projection -> (dimension, size needed, size available); refuse a layer they cannot
         cover."""
+        where = f"layer '{self.target_name}'" if self.target_name else "this layer"
         for what, (dim, want, have) in needed.items():
             if have < want:
                 raise ValueError(
                     f"{self.method_label} adapter '{name}': {what} has size {have} in dimension {dim} but "
-                    f"this layer (in={self.in_features}, out={self.out_features}) needs {want}. The shared "
+                    f"{where} (in={self.in_features}, out={self.out_features}) needs {want}. The shared "
                     "projections were sized for the first adapter's targets; add the adapter with the "
                     "larger targets first."
                 )
@@ -231,11 +242,16 @@ class ProjectionTuner(Tuner):
             tensors = [t.to(torch.float32) for t in tensors]
         return tensors
 
+    def projection_rank(self, projection_a: torch.Tensor) -> int:
+        """The r the first projection was drawn for (its rows, unless a method draws several per rank)."""
+        return projection_a.shape[0]
+
     def _check_rank(self, config, projection_a: torch.Tensor) -> None:
-        if projection_a.shape[0] != config.r:
+        rank = self.projection_rank(projection_a)
+        if rank != config.r:
             raise ValueError(
                 f"{self.method_label} adapters of one model share the projections built for the first "
-                f"adapter (r={projection_a.shape[0]}); a new adapter must use the same r, got r={config.r}."
+                f"adapter (r={rank}); a new adapter must use the same r, got r={config.r}."
             )
 
     def _drop_projections(self, adapter_name: str) -> None:
