@@ -267,6 +267,13 @@ METHOD_CASES = [
           "bias": "boft_only"}),
     Case("boft-conv2d", "conv2d", "BOFTConfig", {"target_modules": ["conv0"], "boft_block_size": 6}),
     Case("boft-llama", "llama", "BOFTConfig", {"task_type": "CAUSAL_LM", "boft_block_size": 8}),
+    # PSOFT: an r x r Cayley rotation between frozen SVD factors of the weight (R = I at init: identity)
+    Case("psoft-mlp", "mlp", "PsoftConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("psoft-mlp-neumann-lowrank", "mlp", "PsoftConfig",
+         {"r": 4, "target_modules": ["lin0", "lin1"], "use_cayley_neumann": True,
+          "num_cayley_neumann_terms": 4, "cayley_neumann_eps": 0.1, "psoft_svd": "lowrank",
+          "psoft_svd_lowrank_niter": 3, "random_seed": 7, "psoft_mag_b": False}),
+    Case("psoft-llama", "llama", "PsoftConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     # C3A: block-circulant updates (default init xavier_uniform: no identity; block_size divides every
     # target's sizes). HF PEFT 0.21's FFT backward gets the input gradient wrong: stacked C3A layers train
     # differently there (tests/methods/test_c3a.py)

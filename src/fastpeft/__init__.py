@@ -66,6 +66,7 @@ from .methods.peanut import PeanutConfig, PeanutModel
 from .methods.poly import PolyConfig, PolyModel
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.psoft import PsoftConfig, PsoftModel
 from .methods.pvera import PveraConfig, PveraModel
 from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.shira import ShiraConfig, ShiraModel
@@ -183,6 +184,8 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "PsoftConfig",
+    "PsoftModel",
     "PveraConfig",
     "PveraModel",
     "RandLoraConfig",

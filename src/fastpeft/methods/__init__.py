@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     poly,
     prefix_tuning,
     prompt_tuning,
+    psoft,
     pvera,
     randlora,
     shira,

@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     poly,
     prefix_tuning,
     prompt_tuning,
+    psoft,
     pvera,
     randlora,
     shira,
@@ -60,6 +61,7 @@ from .peanut import PeanutConfig, PeanutModel
 from .poly import PolyConfig, PolyModel
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .psoft import PsoftConfig, PsoftModel
 from .pvera import PveraConfig, PveraModel
 from .randlora import RandLoraConfig, RandLoraModel
 from .shira import ShiraConfig, ShiraModel
@@ -117,6 +119,8 @@ __all__ = [
     "PromptEncoder",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "PsoftConfig",
+    "PsoftModel",
     "PveraConfig",
     "PveraModel",
     "RandLoraConfig",

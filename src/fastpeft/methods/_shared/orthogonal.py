@@ -68,6 +68,15 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     return result
 
 
+def clip_frobenius(skew: torch.Tensor, bound: float) -> torch.Tensor:
+    """Each (n, n) matrix of the batch whose Frobenius norm exceeds `bound` rescaled to norm ~`bound` (the
+    Neumann series of the Cayley transform converges for |Q| < 1); others, and non-finite norms, kept. No
+    Python branch on the values, so it compiles without a graph break."""
+    norm = torch.linalg.matrix_norm(skew).unsqueeze(-1).unsqueeze(-1)  # (b, 1, 1)
+    over = torch.isfinite(norm) & (norm > bound)
+    return torch.where(over, skew * (bound / (norm + 1e-12)), skew)
+
+
 def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor:
     """Orthogonal blocks from skew-symmetric `skew`: exact (linear solve) or the Neumann series when terms
     given."""
