@@ -53,6 +53,9 @@ POLY_RECOMPUTE_BUG = Bug(
     "wrapped call, so the recomputation in backward raises 'Poly adapters need task_ids' although they were "
     "given", ValueError)
 
+# the "unmerge" column: merge_adapter works, unmerge_adapter (and what needs it) is refused with this reason
+OSF_NO_UNMERGE = "OSF keeps no copy of the weight from before a merge (HF PEFT 0.21 cannot unmerge either)"
+
 METHOD_CASES = [
     Case("lora-mlp", "mlp", "LoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
     Case("lora-mlp-save-head", "mlp", "LoraConfig",
@@ -288,6 +291,15 @@ METHOD_CASES = [
     Case("delora-mlp-bias-only", "mlp", "DeloraConfig",
          {"r": 2, "target_modules": ["lin1"], "bias": "delora_only", "delora_lambda": 5}),
     Case("delora-llama", "llama", "DeloraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # OSF: the low singular triplets of each weight train, gradients kept off the frozen top subspace; merges
+    # as HF PEFT, unmerging refused (HF PEFT 0.21 cannot either)
+    Case("osf-mlp", "mlp", "OSFConfig", {"target_modules": ["lin0", "lin1"]},
+         refused={"unmerge": OSF_NO_UNMERGE}),
+    Case("osf-mlp-random-patterns", "mlp", "OSFConfig",
+         {"target_modules": ["lin0", "lin1"], "effective_rank": 0.3, "rank_pattern": {"lin1": 4},
+          "init_weights": False}, identity_init=False, refused={"unmerge": OSF_NO_UNMERGE}),
+    Case("osf-llama", "llama", "OSFConfig", {"effective_rank": 8, "task_type": "CAUSAL_LM"},
+         refused={"unmerge": OSF_NO_UNMERGE}),
     # Uni-LoRA: every layer's factors read from one trained vector (uniform init: no identity; a wider init
     # bound than the default 0.02 so that one SGD step visibly moves the outputs)
     Case("unilora-mlp", "mlp", "UniLoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"],

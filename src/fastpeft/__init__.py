@@ -61,6 +61,7 @@ from .methods.lora.variants.velora import VeloraConfig
 from .methods.miss import MissConfig, MissModel
 from .methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from .methods.oft import OFTConfig, OFTModel
+from .methods.osf import OSFConfig, OSFModel
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.peanut import PeanutConfig, PeanutModel
 from .methods.poly import PolyConfig, PolyModel
@@ -160,6 +161,8 @@ __all__ = [
     "NoMatchingPeftModuleError",
     "OFTConfig",
     "OFTModel",
+    "OSFConfig",
+    "OSFModel",
     "PeanutConfig",
     "PeanutModel",
     "PeftConfig",

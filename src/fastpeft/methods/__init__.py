@@ -21,6 +21,7 @@ from . import (  # noqa: F401
     miss,
     multitask_prompt_tuning,
     oft,
+    osf,
     p_tuning,
     peanut,
     poly,

@@ -22,6 +22,7 @@ from . import (  # noqa: F401
     miss,
     multitask_prompt_tuning,
     oft,
+    osf,
     p_tuning,
     peanut,
     poly,
@@ -56,6 +57,7 @@ from .lora import LoraConfig, LoraModel
 from .miss import MissConfig, MissModel
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
 from .oft import OFTConfig, OFTModel
+from .osf import OSFConfig, OSFModel
 from .p_tuning import PromptEncoder, PromptEncoderConfig
 from .peanut import PeanutConfig, PeanutModel
 from .poly import PolyConfig, PolyModel
@@ -109,6 +111,8 @@ __all__ = [
     "MultitaskPromptTuningConfig",
     "OFTConfig",
     "OFTModel",
+    "OSFConfig",
+    "OSFModel",
     "PeanutConfig",
     "PeanutModel",
     "PolyConfig",
