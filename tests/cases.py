@@ -312,6 +312,17 @@ METHOD_CASES = [
          {"r": 2, "target_modules": ["c_fc", "c_proj"], "theta_d_length": 24, "init_theta_d_bound": 0.5},
          identity_init=False),
     Case("unilora-llama", "llama", "UniLoraConfig", {"r": 4, "task_type": "CAUSAL_LM"}, identity_init=False),
+    # DEFT: a trained output subspace of each weight replaced (identity at init: R = relu(P)^T W); PaRa
+    # removes it only (never an identity)
+    Case("deft-mlp", "mlp", "DeftConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("deft-mlp-qr-alpha-bias-only", "mlp", "DeftConfig",
+         {"r": 2, "target_modules": ["lin1", "head"], "decomposition_method": "qr", "alpha": 4,
+          "bias": "deft_only"}),
+    Case("deft-mlp-para", "mlp", "DeftConfig", {"r": 2, "target_modules": ["lin0"], "para": True},
+         identity_init=False),
+    Case("deft-gpt2-conv1d", "conv1d_gpt2", "DeftConfig",
+         {"r": 2, "target_modules": ["c_fc", "c_proj"], "decomposition_method": "qr"}),
+    Case("deft-llama", "llama", "DeftConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

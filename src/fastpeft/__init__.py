@@ -36,6 +36,7 @@ from .methods.beft import BeftConfig, BeftModel
 from .methods.boft import BOFTConfig, BOFTModel
 from .methods.c3a import C3AConfig, C3AModel
 from .methods.cpt import CPTConfig, CPTEmbedding
+from .methods.deft import DeftConfig, DeftModel
 from .methods.delora import DeloraConfig, DeloraModel
 from .methods.fourierft import FourierFTConfig, FourierFTModel
 from .methods.glora import GloraConfig, GloraModel
@@ -124,6 +125,8 @@ __all__ = [
     "CPTConfig",
     "CPTEmbedding",
     "CordaConfig",
+    "DeftConfig",
+    "DeftModel",
     "DeloraConfig",
     "DeloraModel",
     "EvaConfig",

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     boft,
     c3a,
     cpt,
+    deft,
     delora,
     fourierft,
     glora,

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     boft,
     c3a,
     cpt,
+    deft,
     delora,
     fourierft,
     glora,
@@ -43,6 +44,7 @@ from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .beft import BeftConfig, BeftModel
 from .boft import BOFTConfig, BOFTModel
 from .c3a import C3AConfig, C3AModel
+from .deft import DeftConfig, DeftModel
 from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
 from .glora import GloraConfig, GloraModel
@@ -83,6 +85,8 @@ __all__ = [
     "BeftModel",
     "C3AConfig",
     "C3AModel",
+    "DeftConfig",
+    "DeftModel",
     "DeloraConfig",
     "DeloraModel",
     "FourierFTConfig",
