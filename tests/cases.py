@@ -300,6 +300,17 @@ METHOD_CASES = [
           "init_weights": False}, identity_init=False, refused={"unmerge": OSF_NO_UNMERGE}),
     Case("osf-llama", "llama", "OSFConfig", {"effective_rank": 8, "task_type": "CAUSAL_LM"},
          refused={"unmerge": OSF_NO_UNMERGE}),
+    # Super-Tuning: magnitude-chosen weight entries trained (zero at init), optionally a LoRA pair (Supra).
+    # (save_precomputed_indices=False re-chooses them from the base weight on load: on a bf16 / fp16 base that
+    # choice differs from the float32 one, so it is tested in tests/methods/test_supertuning.py, not here)
+    Case("supertuning-mlp", "mlp", "SupertuningConfig",
+         {"target_modules": ["lin0", "lin1"], "sparsity": 0.9}),
+    Case("supertuning-mlp-supra", "mlp", "SupertuningConfig",
+         {"target_modules": ["lin0", "lin1", "head"], "sparsity": 0.8, "r": 2, "lora_alpha": 8,
+          "lora_dropout": 0.1}),
+    Case("supertuning-mlp-bottom", "mlp", "SupertuningConfig",
+         {"target_modules": ["lin1"], "sparsity": 0.5, "select_top": False}),
+    Case("supertuning-llama", "llama", "SupertuningConfig", {"sparsity": 0.9, "task_type": "CAUSAL_LM"}),
     # Uni-LoRA: every layer's factors read from one trained vector (uniform init: no identity; a wider init
     # bound than the default 0.02 so that one SGD step visibly moves the outputs)
     Case("unilora-mlp", "mlp", "UniLoraConfig", {"r": 4, "target_modules": ["lin0", "lin1"],

@@ -72,6 +72,7 @@ from .methods.psoft import PsoftConfig, PsoftModel
 from .methods.pvera import PveraConfig, PveraModel
 from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.shira import ShiraConfig, ShiraModel
+from .methods.supertuning import SupertuningConfig, SupertuningModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .methods.unilora import UniLoraConfig, UniLoraModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
@@ -198,6 +199,8 @@ __all__ = [
     "RandLoraModel",
     "ShiraConfig",
     "ShiraModel",
+    "SupertuningConfig",
+    "SupertuningModel",
     "TaskType",
     "TrainableTokensConfig",
     "TrainableTokensModel",

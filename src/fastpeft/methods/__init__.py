@@ -32,6 +32,7 @@ from . import (  # noqa: F401
     pvera,
     randlora,
     shira,
+    supertuning,
     trainable_tokens,
     unilora,
     vblora,

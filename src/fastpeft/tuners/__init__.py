@@ -33,6 +33,7 @@ from . import (  # noqa: F401
     pvera,
     randlora,
     shira,
+    supertuning,
     trainable_tokens,
     tuners_utils,
     unilora,
@@ -69,6 +70,7 @@ from .psoft import PsoftConfig, PsoftModel
 from .pvera import PveraConfig, PveraModel
 from .randlora import RandLoraConfig, RandLoraModel
 from .shira import ShiraConfig, ShiraModel
+from .supertuning import SupertuningConfig, SupertuningModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .unilora import UniLoraConfig, UniLoraModel
 from .vblora import VBLoRAConfig, VBLoRAModel
@@ -135,6 +137,8 @@ __all__ = [
     "RandLoraModel",
     "ShiraConfig",
     "ShiraModel",
+    "SupertuningConfig",
+    "SupertuningModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
     "UniLoraConfig",
