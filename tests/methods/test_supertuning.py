@@ -197,3 +197,16 @@ def test_meta_base_weight_is_refused():
         model = models.MLP()
     with pytest.raises(ValueError, match="Super-Tuning needs the values of the weight of 'lin0'"):
         fastpeft.get_peft_model(model, SupertuningConfig(target_modules=["lin0"]))
+
+
+def test_hooks_on_a_base_layer_are_said_to_be_skipped(caplog):
+    """As HF PEFT: the composed weight goes through F.linear, so base-layer hooks do not run (said once)."""
+    base = models.make_mlp()
+    calls = []
+    base.lin0.register_forward_hook(lambda *_: calls.append(1))
+    model = fastpeft.get_peft_model(base, SupertuningConfig(target_modules=["lin0", "lin1"], sparsity=0.9))
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            model(models.mlp_inputs())
+    assert not calls
+    assert caplog.text.count("hooks on its base layer do not run") == 1 and "'lin0'" in caplog.text

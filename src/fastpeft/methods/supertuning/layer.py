@@ -13,6 +13,7 @@ rounds the same. With r (Supra), a LoRA pair adds (lora_alpha / r) B A x, A (r, 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from ...core.layer import AdapterLayer
 from .._shared.random_projections import BufferDict
+
+logger = logging.getLogger(__name__)
 
 
 def trained_count(numel: int, sparsity: float) -> int:
@@ -112,10 +115,23 @@ class SupertuningLinear(AdapterLayer):
         sparse = self._with_entries(torch.zeros_like(weight).reshape(-1), name).reshape_as(weight)
         return sparse + self._lora_delta(name, weight.dtype) if self.supertuning_rank[name] else sparse
 
+    def _warn_about_base_hooks(self) -> None:
+        """The adapted forward calls F.linear with the composed weight, not the base layer, so hooks on the
+        base layer do not run (as in HF PEFT): said once per layer."""
+        if self.__dict__.get("_hooks_checked"):
+            return
+        self.__dict__["_hooks_checked"] = True
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            logger.warning("'%s': hooks on its base layer do not run while Super-Tuning adapters are active "
+                           "(the composed weight is applied directly); register them on the adapted layer "
+                           "instead.", self.target_name)
+
     def adapted_forward(self, x, names: list[str], *args, **kwargs):
         active = [n for n in names if self.has_adapter(n)]
         if not active:
             return self.base_forward(x, *args, **kwargs)
+        self._warn_about_base_hooks()
         weight = self.base_layer.weight
         flat = weight.reshape(-1)
         for name in active:
