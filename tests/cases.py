@@ -291,6 +291,14 @@ METHOD_CASES = [
     Case("delora-mlp-bias-only", "mlp", "DeloraConfig",
          {"r": 2, "target_modules": ["lin1"], "bias": "delora_only", "delora_lambda": 5}),
     Case("delora-llama", "llama", "DeloraConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # RoAd: scaled rotations of output feature pairs (angle 0, scale 1 at init: identity); group_size must
+    # divide every target's output size
+    Case("road-mlp", "mlp", "RoadConfig", {"group_size": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("road-mlp-road4", "mlp", "RoadConfig",
+         {"variant": "road_4", "group_size": 10, "target_modules": ["lin0", "lin1"]}),
+    Case("road-llama", "llama", "RoadConfig", {"group_size": 8, "task_type": "CAUSAL_LM"}),
+    Case("road-bert-cls", "bert_cls", "RoadConfig",
+         {"variant": "road_2", "group_size": 16, "task_type": "SEQ_CLS"}),
     # OSF: the low singular triplets of each weight train, gradients kept off the frozen top subspace; merges
     # as HF PEFT, unmerging refused (HF PEFT 0.21 cannot either)
     Case("osf-mlp", "mlp", "OSFConfig", {"target_modules": ["lin0", "lin1"]},

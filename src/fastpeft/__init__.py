@@ -71,6 +71,7 @@ from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTu
 from .methods.psoft import PsoftConfig, PsoftModel
 from .methods.pvera import PveraConfig, PveraModel
 from .methods.randlora import RandLoraConfig, RandLoraModel
+from .methods.road import RoadConfig, RoadModel
 from .methods.shira import ShiraConfig, ShiraModel
 from .methods.supertuning import SupertuningConfig, SupertuningModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
@@ -197,6 +198,8 @@ __all__ = [
     "PveraModel",
     "RandLoraConfig",
     "RandLoraModel",
+    "RoadConfig",
+    "RoadModel",
     "ShiraConfig",
     "ShiraModel",
     "SupertuningConfig",

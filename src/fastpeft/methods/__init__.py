@@ -31,6 +31,7 @@ from . import (  # noqa: F401
     psoft,
     pvera,
     randlora,
+    road,
     shira,
     supertuning,
     trainable_tokens,

@@ -32,6 +32,7 @@ from . import (  # noqa: F401
     psoft,
     pvera,
     randlora,
+    road,
     shira,
     supertuning,
     trainable_tokens,
@@ -69,6 +70,7 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .psoft import PsoftConfig, PsoftModel
 from .pvera import PveraConfig, PveraModel
 from .randlora import RandLoraConfig, RandLoraModel
+from .road import RoadConfig, RoadModel
 from .shira import ShiraConfig, ShiraModel
 from .supertuning import SupertuningConfig, SupertuningModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
@@ -135,6 +137,8 @@ __all__ = [
     "PveraModel",
     "RandLoraConfig",
     "RandLoraModel",
+    "RoadConfig",
+    "RoadModel",
     "ShiraConfig",
     "ShiraModel",
     "SupertuningConfig",
