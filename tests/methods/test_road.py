@@ -1,7 +1,7 @@
 """RoAd (scaled 2x2 rotations of output feature pairs) against HF PEFT: files both ways, init, gradients,
 merging (the closed-form inverse for unmerging), several adapters, per-row adapter_names (one vectorised pass)
-against HF PEFT's, bf16, errors. (Rows road-* of tests/cases.py also run through the contract and oracle
-matrices.)"""
+against HF PEFT's, bf16, errors, bitsandbytes 4 / 8-bit layers. (Rows road-* of tests/cases.py also run
+through the contract and oracle matrices.)"""
 
 from __future__ import annotations
 
@@ -218,3 +218,115 @@ def test_low_cpu_mem_usage_load_and_oversize_group_size_in_file(tmp_path):
     oh.rewrite_config(tmp_path, group_size=2 * 10**9)
     with pytest.raises(ValueError, match=r"RoadConfig.group_size=2000000000 .* is outside"):
         fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- bitsandbytes 4 / 8-bit layers
+QUANT_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _quant_config(lib, **extra):
+    return lib.RoadConfig(target_modules=QUANT_TARGETS, group_size=16, init_weights=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    import quantised_models as qm
+
+    return qm.save_llama(tmp_path_factory.mktemp("llama64"))
+
+
+def _quantised_pair(folder, bits: int):
+    """(fastpeft, HF PEFT) RoAd on the same quantised tiny Llama, HF's perturbed adapter copied into ours."""
+    import quantised_models as qm
+
+    torch.manual_seed(0)
+    theirs = models.perturb(peft.get_peft_model(qm.load_quantised(folder, bits), _quant_config(peft)), 1, 0.1)
+    ours = fastpeft.get_peft_model(qm.load_quantised(folder, bits), _quant_config(fastpeft))
+    result = fastpeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    assert not result.missing_keys and not result.unexpected_keys
+    return ours, theirs
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_layers_train_run_and_save_like_hf(llama_folder, bits, tmp_path):
+    """The training step first (bitsandbytes' CPU 4-bit kernel repacks weights on the first eval forward and
+    has no backward), then logits, the disabled model and files both ways."""
+    import quantised_models as qm
+    from fastpeft.quant import bnb as qbnb
+
+    ours, theirs = _quantised_pair(llama_folder, bits)
+    assert {type(m).__name__ for m in ours.base_model.adapter_layers()} == {
+        "Linear4bit" if bits == 4 else "Linear8bitLt"}
+    assert {qbnb.bnb_kind(m.get_base_layer()) for m in ours.base_model.adapter_layers()} == {f"{bits}bit"}
+    _, grads = oh.assert_same_training_step(ours, theirs, qm.inputs(), close)
+    assert any("road_theta" in n and g.abs().max() > 0 for n, g in grads.items())
+    ours.eval(), theirs.eval()
+    expected = qm.logits(theirs)
+    with ours.disable_adapter():
+        plain = qm.logits(ours)
+    oh.assert_differs(expected, plain)
+    close(qm.logits(ours), expected, "logits")
+    oh.assert_files_both_ways(theirs, lambda: qm.load_quantised(llama_folder, bits), qm.inputs(), tmp_path,
+                              close)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_merge_requantises_under_the_policy_and_unmerges_exactly(llama_folder, bits):
+    import quantised_models as qm
+    from fastpeft.errors import LossyMergeError
+
+    ours, _ = _quantised_pair(llama_folder, bits)
+    expected = qm.logits(ours)
+    before = {id(m): m.get_base_layer().weight.data.clone() for m in ours.base_model.adapter_layers()}
+    with pytest.raises(LossyMergeError, match="RoAd layer"):
+        ours.base_model.merge_adapter(max_merge_error=0.0)
+    assert not any(layer.merged for layer in ours.base_model.adapter_layers())
+    ours.base_model.merge_adapter(allow_lossy_merge=True)
+    merged = qm.logits(ours)
+    with ours.disable_adapter():
+        plain = qm.logits(ours)  # disabling unmerges
+    assert (merged - expected).norm() < (0.5 if bits == 4 else 0.05) * (expected - plain).norm()
+    assert all(torch.equal(m.get_base_layer().weight.data, before[id(m)])
+               for m in ours.base_model.adapter_layers())
+    close(qm.logits(ours), expected, "unmerged")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_merge_and_unload_dequantized_matches_hf_dense_merge(llama_folder, bits):
+    """merge_and_unload(dequantize=True): dense layers holding HF PEFT's own dense merge of the dequantised
+    weights."""
+    import quantised_models as qm
+    from fastpeft.quant import bnb as qbnb
+
+    ours, theirs = _quantised_pair(llama_folder, bits)
+    qm.logits(ours)  # bitsandbytes' CPU kernel repacks 4-bit weights on first use
+    dense = qm.make_llama()
+    names = [n for n, _ in ours.get_base_model().named_modules() if n.endswith(tuple(QUANT_TARGETS))]
+    with torch.no_grad():
+        for name in names:
+            layer = ours.get_base_model().get_submodule(name).get_base_layer()
+            dense.get_submodule(name).weight.copy_(qbnb.dequantize_weight(layer))
+    hf_dense = peft.get_peft_model(dense, _quant_config(peft))
+    peft.set_peft_model_state_dict(hf_dense, peft.get_peft_model_state_dict(theirs))
+    expected = hf_dense.merge_and_unload()
+    merged = ours.merge_and_unload(dequantize=True)
+    for name in names:
+        assert type(merged.get_submodule(name)) is torch.nn.Linear
+        close(merged.get_submodule(name).weight, expected.get_submodule(name).weight, name)
+
+
+def test_quantised_mixed_batch_rows(llama_folder):
+    """Per-row adapter_names on 4-bit layers (HF PEFT's bitsandbytes RoAd layers hand the keyword to the base
+    layer, which rejects it): each row is what its adapter alone gives."""
+    import quantised_models as qm
+
+    ours, _ = _quantised_pair(llama_folder, 4)
+    torch.manual_seed(5)
+    ours.add_adapter("other", _quant_config(fastpeft, variant="road_2"))
+    ours.eval()
+    batch = qm.inputs()
+    names = ["other", "default"]
+    mixed = qm.logits(ours, {**batch, "adapter_names": names})
+    for i, name in enumerate(names):
+        ours.set_adapter(name)
+        close(mixed[i:i + 1], qm.logits(ours, {k: v[i:i + 1] for k, v in batch.items()}), f"row {i}")
