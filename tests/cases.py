@@ -342,6 +342,28 @@ METHOD_CASES = [
     Case("deft-gpt2-conv1d", "conv1d_gpt2", "DeftConfig",
          {"r": 2, "target_modules": ["c_fc", "c_proj"], "decomposition_method": "qr"}),
     Case("deft-llama", "llama", "DeftConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # TinyLoRA: a trained v (zero at init: identity) mixing seeded P between frozen SVD factors; weight_tying
+    # shares v between layers, r is clipped to small layers (head: 2) as in HF PEFT
+    Case("tinylora-mlp", "mlp", "TinyLoraConfig", {"r": 2, "u": 8, "target_modules": ["lin0", "lin1"]}),
+    Case("tinylora-mlp-tied-bias-only", "mlp", "TinyLoraConfig",
+         {"r": 3, "u": 4, "target_modules": ["lin0", "lin1", "head"], "weight_tying": 1.0,
+          "bias": "tinylora_only"}),
+    Case("tinylora-mlp-no-projection", "mlp", "TinyLoraConfig",
+         {"r": 2, "u": 5, "target_modules": ["lin0", "lin1", "head"], "weight_tying": 0.5,
+          "save_projection": False}),
+    Case("tinylora-embedding", "emb", "TinyLoraConfig", {"r": 2, "u": 4, "target_modules": ["emb", "lin"]}),
+    Case("tinylora-gpt2-conv1d", "conv1d_gpt2", "TinyLoraConfig",
+         {"r": 2, "u": 4, "target_modules": ["c_fc", "c_proj"]}),
+    Case("tinylora-llama", "llama", "TinyLoraConfig", {"r": 2, "u": 8, "task_type": "CAUSAL_LM"}),
+    # WaveFT: sparse coefficients through the inverse 2-D wavelet transform (zero init: identity)
+    Case("waveft-mlp", "mlp", "WaveFTConfig", {"target_modules": ["lin0", "lin1"], "n_frequency": 30}),
+    Case("waveft-mlp-sym-bias", "mlp", "WaveFTConfig",
+         {"target_modules": ["lin0", "lin1"], "n_frequency": 25, "wavelet_family": "sym4", "scaling": 3.0,
+          "bias": "waveft_only"}),
+    Case("waveft-gpt2-conv1d", "conv1d_gpt2", "WaveFTConfig",
+         {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "wavelet_family": "coif1"}),
+    Case("waveft-llama", "llama", "WaveFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
+                                                   "wavelet_family": "db3"}),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

@@ -74,6 +74,7 @@ from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.road import RoadConfig, RoadModel
 from .methods.shira import ShiraConfig, ShiraModel
 from .methods.supertuning import SupertuningConfig, SupertuningModel
+from .methods.tinylora import TinyLoraConfig, TinyLoraModel
 from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .methods.unilora import UniLoraConfig, UniLoraModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
@@ -205,6 +206,8 @@ __all__ = [
     "SupertuningConfig",
     "SupertuningModel",
     "TaskType",
+    "TinyLoraConfig",
+    "TinyLoraModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
     "UniLoraConfig",

@@ -34,6 +34,7 @@ from . import (  # noqa: F401
     road,
     shira,
     supertuning,
+    tinylora,
     trainable_tokens,
     unilora,
     vblora,

@@ -35,6 +35,7 @@ from . import (  # noqa: F401
     road,
     shira,
     supertuning,
+    tinylora,
     trainable_tokens,
     tuners_utils,
     unilora,
@@ -73,6 +74,7 @@ from .randlora import RandLoraConfig, RandLoraModel
 from .road import RoadConfig, RoadModel
 from .shira import ShiraConfig, ShiraModel
 from .supertuning import SupertuningConfig, SupertuningModel
+from .tinylora import TinyLoraConfig, TinyLoraModel
 from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .unilora import UniLoraConfig, UniLoraModel
 from .vblora import VBLoRAConfig, VBLoRAModel
@@ -143,6 +145,8 @@ __all__ = [
     "ShiraModel",
     "SupertuningConfig",
     "SupertuningModel",
+    "TinyLoraConfig",
+    "TinyLoraModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
     "UniLoraConfig",

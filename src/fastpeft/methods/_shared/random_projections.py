@@ -321,3 +321,10 @@ class ProjectionTuner(Tuner):
             for key in [FILE_PREFIX + attr for attr in self.projection_names]:
                 target = self._modules[keys[key][0]][adapter_name]
                 target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def seeded_normal(shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """A frozen N(0, std^2) tensor drawn on CPU from a fresh generator seeded `seed` (float32): the same
+    seed gives the same values on every machine, so files may leave it out and it is drawn again."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.normal(0.0, std, size=shape, generator=generator)
