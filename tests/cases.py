@@ -342,6 +342,21 @@ METHOD_CASES = [
     Case("deft-gpt2-conv1d", "conv1d_gpt2", "DeftConfig",
          {"r": 2, "target_modules": ["c_fc", "c_proj"], "decomposition_method": "qr"}),
     Case("deft-llama", "llama", "DeftConfig", {"r": 4, "task_type": "CAUSAL_LM"}),
+    # HiRA: W0 modulated by a rank-r product, W0 * (B A) added (B = 0, or A = 0 for embeddings, at init). A
+    # step moves B by about lr * W0 * ..., and the output by W0 * dB A: on small base weights (init std 0.02)
+    # random factors (init_weights=False) make one SGD step visible
+    Case("hira-mlp", "mlp", "HiraConfig", {"r": 4, "target_modules": ["lin0", "lin1"]}),
+    Case("hira-gpt2-conv1d", "conv1d_gpt2", "HiraConfig",
+         {"r": 4, "target_modules": ["c_fc", "c_proj"], "fan_in_fan_out": True, "init_weights": False},
+         identity_init=False),
+    Case("hira-llama", "llama", "HiraConfig", {"r": 4, "task_type": "CAUSAL_LM", "init_weights": False},
+         identity_init=False),
+    Case("hira-embedding", "emb", "HiraConfig", {"r": 3, "target_modules": ["emb", "lin"]}),
+    Case("hira-conv1d", "conv1d", "HiraConfig", {"r": 3, "target_modules": ["conv0", "conv1"]}),
+    Case("hira-conv2d", "conv2d", "HiraConfig",
+         {"r": 3, "target_modules": ["conv0", "conv1"], "init_weights": False}, identity_init=False),
+    Case("hira-conv3d", "conv3d", "HiraConfig",
+         {"r": 3, "target_modules": ["conv0", "conv1"], "init_weights": False}, identity_init=False),
     # TinyLoRA: a trained v (zero at init: identity) mixing seeded P between frozen SVD factors; weight_tying
     # shares v between layers, r is clipped to small layers (head: 2) as in HF PEFT
     Case("tinylora-mlp", "mlp", "TinyLoraConfig", {"r": 2, "u": 8, "target_modules": ["lin0", "lin1"]}),

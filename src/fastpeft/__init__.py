@@ -41,6 +41,7 @@ from .methods.delora import DeloraConfig, DeloraModel
 from .methods.fourierft import FourierFTConfig, FourierFTModel
 from .methods.glora import GloraConfig, GloraModel
 from .methods.gralora import GraloraConfig, GraloraModel
+from .methods.hira import HiraConfig, HiraModel
 from .methods.hra import HRAConfig, HRAModel
 from .methods.ia3 import IA3Config, IA3Model
 from .methods.lily import LilyConfig, LilyModel
@@ -140,6 +141,8 @@ __all__ = [
     "GloraModel",
     "GraloraConfig",
     "GraloraModel",
+    "HiraConfig",
+    "HiraModel",
     "HRAConfig",
     "HRAModel",
     "IA3Config",

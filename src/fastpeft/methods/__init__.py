@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     fourierft,
     glora,
     gralora,
+    hira,
     hra,
     ia3,
     lily,

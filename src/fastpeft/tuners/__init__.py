@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     fourierft,
     glora,
     gralora,
+    hira,
     hra,
     ia3,
     lily,
@@ -52,6 +53,7 @@ from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
 from .glora import GloraConfig, GloraModel
 from .gralora import GraloraConfig, GraloraModel
+from .hira import HiraConfig, HiraModel
 from .hra import HRAConfig, HRAModel
 from .ia3 import IA3Config, IA3Model
 from .lily import LilyConfig, LilyModel
@@ -101,6 +103,8 @@ __all__ = [
     "GloraModel",
     "GraloraConfig",
     "GraloraModel",
+    "HiraConfig",
+    "HiraModel",
     "HRAConfig",
     "HRAModel",
     "IA3Config",
