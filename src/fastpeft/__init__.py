@@ -80,6 +80,7 @@ from .methods.trainable_tokens import TrainableTokensConfig, TrainableTokensMode
 from .methods.unilora import UniLoraConfig, UniLoraModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
+from .methods.waveft import WaveFTConfig, WaveFTModel
 from .mixed_model import PeftMixedModel
 from .model_utils import (
     cast_mixed_precision_params,
@@ -221,6 +222,8 @@ __all__ = [
     "VeloraConfig",
     "VeraConfig",
     "VeraModel",
+    "WaveFTConfig",
+    "WaveFTModel",
     "cast_mixed_precision_params",
     "create_arrow_model",
     "get_eva_state_dict",

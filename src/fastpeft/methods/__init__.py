@@ -40,4 +40,5 @@ from . import (  # noqa: F401
     unilora,
     vblora,
     vera,
+    waveft,
 )

@@ -42,6 +42,7 @@ from . import (  # noqa: F401
     unilora,
     vblora,
     vera,
+    waveft,
 )
 from .adalora import AdaLoraConfig, AdaLoraModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
@@ -81,6 +82,7 @@ from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .unilora import UniLoraConfig, UniLoraModel
 from .vblora import VBLoRAConfig, VBLoRAModel
 from .vera import VeraConfig, VeraModel
+from .waveft import WaveFTConfig, WaveFTModel
 
 __all__ = [
     "AdaLoraConfig",
@@ -159,4 +161,6 @@ __all__ = [
     "VBLoRAModel",
     "VeraConfig",
     "VeraModel",
+    "WaveFTConfig",
+    "WaveFTModel",
 ]
