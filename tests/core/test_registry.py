@@ -100,3 +100,13 @@ def test_a_tuner_stating_another_prefix_is_refused():
     with pytest.raises(ValueError, match="OtherTuner.prefix is 'other_'"):
         registry.register(spec)
     assert unused not in registry.registered() and spec.config_cls.PEFT_TYPE is None
+
+
+def test_a_regex_entry_of_a_default_target_table_stays_a_regex():
+    from types import SimpleNamespace
+
+    from fastpeft.integrations.transformers_defaults import default_targets
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="toy"))
+    assert default_targets({"toy": r".*\.(q|v)_proj"}, model, "X") == r".*\.(q|v)_proj"
+    assert default_targets({"toy": ["q", "v"]}, model, "X") == {"q", "v"}

@@ -35,11 +35,13 @@ def model_type_of(model) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def default_targets(table: dict[str, list[str]], model, method: str) -> set[str]:
+def default_targets(table: dict[str, list[str] | str], model, method: str) -> set[str] | str:
     model_type = model_type_of(model)
     if model_type not in table:
         raise ValueError(
             f"{method}: no default target_modules for model_type={model_type!r}; pass target_modules "
             "explicitly (module names such as ['q_proj', 'v_proj'], a regex string, or 'all-linear')."
         )
-    return set(table[model_type])
+    targets = table[model_type]
+    # an entry may be a regex string (HF PEFT's tables have a few): it stays one, not a set of characters
+    return targets if isinstance(targets, str) else set(targets)
