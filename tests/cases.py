@@ -395,6 +395,17 @@ METHOD_CASES = [
     Case("adalora-llama", "llama", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["q_proj", "v_proj"], "total_step": 10,
           "init_lora_weights": False, "task_type": "CAUSAL_LM"}, identity_init=False, one_trainable=True),
+    # AdaMSS: per-cluster low-rank updates in the weight's top-r singular subspace (B = 0 at init: identity;
+    # init_weights=None: small random B). The clusters are rebuilt from the base weight, so they must come out
+    # the same on a bf16 / fp16 base for the dtype column (true for these rows; not for llama with r=8: a file
+    # whose clusters differ is refused, tests/methods/test_adamss.py)
+    Case("adamss-mlp", "mlp", "AdamssConfig",
+         {"r": 4, "num_subspaces": 3, "subspace_rank": 2, "target_modules": ["lin0", "lin1"]}),
+    Case("adamss-mlp-random-dynamic", "mlp", "AdamssConfig",
+         {"r": 6, "num_subspaces": 3, "subspace_rank": 3, "target_modules": ["lin0", "lin1"],
+          "init_weights": None, "use_dynamic_rank": True, "svd_threshold": 0.05}, identity_init=False),
+    Case("adamss-llama", "llama", "AdamssConfig",
+         {"r": 6, "num_subspaces": 3, "subspace_rank": 2, "task_type": "CAUSAL_LM"}),
 ]
 
 

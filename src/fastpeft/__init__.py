@@ -31,6 +31,7 @@ from .errors import (
     UnsafeAdapterFileError,
 )
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
+from .methods.adamss import AdamssConfig, AdamssModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.beft import BeftConfig, BeftModel
 from .methods.boft import BOFTConfig, BOFTModel
@@ -106,6 +107,8 @@ __all__ = [
     "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AdamssConfig",
+    "AdamssModel",
     "AdapterConfigError",
     "AdapterFileNotFoundError",
     "AdapterLoadError",

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     adalora,
+    adamss,
     adaption_prompt,
     beft,
     boft,

@@ -3,6 +3,7 @@ fastpeft.methods)."""
 
 from . import (  # noqa: F401
     adalora,
+    adamss,
     adaption_prompt,
     beft,
     boft,
@@ -45,6 +46,7 @@ from . import (  # noqa: F401
     waveft,
 )
 from .adalora import AdaLoraConfig, AdaLoraModel
+from .adamss import AdamssConfig, AdamssModel
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .beft import BeftConfig, BeftModel
 from .boft import BOFTConfig, BOFTModel
@@ -87,6 +89,8 @@ from .waveft import WaveFTConfig, WaveFTModel
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraModel",
+    "AdamssConfig",
+    "AdamssModel",
     "AdaptionPromptConfig",
     "AdaptionPromptModel",
     "BOFTConfig",
