@@ -40,6 +40,7 @@ from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.deft import DeftConfig, DeftModel
 from .methods.delora import DeloraConfig, DeloraModel
 from .methods.fourierft import FourierFTConfig, FourierFTModel
+from .methods.frod import FrodConfig, FrodModel
 from .methods.glora import GloraConfig, GloraModel
 from .methods.gralora import GraloraConfig, GraloraModel
 from .methods.hira import HiraConfig, HiraModel
@@ -141,6 +142,8 @@ __all__ = [
     "FastPeftError",
     "FourierFTConfig",
     "FourierFTModel",
+    "FrodConfig",
+    "FrodModel",
     "GloraConfig",
     "GloraModel",
     "GraloraConfig",

@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     deft,
     delora,
     fourierft,
+    frod,
     glora,
     gralora,
     hira,

@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     deft,
     delora,
     fourierft,
+    frod,
     glora,
     gralora,
     hira,
@@ -54,6 +55,7 @@ from .c3a import C3AConfig, C3AModel
 from .deft import DeftConfig, DeftModel
 from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
+from .frod import FrodConfig, FrodModel
 from .glora import GloraConfig, GloraModel
 from .gralora import GraloraConfig, GraloraModel
 from .hira import HiraConfig, HiraModel
@@ -105,6 +107,8 @@ __all__ = [
     "DeloraModel",
     "FourierFTConfig",
     "FourierFTModel",
+    "FrodConfig",
+    "FrodModel",
     "GloraConfig",
     "GloraModel",
     "GraloraConfig",
