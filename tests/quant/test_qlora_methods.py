@@ -1,8 +1,8 @@
 """IA3, AdaLoRA and RandLoRA on bitsandbytes 4-bit / 8-bit layers (QLoRA-style), against HF PEFT 0.21.2.
 
 These are the registered fastpeft methods HF PEFT 0.21.2 dispatches to bitsandbytes layer classes (its
-tuners/*/bnb.py; HiRA has such classes too but is not a fastpeft method; PVeRA's and RoAd's are tested in
-tests/methods/test_pvera.py and tests/methods/test_road.py). The base is a tiny Llama loaded by transformers
+tuners/*/bnb.py; PVeRA's, RoAd's and HiRA's are tested in tests/methods/test_pvera.py, test_road.py and
+test_hira.py). The base is a tiny Llama loaded by transformers
 with BitsAndBytesConfig on the CPU (tests/quantised_models.py). Checked: the layer classes chosen, HF file
 -> fastpeft -> same file -> HF with equal logits, a training step's outputs and gradients, and merging into
 the quantised weights (requantised under the merge policy, exact unmerge; RandLoRA against HF PEFT's own

@@ -3,10 +3,12 @@
 
 from ...registry import MethodSpec, register
 from ...types import PeftType
+from .bnb import Linear4bit, Linear8bitLt
 from .config import HiraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, HiraLayer, Linear
 from .model import HiraModel
 
 register(MethodSpec(peft_type=PeftType.HIRA, config_cls=HiraConfig, prefix="hira_", tuner_cls=HiraModel))
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "HiraConfig", "HiraLayer", "HiraModel", "Linear"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "HiraConfig", "HiraLayer", "HiraModel", "Linear",
+           "Linear4bit", "Linear8bitLt"]

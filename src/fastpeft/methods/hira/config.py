@@ -23,7 +23,8 @@ class HiraConfig(PeftConfig):
     """Modulate each targeted weight W0 elementwise by a rank-r product: W0 + W0 * (B A) (Hadamard product).
 
     The update W0 * (B A) can have a rank well above r while only A (r, in) and B (out, r) train. Targets:
-    nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d / Conv2d / Conv3d (groups=1).
+    nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d / Conv2d / Conv3d (groups=1) and bitsandbytes
+    4 / 8-bit linear layers.
     """
 
     r: int = field(default=32, metadata={

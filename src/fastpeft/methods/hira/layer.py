@@ -83,10 +83,14 @@ class HiraLayer(AdapterLayer):
         weight = self.original_weight()
         return weight * self.get_delta_weight(name).to(weight.dtype)
 
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as a dense tensor in the base weight's layout (dequantised on bitsandbytes layers)."""
+        return self.base_layer.weight
+
     def adapter_output(self, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         a, _ = self.factors(name)
         x = self.hira_dropout[name](self.cast_input(x, a.dtype))
-        return self.modulated_output(name, x, self.base_layer.weight * self.factor_product(name))
+        return self.modulated_output(name, x, self.dense_weight() * self.factor_product(name))
 
     def modulated_output(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -12,8 +12,10 @@ from ...core.layer import AdapterLayer
 from ...core.targeting import pattern_value
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
+from ...quant.merge import AllOrNothingMerge, register_quantised
 from .._shared.common import fill_targets
 from .._shared.modules import is_conv1d, is_linear
+from . import bnb
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear
 
 logger = logging.getLogger(__name__)
@@ -27,11 +29,13 @@ DISPATCH.register(nn.Embedding, Embedding)
 DISPATCH.register(nn.Conv1d, Conv1d)
 DISPATCH.register(nn.Conv2d, Conv2d)
 DISPATCH.register(nn.Conv3d, Conv3d)
+register_quantised(DISPATCH, bnb.Linear4bit, bnb.Linear8bitLt)  # bitsandbytes layers first
 
 
-class HiraModel(Tuner):
+class HiraModel(AllOrNothingMerge, Tuner):
     """As HF PEFT: LoRA's default targets per model type, 'all-linear' over nn.Linear and Conv1D layers, the
-    weight layout taken from the layer type (a fan_in_fan_out that does not fit is warned about)."""
+    weight layout taken from the layer type (a fan_in_fan_out that does not fit is warned about); bitsandbytes
+    4 / 8-bit layers too (merges into those requantise, all or nothing)."""
 
     dispatch = DISPATCH
 
