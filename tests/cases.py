@@ -392,15 +392,6 @@ METHOD_CASES = [
          {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "wavelet_family": "coif1"}),
     Case("waveft-llama", "llama", "WaveFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
                                                    "wavelet_family": "db3"}),
-    # WaveFT: sparse coefficients through the inverse 2-D wavelet transform (zero init: identity)
-    Case("waveft-mlp", "mlp", "WaveFTConfig", {"target_modules": ["lin0", "lin1"], "n_frequency": 30}),
-    Case("waveft-mlp-sym-bias", "mlp", "WaveFTConfig",
-         {"target_modules": ["lin0", "lin1"], "n_frequency": 25, "wavelet_family": "sym4", "scaling": 3.0,
-          "bias": "waveft_only"}),
-    Case("waveft-gpt2-conv1d", "conv1d_gpt2", "WaveFTConfig",
-         {"target_modules": ["c_fc", "c_proj"], "n_frequency": 40, "wavelet_family": "coif1"}),
-    Case("waveft-llama", "llama", "WaveFTConfig", {"task_type": "CAUSAL_LM", "n_frequency": 50,
-                                                   "wavelet_family": "db3"}),
     # AdaLoRA: random E (init_lora_weights=False) so that one SGD step visibly moves the outputs
     Case("adalora-mlp", "mlp", "AdaLoraConfig",
          {"init_r": 4, "target_r": 2, "target_modules": ["lin0", "lin1"], "total_step": 10,

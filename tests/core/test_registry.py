@@ -110,3 +110,20 @@ def test_a_regex_entry_of_a_default_target_table_stays_a_regex():
     model = SimpleNamespace(config=SimpleNamespace(model_type="toy"))
     assert default_targets({"toy": r".*\.(q|v)_proj"}, model, "X") == r".*\.(q|v)_proj"
     assert default_targets({"toy": ["q", "v"]}, model, "X") == {"q", "v"}
+
+
+# HF PEFT 0.21.2's types fastpeft does not implement yet: the README's "Not yet" line names them
+NOT_YET = {"XLORA", "CARTRIDGE", "SHADOW"}
+
+
+def test_what_is_not_registered_yet_is_listed_and_named_in_the_readme():
+    missing = {p.value for p in PeftType} - {p.value for p in registry.registered()}
+    assert missing == NOT_YET, f"update NOT_YET and the README's 'Not yet' line: {sorted(missing)}"
+    not_yet = next(line for line in README.read_text().splitlines() if line.startswith("- **Not yet**"))
+    for name in ("X-LoRA", "Cartridges", "ShadowPEFT"):
+        assert name in not_yet
+
+
+def test_case_names_are_unique():
+    names = [case.id for case in METHOD_CASES]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
