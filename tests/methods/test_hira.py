@@ -381,3 +381,29 @@ def test_quantised_mixed_batch_rows(llama_folder):
     for i, name in enumerate(names):
         ours.set_adapter(name)
         close(mixed[i:i + 1], qm.logits(ours, {k: v[i:i + 1] for k, v in batch.items()}), f"row {i}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantised_merge_of_two_adapters_starts_from_w0(llama_folder, bits):
+    """Two active adapters merged into the quantised weights: each update is W0 * B A with W0 the weight
+    from before the merge (so the merged logits are the unmerged ones up to requantisation; HF PEFT 0.21
+    multiplies the merged weight by 1 + B A again), and unmerging restores the quantised weights exactly."""
+    import quantised_models as qm
+
+    ours, _ = _quantised_pair(llama_folder, bits)
+    torch.manual_seed(5)
+    ours.add_adapter("other", _quant_config(fastpeft, r=2))
+    models.perturb(ours, 6, 0.1, wanted=lambda n: n.endswith(".other"))
+    ours.base_model.set_adapter(["default", "other"])
+    ours.eval()
+    expected = qm.logits(ours)
+    with ours.disable_adapter():
+        plain = qm.logits(ours)
+    before = {id(m): m.get_base_layer().weight.data.clone() for m in ours.base_model.adapter_layers()}
+    ours.base_model.merge_adapter(allow_lossy_merge=True)
+    merged = qm.logits(ours)
+    assert (merged - expected).norm() < (0.5 if bits == 4 else 0.05) * (expected - plain).norm()
+    ours.base_model.unmerge_adapter()
+    assert all(torch.equal(m.get_base_layer().weight.data, before[id(m)])
+               for m in ours.base_model.adapter_layers())
+    close(qm.logits(ours), expected, "unmerged")
