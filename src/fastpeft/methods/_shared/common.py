@@ -6,6 +6,7 @@ Nothing here knows a method by name: each caller passes its own label, table, la
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -98,6 +99,24 @@ def fill_targets(config, model: nn.Module, table: dict[str, list[str]], label: s
           and config.target_modules.lower() == targeting.ALL_LINEAR):
         config.target_modules = targeting.all_linear_targets(model, config.task_type, is_linear)
     return config
+
+
+def pattern_value(patterns: dict | None, key: str, default):
+    """HF PEFT's per-module lookup in a `<option>_pattern` dict: the first pattern matching `key` as a dotted
+    suffix, else `key` itself as an entry, else `default`."""
+    patterns = patterns or {}
+    chosen = next((p for p in patterns if re.match(rf".*\.{p}$", key)), key)
+    return patterns.get(chosen, default)
+
+
+def linear_targets_checked(targets: list, check: Callable[[nn.Module, str], None]) -> list:
+    """Calls `check(base, name)` on the nn.Linear base layer of each (name, module) target (a target already
+    adapted is checked through its base layer); returns `targets`."""
+    for name, module in targets:
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if isinstance(base, nn.Linear):
+            check(base, name)
+    return targets
 
 
 def align_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import fill_targets
+from .._shared.common import fill_targets, linear_targets_checked
 from .._shared.importance import decayed_budget
 from .._shared.modules import is_linear
 from .layer import AdamssLayer, Linear
@@ -53,12 +53,8 @@ class AdamssModel(Tuner):
 
     def select_targets(self, model, config):
         """The targets, each checked before any layer is built: its weight can be decomposed."""
-        targets = super().select_targets(model, config)
-        for name, module in targets:
-            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            if isinstance(base, nn.Linear):
-                check_decomposable(base.weight, name)
-        return targets
+        return linear_targets_checked(super().select_targets(model, config),
+                                      lambda base, name: check_decomposable(base.weight, name))
 
     def _place_adapter(self, layer, adapter_name: str, autocast: bool) -> None:
         """V^T follows the adapter's dtype as in HF PEFT: the base's dtype, widened to float32 with

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import fill_targets, is_nn_linear
+from .._shared.common import fill_targets, is_nn_linear, pattern_value
 from .._shared.tuners import LinearFamilyTuner
 from .layer import C3ALinear
 
@@ -22,9 +20,7 @@ C3A_TARGETS: dict[str, list[str]] = {**LORA_TARGETS, "gpt2": ["mlp.c_proj"], "gp
 def block_size_for(config, key: str) -> int:
     """HF PEFT's lookup: the first pattern matching `key` as a dotted suffix, else `key` itself as an entry,
     else config.block_size."""
-    patterns = config.block_size_pattern or {}
-    chosen = next((p for p in patterns if re.match(rf".*\.{p}$", key)), key)
-    return patterns.get(chosen, config.block_size)
+    return pattern_value(config.block_size_pattern, key, config.block_size)
 
 
 class C3AModel(LinearFamilyTuner):

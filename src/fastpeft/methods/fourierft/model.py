@@ -3,15 +3,19 @@ training)."""
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import align_fan_in_fan_out, bias_file_keys, fill_targets, train_base_biases
+from .._shared.common import (
+    align_fan_in_fan_out,
+    bias_file_keys,
+    fill_targets,
+    pattern_value,
+    train_base_biases,
+)
 from .._shared.modules import is_linear
 from .layer import FourierFTLinear
 
@@ -26,9 +30,7 @@ DISPATCH.register(is_linear, FourierFTLinear)
 def n_frequency_for(config, key: str) -> int:
     """HF PEFT's lookup: the first pattern matching `key` as a dotted suffix, then `key` itself, else the
     default."""
-    patterns = config.n_frequency_pattern or {}
-    chosen = next((p for p in patterns if re.match(rf".*\.{p}$", key)), key)
-    return patterns.get(chosen, config.n_frequency)
+    return pattern_value(config.n_frequency_pattern, key, config.n_frequency)
 
 
 class FourierFTModel(Tuner):

@@ -10,7 +10,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import fill_targets
+from .._shared.common import fill_targets, linear_targets_checked
 from .._shared.modules import is_linear
 from .layer import SVD_DTYPES, Linear, check_fits
 
@@ -42,13 +42,11 @@ class PsoftModel(Tuner):
 
     def select_targets(self, model, config):
         """The targets, each checked before any layer is built: r fits it and its weight can be factorised."""
-        targets = super().select_targets(model, config)
-        for name, module in targets:
-            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            if isinstance(base, nn.Linear):
-                check_svd_input(base.weight, name)
-                check_fits(config.r, base.in_features, base.out_features, name)
-        return targets
+        def check(base: nn.Linear, name: str) -> None:
+            check_svd_input(base.weight, name)
+            check_fits(config.r, base.in_features, base.out_features, name)
+
+        return linear_targets_checked(super().select_targets(model, config), check)
 
 
 def check_svd_input(weight: torch.Tensor, where: str) -> None:
