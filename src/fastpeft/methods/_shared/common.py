@@ -119,6 +119,18 @@ def linear_targets_checked(targets: list, check: Callable[[nn.Module, str], None
     return targets
 
 
+def fill_targets_fan_out_off(config, model: nn.Module, table: dict[str, list[str]], label: str,
+                             is_linear: Callable[[nn.Module], bool], warning: str,
+                             log: logging.Logger = logger):
+    """`fill_targets`, then, for methods whose layers hold nn.Linear weights (stored (out, in)),
+    fan_in_fan_out=True turned off with `warning` logged on `log`."""
+    fill_targets(config, model, table, label, is_linear)
+    if config.fan_in_fan_out:
+        log.warning(warning)
+        config.fan_in_fan_out = False
+    return config
+
+
 def align_fan_in_fan_out(config, module: nn.Module, key: str) -> bool:
     """transformers' Conv1D stores its weight (in, out), nn.Linear (out, in): the config's fan_in_fan_out
     follows the layer type of each target (corrected with a warning, as HF PEFT). Returns the value for

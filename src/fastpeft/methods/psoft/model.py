@@ -10,7 +10,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import fill_targets, linear_targets_checked
+from .._shared.common import fill_targets_fan_out_off, linear_targets_checked
 from .._shared.modules import is_linear
 from .layer import SVD_DTYPES, Linear, check_fits
 
@@ -30,12 +30,10 @@ class PsoftModel(Tuner):
     dispatch = DISPATCH
 
     def prepare_config(self, config, model):
-        fill_targets(config, model, PSOFT_TARGETS, "PSOFT", is_linear)
-        if config.fan_in_fan_out:
-            logger.warning("PSOFT adapts nn.Linear layers, whose weight is stored (out, in): setting "
-                           "fan_in_fan_out=False.")
-            config.fan_in_fan_out = False
-        return config
+        return fill_targets_fan_out_off(
+            config, model, PSOFT_TARGETS, "PSOFT", is_linear,
+            "PSOFT adapts nn.Linear layers, whose weight is stored (out, in): setting fan_in_fan_out=False.",
+            logger)
 
     def layer_kwargs(self, config, key, module):
         return {"target_name": key}

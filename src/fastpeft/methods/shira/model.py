@@ -10,7 +10,7 @@ from torch import nn
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
-from .._shared.common import fill_targets, is_nn_linear
+from .._shared.common import fill_targets_fan_out_off, is_nn_linear
 from .layer import Linear
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,9 @@ class ShiraModel(Tuner):
     dispatch = DISPATCH
 
     def prepare_config(self, config, model):
-        fill_targets(config, model, SHIRA_TARGETS, "SHiRA", is_nn_linear)
-        if config.fan_in_fan_out:
-            logger.warning("SHiRA adapts nn.Linear layers (weight stored (out, in)): setting "
-                           "fan_in_fan_out=False.")
-            config.fan_in_fan_out = False
-        return config
+        return fill_targets_fan_out_off(
+            config, model, SHIRA_TARGETS, "SHiRA", is_nn_linear,
+            "SHiRA adapts nn.Linear layers (weight stored (out, in)): setting fan_in_fan_out=False.", logger)
 
     def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
         return {"target_name": key}
