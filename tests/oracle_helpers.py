@@ -470,7 +470,8 @@ def build_with_other(table: CaseTable, lib, case, **other):
     moved off its init by seed 5; both adapters active."""
     model = table.build(lib, case)
     model.add_adapter("other", table.config(lib, case, **other))
-    models.perturb(model, 5, table.scale, wanted=lambda n: ".other." in n).eval()
+    # ".other." inside ModuleDict names (lora_A.other.weight), a trailing ".other" for ParameterDicts
+    models.perturb(model, 5, table.scale, wanted=lambda n: ".other." in n or n.endswith(".other")).eval()
     model.base_model.set_adapter(["default", "other"])
     return model
 
