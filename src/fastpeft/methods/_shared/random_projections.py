@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from ...core.tuner import Tuner
 from .common import (
     align_fan_in_fan_out,
     bias_file_keys,
@@ -33,6 +32,7 @@ from .common import (
     train_base_biases,
 )
 from .modules import is_conv1d, is_linear
+from .tuners import StoresBuiltOnInjection
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class ProjectionLayer(AdapterLayer):
                 )
 
 
-class ProjectionTuner(Tuner):
+class ProjectionTuner(StoresBuiltOnInjection):
     """Tuner owning the shared projections; a method supplies `make_projections` and its layer classes."""
 
     projection_names: tuple[str, str] = ("", "")
@@ -181,28 +181,9 @@ class ProjectionTuner(Tuner):
                     f"save_projection={config.save_projection} next to {other.save_projection}."
                 )
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       **options) -> None:
-        self._adding, self._autocast = adapter_name, autocast_adapter_dtype
-        existed = (self.projection_names[0] in self._modules
-                   and adapter_name in self._modules[self.projection_names[0]])
-        try:
-            super().inject_adapter(model, adapter_name,
-                                   autocast_adapter_dtype=autocast_adapter_dtype, **options)
-        except Exception:
-            if not existed:  # a failed injection leaves no projections behind
-                self._drop_projections(adapter_name)
-            raise
-        finally:
-            self._adding = None
-
-    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
-        targets = super().select_targets(model, config)
-        # injecting: the new adapter's projections, sized on targets
-        if getattr(self, "_adding", None) is not None:
-            bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
-            self._add_projections(self._adding, config, bases)
-        return targets
+    def _has_projections(self, adapter_name: str) -> bool:
+        return (self.projection_names[0] in self._modules
+                and adapter_name in self._modules[self.projection_names[0]])
 
     def layer_kwargs(self, config, key: str, module: nn.Module) -> dict:
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
@@ -213,7 +194,9 @@ class ProjectionTuner(Tuner):
     def projection_stores(self) -> tuple[BufferDict, BufferDict]:
         return tuple(self._modules[n] for n in self.projection_names)
 
-    def _add_projections(self, adapter_name: str, config, bases: list[nn.Module]) -> None:
+    def _add_projections(self, adapter_name: str, config, targets: list[tuple[str, nn.Module]]) -> None:
+        """The new adapter's projections, sized on its targets' base layers."""
+        bases = [m.get_base_layer() if isinstance(m, AdapterLayer) else m for _, m in targets]
         if self.projection_names[0] not in self._modules:
             for attr in self.projection_names:
                 self.add_module(attr, BufferDict(persistent=config.save_projection))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
+
 from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
 from .common import bias_file_keys, fill_targets, is_nn_linear, refuse_second_bias_adapter, train_base_biases
@@ -48,3 +50,39 @@ class OrthogonalTuner(Tuner):
 
     def mark_extra_trainable(self, adapter_name, config):
         train_base_biases(self, adapter_name, config.bias)
+
+
+class StoresBuiltOnInjection(Tuner):
+    """Tuners owning per-adapter tensors built from an adapter's targets while it is injected: once the
+    targets are selected, `_add_projections(adapter, config, targets)` builds them (`_adding` and `_autocast`
+    hold the adapter being injected and its autocast_adapter_dtype meanwhile); a failed injection of an
+    adapter that had none (`_has_projections`) leaves none behind (`_drop_projections`)."""
+
+    def _has_projections(self, adapter_name: str) -> bool:
+        raise NotImplementedError
+
+    def _add_projections(self, adapter_name: str, config, targets: list[tuple[str, nn.Module]]) -> None:
+        raise NotImplementedError
+
+    def _drop_projections(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **options) -> None:
+        self._adding, self._autocast = adapter_name, autocast_adapter_dtype
+        existed = self._has_projections(adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, **options)
+        except Exception:
+            if not existed:  # a failed injection leaves no projections behind
+                self._drop_projections(adapter_name)
+            raise
+        finally:
+            self._adding = None
+
+    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+        targets = super().select_targets(model, config)
+        if self.__dict__.get("_adding") is not None:  # injecting: the new adapter's tensors, built on targets
+            self._add_projections(self._adding, config, targets)
+        return targets

@@ -12,7 +12,6 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
-from ...core.tuner import Tuner
 from ...integrations.transformers_defaults import LORA_TARGETS
 from .._shared.common import (
     align_fan_in_fan_out,
@@ -23,6 +22,7 @@ from .._shared.common import (
 )
 from .._shared.modules import is_conv1d, is_linear
 from .._shared.random_projections import BufferDict
+from .._shared.tuners import StoresBuiltOnInjection
 from .layer import FrodLinear
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def sparse_positions(dim: int, rate: float, generator: torch.Generator) -> torch
     return torch.stack([rows, cols]).contiguous()
 
 
-class FrodModel(Tuner):
+class FrodModel(StoresBuiltOnInjection):
     """Adds FRoD adapters to nn.Linear / Conv1D layers."""
 
     dispatch = DISPATCH
@@ -126,25 +126,8 @@ class FrodModel(Tuner):
         train_base_biases(self, adapter_name, config.bias, skip=(".original_module.",))
 
     # ------------------------------------------------------------------ the shared bases
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       **options) -> None:
-        self._adding = adapter_name
-        existed = any(adapter_name in store for store in self._role_stores("frod_V"))
-        try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   **options)
-        except Exception:
-            if not existed:  # a failed injection leaves no bases behind
-                self._drop_projections(adapter_name)
-            raise
-        finally:
-            self._adding = None
-
-    def select_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
-        targets = super().select_targets(model, config)
-        if self.__dict__.get("_adding") is not None:
-            self._add_projections(self._adding, config, targets)
-        return targets
+    def _has_projections(self, adapter_name: str) -> bool:
+        return any(adapter_name in store for store in self._role_stores("frod_V"))
 
     def _role_weights(self, targets) -> dict[str, list[torch.Tensor]]:
         """role -> (out, in) float32 weights in block order. As HF PEFT, one weight per (block, role): a later
