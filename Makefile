@@ -41,7 +41,7 @@ lint: $(STAMP)
 # Benchmarks: fastpeft vs HF PEFT ratios (benchmarks/README.md). `bench`: quick runs; `bench-full`: the runs
 # behind the numbers in benchmarks/README.md (minutes each on a 2-core CPU).
 BENCH_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-BENCH_NEW := lora_train inference_overhead injection
+BENCH_NEW := lora_train inference_overhead injection road_mixed_batch
 
 bench: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py --repeats 3
