@@ -111,9 +111,16 @@ def install_as_peft() -> None:
             "imports peft (put it first in your script)."
         )
     module = _alias_module()
-    submodules = {path: importlib.import_module(f"fastpeft.{path}") for path in module_paths()}
+    # `peft` exists before the submodules are imported: one of them imports transformers
+    # (tuners.adamss.asa_callback), which caches its "is PEFT installed" answer on first use
     sys.meta_path.insert(0, _FINDER)
     sys.modules["peft"] = module
+    try:
+        submodules = {path: importlib.import_module(f"fastpeft.{path}") for path in module_paths()}
+    except BaseException:
+        del sys.modules["peft"]
+        sys.meta_path.remove(_FINDER)
+        raise
     for path, submodule in submodules.items():
         sys.modules[f"peft.{path}"] = submodule
         parent, _, leaf = path.rpartition(".")
