@@ -87,6 +87,10 @@ def main(mode: str, out: str) -> None:
     save(peft_model, state, mode, os.path.join(out, f"adapter_rank{rank}"), rank == 0)
     dist.barrier()
     dist.destroy_process_group()
+    # every result is on disk: skip the interpreter's teardown, where a native thread left by the CPU
+    # collectives sometimes aborts the process ("terminate called without an active exception")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -27,21 +27,34 @@ def runs(tmp_path_factory):
     """Start both 2-process runs at once; return {mode: output folder}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    outs, procs = {}, {}
-    for mode in MODES:
-        outs[mode] = tmp_path_factory.mktemp(mode)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(TESTS, "ddp_worker.py"), mode, str(outs[mode])]
-        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, env=env)
+    outs = {mode: tmp_path_factory.mktemp(mode) for mode in MODES}
+    procs = {mode: _start(mode, outs[mode], env) for mode in MODES}
     for mode, proc in procs.items():
-        try:
-            log, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log, _ = proc.communicate()
-        assert proc.returncode == 0, f"{mode} run failed:\n{log[-4000:]}"
+        returncode, log = _finish(proc)
+        if returncode != 0 and NATIVE_ABORT in log:  # once: a native thread's abort, not a result of the test
+            returncode, log = _finish(_start(mode, outs[mode], env))
+        assert returncode == 0, f"{mode} run failed:\n{log[-4000:]}"
     return outs
+
+
+# torch's CPU collectives sometimes leave a native thread that aborts a rank as it exits (seen in CI after the
+# results were written); the worker skips that teardown, and the fixture reruns such a run once
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+def _start(mode, out, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(TESTS, "ddp_worker.py"), mode, str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _finish(proc):
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log, _ = proc.communicate()
+    return proc.returncode, log
 
 
 def _digests(folder) -> list[str]:
