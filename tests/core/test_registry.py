@@ -110,6 +110,11 @@ def test_a_regex_entry_of_a_default_target_table_stays_a_regex():
     model = SimpleNamespace(config=SimpleNamespace(model_type="toy"))
     assert default_targets({"toy": r".*\.(q|v)_proj"}, model, "X") == r".*\.(q|v)_proj"
     assert default_targets({"toy": ["q", "v"]}, model, "X") == {"q", "v"}
+    # what every method's prepare_config calls (WaveFT's table has such a row, from HF PEFT's)
+    from fastpeft.methods._shared.common import fill_targets
+
+    config = SimpleNamespace(target_modules=None)
+    assert fill_targets(config, model, {"toy": r".*\.(q|v)_proj"}, "X").target_modules == r".*\.(q|v)_proj"
 
 
 # HF PEFT 0.21.2's types fastpeft does not implement yet: the README's "Not yet" line names them

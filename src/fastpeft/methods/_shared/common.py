@@ -89,10 +89,10 @@ def is_nn_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def fill_targets(config, model: nn.Module, table: dict[str, list[str]], label: str,
+def fill_targets(config, model: nn.Module, table: dict[str, list[str] | str], label: str,
                  is_linear: Callable[[nn.Module], bool] | None = None):
-    """target_modules=None: the model type's row of `table`; with `is_linear`, 'all-linear' is expanded to the
-    names of the modules it accepts (the output head left out)."""
+    """target_modules=None: the model type's row of `table` (a regex row stays a regex); with `is_linear`,
+    'all-linear' is expanded to the names of the modules it accepts (the output head left out)."""
     if config.target_modules is None:
         config.target_modules = default_targets(table, model, label)
     elif (is_linear is not None and isinstance(config.target_modules, str)

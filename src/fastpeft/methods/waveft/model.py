@@ -9,7 +9,6 @@ from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.targeting import pattern_value
 from ...core.tuner import Tuner
-from ...integrations.transformers_defaults import model_type_of
 from .._shared.common import align_fan_in_fan_out, bias_file_keys, fill_targets, train_base_biases
 from .._shared.modules import is_linear, linear_dims
 from .layer import WaveFTLinear, check_n_frequency
@@ -57,9 +56,6 @@ class WaveFTModel(Tuner):
     dispatch = DISPATCH
 
     def prepare_config(self, config, model):
-        row = WAVEFT_TARGETS.get(model_type_of(model))
-        if config.target_modules is None and isinstance(row, str):  # a regex row is kept whole, as HF PEFT
-            config.target_modules = row
         return fill_targets(config, model, WAVEFT_TARGETS, "WaveFT", is_linear)
 
     def select_targets(self, model, config):
