@@ -76,7 +76,7 @@ def prompt_embeddings_from_past_key_values(past_key_values: Any, *, num_virtual_
 def _kv_adapter(model, adapter_name: str | None):
     """(adapter name, its config, its prompt method) for an adapter whose rows are a key/value prefix."""
     configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict) or not hasattr(model, "prompt_encoder"):
+    if not isinstance(configs, dict):
         raise ValueError("Expected a PeftModel with a key/value prefix adapter (e.g. a CartridgeConfig), "
                          f"got {type(model).__name__}.")
     name = model.active_adapter if adapter_name is None else adapter_name
