@@ -1,0 +1,391 @@
+"""ShadowPEFT against HF PEFT on a tiny Llama causal LM and a tiny Llama sequence classifier: init, outputs
+and the auxiliary loss, gradients, files both ways, generate with the paired cache (vs greedy decoding by full
+forwards), the detached shadow model, several adapters, and the refusals."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastpeft
+from fastpeft.methods.shadow import ShadowCache, ShadowConfig, ShadowLayer
+
+import models
+import oracle_helpers as oh
+from greedy_reference import greedy_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-5
+
+
+def close(a, b, what=""):
+    torch.testing.assert_close(a, b, atol=TOL, rtol=TOL, msg=lambda m: f"{what}: {m}")
+
+
+def make_llama_cls():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
+                      pad_token_id=0, attn_implementation="eager")
+    torch.manual_seed(models.SEED)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+INPUTS = models.llama_inputs()  # 2 x 6 tokens, the last row right-padded by 2
+CLS_LABELS = torch.tensor([2, 0])
+BASES = {"CAUSAL_LM": models.make_llama, "SEQ_CLS": make_llama_cls}
+CASES = {
+    "default": ("CAUSAL_LM", {}),
+    "narrow_shadow": ("CAUSAL_LM", dict(shadow_hidden_size=16, shadow_num_attention_heads=2,
+                                        shadow_intermediate_size=24, shadow_num_hidden_layers=2, r=4)),
+    "own_embeddings": ("CAUSAL_LM", dict(share_embeddings=False, update_hidden_size=5, shadow_alpha=0.7)),
+    "cls": ("SEQ_CLS", {}),
+    "cls_blocks_1_2": ("SEQ_CLS", dict(target_modules=["model.layers.1", "model.layers.2"], r=3)),
+}
+
+
+def labels_for(task: str) -> torch.Tensor:
+    return INPUTS["input_ids"] if task == "CAUSAL_LM" else CLS_LABELS
+
+
+def build(lib, case: str, seed: int = 0, perturbed: bool = True, **overrides):
+    """The case's adapter on a fresh base (the same RNG state for both libraries -> the same init), moved off
+    its init by seeded noise in sorted name order (both libraries name parameters alike), in eval mode."""
+    task, options = CASES[case]
+    options = {"shadow_dropout": 0.0, **options, **overrides}
+    torch.manual_seed(seed)
+    model = lib.get_peft_model(BASES[task](), lib.ShadowConfig(task_type=task, **options))
+    if perturbed:
+        models.perturb(model, seed=seed + 1, scale=0.3)
+    return model.eval()
+
+
+def run(model, case: str, labels: bool = True):
+    task = CASES[case][0]
+    with torch.no_grad():
+        return model(**INPUTS, labels=labels_for(task) if labels else None)
+
+
+# ---------------------------------------------------------------------------------------------- init, outputs
+@pytest.mark.parametrize("case", list(CASES))
+def test_init_like_hf_and_identity(case):
+    """The same seed gives both libraries the same shadow network and layers (same keys); W_up = 0 makes
+    the adapted model start equal to the base model."""
+    ours, theirs = build(fastpeft, case, perturbed=False), build(peft, case, perturbed=False)
+    oh.assert_same_state_dict(fastpeft.get_peft_model_state_dict(ours),
+                              peft.get_peft_model_state_dict(theirs))
+    base = BASES[CASES[case][0]]()
+    close(models.forward(ours, INPUTS), models.forward(base, INPUTS), "identity at init")
+    trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
+    assert any(".shadow_backbone.default." in n for n in trainable)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_and_auxiliary_loss_like_hf(case):
+    ours, theirs = build(fastpeft, case), build(peft, case)
+    got, expected = run(ours, case), run(theirs, case)
+    close(got.logits, expected.logits, "logits")
+    close(got.loss, expected.loss, "loss (task + weighted auxiliary)")
+    close(got.shadow_loss, expected.shadow_loss, "shadow_loss")
+    close(ours.base_model.last_shadow_loss, got.shadow_loss, "last_shadow_loss")
+    base_out = run(BASES[CASES[case][0]](), case)
+    assert (got.logits - base_out.logits).abs().max() > 100 * TOL  # the adapter changes the outputs
+    weight = ours.peft_config["default"].auxiliary_loss_weight
+    close(got.loss, base_loss_of(ours, case) + weight * got.shadow_loss, "loss = task + weight * shadow")
+
+
+def base_loss_of(model, case: str) -> torch.Tensor:
+    """The task loss alone: auxiliary_loss_weight 0 keeps the shadow term out (still reported)."""
+    config = model.peft_config["default"]
+    weight, config.auxiliary_loss_weight = config.auxiliary_loss_weight, 0.0
+    try:
+        return run(model, case).loss
+    finally:
+        config.auxiliary_loss_weight = weight
+
+
+@pytest.mark.parametrize("case", ["default", "narrow_shadow", "cls"])
+def test_training_step_gradients_like_hf(case):
+    """Gradients of the full loss (task + auxiliary) for every trainable tensor: layers, backbone, head."""
+    grads = []
+    for lib in (fastpeft, peft):
+        model = build(lib, case)
+        model.train()
+        model(**INPUTS, labels=labels_for(CASES[case][0])).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    ours, theirs = grads
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        # the last block's update MLPs get none in both: the state they make is not used afterwards
+        assert (ours[name] is None) == (theirs[name] is None), name
+        if theirs[name] is not None:
+            close(ours[name], theirs[name], name)
+    assert any(g.abs().max() > 0 for n, g in ours.items() if ".shadow_backbone." in n)
+    assert all(g.abs().max() > 0 for n, g in ours.items() if n.endswith("shadow_down.default.weight"))
+
+
+def test_dropout_draws_like_hf():
+    """Training mode with shadow_dropout: the same seed gives both libraries the same masks."""
+    outs = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "default", shadow_dropout=0.5).train()
+        torch.manual_seed(7)
+        outs.append(model(**INPUTS).logits)
+    close(outs[0], outs[1], "dropout")
+    model = build(fastpeft, "default", shadow_dropout=0.5).train()
+    torch.manual_seed(7)
+    drawn = model(**INPUTS).logits
+    assert (drawn - run(model.eval(), "default", labels=False).logits).abs().max() > 100 * TOL
+
+
+# ---------------------------------------------------------------------------------------------- files
+@pytest.mark.parametrize("case", ["default", "narrow_shadow", "cls"])
+def test_files_both_ways(case, tmp_path):
+    """HF file -> fastpeft (same outputs) -> fastpeft file (same keys, values, config) -> HF (same outputs).
+    The loads are not vacuous: a fresh adapter's shadow network differs from the file's."""
+    theirs = build(peft, case)
+    oh.assert_files_both_ways(theirs, BASES[CASES[case][0]], INPUTS, tmp_path, close)
+    fresh = build(fastpeft, case, seed=5)
+    assert (models.forward(fresh, INPUTS) - models.forward(theirs, INPUTS)).abs().max() > 100 * TOL
+
+
+def test_file_keys_keep_default_for_any_adapter_name(tmp_path):
+    """HF PEFT's format: the adapter's part of every shadow key is 'default', whatever the adapter's name."""
+    ours = build(fastpeft, "cls")
+    ours.save_pretrained(str(tmp_path / "a"))
+    keys = sorted(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.shadow_down.default.weight" in keys
+    assert "base_model.shadow_head.default.weight" in keys
+    assert "base_model.shadow_backbone.default.layers.0.self_attn.q_proj.weight" in keys
+    assert "base_model.model.score.weight" in keys
+    named = fastpeft.PeftModel.from_pretrained(make_llama_cls(), str(tmp_path / "a"), adapter_name="other")
+    close(models.forward(named, INPUTS), models.forward(ours, INPUTS), "loaded as 'other'")
+    named.save_pretrained(str(tmp_path / "b"), selected_adapters=["other"])
+    assert sorted(load_file(str(tmp_path / "b" / "other" / "adapter_model.safetensors"))) == keys
+
+
+def test_load_into_existing_adapter_with_other_weights(tmp_path):
+    """load_adapter into an adapter whose shadow network holds other values: every tensor is replaced."""
+    source = build(fastpeft, "narrow_shadow")
+    source.save_pretrained(str(tmp_path))
+    target = build(fastpeft, "narrow_shadow", seed=9)
+    assert (models.forward(target, INPUTS) - models.forward(source, INPUTS)).abs().max() > 100 * TOL
+    result = target.load_adapter(str(tmp_path), adapter_name="default")
+    assert result.clean
+    close(models.forward(target, INPUTS), models.forward(source, INPUTS), "reloaded")
+
+
+def test_file_without_shadow_network_is_refused_and_model_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    source = build(fastpeft, "default")
+    source.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if ".shadow_backbone." not in k}, str(path))
+    target = build(fastpeft, "default", seed=3)
+    before = models.forward(target, INPUTS)
+    with pytest.raises(ValueError, match="lacks .* shadow network tensor"):
+        target.load_adapter(str(tmp_path), adapter_name="default")
+    close(models.forward(target, INPUTS), before, "after the refused load")
+    with pytest.raises(ValueError, match="lacks .* shadow network tensor"):
+        fastpeft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_greedy_generate_with_cache_equals_full_forwards():
+    """generate threads a ShadowCache (base + shadow backbone caches); the tokens equal greedy decoding by
+    full forwards without a cache, and differ from the base model's."""
+    model = build(fastpeft, "default")
+    ids, mask = INPUTS["input_ids"], torch.ones_like(INPUTS["input_ids"])
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, greedy_reference(model, ids, mask, max_new_tokens=6))
+    assert not torch.equal(got, greedy_reference(models.make_llama(), ids, mask, max_new_tokens=6))
+    left = mask.clone()
+    left[0, :2] = 0  # left padding
+    got = model.generate(input_ids=ids, attention_mask=left, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, greedy_reference(model, ids, left, max_new_tokens=5))
+
+
+def test_cached_steps_equal_a_full_forward():
+    """Prefill, then one token at a time passing back the returned ShadowCache: the logits of each step equal
+    those of one forward over the whole sequence."""
+    model = build(fastpeft, "narrow_shadow")
+    ids = INPUTS["input_ids"][:1]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :3], use_cache=True)
+        cache = out.cache
+        assert isinstance(cache, ShadowCache) and cache.shadow is not None
+        steps = [out.logits]
+        for t in range(3, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    close(torch.cat(steps, dim=1), full, "cached steps")
+    assert cache.get_seq_length() == ids.shape[1] == cache.shadow.get_seq_length()
+
+
+def test_plain_filled_cache_is_refused():
+    """A base-only cache with past tokens has no shadow counterpart: refused instead of a wrong s0."""
+    from transformers import DynamicCache
+
+    model = build(fastpeft, "default")
+    ids = INPUTS["input_ids"][:1]
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :3], use_cache=True).cache.base
+        assert isinstance(cache, DynamicCache)
+        with pytest.raises(ValueError, match="not a ShadowCache"):
+            model(input_ids=ids[:, 3:4], cache=cache, use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------- detached
+@pytest.mark.parametrize("case", ["default", "narrow_shadow", "own_embeddings", "cls"])
+def test_detached_shadow_model_like_hf(case):
+    ours, theirs = build(fastpeft, case), build(peft, case)
+    mine, hf_detached = ours.base_model.unload_shadow(), theirs.base_model.unload_shadow()
+    task = CASES[case][0]
+    with torch.no_grad():
+        got = mine(**INPUTS, labels=labels_for(task))
+        expected = hf_detached(**INPUTS, labels=labels_for(task))
+    close(got.logits, expected.logits, "detached logits")
+    close(got.loss, expected.loss, "detached loss")
+    run(ours, case)  # the detached model computes the state the auxiliary loss trains
+    close(got.loss, ours.base_model.last_shadow_loss, "detached loss == shadow_loss")
+
+
+def test_detached_copy_saves_complete_and_generates(tmp_path):
+    from transformers import AutoModel
+
+    model = build(fastpeft, "default")
+    shared, copied = model.base_model.unload_shadow(), model.base_model.unload_shadow(copy=True)
+    assert copied.backbone is not model.base_model.shadow_backbone["default"]
+    assert shared.backbone is model.base_model.shadow_backbone["default"]
+    close(models.forward(copied, INPUTS), models.forward(shared, INPUTS), "copy")
+    ids, mask = INPUTS["input_ids"], torch.ones_like(INPUTS["input_ids"])
+    got = copied.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, greedy_reference(copied, ids, mask, max_new_tokens=5))
+    copied.backbone.save_pretrained(str(tmp_path))
+    reloaded = AutoModel.from_pretrained(str(tmp_path))
+    close(reloaded.get_input_embeddings().weight, model.get_base_model().get_input_embeddings().weight,
+          "embeddings")
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def test_second_adapter_switching_and_deleting_like_hf():
+    models_ = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "default")
+        torch.manual_seed(11)
+        model.add_adapter("other", lib.ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0,
+                                                    init_weights=False))
+        models_.append(model.eval())
+    ours, theirs = models_
+    oh.assert_same_state_dict(fastpeft.get_peft_model_state_dict(ours, adapter_name="other"),
+                              peft.get_peft_model_state_dict(theirs, adapter_name="other"))
+    default = models.forward(ours, INPUTS)
+    for model in models_:
+        model.set_adapter("other")
+    close(run(ours, "default").loss, run(theirs, "default").loss, "other adapter")
+    assert (models.forward(ours, INPUTS) - default).abs().max() > 100 * TOL
+    ours.delete_adapter("other")
+    ours.set_adapter("default")
+    close(models.forward(ours, INPUTS), default, "after deleting 'other'")
+    assert not any(".other" in n for n, _ in ours.named_parameters())
+
+
+def test_disable_and_unload_give_the_base_model():
+    model = build(fastpeft, "default")
+    base = models.forward(models.make_llama(), INPUTS)
+    with model.disable_adapter():
+        close(models.forward(model, INPUTS), base, "disabled")
+    plain = model.unload()
+    assert not any(isinstance(m, ShadowLayer) for m in plain.modules())
+    assert not plain._forward_pre_hooks and not plain._forward_hooks
+    close(models.forward(plain, INPUTS), base, "unloaded")
+
+
+def test_disabled_adapter_reports_no_shadow_loss():
+    model = build(fastpeft, "default")
+    with model.disable_adapter():
+        out = run(model, "default")
+    assert getattr(out, "shadow_loss", None) is None and model.base_model.last_shadow_loss is None
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _unchanged_after(fn, model, match, error=ValueError):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(error, match=match):
+        fn()
+    assert [n for n, _ in model.named_modules()] == names
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize(("options", "error", "match"), [
+    (dict(task_type="SEQ_2_SEQ_LM"), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
+    (dict(task_type=None), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
+    (dict(task_type="CAUSAL_LM", shadow_model="org/shadow"), NotImplementedError, "pretrained shadow"),
+    (dict(task_type="CAUSAL_LM", target_modules=["q_proj"]), ValueError, "consecutive items"),
+    (dict(task_type="CAUSAL_LM", target_modules=r".*\.layers\.\d+\.mlp"), ValueError, "consecutive items"),
+])
+def test_bad_configs_refused_model_unchanged(options, error, match):
+    model = models.make_llama()
+    _unchanged_after(lambda: fastpeft.get_peft_model(model, ShadowConfig(**options)), model, match, error)
+
+
+def test_gap_between_blocks_refused():
+    model = make_llama_cls()
+    config = ShadowConfig(task_type="SEQ_CLS", target_modules=["model.layers.0", "model.layers.2"])
+    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "have gaps")
+
+
+def test_layers_to_transform_refused():
+    """HF PEFT 0.21 ignores it for whole-block targets (every block is wrapped): refused, not ignored."""
+    model = make_llama_cls()
+    config = ShadowConfig(task_type="SEQ_CLS", layers_to_transform=[1, 2], layers_pattern="layers")
+    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "pick them by name",
+                     NotImplementedError)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(r=0), "r must be a positive integer"),
+    (dict(shadow_dropout=1.0), "shadow_dropout"),
+    (dict(auxiliary_loss_weight=-1.0), "auxiliary_loss_weight"),
+    (dict(shadow_model="org/shadow", shadow_hidden_size=16), "mirror-only"),
+    (dict(target_modules=".*", layers_to_transform=[0]), "regex"),
+])
+def test_bad_config_values_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        ShadowConfig(task_type="CAUSAL_LM", **options)
+
+
+def test_unsupported_calls_refused():
+    model = build(fastpeft, "default")
+    for call, error, match in [
+        (lambda: model.merge_and_unload(), NotImplementedError, "cannot be merged"),
+        (lambda: model.base_model.merge_adapter(), NotImplementedError, "cannot be merged"),
+        (lambda: model(**INPUTS, adapter_names=["default", "default"]), ValueError, "mixed-adapter"),
+        (lambda: model.set_adapter(["default", "default"]), ValueError, "exactly one adapter"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    close(models.forward(model, INPUTS), models.forward(build(fastpeft, "default"), INPUTS), "unchanged")
+    plain = models.make_llama()
+    _unchanged_after(lambda: fastpeft.inject_adapter_in_model(ShadowConfig(task_type="CAUSAL_LM"), plain),
+                     plain, "get_peft_model")
+
+
+def test_second_adapter_for_classification_refused():
+    model = build(fastpeft, "cls")
+    before = models.forward(model, INPUTS)
+    with pytest.raises(ValueError, match="one adapter when any adapter is for sequence classification"):
+        model.add_adapter("other", ShadowConfig(task_type="SEQ_CLS"))
+    assert list(model.peft_config) == ["default"] and "other" not in model.base_model.shadow_backbone
+    close(models.forward(model, INPUTS), before, "unchanged")
