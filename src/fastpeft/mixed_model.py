@@ -1,14 +1,6 @@
-"""HF PEFT's module path `peft.mixed_model`. transformers imports `PeftMixedModel` for its isinstance
-checks."""
+"""HF PEFT's module path `peft.mixed_model` (transformers imports `PeftMixedModel` from it for its isinstance
+checks); the code is in fastpeft.mixing."""
 
-from __future__ import annotations
+from .mixing.model import PeftMixedModel
 
-
-class PeftMixedModel:
-    """Adapters of several methods in one model: not implemented by fastpeft yet (refused when built)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError(
-            "PeftMixedModel (adapters of different methods in one model, get_peft_model(..., mixed=True)) is "
-            "not implemented by fastpeft yet; use one method per model (fastpeft.PeftModel)."
-        )
+__all__ = ["PeftMixedModel"]
