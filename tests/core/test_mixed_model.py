@@ -265,10 +265,48 @@ def test_fastpeft_files_load_in_hf_and_back_into_other_weights(mlp, tmp_path):
     close(forward(other, x), expected, "fastpeft loads its files into adapters with other weights")
 
 
+def _sparse_svd_specs(lib):
+    """SHiRA (which, as in HF PEFT, wraps no other adapter layer: added first) with AdaLoRA and LoRA."""
+    return [("s", lib.ShiraConfig(target_modules=["lin0", "lin1"], r=2)),
+            ("d", lib.AdaLoraConfig(target_modules=["lin1", "head"], init_r=3, total_step=10)),
+            ("a", lib.LoraConfig(target_modules=["head"], r=2))]
+
+
+def test_shira_and_adalora_match_hf(mlp, tmp_path):
+    hf, fp = _pair(mlp, _sparse_svd_specs)
+    x = mlp_inputs()
+    for active in (["s"], ["d"], ["s", "d", "a"]):
+        hf.set_adapter(active)
+        fp.set_adapter(active)
+        close(forward(fp, x), forward(hf, x), str(active))
+        assert _effect(fp, mlp, x) > 1e-2
+    for model in (hf, fp):
+        model.train()
+        (model(x) ** 2).mean().backward()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.requires_grad}
+    assert {n for n, p in fp.named_parameters() if p.requires_grad} == set(hf_grads)
+    for name, param in fp.named_parameters():
+        if param.requires_grad:
+            close(param.grad, hf_grads[name], name)
+    paths = _save_each_with_hf(mlp, _sparse_svd_specs, tmp_path)
+    close(forward(_load_mixed(fastpeft, mlp, paths), x), forward(_load_mixed(peft, mlp, paths), x),
+          "SHiRA / AdaLoRA files of HF PEFT")
+    for model in (hf, fp):
+        model.eval()
+    close(forward(fp.merge_and_unload(), x), forward(hf.merge_and_unload(), x), "merged")
+
+
+def test_shira_on_an_already_adapted_target_refused(mlp):
+    fp = _build(fastpeft, mlp, _mlp_specs(fastpeft)[:1])
+    modules = [type(m) for m in fp.modules()]
+    with pytest.raises(ValueError, match="SHiRA cannot wrap another method's adapter layer"):
+        fp.add_adapter("s", fastpeft.ShiraConfig(target_modules=["lin0", "head"], r=2))
+    assert [type(m) for m in fp.modules()] == modules and list(fp.peft_config) == ["a"]
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 def test_compatible_types_are_the_declared_ones():
-    assert set(COMPATIBLE_TUNER_TYPES) <= set(peft.tuners.mixed.COMPATIBLE_TUNER_TYPES)
-    assert {"LORA", "LOHA", "LOKR", "OFT"} <= {t.value for t in COMPATIBLE_TUNER_TYPES}
+    assert set(COMPATIBLE_TUNER_TYPES) == set(peft.tuners.mixed.COMPATIBLE_TUNER_TYPES)
 
 
 @pytest.mark.parametrize("config", [
@@ -297,6 +335,16 @@ def test_prompt_learning_and_unmixable_first_config_refused(mlp):
     with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
         fastpeft.get_peft_model(model, fastpeft.VeraConfig(target_modules=["lin0"], r=2), mixed=True)
     assert not any(hasattr(m, "base_layer") for m in model.modules())
+
+
+def test_from_pretrained_of_an_unmixable_file_refused(mlp, tmp_path):
+    vera = fastpeft.get_peft_model(copy.deepcopy(mlp), fastpeft.VeraConfig(target_modules=["lin0"], r=2))
+    vera.save_pretrained(tmp_path)
+    model = copy.deepcopy(mlp)
+    with pytest.raises(ValueError, match="'VERA' is not compatible with the `PeftMixedModel`"):
+        PeftMixedModel.from_pretrained(model, tmp_path)
+    assert [type(m) for m in model.modules()] == [type(m) for m in mlp.modules()]
+    assert not hasattr(model, "peft_config")
 
 
 def test_unsupported_calls_refused(mlp):

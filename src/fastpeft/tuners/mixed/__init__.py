@@ -1,8 +1,5 @@
 """HF PEFT's module path `peft.tuners.mixed` (re-exports; the code is in fastpeft.mixing)."""
 
-from ... import methods as _methods  # noqa: F401  (every method registered: the mixable ones are known)
-from ...mixing.tuner import MixedModel, compatible_types
-
-COMPATIBLE_TUNER_TYPES = compatible_types()
+from .model import COMPATIBLE_TUNER_TYPES, MixedModel
 
 __all__ = ["COMPATIBLE_TUNER_TYPES", "MixedModel"]
