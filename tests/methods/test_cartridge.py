@@ -371,3 +371,15 @@ def test_public_names_and_module_paths():
     assert CartridgeConfig is fastpeft.CartridgeConfig and CartridgeEncoder is fastpeft.CartridgeEncoder
     assert compose_cartridge_adapters is fastpeft.compose_cartridge_adapters
     assert _config(fastpeft).peft_type == fastpeft.PeftType.CARTRIDGE
+
+
+def test_file_config_with_too_many_frozen_rows_is_refused_naming_the_file(tmp_path):
+    fastpeft.get_peft_model(models.make_llama(), _config(fastpeft, n=3)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_frozen_tokens": 5}))
+    base = models.make_llama()
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match="num_frozen_tokens must be <= num_virtual_tokens") as err:
+        fastpeft.PeftModel.from_pretrained(base, tmp_path)
+    assert "adapter_config.json" in str(err.value)
+    assert all(torch.equal(p, before[n]) for n, p in base.state_dict().items())
