@@ -1,7 +1,8 @@
 """Bottleneck adapters (fastpeft's own BOTTLENECK method) against the `adapters` library (AdapterHub).
 
-The oracle is tests/fixtures/bottleneck/: tiny BERT / RoBERTa weights, AdapterHub folders saved by `adapters`
-1.3 (Houlsby, Pfeiffer, parallel and three option mixes, non-zero weights) and that library's outputs, made by
+The oracle is tests/fixtures/bottleneck/: tiny BERT / RoBERTa / XLM-R / ELECTRA weights, AdapterHub folders
+saved by `adapters` 1.3 (Houlsby, Pfeiffer, parallel on each; three option mixes on BERT and RoBERTa; non-zero
+weights) and that library's outputs, made by
 make_fixtures.py in a venv with `adapters` (it needs transformers 4.57). Here the same base weights and the
 imported adapters must give the same last hidden states.
 """
@@ -27,18 +28,26 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", 
 REFS = load_file(os.path.join(FIXTURES, "refs.safetensors"))
 SIZES = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              attn_implementation="eager")
-ADAPTERS = ("houlsby", "pfeiffer", "parallel", "options_seq", "options_double", "options_par")
+PRESETS = ("houlsby", "pfeiffer", "parallel")
+OPTIONS = ("options_seq", "options_double", "options_par")  # the other BnConfig options, on BERT / RoBERTa
+ROWS = [(label, name) for label in ("bert", "roberta") for name in PRESETS + OPTIONS] + [
+    (label, name) for label in ("xlmr", "electra") for name in PRESETS]
 TOL = 1e-5  # float32 round-off; every adapter moves the outputs by more than 0.5 (checked)
 
 
 def base_model(label: str):
-    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaModel
+    import transformers as tf
 
     if label == "bert":
-        model = BertForSequenceClassification(BertConfig(max_position_embeddings=64, num_labels=2, **SIZES))
+        config = tf.BertConfig(max_position_embeddings=64, num_labels=2, **SIZES)
+        model = tf.BertForSequenceClassification(config)
+    elif label == "electra":
+        model = tf.ElectraModel(tf.ElectraConfig(max_position_embeddings=64, embedding_size=32, **SIZES))
     else:
-        config = RobertaConfig(max_position_embeddings=66, pad_token_id=1, type_vocab_size=1, **SIZES)
-        model = RobertaModel(config, add_pooling_layer=False)
+        config_cls, model_cls = {"roberta": (tf.RobertaConfig, tf.RobertaModel),
+                                 "xlmr": (tf.XLMRobertaConfig, tf.XLMRobertaModel)}[label]
+        config = config_cls(max_position_embeddings=66, pad_token_id=1, type_vocab_size=1, **SIZES)
+        model = model_cls(config, add_pooling_layer=False)
     model.load_state_dict(load_file(os.path.join(FIXTURES, f"{label}_base.safetensors")))
     return model.eval()
 
@@ -70,8 +79,7 @@ def assert_unchanged(model, before) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ oracle
-@pytest.mark.parametrize("label", ["bert", "roberta"])
-@pytest.mark.parametrize("name", ADAPTERS)
+@pytest.mark.parametrize("label, name", ROWS)
 def test_imported_adapterhub_adapter_gives_the_adapters_library_outputs(label, name):
     model = imported(label, name)
     assert isinstance(model, PeftModel) and model.active_adapter == name  # the folder's name
@@ -82,7 +90,7 @@ def test_imported_adapterhub_adapter_gives_the_adapters_library_outputs(label, n
         assert torch.allclose(hidden(model), base, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("label", ["bert", "roberta"])
+@pytest.mark.parametrize("label", ["bert", "roberta", "xlmr", "electra"])
 def test_several_active_adapters_stack_as_the_adapters_library(label):
     model = imported(label, "houlsby")
     imported(label, "pfeiffer", model=model)
