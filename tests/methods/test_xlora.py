@@ -138,7 +138,8 @@ def test_setters_match_hf(experts):
 
 @pytest.mark.parametrize("trainable_experts", [False, True], ids=["classifier", "classifier_and_experts"])
 def test_training_step_gradients_match_hf(experts, trainable_experts):
-    hf, fp = pair(experts, use_trainable_adapters=trainable_experts)
+    # scaling_pass_value 0.5: the experts act in the scaling pass too, which must give them no gradient
+    hf, fp = pair(experts, use_trainable_adapters=trainable_experts, scaling_pass_value=0.5)
     inputs = llama_inputs()
     grads = []
     for model in (hf, fp):
@@ -202,6 +203,13 @@ def test_generate_matches_hf_and_a_greedy_loop(experts):
     ids = llama_inputs()["input_ids"][:1, :4]
     ours = fp.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(ours, hf.generate(input_ids=ids, max_new_tokens=5, do_sample=False))
+    # as HF PEFT: no KV cache whatever the caller asks (each step re-runs both passes over the sequence)
+    lengths = []
+    handle = fp.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    assert torch.equal(ours, fp.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=True))
+    handle.remove()
+    assert lengths == [4, 4, 5, 5, 6, 6, 7, 7, 8, 8]  # scaling pass + real pass per step, whole sequence
     assert torch.equal(ours, _greedy(fp, ids, 5))
     with fp.disable_adapter():
         assert not torch.equal(_greedy(fp, ids, 5), ours)  # the experts change the tokens
