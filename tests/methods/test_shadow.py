@@ -143,6 +143,73 @@ def test_dropout_draws_like_hf():
     assert (drawn - run(model.eval(), "default", labels=False).logits).abs().max() > 100 * TOL
 
 
+def make_qwen3():
+    """Per-layer config lists (layer_types, max_window_layers) that the one-layer mirror must cut down."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      layer_types=["full_attention", "sliding_attention", "full_attention"], sliding_window=4,
+                      use_sliding_window=True, max_window_layers=3, attn_implementation="eager")
+    torch.manual_seed(models.SEED)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(("make", "inputs", "options"), [
+    (make_qwen3, INPUTS, dict(shadow_num_hidden_layers=2)),
+    (models.make_gpt2, models.gpt2_inputs(), {}),  # blocks in transformer.h
+], ids=["qwen3", "gpt2"])
+def test_other_decoders_like_hf(make, inputs, options):
+    outs, layer_types = [], []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        config = lib.ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0, **options)
+        model = lib.get_peft_model(make(), config)
+        layer_types.append(getattr(model.base_model.shadow_backbone["default"].config, "layer_types", None))
+        models.perturb(model, seed=1, scale=0.3)
+        with torch.no_grad():
+            outs.append(model.eval()(**inputs, labels=inputs["input_ids"]))
+    assert layer_types[0] == layer_types[1]  # qwen3: cut to the mirror's depth
+    close(outs[0].logits, outs[1].logits, "logits")
+    close(outs[0].shadow_loss, outs[1].shadow_loss, "shadow_loss")
+
+
+def test_bf16_base_like_hf():
+    """The shadow backbone takes the base dtype; the layers' tensors stay float32 (built in that dtype, never
+    rounded through bf16), as in HF PEFT."""
+    outs, built = [], []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(models.make_llama().to(torch.bfloat16),
+                                   lib.ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0))
+        built.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        models.perturb(model, seed=1, scale=0.3)
+        with torch.no_grad():
+            outs.append(model.eval()(**INPUTS, labels=INPUTS["input_ids"]))
+    ours, theirs = built
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+    assert {t.dtype for n, t in ours.items() if ".shadow_backbone." in n} == {torch.bfloat16}
+    assert {t.dtype for n, t in ours.items() if ".shadow_down." in n} == {torch.float32}
+    assert torch.equal(outs[0].logits, outs[1].logits) and torch.equal(outs[0].loss, outs[1].loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        base = models.make_llama()
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        model = fastpeft.get_peft_model(base, ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0))
+        models.perturb(model, seed=1, scale=0.3)
+        model.train()(**INPUTS, labels=INPUTS["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert sorted(grads[0]) == sorted(grads[1])
+    for name, grad in grads[0].items():
+        close(grads[1][name], grad, name)
+
+
 # ---------------------------------------------------------------------------------------------- files
 @pytest.mark.parametrize("case", ["default", "narrow_shadow", "cls"])
 def test_files_both_ways(case, tmp_path):
@@ -150,6 +217,10 @@ def test_files_both_ways(case, tmp_path):
     The loads are not vacuous: a fresh adapter's shadow network differs from the file's."""
     theirs = build(peft, case)
     oh.assert_files_both_ways(theirs, BASES[CASES[case][0]], INPUTS, tmp_path, close)
+    frozen = fastpeft.PeftModel.from_pretrained(BASES[CASES[case][0]](), str(tmp_path / "hf"))
+    trainable = fastpeft.PeftModel.from_pretrained(BASES[CASES[case][0]](), str(tmp_path / "hf"),
+                                                   is_trainable=True)
+    assert not _trainable(frozen) and _trainable(trainable) == _trainable(theirs)
     fresh = build(fastpeft, case, seed=5)
     assert (models.forward(fresh, INPUTS) - models.forward(theirs, INPUTS)).abs().max() > 100 * TOL
 
@@ -178,6 +249,27 @@ def test_load_into_existing_adapter_with_other_weights(tmp_path):
     result = target.load_adapter(str(tmp_path), adapter_name="default")
     assert result.clean
     close(models.forward(target, INPUTS), models.forward(source, INPUTS), "reloaded")
+
+
+def test_low_cpu_mem_usage_load(tmp_path):
+    """The new adapter (shadow backbone included) is built on the meta device and takes the file's tensors."""
+    source = build(fastpeft, "narrow_shadow")
+    source.save_pretrained(str(tmp_path))
+    loaded = fastpeft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path), low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in loaded.parameters())
+    close(models.forward(loaded, INPUTS), models.forward(source, INPUTS), "low_cpu_mem_usage")
+
+
+def test_shadow_network_of_another_shape_is_refused(tmp_path):
+    source = build(fastpeft, "narrow_shadow")
+    source.save_pretrained(str(tmp_path))
+    oh.rewrite_config(tmp_path, shadow_intermediate_size=20)
+    base = models.make_llama()
+    before = models.forward(base, INPUTS)
+    with pytest.raises(ValueError, match="another shape in the file"):
+        fastpeft.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not any(isinstance(m, ShadowLayer) for m in base.modules()) and not base._forward_pre_hooks
+    close(models.forward(base, INPUTS), before, "base after the refused load")
 
 
 def test_file_without_shadow_network_is_refused_and_model_unchanged(tmp_path):
@@ -209,6 +301,18 @@ def test_greedy_generate_with_cache_equals_full_forwards():
     left[0, :2] = 0  # left padding
     got = model.generate(input_ids=ids, attention_mask=left, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, greedy_reference(model, ids, left, max_new_tokens=5))
+
+
+def test_beam_search_with_cache_equals_without():
+    """Beam search reorders the cache each step: the ShadowCache reorders both halves, so the result equals
+    beam search without any cache (every step a full forward)."""
+    model = build(fastpeft, "default")
+    ids, mask = INPUTS["input_ids"], torch.ones_like(INPUTS["input_ids"])
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=3,
+                   num_return_sequences=2, output_scores=True, return_dict_in_generate=True)
+    cached, uncached = model.generate(**options, use_cache=True), model.generate(**options, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    close(cached.sequences_scores, uncached.sequences_scores, "beam scores")
 
 
 def test_cached_steps_equal_a_full_forward():
@@ -285,6 +389,12 @@ def test_second_adapter_switching_and_deleting_like_hf():
                                                     init_weights=False))
         models_.append(model.eval())
     ours, theirs = models_
+    for model in models_:  # both trainable only where active: the inactive adapter's backbone too
+        model.set_adapter("other")
+    assert _trainable(ours) == _trainable(theirs)
+    assert any(".shadow_backbone.other." in n for n in _trainable(ours))
+    for model in models_:
+        model.set_adapter("default")
     oh.assert_same_state_dict(fastpeft.get_peft_model_state_dict(ours, adapter_name="other"),
                               peft.get_peft_model_state_dict(theirs, adapter_name="other"))
     default = models.forward(ours, INPUTS)
@@ -296,6 +406,10 @@ def test_second_adapter_switching_and_deleting_like_hf():
     ours.set_adapter("default")
     close(models.forward(ours, INPUTS), default, "after deleting 'other'")
     assert not any(".other" in n for n, _ in ours.named_parameters())
+
+
+def _trainable(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_disable_and_unload_give_the_base_model():
@@ -380,6 +494,27 @@ def test_unsupported_calls_refused():
     plain = models.make_llama()
     _unchanged_after(lambda: fastpeft.inject_adapter_in_model(ShadowConfig(task_type="CAUSAL_LM"), plain),
                      plain, "get_peft_model")
+
+
+def test_failed_second_adapter_leaves_no_trace(monkeypatch):
+    """A failure after the new adapter's shadow network was built takes all of it back."""
+    model = build(fastpeft, "default")
+    before, hooks = models.forward(model, INPUTS), len(model.get_base_model()._forward_pre_hooks)
+
+    def broken(self, adapter_name, config, **kwargs):
+        raise RuntimeError("layer build failed")
+
+    monkeypatch.setattr(ShadowLayer, "update_layer", broken)
+    with pytest.raises(RuntimeError, match="layer build failed"):
+        model.add_adapter("other", ShadowConfig(task_type="CAUSAL_LM"))
+    assert list(model.peft_config) == ["default"]
+    assert all("other" not in getattr(model.base_model, c) for c in ("shadow_backbone", "shadow_projection"))
+    assert len(model.get_base_model()._forward_pre_hooks) == hooks
+    close(models.forward(model, INPUTS), before, "unchanged")
+    other_blocks = ShadowConfig(task_type="CAUSAL_LM", target_modules=["model.layers.1"])
+    with pytest.raises(ValueError, match="must wrap the same blocks"):
+        model.add_adapter("x", other_blocks)
+    assert list(model.peft_config) == ["default"] and "x" not in model.base_model.shadow_backbone
 
 
 def test_second_adapter_for_classification_refused():

@@ -137,6 +137,16 @@ class ShadowModel(Tuner):
         self._shadow_share[adapter_name] = share
         self._shadow_lm_head[adapter_name] = not is_cls
 
+    def _place_adapter(self, layer, adapter_name: str, autocast: bool) -> None:
+        """As HF PEFT for whole-block targets (a block has no single weight to follow): the layer's adapter
+        tensors keep the dtype they were built in (no rounding through a half-precision base dtype) and only
+        move to the block's device."""
+        layer.train(layer.get_base_layer().training)
+        ref = next(layer.get_base_layer().parameters(), None)
+        for _, param in layer.adapter_parameters(adapter_name):
+            if ref is not None and not param.is_meta and param.device != ref.device:
+                param.data = param.data.to(ref.device)
+
     def _remove_adapter(self, adapter_name: str) -> None:
         super()._remove_adapter(adapter_name)
         for name in CONTAINERS:
