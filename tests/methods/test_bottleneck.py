@@ -33,6 +33,7 @@ OPTIONS = ("options_seq", "options_double", "options_par")  # the other BnConfig
 ROWS = [(label, name) for label in ("bert", "roberta") for name in PRESETS + OPTIONS] + [
     (label, name) for label in ("xlmr", "electra") for name in PRESETS]
 TOL = 1e-5  # float32 round-off; every adapter moves the outputs by more than 0.5 (checked)
+GRAD_TOL = 1e-5  # max difference seen 1e-6; the gradients are larger than 1e-3 (one exception, named below)
 
 
 def base_model(label: str):
@@ -128,6 +129,29 @@ def test_one_training_step_trains_the_adapter_only():
     before = hidden(model.eval())
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
     assert (hidden(model) - before).abs().max() > 1e-3
+
+
+def fastpeft_name(hub_key: str, name: str) -> str:
+    """The fastpeft parameter of an AdapterHub parameter name (the adapters library also names a ln_before
+    LayerNorm adapter_norm_before, the same module as adapter_down.0)."""
+    local = hub_key.replace(f".adapters.{name}.", f".bottleneck_adapter.{name}.")
+    return "base_model.model." + local.replace("adapter_norm_before.", "adapter_down.0.")
+
+
+@pytest.mark.parametrize("name", PRESETS + OPTIONS)
+def test_gradients_equal_the_adapters_library(name):
+    model = imported("bert", name, is_trainable=True)
+    model.eval()  # no dropout, as the reference
+    out = model(input_ids=REFS["input_ids"], attention_mask=REFS["attention_mask"], output_hidden_states=True)
+    (out.hidden_states[-1] * REFS["readout"]).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    prefix = f"grad.bert.{name}."
+    expected = {fastpeft_name(k[len(prefix):], name): v for k, v in REFS.items() if k.startswith(prefix)}
+    assert expected and sorted(grads) == sorted(expected)
+    for key, grad in expected.items():
+        # a gate followed by the adapter's own LayerNorm (options_par) barely matters: LayerNorm is scale-free
+        assert grad.abs().max() > 1e-3 or (name == "options_par" and ".gate." in key), key
+        torch.testing.assert_close(grads[key], grad, atol=GRAD_TOL, rtol=0, msg=key)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -234,6 +258,17 @@ def test_unknown_or_unimplemented_options_are_refused(tmp_path):
         BottleneckConfig.houlsby(residual_before_ln="post_add")
     with pytest.raises(ValueError, match="no 'default' entry"):
         get_peft_model(base_model("roberta"), BottleneckConfig(reduction_factor={"0": 4}))
+
+
+def test_adapter_fusion_is_refused(tmp_path):
+    folder = tmp_path / "fusion"
+    shutil.copytree(os.path.join(FIXTURES, "bert_houlsby"), folder)
+    (folder / "adapter_fusion_config.json").write_text(json.dumps({"config": {"key": True}}))
+    model = base_model("bert")
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match="AdapterFusion layer.*not supported"):
+        load_adapterhub_adapter(model, folder)
+    assert_unchanged(model, before)
 
 
 def test_weights_of_another_layout_are_refused(tmp_path):
