@@ -93,6 +93,8 @@ def test_outputs_and_auxiliary_loss_like_hf(case):
     close(got.loss, expected.loss, "loss (task + weighted auxiliary)")
     close(got.shadow_loss, expected.shadow_loss, "shadow_loss")
     close(ours.base_model.last_shadow_loss, got.shadow_loss, "last_shadow_loss")
+    with torch.no_grad():  # the tuner's own forward adds it too, as HF PEFT's
+        close(ours.base_model(**INPUTS, labels=labels_for(CASES[case][0])).loss, got.loss, "tuner forward")
     base_out = run(BASES[CASES[case][0]](), case)
     assert (got.logits - base_out.logits).abs().max() > 100 * TOL  # the adapter changes the outputs
     weight = ours.peft_config["default"].auxiliary_loss_weight
@@ -365,7 +367,12 @@ def test_detached_shadow_model_like_hf(case):
 def test_detached_copy_saves_complete_and_generates(tmp_path):
     from transformers import AutoModel
 
+    hf_copy = build(peft, "default").base_model.unload_shadow(copy=True)
+    hf_copy.save_pretrained(str(tmp_path / "hf"))
     model = build(fastpeft, "default")
+    model.base_model.unload_shadow(copy=True).save_pretrained(str(tmp_path / "ours"))
+    ours_file, hf_file = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ours", "hf"))
+    assert sorted(ours_file) == sorted(hf_file) and "backbone.embed_tokens.weight" in ours_file
     shared, copied = model.base_model.unload_shadow(), model.base_model.unload_shadow(copy=True)
     assert copied.backbone is not model.base_model.shadow_backbone["default"]
     assert shared.backbone is model.base_model.shadow_backbone["default"]
@@ -373,8 +380,8 @@ def test_detached_copy_saves_complete_and_generates(tmp_path):
     ids, mask = INPUTS["input_ids"], torch.ones_like(INPUTS["input_ids"])
     got = copied.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, greedy_reference(copied, ids, mask, max_new_tokens=5))
-    copied.backbone.save_pretrained(str(tmp_path))
-    reloaded = AutoModel.from_pretrained(str(tmp_path))
+    copied.backbone.save_pretrained(str(tmp_path / "backbone"))
+    reloaded = AutoModel.from_pretrained(str(tmp_path / "backbone"))
     close(reloaded.get_input_embeddings().weight, model.get_base_model().get_input_embeddings().weight,
           "embeddings")
 
@@ -470,7 +477,7 @@ def test_layers_to_transform_refused():
 
 @pytest.mark.parametrize(("options", "match"), [
     (dict(r=0), "r must be a positive integer"),
-    (dict(shadow_dropout=1.0), "shadow_dropout"),
+    (dict(shadow_dropout=1.5), "shadow_dropout"),
     (dict(auxiliary_loss_weight=-1.0), "auxiliary_loss_weight"),
     (dict(shadow_model="org/shadow", shadow_hidden_size=16), "mirror-only"),
     (dict(target_modules=".*", layers_to_transform=[0]), "regex"),

@@ -71,8 +71,8 @@ class ShadowConfig(PeftConfig):
         optional = [name for name in (*MIRROR_OVERRIDES, "update_hidden_size")
                     if getattr(self, name) is not None]
         check_positive_ints(self, "ShadowConfig", optional)
-        if not 0.0 <= self.shadow_dropout < 1.0:
-            raise ValueError(f"ShadowConfig.shadow_dropout must be in [0, 1), got {self.shadow_dropout!r}.")
+        if not 0.0 <= self.shadow_dropout <= 1.0:
+            raise ValueError(f"ShadowConfig.shadow_dropout must be in [0, 1], got {self.shadow_dropout!r}.")
         if self.auxiliary_loss_weight < 0:
             raise ValueError("ShadowConfig.auxiliary_loss_weight must be >= 0 (0 turns the auxiliary loss "
                              f"off), got {self.auxiliary_loss_weight!r}.")

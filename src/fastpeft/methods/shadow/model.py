@@ -249,6 +249,10 @@ class ShadowModel(Tuner):
                 break
         return output
 
+    def forward(self, *args, **kwargs):
+        # as HF PEFT's ShadowModel.forward: a call of the tuner itself also adds the auxiliary loss
+        return self.model_forward(*args, **kwargs)
+
     def model_forward(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
             raise ValueError(_MIXED)
