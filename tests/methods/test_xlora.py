@@ -190,6 +190,46 @@ def test_hf_files_load_in_fastpeft(experts, tmp_path, caplog):
     assert (logits(hf_loaded) - logits(ours)).abs().max() < 1e-6
 
 
+def test_bf16_base_keeps_the_expert_files_values(experts):
+    """Experts on a bf16 base are fp32 (autocast_adapter_dtype) holding the files' exact values; HF PEFT
+    0.21.2 loads them into bf16 weights first and widens after, so its experts are the files' values rounded
+    to bf16 (its logits differ from ours by about one bf16 step)."""
+    model = make_llama().to(torch.bfloat16)
+    model.config.use_cache = False
+    config = fastpeft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=experts)
+    fp = fastpeft.get_peft_model(model, config)
+    out = logits(fp)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    saved = load_file(os.path.join(experts["1"], "adapter_model.safetensors"))
+    layer = fp.base_model.lora_model.model.model.embed_tokens
+    table = layer.lora_embedding_B["1"]
+    assert table.dtype == torch.float32
+    assert torch.equal(table, saved["base_model.model.model.embed_tokens.lora_embedding_B"])
+    with fp.disable_adapter():
+        assert (logits(fp).float() - out.float()).abs().max() > 0.05
+
+
+def test_bf16_base_matches_hf_on_bf16_exact_experts(experts, tmp_path):
+    """With expert values that bf16 holds exactly, HF PEFT's rounding on load is lossless: same logits."""
+    import shutil
+
+    exact = {}
+    for name, path in experts.items():
+        shutil.copytree(path, tmp_path / name)
+        weights = load_file(tmp_path / name / "adapter_model.safetensors")
+        save_file({k: v.bfloat16().float() for k, v in weights.items()},
+                  os.fspath(tmp_path / name / "adapter_model.safetensors"))
+        exact[name] = str(tmp_path / name)
+    outs = []
+    for lib in (peft, fastpeft):
+        model = make_llama().to(torch.bfloat16)
+        model.config.use_cache = False
+        torch.manual_seed(0)
+        config = lib.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=exact)
+        outs.append(logits(lib.get_peft_model(model, config)))
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+
+
 def _greedy(model, ids, steps):
     for _ in range(steps):
         with torch.no_grad():

@@ -89,7 +89,9 @@ class XLoraLinearLayer(XLoraLayer):
             if scalings is not None:
                 x_in, weight = self.apply_scalings_to_x(x, scalings, index), self.config.global_scaling_weight
             delta = lora_b(lora_a(self.target.lora_dropout[name](x_in)))
-            result = result + delta * self.target.scaling[name] * weight
+            # summed in the wider dtype, kept in the base output's (HF PEFT adds in place): fp32 experts on a
+            # bf16 base round after each expert
+            result = (result + delta * self.target.scaling[name] * weight).to(result.dtype)
         return result.to(previous_dtype)
 
 
@@ -116,5 +118,5 @@ class XLoraEmbeddingLayer(XLoraLayer):
             delta = (after_a @ table_b.T) * self.target.scaling[name] * weight
             if isinstance(embed_scale, torch.Tensor):
                 delta = delta * embed_scale.to(delta.dtype)
-            result = result + delta
+            result = (result + delta).to(result.dtype)  # the base output's dtype, as the Linear case
         return result
