@@ -154,6 +154,29 @@ def test_gradients_equal_the_adapters_library(name):
         torch.testing.assert_close(grads[key], grad, atol=GRAD_TOL, rtol=0, msg=key)
 
 
+INITS = {  # make_fixtures.py's INITS, as fastpeft configs
+    "init_bert": BottleneckConfig.pfeiffer(reduction_factor=4, ln_before=True, use_gating=True,
+                                           scaling="channel"),
+    "init_houlsby": BottleneckConfig.houlsby(reduction_factor=4, init_weights="houlsby", ln_after=True),
+    "init_mam": BottleneckConfig.parallel(reduction_factor=4, use_gating=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INITS))
+def test_a_seed_draws_the_adapters_library_initial_weights(name):
+    base = base_model("bert")
+    torch.manual_seed(1234)  # make_fixtures.py's INIT_SEED
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, INITS[name], adapter_name=name)
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {fastpeft_name(k[len("init."):], name): v for k, v in REFS.items()
+                if k.startswith("init.") and f".adapters.{name}." in k}
+    assert expected and sorted(ours) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value), key
+
+
 # ------------------------------------------------------------------------------------------------ files
 def test_save_and_load_round_trip_in_fastpeft_format(tmp_path):
     model = imported("bert", "options_seq", adapter_name="default")  # other names save into a sub-folder
