@@ -350,3 +350,23 @@ def test_refusals_and_unload(experts):
     unloaded = fp.unload()
     assert not any(isinstance(m, LoraLayer) for m in unloaded.modules())
     assert torch.equal(unloaded(**inputs).logits, logits(base()))
+
+
+def test_trained_experts_are_saved_with_the_classifier(experts, tmp_path):
+    """use_trainable_adapters: the experts train, so the file holds them too (HF PEFT's parameter names, which
+    its loader reads back as they are); a reload starts from the expert folders and takes the file's."""
+    fp = build(fastpeft, experts, use_trainable_adapters=True)
+    with torch.no_grad():  # stands for training: experts unlike their folders
+        for name, param in fp.named_parameters():
+            if param.requires_grad and "internal_xlora_classifier" not in name:  # the experts' factors
+                param.add_(0.05 * torch.randn_like(param))
+    expected = logits(fp)
+    fp.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert CLASSIFIER_KEYS < set(saved)
+    assert "base_model.lora_model.model.model.layers.0.self_attn.q_proj.lora_A.0.weight" in saved
+    assert "base_model.lora_model.model.model.embed_tokens.lora_embedding_B.1" in saved
+    fresh = build(fastpeft, experts, seed=7, use_trainable_adapters=True)
+    assert (logits(fresh) - expected).abs().max() > 0.01
+    for lib in (peft, fastpeft):
+        assert (logits(load(lib, tmp_path, 7)) - expected).abs().max() < 1e-6, lib.__name__

@@ -63,6 +63,10 @@ def convert_layers_to_xlora(xlora_model: XLoraModel, config: XLoraConfig, tx: Tr
     return count, device
 
 
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 class XLoraModel(nn.Module):
     """X-LoRA on `model`: experts from `config.adapters`, the classifier, the two-pass forward."""
 
@@ -136,13 +140,22 @@ class XLoraModel(nn.Module):
 
     @staticmethod
     def base_file_keys(model: nn.Module, adapter_name: str, config, modules) -> list[tuple[str, str]]:
-        """The classifier's tensors, stored under their names in the PeftModel (HF PEFT's file keys, e.g.
-        `base_model.internal_xlora_classifier.layers.0.weight`)."""
+        """What the X-LoRA file holds, under the tensors' names in the PeftModel (HF PEFT's parameter names,
+        which its loader reads back as they are): the classifier (`base_model.internal_xlora_classifier.*`)
+        and, when `use_trainable_adapters`, the trained experts (`base_model.lora_model.model.<path>.lora_A.0
+        .weight`, ...), which the expert folders no longer match."""
         for name, module in modules:
-            if isinstance(module, XLoraClassifier):
-                keys = [f"{name}.{key}" for key, _ in module.named_parameters()]
+            if isinstance(module, XLoraModel):
+                keys = [k for k, _ in module.internal_xlora_classifier.named_parameters(
+                    prefix=_join(name, "internal_xlora_classifier"))]
+                if getattr(config, "use_trainable_adapters", False):
+                    keys += module._expert_keys(_join(name, "lora_model.model"))
                 return [(key, key) for key in keys]
         return []
+
+    def _expert_keys(self, prefix: str) -> list[str]:
+        return [_join(prefix, holder_name, local) for holder_name, holder in self.lora_model.holders()
+                for expert in self.expert_names for local, _ in holder.adapter_tensors(expert)]
 
     def extra_file_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return {}
