@@ -101,6 +101,20 @@ def test_outputs_and_auxiliary_loss_like_hf(case):
     close(got.loss, base_loss_of(ours, case) + weight * got.shadow_loss, "loss = task + weight * shadow")
 
 
+@pytest.mark.parametrize("case", ["default", "own_embeddings"])
+def test_inputs_embeds_like_hf(case):
+    """Called with inputs_embeds only, the shadow backbone is fed them too."""
+    outs = []
+    for lib in (fastpeft, peft):
+        model = build(lib, case)
+        embeds = model.get_base_model().get_input_embeddings()(INPUTS["input_ids"])
+        with torch.no_grad():
+            outs.append(model(inputs_embeds=embeds, attention_mask=INPUTS["attention_mask"],
+                              labels=INPUTS["input_ids"]))
+    close(outs[0].logits, outs[1].logits, "logits")
+    close(outs[0].shadow_loss, outs[1].shadow_loss, "shadow_loss")
+
+
 def base_loss_of(model, case: str) -> torch.Tensor:
     """The task loss alone: auxiliary_loss_weight 0 keeps the shadow term out (still reported)."""
     config = model.peft_config["default"]

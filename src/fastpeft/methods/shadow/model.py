@@ -206,7 +206,9 @@ class ShadowModel(Tuner):
         kwargs, shadow_past = _unpack_cache(dict(kwargs))
         if not self.shadow_path_active():
             return args, kwargs
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
         embeds = kwargs.get("inputs_embeds")
         if ids is None and embeds is None:
             raise ValueError("ShadowPEFT needs input_ids or inputs_embeds to compute the shadow state.")
@@ -230,9 +232,11 @@ class ShadowModel(Tuner):
         if past is not None:
             options[bb.cache_keyword(backbone)] = past
         if embeds is None and self._shadow_share.get(adapter, False):
-            embeds = self.model.get_input_embeddings()(ids)
-        out = backbone(inputs_embeds=embeds, **options) if embeds is not None else backbone(input_ids=ids,
-                                                                                            **options)
+            embeds = self.model.get_input_embeddings()(ids)  # the frozen base table, (batch, seq, d)
+        if embeds is not None:
+            out = backbone(inputs_embeds=embeds, **options)
+        else:
+            out = backbone(input_ids=ids, **options)
         return self.shadow_projection[adapter](out.last_hidden_state), bb.output_cache(out)
 
     def _pack_hook(self, module, args, kwargs, output):
