@@ -157,7 +157,8 @@ def test_gradients_equal_the_adapters_library(name):
 INITS = {  # make_fixtures.py's INITS, as fastpeft configs
     "init_bert": BottleneckConfig.pfeiffer(reduction_factor=4, ln_before=True, use_gating=True,
                                            scaling="channel"),
-    "init_houlsby": BottleneckConfig.houlsby(reduction_factor=4, init_weights="houlsby", ln_after=True),
+    "init_houlsby": BottleneckConfig.houlsby(reduction_factor=4, init_weights="houlsby", ln_after=True,
+                                            use_gating=True),
     "init_mam": BottleneckConfig.parallel(reduction_factor=4, use_gating=True),
 }
 
