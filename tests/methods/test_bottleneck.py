@@ -226,6 +226,9 @@ def test_merge_is_refused_and_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="cannot be merged"):
         layer.merge()
     assert torch.allclose(hidden(model), REFS["bert.pfeiffer"], atol=TOL, rtol=0)
+    with pytest.raises(NotImplementedError, match="add_weighted_adapter is not available"):
+        model.add_weighted_adapter(["pfeiffer"], [1.0], "weighted")
+    assert list(model.peft_config) == ["pfeiffer"]
     plain = model.unload()  # removing the adapter is fine
     assert not any(isinstance(m, AdapterHolder) for m in plain.modules())
     assert torch.allclose(hidden(plain), REFS["bert.base"], atol=TOL, rtol=0)
@@ -248,6 +251,14 @@ def test_unsupported_adapterhub_folders_are_refused_with_the_model_unchanged(fol
         load_adapterhub_adapter(wrapped, os.path.join(FIXTURES, folder), adapter_name="other")
     assert_unchanged(wrapped, before)
     assert list(wrapped.peft_config) == ["houlsby"]
+
+
+def test_a_taken_adapter_name_is_refused():
+    model = imported("bert", "houlsby")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already has an adapter named 'houlsby'"):
+        imported("bert", "houlsby", model=model)
+    assert_unchanged(model, before)
 
 
 def test_an_unsupported_architecture_is_refused_with_the_model_unchanged():
@@ -310,7 +321,7 @@ def test_weights_of_another_layout_are_refused(tmp_path):
 
 def test_layers_left_out_and_per_layer_factors():
     model = get_peft_model(base_model("roberta"), BottleneckConfig.houlsby(
-        leave_out=[0], reduction_factor={"1": 2, "default": 16}))
+        leave_out=[0], reduction_factor={1: 2, "default": 16}))
     adapted = {n for n, m in model.named_modules() if isinstance(m, AdapterHolder)}
     assert adapted == {"base_model.model.encoder.layer.1.attention.output",
                        "base_model.model.encoder.layer.1.output"}

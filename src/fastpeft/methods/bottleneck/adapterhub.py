@@ -163,6 +163,8 @@ def load_adapterhub_adapter(model, path: str | os.PathLike, adapter_name: str | 
     _check_model(data, arch, base)
     converted = convert_state_dict(_weights(folder), base, arch)
     name = adapter_name or data.get("name") or "default"
+    if isinstance(model, PeftModel) and name in model.peft_config:
+        raise ValueError(f"The model already has an adapter named {name!r}; pass another adapter_name=.")
     if any(os.path.isfile(os.path.join(folder, f)) for f in HEAD_FILES):
         logger.info("%s holds an AdapterHub prediction head; heads are not imported (only the adapter).",
                     folder)

@@ -173,6 +173,8 @@ class BottleneckConfig(PeftConfig):
                     f"BottleneckConfig.{option}={value!r} is not supported: {why}. Leave it at {accepted!r}.")
 
     def _check_values(self) -> None:
+        if isinstance(self.reduction_factor, dict):  # layer indices as strings, as JSON and AdapterHub
+            self.reduction_factor = {str(k): v for k, v in self.reduction_factor.items()}
         factors = self.reduction_factor
         values = factors.values() if isinstance(factors, dict) else [factors]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):

@@ -60,3 +60,12 @@ class BottleneckModel(Tuner):
 
     def check_mergeable(self) -> None:
         raise ValueError(merge_refusal())
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args,
+                             **kwargs) -> None:
+        """Refused: a weighted sum of bottleneck MLPs is not a bottleneck MLP (the non-linearity sits between
+        the projections), so no combined adapter reproduces the weighted outputs."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not available for bottleneck adapters: they are non-linear, so their "
+            "weights cannot be combined into one adapter. Activate several adapters to stack them "
+            "(base_model.set_adapter([...])) or give rows different adapters (adapter_names=[...]).")
