@@ -226,6 +226,70 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         close(grads[1][name], grad, name)
 
 
+def _save_small_backbone(folder) -> None:
+    """A tiny pretrained LlamaModel of the base width, as a shadow_model checkpoint: it keeps its own
+    embedding table (the base one feeds only mirrored backbones)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(21)
+    LlamaModel(cfg).save_pretrained(str(folder))
+
+
+def _save_projected_checkpoint(folder) -> None:
+    """A projected shadow checkpoint: backbone config and weights plus a trained 16 -> 32 projection."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(22)
+    weights = {f"shadow_model.{k}": v.contiguous() for k, v in LlamaModel(cfg).state_dict().items()}
+    weights["shadow_hidden_projection.weight"] = torch.randn(32, 16)
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"))
+    inner = {**cfg.to_dict(), "model_type": "llama"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "causal_lm_with_hidden_projection",
+                                                    "shadow_model_config": inner}))
+
+
+@pytest.mark.parametrize("kind", ["automodel", "projected"])
+def test_pretrained_shadow_model_like_hf(kind, tmp_path):
+    """shadow_model as a folder: the backbone (and, for a projected checkpoint, the projection) comes from it,
+    its embedding table stays frozen; outputs, trainable tensors and files as HF PEFT."""
+    folder = tmp_path / "shadow"
+    (_save_small_backbone if kind == "automodel" else _save_projected_checkpoint)(folder)
+    pair = []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        config = lib.ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0, shadow_model=str(folder))
+        model = lib.get_peft_model(models.make_llama(), config)
+        models.perturb(model, seed=1, scale=0.3)
+        pair.append(model.eval())
+    ours, theirs = pair
+    assert _trainable(ours) == _trainable(theirs)
+    assert not ours.base_model.shadow_backbone["default"].embed_tokens.weight.requires_grad
+    close(run(ours, "default").loss, run(theirs, "default").loss, "loss")
+    close(run(ours, "default").shadow_loss, run(theirs, "default").shadow_loss, "shadow_loss")
+    oh.assert_files_both_ways(theirs, models.make_llama, INPUTS, tmp_path / "files", close)
+
+
+def test_projection_of_the_wrong_size_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "shadow"
+    _save_projected_checkpoint(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["shadow_hidden_projection.weight"] = torch.zeros(48, 16)  # the base width is 32
+    save_file(weights, str(folder / "model.safetensors"))
+    model = models.make_llama()
+    config = ShadowConfig(task_type="CAUSAL_LM", shadow_model=str(folder))
+    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "maps 16 -> 48")
+
+
 # ---------------------------------------------------------------------------------------------- files
 @pytest.mark.parametrize("case", ["default", "narrow_shadow", "cls"])
 def test_files_both_ways(case, tmp_path):
@@ -466,7 +530,6 @@ def _unchanged_after(fn, model, match, error=ValueError):
 @pytest.mark.parametrize(("options", "error", "match"), [
     (dict(task_type="SEQ_2_SEQ_LM"), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
     (dict(task_type=None), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
-    (dict(task_type="CAUSAL_LM", shadow_model="org/shadow"), NotImplementedError, "pretrained shadow"),
     (dict(task_type="CAUSAL_LM", target_modules=["q_proj"]), ValueError, "consecutive items"),
     (dict(task_type="CAUSAL_LM", target_modules=r".*\.layers\.\d+\.mlp"), ValueError, "consecutive items"),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,56 @@ def build_mirror(model: nn.Module, config) -> nn.Module:
             _set(cfg, names, getattr(config, option), option)
     _fit_layer_lists(cfg)
     return type(base)(cfg)
+
+
+PROJECTED_TYPE = "causal_lm_with_hidden_projection"  # a small LM trained with a projection to a larger base
+
+
+def load_pretrained(name_or_path: str) -> tuple[nn.Module, nn.Linear | None]:
+    """(backbone, trained projection or None) from a model id or folder: a plain transformers checkpoint
+    loads with AutoModel; a projected shadow checkpoint (config `model_type` PROJECTED_TYPE) holds the
+    backbone's config under `shadow_model_config`, its weights under `shadow_model.` and the projection as
+    `shadow_hidden_projection.weight` (shadow width -> base width)."""
+    from transformers import AutoModel
+    from transformers.utils import cached_file
+
+    with open(cached_file(name_or_path, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("model_type") != PROJECTED_TYPE:
+        return AutoModel.from_pretrained(name_or_path), None
+    return _load_projected(name_or_path, raw)
+
+
+def _load_projected(name_or_path: str, raw: dict) -> tuple[nn.Module, nn.Linear]:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import cached_file
+
+    inner = dict(raw["shadow_model_config"])
+    backbone = AutoModel.from_config(AutoConfig.for_model(inner.pop("model_type"), **inner))
+    weights = load_file(cached_file(name_or_path, "model.safetensors"))
+    prefix = "shadow_model."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                             strict=True)
+    weight = weights.get("shadow_hidden_projection.weight")
+    if weight is None:
+        raise ValueError(f"{name_or_path!r} is a projected shadow checkpoint without "
+                         "'shadow_hidden_projection.weight'; it cannot be used as shadow_model.")
+    projection = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        projection.weight.copy_(weight)
+    return backbone, projection
+
+
+def freeze_embeddings(backbone: nn.Module) -> None:
+    """A pretrained backbone's embedding tables stay frozen: training them is not parameter-efficient."""
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            table = getattr(backbone, getter)()
+        except (AttributeError, NotImplementedError):
+            table = None
+        if isinstance(table, nn.Module):
+            table.requires_grad_(False)
 
 
 def takes_inputs_embeds(module: nn.Module) -> bool:

@@ -37,8 +37,9 @@ class ShadowConfig(PeftConfig):
         "help": "True: W_up starts at zero, so the adapted model starts equal to the base model."})
     shadow_model: str = field(default="mirror", metadata={
         "help": "'mirror': the shadow backbone is the base model's backbone class built from its config with "
-                "the shadow_* overrides (default one layer). Pretrained shadow checkpoints (a model id or "
-                "path) are not supported by fastpeft yet."})
+                "the shadow_* overrides (default one layer). Otherwise a model id or folder: a transformers "
+                "checkpoint (loaded with AutoModel, its embeddings frozen) or a projected shadow checkpoint "
+                "(model_type 'causal_lm_with_hidden_projection': backbone plus trained projection)."})
     shadow_num_hidden_layers: int | None = field(default=None, metadata={
         "size": "dim", "help": "Depth of the mirrored shadow backbone (default: 1)."})
     shadow_hidden_size: int | None = field(default=None, metadata={

@@ -66,10 +66,6 @@ class ShadowModel(Tuner):
             raise NotImplementedError(
                 "ShadowPEFT on diffusion transformers (HF PEFT's Diffusers backends) is not implemented in "
                 "fastpeft; it adapts decoder-only transformers language models.")
-        if config.shadow_model != "mirror":
-            raise NotImplementedError(
-                f"ShadowConfig.shadow_model={config.shadow_model!r}: pretrained shadow checkpoints are not "
-                "supported by fastpeft yet. Use shadow_model='mirror' (with the shadow_* size options).")
         if config.layers_to_transform is not None:
             # HF PEFT 0.21 ignores it here (whole-block names bypass its layer filter) and wraps every block
             raise NotImplementedError(
@@ -117,10 +113,7 @@ class ShadowModel(Tuner):
         return super()._build_layers(targets, adapter_name, config, created)
 
     def _build_shadow_modules(self, adapter_name: str, config) -> None:
-        backbone = bb.build_mirror(self.model, config)
-        base_width, width = bb.hidden_size(self.model.config), bb.hidden_size(backbone.config)
-        projection = nn.Linear(width, base_width, bias=False) if width != base_width else nn.Identity()
-        share = config.share_embeddings and width == base_width and bb.takes_inputs_embeds(backbone)
+        backbone, projection, share = self._backbone_and_projection(config)
         if share and isinstance(getattr(backbone, "embed_tokens", None), nn.Module):
             del backbone.embed_tokens  # fed the frozen base embeddings instead
         is_cls = _task(config) == TaskType.SEQ_CLS.value
@@ -136,6 +129,24 @@ class ShadowModel(Tuner):
             self.shadow_head[adapter_name] = head
         self._shadow_share[adapter_name] = share
         self._shadow_lm_head[adapter_name] = not is_cls
+
+    def _backbone_and_projection(self, config) -> tuple[nn.Module, nn.Module, bool]:
+        """(backbone, projection to the base width, whether the base embeddings feed the backbone)."""
+        mirror = config.shadow_model == "mirror"
+        if mirror:
+            backbone, projection = bb.build_mirror(self.model, config), None
+        else:
+            backbone, projection = bb.load_pretrained(config.shadow_model)
+        base_width, width = bb.hidden_size(self.model.config), bb.hidden_size(backbone.config)
+        if projection is None:
+            projection = nn.Linear(width, base_width, bias=False) if width != base_width else nn.Identity()
+        elif (projection.in_features, projection.out_features) != (width, base_width):
+            raise ValueError(
+                f"The projection of shadow_model={config.shadow_model!r} maps {projection.in_features} -> "
+                f"{projection.out_features}, but the shadow / base hidden sizes are {width} / {base_width}.")
+        # the base embeddings feed only a mirrored backbone of the base width (a pretrained one keeps its own)
+        share = mirror and config.share_embeddings and width == base_width
+        return backbone, projection, share and bb.takes_inputs_embeds(backbone)
 
     def _place_adapter(self, layer, adapter_name: str, autocast: bool) -> None:
         """As HF PEFT for whole-block targets (a block has no single weight to follow): the layer's adapter
@@ -181,6 +192,9 @@ class ShadowModel(Tuner):
         for name in CONTAINERS:
             for adapter, module in self._modules.get(name, {}).items():
                 module.requires_grad_(adapter in trainable)
+        for adapter, backbone in self._modules.get("shadow_backbone", {}).items():
+            if self.peft_config[adapter].shadow_model != "mirror":
+                bb.freeze_embeddings(backbone)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
