@@ -172,6 +172,9 @@ def test_fastpeft_files_load_in_hf(experts, tmp_path):
     assert ours.get_nb_trainable_parameters()[0] == 0
     trainable = load(fastpeft, tmp_path, 99, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == 66  # 2 x 32 weights + 2 biases
+    lean = load(fastpeft, tmp_path, 99, low_cpu_mem_usage=True)  # experts built on meta, filled from files
+    assert not any(p.is_meta for p in lean.parameters())
+    assert (logits(lean) - expected).abs().max() < 1e-6
 
 
 def test_hf_files_load_in_fastpeft(experts, tmp_path, caplog):

@@ -19,7 +19,7 @@ from ...checkpoint.keys import set_peft_model_state_dict
 from ...config import PeftConfig
 from ...errors import AdapterLoadError
 from ..lora.config import LoraConfig
-from ..lora.layer import Embedding, Linear, LoraLayer
+from ..lora.layer import Embedding, Linear
 from ..lora.model import LoraModel
 from ..lora.variants import table as variants_table
 
@@ -58,7 +58,7 @@ def _read_config(label: str, source: str, hub_kwargs: dict) -> LoraConfig:
     except Exception as err:
         raise AdapterLoadError(f"X-LoRA expert {label!r}: cannot read the LoRA config at {source!r}: {err}") \
             from err
-    if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
+    if type(config) is not LoraConfig:  # AdaLoRA's config subclasses it, but its layers are not LoRA's
         raise ValueError(
             f"X-LoRA expert {label!r} at {source!r} is a {config.peft_type} adapter; X-LoRA mixes LoRA "
             "adapters only (peft_type LORA).")
@@ -124,7 +124,7 @@ def _check_layer_kinds(lora_model: LoraModel) -> None:
     """X-LoRA's forward exists for LoRA's linear (incl. Conv1D) and embedding layers (HF PEFT also wraps
     Conv2d, but scales its (batch, channels, h, w) input with (batch, seq) scalings: refused here)."""
     other = sorted({f"{name} ({type(layer).__name__})" for name, layer in lora_model.holders()
-                    if not isinstance(layer, (Linear, Embedding)) or not isinstance(layer, LoraLayer)})
+                    if not isinstance(layer, (Linear, Embedding))})
     if other:
         raise NotImplementedError(
             f"X-LoRA experts adapt layers X-LoRA cannot mix: {other[:5]}. Use experts that target linear "
