@@ -601,6 +601,24 @@ def test_failed_second_adapter_leaves_no_trace(monkeypatch):
     assert list(model.peft_config) == ["default"] and "x" not in model.base_model.shadow_backbone
 
 
+def test_diffusion_transformer_refused():
+    class TinyDiT(torch.nn.Module):  # a Diffusers-style block stack (no .layers)
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+
+    model = TinyDiT()
+    config = ShadowConfig(task_type="CAUSAL_LM", target_modules=r"transformer_blocks\.\d+")
+    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "diffusion transformers",
+                     NotImplementedError)
+
+
+def test_unload_shadow_of_unknown_adapter_refused():
+    model = build(fastpeft, "default")
+    with pytest.raises(ValueError, match="No shadow network for adapter 'nope'"):
+        model.base_model.unload_shadow("nope")
+
+
 def test_second_adapter_for_classification_refused():
     model = build(fastpeft, "cls")
     before = models.forward(model, INPUTS)
