@@ -373,3 +373,22 @@ def test_trained_experts_are_saved_with_the_classifier(experts, tmp_path):
     assert (logits(fresh) - expected).abs().max() > 0.01
     for lib in (peft, fastpeft):
         assert (logits(load(lib, tmp_path, 7)) - expected).abs().max() < 1e-6, lib.__name__
+
+
+def test_from_pretrained_takes_moved_expert_folders(experts, tmp_path):
+    """The saved config names the expert folders; `adapters=` at load replaces them (HF PEFT's documented
+    keyword; its from_pretrained keeps the file's paths)."""
+    fp = build(fastpeft, experts)
+    expected = logits(fp)
+    fp.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["adapters"] = {name: str(tmp_path / "gone" / name) for name in experts}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = base()
+    before = _snapshot(model)
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        fastpeft.PeftModel.from_pretrained(model, str(tmp_path))
+    _assert_unchanged(model, before)
+    loaded = fastpeft.PeftModel.from_pretrained(model, str(tmp_path), adapters=experts)
+    assert loaded.peft_config["default"].adapters == experts
+    assert (logits(loaded) - expected).abs().max() < 1e-6

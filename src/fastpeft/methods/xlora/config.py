@@ -22,7 +22,9 @@ class XLoraConfig(PeftConfig):
         "help": "Hidden size of the base model (the classifier's input width).", "size": "dim"})
     adapters: dict[str, str] = field(default=None, metadata={  # type: ignore[assignment]
         "help": "Expert name -> LoRA adapter folder or Hub id, loaded as the experts in this order (the "
-                "classifier's class i is the i-th entry)."})
+                "classifier's class i is the i-th entry). PeftModel.from_pretrained(..., adapters={...}) "
+                "replaces the saved paths (e.g. after the expert folders moved).",
+        "load_kwarg": True})
     enable_softmax: bool = field(default=True, metadata={
         "help": "Softmax over the classifier's logits (per token and layer)."})
     enable_softmax_topk: bool = field(default=False, metadata={
