@@ -304,6 +304,28 @@ def test_shira_on_an_already_adapted_target_refused(mlp):
     assert [type(m) for m in fp.modules()] == modules and list(fp.peft_config) == ["a"]
 
 
+def test_modules_to_save_match_hf_and_travel_in_files(mlp, tmp_path):
+    def specs(lib):
+        return [("a", lib.LoraConfig(target_modules=["lin0"], r=2, modules_to_save=["head"])),
+                ("b", lib.LoHaConfig(target_modules=["lin0", "lin1"], r=2))]
+
+    hf, fp = _pair(mlp, specs)
+    perturb(hf, seed=4, wanted=lambda n: "modules_to_save" in n)
+    fp.load_state_dict(hf.state_dict())
+    x = mlp_inputs()
+    for active in (["a"], ["a", "b"]):
+        hf.set_adapter(active)
+        fp.set_adapter(active)
+        close(forward(fp, x), forward(hf, x), str(active))
+        assert {n for n, p in fp.named_parameters() if p.requires_grad} == {
+            n for n, p in hf.named_parameters() if p.requires_grad}
+    assert fp.modules_to_save == hf.modules_to_save == {"head"}
+    fp.save_pretrained(tmp_path)
+    loaded = _load_mixed(peft, mlp, {"a": tmp_path / "a", "b": tmp_path / "b"})
+    close(forward(loaded, x), forward(fp, x), "HF PEFT loads the trained head copy too")
+    assert (forward(loaded, x) - forward(mlp, x)).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 def test_compatible_types_are_the_declared_ones():
     assert set(COMPATIBLE_TUNER_TYPES) == set(peft.tuners.mixed.COMPATIBLE_TUNER_TYPES)
