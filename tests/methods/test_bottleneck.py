@@ -109,6 +109,12 @@ def test_presets_are_the_adapters_library_configs():
         assert ours.to_dict() == from_file.to_dict(), preset
     assert BottleneckConfig.preset("double_seq_bn").to_dict() == BottleneckConfig.houlsby().to_dict()
     assert BottleneckConfig().to_dict() == BottleneckConfig.pfeiffer().to_dict()  # AdapterHub's default
+    # a config naming a preset, and the "config" entry alone
+    named = BottleneckConfig.from_adapterhub({"config": "par_bn"})
+    assert named.to_dict() == BottleneckConfig.parallel().to_dict()
+    inner = json.loads(open(os.path.join(FIXTURES, "bert_houlsby", "adapter_config.json")).read())["config"]
+    houlsby = BottleneckConfig.houlsby(reduction_factor=4)
+    assert BottleneckConfig.from_adapterhub(inner).to_dict() == houlsby.to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ training
