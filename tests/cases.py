@@ -28,13 +28,15 @@ class Bug:
 class Case:
     id: str
     model: str  # key of tests/models.py MODELS
-    method: str  # config class name exported by fastpeft and peft
+    method: str  # config class name exported by fastpeft (and by peft, unless hf_method is False)
     kwargs: dict = field(default_factory=dict)
     mergeable: bool = True  # merge_adapter supported for every targeted layer
     identity_init: bool = True
     # the method trains one adapter at a time (AdaLoRA): others are inference-only
     one_trainable: bool = False
     hf_oracle: bool = True  # HF PEFT 0.21.2 handles this row the same way (tests/core/test_oracle_matrix.py)
+    # False: a method of fastpeft's own (bottleneck adapters) that HF PEFT lacks: no HF column builds it
+    hf_method: bool = True
     hf_same_gradients: bool = True  # False where fastpeft's gradients deliberately differ from HF PEFT's
     # False: HF PEFT is no oracle for the row's float32 adapter loaded onto a half-precision base (the dtype
     # column then checks against the float32 adapter only). FRoD: HF PEFT keeps the U it solved for the basis
@@ -410,6 +412,20 @@ METHOD_CASES = [
           "init_weights": None, "use_dynamic_rank": True, "svd_threshold": 0.05}, identity_init=False),
     Case("adamss-llama", "llama", "AdamssConfig",
          {"r": 6, "num_subspaces": 3, "subspace_rank": 2, "task_type": "CAUSAL_LM"}),
+    # Bottleneck adapters: fastpeft's own method (HF PEFT has none, so no HF-oracle column; the adapters
+    # library is the oracle, tests/methods/test_bottleneck.py). Non-linear: merging is refused. Pfeiffer with
+    # the "bert" init is not identity at init; the others are (mam_adapter init: zero up-projection).
+    Case("bottleneck-bert-pfeiffer", "bert_cls", "BottleneckConfig",
+         {"reduction_factor": 4, "task_type": "SEQ_CLS"},
+         mergeable=False, identity_init=False, hf_oracle=False, hf_method=False),
+    Case("bottleneck-bert-houlsby-options", "bert_cls", "BottleneckConfig",
+         {"mh_adapter": True, "original_ln_before": False, "non_linearity": "swish", "reduction_factor": 8,
+          "ln_after": True, "scaling": "learned", "use_gating": True, "init_weights": "mam_adapter",
+          "task_type": "SEQ_CLS"}, mergeable=False, hf_oracle=False, hf_method=False),
+    Case("bottleneck-bert-parallel", "bert_cls", "BottleneckConfig",
+         {"original_ln_before": False, "reduction_factor": 2, "init_weights": "mam_adapter",
+          "is_parallel": True, "scaling": 4.0, "task_type": "SEQ_CLS"}, mergeable=False, hf_oracle=False,
+         hf_method=False),
 ]
 
 
@@ -457,7 +473,7 @@ PREFIX_LATE_CHECKPOINTING_BUG = Bug(
 PROMPT_CASES = [PromptCase("prompt_tuning"), PromptCase("p_tuning_mlp"), PromptCase("p_tuning_lstm")] + [
     PromptCase(m, refused={"checkpointing": PREFIX_CHECKPOINTING},
                known_bugs={"checkpointing": PREFIX_LATE_CHECKPOINTING_BUG})
-    for m in ("prefix", "prefix_projection")]
+    for m in ("prefix", "prefix_projection", "cartridge")]  # cartridges are served as the same cache
 
 
 def table_row(case_id: str) -> tuple[str, dict]:

@@ -138,8 +138,9 @@ METHODS = {
                                               "encoder_hidden_size": 16}),
     "prefix": ("PrefixTuningConfig", {}),
     "prefix_projection": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
+    "cartridge": ("CartridgeConfig", {"num_frozen_tokens": 1}),  # its first row frozen: not perturbed
 }
-MAIN_METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection"]
+MAIN_METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection", "cartridge"]
 EMBEDDING_METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"]
 
 

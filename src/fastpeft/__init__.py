@@ -35,7 +35,15 @@ from .methods.adamss import AdamssConfig, AdamssModel
 from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.beft import BeftConfig, BeftModel
 from .methods.boft import BOFTConfig, BOFTModel
+from .methods.bottleneck import BottleneckConfig, BottleneckModel, load_adapterhub_adapter
 from .methods.c3a import C3AConfig, C3AModel
+from .methods.cartridge import CartridgeConfig, CartridgeEncoder
+from .methods.cartridge.utils import (
+    compose_cartridge_adapters,
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+    prompt_embeddings_from_past_key_values,
+)
 from .methods.cpt import CPTConfig, CPTEmbedding
 from .methods.deft import DeftConfig, DeftModel
 from .methods.delora import DeloraConfig, DeloraModel
@@ -75,6 +83,7 @@ from .methods.psoft import PsoftConfig, PsoftModel
 from .methods.pvera import PveraConfig, PveraModel
 from .methods.randlora import RandLoraConfig, RandLoraModel
 from .methods.road import RoadConfig, RoadModel
+from .methods.shadow import ShadowConfig, ShadowModel
 from .methods.shira import ShiraConfig, ShiraModel
 from .methods.supertuning import SupertuningConfig, SupertuningModel
 from .methods.tinylora import TinyLoraConfig, TinyLoraModel
@@ -83,6 +92,7 @@ from .methods.unilora import UniLoraConfig, UniLoraModel
 from .methods.vblora import VBLoRAConfig, VBLoRAModel
 from .methods.vera import VeraConfig, VeraModel
 from .methods.waveft import WaveFTConfig, WaveFTModel
+from .methods.xlora import XLoraConfig, XLoraModel
 from .mixed_model import PeftMixedModel
 from .model_utils import (
     cast_mixed_precision_params,
@@ -129,10 +139,14 @@ __all__ = [
     "BdLoraConfig",
     "BeftConfig",
     "BeftModel",
+    "BottleneckConfig",
+    "BottleneckModel",
     "C3AConfig",
     "C3AModel",
     "CPTConfig",
     "CPTEmbedding",
+    "CartridgeConfig",
+    "CartridgeEncoder",
     "CordaConfig",
     "DeftConfig",
     "DeftModel",
@@ -211,6 +225,8 @@ __all__ = [
     "RandLoraModel",
     "RoadConfig",
     "RoadModel",
+    "ShadowConfig",
+    "ShadowModel",
     "ShiraConfig",
     "ShiraModel",
     "SupertuningConfig",
@@ -230,7 +246,10 @@ __all__ = [
     "VeraModel",
     "WaveFTConfig",
     "WaveFTModel",
+    "XLoraConfig",
+    "XLoraModel",
     "cast_mixed_precision_params",
+    "compose_cartridge_adapters",
     "create_arrow_model",
     "get_eva_state_dict",
     "get_layer_status",
@@ -238,14 +257,18 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "initialize_kv_prefix_from_past_key_values",
+    "initialize_kv_prefix_from_text",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "install_as_peft",
     "is_strict",
+    "load_adapterhub_adapter",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "preprocess_loraga",
+    "prompt_embeddings_from_past_key_values",
     "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
     "set_strict",

@@ -26,13 +26,19 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     `low_cpu_mem_usage=True` creates the adapter weights on the meta device (as HF PEFT): for loading weights
     into them next (`set_peft_model_state_dict`), not for training.
     """
-    if mixed:
-        raise NotImplementedError("Mixed-method models (mixed=True) are not supported by fastpeft yet.")
     check_adapter_name(adapter_name)
-    refuse_second_wrap(model)
+    if mixed:  # adapters of several methods: checked (mixing/tuner.check_mixable) before the config changes
+        from .mixing import PeftMixedModel
+        from .mixing.tuner import check_mixable
+
+        check_mixable(peft_config)
+    else:
+        refuse_second_wrap(model)
     peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
     if revision is not None:
         peft_config.revision = revision
+    if mixed:  # as HF PEFT: autocast_adapter_dtype and low_cpu_mem_usage are not passed on
+        return PeftMixedModel(model, peft_config, adapter_name)
     klass = TASK_CLASSES.get(getattr(peft_config.task_type, "value", peft_config.task_type), PeftModel)
     return klass(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                  low_cpu_mem_usage=low_cpu_mem_usage)
@@ -49,6 +55,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     spec = get_spec(peft_config.peft_type)
     if spec.tuner_cls is None:
         raise ValueError(f"{spec.peft_type.value} cannot be injected into a model: it transforms the inputs.")
+    if not spec.tuner_cls.injectable:
+        raise ValueError(
+            f"inject_adapter_in_model does not support {spec.peft_type.value}: it keeps trained modules on "
+            "the tuner, outside the model. Use get_peft_model(model, config) instead.")
     existing = _injected_configs(model, adapter_name, spec)
     tuner = spec.tuner_cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                            state_dict=state_dict)

@@ -33,6 +33,8 @@ _PEFT_TYPES = frozenset(t.value for t in PeftType)
 #   (`module_pattern_fields`, core/target_checks.py).
 # - "targets": "parameters": the field selects targets by parameter name; while it is set, pattern keys may
 #   name parameters and are not checked against module names.
+# - "load_kwarg": True: PeftModel.from_pretrained(..., <field>=value) replaces the saved value (a value only
+#   the caller knows at load time, e.g. where the folders a config names have moved).
 SIZE_KINDS = ("dim", "matrix", "dim_values", "token_ids")
 
 

@@ -29,7 +29,8 @@ PEFT_API_VERSION = "0.22.0"
 MODULE_PATHS = (
     "auto", "config", "functional", "helpers", "mixed_model", "optimizers", "peft_model",
     "tuners", "tuners.tuners_utils", "tuners.lora.config", "tuners.lora.layer", "tuners.lora.model",
-    "tuners.loha.layer", "tuners.lokr.layer", "tuners.adamss.asa_callback",
+    "tuners.loha.layer", "tuners.lokr.layer", "tuners.adamss.asa_callback", "tuners.cartridge.utils",
+    "tuners.mixed.model",
     "utils", "utils.constants", "utils.error", "utils.hotswap", "utils.merge_utils", "utils.other",
     "utils.save_and_load", "utils.transformers_weight_conversion",
 )

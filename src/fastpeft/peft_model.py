@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import fingerprint, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
-from .config import PeftConfig
+from .config import PeftConfig, declared
 from .core import checks
 from .core.flags import copy_flags, flags_of
 from .core.layer import AdapterHolder
@@ -370,6 +370,9 @@ class PeftModel(PeftModelCompat, nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
+        for name in declared(config, "load_kwarg"):  # values only the caller knows, e.g. where files moved
+            if name in kwargs:
+                setattr(config, name, kwargs.pop(name))
         _check_trainable_load(config, is_trainable)
         config.inference_mode = not is_trainable
         refuse_ephemeral_gpu_offload(ephemeral_gpu_offload)

@@ -26,6 +26,8 @@ class MethodSpec:
     tuner_cls: type | None = None
     prompt_cls: type | None = None
     hotswap: object | None = None  # the method's hot-swap rules (hotswap.SwapRule); None: no hot-swapping
+    # adapters of this method may share one model with other mixable methods' (PeftMixedModel, mixing/)
+    mixable: bool = False
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

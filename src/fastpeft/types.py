@@ -9,7 +9,7 @@ import enum
 
 
 class PeftType(str, enum.Enum):
-    """Every adapter method name HF PEFT 0.21 writes into `adapter_config.json`."""
+    """Every adapter method name HF PEFT 0.21 writes into `adapter_config.json`, then fastpeft's own."""
 
     PROMPT_TUNING = "PROMPT_TUNING"
     MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
@@ -56,6 +56,8 @@ class PeftType(str, enum.Enum):
     SHADOW = "SHADOW"
     SUPERTUNING = "SUPERTUNING"
     DEFT = "DEFT"
+    # fastpeft's own methods (HF PEFT has no such type): bottleneck adapters as in the adapters library
+    BOTTLENECK = "BOTTLENECK"
 
 
 class TaskType(str, enum.Enum):

@@ -40,6 +40,8 @@ ENGLISH_WORDS = frozenset({"miss", "road", "shadow", "peanut", "cartridge", "def
 # Method-only field names that are also generic names in the core, with the generic meaning there.
 GENERIC_NAMES = {
     "adapter_layers": "AdaptionPrompt's field and Tuner.adapter_layers() (the tuner's adapter layers)",
+    "hidden_size": "XLoraConfig's field and transformers' model-config key (the base model's width), which "
+                   "core/prompt.py reads",
 }
 # (file, word): unavoidable, each with the reason. Nothing else may name a method or a method-only field.
 ALLOWED = {
@@ -55,6 +57,8 @@ DECLARED_METHOD_DEPENDENCIES = {
     ("adalora", "lora"): "AdaLoraConfig subclasses LoraConfig and its model reuses LoRA's model hooks",
     ("lora", "trainable_tokens"): "trainable_token_indices builds TrainableTokens wrappers on the embeddings",
     ("multitask_prompt_tuning", "prompt_tuning"): "MPT's config and embedding subclass prompt tuning's",
+    ("xlora", "lora"): "X-LoRA loads its experts into a LoraModel and gives LoRA's Linear / Embedding layers "
+                       "its mixing forward (HF PEFT's XLoraModel is built on LoraModel the same way)",
 }
 
 

@@ -87,7 +87,9 @@ def test_adamw_steps_lower_the_loss(base_name, method):
     for n, p in model.get_base_model().named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"frozen base parameter {n} changed"
-    assert all(not torch.equal(p, encoder[n]) for n, p in model.prompt_encoder.named_parameters())
+    for n, p in model.prompt_encoder.named_parameters():
+        # trained encoder parameters move; frozen ones (a cartridge's attention-sink rows) stay
+        assert torch.equal(p, encoder[n]) != p.requires_grad, f"encoder parameter {n}"
 
 
 ROUNDTRIP_CASES = [(b, m) for b in ("llama", "t5") for m in MAIN_METHODS] + [

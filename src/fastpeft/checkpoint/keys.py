@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 def _file_key(prefix: str, local_key: str, adapter_name: str, holder: AdapterHolder) -> str:
     parts = local_key.split(".")
-    parts.remove(adapter_name)  # the adapter name is exactly one path component of the local key
+    at = parts.index(adapter_name)  # the adapter name is exactly one path component of the local key
+    label = getattr(holder, "file_adapter_label", None)  # a format that keeps a fixed name there
+    if label is None:
+        del parts[at]
+    else:
+        parts[at] = label
     if isinstance(holder, ModulesToSaveWrapper):
         parts = parts[1:]  # drop "modules_to_save": the copy is stored at the module's own path
     return ".".join([prefix, *parts]) if prefix else ".".join(parts)

@@ -79,6 +79,9 @@ class AdapterHolder:
 
     _call_state: CallState | None = None  # set by the tuner (`bind_call_state`)
     _in_encoder: bool = False
+    # file keys drop the adapter-name component of a parameter's path; a holder whose file format keeps
+    # a fixed name in that place instead (HF PEFT writes `.default.` whatever the adapter's name) says which
+    file_adapter_label: str | None = None
 
     def bind_call_state(self, state: CallState, in_encoder: bool) -> None:
         self.__dict__["_call_state"] = state  # plain attributes: no nn.Module bookkeeping
@@ -177,7 +180,10 @@ class AdapterLayer(nn.Module, AdapterHolder):
 
     # ------------------------------------------------------------------ state
     def get_base_layer(self) -> nn.Module:
-        return self.base_layer
+        """The innermost wrapped module: as HF PEFT, through adapter layers of other methods that this one
+        wraps (a mixed model nests them)."""
+        base = self.base_layer
+        return base.get_base_layer() if isinstance(base, AdapterLayer) else base
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Prompt methods: they change the base model's inputs instead of wrapping its layers.
 
 A `PromptMethod` builds one encoder per adapter and turns a forward call's keyword arguments into the base
-model's: `EmbeddingPrompt` prepends virtual-token embeddings (prompt tuning, p-tuning, ...), `CachePrompt`
-hands the model a pre-filled key/value cache (prefix tuning). Per-task input rules live here once.
+model's: `EmbeddingPrompt` prepends virtual-token embeddings (prompt tuning, p-tuning, ...),
+methods/_shared/kv_prefix.KVPrefixPrompt hands the model a pre-filled key/value cache (prefix tuning,
+Cartridges). Per-task input rules live here once.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ def cache_argument(model: nn.Module) -> str:
         if name in params:
             return name
     raise ValueError(
-        "Prefix tuning needs a model whose forward accepts a key/value cache; "
+        "Key/value prefix methods (prefix tuning, Cartridges) need a model whose forward accepts a key/value "
+        "cache; "
         f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`. Use prompt tuning or "
         "p-tuning for this model/task instead."
     )

@@ -108,6 +108,11 @@ class Tuner(nn.Module):
     prefix: str = ""
     # forward keywords this method reads from a call: `call_context` takes them out of the call's kwargs
     call_keywords: tuple[str, ...] = ()
+    # False: the method keeps trained modules on the tuner itself (outside the model), so it runs only inside
+    # a PeftModel and inject_adapter_in_model refuses it
+    injectable: bool = True
+    # layers of this method: a target wrapped by one takes the new adapter; others get wrapped (HF nesting)
+    layer_family: type | tuple[type, ...] = AdapterLayer
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig | dict[str, PeftConfig],
                  adapter_name: str = "default",
@@ -246,6 +251,14 @@ class Tuner(nn.Module):
     def check_new_adapter(self, config: PeftConfig) -> None:
         """Refuse a config that cannot live next to the adapters already present."""
 
+    def hooks_for(self, config: PeftConfig) -> Tuner:
+        """The tuner whose method hooks serve `config`: this one (a mixed model's: that method's tuner)."""
+        return self
+
+    def mixed_model_refusals(self, config: PeftConfig) -> list[str]:
+        """Options of `config` that need this method's own tuner (injection steps, per-call values)."""
+        return []
+
     # ------------------------------------------------------------------ injection
     def holders(self) -> Iterator[tuple[str, AdapterHolder]]:
         for name, module in self.model.named_modules():
@@ -288,16 +301,17 @@ class Tuner(nn.Module):
 
     def _checked_targets(self, model: nn.Module, adapter_name: str, state_dict: dict | None):
         """(prepared config, targets): the checks of an injection, before any layer is built."""
-        config = self.prepare_config(self.peft_config[adapter_name], model)
-        self.check_new_adapter(config)
-        self.prepare_model(model, config)
-        self._state_dict_modules = None if state_dict is None else self._modules_in(state_dict)
+        hooks = self.hooks_for(self.peft_config[adapter_name])
+        config = hooks.prepare_config(self.peft_config[adapter_name], model)
+        hooks.check_new_adapter(config)
+        hooks.prepare_model(model, config)
+        hooks._state_dict_modules = None if state_dict is None else hooks._modules_in(state_dict)
         try:
-            targets = self.select_targets(model, config)
+            targets = hooks.select_targets(model, config)
         finally:
-            self._state_dict_modules = None
+            hooks._state_dict_modules = None
         # unsupported types, entries matching nothing
-        target_checks.check_targets(self, model, config, targets)
+        target_checks.check_targets(hooks, model, config, targets)
         return config, targets
 
     # methods whose other options refer to target_modules (IA3's feedforward_modules) keep the list as given
@@ -344,14 +358,15 @@ class Tuner(nn.Module):
         """New layers for the targets not yet adapted (into `created`, not in the model yet); adapter layers
         already there get the adapter added (returned)."""
         updated: list[AdapterLayer] = []
+        hooks = self.hooks_for(config)
         for name, module in targets:
-            kwargs = self.layer_kwargs(config, name, module)
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, hooks.layer_family):
                 updated.append(module)
-                module.update_layer(adapter_name, config, **kwargs)
+                module.update_layer(adapter_name, config, **hooks.layer_kwargs(config, name, module))
                 continue
-            layer_cls = self.dispatch.resolve(module, name)
-            created.append((name, layer_cls(module, adapter_name, config, **kwargs)))
+            base = module.get_base_layer() if isinstance(module, AdapterLayer) else module  # wrapped: inside
+            kwargs = hooks.layer_kwargs(config, name, base)
+            created.append((name, hooks.dispatch.resolve(base, name)(module, adapter_name, config, **kwargs)))
         return updated
 
     def _take_back_adapter(self, model: nn.Module, adapter_name: str, created) -> None:
@@ -452,7 +467,7 @@ class Tuner(nn.Module):
         # the layer set may have changed: new holders read this tuner's call state
         self.bind_call_state(holders)
         for name in trainable:
-            self.mark_extra_trainable(name, self.peft_config[name])
+            self.hooks_for(self.peft_config[name]).mark_extra_trainable(name, self.peft_config[name])
 
     def mark_extra_trainable(self, adapter_name: str, config: PeftConfig) -> None:
         """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""

@@ -6,7 +6,9 @@ from . import (  # noqa: F401
     adaption_prompt,
     beft,
     boft,
+    bottleneck,
     c3a,
+    cartridge,
     cpt,
     deft,
     delora,
@@ -35,6 +37,7 @@ from . import (  # noqa: F401
     pvera,
     randlora,
     road,
+    shadow,
     shira,
     supertuning,
     tinylora,
@@ -43,4 +46,5 @@ from . import (  # noqa: F401
     vblora,
     vera,
     waveft,
+    xlora,
 )

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     beft,
     boft,
     c3a,
+    cartridge,
     cpt,
     deft,
     delora,
@@ -24,6 +25,7 @@ from . import (  # noqa: F401
     lokr,
     lora,
     miss,
+    mixed,
     multitask_prompt_tuning,
     oft,
     osf,
@@ -36,6 +38,7 @@ from . import (  # noqa: F401
     pvera,
     randlora,
     road,
+    shadow,
     shira,
     supertuning,
     tinylora,
@@ -45,6 +48,7 @@ from . import (  # noqa: F401
     vblora,
     vera,
     waveft,
+    xlora,
 )
 from .adalora import AdaLoraConfig, AdaLoraModel
 from .adamss import AdamssConfig, AdamssModel
@@ -52,6 +56,7 @@ from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .beft import BeftConfig, BeftModel
 from .boft import BOFTConfig, BOFTModel
 from .c3a import C3AConfig, C3AModel
+from .cartridge import CartridgeConfig, CartridgeEncoder
 from .deft import DeftConfig, DeftModel
 from .delora import DeloraConfig, DeloraModel
 from .fourierft import FourierFTConfig, FourierFTModel
@@ -67,6 +72,7 @@ from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .miss import MissConfig, MissModel
+from .mixed import MixedModel
 from .multitask_prompt_tuning import MultitaskPromptEmbedding, MultitaskPromptTuningConfig
 from .oft import OFTConfig, OFTModel
 from .osf import OSFConfig, OSFModel
@@ -79,6 +85,7 @@ from .psoft import PsoftConfig, PsoftModel
 from .pvera import PveraConfig, PveraModel
 from .randlora import RandLoraConfig, RandLoraModel
 from .road import RoadConfig, RoadModel
+from .shadow import ShadowConfig, ShadowModel
 from .shira import ShiraConfig, ShiraModel
 from .supertuning import SupertuningConfig, SupertuningModel
 from .tinylora import TinyLoraConfig, TinyLoraModel
@@ -87,6 +94,7 @@ from .unilora import UniLoraConfig, UniLoraModel
 from .vblora import VBLoRAConfig, VBLoRAModel
 from .vera import VeraConfig, VeraModel
 from .waveft import WaveFTConfig, WaveFTModel
+from .xlora import XLoraConfig, XLoraModel
 
 __all__ = [
     "AdaLoraConfig",
@@ -101,6 +109,8 @@ __all__ = [
     "BeftModel",
     "C3AConfig",
     "C3AModel",
+    "CartridgeConfig",
+    "CartridgeEncoder",
     "DeftConfig",
     "DeftModel",
     "DeloraConfig",
@@ -131,6 +141,7 @@ __all__ = [
     "LoraModel",
     "MissConfig",
     "MissModel",
+    "MixedModel",
     "MultitaskPromptEmbedding",
     "MultitaskPromptTuningConfig",
     "OFTConfig",
@@ -155,6 +166,8 @@ __all__ = [
     "RandLoraModel",
     "RoadConfig",
     "RoadModel",
+    "ShadowConfig",
+    "ShadowModel",
     "ShiraConfig",
     "ShiraModel",
     "SupertuningConfig",
@@ -171,4 +184,6 @@ __all__ = [
     "VeraModel",
     "WaveFTConfig",
     "WaveFTModel",
+    "XLoraConfig",
+    "XLoraModel",
 ]

@@ -9,7 +9,7 @@ from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
 from .model import AdaLoraModel
 
 register(MethodSpec(peft_type=PeftType.ADALORA, config_cls=AdaLoraConfig, prefix="lora_",
-                    tuner_cls=AdaLoraModel))
+                    tuner_cls=AdaLoraModel, mixable=True))
 
 
 def __getattr__(name):

@@ -64,6 +64,7 @@ class AdaLoraModel(AllOrNothingMerge, Tuner):
     PEFT."""
 
     dispatch = DISPATCH
+    layer_family = AdaLoraLayer
 
     def __init__(self, model, peft_config, adapter_name="default", **kwargs) -> None:
         self.__dict__["trainable_adapter_name"] = None

@@ -5,6 +5,7 @@ from ...types import PeftType
 from .config import LoHaConfig
 from .model import LoHaModel
 
-register(MethodSpec(peft_type=PeftType.LOHA, config_cls=LoHaConfig, prefix="hada_", tuner_cls=LoHaModel))
+register(MethodSpec(peft_type=PeftType.LOHA, config_cls=LoHaConfig, prefix="hada_", tuner_cls=LoHaModel,
+                    mixable=True))
 
 __all__ = ["LoHaConfig", "LoHaModel"]

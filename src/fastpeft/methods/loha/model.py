@@ -9,3 +9,4 @@ from . import layer
 class LoHaModel(LycorisTuner):
     dispatch = lycoris_dispatch("LoHa", layer.Linear, layer.Conv1d, layer.Conv2d)
     method_name = "LoHa"
+    layer_family = layer.LoHaLayer

@@ -9,3 +9,4 @@ from . import layer
 class LoKrModel(LycorisTuner):
     dispatch = lycoris_dispatch("LoKr", layer.Linear, layer.Conv1d, layer.Conv2d)
     method_name = "LoKr"
+    layer_family = layer.LoKrLayer

@@ -17,6 +17,6 @@ from .model import LoraModel
 from .variants import arrow  # noqa: F401 (create_arrow_model; the table registers its check too)
 
 register(MethodSpec(peft_type=PeftType.LORA, config_cls=LoraConfig, prefix="lora_", tuner_cls=LoraModel,
-                    hotswap=hotswap.RULES))
+                    hotswap=hotswap.RULES, mixable=True))
 
 __all__ = ["LoraConfig", "LoraModel", "LoraRuntimeConfig"]

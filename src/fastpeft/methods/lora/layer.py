@@ -52,7 +52,7 @@ class LoraLayer(AdapterLayer):
         self._variant_cache: dict = {}  # variants' derived tensors (never saved)
         # base weight stored (in, out) (Conv1D); set before variants init
         self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = self.feature_sizes(base_layer)
+        self.in_features, self.out_features = self.feature_sizes(self.get_base_layer())
         self.update_layer(adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
         self._active_adapters = [adapter_name]
 

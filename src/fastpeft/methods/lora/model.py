@@ -19,6 +19,7 @@ from . import layer, merge, params, replication, tied, token_rows  # params: tar
 from .conversion import original_base
 from .conversion.moe import convert_config, convert_state  # v4 MoE adapters on transformers v5
 from .variants import alora, kasa
+from .variants import table as variants_table
 from .variants.monteclora import monteclora_loss
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ DISPATCH.register(lora_bnb.is_bnb_linear, lora_bnb.build, first=True)  # bitsand
 
 class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: quant/merge.py
     dispatch = DISPATCH
+    layer_family = layer.LoraLayer
 
     def prepare_config(self, config, model):
         unsupported = config.unsupported_options()
@@ -106,6 +108,14 @@ class LoraModel(AllOrNothingMerge, Tuner):  # merges into bitsandbytes weights: 
     def _get_kasa_loss(self, adapter_names=None):
         """KaSA's regularisers for the given (default: active) adapters; add them to the task loss."""
         return kasa.kasa_loss(self, adapter_names)
+
+    def mixed_model_refusals(self, config):
+        """Options served by LoRA's own injection steps or per-call values, which a mixed model does not run
+        (token rows, weight tying, bare parameters, replicated blocks, the variants' forward rules)."""
+        found = [option for option in ("trainable_token_indices", "ensure_weight_tying", "target_parameters",
+                                       "layer_replication") if getattr(config, option)]
+        active = [row.option for row in variants_table.VARIANTS if row.active(config)]
+        return found + [f"{option} (a LoRA variant)" for option in active]
 
     def check_mergeable(self):
         if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):

@@ -93,7 +93,7 @@ class OFTLayer(orth.RotationLayer):
         return getattr(self, self.holder_name)
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
-        where = f"OFT on {type(self.base_layer).__name__}"
+        where = f"OFT on {type(self.get_base_layer()).__name__}"
         r, block_size = block_layout(self.rotated_dim(), config.r, config.oft_block_size, where)
         module = OFTRotation(1 if config.block_share else r, block_size, r, config)
         if config.init_weights is False:
@@ -139,7 +139,7 @@ class OFTLayer(orth.RotationLayer):
 
 class Linear(OFTLayer):
     def rotated_dim(self) -> int:
-        return self.base_layer.in_features
+        return self.get_base_layer().in_features
 
 
 class Conv2d(OFTLayer):
@@ -147,7 +147,7 @@ class Conv2d(OFTLayer):
     back."""
 
     def check_base(self) -> None:
-        base = self.base_layer
+        base = self.get_base_layer()
         kh, kw = base.kernel_size
         problems = {"dilation > 1": base.dilation[0] > 1 or base.dilation[1] > 1,
                     "groups > 1": base.groups > 1, "a non-square kernel": kh != kw}
@@ -157,11 +157,11 @@ class Conv2d(OFTLayer):
                              "module from target_modules.")
 
     def rotated_dim(self) -> int:
-        return orth.conv_rotated_dim(self.base_layer)
+        return orth.conv_rotated_dim(self.get_base_layer())
 
     def rotate(self, module: OFTRotation, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        kh, kw = self.base_layer.kernel_size
+        kh, kw = self.get_base_layer().kernel_size
         out_h, out_w = height - kh + 1, width - kw + 1
         patches = F.unfold(x, (kh, kw)).transpose(1, 2).reshape(batch * out_h * out_w, channels * kh * kw)
         rotated = module.rotate(patches)
@@ -181,7 +181,7 @@ class Embedding(OFTLayer):
     merge_transpose = False
 
     def rotated_dim(self) -> int:
-        return self.base_layer.embedding_dim
+        return self.get_base_layer().embedding_dim
 
     def adapted_forward(self, x, names: list[str], *args, **kwargs):
         result = self.base_forward(x, *args, **kwargs)

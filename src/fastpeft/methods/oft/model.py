@@ -6,7 +6,7 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from .._shared.tuners import OrthogonalTuner
-from .layer import Conv2d, Embedding, Linear
+from .layer import Conv2d, Embedding, Linear, OFTLayer
 
 DISPATCH = DispatchChain("OFT")
 DISPATCH.register(nn.Linear, Linear)
@@ -16,3 +16,4 @@ DISPATCH.register(nn.Embedding, Embedding)
 
 class OFTModel(OrthogonalTuner):
     dispatch = DISPATCH
+    layer_family = OFTLayer

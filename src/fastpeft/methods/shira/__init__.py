@@ -7,7 +7,8 @@ from .layer import Linear
 from .masks import random_mask
 from .model import ShiraModel
 
-register(MethodSpec(peft_type=PeftType.SHIRA, config_cls=ShiraConfig, prefix="shira_", tuner_cls=ShiraModel))
+register(MethodSpec(peft_type=PeftType.SHIRA, config_cls=ShiraConfig, prefix="shira_", tuner_cls=ShiraModel,
+                    mixable=True))
 
 ShiraLayer = Linear  # HF PEFT's base class name; SHiRA has one layer kind
 

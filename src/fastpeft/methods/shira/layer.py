@@ -47,6 +47,10 @@ class Linear(AdapterLayer):
     adapter_param_names = ("shira_weight",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, target_name: str = "") -> None:
+        if isinstance(base_layer, AdapterLayer):  # a mixed model's target already wrapped, refused as HF PEFT
+            raise ValueError(
+                f"SHiRA cannot wrap another method's adapter layer ({type(base_layer).__name__}): in a "
+                "PeftMixedModel add the SHiRA adapter before the others on its targets.")
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.fan_in_fan_out = False

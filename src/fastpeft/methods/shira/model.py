@@ -26,6 +26,7 @@ INDEX_KEY = ".shira_indices"
 
 class ShiraModel(Tuner):
     dispatch = DISPATCH
+    layer_family = Linear
 
     def prepare_config(self, config, model):
         return fill_targets_fan_out_off(
