@@ -54,13 +54,16 @@ def _give_prefix(tuner_cls: type, prefix: str) -> None:
 
 
 def get_spec(peft_type: str | PeftType) -> MethodSpec:
+    known = ", ".join(sorted(p.value for p in _REGISTRY))
     try:
         return _REGISTRY[PeftType(peft_type)]
-    except (KeyError, ValueError):
-        known = ", ".join(sorted(p.value for p in _REGISTRY))
+    except ValueError:  # not a PeftType value at all (a typo, or a newer library's method)
         raise ValueError(
-            f"peft_type {getattr(peft_type, 'value', peft_type)!r} is not supported by fastpeft yet "
-            f"(supported: {known})."
+            f"peft_type {peft_type!r} is not a method type fastpeft knows (known: {known}); was the folder "
+            "written by a newer library?") from None
+    except KeyError:
+        raise ValueError(
+            f"peft_type {PeftType(peft_type).value!r} is not supported by fastpeft yet (supported: {known})."
         ) from None
 
 

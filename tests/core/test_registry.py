@@ -67,11 +67,15 @@ def test_every_registered_method_has_matrix_rows(peft_type):
         assert any(c.method == name for c in METHOD_CASES), f"{name}: no row in tests/cases.py"
 
 
-def test_unregistered_type_error_lists_the_supported_ones():
-    # once every PeftType is registered, a name that is none of them takes the same path
-    unsupported = next((p for p in PeftType if p not in registry.registered()), "NOT_A_PEFT_TYPE")
-    with pytest.raises(ValueError, match="not supported by fastpeft yet.*LORA"):
-        registry.get_spec(unsupported)
+def test_unknown_type_error_lists_the_known_ones():
+    with pytest.raises(ValueError, match="'NOT_A_PEFT_TYPE' is not a method type fastpeft knows.*LORA"):
+        registry.get_spec("NOT_A_PEFT_TYPE")
+
+
+def test_unregistered_type_error_lists_the_supported_ones(monkeypatch):
+    monkeypatch.delitem(registry._REGISTRY, PeftType.XLORA)
+    with pytest.raises(ValueError, match="'XLORA' is not supported by fastpeft yet.*LORA"):
+        registry.get_spec("XLORA")
 
 
 # what a config of each method needs beyond its defaults to be valid
@@ -123,10 +127,6 @@ def test_a_regex_entry_of_a_default_target_table_stays_a_regex():
     assert fill_targets(config, model, {"toy": r".*\.(q|v)_proj"}, "X").target_modules == r".*\.(q|v)_proj"
 
 
-# HF PEFT 0.21.2's types fastpeft does not implement yet: the README's "Not yet" line names them
-NOT_YET: set[str] = set()
-
-
 # fastpeft's own methods: PeftType members HF PEFT 0.21.2 lacks (HF PEFT cannot read their folders)
 FASTPEFT_OWN = {"BOTTLENECK"}
 
@@ -143,12 +143,11 @@ def test_peft_type_is_hf_peft_members_plus_fastpeft_own():
         assert re.search(rf"^\|[^|]*fastpeft only[^|]*\|\s*`{value}`", readme, flags=re.M), value
 
 
-def test_what_is_not_registered_yet_is_listed_and_named_in_the_readme():
-    missing = {p.value for p in PeftType} - {p.value for p in registry.registered()}
-    assert missing == NOT_YET, f"update NOT_YET and the README's 'Not yet' line: {sorted(missing)}"
-    not_yet = next(line for line in README.read_text().splitlines() if line.startswith("- **Not yet**"))
-    for name in ():
-        assert name in not_yet
+def test_every_peft_type_is_registered():
+    """HF PEFT 0.21.2's 45 types and fastpeft's own: nothing is left unimplemented."""
+    missing = sorted({p.value for p in PeftType} - {p.value for p in registry.registered()})
+    assert not missing, f"PeftType members with no registered method: {missing}"
+    assert set(PeftType) == set(registry.registered())
 
 
 def test_case_names_are_unique():
