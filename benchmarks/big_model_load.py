@@ -2,19 +2,19 @@
 
 Run: `.venv/bin/python benchmarks/big_model_load.py [--quick] [--adapters 100] [--rounds 3] [--clock cpu]`.
 
-A Llama-shaped base (full: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000, about
-1.1B parameters, TinyLlama's shapes) in bfloat16 with random weights is saved once under `--folder` together with
-`--adapters` LoRA adapters (q_proj / v_proj, ranks 8 and 16 alternating, float32 files as HF PEFT saves them on
-a bf16 base). Each measured run is its own process, forked from this one after the imports, so one library's
-memory never counts for the other: it loads the base with `from_pretrained(folder, dtype=bfloat16,
+A Llama-shaped base (full: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000,
+about 1.1B parameters, TinyLlama's shapes) in bfloat16 with random weights is saved once under `--folder` with
+`--adapters` LoRA adapters (q_proj / v_proj, ranks 8 and 16 alternating, float32 files as HF PEFT saves them
+on a bf16 base). Each measured run is its own process, forked from this one after the imports, so one
+library's memory never counts for the other: it loads the base with `from_pretrained(folder, dtype=bfloat16,
 device_map="cpu")`, then `PeftModel.from_pretrained` of the first adapter and `load_adapter` of the rest, with
 `low_cpu_mem_usage=True` (adapter weights built on the meta device and filled from the file) or without.
 
 Per run: the time of the adapter loads (not the base load), the peak resident memory they add over the loaded
-base (VmHWM after a reset, minus the resident size before), the adapters' own bytes, and two checks: every
-base weight keeps its storage (same data_ptr, never on meta: no copy of any base weight), and the logits of one
-short forward with the last adapter active, which must agree between the libraries. Runs alternate the
-libraries (fastpeft, HF, HF, fastpeft, ...); the table shows medians. `--clock cpu` times with
+base (VmHWM after a reset, minus the resident size before), the adapters' own bytes, and checks: every base
+weight keeps its storage (same data_ptr, never on meta: no copy of any base weight), the last adapter's
+weights against its file, and the logits of one short forward with it active in both libraries. Runs
+alternate the libraries (fastpeft, HF, HF, fastpeft, ...); the table shows medians. `--clock cpu` times with
 `time.thread_time` (1 torch thread), which leaves out waiting for a core on a shared machine.
 """
 
@@ -59,8 +59,8 @@ def llama_config(shape: tuple[int, ...]) -> LlamaConfig:
 def describe(shape: tuple[int, ...], n_params: int | None = None) -> str:
     hidden, inter, layers, heads, kv, vocab = shape
     size = "" if n_params is None else f", {n_params / 1e9:.2f}B params"
-    return (f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, {heads}/{kv} heads, vocab {vocab}, "
-            f"bf16{size}")
+    return (f"Llama hidden {hidden}, intermediate {inter}, {layers} layers, {heads}/{kv} heads, "
+            f"vocab {vocab}, bf16{size}")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -77,7 +77,7 @@ def prepare(folder: str, shape: tuple[int, ...], n_adapters: int) -> None:
         model.to(torch.bfloat16)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.dim() == 1:
                     param.fill_(1.0)
                 else:
@@ -214,28 +214,32 @@ def main() -> None:
         order = list(LIBS) if r % 2 == 0 else list(LIBS)[::-1]
         for low in lows:
             for lib in order:
-                results.setdefault((lib, low), []).append(in_child(run_once, lib, folder, n_adapters, low, args.clock))
+                run = in_child(run_once, lib, folder, n_adapters, low, args.clock)
+                results.setdefault((lib, low), []).append(run)
     report(results, shape, n_adapters, rounds, args.clock, lows)
 
 
 def report(results: dict, shape: tuple[int, ...], n_adapters: int, rounds: int, clock: str, lows) -> None:
     first = next(iter(results.values()))[0]
-    print(f"\n{describe(shape, first['n_params'])} ({first['base_mib']:.0f} MiB of weights), device_map='cpu'")
+    print(f"\n{describe(shape, first['n_params'])} ({first['base_mib']:.0f} MiB of weights), "
+          "device_map='cpu'")
     print(f"{n_adapters} LoRA adapters on {'/'.join(TARGETS)} (r 8/16, fp32 adapter weights: "
           f"{first['adapter_mib']:.1f} MiB in all); {rounds} run(s) per library, {clock} clock, medians")
-    for (lib, low), runs in results.items():
-        if runs[0]["moved"] or any(r["moved"] != [] for r in runs):
+    for (lib, _), runs in results.items():
+        if any(r["moved"] for r in runs):
             print(f"  {lib}: base weights copied or moved: {runs[0]['moved'][:3]}")
     for low in lows:
         ours, theirs = results[("fastpeft", low)], results[("peft", low)]
         diff = (ours[0]["logits"] - theirs[0]["logits"]).abs().max().item()
-        print(f"\nlow_cpu_mem_usage={low}: last adapter's weights vs its file, max |model - file|: fastpeft "
-              f"{ours[0]['file_diff']:.1e}, HF PEFT {theirs[0]['file_diff']:.1e}; logits with it (bf16 base): "
-              f"max |fastpeft - HF| = {diff:.2e}, adapter effect max |with - without| = {ours[0]['effect']:.2e}")
+        print(f"\nlow_cpu_mem_usage={low}: last adapter's weights vs its file, max |model - file|: "
+              f"fastpeft {ours[0]['file_diff']:.1e}, HF PEFT {theirs[0]['file_diff']:.1e}; logits with it "
+              f"(bf16 base): max |fastpeft - HF| = {diff:.2e}, adapter effect max |with - without| = "
+              f"{ours[0]['effect']:.2e}")
         for key, unit in (("ms", "ms"), ("peak_mib", "MiB"), ("after_mib", "MiB")):
             a = statistics.median(r[key] for r in ours)
             b = statistics.median(r[key] for r in theirs)
-            print(f"  {key:10} fastpeft {a:10.1f} {unit:3} | HF PEFT {b:10.1f} {unit:3} | fastpeft/HF {a / b:5.2f}")
+            print(f"  {key:10} fastpeft {a:10.1f} {unit:3} | HF PEFT {b:10.1f} {unit:3} | "
+                  f"fastpeft/HF {a / b:5.2f}")
         print("  every base weight kept its storage: "
               f"fastpeft {all(not r['moved'] for r in ours)}, HF PEFT {all(not r['moved'] for r in theirs)}")
     skip = ("logits",)
