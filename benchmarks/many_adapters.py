@@ -1,0 +1,255 @@
+"""Many LoRA adapters in one batch at a Llama-1B-like width: decode with a KV cache and prefill, vs the bare
+base model and HF PEFT, as the number of distinct adapters grows (8 -> 64 -> 256 -> 1024).
+
+Run: `.venv/bin/python benchmarks/many_adapters.py [--quick] [--clock cpu] [--counts 8,64,256,1024]
+[--layers 4] [--hidden 2048] [--hf-max 256] [--png benchmarks/many_adapters.png]`.
+
+Model: Llama with TinyLlama-1.1B's widths (hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocab 32000)
+and `--layers` decoder layers, bf16 weights (the CPU has AMX-bf16: bf16 matmuls ~5x fp32 here). N LoRA
+adapters on q/k/v/o_proj (the S-LoRA / Punica serving setup), ranks 8 / 16 / 32 in turn, built in fp32 in
+both libraries with the same random factors, then the whole model moved to bf16.
+
+Decode: one new token for each of `max(N, 64)` rows (row i uses adapter i mod N: N >= 64 gives every row its
+own adapter), continuing a `--past`-token KV cache of random keys / values (the same cache in every variant,
+cut back to its length after each call, untimed). Prefill: 2048 tokens per call, N rows of 2048 / N tokens
+(at least 2). Variants, alternated each round (order reversed every other round), medians: the bare base
+model (same weights, no PEFT: the floor), fastpeft (default: stacked factors kept across calls), fastpeft
+with the stacks switched off (the factors stacked on every call, as before), HF PEFT (up to `--hf-max`
+adapters: its per-adapter loop passes a few seconds per call beyond that). Outputs of every variant are
+checked against each other (bf16 tolerances) before timing. Memory: bytes of LoRA parameters per adapter,
+and the process RSS growth per adapter while adding them (fastpeft's model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft.methods.lora import stacked  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RANKS = (8, 16, 32)
+PREFILL_TOKENS = 2048
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def base_model(args) -> LlamaForCausalLM:
+    h = args.hidden
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=h, intermediate_size=int(h * 2.75),
+                      num_hidden_layers=args.layers, num_attention_heads=h // 64,
+                      num_key_value_heads=max(h // 512, 1), max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def with_adapters(lib, args, n: int):
+    """The base model with n adapters (same factors in both libraries), in bf16."""
+    def config(i):
+        r = RANKS[i % len(RANKS)]
+        return lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+
+    model = lib.get_peft_model(base_model(args), config(0), adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", config(i))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # same order in both libraries
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+def kv_cache(args, rows: int) -> DynamicCache:
+    heads, head_dim = max(args.hidden // 512, 1), 64
+    gen = torch.Generator().manual_seed(2)
+    cache = DynamicCache()
+    for layer in range(args.layers):
+        k, v = (torch.randn(rows, heads, args.past, head_dim, generator=gen).to(torch.bfloat16) for _ in "kv")
+        cache.update(k, v, layer)
+    return cache
+
+
+def interleaved(variants: dict, rounds: int, clock, reset) -> dict[str, float]:
+    labels = list(variants)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for i in range(1 + rounds):  # one warm-up round
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            reset()
+            start = clock()
+            variants[label]()
+            if i:
+                times[label].append((clock() - start) * 1e3)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def unstacked(fn):
+    def run():
+        saved, stacked.usable = stacked.usable, lambda layer: False
+        try:
+            return fn()
+        finally:
+            stacked.usable = saved
+    return run
+
+
+def measure(args, n: int, clock) -> dict:
+    rss0 = rss_mb()
+    ours = with_adapters(fastpeft, args, n)
+    gc.collect()
+    lora_bytes = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if ".lora_" in name)
+    rss1 = rss_mb()
+    theirs = with_adapters(peft, args, n) if n <= args.hf_max else None
+    bare = base_model(args).to(torch.bfloat16)
+    models = {"base": (bare, False), "fastpeft": (ours, True), "unstacked": (ours, True)}
+    if theirs is not None:
+        models["hf"] = (theirs, True)
+    out = {"n": n, "lora_mb_per_adapter": lora_bytes / n / 2**20, "rss_mb_per_adapter": (rss1 - rss0) / n}
+    for mode in ("decode", "prefill"):
+        rows = max(n, 64) if mode == "decode" else n
+        tokens = 1 if mode == "decode" else max(PREFILL_TOKENS // n, 2)
+        names = [f"a{i % n}" for i in range(rows)]
+        ids = torch.randint(0, args.vocab, (rows, tokens), generator=torch.Generator().manual_seed(3))
+        cache = kv_cache(args, rows) if mode == "decode" else None
+
+        def call(model, mixed, cache=cache, ids=ids, names=names):
+            kwargs = {"adapter_names": names} if mixed else {}
+            with torch.inference_mode():
+                return model(input_ids=ids, past_key_values=cache, **kwargs).logits[:, -1].float()
+
+        def reset(cache=cache):
+            extra = 0 if cache is None else cache.get_seq_length() - args.past
+            if extra:
+                cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+
+        variants = {label: (lambda m=m, mixed=mixed: call(m, mixed)) for label, (m, mixed) in models.items()}
+        variants["unstacked"] = unstacked(variants["unstacked"])
+        check(variants, reset, mode, n)
+        t = interleaved(variants, args.repeats, clock, reset)
+        out[mode] = {"rows": rows, "tokens": tokens, "ms": t}
+        print(f"N={n:5d} {mode:7s} {rows} rows x {tokens} tokens: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items())
+              + f"; fastpeft / base {t['fastpeft'] / t['base']:.3f}", flush=True)
+    del ours, theirs, bare, models
+    gc.collect()
+    return out
+
+
+def check(variants: dict, reset, mode: str, n: int) -> None:
+    """Every adapter variant gives the same logits (bf16 rounding apart), and they differ from the base."""
+    reset()
+    ref = variants["fastpeft"]()
+    for label in variants:
+        if label in ("fastpeft", "base"):
+            continue
+        reset()
+        got = variants[label]()
+        err = (got - ref).abs().max().item()
+        assert err < 0.05 * ref.abs().max().item(), f"{label} vs fastpeft, {mode}, N={n}: max diff {err}"
+    reset()
+    assert not torch.allclose(variants["base"](), ref, atol=1e-3), "the adapters change nothing"
+
+
+def table(results: list[dict], args) -> str:
+    lines = [f"| N adapters | mode | rows x tokens | base ms | fastpeft ms | no-stack ms | HF PEFT ms "
+             "| fastpeft / base | fastpeft / HF | LoRA MiB / adapter |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        for mode in ("decode", "prefill"):
+            m = r[mode]
+            t = m["ms"]
+            hf = f"{t['hf']:.1f}" if "hf" in t else "-"
+            ratio_hf = f"{t['fastpeft'] / t['hf']:.2f}" if "hf" in t else "-"
+            lines.append(f"| {r['n']} | {mode} | {m['rows']} x {m['tokens']} | {t['base']:.1f} | "
+                         f"{t['fastpeft']:.1f} | {t['unstacked']:.1f} | {hf} | "
+                         f"**{t['fastpeft'] / t['base']:.3f}** | {ratio_hf} | {r['lora_mb_per_adapter']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, shapes: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ns = [r["n"] for r in results]
+    for ax, mode in zip(axes[:2], ("decode", "prefill")):
+        for label, style in (("base", "k--"), ("fastpeft", "o-"), ("unstacked", "s:"), ("hf", "^-")):
+            pts = [(r["n"], r[mode]["ms"][label] / (r[mode]["rows"] * r[mode]["tokens"]) * 1e3)
+                   for r in results if label in r[mode]["ms"]]
+            if pts:
+                ax.plot(*zip(*pts), style, label={"unstacked": "fastpeft, stacks off", "hf": "HF PEFT",
+                                                   "base": "bare base model"}.get(label, label))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("distinct adapters in the batch")
+        ax.set_ylabel("µs per token")
+        ax.set_title(f"{mode}")
+        ax.legend(fontsize=8)
+    axes[2].plot(ns, [r["lora_mb_per_adapter"] for r in results], "o-", label="LoRA parameters")
+    axes[2].plot(ns, [r["rss_mb_per_adapter"] for r in results], "s:", label="RSS growth while adding")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("distinct adapters")
+    axes[2].set_ylabel("MiB per adapter")
+    axes[2].set_title("memory per adapter")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(shapes, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="hidden 512, 2 layers, N 8 and 64, 3 rounds")
+    parser.add_argument("--counts", default="8,64,256,1024")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--past", type=int, default=256, help="KV-cache length of the decode rows")
+    parser.add_argument("--hf-max", type=int, default=256, help="largest N HF PEFT runs at")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--png", default="")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.counts, args.repeats, args.vocab = 512, 2, "8,64", 3, 8000
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    shapes = (f"Llama hidden {args.hidden}, intermediate {int(args.hidden * 2.75)}, {args.layers} layers, "
+              f"{args.hidden // 64} heads / {max(args.hidden // 512, 1)} KV heads, vocab {args.vocab}, bf16; "
+              f"LoRA r 8/16/32 on q,k,v,o; decode: max(N, 64) rows, {args.past}-token KV cache; prefill: "
+              f"{PREFILL_TOKENS} tokens in N rows")
+    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} thread(s), {args.clock} clock, "
+          f"{args.repeats} rounds; {shapes}", flush=True)
+    results = [measure(args, int(n), clock) for n in args.counts.split(",")]
+    print(table(results, args))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"shapes": shapes, "clock": args.clock, "results": results}, fh, indent=1)
+    if args.png:
+        plot(results, args.png, shapes)
+
+
+if __name__ == "__main__":
+    main()
