@@ -47,8 +47,10 @@ def test_adapter_layers_are_hf_base_classes():
 
 
 def test_unserved_paths_fail_naming_the_module():
-    with pytest.raises(ImportError, match=r"peft\.tuners\.xlora is an HF PEFT module that fastpeft does not"):
-        importlib.import_module("peft.tuners.xlora")
+    # ShadowPEFT's diffusion backends are not implemented (the package peft.tuners.shadow is served)
+    with pytest.raises(ImportError, match=r"peft\.tuners\.shadow\.diffusion_models is an HF PEFT module that "
+                                          "fastpeft does not"):
+        importlib.import_module("peft.tuners.shadow.diffusion_models")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
