@@ -1,28 +1,34 @@
-"""DoRA training step (forward + backward) on a stack of wide Linears: fastpeft vs HF PEFT vs the bare base
-model.
+"""DoRA training step (forward + backward + AdamW step) on a stack of wide Linears: fastpeft vs HF PEFT vs the
+bare base model.
 
-Run: `.venv/bin/python benchmarks/dora.py [--hidden 2048] [--layers 4] [--tokens 8 512 2048] [--rounds 9]`.
-One process builds the three models (same weights), checks that the DoRA outputs agree, then times one step
-per token count with the libraries alternating inside each round (order reversed every other round, medians;
-benchmarks/common.py `interleaved`). The base model's step (frozen weights, input gradient formed) is the
-floor. Ratios are fastpeft / HF PEFT: below 1, fastpeft is faster.
+Run: `.venv/bin/python benchmarks/dora.py [--hidden 1024 2048] [--layers 4] [--tokens 512 2048 4096]
+[--rounds 9] [--clock cpu]`. One process builds the models (same weights), checks that the DoRA outputs and
+gradients agree, then times one step per shape with the libraries alternating inside each round (order
+reversed every other round, medians). The base model's step (frozen weights, input gradient formed, nothing to
+optimise) is the floor. "fastpeft composed" is fastpeft with its one-node DoRA contribution switched off
+(`variants.dora.FUSED = False`): the same norm, the contribution as composed torch ops. Ratios are
+fastpeft / HF PEFT: below 1, fastpeft is faster. `--clock cpu` times with `time.thread_time` (1 torch thread:
+all the work is on the calling thread), which other processes on a shared machine disturb far less.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-from common import base_parser, check_close, header, interleaved, rounds  # noqa: E402
+from common import base_parser, check_close, header, rounds  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fastpeft  # noqa: E402
+from fastpeft.methods.lora.variants import dora as fp_dora  # noqa: E402
 
-TOKENS = {"full": [8, 512, 2048], "quick": [8, 256]}
+SHAPES = {"full": ([1024, 2048], [512, 2048, 4096]), "quick": ([1024], [512])}
 
 
 class Stack(nn.Module):
@@ -60,35 +66,83 @@ def build(lib, hidden: int, layers: int, r: int):
     return model.train()
 
 
-def step(model, x) -> None:
-    model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_(True)  # the same for all three models: the stack's input gradient is formed
-    model(x).square().mean().backward()
+class Trainer:
+    """One training step of `model`: forward, mean-square loss, backward, AdamW step (lr 0: the weights stay
+    the same across rounds, the optimizer does all its work)."""
+
+    def __init__(self, model, fused: bool = True):
+        self.model, self.fused = model, fused
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=0.0) if params else None
+
+    def loss(self, x):
+        fp_dora.FUSED = self.fused
+        try:
+            x = x.detach().requires_grad_(True)  # all models form the stack's input gradient
+            return self.model(x).square().mean()
+        finally:
+            fp_dora.FUSED = True
+
+    def __call__(self, x) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.loss(x).backward()
+        if self.opt is not None:
+            self.opt.step()
+
+    def grads(self, x) -> list[torch.Tensor]:
+        self.model.zero_grad(set_to_none=True)
+        self.loss(x).backward()
+        return [p.grad for _, p in sorted(self.model.named_parameters()) if p.requires_grad]
+
+
+def timed(clock: str, variants: dict, n_rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median ms per variant; variants alternate inside each round, order reversed every other round."""
+    now = time.thread_time if clock == "cpu" else time.perf_counter
+    labels, times = list(variants), {label: [] for label in variants}
+    for i in range(warmup + n_rounds):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            start = now()
+            variants[label]()
+            if i >= warmup:
+                times[label].append((now() - start) * 1e3)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], args) -> None:
+    trainers = {"peft": Trainer(build(peft, hidden, layers, r)),
+                "fastpeft": Trainer(build(fastpeft, hidden, layers, r))}
+    trainers["composed"] = Trainer(trainers["fastpeft"].model, fused=False)
+    trainers["base"] = Trainer(frozen_base(hidden, layers))
+    for tokens in token_counts:
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2))
+        what = f"hidden {hidden}, {tokens} tokens"
+        check_close(trainers["fastpeft"].model(x), trainers["peft"].model(x), f"{what}: outputs")
+        check_close(trainers["fastpeft"].grads(x), trainers["peft"].grads(x), f"{what}: gradients",
+                    atol=1e-6, rtol=1e-4)
+        t = timed(args.clock, {k: (lambda tr=tr, x=x: tr(x)) for k, tr in trainers.items()}, rounds(args))
+        print(f"{hidden:>6} | {tokens:>6} | {t['peft']:>10.1f} | {t['fastpeft']:>11.1f} | "
+              f"{t['composed']:>11.1f} | {t['base']:>8.1f} | {t['fastpeft'] / t['peft']:>13.2f} | "
+              f"{t['composed'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}", flush=True)
 
 
 def main() -> None:
     parser = base_parser(__doc__)
-    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, nargs="+", default=None)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (rows of x)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header(args)
-    models = {"peft": build(peft, args.hidden, args.layers, args.r),
-              "fastpeft": build(fastpeft, args.hidden, args.layers, args.r),
-              "base": frozen_base(args.hidden, args.layers)}
-    print(f"Linear stack: {args.layers} x nn.Linear({args.hidden}, {args.hidden}) + tanh, DoRA r={args.r} on "
-          "every layer; one step = forward, mean-square loss, backward")
-    print(f"{'tokens':>7} | {'HF PEFT ms':>10} | {'fastpeft ms':>11} | {'base ms':>8} | "
-          f"{'fastpeft / HF':>13} | {'base / HF':>9}")
-    for tokens in args.tokens or TOKENS["quick" if args.quick else "full"]:
-        x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(2))
-        check_close(models["fastpeft"](x), models["peft"](x), f"{tokens} tokens: outputs",
-                    atol=1e-5, rtol=1e-5)
-        t = interleaved({name: (lambda m=m, x=x: step(m, x)) for name, m in models.items()}, rounds(args))
-        print(f"{tokens:>7} | {t['peft']:>10.2f} | {t['fastpeft']:>11.2f} | {t['base']:>8.2f} | "
-              f"{t['fastpeft'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}")
+    hiddens, token_counts = SHAPES["quick" if args.quick else "full"]
+    layers = 2 if args.quick else args.layers
+    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer, fp32; "
+          f"one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, ms per step")
+    print(f"{'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | {'fp composed':>11} | "
+          f"{'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | {'base / HF':>9}")
+    for hidden in args.hidden or hiddens:
+        run_shape(hidden, layers, args.r, args.tokens or token_counts, args)
 
 
 if __name__ == "__main__":

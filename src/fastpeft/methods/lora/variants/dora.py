@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from .base import LoraVariant
+from .dora_fused import fused_output
 
 # Rows whose squared norm lost more than this fraction to cancellation are recomputed directly (see row_norm).
 CANCELLATION = 1e-2
+# Linear layers not dropping out: output plus contribution as one autograd node (dora_fused.py). False: the
+# composed ops (equal up to rounding; the reference the fused node is tested against)
+FUSED = True
 
 
 def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
@@ -122,6 +126,33 @@ class Dora(LoraVariant):
         else:
             base = self.base_without_bias(layer, x, result)
         return (scale - 1) * base + scale * layer.lora_path(name, x)
+
+    def add_to(self, layer, name, x, result):
+        x_cast = layer.cast_input(x, result.dtype) if self._fusable(layer, name, result) else None
+        if x_cast is None or x_cast.dtype != result.dtype:  # or: input casting is switched off
+            return result + self.contribution(layer, name, x, result)
+        x, m = x_cast, layer.lora_magnitude_vector[name]
+        a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+        norm = self.weight_norm(layer, name).to(m.dtype)
+        return fused_output(x, result, a_mod.weight, b_mod.weight, m, norm, layer.get_base_layer().bias,
+                            layer.scaling[name])
+
+    def _fusable(self, layer, name, result) -> bool:
+        """The one-node form (dora_fused.py) applies: a Linear layer (features last) not dropping out, plain
+        Linear factors without lora_bias, one dtype throughout (mixed dtypes keep HF PEFT's order of
+        roundings), not while compiling."""
+        if not FUSED or torch.compiler.is_compiling() or type(self).contribution is not Dora.contribution:
+            return False
+        if self.channel_view(layer, -1) != (-1,):
+            return False
+        if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+            return False
+        a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+        if type(a_mod) is not nn.Linear or type(b_mod) is not nn.Linear or b_mod.bias is not None:
+            return False
+        bias = layer.get_base_layer().bias
+        tensors = (a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name])
+        return all(t.dtype == result.dtype for t in tensors) and (bias is None or bias.dtype == result.dtype)
 
     def merged_weight(self, layer, name):
         delta = layer.delta_weight(name)  # s B A in stored layout

@@ -1,0 +1,65 @@
+"""DoRA's linear output as one autograd node (training steps at hundreds of tokens and more).
+
+With n = ||W + s B A||_row detached (Liu et al. 2024, section 4.3) and k = m / n (out,), the output y' after
+the adapter, from the output so far y (x W^T + bias, plus earlier adapters' outputs, as HF PEFT), is
+
+    y' = y + (k - 1) (y - bias) + k s B A x = k y + (1 - k) bias + (x A^T) (s k B)^T .
+
+Written this way the forward is one elementwise pass over (tokens, out) plus a GEMM that accumulates the
+rank-r product into it (`addmm_`), where the composed ops make seven passes (y - bias, two products, the LoRA
+scaling, three sums), each with its own backward. The backward forms the (out, r) product g^T (x A^T) once and
+uses it for both dB and the LoRA part of dk (s (g^T x A^T . B) summed over r): the magnitude's gradient needs
+one (tokens, out) reduction, sum_t g (y - bias), and y's gradient is g k (one pass, no accumulation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DoraLinearOutput(torch.autograd.Function):
+    """y' from (x (..., in), y (..., out), A (r, in), B (out, r), m (out elements), n (out,), bias, s)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, m, norm, bias, s):
+        k = m.reshape(-1) / norm  # (out,)
+        out = y.shape[-1]
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, out)
+        xa = x2 @ a.T  # (tokens, r)
+        z = y2 * k if bias is None else torch.addcmul(bias * (1 - k), y2, k)
+        z.addmm_(xa, (b * (k * s)[:, None]).T)  # the rank-r product accumulated by the GEMM itself
+        ctx.save_for_backward(x2, y2, a, b, k, norm, xa, bias)
+        ctx.s, ctx.x_shape, ctx.m_shape = s, x.shape, m.shape
+        return z.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, y2, a, b, k, norm, xa, bias = ctx.saved_tensors
+        s, needs = ctx.s, ctx.needs_input_grad
+        g = grad.reshape(-1, y2.shape[1])
+        d_x = d_y = d_a = d_b = d_m = d_bias = None
+        if needs[1]:
+            d_y = (g * k).view(grad.shape)
+        gxa = g.T @ xa  # (out, r): dB and the LoRA part of dk
+        if needs[3]:
+            d_b = gxa * (k * s)[:, None]
+        g_sum = g.sum(0) if bias is not None and (needs[4] or needs[6]) else None
+        if needs[4]:
+            d_k = (g * y2).sum(0) + s * (gxa * b).sum(1)
+            if bias is not None:
+                d_k -= g_sum * bias
+            d_m = (d_k / norm).view(ctx.m_shape)
+        if needs[6]:
+            d_bias = g_sum * (1 - k)
+        if needs[0] or needs[2]:
+            d_xa = g @ (b * (k * s)[:, None])  # (tokens, r)
+            if needs[2]:
+                d_a = d_xa.T @ x2
+            if needs[0]:
+                d_x = (d_xa @ a).view(ctx.x_shape)
+        return d_x, d_y, d_a, d_b, d_m, None, d_bias, None
+
+
+def fused_output(x, y, a, b, m, norm, bias, s: float) -> torch.Tensor:
+    """y' = y + DoRA's contribution for a Linear adapter (see the module docstring); n detached."""
+    return DoraLinearOutput.apply(x, y, a, b, m, norm, bias, s)
