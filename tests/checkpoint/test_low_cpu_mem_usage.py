@@ -223,3 +223,26 @@ def test_a_file_missing_a_tensor_is_refused_and_leaves_no_meta_tensor(files, tmp
     assert set(model.peft_config) == {"default"}
     assert not [n for n, p in model.named_parameters() if p.is_meta or "second" in n.split(".")]
     assert all(torch.equal(v, kept[k]) for k, v in fastpeft.get_peft_model_state_dict(model).items())
+
+
+@pytest.mark.parametrize("low", [True, False])
+def test_disk_offloaded_base_loads_adapters(files, tmp_path, low):
+    """A device_map that offloads a layer to disk: its weights stay on meta (accelerate loads them on use);
+    the adapters there hold the file's values, outputs equal a normal load, no 'newly initialised' warning."""
+    import warnings
+
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    base = AutoModelForCausalLM.from_pretrained(str(files / "base"), device_map=device_map,
+                                                offload_folder=str(tmp_path / "offload"))
+    offloaded = [n for n, p in base.named_parameters() if p.is_meta]
+    assert offloaded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fastpeft.PeftModel.from_pretrained(base, str(files / "lora_0"), low_cpu_mem_usage=low)
+    assert not [w for w in caught if "newly initialised" in str(w.message)]
+    assert sorted(_base_name(n) for n, p in model.named_parameters() if p.is_meta) == sorted(offloaded)
+    _assert_equals_file(model, files / "lora_0", "default")
+    normal = fastpeft.PeftModel.from_pretrained(_base(files), str(files / "lora_0"))
+    with torch.no_grad():
+        assert torch.equal(model(**llama_inputs()).logits, normal(**llama_inputs()).logits)
