@@ -31,6 +31,11 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         from .mixing import PeftMixedModel
         from .mixing.tuner import check_mixable
 
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "get_peft_model(..., mixed=True) got a PeftModel: pass its base model "
+                "(peft_model.get_base_model(), after unload() if its adapters should go) or add the adapter "
+                "to the PeftModel with add_adapter.")
         check_mixable(peft_config)
     else:
         refuse_second_wrap(model)

@@ -86,9 +86,9 @@ def refuse_ephemeral_gpu_offload(enabled: bool) -> None:
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
     if is_trainable and config.is_prompt_learning:
         raise ValueError(
-            f"A saved {config.peft_type} adapter holds the encoder's output, not its trainable parts, so it "
-            "cannot be loaded with is_trainable=True (as in HF PEFT). Load it for inference, or train a new "
-            "adapter."
+            f"Saved {config.peft_type} adapters load for inference only, as in HF PEFT (for prompt "
+            "encoders the file holds the encoder's output, not its trainable parts), so is_trainable=True is "
+            "refused. Load it for inference, or train a new adapter."
         )
 
 

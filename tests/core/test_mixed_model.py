@@ -379,3 +379,30 @@ def test_unsupported_calls_refused(mlp):
         fp.base_model.add_weighted_adapter(["a"], [1.0], "w")
     with pytest.raises(ValueError, match="not found"):
         fp.set_adapter(["a", "zz"])
+
+
+def test_a_peft_model_refused_as_the_base(mlp):
+    wrapped = fastpeft.get_peft_model(copy.deepcopy(mlp), fastpeft.LoraConfig(target_modules=["lin0"], r=2))
+    with pytest.raises(ValueError, match="got a PeftModel: pass its base model"):
+        fastpeft.get_peft_model(wrapped, fastpeft.LoHaConfig(target_modules=["lin1"], r=2), mixed=True)
+    assert list(wrapped.peft_config) == ["default"]
+
+
+def test_half_precision_base_keeps_the_first_adapter_dtype_as_hf():
+    """HF PEFT's mixed model casts only adapters added later (add_adapter), not the first one."""
+    def build(lib):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(make_llama().to(torch.bfloat16), lib.LoraConfig(
+            target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False), mixed=True)
+        model.add_adapter("b", lib.LoHaConfig(target_modules=["q_proj"], r=2, init_weights=False))
+        model.set_adapter(["default", "b"])
+        return model
+
+    hf, fp = build(peft), build(fastpeft)
+    dtypes = {k: v.dtype for k, v in hf.state_dict().items()}
+    assert {k: v.dtype for k, v in fp.state_dict().items()} == dtypes
+    fp.load_state_dict(hf.state_dict())
+    base = forward(make_llama().to(torch.bfloat16), llama_inputs())
+    expected = forward(hf, llama_inputs())
+    assert (expected - base).abs().max() > 0.1
+    close(forward(fp, llama_inputs()), expected, "bf16 mixed logits", atol=0)

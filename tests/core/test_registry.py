@@ -153,3 +153,12 @@ def test_every_peft_type_is_registered():
 def test_case_names_are_unique():
     names = [case.id for case in METHOD_CASES]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+
+
+TUNER_TYPES = sorted(p.value for p, s in registry.registered().items() if s.tuner_cls)
+
+
+@pytest.mark.parametrize("peft_type", TUNER_TYPES)
+def test_every_tuner_class_says_whether_it_can_be_injected(peft_type):
+    """api.inject_adapter_in_model reads `injectable` from any tuner class, Tuner subclass or not (X-LoRA)."""
+    assert isinstance(registry.get_spec(peft_type).tuner_cls.injectable, bool)

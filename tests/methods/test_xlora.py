@@ -392,3 +392,14 @@ def test_from_pretrained_takes_moved_expert_folders(experts, tmp_path):
     loaded = fastpeft.PeftModel.from_pretrained(model, str(tmp_path), adapters=experts)
     assert loaded.peft_config["default"].adapters == experts
     assert (logits(loaded) - expected).abs().max() < 1e-6
+
+
+def test_inject_adapter_in_model_refused_leaving_the_model_unchanged(experts):
+    """The classifier lives on XLoraModel, not in the model: a bare injection would lose it (HF PEFT returns
+    the model without it), so fastpeft points to get_peft_model."""
+    model = base()
+    before = _snapshot(model)
+    config = fastpeft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=HIDDEN, adapters=experts)
+    with pytest.raises(ValueError, match="inject_adapter_in_model does not support XLORA.*get_peft_model"):
+        fastpeft.inject_adapter_in_model(config, model)
+    _assert_unchanged(model, before)

@@ -47,7 +47,9 @@ class PeftMixedModel(nn.Module):
         check_mixable(peft_config)
         _prepare_for_checkpointing(model)
         self.modules_to_save: set[str] | None = None
-        self.base_model = MixedModel(model, {adapter_name: peft_config}, adapter_name)
+        # as HF PEFT: the first adapter keeps the base's dtype (only add_adapter upcasts half-precision ones)
+        self.base_model = MixedModel(model, {adapter_name: peft_config}, adapter_name,
+                                     autocast_adapter_dtype=False)
         self.set_modules_to_save(peft_config, adapter_name)
         self.config = getattr(model, "config", DUMMY_MODEL_CONFIG)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):

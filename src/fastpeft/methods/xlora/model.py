@@ -71,6 +71,9 @@ class XLoraModel(nn.Module):
     """X-LoRA on `model`: experts from `config.adapters`, the classifier, the two-pass forward."""
 
     call_keywords: tuple[str, ...] = ()
+    # the classifier and the expert tuner live on this object, not in the model: inject_adapter_in_model
+    # would return a model without them
+    injectable = False
 
     def __init__(self, model: nn.Module, config: XLoraConfig | dict[str, XLoraConfig],
                  adapter_name: str = "default", torch_device: str | None = None,
