@@ -10,6 +10,7 @@ better).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -109,8 +110,31 @@ def memory(args) -> None:
                          mem["peft", dropout], "MiB", target))
 
 
+# The most a faster dropout mask could save, at a real shape: Llama hidden 1024, intermediate 2816, 1 layer,
+# 1 x 512 tokens. fastpeft with lora_dropout 0.05 (its default masks: nn.Dropout's, bit for bit) against the
+# same model with no dropout at all, the floor any other mask (same Bernoulli law, another random stream)
+# stays above; a mask option is worth offering only if that floor is well under 0.85x the default step.
+BOUND_SIZE = (1024, 2816, 1, 16, 256, 1, 512)
+
+
+def dropout_bound(args) -> None:
+    SIZES["bound"] = BOUND_SIZE
+    ids = batch("bound")
+    models = {"hf 0.05": build("peft", "bound", 0.05), "fp 0.05": build("fastpeft", "bound", 0.05),
+              "fp 0": build("fastpeft", "bound", 0.0)}
+    t = interleaved({name: (lambda m=m: step((m, ids))) for name, m in models.items()}, rounds(args))
+    hidden, inter, *_ = BOUND_SIZE
+    print(f"dropout cost at Llama hidden {hidden}, intermediate {inter}, 1 layer, 512 tokens: HF PEFT 0.05 "
+          f"{t['hf 0.05']:.1f} ms, fastpeft 0.05 {t['fp 0.05']:.1f} ms, "
+          f"fastpeft no dropout {t['fp 0']:.1f} ms; "
+          f"no-mask floor / default = {t['fp 0'] / t['fp 0.05']:.2f} (a faster mask: between this and 1)")
+
+
 def main() -> None:
-    args = base_parser(__doc__).parse_args()
+    parser = base_parser(__doc__)
+    parser.add_argument("--dropout-bound", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the no-dropout floor at a real shape (default: on in full mode)")
+    args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header(args)
     hidden, inter, layers, _, vocab, rows, tokens = SIZES["quick" if args.quick else "full"]
@@ -119,6 +143,8 @@ def main() -> None:
     memory(args)  # first: the children fork from this process and inherit its heap (see common.peak_memory)
     for dropout in TARGETS:
         time_step(args, dropout)
+    if args.dropout_bound or (args.dropout_bound is None and not args.quick):
+        dropout_bound(args)
 
 
 if __name__ == "__main__":

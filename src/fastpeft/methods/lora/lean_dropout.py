@@ -88,18 +88,33 @@ MASK_STORAGE = "bool"
 def _keep_mask(ctx, x: torch.Tensor, p: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(dropout(x) as nn.Dropout draws it, the tensors `_mask_scale` needs to rebuild the mask)."""
     ctx.rng = _rng_state(x.device) if MASK_STORAGE == "regenerate" else None
-    # the same draws as F.dropout(x): 0 or 1 / (1 - p)
-    scale = F.dropout(torch.ones_like(x), p, training=True)
-    kept = () if ctx.rng is not None else (scale.bool(),
-                                           scale.amax() if scale.numel() else scale.new_zeros(()))
+    scale = _dropout_scale(x, p)  # the same draws as F.dropout(x): 0 or 1 / (1 - p)
+    kept = () if ctx.rng is not None else (scale.bool(), _kept_value(scale, p))
     return x * scale, kept  # x * scale: what F.dropout(x) returns, bit for bit
+
+
+def _dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The tensor F.dropout(x, p) multiplies x by. On CPU drawn as ATen's dropout does there (Bernoulli(1 - p)
+    draws into an empty tensor, divided by 1 - p in place): the same generator calls and values, without the
+    tensor of ones and the product with it; elsewhere (fused kernels) through F.dropout itself."""
+    if x.device.type == "cpu":
+        return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return F.dropout(torch.ones_like(x), p, training=True)
+
+
+def _kept_value(scale: torch.Tensor, p: float) -> torch.Tensor:
+    """1 / (1 - p) rounded as the dropout kernel rounds it in the mask's dtype: on CPU the same division on a
+    small tensor (no pass over the mask), elsewhere the largest mask value."""
+    if scale.device.type == "cpu":
+        return torch.ones(64, dtype=scale.dtype).div_(1 - p)[0].clone()  # own 0-dim storage
+    return scale.amax() if scale.numel() else scale.new_zeros(())
 
 
 def _mask_scale(ctx, x: torch.Tensor, kept: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The tensor of 0 and 1 / (1 - p) that forward multiplied x by."""
     if ctx.rng is None:
         mask, scale = kept
-        return mask.to(x.dtype).mul_(scale)
+        return torch.where(mask, scale.to(x.dtype), 0.0)  # one pass
     with torch.random.fork_rng(devices=_forked_devices(ctx.device)):
         _set_rng_state(ctx.device, ctx.rng)
         return F.dropout(torch.ones_like(x), ctx.p, training=True)
