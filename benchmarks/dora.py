@@ -55,7 +55,7 @@ def frozen_base(hidden: int, layers: int) -> Stack:
     return model
 
 
-def build(lib, hidden: int, layers: int, r: int):
+def build(lib, hidden: int, layers: int, r: int, dtype=torch.float32):
     config = lib.LoraConfig(target_modules=["layers." + str(i) for i in range(layers)], r=r, use_dora=True)
     model = lib.get_peft_model(base(hidden, layers), config)
     torch.manual_seed(1)
@@ -63,7 +63,7 @@ def build(lib, hidden: int, layers: int, r: int):
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.normal_(std=0.01)
-    return model.train()
+    return model.to(dtype).train()
 
 
 class Trainer:
@@ -108,17 +108,25 @@ def timed(clock: str, variants: dict, n_rounds: int, warmup: int = 1) -> dict[st
     return {label: statistics.median(values) for label, values in times.items()}
 
 
+# (outputs atol = rtol, gradients atol, rtol) of the check against HF PEFT: bf16 differs at its resolution
+# (HF PEFT takes the weight norm in bf16, fastpeft in float32)
+TOLERANCES = {torch.float32: (1e-5, 1e-6, 1e-4), torch.bfloat16: (3e-2, 1e-3, 1e-1)}
+
+
 def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], args) -> None:
-    trainers = {"peft": Trainer(build(peft, hidden, layers, r)),
-                "fastpeft": Trainer(build(fastpeft, hidden, layers, r))}
+    dtype = getattr(torch, args.dtype)
+    trainers = {"peft": Trainer(build(peft, hidden, layers, r, dtype)),
+                "fastpeft": Trainer(build(fastpeft, hidden, layers, r, dtype))}
     trainers["composed"] = Trainer(trainers["fastpeft"].model, fused=False)
-    trainers["base"] = Trainer(frozen_base(hidden, layers))
+    trainers["base"] = Trainer(frozen_base(hidden, layers).to(dtype))
+    out_tol, grad_atol, grad_rtol = TOLERANCES[dtype]
     for tokens in token_counts:
-        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2))
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
         what = f"hidden {hidden}, {tokens} tokens"
-        check_close(trainers["fastpeft"].model(x), trainers["peft"].model(x), f"{what}: outputs")
+        check_close(trainers["fastpeft"].model(x), trainers["peft"].model(x), f"{what}: outputs",
+                    atol=out_tol, rtol=out_tol)
         check_close(trainers["fastpeft"].grads(x), trainers["peft"].grads(x), f"{what}: gradients",
-                    atol=1e-6, rtol=1e-4)
+                    atol=grad_atol, rtol=grad_rtol)
         t = timed(args.clock, {k: (lambda tr=tr, x=x: tr(x)) for k, tr in trainers.items()}, rounds(args))
         print(f"{hidden:>6} | {tokens:>6} | {t['peft']:>10.1f} | {t['fastpeft']:>11.1f} | "
               f"{t['composed']:>11.1f} | {t['base']:>8.1f} | {t['fastpeft'] / t['peft']:>13.2f} | "
@@ -132,12 +140,14 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (rows of x)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and input (bf16: AMX / AVX512-BF16 matmuls where the CPU has them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header(args)
     hiddens, token_counts = SHAPES["quick" if args.quick else "full"]
     layers = 2 if args.quick else args.layers
-    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer, fp32; "
+    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer, {args.dtype}; "
           f"one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, ms per step")
     print(f"{'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | {'fp composed':>11} | "
           f"{'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | {'base / HF':>9}")

@@ -183,3 +183,16 @@ def test_adapters_added_and_deleted_between_steps(fused_calls):
     got = steps(models_["fp"], "stack", n=2)
     compare(got, steps(models_["ref"], "stack", n=2, fused=False), atol=1e-6, rtol=1e-5)
     compare(got, steps(models_["hf"], "stack", n=2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_norm_widens_row_blocks_exactly(dtype):
+    """The norm of a half-precision W is taken in float32 from row blocks (300 rows: a partial last block):
+    bit for bit what widening all of W first gives."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 40, generator=g).to(dtype)
+    b, a = torch.randn(300, 4, generator=g).to(dtype), torch.randn(4, 40, generator=g).to(dtype)
+    w_sq = w.float().square().sum(1)
+    want = dora.row_norm(w.float(), b, a, 0.7, w_sq)
+    assert torch.equal(dora.row_norm(w, b, a, 0.7, w_sq), want)
+    assert torch.equal(dora._widened_product(w, a.float().T), w.float() @ a.float().T)
