@@ -90,6 +90,18 @@ def kv_cache(args, rows: int) -> DynamicCache:
     return cache
 
 
+def base_weight_mb(model) -> float:
+    """MiB of base weights a forward reads in full (all but the embedding table, of which it reads rows)."""
+    sizes = [p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n]
+    return sum(sizes) / 2**20
+
+
+def bytes_floor(r: dict) -> float:
+    """(base weights + the batch's LoRA factors) / base weights: the ratio to the base model of a step that
+    only streams weights from memory (decode of a few rows), for any implementation."""
+    return 1 + r["lora_mb_per_adapter"] * r["n"] / r["base_mb"]
+
+
 def interleaved(variants: dict, rounds: int, clock, reset) -> dict[str, float]:
     labels = list(variants)
     times: dict[str, list[float]] = {label: [] for label in labels}
@@ -124,7 +136,8 @@ def measure(args, n: int, clock) -> dict:
     models = {"base": (bare, False), "fastpeft": (ours, True), "unstacked": (ours, True)}
     if theirs is not None:
         models["hf"] = (theirs, True)
-    out = {"n": n, "lora_mb_per_adapter": lora_bytes / n / 2**20, "rss_mb_per_adapter": (rss1 - rss0) / n}
+    out = {"n": n, "lora_mb_per_adapter": lora_bytes / n / 2**20, "rss_mb_per_adapter": (rss1 - rss0) / n,
+           "base_mb": base_weight_mb(bare)}
     for mode in ("decode", "prefill"):
         rows = max(n, 64) if mode == "decode" else n
         tokens = 1 if mode == "decode" else max(PREFILL_TOKENS // n, 2)
@@ -171,9 +184,9 @@ def check(variants: dict, reset, mode: str, n: int) -> None:
 
 
 def table(results: list[dict], args) -> str:
-    lines = [f"| N adapters | mode | rows x tokens | base ms | fastpeft ms | no-stack ms | HF PEFT ms "
-             "| fastpeft / base | fastpeft / HF | LoRA MiB / adapter |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N adapters | mode | rows x tokens | base ms | fastpeft ms | no-stack ms | HF PEFT ms "
+             "| fastpeft / base | bytes floor | fastpeft / HF | LoRA MiB / adapter |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for mode in ("decode", "prefill"):
             m = r[mode]
@@ -182,7 +195,8 @@ def table(results: list[dict], args) -> str:
             ratio_hf = f"{t['fastpeft'] / t['hf']:.2f}" if "hf" in t else "-"
             lines.append(f"| {r['n']} | {mode} | {m['rows']} x {m['tokens']} | {t['base']:.1f} | "
                          f"{t['fastpeft']:.1f} | {t['unstacked']:.1f} | {hf} | "
-                         f"**{t['fastpeft'] / t['base']:.3f}** | {ratio_hf} | {r['lora_mb_per_adapter']:.2f} |")
+                         f"**{t['fastpeft'] / t['base']:.3f}** | {bytes_floor(r):.3f} | {ratio_hf} | "
+                         f"{r['lora_mb_per_adapter']:.2f} |")
     return "\n".join(lines)
 
 
@@ -229,9 +243,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--png", default="")
-    parser.add_argument("--json", default="")
+    parser.add_argument("--png", default=None, help="default: benchmarks/many_adapters.png (--quick: none)")
+    parser.add_argument("--json", default=None, help="default: benchmarks/many_adapters.json (--quick: none)")
+    parser.add_argument("--from-json", default="", help="only print the table and plot of a saved run")
     args = parser.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    if args.png is None:
+        args.png = "" if args.quick else os.path.join(here, "many_adapters.png")
+    if args.json is None:
+        args.json = "" if args.quick else os.path.join(here, "many_adapters.json")
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        if any("base_mb" not in r for r in saved["results"]):  # runs saved before the floor was recorded
+            base_mb = base_weight_mb(base_model(args).to(torch.bfloat16))
+            for r in saved["results"]:
+                r.setdefault("base_mb", base_mb)
+        print(table(saved["results"], args))
+        if args.png:
+            plot(saved["results"], args.png, saved["shapes"])
+        return
     if args.quick:
         args.hidden, args.layers, args.counts, args.repeats, args.vocab = 512, 2, "8,64", 3, 8000
     torch.set_num_threads(args.threads)
@@ -240,8 +271,8 @@ def main() -> None:
               f"{args.hidden // 64} heads / {max(args.hidden // 512, 1)} KV heads, vocab {args.vocab}, bf16; "
               f"LoRA r 8/16/32 on q,k,v,o; decode: max(N, 64) rows, {args.past}-token KV cache; prefill: "
               f"{PREFILL_TOKENS} tokens in N rows")
-    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} thread(s), {args.clock} clock, "
-          f"{args.repeats} rounds; {shapes}", flush=True)
+    print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} thread(s), {args.clock} "
+          f"clock, {args.repeats} rounds; {shapes}", flush=True)
     results = [measure(args, int(n), clock) for n in args.counts.split(",")]
     print(table(results, args))
     if args.json:
