@@ -113,8 +113,8 @@ def timed(clock: str, variants: dict, n_rounds: int, warmup: int = 1) -> dict[st
 TOLERANCES = {torch.float32: (1e-5, 1e-6, 1e-4), torch.bfloat16: (3e-2, 1e-3, 1e-1)}
 
 
-def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], args) -> None:
-    dtype = getattr(torch, args.dtype)
+def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], dtype_name: str, args) -> None:
+    dtype = getattr(torch, dtype_name)
     trainers = {"peft": Trainer(build(peft, hidden, layers, r, dtype)),
                 "fastpeft": Trainer(build(fastpeft, hidden, layers, r, dtype))}
     trainers["composed"] = Trainer(trainers["fastpeft"].model, fused=False)
@@ -128,7 +128,7 @@ def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], args) -
         check_close(trainers["fastpeft"].grads(x), trainers["peft"].grads(x), f"{what}: gradients",
                     atol=grad_atol, rtol=grad_rtol)
         t = timed(args.clock, {k: (lambda tr=tr, x=x: tr(x)) for k, tr in trainers.items()}, rounds(args))
-        print(f"{hidden:>6} | {tokens:>6} | {t['peft']:>10.1f} | {t['fastpeft']:>11.1f} | "
+        print(f"{dtype_name:>8} | {hidden:>6} | {tokens:>6} | {t['peft']:>10.1f} | {t['fastpeft']:>11.1f} | "
               f"{t['composed']:>11.1f} | {t['base']:>8.1f} | {t['fastpeft'] / t['peft']:>13.2f} | "
               f"{t['composed'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}", flush=True)
 
@@ -140,19 +140,22 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (rows of x)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights and input (bf16: AMX / AVX512-BF16 matmuls where the CPU has them)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=None,
+                        help="weights and input (bf16: AMX / AVX512-BF16 matmuls where the CPU has them); "
+                             "default: float32 with --quick, both otherwise")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header(args)
     hiddens, token_counts = SHAPES["quick" if args.quick else "full"]
     layers = 2 if args.quick else args.layers
-    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer, {args.dtype}; "
+    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer; "
           f"one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, ms per step")
-    print(f"{'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | {'fp composed':>11} | "
-          f"{'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | {'base / HF':>9}")
-    for hidden in args.hidden or hiddens:
-        run_shape(hidden, layers, args.r, args.tokens or token_counts, args)
+    print(f"{'dtype':>8} | {'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | "
+          f"{'fp composed':>11} | {'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | "
+          f"{'base / HF':>9}")
+    for dtype_name in args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"]):
+        for hidden in args.hidden or hiddens:
+            run_shape(hidden, layers, args.r, args.tokens or token_counts, dtype_name, args)
 
 
 if __name__ == "__main__":
