@@ -1,7 +1,9 @@
 """Mixed-adapter batches for LoRA `Linear` layers as a few batched matmuls instead of a loop per adapter.
 
-Each row's A and B are gathered from the live parameters on every call (no stacked copy is cached), so
-optimizer steps, loads, hot-swaps that write through `.data`, and gradients all behave as in the loop.
+Without autograd (serving), the factors come from stacks kept across calls that are the parameters' own
+storage (`stacked.py`: in-place writes, also through `.data`, land in them; anything else is seen by a
+signature check). With autograd, each row's A and B are gathered from the live parameters on every call, so
+gradients reach them as in the loop. The rows are grouped by adapter once per call (`stacked.row_plan`).
 
 Long rows with few adapters (prefill): each adapter's rows go through one matmul with its merged weight
 `W + s B A` (built per call, `merged_plan` / `merged_forward`), instead of the base matmul plus the two LoRA
@@ -17,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.device_index import index_tensor
+from . import stacked
+
 # Fewer distinct adapters than this in a batch: the per-adapter loop (see benchmarks/README.md).
 MIN_ADAPTERS = 4
 # Merged weights when every adapter's rows hold >= MERGE_FROM * in * out / (in + out) tokens
 # (benchmarks/README.md).
 MERGE_FROM = 1.0
-_UNSEEN = object()
 
 
 class Group(NamedTuple):
@@ -34,29 +38,33 @@ class Group(NamedTuple):
     scaling: list[float]
 
 
-def plan(layer, adapter_names: list[str]) -> list[Group] | None:
-    """The batch's rows grouped by (rank, dtype) when the gathered path applies, else None (use the loop)."""
+def plan(layer, adapter_names: list[str]) -> list | None:
+    """The batch's rows grouped by (rank, dtype) when the gathered path applies, else None (use the loop):
+    `stacked.StackedGroup`s (factors stacked across calls) where no gradient is needed, else `Group`s."""
     # group_output casts
     if layer.merged or len(adapter_names) < MIN_ADAPTERS or not layer.cast_input_dtype_enabled:
         return None
-    factors: dict[str, tuple | None] = {}  # adapter -> (group key, A, B, scaling); None: not on this layer
+    rows = stacked.row_plan(adapter_names)  # once per call for all layers
+    if stacked.usable(layer):
+        found = stacked.stacked_plan(layer, rows, MIN_ADAPTERS)
+        if found is not False:
+            return found
     groups: dict[tuple, Group] = {}
     view = _layer_view(layer)
-    for row, name in enumerate(adapter_names):
-        item = factors.get(name, _UNSEEN)
-        if item is _UNSEEN:
-            item = factors[name] = _factors(view, name)
+    used = 0
+    for name, name_rows in zip(rows.names, rows.rows):
+        item = _factors(view, name)
         if item is None:
             continue
         if item is False:
             return None
+        used += 1
         key, a, b, scaling = item
         group = groups.get(key) or groups.setdefault(key, Group([], [], [], []))
-        group.rows.append(row)
-        group.a.append(a)
-        group.b.append(b)
-        group.scaling.append(scaling)
-    used = sum(item is not None for item in factors.values())
+        group.rows.extend(name_rows)
+        group.a.extend([a] * len(name_rows))
+        group.b.extend([b] * len(name_rows))
+        group.scaling.extend([scaling] * len(name_rows))
     return list(groups.values()) if used >= MIN_ADAPTERS else None
 
 
@@ -98,17 +106,25 @@ def _runs_as_is(module: nn.Module, weight: torch.Tensor) -> bool:
             and not module._forward_hooks)
 
 
-def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: list[str], *args, **kwargs):
+def mixed_forward(layer, x: torch.Tensor, groups: list, adapter_names: list[str], *args, **kwargs):
     """base(x) plus, for row i, adapter `adapter_names[i]`'s LoRA output (rows of no adapter get nothing)."""
     layer.check_mixed_batch(x, adapter_names)
     result = layer.base_forward(x, *args, **kwargs)  # (batch, ..., out)
     out_dtype = result.dtype
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+    if isinstance(groups[0], stacked.StackedGroup):
+        for group in groups:
+            if group.rows is None:  # the whole batch in order: no gather / scatter of activations
+                result = result + group_output(x3, group).reshape(result.shape).to(result.dtype)
+            else:
+                delta = group_output(x3.index_select(0, group.rows), group)
+                delta = delta.reshape((len(group.rows),) + result.shape[1:])
+                result = result.index_add(0, group.rows, delta.to(result.dtype))
+        return result.to(out_dtype)
     # the rows and scalings of all groups in one tensor each (list -> tensor conversions are slow), sliced
     # below
-    rows = torch.tensor([row for group in groups for row in group.rows], device=x.device)
-    scales = torch.tensor([s for group in groups for s in group.scaling], dtype=torch.float64,
-                          device=x.device)
+    rows = index_tensor([row for group in groups for row in group.rows], x.device)
+    scales = index_tensor([s for group in groups for s in group.scaling], x.device, torch.float64)
     start = 0
     for group in groups:
         end = start + len(group.rows)
@@ -126,12 +142,15 @@ def mixed_forward(layer, x: torch.Tensor, groups: list[Group], adapter_names: li
 
 def group_output(x: torch.Tensor, group: Group, scale: torch.Tensor | None = None) -> torch.Tensor:
     """LoRA output of each row with its own adapter: x (rows, tokens, in) -> (rows, tokens, out). `scale`: the
-    rows' scalings as a tensor (any float dtype; built from `group.scaling` if not given)."""
+    rows' scalings as a tensor (any float dtype; built from `group.scaling` if not given). A
+    `stacked.StackedGroup` reads its stacks (rows in its order)."""
+    if isinstance(group, stacked.StackedGroup):
+        return stacked.stacked_output(x, group)
     a = torch.stack(group.a)  # (rows, r, in)
     b = torch.stack(group.b)  # (rows, out, r)
     x = x.to(a.dtype)  # dropout is the identity here (eval mode or p == 0, see _factors)
     if scale is None:
-        scale = torch.tensor(group.scaling, dtype=torch.float64, device=a.device)
+        scale = index_tensor(group.scaling, a.device, torch.float64)
     hidden = torch.bmm(x, a.transpose(1, 2)) * scale.to(a.dtype).view(-1, 1, 1)  # (rows, tokens, r)
     return torch.bmm(hidden, b.transpose(1, 2))  # (rows, tokens, out)
 
@@ -173,7 +192,7 @@ def merged_forward(layer, x: torch.Tensor, groups: list[tuple], adapter_names: l
         return F.linear(x, _merged_weight(base.weight, groups[0][0]), base.bias)
     out = x.new_empty(x.shape[:-1] + (base.out_features,))
     for item, rows in groups:
-        idx = torch.tensor(rows, device=x.device)
+        idx = index_tensor(rows, x.device)
         out.index_copy_(0, idx, F.linear(x.index_select(0, idx),
                                          _merged_weight(base.weight, item), base.bias))
     return out
