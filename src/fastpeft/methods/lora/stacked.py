@@ -20,6 +20,7 @@ each), and each layer keeps the index tensors of the last few row plans it saw, 
 
 from __future__ import annotations
 
+from operator import attrgetter, methodcaller
 from typing import NamedTuple
 
 import torch
@@ -98,42 +99,60 @@ class LayerCache:
         self.plans: dict[int, tuple] = {}  # id(RowPlan) -> (RowPlan, list[StackedGroup] | None)
 
 
+_PARAMS = attrgetter("_parameters")
+_WEIGHT, _BIAS = methodcaller("get", "weight"), methodcaller("get", "bias")
+_HOOKS, _PRE_HOOKS = attrgetter("_forward_hooks"), attrgetter("_forward_pre_hooks")
+_OWN_FORWARD = methodcaller("__contains__", "forward")
+_DICT = attrgetter("__dict__")
+
+
 def _signature(layer) -> tuple[list, list]:
-    """What the stacks depend on: each adapter's name, modules, parameters and their data pointers, and
-    whether it can be served from a stack (no LoRA bias, no hooks, not offloaded); then the scalings."""
+    """What the stacks depend on, as lists of names / ints / bools that compare in C (this runs on every
+    call: ~10 map passes over the adapters, no Python loop): the adapters' names, the ids of their A / B
+    modules, weights and B biases, the weights' data pointers, the modules' hook counts and `forward`
+    overrides, and the scalings. (`keep`: the objects whose ids are listed, kept alive with the stacks so that
+    no other object can take an id over.)"""
     a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
-    sig, keep = [], []
-    for name, a_mod in a_mods.items():
-        b_mod = b_mods[name]
-        a, b = a_mod._parameters.get("weight"), b_mod._parameters.get("weight")
-        ok = (a is not None and b is not None and b_mod._parameters.get("bias") is None and a.dtype == b.dtype
-              and _plain(a_mod, a) and _plain(b_mod, b))
-        sig.append((name, id(a_mod), id(b_mod), id(a), id(b), ok and a.data_ptr(), ok and b.data_ptr()))
-        keep += (a_mod, b_mod, a, b)
-    sig.append(dict(layer.scaling))
-    return sig, keep
+    mods = [*a_mods.values(), *b_mods.values()]
+    params = list(map(_PARAMS, mods))
+    weights = list(map(_WEIGHT, params))
+    biases = list(map(_BIAS, params[len(a_mods):]))
+    if any(w is None for w in weights):  # not a plain LoRA layer: never stacked
+        return [None], []
+    sig = [list(a_mods), list(b_mods), list(map(id, mods)), list(map(id, weights)), list(map(id, biases)),
+           list(map(torch.Tensor.data_ptr, weights)), list(map(len, map(_HOOKS, mods))),
+           list(map(len, map(_PRE_HOOKS, mods))), list(map(_OWN_FORWARD, map(_DICT, mods))),
+           dict(layer.scaling)]
+    return sig, [mods, weights, biases]
 
 
-def _plain(module: nn.Module, weight: torch.Tensor) -> bool:
-    return (not weight.is_meta and "forward" not in module.__dict__ and not module._forward_pre_hooks
-            and not module._forward_hooks)
+def _stackable(a_mod: nn.Module, b_mod: nn.Module) -> bool:
+    """Whether reading the factors directly is what calling the modules would do (no LoRA bias, no hooks,
+    no accelerate `forward` swapping weights in, not offloaded to meta), with one dtype for both."""
+    a, b = a_mod._parameters.get("weight"), b_mod._parameters.get("weight")
+    return (b_mod._parameters.get("bias") is None and a.dtype == b.dtype
+            and all(not w.is_meta and "forward" not in m.__dict__ and not m._forward_pre_hooks
+                    and not m._forward_hooks for m, w in ((a_mod, a), (b_mod, b))))
 
 
-def layer_cache(layer) -> LayerCache:
-    """The layer's stacks, rebuilt when its signature changed since they were built."""
+def layer_cache(layer) -> LayerCache | None:
+    """The layer's stacks, rebuilt when its signature changed since they were built (None: not stackable)."""
     cache = layer.__dict__.get("_lora_stacks")
     signature, keep = _signature(layer)
     if cache is None or cache.signature != signature:
-        cache = _build(layer, signature, keep)
+        if signature == [None]:
+            return None
+        cache = _build(layer)
         layer.__dict__["_lora_stacks"] = cache  # a plain attribute: not a buffer, not in state_dict
     return cache
 
 
-def _build(layer, signature: list, keep: list) -> LayerCache:
+def _build(layer) -> LayerCache:
     by_key: dict[tuple, list[str]] = {}
-    for name, *_, a_ptr, _b_ptr in signature[:-1]:
-        if a_ptr is not False:
-            a = layer.lora_A[name].weight
+    for name, a_mod in layer.lora_A._modules.items():
+        b_mod = layer.lora_B._modules.get(name)
+        if b_mod is not None and _stackable(a_mod, b_mod):
+            a = a_mod.weight
             by_key.setdefault((a.shape[0], a.dtype, a.device), []).append(name)
     stacks, where = {}, {}
     # normal tensors even inside inference_mode: the parameters keep being trainable afterwards
@@ -160,6 +179,8 @@ def stacked_plan(layer, rows: RowPlan, min_adapters: int):
     """The call's `StackedGroup`s on `layer`; None: fewer than `min_adapters` of the batch's adapters are on
     it (the loop is cheaper); False: one of them cannot be served from a stack (the plain gathered path)."""
     cache = layer_cache(layer)
+    if cache is None:
+        return False
     found = cache.plans.get(id(rows))
     if found is not None and found[0] is rows:
         return found[1]
