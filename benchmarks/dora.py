@@ -55,8 +55,9 @@ def frozen_base(hidden: int, layers: int) -> Stack:
     return model
 
 
-def build(lib, hidden: int, layers: int, r: int, dtype=torch.float32):
-    config = lib.LoraConfig(target_modules=["layers." + str(i) for i in range(layers)], r=r, use_dora=True)
+def build(lib, hidden: int, layers: int, r: int, dtype=torch.float32, dropout: float = 0.0):
+    config = lib.LoraConfig(target_modules=["layers." + str(i) for i in range(layers)], r=r, use_dora=True,
+                            lora_dropout=dropout)
     model = lib.get_peft_model(base(hidden, layers), config)
     torch.manual_seed(1)
     with torch.no_grad():  # a trained-looking adapter (B != 0), the same in both libraries
@@ -91,6 +92,7 @@ class Trainer:
 
     def grads(self, x) -> list[torch.Tensor]:
         self.model.zero_grad(set_to_none=True)
+        torch.manual_seed(4)
         self.loss(x).backward()
         return [p.grad for _, p in sorted(self.model.named_parameters()) if p.requires_grad]
 
@@ -115,16 +117,19 @@ TOLERANCES = {torch.float32: (1e-5, 1e-6, 1e-4), torch.bfloat16: (3e-2, 1e-3, 1e
 
 def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], dtype_name: str, args) -> None:
     dtype = getattr(torch, dtype_name)
-    trainers = {"peft": Trainer(build(peft, hidden, layers, r, dtype)),
-                "fastpeft": Trainer(build(fastpeft, hidden, layers, r, dtype))}
+    trainers = {"peft": Trainer(build(peft, hidden, layers, r, dtype, args.dropout)),
+                "fastpeft": Trainer(build(fastpeft, hidden, layers, r, dtype, args.dropout))}
     trainers["composed"] = Trainer(trainers["fastpeft"].model, fused=False)
     trainers["base"] = Trainer(frozen_base(hidden, layers).to(dtype))
     out_tol, grad_atol, grad_rtol = TOLERANCES[dtype]
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
         what = f"hidden {hidden}, {tokens} tokens"
-        check_close(trainers["fastpeft"].model(x), trainers["peft"].model(x), f"{what}: outputs",
-                    atol=out_tol, rtol=out_tol)
+        outs = []
+        for name in ("fastpeft", "peft"):
+            torch.manual_seed(3)  # the same dropout masks
+            outs.append(trainers[name].model(x))
+        check_close(*outs, f"{what}: outputs", atol=out_tol, rtol=out_tol)
         check_close(trainers["fastpeft"].grads(x), trainers["peft"].grads(x), f"{what}: gradients",
                     atol=grad_atol, rtol=grad_rtol)
         t = timed(args.clock, {k: (lambda tr=tr, x=x: tr(x)) for k, tr in trainers.items()}, rounds(args))
@@ -140,6 +145,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (rows of x)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (HF PEFT's DoRA then "
+                        "evaluates x W^T again on the dropped input)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=None,
                         help="weights and input (bf16: AMX / AVX512-BF16 matmuls where the CPU has them); "
                              "default: float32 with --quick, both otherwise")
@@ -148,8 +155,9 @@ def main() -> None:
     header(args)
     hiddens, token_counts = SHAPES["quick" if args.quick else "full"]
     layers = 2 if args.quick else args.layers
-    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r} on every layer; "
-          f"one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, ms per step")
+    print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r}, lora_dropout {args.dropout} on "
+          f"every layer; one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, "
+          "ms per step")
     print(f"{'dtype':>8} | {'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | "
           f"{'fp composed':>11} | {'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | "
           f"{'base / HF':>9}")

@@ -71,8 +71,9 @@ def steps(model, case, n=3, fused=True, dtype=torch.float32):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     record = []
-    for _ in range(n):
+    for i in range(n):
         opt.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + i)  # the same dropout masks in every library, fresh ones each step
         out = run(model, x, fused)
         (out.float() ** 2).mean().backward()
         grads = {key(k): p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -94,18 +95,28 @@ def compare(got, want, atol, rtol):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """How often the fused node ran."""
+def _counter(monkeypatch, node):
     calls = []
-    original = dora_fused.DoraLinearOutput.apply
+    original = node.apply
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(dora_fused.DoraLinearOutput, "apply", counting)
+    monkeypatch.setattr(node, "apply", counting)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How often the fused node (no dropout acting) ran."""
+    return _counter(monkeypatch, dora_fused.DoraLinearOutput)
+
+
+@pytest.fixture
+def dropout_calls(monkeypatch):
+    """How often the fused node with dropout ran."""
+    return _counter(monkeypatch, dora_fused.DoraDropoutOutput)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,19 +157,25 @@ def test_bf16_fused_equals_composed_and_hf(case, fused_calls):
     compare(fused, steps(build(peft, case, bf16), case, n=2, dtype=bf16), atol=3e-2, rtol=3e-2)
 
 
-def test_dropout_in_training_keeps_the_composed_path_and_hf_masks(fused_calls):
-    """Dropout changes x W^T itself (HF PEFT recomputes it on the dropped input): no fused node then, and the
-    same masks as HF PEFT under the same seed; in eval the node runs again."""
-    fp, hf = build(fastpeft, "stack", lora_dropout=0.3), build(peft, "stack", lora_dropout=0.3)
+@pytest.mark.parametrize("case", ["stack", "llama"])
+def test_dropout_node_equals_composed_and_hf_over_training_steps(case, fused_calls, dropout_calls):
+    """With dropout acting, HF PEFT adds (m/n - 1) dropout(x) W^T + (m/n) s B A dropout(x): the dropout node
+    draws the same masks (same seed) and gives the same outputs, gradients and weights after AdamW steps."""
+    fused = steps(build(fastpeft, case, lora_dropout=0.3), case)
+    assert dropout_calls and not fused_calls
+    calls = len(dropout_calls)
+    compare(fused, steps(build(fastpeft, case, lora_dropout=0.3), case, fused=False), atol=1e-6, rtol=1e-5)
+    assert len(dropout_calls) == calls
+    compare(fused, steps(build(peft, case, lora_dropout=0.3), case), atol=1e-5, rtol=1e-4)
+    no_dropout = steps(build(fastpeft, case), case, n=1)
+    assert (fused[0][0][0] - no_dropout[0][0][0]).abs().max() > 1e-2  # the masks matter
+
+
+def test_dropout_node_in_eval_gives_way_to_the_plain_node(fused_calls, dropout_calls):
+    fp, hf = build(fastpeft, "stack", lora_dropout=0.3).eval(), build(peft, "stack", lora_dropout=0.3).eval()
     x = stack_inputs()
-    outs = []
-    for model in (fp, hf):
-        torch.manual_seed(5)
-        outs.append(run(model, x))
-    assert not fused_calls
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(run(fp.eval(), x), run(hf.eval(), x), atol=1e-5, rtol=1e-4)
-    assert fused_calls
+    torch.testing.assert_close(run(fp, x), run(hf, x), atol=1e-5, rtol=1e-4)
+    assert fused_calls and not dropout_calls
 
 
 def test_adapters_added_and_deleted_between_steps(fused_calls):

@@ -88,12 +88,12 @@ MASK_STORAGE = "bool"
 def _keep_mask(ctx, x: torch.Tensor, p: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(dropout(x) as nn.Dropout draws it, the tensors `_mask_scale` needs to rebuild the mask)."""
     ctx.rng = _rng_state(x.device) if MASK_STORAGE == "regenerate" else None
-    scale = _dropout_scale(x, p)  # the same draws as F.dropout(x): 0 or 1 / (1 - p)
-    kept = () if ctx.rng is not None else (scale.bool(), _kept_value(scale, p))
+    scale = dropout_scale(x, p)  # the same draws as F.dropout(x): 0 or 1 / (1 - p)
+    kept = () if ctx.rng is not None else (scale.bool(), kept_value(scale, p))
     return x * scale, kept  # x * scale: what F.dropout(x) returns, bit for bit
 
 
-def _dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
     """The tensor F.dropout(x, p) multiplies x by. On CPU drawn as ATen's dropout does there (Bernoulli(1 - p)
     draws into an empty tensor, divided by 1 - p in place): the same generator calls and values, without the
     tensor of ones and the product with it; elsewhere (fused kernels) through F.dropout itself."""
@@ -102,7 +102,7 @@ def _dropout_scale(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(torch.ones_like(x), p, training=True)
 
 
-def _kept_value(scale: torch.Tensor, p: float) -> torch.Tensor:
+def kept_value(scale: torch.Tensor, p: float) -> torch.Tensor:
     """1 / (1 - p) rounded as the dropout kernel rounds it in the mask's dtype: on CPU the same division on a
     small tensor (no pass over the mask), elsewhere the largest mask value."""
     if scale.device.type == "cpu":

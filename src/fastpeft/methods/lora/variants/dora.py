@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import LoraVariant
-from .dora_fused import fused_output
+from .dora_fused import fused_dropout_output, fused_output
 
 # Rows whose squared norm lost more than this fraction to cancellation are recomputed directly (see row_norm).
 CANCELLATION = 1e-2
@@ -148,31 +148,39 @@ class Dora(LoraVariant):
         return (scale - 1) * base + scale * layer.lora_path(name, x)
 
     def add_to(self, layer, name, x, result):
-        x_cast = layer.cast_input(x, result.dtype) if self._fusable(layer, name, result) else None
+        dropout = self._fusable(layer, name, result)
+        x_cast = None if dropout is False else layer.cast_input(x, result.dtype)
         if x_cast is None or x_cast.dtype != result.dtype:  # or: input casting is switched off
             return result + self.contribution(layer, name, x, result)
         x, m = x_cast, layer.lora_magnitude_vector[name]
-        a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         norm = self.weight_norm(layer, name).to(m.dtype)
-        return fused_output(x, result, a_mod.weight, b_mod.weight, m, norm, layer.get_base_layer().bias,
-                            layer.scaling[name])
+        base = layer.get_base_layer()
+        if dropout is None:
+            return fused_output(x, result, a, b, m, norm, base.bias, layer.scaling[name])
+        return fused_dropout_output(x, result, base.weight, a, b, m, norm, layer.scaling[name], dropout.p)
 
-    def _fusable(self, layer, name, result) -> bool:
-        """The one-node form (dora_fused.py) applies: a Linear layer (features last) not dropping out, plain
-        Linear factors without lora_bias, one dtype throughout (mixed dtypes keep HF PEFT's order of
-        roundings), not while compiling."""
+    def _fusable(self, layer, name, result):
+        """Whether a one-node form (dora_fused.py) applies: False, or the dropout module acting (None when
+        none acts). A Linear layer (features last), plain Linear factors without lora_bias, one dtype
+        throughout (mixed dtypes keep HF PEFT's order of roundings), not while compiling; with dropout also a
+        plain nn.Linear base with a frozen weight and an nn.Dropout."""
         if not FUSED or torch.compiler.is_compiling() or type(self).contribution is not Dora.contribution:
             return False
         if self.channel_view(layer, -1) != (-1,):
             return False
-        if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+        dropout = layer.lora_dropout[name]
+        dropout = None if not layer.training or isinstance(dropout, nn.Identity) else dropout
+        if dropout is not None and not _dropout_fusable(self, layer, dropout, result):
             return False
         a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
         if type(a_mod) is not nn.Linear or type(b_mod) is not nn.Linear or b_mod.bias is not None:
             return False
         bias = layer.get_base_layer().bias
         tensors = (a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name])
-        return all(t.dtype == result.dtype for t in tensors) and (bias is None or bias.dtype == result.dtype)
+        if any(t.dtype != result.dtype for t in tensors) or (bias is not None and bias.dtype != result.dtype):
+            return False
+        return dropout
 
     def merged_weight(self, layer, name):
         delta = layer.delta_weight(name)  # s B A in stored layout
@@ -240,6 +248,18 @@ class DoraConv(Dora):
 
     def magnitude_shape(self, layer, out):
         return self.channel_view(layer, out)
+
+
+def _dropout_fusable(variant, layer, dropout, result) -> bool:
+    """The dropout node computes d W^T itself: only for a dense nn.Linear base whose weight does not train,
+    read through the plain LoRA Linear's base_path, and nn.Dropout's own law."""
+    base = layer.get_base_layer()
+    if type(variant) is not Dora or type(base) is not nn.Linear or type(dropout) is not nn.Dropout:
+        return False
+    if type(layer).base_path.__qualname__ != "Linear.base_path" or layer.fan_in_fan_out:
+        return False
+    return (not base.weight.requires_grad and base.weight.dtype == result.dtype and 0 < dropout.p < 1
+            and not dropout.inplace)
 
 
 def _cached_row_sq(layer, param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..lean_dropout import dropout_scale, kept_value
+
 
 class DoraLinearOutput(torch.autograd.Function):
     """y' from (x (..., in), y (..., out), A (r, in), B (out, r), m (out elements), n (out,), bias, s)."""
@@ -58,6 +60,56 @@ class DoraLinearOutput(torch.autograd.Function):
             if needs[0]:
                 d_x = (d_xa @ a).view(ctx.x_shape)
         return d_x, d_y, d_a, d_b, d_m, None, d_bias, None
+
+
+class DoraDropoutOutput(torch.autograd.Function):
+    """With dropout acting (training): y' = y + (k - 1) (d W^T) + (d A^T)(s k B)^T for d = dropout(x), as HF
+    PEFT (the correction term on the dropped input, a second GEMM with the frozen W).
+
+    The mask is drawn as nn.Dropout draws it (lean_dropout.py: the same generator calls) and kept as one byte
+    per element; d is not kept (rebuilt from x in backward); y's gradient is g itself (no pass).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, w, a, b, m, norm, s, p):
+        k = m.reshape(-1) / norm  # (out,)
+        scale = dropout_scale(x, p)
+        x2 = x.reshape(-1, x.shape[-1])
+        d = (x * scale).reshape(x2.shape)  # what F.dropout(x) gives, bit for bit
+        dw = d @ w.T  # (tokens, out)
+        da = d @ a.T  # (tokens, r)
+        z = torch.addcmul(y.reshape(dw.shape), dw, k - 1)
+        z.addmm_(da, (b * (k * s)[:, None]).T)
+        ctx.save_for_backward(x2, scale.bool(), kept_value(scale, p), dw, da, w, a, b, k, norm)
+        ctx.s, ctx.x_shape, ctx.m_shape = s, x.shape, m.shape
+        return z.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, mask, kept, dw, da, w, a, b, k, norm = ctx.saved_tensors
+        s, needs = ctx.s, ctx.needs_input_grad
+        g = grad.reshape(dw.shape)
+        d_x = d_a = d_b = d_m = None
+        gda = g.T @ da  # (out, r)
+        if needs[4]:
+            d_b = gda * (k * s)[:, None]
+        if needs[5]:
+            d_m = (((g * dw).sum(0) + s * (gda * b).sum(1)) / norm).view(ctx.m_shape)
+        if needs[0] or needs[3]:
+            scale = torch.where(mask, kept.to(x2.dtype), 0.0).reshape(x2.shape)
+            d_da = g @ (b * (k * s)[:, None])  # (tokens, r)
+            if needs[3]:
+                d_a = d_da.T @ (x2 * scale)
+            if needs[0]:
+                d_d = (g * (k - 1)) @ w  # (tokens, in)
+                d_d.addmm_(d_da, a)
+                d_x = (d_d * scale).view(ctx.x_shape)
+        return d_x, grad, None, d_a, d_b, d_m, None, None, None
+
+
+def fused_dropout_output(x, y, w, a, b, m, norm, s: float, p: float) -> torch.Tensor:
+    """y' = y + DoRA's contribution on dropout(x), Linear adapter, frozen base weight w (out, in)."""
+    return DoraDropoutOutput.apply(x, y, w, a, b, m, norm, s, p)
 
 
 def fused_output(x, y, a, b, m, norm, bias, s: float) -> torch.Tensor:
