@@ -16,8 +16,8 @@ cut back to its length after each call, untimed). Prefill: 2048 tokens per call,
 model (same weights, no PEFT: the floor), fastpeft (default: stacked factors kept across calls), fastpeft
 with the stacks switched off (the factors stacked on every call, as before), HF PEFT (up to `--hf-max`
 adapters: its per-adapter loop passes a few seconds per call beyond that). Outputs of every variant are
-checked against each other (bf16 tolerances) before timing. Memory: bytes of LoRA parameters per adapter,
-and the process RSS growth per adapter while adding them (fastpeft's model).
+checked against each other (bf16 tolerances) before timing. Memory: bytes of LoRA parameters per adapter
+(fastpeft's stacks add none: they are the parameters' storage, methods/lora/stacked.py).
 """
 
 from __future__ import annotations
@@ -43,14 +43,6 @@ from fastpeft.methods.lora import stacked  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANKS = (8, 16, 32)
 PREFILL_TOKENS = 2048
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def base_model(args) -> LlamaForCausalLM:
@@ -126,18 +118,15 @@ def unstacked(fn):
 
 
 def measure(args, n: int, clock) -> dict:
-    rss0 = rss_mb()
     ours = with_adapters(fastpeft, args, n)
     gc.collect()
     lora_bytes = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if ".lora_" in name)
-    rss1 = rss_mb()
     theirs = with_adapters(peft, args, n) if n <= args.hf_max else None
     bare = base_model(args).to(torch.bfloat16)
     models = {"base": (bare, False), "fastpeft": (ours, True), "unstacked": (ours, True)}
     if theirs is not None:
         models["hf"] = (theirs, True)
-    out = {"n": n, "lora_mb_per_adapter": lora_bytes / n / 2**20, "rss_mb_per_adapter": (rss1 - rss0) / n,
-           "base_mb": base_weight_mb(bare)}
+    out = {"n": n, "lora_mb_per_adapter": lora_bytes / n / 2**20, "base_mb": base_weight_mb(bare)}
     for mode in ("decode", "prefill"):
         rows = max(n, 64) if mode == "decode" else n
         tokens = 1 if mode == "decode" else max(PREFILL_TOKENS // n, 2)
@@ -219,13 +208,21 @@ def plot(results: list[dict], path: str, shapes: str) -> None:
         ax.set_ylabel("µs per token")
         ax.set_title(f"{mode}")
         ax.legend(fontsize=8)
-    axes[2].plot(ns, [r["lora_mb_per_adapter"] for r in results], "o-", label="LoRA parameters")
-    axes[2].plot(ns, [r["rss_mb_per_adapter"] for r in results], "s:", label="RSS growth while adding")
+    axes[2].plot(ns, [r["lora_mb_per_adapter"] for r in results], "o-", label="LoRA MiB per adapter (left)")
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("distinct adapters")
-    axes[2].set_ylabel("MiB per adapter")
-    axes[2].set_title("memory per adapter")
-    axes[2].legend(fontsize=8)
+    axes[2].set_ylabel("MiB per adapter (stacks add none)")
+    axes[2].set_ylim(bottom=0)
+    twin = axes[2].twinx()
+    for mode, style in (("decode", "s:"), ("prefill", "^:")):
+        twin.plot(ns, [(r[mode]["ms"]["fastpeft"] - r[mode]["ms"]["base"]) / r["n"] for r in results], style,
+                  color="C3" if mode == "decode" else "C4", label=f"{mode}: (fastpeft - base) ms per adapter")
+    twin.set_yscale("log")
+    twin.set_ylabel("ms per adapter per call")
+    axes[2].set_title("per adapter: memory and time")
+    lines = axes[2].get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    axes[2].legend(lines[0] + more[0], lines[1] + more[1], fontsize=7)
     fig.suptitle(shapes, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -296,16 +296,16 @@ def test_generate_with_kv_cache_equals_the_loop(stacked_calls):
     assert (again.scores[0] - got.scores[0]).nan_to_num().abs().max() > 1e-3  # -inf: suppressed tokens
 
 
-@pytest.mark.parametrize("safe", [True, False])
-def test_saved_file_holds_only_its_adapter(safe, stacked_calls, tmp_path):
+def test_saved_files_hold_only_their_adapter(stacked_calls, tmp_path):
     model = build()
     assert_fast_equals_plain(model, stacked_calls)
-    model.save_pretrained(tmp_path, selected_adapters=["a2"], safe_serialization=safe)
-    path = tmp_path / "a2" / ("adapter_model.safetensors" if safe else "adapter_model.bin")
     own = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".a2." in n)
-    assert path.stat().st_size < 1.5 * own  # a2's own bytes and a header, not its stack (shared with a5)
+    for safe, file in ((True, "adapter_model.safetensors"), (False, "adapter_model.bin")):
+        model.save_pretrained(tmp_path / file, selected_adapters=["a2"], safe_serialization=safe)
+        # a2's own bytes and a header, not its whole stack (shared with a5)
+        assert (tmp_path / file / "a2" / file).stat().st_size < 1.5 * own
     fresh = build()
     randomize(fresh, seed=9, only="a2")
-    fresh.load_adapter(tmp_path / "a2", adapter_name="a2")
+    fresh.load_adapter(tmp_path / "adapter_model.bin" / "a2", adapter_name="a2")
     inputs = ids()
     torch.testing.assert_close(plain(fresh, inputs), plain(model, inputs), atol=1e-6, rtol=0)
