@@ -128,11 +128,13 @@ def _signature(layer) -> tuple[list, list]:
 
 def _stackable(a_mod: nn.Module, b_mod: nn.Module) -> bool:
     """Whether reading the factors directly is what calling the modules would do (no LoRA bias, no hooks,
-    no accelerate `forward` swapping weights in, not offloaded to meta), with one dtype for both."""
+    no accelerate `forward` swapping weights in, not offloaded to meta), with one dtype for both, held in
+    plain tensors (a sharded DTensor's storage is not ours to re-point)."""
     a, b = a_mod._parameters.get("weight"), b_mod._parameters.get("weight")
     return (b_mod._parameters.get("bias") is None and a.dtype == b.dtype
-            and all(not w.is_meta and "forward" not in m.__dict__ and not m._forward_pre_hooks
-                    and not m._forward_hooks for m, w in ((a_mod, a), (b_mod, b))))
+            and all(type(w.data) is torch.Tensor and not w.is_meta and "forward" not in m.__dict__
+                    and not m._forward_pre_hooks and not m._forward_hooks
+                    for m, w in ((a_mod, a), (b_mod, b))))
 
 
 def layer_cache(layer) -> LayerCache | None:
