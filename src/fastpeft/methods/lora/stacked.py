@@ -11,7 +11,8 @@ into the stack, with no copy to go stale and no extra memory. Whatever gives a p
 (`param.data = t`, `model.to(dtype / device)`, a new module, an adapter added or deleted, a new scaling, a
 hook) changes what `_signature` reads: its data pointer can only fall inside a stack that this cache keeps
 alive if it is still that stack's slice, so a changed pointer means new storage, and the stacks are rebuilt
-(the parameters re-pointed again) on the next call.
+(the parameters re-pointed again) on the next call. So after `param.data = t`, `t` is copied into the new
+stack and stops aliasing the parameter; a deleted adapter's bytes go with the next rebuild.
 
 Per call, the rows are grouped once (`RowPlan`, shared by all layers: the row -> adapter map is the same on
 each), and each layer keeps the index tensors of the last few row plans it saw, so a decode step of
