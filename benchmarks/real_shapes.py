@@ -64,7 +64,7 @@ FAMILIES = {"llama-1b": (2048, 8192, 32, 8, 32000), "llama-7b": (4096, 11008, 32
 PLANS = {
     "quick": [("llama-1b", 4, [1, 8], 32, 4, [(1, 512)], [(1, 512)])],
     "full": [
-        ("llama-1b", 8, [1, 8, 32], 32, 8, [(2, 512)], [(1, 2048)]),
+        ("llama-1b", 8, [1, 8, 32], 32, 8, [(2, 512)], [(1, 1024)]),  # 1 x 2048: 7 GB RSS, over the 6 GB cap
         ("llama-7b", 2, [1, 32], 32, 8, [(1, 512)], [(1, 512)]),
     ],
 }
@@ -276,8 +276,8 @@ def bench_merge(models, vocab, rounds, clock, shape):
     # each merged weight is rounded to bf16 once more than the unmerged path: compare relative norms
     errs = [((m - ref).norm() / ref.norm()).item() for m in (a, b)]
     between = ((a - b).norm() / b.norm()).item()
-    if between > 2e-2:
-        raise AssertionError(f"merged models differ: relative error {between:.3g}")
+    if between > 2 * max(errs):  # the two merged models must be as close as each is to the unmerged one
+        raise AssertionError(f"merged models differ: relative error {between:.3g} (vs unmerged: {errs})")
     print(f"  check: merged logits fastpeft vs HF relative error {between:.3g}; vs the unmerged model: "
           f"fastpeft {errs[0]:.3g}, HF {errs[1]:.3g}")
     print(row("merge", f"{shape}, merge_and_unload (a merged model is the base row)", t), flush=True)
