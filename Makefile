@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test test-ecosystem demo lint install clean bench bench-full
+.PHONY: test test-ecosystem demo lint install clean bench bench-full bench-gpu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,7 +41,7 @@ lint: $(STAMP)
 # Benchmarks: fastpeft vs HF PEFT ratios (benchmarks/README.md). `bench`: quick runs; `bench-full`: the runs
 # behind the numbers in benchmarks/README.md (minutes each on a 2-core CPU).
 BENCH_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-BENCH_NEW := lora_train inference_overhead injection road_mixed_batch
+BENCH_NEW := lora_train inference_overhead injection road_mixed_batch big_model_load real_shapes many_adapters
 
 bench: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/mixed_batch.py --repeats 3
@@ -56,6 +56,10 @@ bench-full: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/load_speed.py
 	for b in $(BENCH_NEW); do $(BENCH_ENV) $(PY) benchmarks/$$b.py || exit 1; done
 	$(BENCH_ENV) $(PY) benchmarks/lora_dropout_memory.py --repeats 11
+
+# One CUDA device: LoRA / DoRA / QLoRA training steps and mixed-adapter decoding (benchmarks/gpu_results.json / .md)
+bench-gpu: $(STAMP)
+	$(BENCH_ENV) $(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) $(ECO_VENV)

@@ -98,9 +98,11 @@ def weights_writer(tensors: dict[str, torch.Tensor], safe: bool = True,
                    metadata: dict[str, str] | None = None) -> Callable[[str], None]:
     """A writer for `atomic_write_many`: safetensors (default; `metadata` joins its header) or a torch
     `.bin`."""
-    # safetensors refuses tensors sharing storage: give those their own contiguous copy
+    # safetensors refuses tensors sharing storage, and torch.save writes a view's whole storage (LoRA factors
+    # are slices of stacks after mixed-batch serving, methods/lora/stacked.py): those get their own copy
     ptrs = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
-    tensors = {k: _own_copy(v) if ptrs[v.untyped_storage().data_ptr()] > 1 else v.detach().contiguous()
+    tensors = {k: _own_copy(v) if ptrs[v.untyped_storage().data_ptr()] > 1
+               or v.untyped_storage().nbytes() > v.numel() * v.element_size() else v.detach().contiguous()
                for k, v in tensors.items()}
     if safe:
         # looked up at call time (not imported by name) so tests can simulate a crash mid-write

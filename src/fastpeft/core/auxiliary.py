@@ -9,6 +9,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from .device_index import index_tensor
 from .layer import AdapterHolder, set_adapter_arguments
 
 
@@ -81,7 +82,7 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         """Each sample through its own adapter's copy ("__base__" and adapters without one: the original)."""
         out = None
         for name in sorted(set(adapter_names)):
-            idx = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            idx = index_tensor([i for i, n in enumerate(adapter_names) if n == name], x.device)
             sub = self._current(name)(x[idx], *args, **kwargs)
             if out is None:
                 out = sub.new_empty((len(adapter_names), *sub.shape[1:]))

@@ -263,7 +263,9 @@ def _fresh_modules(model: nn.Module) -> list[str]:
     params = list(model.named_parameters())
     flags = [getattr(p, "_is_hf_initialized", False) is True for _, p in params]
     if any(flags):
-        fresh = {n.rpartition(".")[0] for (n, _), loaded in zip(params, flags) if not loaded}
+        # meta weights (offloaded by a device_map, loaded on use) were neither loaded nor randomly initialised
+        fresh = {n.rpartition(".")[0] for (n, p), loaded in zip(params, flags)
+                 if not loaded and not p.is_meta}
         return sorted(fresh - _embedding_names(model))
     cls = type(model).__name__
     heads = next((h for suffix, h in _HEADS_BY_CLASS if cls.endswith(suffix)), ())

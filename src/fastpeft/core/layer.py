@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quant.bnb import bnb_kind
+from .device_index import index_tensor
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
@@ -322,9 +323,9 @@ class AdapterLayer(nn.Module, AdapterHolder):
         out_dtype = result.dtype
         own = self.adapter_names()
         for name in sorted(set(adapter_names) & own):
-            idx = [i for i, n in enumerate(adapter_names) if n == name]
-            sub = self.adapter_output(name, x[idx], *args, **kwargs)
-            result = result.index_add(0, torch.tensor(idx, device=result.device), sub.to(result.dtype))
+            idx = index_tensor([i for i, n in enumerate(adapter_names) if n == name], x.device)
+            sub = self.adapter_output(name, x.index_select(0, idx), *args, **kwargs)
+            result = result.index_add(0, idx.to(result.device), sub.to(result.dtype))
         return result.to(out_dtype)
 
     def _grouped_forward(self, x, adapter_names: list[str], *args, **kwargs):
@@ -333,8 +334,9 @@ class AdapterLayer(nn.Module, AdapterHolder):
         result = self.base_forward(x, *args, **kwargs)
         own = self.adapter_names()
         for name in sorted(set(adapter_names) & own):
-            idx = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=result.device)
-            rows = self.adapted_forward(x[idx], [name], *args, **kwargs)
+            idx = index_tensor([i for i, n in enumerate(adapter_names) if n == name], x.device)
+            rows = self.adapted_forward(x.index_select(0, idx), [name], *args, **kwargs)
+            idx = idx.to(result.device)
             result = result.index_copy(0, idx, rows.to(result.dtype))
         return result
 

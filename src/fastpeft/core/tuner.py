@@ -421,7 +421,8 @@ class Tuner(nn.Module):
                     param.dtype == ref.dtype or not (floating and param.is_floating_point())):
                 continue  # already on the base's device, in the dtype it would get below
             old = param.data
-            data = old.to(device=ref.device)
+            # a base weight on meta (offloaded by accelerate, or empty) has no values: the adapter stays real
+            data = old.to(device=old.device if ref.is_meta else ref.device)
             if ref.is_floating_point() and data.is_floating_point():
                 # as HF PEFT: built in the base dtype, then widened, so that a seed gives HF PEFT's exact
                 # initial values
@@ -437,7 +438,9 @@ class Tuner(nn.Module):
         for layer in self.adapter_layers():
             ref = getattr(layer, "placement_reference", None)
             ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
-            for _, param in layer.adapter_parameters(adapter_name) if ref is not None else ():
+            if ref is None or ref.is_meta:  # a base still on meta (empty weights): keep the file's values
+                continue
+            for _, param in layer.adapter_parameters(adapter_name):
                 if not param.is_meta and param.device != ref.device:
                     param.data = param.data.to(ref.device)
 

@@ -128,8 +128,8 @@ class LoraLayer(AdapterLayer):
             if name not in own:
                 continue
             variant = with_variant.get(name) if with_variant else None
-            result = result + (self.adapter_output(name, x) if variant is None
-                               else variant.contribution(self, name, x, result))
+            result = (result + self.adapter_output(name, x) if variant is None
+                      else variant.add_to(self, name, x, result))
         return result if result.dtype == out_dtype else result.to(out_dtype)
 
     def merge_one(self, name, safe_merge):

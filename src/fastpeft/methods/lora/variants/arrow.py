@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ....core.device_index import index_tensor
 from ....peft_model import PeftModel
 from ..config import LoraConfig
 from ..subconfig import register_coercion
@@ -209,8 +210,7 @@ class ArrowRouter(LoraVariant):
         coeff = self.coefficients(tokens, protos)  # (t, E)
         a = torch.stack([layer.lora_A[n].weight for n in self.experts])  # (E, r, in)
         b = torch.stack([layer.lora_B[n].weight for n in self.experts])  # (E, out, r)
-        scales = torch.tensor([layer.scaling[n] for n in self.experts], device=tokens.device,
-                              dtype=tokens.dtype)
+        scales = index_tensor([layer.scaling[n] for n in self.experts], tokens.device, tokens.dtype)
         low = torch.einsum("ti,eri->ter", tokens, a)
         per_expert = torch.einsum("ter,eor->teo", low, b) * scales.view(1, -1, 1)
         delta = torch.einsum("te,teo->to", coeff, per_expert)

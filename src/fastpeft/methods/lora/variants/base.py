@@ -37,6 +37,11 @@ class LoraVariant:
         """What the adapter adds to `result` (the output so far; None: only the base output is wanted)."""
         raise NotImplementedError
 
+    def add_to(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the output so far) with the adapter's contribution added; a variant may form the sum in
+        one pass (DoRA's fused node)."""
+        return result + self.contribution(layer, name, x, result)
+
     def merged_weight(self, layer, name: str) -> torch.Tensor:
         """The base weight (stored layout) with the adapter merged in."""
         raise NotImplementedError
