@@ -263,3 +263,15 @@ def test_methods_with_a_bias_option_declare_its_file_keys():
     for peft_type, spec in registered().items():
         if "bias" in {f.name for f in dataclasses.fields(spec.config_cls)}:
             assert spec.tuner_cls.base_file_keys is not Tuner.base_file_keys, peft_type
+
+
+MAX_LINES = 600
+PYTHON_FOLDERS = ("src", "tests", "tests_ecosystem", "benchmarks", "examples")
+
+
+def test_no_python_file_is_longer_than_600_lines():
+    root = SRC.parents[1]
+    files = [p for folder in PYTHON_FOLDERS for p in sorted((root / folder).rglob("*.py"))]
+    assert len(files) > 300, f"found only {len(files)} files under {root}"
+    long = {str(p.relative_to(root)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these files (the project keeps files <= {MAX_LINES} lines): {long}"

@@ -11,63 +11,24 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.methods.shadow import ShadowCache, ShadowConfig, ShadowLayer
+from shadow_helpers import (
+    BASES,
+    CASES,
+    INPUTS,
+    TOL,
+    build,
+    close,
+    labels_for,
+    make_llama_cls,
+    run,
+    unchanged_after,
+)
 
 import models
 import oracle_helpers as oh
 from greedy_reference import greedy_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TOL = 1e-5
-
-
-def close(a, b, what=""):
-    torch.testing.assert_close(a, b, atol=TOL, rtol=TOL, msg=lambda m: f"{what}: {m}")
-
-
-def make_llama_cls():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
-                      pad_token_id=0, attn_implementation="eager")
-    torch.manual_seed(models.SEED)
-    return LlamaForSequenceClassification(cfg).eval()
-
-
-INPUTS = models.llama_inputs()  # 2 x 6 tokens, the last row right-padded by 2
-CLS_LABELS = torch.tensor([2, 0])
-BASES = {"CAUSAL_LM": models.make_llama, "SEQ_CLS": make_llama_cls}
-CASES = {
-    "default": ("CAUSAL_LM", {}),
-    "narrow_shadow": ("CAUSAL_LM", dict(shadow_hidden_size=16, shadow_num_attention_heads=2,
-                                        shadow_intermediate_size=24, shadow_num_hidden_layers=2, r=4)),
-    "own_embeddings": ("CAUSAL_LM", dict(share_embeddings=False, update_hidden_size=5, shadow_alpha=0.7)),
-    "cls": ("SEQ_CLS", {}),
-    "cls_blocks_1_2": ("SEQ_CLS", dict(target_modules=["model.layers.1", "model.layers.2"], r=3)),
-}
-
-
-def labels_for(task: str) -> torch.Tensor:
-    return INPUTS["input_ids"] if task == "CAUSAL_LM" else CLS_LABELS
-
-
-def build(lib, case: str, seed: int = 0, perturbed: bool = True, **overrides):
-    """The case's adapter on a fresh base (the same RNG state for both libraries -> the same init), moved off
-    its init by seeded noise in sorted name order (both libraries name parameters alike), in eval mode."""
-    task, options = CASES[case]
-    options = {"shadow_dropout": 0.0, **options, **overrides}
-    torch.manual_seed(seed)
-    model = lib.get_peft_model(BASES[task](), lib.ShadowConfig(task_type=task, **options))
-    if perturbed:
-        models.perturb(model, seed=seed + 1, scale=0.3)
-    return model.eval()
-
-
-def run(model, case: str, labels: bool = True):
-    task = CASES[case][0]
-    with torch.no_grad():
-        return model(**INPUTS, labels=labels_for(task) if labels else None)
 
 
 # ---------------------------------------------------------------------------------------------- init, outputs
@@ -287,7 +248,7 @@ def test_projection_of_the_wrong_size_is_refused(tmp_path):
     save_file(weights, str(folder / "model.safetensors"))
     model = models.make_llama()
     config = ShadowConfig(task_type="CAUSAL_LM", shadow_model=str(folder))
-    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "maps 16 -> 48")
+    unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "maps 16 -> 48")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -513,116 +474,3 @@ def test_disabled_adapter_reports_no_shadow_loss():
     with model.disable_adapter():
         out = run(model, "default")
     assert getattr(out, "shadow_loss", None) is None and model.base_model.last_shadow_loss is None
-
-
-# ---------------------------------------------------------------------------------------------- refusals
-def _unchanged_after(fn, model, match, error=ValueError):
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = [n for n, _ in model.named_modules()]
-    with pytest.raises(error, match=match):
-        fn()
-    assert [n for n, _ in model.named_modules()] == names
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not model._forward_pre_hooks
-
-
-@pytest.mark.parametrize(("options", "error", "match"), [
-    (dict(task_type="SEQ_2_SEQ_LM"), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
-    (dict(task_type=None), ValueError, "CAUSAL_LM' and 'SEQ_CLS"),
-    (dict(task_type="CAUSAL_LM", target_modules=["q_proj"]), ValueError, "consecutive items"),
-    (dict(task_type="CAUSAL_LM", target_modules=r".*\.layers\.\d+\.mlp"), ValueError, "consecutive items"),
-])
-def test_bad_configs_refused_model_unchanged(options, error, match):
-    model = models.make_llama()
-    _unchanged_after(lambda: fastpeft.get_peft_model(model, ShadowConfig(**options)), model, match, error)
-
-
-def test_gap_between_blocks_refused():
-    model = make_llama_cls()
-    config = ShadowConfig(task_type="SEQ_CLS", target_modules=["model.layers.0", "model.layers.2"])
-    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "have gaps")
-
-
-def test_layers_to_transform_refused():
-    """HF PEFT 0.21 ignores it for whole-block targets (every block is wrapped): refused, not ignored."""
-    model = make_llama_cls()
-    config = ShadowConfig(task_type="SEQ_CLS", layers_to_transform=[1, 2], layers_pattern="layers")
-    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "pick them by name",
-                     NotImplementedError)
-
-
-@pytest.mark.parametrize(("options", "match"), [
-    (dict(r=0), "r must be a positive integer"),
-    (dict(shadow_dropout=1.5), "shadow_dropout"),
-    (dict(auxiliary_loss_weight=-1.0), "auxiliary_loss_weight"),
-    (dict(shadow_model="org/shadow", shadow_hidden_size=16), "mirror-only"),
-    (dict(target_modules=".*", layers_to_transform=[0]), "regex"),
-])
-def test_bad_config_values_refused(options, match):
-    with pytest.raises(ValueError, match=match):
-        ShadowConfig(task_type="CAUSAL_LM", **options)
-
-
-def test_unsupported_calls_refused():
-    model = build(fastpeft, "default")
-    for call, error, match in [
-        (lambda: model.merge_and_unload(), NotImplementedError, "cannot be merged"),
-        (lambda: model.base_model.merge_adapter(), NotImplementedError, "cannot be merged"),
-        (lambda: model(**INPUTS, adapter_names=["default", "default"]), ValueError, "mixed-adapter"),
-        (lambda: model.set_adapter(["default", "default"]), ValueError, "exactly one adapter"),
-    ]:
-        with pytest.raises(error, match=match):
-            call()
-    close(models.forward(model, INPUTS), models.forward(build(fastpeft, "default"), INPUTS), "unchanged")
-    plain = models.make_llama()
-    _unchanged_after(lambda: fastpeft.inject_adapter_in_model(ShadowConfig(task_type="CAUSAL_LM"), plain),
-                     plain, "get_peft_model")
-
-
-def test_failed_second_adapter_leaves_no_trace(monkeypatch):
-    """A failure after the new adapter's shadow network was built takes all of it back."""
-    model = build(fastpeft, "default")
-    before, hooks = models.forward(model, INPUTS), len(model.get_base_model()._forward_pre_hooks)
-
-    def broken(self, adapter_name, config, **kwargs):
-        raise RuntimeError("layer build failed")
-
-    monkeypatch.setattr(ShadowLayer, "update_layer", broken)
-    with pytest.raises(RuntimeError, match="layer build failed"):
-        model.add_adapter("other", ShadowConfig(task_type="CAUSAL_LM"))
-    assert list(model.peft_config) == ["default"]
-    assert all("other" not in getattr(model.base_model, c) for c in ("shadow_backbone", "shadow_projection"))
-    assert len(model.get_base_model()._forward_pre_hooks) == hooks
-    close(models.forward(model, INPUTS), before, "unchanged")
-    other_blocks = ShadowConfig(task_type="CAUSAL_LM", target_modules=["model.layers.1"])
-    with pytest.raises(ValueError, match="must wrap the same blocks"):
-        model.add_adapter("x", other_blocks)
-    assert list(model.peft_config) == ["default"] and "x" not in model.base_model.shadow_backbone
-
-
-def test_diffusion_transformer_refused():
-    class TinyDiT(torch.nn.Module):  # a Diffusers-style block stack (no .layers)
-        def __init__(self):
-            super().__init__()
-            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
-
-    model = TinyDiT()
-    config = ShadowConfig(task_type="CAUSAL_LM", target_modules=r"transformer_blocks\.\d+")
-    _unchanged_after(lambda: fastpeft.get_peft_model(model, config), model, "diffusion transformers",
-                     NotImplementedError)
-
-
-def test_unload_shadow_of_unknown_adapter_refused():
-    model = build(fastpeft, "default")
-    with pytest.raises(ValueError, match="No shadow network for adapter 'nope'"):
-        model.base_model.unload_shadow("nope")
-
-
-def test_second_adapter_for_classification_refused():
-    model = build(fastpeft, "cls")
-    before = models.forward(model, INPUTS)
-    with pytest.raises(ValueError, match="one adapter when any adapter is for sequence classification"):
-        model.add_adapter("other", ShadowConfig(task_type="SEQ_CLS"))
-    assert list(model.peft_config) == ["default"] and "other" not in model.base_model.shadow_backbone
-    close(models.forward(model, INPUTS), before, "unchanged")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, NoMatchingPeftModuleError
-from . import target_checks, targeting, tying
+from . import placement, target_checks, targeting, tying
 from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
@@ -402,47 +402,13 @@ class Tuner(nn.Module):
         )
 
     def _place_adapter(self, layer: AdapterLayer, adapter_name: str, autocast: bool) -> None:
-        """Put new adapter weights on the base layer's device; fp16/bf16 bases get fp32 adapters if
-        autocast."""
+        """New adapter weights onto the base layer's device and dtype (core/placement.py)."""
         _set_training(layer, layer.get_base_layer().training)  # new dropout etc. follow the model's mode
-        ref = getattr(layer, "placement_reference", None)  # e.g. a 4-bit layer's compute dtype (quant/bnb.py)
-        ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
-        if ref is None:
-            return
-        half = (torch.float16, torch.bfloat16)
-        widen, floating = autocast and ref.dtype in half, ref.is_floating_point()
-        for _, param in layer.adapter_parameters(adapter_name):
-            # low_cpu_mem_usage: the dtype it would get below; values and device come on load
-            if param.is_meta:
-                if floating and param.is_floating_point():
-                    param.data = param.data.to(torch.float32 if widen else ref.dtype)
-                continue
-            if param.device == ref.device and not widen and (
-                    param.dtype == ref.dtype or not (floating and param.is_floating_point())):
-                continue  # already on the base's device, in the dtype it would get below
-            old = param.data
-            # a base weight on meta (offloaded by accelerate, or empty) has no values: the adapter stays real
-            data = old.to(device=old.device if ref.is_meta else ref.device)
-            if ref.is_floating_point() and data.is_floating_point():
-                # as HF PEFT: built in the base dtype, then widened, so that a seed gives HF PEFT's exact
-                # initial values
-                data = data.to(ref.dtype)
-                if autocast and ref.dtype in half:
-                    data = data.to(torch.float32)
-            if data is not old:  # already on the right device and dtype: nothing to replace
-                param.data = data
+        placement.place_new(layer, adapter_name, autocast)
 
     def place_loaded(self, adapter_name: str) -> None:
-        """After a load that gave meta-device adapter weights their values: move them to their base layer's
-        device (dtype is already final: see `_place_adapter`)."""
-        for layer in self.adapter_layers():
-            ref = getattr(layer, "placement_reference", None)
-            ref = next((p for p in layer.get_base_layer().parameters()), None) if ref is None else ref
-            if ref is None or ref.is_meta:  # a base still on meta (empty weights): keep the file's values
-                continue
-            for _, param in layer.adapter_parameters(adapter_name):
-                if not param.is_meta and param.device != ref.device:
-                    param.data = param.data.to(ref.device)
+        """After a load that gave meta-device adapter weights their values: onto their base's device."""
+        placement.place_loaded(self.adapter_layers(), adapter_name)
 
     # ------------------------------------------------------------------ activity and training state
     @property
