@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
-from . import gathered
+from . import gathered, inplace
 from .config import lora_scaling
 from .inits.schemes import INIT_SCHEMES
 from .lean_dropout import lean_applies, lean_lora_output
@@ -208,6 +208,13 @@ class Linear(LoraLayer):
         if lean_applies(dropout) and not torch.compiler.is_compiling():
             return lean_lora_output(x, dropout, a, b, self.scaling[name])
         return b(a(dropout(x))) * self.scaling[name]
+
+    def add_adapters(self, result, x, names, *args, **kwargs):
+        # no autograd: the sum formed in place in tensors this forward made (inplace.py), same values
+        if (type(self).adapter_output is Linear.adapter_output and type(self).lora_path is Linear.lora_path
+                and inplace.applies(self, result, x)):
+            return inplace.add_adapters(self, result, x, names)
+        return super().add_adapters(result, x, names, *args, **kwargs)
 
     def base_path(self, x):
         w = self.get_base_layer().weight
