@@ -340,9 +340,10 @@ def _write_all(result: LoadResult, tuner, adapter_name: str, state: dict[str, to
 def _check_no_meta_left(modules: Modules, adapter_name: str) -> None:
     """Adapter weights created on the meta device (low_cpu_mem_usage) that the file did not fill would fail
     on first use with an unrelated message; refuse the load instead (it is rolled back)."""
-    left = [name for prefix, module in modules for name, tensor in
-            module.named_parameters(prefix=prefix, recurse=False) if tensor.is_meta and
-            adapter_name in name.split(".")]
+    # each module's own parameters read directly (named_parameters per module costs ~5x at ~15k modules)
+    left = [f"{prefix}.{name}" if prefix else name for prefix, module in modules
+            for name, tensor in module._parameters.items() if tensor is not None and tensor.is_meta and
+            adapter_name in f"{prefix}.{name}".split(".")]
     if left:
         raise AdapterLoadError(
             f"The adapter file has no values for {len(left)} weight(s) of adapter '{adapter_name}' created "

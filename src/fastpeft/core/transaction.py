@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 _CONTAINERS = (dict, list, set)
+_NONE: dict = {}
 
 
 def _contents(value: Any):
@@ -80,25 +81,51 @@ class ObjectState:
                 value.clear()
 
 
+def _plain_adapter_leaves(module: nn.Module) -> list[nn.Module]:
+    """The per-adapter modules of an adapter layer (the dicts its `adapter_param_names` declares) that are
+    childless torch.nn modules (LoRA's A / B nn.Linear): a change reaches only their tensors' values (copied
+    with `keep_values`, swapped in place) and flags, never their attributes."""
+    out = []
+    for attr in getattr(module, "adapter_param_names", None) or ():
+        container = module._modules.get(attr)
+        if isinstance(container, nn.ModuleDict):
+            out.extend(m for m in container._modules.values() if m is not None and not m._modules
+                       and type(m).__module__.startswith("torch.nn."))
+    return out
+
+
 class ModelState:
-    """Every module of `model` and each of `extra` (one level deep), and every parameter's requires_grad."""
+    """Every module of `model` and each of `extra` (one level deep), and every parameter's requires_grad.
+    Plain per-adapter leaves (`_plain_adapter_leaves`) get their tensors recorded, not their attributes: with
+    100 LoRA adapters they are 2/3 of the ~15k modules."""
 
     def __init__(self, model: nn.Module, extra: Iterable[Any] = ()) -> None:
+        modules = list(model.modules())
+        leaves = {id(leaf): leaf for module in modules for leaf in _plain_adapter_leaves(module)}
         was_enabled = gc.isenabled()
         gc.disable()  # tens of thousands of small copies: a full collection over a big heap costs ~1 s
         try:
-            self.objects = [ObjectState(obj) for obj in [*model.modules(), *extra]]
+            self.objects = [ObjectState(obj) for obj in [*modules, *extra] if id(obj) not in leaves]
         finally:
             if was_enabled:
                 gc.enable()
-        self.ids = {id(state.obj) for state in self.objects}
+        self.ids = {id(state.obj) for state in self.objects} | leaves.keys()
+        held = [(state.attrs.get("_parameters", _NONE), state.attrs.get("_buffers", _NONE))
+                for state in self.objects]
+        held += [(leaf._parameters, leaf._buffers) for leaf in leaves.values()]
         # every parameter of the tree sits in some module's _parameters: no second walk (one shared is
-        # listed twice, which is harmless)
-        self.grads = [(p, p.requires_grad) for state in self.objects
-                      for p in state.attrs.get("_parameters", {}).values() if p is not None]
-        # ids of the tensors held before the change (this record keeps them alive, so ids stay unique)
-        self.tensor_ids = {id(t) for state in self.objects for key in ("_parameters", "_buffers")
-                           for t in state.attrs.get(key, {}).values() if t is not None}
+        # listed twice, which is harmless). tensor_ids: the tensors held before the change (this record
+        # keeps them alive, so ids stay unique). One pass for both: ~15k modules after 100 adapters.
+        self.grads: list[tuple[nn.Parameter, bool]] = []
+        self.tensor_ids: set[int] = set()
+        for params, buffers in held:
+            for param in params.values():
+                if param is not None:
+                    self.grads.append((param, param.requires_grad))
+                    self.tensor_ids.add(id(param))
+            for buffer in buffers.values():
+                if buffer is not None:
+                    self.tensor_ids.add(id(buffer))
 
     def holds(self, obj: Any) -> bool:
         return id(obj) in self.ids

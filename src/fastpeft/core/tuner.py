@@ -80,7 +80,8 @@ def _base_tensors(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> lis
 
 
 def _put_back_grads(grads: list[tuple[nn.Parameter, bool]]) -> None:
-    for param, flag in grads:
+    # last to first: a parameter listed twice (shared by two modules) ends with its first, original flag
+    for param, flag in reversed(grads):
         param.requires_grad_(flag)
 
 
@@ -420,10 +421,14 @@ class Tuner(nn.Module):
         """On injection (as HF PEFT): every parameter except adapter ones stops training. Returns every
         parameter's flag from before (same walk), for a failed injection to put back."""
         before = []
-        for param in self.model.parameters():
-            before.append((param, param.requires_grad))
-            if param.requires_grad:
-                param.requires_grad_(False)
+        # each module's own parameters (not model.parameters(): its per-module generators cost ~3x at
+        # ~15k modules); a shared parameter comes twice, the second time with False (see _put_back_grads)
+        for module in self.model.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    before.append((param, param.requires_grad))
+                    if param.requires_grad:
+                        param.requires_grad_(False)
         return before
 
     def _apply_adapter_state(self) -> None:
