@@ -2,15 +2,15 @@
 
 Run: `.venv/bin/python benchmarks/real_shapes.py [--quick] [--rounds N] [--clock cpu|wall]
 [--dtype bf16|fp32]`
-(`make bench` runs --quick, `make bench-full` the full run; run big runs under `flock /tmp/lead/bench.lock`).
+(`make bench` runs --quick, `make bench-full` the full run; nothing else should run meanwhile).
 
 Model: Llama-3.2-1B-shaped decoder layers (hidden 2048, intermediate 8192, 32 heads / 8 KV heads, head dim 64;
-vocab cut to 32000 to keep memory down), 4 layers in --quick, 8 in the full run, plus a hidden-4096 model
-(Llama-2-7B layers: intermediate 11008, 32 heads, 32 KV heads) with 2 layers in the full run. Weights random,
-bf16 by default (the dev CPU has AMX/AVX512-BF16: a 512 x 2048 x 5632 bf16 matmul runs ~6x faster than fp32 on
-one thread). One LoRA adapter, r=16, alpha 32, on q,k,v,o,gate,up,down, with B != 0 (a trained-looking
-adapter, the same weights in both libraries); adapter weights are float32 (both libraries' default
-`autocast_adapter_dtype=True`).
+vocab cut to 32000 to keep memory down), 2 layers in --quick (256-token prefill / train), 8 in the full run,
+plus a hidden-4096 model (Llama-2-7B layers: intermediate 11008, 32 heads, 32 KV heads) with 2 layers in the
+full run. Weights random, bf16 by default (the dev CPU has AMX/AVX512-BF16: a 512 x 2048 x 5632 bf16 matmul
+runs ~6x faster than fp32 on one thread). One LoRA adapter, r=16, alpha 32, on q,k,v,o,gate,up,down, with B !=
+0 (a trained-looking adapter, the same weights in both libraries); adapter weights are float32 (both
+libraries' default `autocast_adapter_dtype=True`).
 
 The three variants share one set of base weights (the LoRA models are deep copies of the base model whose
 memo maps every base Parameter to itself), so a hidden-2048 x 8-layer model costs ~1.5 GB once, not three
@@ -62,7 +62,7 @@ FAMILIES = {"llama-1b": (2048, 8192, 32, 8, 32000), "llama-7b": (4096, 11008, 32
 # Each plan: (family, layers, decode batches, prompt tokens, new tokens, prefill (batch, tokens) list,
 # train (batch, tokens) list)
 PLANS = {
-    "quick": [("llama-1b", 4, [1, 8], 32, 4, [(1, 512)], [(1, 512)])],
+    "quick": [("llama-1b", 2, [1, 8], 32, 4, [(1, 256)], [(1, 256)])],
     "full": [
         ("llama-1b", 8, [1, 8, 32], 32, 8, [(2, 512)], [(1, 1024)]),  # 1 x 2048: 7 GB RSS, over the 6 GB cap
         ("llama-7b", 2, [1, 32], 32, 8, [(1, 512)], [(1, 512)]),
@@ -316,7 +316,7 @@ def run_plan(plan, args, clock) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="hidden 2048 x 4 layers only, fewer rounds (< 60 s)")
+                        help="hidden 2048 x 2 layers only, 256-token prefill / train, 2 rounds (< 60 s)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="skip prefill, train and merge")
     args = parser.parse_args()
     if args.rounds is None:
-        args.rounds = 3
+        args.rounds = 2 if args.quick else 3
     torch.set_num_threads(1)
     mode = "quick" if args.quick else "full"
     print(f"torch {torch.__version__}, peft {peft.__version__}, 1 thread, {mode} mode, clock {args.clock}, "
