@@ -245,11 +245,33 @@ class AdapterLayer(nn.Module, AdapterHolder):
         own = self.adapter_names()
         # kept as asked (as HF PEFT, for status reports); forward and merge skip names this layer lacks
         self._active_adapters = list(names)
+        train = trainable.intersection(names)
+        # a load visits every adapter of every layer: flags are written only where they change
         for name in own:
-            for _, param in self.adapter_parameters(name):
-                param.requires_grad_(name in trainable and name in self._active_adapters)
+            want = name in train
+            for param in self._adapter_parameter_tensors(name):
+                if param.requires_grad != want:
+                    param.requires_grad_(want)
             for param in self.frozen_parameters(name):
-                param.requires_grad_(False)
+                if param.requires_grad:
+                    param.requires_grad_(False)
+
+    def _adapter_parameter_tensors(self, name: str) -> Iterator[nn.Parameter]:
+        """The parameters of `adapter_parameters(name)` without building their keys (a subclass that
+        overrides `adapter_parameters` is read through it)."""
+        if type(self).adapter_parameters is not AdapterLayer.adapter_parameters:
+            yield from (param for _, param in self.adapter_parameters(name))
+            return
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name not in holder:
+                continue
+            item = holder[name]
+            if isinstance(item, nn.Module):
+                for _, param in _named_parameters(item):
+                    yield param
+            else:
+                yield item
 
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on
