@@ -382,3 +382,17 @@ def forward(model, inputs) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"don't know how to get a tensor out of {type(out)}")
+
+
+def count_calls(monkeypatch, module, name: str) -> dict:
+    """Wrap `module.name` so that the real function still runs and {"n": calls} counts it (a test can tell
+    which path ran)."""
+    counter = {"n": 0}
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        counter["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return counter

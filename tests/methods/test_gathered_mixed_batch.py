@@ -10,7 +10,7 @@ import torch
 import fastpeft
 from fastpeft.methods.lora import gathered
 
-from models import MODELS, forward
+from models import MODELS, count_calls, forward
 
 TARGETS = {"mlp": (["lin0", "lin1"], "x"),
            "llama": (["q_proj", "v_proj", "o_proj", "down_proj"], "input_ids"),
@@ -52,15 +52,7 @@ def batch(model_name: str, size: int = len(NAMES)) -> dict:
 @pytest.fixture
 def calls(monkeypatch):
     """Counts gathered group computations, so a test can tell which path ran."""
-    counter = {"n": 0}
-    original = gathered.group_output
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gathered, "group_output", counting)
-    return counter
+    return count_calls(monkeypatch, gathered, "group_output")
 
 
 def loop_forward(model, inputs, names=NAMES) -> torch.Tensor:

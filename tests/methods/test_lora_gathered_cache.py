@@ -10,7 +10,7 @@ import torch
 import fastpeft
 from fastpeft.methods.lora import gathered, stacked
 
-from models import MODELS
+from models import MODELS, count_calls
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 N = 6
@@ -47,15 +47,7 @@ def ids(rows: int = len(NAMES), tokens: int = 5) -> torch.Tensor:
 @pytest.fixture
 def stacked_calls(monkeypatch):
     """Counts the group computations served from stacks, so a test can tell the fast path ran."""
-    counter = {"n": 0}
-    original = stacked.stacked_output
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(stacked, "stacked_output", counting)
-    return counter
+    return count_calls(monkeypatch, stacked, "stacked_output")
 
 
 def plain(model, inputs, names=NAMES) -> torch.Tensor:

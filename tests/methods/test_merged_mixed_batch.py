@@ -12,7 +12,7 @@ import fastpeft
 from fastpeft.methods.lora import gathered
 from state_helpers import assert_holds_file
 
-from models import make_llama
+from models import count_calls, make_llama
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 ROWS = ["a1", "__base__", "a0", "a1", "a0"]
@@ -55,15 +55,7 @@ def _logits(model, ids, rows, grad: bool = False):
 @pytest.fixture
 def merged_calls(monkeypatch):
     """Counts merged-path layer calls (the real function runs), so a test can tell which path ran."""
-    counter = {"n": 0}
-    original = gathered.merged_forward
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gathered, "merged_forward", counting)
-    return counter
+    return count_calls(monkeypatch, gathered, "merged_forward")
 
 
 @pytest.mark.parametrize("hf_first", [True, False], ids=["hf_files", "fastpeft_files"])
