@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n auto tests
 
 # A second environment without HF PEFT: the dev venv's packages less `peft`, hard-linked (seconds, no download).
 # tests_ecosystem/ runs transformers / diffusers / TRL on fastpeft through fastpeft.install_as_peft() there.
@@ -30,7 +30,7 @@ $(ECO_STAMP): $(STAMP)
 	touch $(ECO_STAMP)
 
 test-ecosystem: $(ECO_STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ORACLE_PYTHON=$(abspath $(PY)) $(ECO_VENV)/bin/python -m pytest tests_ecosystem
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ORACLE_PYTHON=$(abspath $(PY)) $(ECO_VENV)/bin/python -m pytest -n auto tests_ecosystem
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fastpeft demo

@@ -12,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n 2`, one worker per core) a second intra-op thread per worker only contends.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def pytest_configure(config):
@@ -48,3 +49,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The `gpu` tests skipped for want of a CUDA device are named in the run's summary, not only counted (this hook
+    lives in the top conftest: under pytest-xdist the controller process loads no sub-folder conftest)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "gpu" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_line(
+            f"gpu marker: {len(skipped)} CUDA test(s) skipped: no CUDA device here (run `pytest -m gpu` on a "
+            "GPU machine; tests/integrations/test_gpu.py)")
