@@ -10,6 +10,7 @@
   (PiSSA) included; a failure after the swap deletes the adapter from every holder (new modules_to_save
   wrappers unwrapped, existing layers keep their other adapters and hand-set flags); steps a method adds after
   the generic injection (LoRA's trainable tokens) are inside the same transaction.
+- The cyclic garbage collector is paused inside a transaction and left as it was after, on success and failure.
 - The per-model flags live in one object (`flags_of`); nothing hidden is left on the user's model.
 """
 
@@ -106,6 +107,27 @@ def test_nested_transactions_record_once_and_take_back_their_own_part():
     assert "extra" not in model._modules and not hasattr(model, "extra")
     assert torch.equal(weight, before)
     assert transaction._OPEN.get() == ()
+
+
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_the_collector_is_paused_inside_and_left_as_it_was_after(collector_on):
+    import gc
+
+    seen = []
+    was = gc.isenabled()
+    try:
+        (gc.enable if collector_on else gc.disable)()
+        with Transaction(nn.Linear(2, 2), record_state=True):
+            with Transaction(nn.Linear(2, 2)):  # another model: a root of its own, nested
+                seen.append(gc.isenabled())
+            seen.append(gc.isenabled())
+        assert gc.isenabled() is collector_on
+        with pytest.raises(RuntimeError):
+            with Transaction(nn.Linear(2, 2)):
+                raise RuntimeError("boom")
+        assert gc.isenabled() is collector_on and seen == [False, False]
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def _count_records(monkeypatch) -> list[int]:

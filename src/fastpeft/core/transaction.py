@@ -18,6 +18,11 @@ Before a step changes something, it tells the open transaction how to take that 
 If the block raises (any exception, KeyboardInterrupt included), the steps run, the values come back, then the
 recorded state; the error goes on unchanged (a failing undo step adds a note to it).
 
+The cyclic garbage collector is paused while a root transaction is open: a load builds thousands of small
+objects (modules, dicts, records), and on a model that already holds ~15k modules each automatic full
+collection walks that whole heap (about a quarter of a load's time with 60 adapters in a 48-layer model).
+Reference counting still frees everything; the collector resumes, as it was, when the change ends.
+
 Nested transactions record nothing twice. A transaction opened while another covers its model joins it: its
 undo steps and copies go to the outermost one (`root`), which alone records module state; a tensor already
 copied, or made after the root's record, is not copied again. A joined transaction that fails takes back what
@@ -102,13 +107,8 @@ class ModelState:
     def __init__(self, model: nn.Module, extra: Iterable[Any] = ()) -> None:
         modules = list(model.modules())
         leaves = {id(leaf): leaf for module in modules for leaf in _plain_adapter_leaves(module)}
-        was_enabled = gc.isenabled()
-        gc.disable()  # tens of thousands of small copies: a full collection over a big heap costs ~1 s
-        try:
-            self.objects = [ObjectState(obj) for obj in [*modules, *extra] if id(obj) not in leaves]
-        finally:
-            if was_enabled:
-                gc.enable()
+        # tens of thousands of small copies: the transaction has paused the collector (module docstring)
+        self.objects = [ObjectState(obj) for obj in [*modules, *extra] if id(obj) not in leaves]
         self.ids = {id(state.obj) for state in self.objects} | leaves.keys()
         held = [(state.attrs.get("_parameters", _NONE), state.attrs.get("_buffers", _NONE))
                 for state in self.objects]
@@ -192,6 +192,7 @@ class Transaction:
         self.copied: set[int] = set()
         self._marks = (0, 0)
         self._token: contextvars.Token | None = None
+        self._gc_was_enabled = False
 
     @property
     def joined(self) -> bool:
@@ -202,17 +203,29 @@ class Transaction:
         if outer is not None:
             self.root = outer.root
             self._marks = (len(self.root.undo), len(self.root.values))
-        elif self._record_state:
-            self.state = ModelState(self.model, self._extra)
+        else:
+            self._gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                if self._record_state:
+                    self.state = ModelState(self.model, self._extra)
+            except BaseException:
+                if self._gc_was_enabled:
+                    gc.enable()
+                raise
         self._token = _OPEN.set((*_OPEN.get(), self))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         _OPEN.reset(self._token)
-        if exc_type is not None:
-            self._roll_back(exc)
-        elif not self.joined:  # committed: drop the copies now rather than with the last reference
-            self.undo, self.values, self.copied, self.state = [], [], set(), None
+        try:
+            if exc_type is not None:
+                self._roll_back(exc)
+            elif not self.joined:  # committed: drop the copies now rather than with the last reference
+                self.undo, self.values, self.copied, self.state = [], [], set(), None
+        finally:
+            if self._gc_was_enabled:
+                gc.enable()
         return False
 
     # ---- declaring what a failure takes back
