@@ -23,7 +23,7 @@ from .checkpoint import fingerprint, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
 from .config import PeftConfig, declared
-from .core import checks
+from .core import checks, module_walk
 from .core.flags import copy_flags, flags_of
 from .core.layer import AdapterHolder
 from .core.prompt_adapters import PromptAdapters
@@ -426,7 +426,7 @@ class PeftModel(PeftModelCompat, nn.Module):
                 ignore_mismatched_sizes=rest.get("ignore_mismatched_sizes", False))
         loading.warn_about(result, model_id, adapter_name)
         if not is_trainable:
-            self.eval()
+            module_walk.to_eval(self)
         return result
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,

@@ -67,13 +67,16 @@ def test_a_failed_50th_load_leaves_all_earlier_adapters_as_they_were(tmp_path):
     model.base_model.model.lin0.lora_A["a7"].weight.requires_grad_(True)  # set by hand: must stay
     model.base_model.model.lin0.lora_A["default"].weight.requires_grad_(False)
     model.train()
+    inner = model.base_model.model
+    inner.lin0.lora_dropout["a3"].eval()  # modes set by hand on leaves the failed load puts into train mode
+    inner.lin0.lora_A["a5"].eval()
     before = state_of(model)
     assert sum(flag for _, flag in before["grads"]) > 1  # trainable flags that a failed load could lose
     bad = _missing_one_weight(path, tmp_path / "bad")
     with pytest.raises(AdapterLoadError, match="no values"):
         model.load_adapter(str(bad), "a49", is_trainable=True, low_cpu_mem_usage=True)
     assert_same_state(model, before)
-    assert "a49" not in model.peft_config
+    assert "a49" not in model.peft_config and not inner.lin0.lora_A["a5"].training
     # the model still takes the next load, which now works
     model.load_adapter(str(path), "a49")
     assert model.base_model.model.lin0.lora_A["a49"].weight.requires_grad is False

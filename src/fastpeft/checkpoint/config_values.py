@@ -196,17 +196,25 @@ def _shape(param) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
+def _model_weights(model) -> list:
+    """The model's parameters less those of loaded adapters (the walk leaves adapter layers' per-adapter
+    entries out: the bound is the base model's, and a load into a model with 100 adapters stays cheap)."""
+    from ..core import module_walk
+
+    return module_walk.own_parameters(m for _, m in module_walk.named_modules(model, adapter=None))
+
+
 def model_size_bound(model) -> int:
     """Largest sensible size for `model`: no rank, token count or block exceeds its largest weight
     dimension."""
-    largest = max((max(_shape(p), default=0) for p in model.parameters()), default=0)
+    largest = max((max(_shape(p), default=0) for p in _model_weights(model)), default=0)
     return max(largest, 1024)
 
 
 def matrix_size_bound(model) -> int:
     """Bound of MATRIX size fields: the element count of `model`'s largest weight (at least
     model_size_bound)."""
-    largest = max((math.prod(_shape(p)) for p in model.parameters()), default=0)
+    largest = max((math.prod(_shape(p)) for p in _model_weights(model)), default=0)
     return max(largest, model_size_bound(model))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core import module_walk
 from ..core.auxiliary import ModulesToSaveWrapper
 from ..core.layer import AdapterHolder, AdapterLayer
 from ..core.targeting import is_target
@@ -278,7 +279,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     which copies only tensors that outlive its rollback (an adapter the same load created is dropped anyway).
     """
     tuner = getattr(model, "tuner", None)
-    modules = list(model.named_modules())  # one walk for the copies and the key map
+    # one walk for the copies and the key map; other adapters' per-adapter entries play no part in it
+    modules = module_walk.named_modules(model, adapter=adapter_name)
     with Transaction(model) as tx:
         if tuner is not None:
             tx.keep_values(_adapter_tensors(modules, adapter_name))
@@ -293,7 +295,7 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], adapter_name
     # e.g. adapters saved for an older layout of the base model (LoRA on v4 MoE models)
     if convert is not None:
         state = convert(adapter_name, state, model)
-        modules = list(model.named_modules())  # a hook may change the module tree
+        modules = module_walk.named_modules(model, adapter=adapter_name)  # a hook may change the tree
     config = _config_of(model, adapter_name)
     mapping, tensors = _key_map_and_tensors(model, adapter_name, config, modules)
     embeddings = {k: k for k in _embedding_keys(model, adapter_name, config, True, modules) if k in state}

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from . import module_walk
+
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -81,7 +83,7 @@ def candidate_modules(model: nn.Module, holder_types: tuple[type, ...]) -> list[
     """Named modules, skipping the insides of adapter holders (their base layer and adapter weights)."""
     out: list[tuple[str, nn.Module]] = []
     skip: str | None = None
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in module_walk.named_modules(model, adapter=None, remove_duplicate=False):
         if skip is not None and name.startswith(skip):
             continue
         skip = None

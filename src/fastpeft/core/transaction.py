@@ -41,6 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import AdapterLayer
+from .module_walk import all_modules
+
 _CONTAINERS = (dict, list, set)
 _NONE: dict = {}
 
@@ -86,29 +89,38 @@ class ObjectState:
                 value.clear()
 
 
-def _plain_adapter_leaves(module: nn.Module) -> list[nn.Module]:
-    """The per-adapter modules of an adapter layer (the dicts its `adapter_param_names` declares) that are
-    childless torch.nn modules (LoRA's A / B nn.Linear): a change reaches only their tensors' values (copied
-    with `keep_values`, swapped in place) and flags, never their attributes."""
-    out = []
-    for attr in getattr(module, "adapter_param_names", None) or ():
-        container = module._modules.get(attr)
-        if isinstance(container, nn.ModuleDict):
-            out.extend(m for m in container._modules.values() if m is not None and not m._modules
-                       and type(m).__module__.startswith("torch.nn."))
+def _is_torch_nn(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
+
+
+def _plain_adapter_leaves(modules: list[nn.Module]) -> dict[int, nn.Module]:
+    """The per-adapter entries of adapter layers (entries of an `AdapterLayer`'s nn.ModuleDict children)
+    that are childless torch.nn modules (LoRA's A / B nn.Linear, its dropout): a change reaches only their
+    tensors' values (copied with `keep_values`, swapped in place), their flags and their training mode,
+    never their other attributes."""
+    out = {}
+    for module in modules:
+        if not isinstance(module, AdapterLayer):
+            continue
+        for container in module._modules.values():
+            if isinstance(container, nn.ModuleDict):
+                for leaf in container._modules.values():
+                    if leaf is not None and not leaf._modules and _is_torch_nn(leaf):
+                        out[id(leaf)] = leaf
     return out
 
 
 class ModelState:
     """Every module of `model` and each of `extra` (one level deep), and every parameter's requires_grad.
-    Plain per-adapter leaves (`_plain_adapter_leaves`) get their tensors recorded, not their attributes: with
-    100 LoRA adapters they are 2/3 of the ~15k modules."""
+    Plain per-adapter leaves (`_plain_adapter_leaves`) get their tensors and training mode recorded, not
+    their attributes: with 100 LoRA adapters they are all but ~300 of the ~13k modules."""
 
     def __init__(self, model: nn.Module, extra: Iterable[Any] = ()) -> None:
-        modules = list(model.modules())
-        leaves = {id(leaf): leaf for module in modules for leaf in _plain_adapter_leaves(module)}
+        modules = all_modules(model)
+        leaves = _plain_adapter_leaves(modules)
         # tens of thousands of small copies: the transaction has paused the collector (module docstring)
         self.objects = [ObjectState(obj) for obj in [*modules, *extra] if id(obj) not in leaves]
+        self.modes = [(leaf, leaf.training) for leaf in leaves.values()]
         self.ids = {id(state.obj) for state in self.objects} | leaves.keys()
         held = [(state.attrs.get("_parameters", _NONE), state.attrs.get("_buffers", _NONE))
                 for state in self.objects]
@@ -133,6 +145,8 @@ class ModelState:
     def restore(self) -> None:
         for state in self.objects:
             state.restore()
+        for leaf, mode in self.modes:
+            leaf.training = mode
         for param, flag in self.grads:
             param.requires_grad_(flag)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, NoMatchingPeftModuleError
-from . import placement, target_checks, targeting, tying
+from . import module_walk, placement, target_checks, targeting, tying
 from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
@@ -41,7 +41,7 @@ def empty_parameters(enabled: bool, existing: nn.Module):
     if not enabled:
         yield
         return
-    keep = {id(p) for _, p in existing.named_parameters(remove_duplicate=False)}
+    keep = {id(p) for p in module_walk.own_parameters(module_walk.all_modules(existing))}
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -262,7 +262,8 @@ class Tuner(nn.Module):
 
     # ------------------------------------------------------------------ injection
     def holders(self) -> Iterator[tuple[str, AdapterHolder]]:
-        for name, module in self.model.named_modules():
+        # holders never sit inside another layer's per-adapter entries: the walk leaves those out
+        for name, module in module_walk.named_modules(self.model, adapter=None):
             if isinstance(module, AdapterHolder):
                 yield name, module
 
@@ -423,7 +424,7 @@ class Tuner(nn.Module):
         before = []
         # each module's own parameters (not model.parameters(): its per-module generators cost ~3x at
         # ~15k modules); a shared parameter comes twice, the second time with False (see _put_back_grads)
-        for module in self.model.modules():
+        for module in module_walk.all_modules(self.model):
             for param in module._parameters.values():
                 if param is not None:
                     before.append((param, param.requires_grad))
