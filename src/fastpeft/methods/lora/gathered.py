@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 from ...core.device_index import index_tensor
 from . import stacked
@@ -113,14 +114,7 @@ def mixed_forward(layer, x: torch.Tensor, groups: list, adapter_names: list[str]
     out_dtype = result.dtype
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
     if isinstance(groups[0], stacked.StackedGroup):
-        for group in groups:
-            if group.rows is None:  # the whole batch in order: no gather / scatter of activations
-                result = result + group_output(x3, group).reshape(result.shape).to(result.dtype)
-            else:
-                delta = group_output(x3.index_select(0, group.rows), group)
-                delta = delta.reshape((len(group.rows),) + result.shape[1:])
-                result = result.index_add(0, group.rows, delta.to(result.dtype))
-        return result.to(out_dtype)
+        return _stacked_sum(layer, x, x3, result, groups)
     # the rows and scalings of all groups in one tensor each (list -> tensor conversions are slow), sliced
     # below
     rows = index_tensor([row for group in groups for row in group.rows], x.device)
@@ -138,6 +132,32 @@ def mixed_forward(layer, x: torch.Tensor, groups: list, adapter_names: list[str]
             result = result.index_add(0, idx, delta.reshape((len(idx),) + result.shape[1:]).to(result.dtype))
         start = end
     return result.to(out_dtype)
+
+
+def _stacked_sum(layer, x: torch.Tensor, x3: torch.Tensor, result: torch.Tensor, groups: list):
+    """`result` plus each stacked group's LoRA output on its rows. No autograd here (`stacked.usable`), so
+    the sums are formed in place: in the base output when this forward made it and nobody else can hold it
+    (`_owned_output`), else in the copy the first group's out-of-place sum makes (one copy of the
+    (batch, tokens, out) output per layer instead of one per group)."""
+    own = _owned_output(layer, result, x)
+    for group in groups:
+        if group.rows is None:  # the whole batch in order: no gather / scatter of activations
+            delta = group_output(x3, group).reshape(result.shape).to(result.dtype)
+            result = result.add_(delta) if own else result + delta
+        else:
+            delta = group_output(x3.index_select(0, group.rows), group)
+            delta = delta.reshape((len(group.rows),) + result.shape[1:]).to(result.dtype)
+            result = (result.index_add_ if own else result.index_add)(0, group.rows, delta)
+        own = True
+    return result
+
+
+def _owned_output(layer, result: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the base output is a tensor this forward made that nobody else holds: a plain `nn.Linear`
+    base with no forward hook (a hook, also a global one, may keep its output) and its own `forward`."""
+    base = layer.get_base_layer()
+    return (type(base) is nn.Linear and not base._forward_hooks and "forward" not in base.__dict__
+            and not _module_mod._global_forward_hooks and result is not x)
 
 
 def group_output(x: torch.Tensor, group: Group, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,14 +185,14 @@ def merged_plan(layer, x: torch.Tensor, adapter_names: list[str]) -> list[tuple]
             or not x.numel() or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type)
             or not _runs_as_is(base, base.weight)):
         return None
-    rows_of: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        rows_of.setdefault(name, []).append(row)
+    rows_of = stacked.row_plan(adapter_names)  # once per call for all layers
     need = MERGE_FROM * layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
     tokens_per_row = x.numel() // (x.shape[0] * x.shape[-1])
+    if rows_of.most * tokens_per_row < need:  # no name's rows are long enough (decode): skip the loop below
+        return None
     view = _layer_view(layer)
     groups, base_rows = [], []
-    for name, rows in rows_of.items():
+    for name, rows in zip(rows_of.names, rows_of.rows):
         item = _factors(view, name)
         if item is None:
             base_rows += rows
