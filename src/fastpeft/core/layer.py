@@ -242,36 +242,34 @@ class AdapterLayer(nn.Module, AdapterHolder):
         Called as HF PEFT's `BaseTunerLayer.set_adapter(names, inference_mode=False)` (transformers and
         diffusers do), without `trainable`: the active adapters train unless `inference_mode`."""
         names, trainable = set_adapter_arguments(names, trainable, inference_mode)
-        own = self.adapter_names()
         # kept as asked (as HF PEFT, for status reports); forward and merge skip names this layer lacks
         self._active_adapters = list(names)
         train = trainable.intersection(names)
-        # a load visits every adapter of every layer: flags are written only where they change
-        for name in own:
+        # a load visits every adapter of every layer: flags are written only where they change, frozen
+        # parameters (saved, never trained) last
+        for name, param in self._adapter_parameter_tensors():
             want = name in train
-            for param in self._adapter_parameter_tensors(name):
-                if param.requires_grad != want:
-                    param.requires_grad_(want)
+            if param.requires_grad != want:
+                param.requires_grad_(want)
+        for name in self.adapter_names():
             for param in self.frozen_parameters(name):
                 if param.requires_grad:
                     param.requires_grad_(False)
 
-    def _adapter_parameter_tensors(self, name: str) -> Iterator[nn.Parameter]:
-        """The parameters of `adapter_parameters(name)` without building their keys (a subclass that
-        overrides `adapter_parameters` is read through it)."""
+    def _adapter_parameter_tensors(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(adapter name, parameter) over `adapter_parameters` of every adapter, without building keys: one
+        pass over each per-adapter dict (a subclass overriding `adapter_parameters` is read through it)."""
         if type(self).adapter_parameters is not AdapterLayer.adapter_parameters:
-            yield from (param for _, param in self.adapter_parameters(name))
+            for name in self.adapter_names():
+                yield from ((name, param) for _, param in self.adapter_parameters(name))
             return
         for attr in self.adapter_param_names:
-            holder = getattr(self, attr)
-            if name not in holder:
-                continue
-            item = holder[name]
-            if isinstance(item, nn.Module):
-                for _, param in _named_parameters(item):
-                    yield param
-            else:
-                yield item
+            for name, item in getattr(self, attr).items():
+                if isinstance(item, nn.Module):
+                    for _, param in _named_parameters(item):
+                        yield name, param
+                else:
+                    yield name, item
 
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled adapters are skipped in forward and stop training (the tuner re-applies grads on
