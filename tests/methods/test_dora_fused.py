@@ -95,6 +95,39 @@ def compare(got, want, atol, rtol):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.fixture(autouse=True)
+def one_node_form(monkeypatch):
+    """These tests are about the one-node forms: the one-GEMM form (dora_scaled.py) stays off."""
+    monkeypatch.setattr(dora, "TOKENS_PER_ROW", float("inf"))
+
+
+class InplaceStack(nn.Module):
+    """Linears whose outputs the model changes in place (scaled, ReLU(inplace=True) as some vision MLPs, a
+    shift)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l0, self.l1 = nn.Linear(16, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.l1(torch.relu_(self.l0(x).mul_(1.5))).add_(0.5)
+
+
+def grads_of(model, x):
+    """Gradients of a mean-square loss (HF PEFT's magnitude key names), dropout masks seeded."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    (run(model, x) ** 2).mean().backward()
+    return {key(k): p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+
+def inplace_grads(lib, dropout=0.0):
+    config = lib.LoraConfig(target_modules=["l0", "l1"], r=4, use_dora=True, lora_dropout=dropout)
+    model = models.perturb(lib.get_peft_model(InplaceStack(), config), 0, 0.1).train()
+    return grads_of(model, stack_inputs())
+
+
 def _counter(monkeypatch, node):
     calls = []
     original = node.apply
@@ -213,3 +246,12 @@ def test_half_precision_weight_norm_widens_row_blocks_exactly(dtype):
     want = dora.row_norm(w.float(), b, a, 0.7, w_sq)
     assert torch.equal(dora.row_norm(w, b, a, 0.7, w_sq), want)
     assert torch.equal(dora._widened_product(w, a.float().T), w.float() @ a.float().T)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_output_changed_in_place_as_hf(dropout, fused_calls, dropout_calls):
+    """The nodes' outputs are not views of their 2-D results: the model may change them in place."""
+    got, want = inplace_grads(fastpeft, dropout), inplace_grads(peft, dropout)
+    assert (dropout_calls if dropout else fused_calls) and set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")

@@ -209,6 +209,17 @@ class Linear(LoraLayer):
             return lean_lora_output(x, dropout, a, b, self.scaling[name])
         return b(a(dropout(x))) * self.scaling[name]
 
+    def adapted_forward(self, x, names, *args, **kwargs):
+        # one adapter with a variant may form the whole output itself (DoRA: one GEMM with the rescaled
+        # weight, variants/dora_scaled.py); None: the base output plus the adapters' as usual
+        if self.lora_variant and not args and not kwargs:
+            own = [n for n in names if n in self.lora_A]
+            if len(own) == 1 and own[0] in self.lora_variant:
+                out = self.lora_variant[own[0]].layer_output(self, own[0], x)
+                if out is not None:
+                    return out
+        return super().adapted_forward(x, names, *args, **kwargs)
+
     def add_adapters(self, result, x, names, *args, **kwargs):
         # no autograd: the sum formed in place in tensors this forward made (inplace.py), same values
         if (type(self).adapter_output is Linear.adapter_output and type(self).lora_path is Linear.lora_path

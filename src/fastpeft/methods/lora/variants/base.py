@@ -42,6 +42,11 @@ class LoraVariant:
         one pass (DoRA's fused node)."""
         return result + self.contribution(layer, name, x, result)
 
+    def layer_output(self, layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's whole output (base included) with this adapter the only active one, where the variant
+        forms it in one piece; None (the default): the base output plus `add_to`."""
+        return None
+
     def merged_weight(self, layer, name: str) -> torch.Tensor:
         """The base weight (stored layout) with the adapter merged in."""
         raise NotImplementedError

@@ -13,12 +13,17 @@ from torch import nn
 
 from .base import LoraVariant
 from .dora_fused import fused_dropout_output, fused_output
+from .dora_scaled import scaled_output
 
 # Rows whose squared norm lost more than this fraction to cancellation are recomputed directly (see row_norm).
 CANCELLATION = 1e-2
 # Linear layers not dropping out: output plus contribution as one autograd node (dora_fused.py). False: the
 # composed ops (equal up to rounding; the reference the fused node is tested against)
 FUSED = True
+# The whole layer as one GEMM with k (W + s B A) (dora_scaled.py) from this many rows (tokens) per output
+# feature on: forming that (out, in) weight costs about what the one-node form's (tokens, out) passes save
+# at tokens ~ out / 2 (bf16, H 1024-2048, 1 CPU thread)
+TOKENS_PER_ROW = 0.5
 
 
 def row_norm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float,
@@ -160,6 +165,14 @@ class Dora(LoraVariant):
             return fused_output(x, result, a, b, m, norm, base.bias, layer.scaling[name])
         return fused_dropout_output(x, result, base.weight, a, b, m, norm, layer.scaling[name], dropout.p)
 
+    def layer_output(self, layer, name, x):
+        if not _scaled_applies(self, layer, name, x):
+            return None
+        base, m = layer.get_base_layer(), layer.lora_magnitude_vector[name]
+        norm = self.weight_norm(layer, name).to(m.dtype)
+        return scaled_output(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                             m, norm, layer.scaling[name])
+
     def _fusable(self, layer, name, result):
         """Whether a one-node form (dora_fused.py) applies: False, or the dropout module acting (None when
         none acts). A Linear layer (features last), plain Linear factors without lora_bias, one dtype
@@ -248,6 +261,32 @@ class DoraConv(Dora):
 
     def magnitude_shape(self, layer, out):
         return self.channel_view(layer, out)
+
+
+def _scaled_applies(variant, layer, name, x) -> bool:
+    """The one-GEMM form (dora_scaled.py): enough rows, a plain DoRA Linear on a dense nn.Linear (no hooks,
+    weight frozen) with plain Linear factors, no lora_bias, no dropout acting, one dtype
+    throughout, not while compiling."""
+    if not FUSED or type(variant) is not Dora or torch.compiler.is_compiling() or x.dim() < 2:
+        return False
+    base = layer.get_base_layer()
+    # (an nn.Linear base is never fan_in_fan_out: model.py turns it off)
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if x.numel() < TOKENS_PER_ROW * base.out_features * x.shape[-1] or base.weight.requires_grad:
+        return False
+    layer_type = type(layer)  # the plain LoRA Linear's base output (x W^T + bias from base_layer(x))
+    if (layer_type.base_path.__qualname__ != "Linear.base_path"
+            or layer_type.base_forward.__qualname__ != "AdapterLayer.base_forward"):
+        return False
+    dropout = layer.lora_dropout[name]
+    if layer.training and not isinstance(dropout, nn.Identity):
+        return False
+    a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+    if type(a_mod) is not nn.Linear or type(b_mod) is not nn.Linear or b_mod.bias is not None:
+        return False
+    tensors = (base.weight, a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name], base.bias)
+    return all(t is None or t.dtype == x.dtype for t in tensors)
 
 
 def _dropout_fusable(variant, layer, dropout, result) -> bool:

@@ -28,11 +28,12 @@ class DoraLinearOutput(torch.autograd.Function):
         out = y.shape[-1]
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, out)
         xa = x2 @ a.T  # (tokens, r)
-        z = y2 * k if bias is None else torch.addcmul(bias * (1 - k), y2, k)
-        z.addmm_(xa, (b * (k * s)[:, None]).T)  # the rank-r product accumulated by the GEMM itself
+        # in y's shape, not a view of a 2-D result: the caller may change the output in place
+        z = y * k if bias is None else torch.addcmul(bias * (1 - k), y, k)
+        z.view(-1, out).addmm_(xa, (b * (k * s)[:, None]).T)  # the rank-r product accumulated by the GEMM
         ctx.save_for_backward(x2, y2, a, b, k, norm, xa, bias)
         ctx.s, ctx.x_shape, ctx.m_shape = s, x.shape, m.shape
-        return z.view(y.shape)
+        return z
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,11 +79,11 @@ class DoraDropoutOutput(torch.autograd.Function):
         d = (x * scale).reshape(x2.shape)  # what F.dropout(x) gives, bit for bit
         dw = d @ w.T  # (tokens, out)
         da = d @ a.T  # (tokens, r)
-        z = torch.addcmul(y.reshape(dw.shape), dw, k - 1)
-        z.addmm_(da, (b * (k * s)[:, None]).T)
+        z = torch.addcmul(y, dw.view(y.shape), k - 1)  # y's shape, not a view (see DoraLinearOutput)
+        z.view(dw.shape).addmm_(da, (b * (k * s)[:, None]).T)
         ctx.save_for_backward(x2, scale.bool(), kept_value(scale, p), dw, da, w, a, b, k, norm)
         ctx.s, ctx.x_shape, ctx.m_shape = s, x.shape, m.shape
-        return z.view(y.shape)
+        return z
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,0 +1,196 @@
+"""DoRA's Linear layer as one GEMM with the rescaled weight k (W + s B A) (variants/dora_scaled.py) against
+the composed ops and HF PEFT: outputs, gradients (A, B, magnitude, input, trainable base bias), weights after
+AdamW steps, fp32 and bf16; its fallbacks (output changed in place, zero magnitude) and where it gives way."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.methods.lora.variants import dora, dora_fused, dora_scaled
+from test_dora_fused import CASES, build, compare, grads_of, inplace_grads, run, stack_inputs, steps
+
+import models
+
+
+def _counter(monkeypatch, node):
+    calls = []
+    original = node.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(node, "apply", counting)
+    return calls
+
+
+@pytest.fixture
+def scaled_calls(monkeypatch):
+    """How often the one-GEMM node ran; it applies from any token count here (the tiny models' few rows)."""
+    monkeypatch.setattr(dora, "TOKENS_PER_ROW", 0.0)
+    return _counter(monkeypatch, dora_scaled.DoraScaledOutput)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    return _counter(monkeypatch, dora_fused.DoraLinearOutput)
+
+
+@pytest.mark.parametrize("case", ["stack", "llama"])
+def test_scaled_equals_composed_and_hf_over_training_steps(case, scaled_calls, fused_calls):
+    model = build(fastpeft, case)
+    reference = copy.deepcopy(model)
+    got = steps(model, case)
+    assert scaled_calls and not fused_calls, "every Linear DoRA layer takes the one-GEMM form"
+    calls = len(scaled_calls)
+    compare(got, steps(reference, case, fused=False), atol=1e-6, rtol=1e-5)
+    assert len(scaled_calls) == calls, "the composed reference used the one-GEMM node"
+    compare(got, steps(build(peft, case), case), atol=1e-5, rtol=1e-4)
+    base = run(CASES[case][0]().train(), CASES[case][1]())
+    assert (got[0][0][0] - base).abs().max() > 1e-2  # the adapter's effect dwarfs the tolerance
+
+
+@pytest.mark.parametrize("case", ["stack", "llama"])
+def test_bf16_scaled_equals_composed_and_hf(case, scaled_calls):
+    bf16 = torch.bfloat16
+    got = steps(build(fastpeft, case, bf16), case, n=2, dtype=bf16)
+    assert scaled_calls
+    composed = steps(build(fastpeft, case, bf16), case, n=2, fused=False, dtype=bf16)
+    compare(got, composed, atol=2e-2, rtol=2e-2)
+    compare(got, steps(build(peft, case, bf16), case, n=2, dtype=bf16), atol=3e-2, rtol=3e-2)
+
+
+def test_trainable_base_bias_gradient_matches_hf(scaled_calls):
+    """bias='all': the bias enters k (W + s B A) x + bias with factor 1: its gradient is sum_t g."""
+    got = steps(build(fastpeft, "stack", bias="all"), "stack")
+    assert scaled_calls and "base_model.model.l0.base_layer.bias" in got[1]
+    compare(got, steps(build(peft, "stack", bias="all"), "stack"), atol=1e-5, rtol=1e-4)
+
+
+def test_output_changed_in_place_forms_x_w_again(scaled_calls):
+    """The magnitude's gradient comes from the kept output; changed in place, x W^T is formed anew."""
+    got, want = inplace_grads(fastpeft), inplace_grads(peft)
+    assert scaled_calls
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_zero_magnitude_rows_give_hf_gradients(scaled_calls):
+    """m_o = 0 (the output row switched off): the gradient of m_o cannot come from z / m: formed directly."""
+    x = stack_inputs()
+    grads = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "stack")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "magnitude" in name:
+                    p[::3] = 0
+        grads.append(grads_of(model, x))
+    assert scaled_calls
+    for k in grads[1]:
+        assert grads[0][k].isfinite().all()
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_gives_way_where_it_does_not_apply(scaled_calls, fused_calls, monkeypatch):
+    """Conv1D (fan_in_fan_out), two active adapters on a layer, dropout acting, or fewer rows than
+    TOKENS_PER_ROW * out: the one-node form (or the composed ops); in eval the dropout does not act."""
+    run(build(fastpeft, "gpt2_conv1d"), CASES["gpt2_conv1d"][1]())
+    assert not scaled_calls and fused_calls
+    model = build(fastpeft, "stack")
+    model.add_adapter("second", fastpeft.LoraConfig(target_modules=["l0", "l1", "l2"], r=2, use_dora=True))
+    model.base_model.set_adapter(["default", "second"])
+    run(model, stack_inputs())
+    assert not scaled_calls
+    dropped = build(fastpeft, "stack", lora_dropout=0.3)
+    run(dropped, stack_inputs())
+    assert not scaled_calls
+    run(dropped.eval(), stack_inputs())
+    assert len(scaled_calls) == 3
+    monkeypatch.setattr(dora, "TOKENS_PER_ROW", 1.0)  # 10 rows: only l2 (8 outputs) qualifies
+    run(build(fastpeft, "stack"), stack_inputs())
+    assert len(scaled_calls) == 4
+
+
+def test_adapter_deleted_then_scaled_steps_match_hf(scaled_calls):
+    """Two DoRA adapters active (the one-node form), then one deleted: the one-GEMM form on the rest, equal to
+    HF PEFT over AdamW steps."""
+    built = {}
+    for key, lib in (("fp", fastpeft), ("hf", peft)):
+        model = build(lib, "stack")
+        model.add_adapter("second", lib.LoraConfig(target_modules=["l0", "l2"], r=2, use_dora=True))
+        models.perturb(model, 1, 0.1, wanted=lambda n: "second" in n)
+        model.base_model.set_adapter(["default", "second"])
+        built[key] = model
+    x = stack_inputs()
+    torch.testing.assert_close(run(built["fp"], x), run(built["hf"], x), atol=1e-5, rtol=1e-4)
+    calls = len(scaled_calls)  # l1 has one adapter only
+    for model in built.values():
+        model.delete_adapter("second")
+    got = steps(built["fp"], "stack", n=2)
+    assert len(scaled_calls) > calls + 2
+    compare(got, steps(built["hf"], "stack", n=2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_weight_blocks_equal_the_whole(dtype):
+    """k (W + s B A) from row blocks (300 rows: a partial last block) is bit for bit the float32 sum of the
+    whole, rounded once."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 40, generator=g).to(dtype)
+    a, b, k = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 40), (300, 4), (300,)))
+    want = torch.addmm(w.float(), b.float() * 0.7, a.float()).mul_(k.float()[:, None]).to(dtype)
+    assert torch.equal(dora_scaled.scaled_weight(w, a, b, k, 0.7), want)
+
+
+def test_hooks_on_the_base_layer_still_run(scaled_calls):
+    """A base Linear with a forward (pre-)hook keeps its own call (the hooks change its output / input)."""
+    outs = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "stack")
+        model.base_model.model.l0.base_layer.register_forward_hook(lambda mod, args, out: out * 2)
+        model.base_model.model.l1.base_layer.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+        outs.append(run(model, stack_inputs()))
+    assert len(scaled_calls) == 1  # l2 only
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_trained_base_weight_and_mixed_dtypes_give_way(scaled_calls):
+    """A base weight that trains keeps its own GEMM (its gradient is HF PEFT's); float32 factors on a bf16
+    base (autocast_adapter_dtype) keep HF PEFT's order of roundings."""
+    got = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "stack")
+        model.base_model.model.l0.base_layer.weight.requires_grad_(True)
+        got.append(steps(model, "stack", n=2))
+    assert len(scaled_calls) == 4  # l1, l2 in two steps
+    compare(*got, atol=1e-5, rtol=1e-4)
+    outs = []
+    for lib in (fastpeft, peft):
+        base = CASES["stack"][0]().to(torch.bfloat16)
+        model = lib.get_peft_model(base, lib.LoraConfig(**CASES["stack"][2], use_dora=True))
+        assert model.base_model.model.l0.lora_A["default"].weight.dtype == torch.float32
+        outs.append(run(models.perturb(model, 0, 0.1), stack_inputs().to(torch.bfloat16)))
+    assert len(scaled_calls) == 4
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-2, rtol=1e-2)
+
+
+def test_a_layer_class_with_its_own_base_forward_keeps_it(scaled_calls):
+    model = build(fastpeft, "stack")
+    layer = model.base_model.model.l2
+    plain = type(layer)
+
+    def shifted(self, x, *args, **kwargs):
+        return plain.base_forward(self, x, *args, **kwargs) + 1
+
+    layer.__class__ = type("Shifted", (plain,), {"base_forward": shifted})
+    got = run(model, stack_inputs())
+    assert len(scaled_calls) == 2  # l0, l1
+    torch.testing.assert_close(got, run(model, stack_inputs(), fused=False), atol=1e-6, rtol=1e-5)
