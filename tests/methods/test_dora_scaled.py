@@ -140,14 +140,22 @@ def test_adapter_deleted_then_scaled_steps_match_hf(scaled_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scaled_weight_blocks_equal_the_whole(dtype):
-    """k (W + s B A) from row blocks (300 rows: a partial last block) is bit for bit the float32 sum of the
-    whole, rounded once."""
+def test_scaled_weight_and_norm(dtype):
+    """Wk = k (W + s B A), k = m / n, n = ||W + s B A||_row against float64, within two roundings to dtype;
+    n close to the factored norm dora.row_norm."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 40, generator=g).to(dtype)
-    a, b, k = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 40), (300, 4), (300,)))
-    want = torch.addmm(w.float(), b.float() * 0.7, a.float()).mul_(k.float()[:, None]).to(dtype)
-    assert torch.equal(dora_scaled.scaled_weight(w, a, b, k, 0.7), want)
+    a, b, m = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 40), (300, 4), (300,)))
+    v = w.double() + 0.7 * (b.double() @ a.double())
+    norm = v.norm(dim=1)
+    wk, k, n = dora_scaled.scaled_weight(w, a, b, m, 0.7)
+    eps = torch.finfo(dtype).eps
+    assert wk.dtype == k.dtype == n.dtype == dtype
+    torch.testing.assert_close(n.double(), norm, atol=0, rtol=eps)
+    torch.testing.assert_close(k, m / n, atol=0, rtol=0)
+    want = v * (m.double() / norm)[:, None]
+    torch.testing.assert_close(wk.double(), want, atol=eps * want.abs().max(), rtol=3 * eps)
+    torch.testing.assert_close(n.float(), dora.row_norm(w, b, a, 0.7).to(dtype).float(), atol=0, rtol=2 * eps)
 
 
 def test_hooks_on_the_base_layer_still_run(scaled_calls):
@@ -194,3 +202,16 @@ def test_a_layer_class_with_its_own_base_forward_keeps_it(scaled_calls):
     got = run(model, stack_inputs())
     assert len(scaled_calls) == 2  # l0, l1
     torch.testing.assert_close(got, run(model, stack_inputs(), fused=False), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_column_dots_of_row_blocks(with_bias):
+    """sum_t g (z - bias) over row blocks (300 rows: a partial last block) of bf16 g, z: the float32 sum."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = ((300, 24), (300, 24), (24,))
+    g, z, bias = (torch.randn(*shape, generator=gen).to(torch.bfloat16) for shape in shapes)
+    bias = bias if with_bias else None
+    want = (g.float() * (z.float() - (0 if bias is None else bias.float()))).sum(0)
+    got = dora_scaled._column_dots(g, z, bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

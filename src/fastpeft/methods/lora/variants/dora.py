@@ -168,10 +168,9 @@ class Dora(LoraVariant):
     def layer_output(self, layer, name, x):
         if not _scaled_applies(self, layer, name, x):
             return None
-        base, m = layer.get_base_layer(), layer.lora_magnitude_vector[name]
-        norm = self.weight_norm(layer, name).to(m.dtype)
+        base = layer.get_base_layer()
         return scaled_output(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             m, norm, layer.scaling[name])
+                             layer.lora_magnitude_vector[name], layer.scaling[name])
 
     def _fusable(self, layer, name, result):
         """Whether a one-node form (dora_fused.py) applies: False, or the dropout module acting (None when

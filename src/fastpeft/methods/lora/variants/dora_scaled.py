@@ -19,35 +19,31 @@ from __future__ import annotations
 
 import torch
 
-# rows of Wk formed at a time for a half-precision W: a 128 x 4096 float32 block (2 MiB) stays in cache
+# rows of half-precision g, z widened at a time in backward: a 128 x 4096 float32 block (2 MiB) stays in cache
 ROWS = 128
 
 
-def scaled_weight(w, a, b, k, s: float) -> torch.Tensor:
-    """Wk = k (W + s B A) (out, in) in w's dtype, summed in float32 at least and rounded once; for a
-    half-precision W in row blocks through one reused float32 buffer (no full-size float32 temporaries)."""
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    bs, k = b.to(dtype) * s, k.to(dtype)[:, None]
-    a = a.to(dtype)
-    if w.dtype == dtype:
-        return torch.addmm(w, bs, a).mul_(k)
-    out = torch.empty_like(w)
-    buf = torch.empty(min(ROWS, w.shape[0]), w.shape[1], dtype=dtype, device=w.device)
-    for i in range(0, w.shape[0], ROWS):
-        rows = buf[:min(ROWS, w.shape[0] - i)]
-        rows.copy_(w[i:i + ROWS])
-        rows.addmm_(bs[i:i + ROWS], a).mul_(k[i:i + ROWS])
-        out[i:i + ROWS].copy_(rows)
-    return out
+def scaled_weight(w, a, b, m, s: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Wk, k, n): V = W + s B A in w's dtype (one GEMM that adds into W: summed in float32, rounded once),
+    n = ||V||_row summed in float32 at least (from V itself: no cancellation to guard against, unlike the
+    factored norm dora.row_norm forms without V) and rounded to m's dtype as the composed ops round it,
+    k = m / n, Wk = k V. For half-precision weights Wk is rounded twice (V, then k V): about one unit in
+    the last place, where widening W to float32 and back (per row block) cost ~1 ms more per (1024, 1024)
+    weight on CPU than the whole rest of the formation."""
+    v = torch.addmm(w, b, a, alpha=s)
+    norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.promote_types(v.dtype, torch.float32))
+    m = m.reshape(-1)
+    k = m / norm.to(m.dtype)
+    return v.mul_(k.to(v.dtype)[:, None]), k, norm.to(m.dtype)
 
 
 class DoraScaledOutput(torch.autograd.Function):
-    """y' (..., out) from (x (..., in), W (out, in) frozen, bias, A (r, in), B (out, r), m, n (out,), s)."""
+    """y' (..., out) from (x (..., in), W (out, in) frozen, bias, A (r, in), B (out, r), m (out elements), s);
+    n = ||W + s B A||_row is formed with Wk (and detached: no gradient flows through it)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, a, b, m, norm, s):
-        k = m.reshape(-1) / norm  # (out,)
-        wk = scaled_weight(w, a, b, k, s)
+    def forward(ctx, x, w, bias, a, b, m, s):
+        wk, k, norm = scaled_weight(w, a, b, m, s)
         x2 = x.reshape(-1, x.shape[-1])
         # written into a tensor of the output's shape, not returned as a view of a 2-D result: the caller may
         # change it in place (then see backward)
@@ -75,29 +71,42 @@ class DoraScaledOutput(torch.autograd.Function):
         ks = (k * s)[:, None]
         if needs[4]:
             d_b = gxa * ks
-        g_sum = g.sum(0) if bias is not None and (needs[2] or needs[5]) else None
         if needs[5]:
-            d_m = _magnitude_grad(ctx, g, g_sum, x2, w, b, m, norm, bias, gxa).view(m.shape)
+            d_m = _magnitude_grad(ctx, g, x2, w, b, m, norm, bias, gxa).view(m.shape)
         if needs[2]:
-            d_bias = g_sum
+            d_bias = g.sum(0)
         if needs[3]:
             d_a = (g @ (b * ks)).T @ x2  # (r, in)
         ctx.z = None
-        return d_x, None, d_bias, d_a, d_b, d_m, None, None
+        return d_x, None, d_bias, d_a, d_b, d_m, None
 
 
-def _magnitude_grad(ctx, g, g_sum, x2, w, b, m, norm, bias, gxa):
+def _magnitude_grad(ctx, g, x2, w, b, m, norm, bias, gxa):
     """dL/dm (out,): sum_t g (z - bias) / m from the kept output, else from x W^T formed again."""
     m = m.reshape(-1)
     z = ctx.z
     if z._version == ctx.z_version and bool((m != 0).all()):
-        d = (g * z).sum(0)
-        if bias is not None:
-            d -= g_sum * bias
-        return d / m
+        return (_column_dots(g, z, bias) / m).to(m.dtype)
     return ((g * (x2 @ w.T)).sum(0) + ctx.s * (gxa * b).sum(1)) / norm
 
 
-def scaled_output(x, w, bias, a, b, m, norm, s: float) -> torch.Tensor:
+def _column_dots(g, z, bias) -> torch.Tensor:
+    """sum_t g (z - bias) (out,) in float32 at least, from row blocks widened into one reused buffer: g and z
+    are read once (no (tokens, out) product, no separate sum of g for the bias term)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    if g.dtype == dtype:
+        return (g * z).sum(0) if bias is None else (g * (z - bias)).sum(0)
+    acc = torch.zeros(g.shape[1], dtype=dtype, device=g.device)
+    buf = torch.empty(min(ROWS, g.shape[0]), g.shape[1], dtype=dtype, device=g.device)
+    for i in range(0, g.shape[0], ROWS):
+        rows = buf[:min(ROWS, g.shape[0] - i)]
+        rows.copy_(z[i:i + ROWS])
+        if bias is not None:
+            rows.sub_(bias)
+        acc += rows.mul_(g[i:i + ROWS]).sum(0)
+    return acc
+
+
+def scaled_output(x, w, bias, a, b, m, s: float) -> torch.Tensor:
     """The DoRA Linear layer's output x Wk^T + bias (see the module docstring); n detached."""
-    return DoraScaledOutput.apply(x, w, bias, a, b, m, norm, s)
+    return DoraScaledOutput.apply(x, w, bias, a, b, m, s)
