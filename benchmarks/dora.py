@@ -5,8 +5,10 @@ Run: `.venv/bin/python benchmarks/dora.py [--hidden 1024 2048] [--layers 4] [--t
 [--rounds 9] [--clock cpu]`. One process builds the models (same weights), checks that the DoRA outputs and
 gradients agree, then times one step per shape with the libraries alternating inside each round (order
 reversed every other round, medians). The base model's step (frozen weights, input gradient formed, nothing to
-optimise) is the floor. "fastpeft composed" is fastpeft with its one-node DoRA contribution switched off
-(`variants.dora.FUSED = False`): the same norm, the contribution as composed torch ops. Ratios are
+optimise) is the floor. "fastpeft composed" is fastpeft with its fused DoRA forms switched off
+(`variants.dora.FUSED = False`): the same norm, the contribution as composed torch ops; "one-node" is
+fastpeft with the one-GEMM form (dora_scaled.py) off (`variants.dora.TOKENS_PER_ROW = inf`): the base layer's
+GEMMs plus the one-node contribution (dora_fused.py), the previous round's formulation. Ratios are
 fastpeft / HF PEFT: below 1, fastpeft is faster. `--clock cpu` times with `time.thread_time` (1 torch thread:
 all the work is on the calling thread), which other processes on a shared machine disturb far less.
 """
@@ -71,18 +73,20 @@ class Trainer:
     """One training step of `model`: forward, mean-square loss, backward, AdamW step (lr 0: the weights stay
     the same across rounds, the optimizer does all its work)."""
 
-    def __init__(self, model, fused: bool = True):
-        self.model, self.fused = model, fused
+    def __init__(self, model, fused: bool = True, scaled: bool = True):
+        self.model, self.fused, self.scaled = model, fused, scaled
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=0.0) if params else None
 
     def loss(self, x):
-        fp_dora.FUSED = self.fused
+        fp_dora.FUSED, tokens_per_row = self.fused, fp_dora.TOKENS_PER_ROW
+        if not self.scaled:
+            fp_dora.TOKENS_PER_ROW = float("inf")
         try:
             x = x.detach().requires_grad_(True)  # all models form the stack's input gradient
             return self.model(x).square().mean()
         finally:
-            fp_dora.FUSED = True
+            fp_dora.FUSED, fp_dora.TOKENS_PER_ROW = True, tokens_per_row
 
     def __call__(self, x) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -120,6 +124,7 @@ def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], dtype_n
     trainers = {"peft": Trainer(build(peft, hidden, layers, r, dtype, args.dropout)),
                 "fastpeft": Trainer(build(fastpeft, hidden, layers, r, dtype, args.dropout))}
     trainers["composed"] = Trainer(trainers["fastpeft"].model, fused=False)
+    trainers["one-node"] = Trainer(trainers["fastpeft"].model, scaled=False)
     trainers["base"] = Trainer(frozen_base(hidden, layers).to(dtype))
     out_tol, grad_atol, grad_rtol = TOLERANCES[dtype]
     for tokens in token_counts:
@@ -134,7 +139,8 @@ def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], dtype_n
                     atol=grad_atol, rtol=grad_rtol)
         t = timed(args.clock, {k: (lambda tr=tr, x=x: tr(x)) for k, tr in trainers.items()}, rounds(args))
         print(f"{dtype_name:>8} | {hidden:>6} | {tokens:>6} | {t['peft']:>10.1f} | {t['fastpeft']:>11.1f} | "
-              f"{t['composed']:>11.1f} | {t['base']:>8.1f} | {t['fastpeft'] / t['peft']:>13.2f} | "
+              f"{t['one-node']:>8.1f} | {t['composed']:>11.1f} | {t['base']:>8.1f} | "
+              f"{t['fastpeft'] / t['peft']:>13.2f} | {t['one-node'] / t['peft']:>14.2f} | "
               f"{t['composed'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}", flush=True)
 
 
@@ -158,9 +164,9 @@ def main() -> None:
     print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r}, lora_dropout {args.dropout} on "
           f"every layer; one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, "
           "ms per step")
-    print(f"{'dtype':>8} | {'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | "
-          f"{'fp composed':>11} | {'base':>8} | {'fastpeft / HF':>13} | {'composed / HF':>13} | "
-          f"{'base / HF':>9}")
+    print(f"{'dtype':>8} | {'H':>6} | {'tokens':>6} | {'HF PEFT':>10} | {'fastpeft':>11} | {'one-node':>8} | "
+          f"{'fp composed':>11} | {'base':>8} | {'fastpeft / HF':>13} | {'one-node / HF':>14} | "
+          f"{'composed / HF':>13} | {'base / HF':>9}")
     for dtype_name in args.dtype or (["float32"] if args.quick else ["float32", "bfloat16"]):
         for hidden in args.hidden or hiddens:
             run_shape(hidden, layers, args.r, args.tokens or token_counts, dtype_name, args)
