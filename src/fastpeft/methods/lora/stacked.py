@@ -47,7 +47,9 @@ class RowPlan:
             rows.setdefault(name, []).append(row)
         self.names = list(rows)
         self.rows = list(rows.values())
-        self.most = max(map(len, self.rows), default=0)  # the largest row count of one name
+        self.most = 0  # the largest row count of one name (a loop: torch.compile traces this too)
+        for group in self.rows:
+            self.most = max(self.most, len(group))
 
 
 def row_plan(adapter_names: list[str]) -> RowPlan:
