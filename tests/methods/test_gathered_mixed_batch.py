@@ -10,6 +10,8 @@ import torch
 import fastpeft
 from fastpeft.methods.lora import gathered
 
+from many_lora import randomize_lora as randomize
+from many_lora import varied_lora_config, with_adapters
 from models import MODELS, count_calls, forward
 
 TARGETS = {"mlp": (["lin0", "lin1"], "x"),
@@ -21,26 +23,11 @@ NAMES = ["a0", "a3", "__base__", "a1", "a5", "a2", "a0", "a4", "__base__", "a5",
 
 
 def lora_config(lib, model_name: str, i: int, **extra):
-    r = (2, 4, 8)[i % 3]
-    return lib.LoraConfig(r=r, lora_alpha=r + 3 * i, use_rslora=i % 2 == 1,
-                          target_modules=TARGETS[model_name][0], init_lora_weights=False, **extra)
+    return varied_lora_config(lib, i, TARGETS[model_name][0], **extra)
 
 
 def build(lib, model_name: str, n: int = N_ADAPTERS, **extra):
-    model = lib.get_peft_model(MODELS[model_name][0](), lora_config(lib, model_name, 0, **extra),
-                               adapter_name="a0")
-    for i in range(1, n):
-        model.add_adapter(f"a{i}", lora_config(lib, model_name, i, **extra))
-    randomize(model, seed=0)
-    return model.eval()
-
-
-def randomize(model, seed: int, only: str = "") -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".lora_" in name and f".{only}" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return with_adapters(lib, MODELS[model_name][0], TARGETS[model_name][0], n, **extra)
 
 
 def batch(model_name: str, size: int = len(NAMES)) -> dict:

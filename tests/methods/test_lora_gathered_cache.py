@@ -10,6 +10,8 @@ import torch
 import fastpeft
 from fastpeft.methods.lora import gathered, stacked
 
+from many_lora import randomize_lora as randomize
+from many_lora import varied_lora_config, with_adapters
 from models import MODELS, count_calls
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -19,25 +21,11 @@ NAMES = ["a0", "a3", "__base__", "a1", "a5", "a2", "a0", "a4", "__base__", "a5",
 
 
 def config(i: int, **extra):
-    r = (2, 4, 8)[i % 3]
-    return fastpeft.LoraConfig(r=r, lora_alpha=r + 3 * i, use_rslora=i % 2 == 1, target_modules=TARGETS,
-                               init_lora_weights=False, **extra)
+    return varied_lora_config(fastpeft, i, TARGETS, **extra)
 
 
 def build(n: int = N):
-    model = fastpeft.get_peft_model(MODELS["llama"][0](), config(0), adapter_name="a0")
-    for i in range(1, n):
-        model.add_adapter(f"a{i}", config(i))
-    randomize(model, seed=0)
-    return model.eval()
-
-
-def randomize(model, seed: int, only: str = "") -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".lora_" in name and f".{only}" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return with_adapters(fastpeft, MODELS["llama"][0], TARGETS, n)
 
 
 def ids(rows: int = len(NAMES), tokens: int = 5) -> torch.Tensor:
