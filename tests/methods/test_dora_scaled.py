@@ -12,7 +12,7 @@ import torch
 
 import fastpeft
 from fastpeft.methods.lora.variants import dora, dora_fused, dora_scaled
-from test_dora_fused import CASES, build, compare, grads_of, inplace_grads, run, stack_inputs, steps
+from test_dora_fused import CASES, build, compare, grads_of, inplace_grads, key, run, stack_inputs, steps
 
 import models
 
@@ -123,12 +123,12 @@ def test_adapter_deleted_then_scaled_steps_match_hf(scaled_calls):
     """Two DoRA adapters active (the one-node form), then one deleted: the one-GEMM form on the rest, equal to
     HF PEFT over AdamW steps."""
     built = {}
-    for key, lib in (("fp", fastpeft), ("hf", peft)):
+    for label, lib in (("fp", fastpeft), ("hf", peft)):
         model = build(lib, "stack")
         model.add_adapter("second", lib.LoraConfig(target_modules=["l0", "l2"], r=2, use_dora=True))
         models.perturb(model, 1, 0.1, wanted=lambda n: "second" in n)
         model.base_model.set_adapter(["default", "second"])
-        built[key] = model
+        built[label] = model
     x = stack_inputs()
     torch.testing.assert_close(run(built["fp"], x), run(built["hf"], x), atol=1e-5, rtol=1e-4)
     calls = len(scaled_calls)  # l1 has one adapter only
@@ -218,3 +218,18 @@ def test_column_dots_of_row_blocks(with_bias):
     scale = (g * z).float().abs().sum(0)
     scale += 0 if bias is None else g.float().abs().sum(0) * bias.float().abs()
     assert ((got - want).abs() <= 2 ** -8 * scale).all()
+
+
+def test_autocast_gives_way_and_matches_hf(scaled_calls):
+    """Under torch.autocast the ops' dtypes are autocast's (a float32 W, bf16 GEMMs): HF PEFT's ops run."""
+    got = []
+    for lib in (fastpeft, peft):
+        model = build(lib, "stack")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(model, stack_inputs())
+        out.float().square().mean().backward()
+        got.append((out, {key(k): p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    assert not scaled_calls and got[0][0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0][0], got[1][0], atol=3e-2, rtol=3e-2)
+    for k, grad in got[1][1].items():
+        torch.testing.assert_close(got[0][1][k], grad, atol=3e-2, rtol=3e-2, msg=lambda m, k=k: f"{k}: {m}")

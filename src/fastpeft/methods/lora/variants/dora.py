@@ -265,8 +265,10 @@ class DoraConv(Dora):
 def _scaled_applies(variant, layer, name, x) -> bool:
     """The one-GEMM form (dora_scaled.py): enough rows, a plain DoRA Linear on a dense nn.Linear (no hooks,
     weight frozen) with plain Linear factors, no lora_bias, no dropout acting, one dtype
-    throughout, not while compiling."""
+    throughout, not under autocast, not while compiling."""
     if not FUSED or type(variant) is not Dora or torch.compiler.is_compiling() or x.dim() < 2:
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype: HF PEFT's ops, not Wk's
         return False
     base = layer.get_base_layer()
     # (an nn.Linear base is never fan_in_fan_out: model.py turns it off)
