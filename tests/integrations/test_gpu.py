@@ -258,6 +258,25 @@ def test_lora_hot_paths_never_sync():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_dora_long_rows_take_no_cpu_only_path():
+    """Rows of many tokens (where the CPU uses the one-GEMM form, variants/dora_scaled.py, whose backward
+    reads the magnitudes on the host): on CUDA the training step runs the other forms, equal to float64."""
+    from fastpeft.methods.lora.variants import dora_scaled
+
+    model = mlp_lora(["a0"], use_dora=True).train()
+    x = torch.randn(64, 10, device="cuda")
+    calls = []
+    original = dora_scaled.DoraScaledOutput.apply
+    dora_scaled.DoraScaledOutput.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        model(x).sum().backward()
+    finally:
+        dora_scaled.DoraScaledOutput.apply = original
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 def test_dora_forward_syncs_once_per_layer():
     """DoRA's one known sync: `bad.any()` in row_norm, once per DoRA layer per forward."""
     model = mlp_lora(["a0"], use_dora=True).eval()
