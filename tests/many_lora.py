@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fastpeft.methods.lora import gathered
+
 
 def varied_lora_config(lib, i: int, target_modules, **extra):
     """Adapter i's config: ranks 2 / 4 / 8 in turn, distinct alphas, rsLoRA on odd i, random init."""
@@ -30,3 +32,14 @@ def randomize_lora(model, seed: int, only: str = "") -> None:
         for name, param in sorted(model.named_parameters()):
             if ".lora_" in name and f".{only}" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def loop_logits(model, inputs, names) -> torch.Tensor:
+    """Logits of a mixed batch (`adapter_names=names`) through the per-adapter loop: no stacks, no gathered
+    path (the reference the fast paths are held to)."""
+    saved, gathered.MIN_ADAPTERS = gathered.MIN_ADAPTERS, 10**9
+    try:
+        with torch.no_grad():
+            return model(input_ids=inputs, adapter_names=names).logits
+    finally:
+        gathered.MIN_ADAPTERS = saved

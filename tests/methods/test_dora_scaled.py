@@ -12,33 +12,33 @@ import torch
 
 import fastpeft
 from fastpeft.methods.lora.variants import dora, dora_fused, dora_scaled
-from test_dora_fused import CASES, build, compare, grads_of, inplace_grads, key, run, stack_inputs, steps
+from test_dora_fused import (
+    CASES,
+    build,
+    check_bf16_path,
+    compare,
+    grads_of,
+    inplace_grads,
+    key,
+    node_calls,
+    run,
+    stack_inputs,
+    steps,
+)
 
 import models
-
-
-def _counter(monkeypatch, node):
-    calls = []
-    original = node.apply
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(node, "apply", counting)
-    return calls
 
 
 @pytest.fixture
 def scaled_calls(monkeypatch):
     """How often the one-GEMM node ran; it applies from any token count here (the tiny models' few rows)."""
     monkeypatch.setattr(dora, "TOKENS_PER_ROW", 0.0)
-    return _counter(monkeypatch, dora_scaled.DoraScaledOutput)
+    return node_calls(monkeypatch, dora_scaled.DoraScaledOutput)
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    return _counter(monkeypatch, dora_fused.DoraLinearOutput)
+    return node_calls(monkeypatch, dora_fused.DoraLinearOutput)
 
 
 @pytest.mark.parametrize("case", ["stack", "llama"])
@@ -57,12 +57,7 @@ def test_scaled_equals_composed_and_hf_over_training_steps(case, scaled_calls, f
 
 @pytest.mark.parametrize("case", ["stack", "llama"])
 def test_bf16_scaled_equals_composed_and_hf(case, scaled_calls):
-    bf16 = torch.bfloat16
-    got = steps(build(fastpeft, case, bf16), case, n=2, dtype=bf16)
-    assert scaled_calls
-    composed = steps(build(fastpeft, case, bf16), case, n=2, fused=False, dtype=bf16)
-    compare(got, composed, atol=2e-2, rtol=2e-2)
-    compare(got, steps(build(peft, case, bf16), case, n=2, dtype=bf16), atol=3e-2, rtol=3e-2)
+    check_bf16_path(case, scaled_calls)
 
 
 def test_trainable_base_bias_gradient_matches_hf(scaled_calls):

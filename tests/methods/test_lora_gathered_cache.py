@@ -10,8 +10,8 @@ import torch
 import fastpeft
 from fastpeft.methods.lora import gathered, stacked
 
+from many_lora import loop_logits, varied_lora_config, with_adapters
 from many_lora import randomize_lora as randomize
-from many_lora import varied_lora_config, with_adapters
 from models import MODELS, count_calls
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -39,13 +39,7 @@ def stacked_calls(monkeypatch):
 
 
 def plain(model, inputs, names=NAMES) -> torch.Tensor:
-    """The per-adapter loop (no stacks, no gathered path)."""
-    saved, gathered.MIN_ADAPTERS = gathered.MIN_ADAPTERS, 10**9
-    try:
-        with torch.no_grad():
-            return model(input_ids=inputs, adapter_names=names).logits
-    finally:
-        gathered.MIN_ADAPTERS = saved
+    return loop_logits(model, inputs, names)
 
 
 def fast(model, inputs, counter, names=NAMES) -> torch.Tensor:

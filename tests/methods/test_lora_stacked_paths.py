@@ -13,6 +13,7 @@ from torch.nn.modules import module as module_mod
 import fastpeft
 from fastpeft.methods.lora import gathered, stacked
 
+from many_lora import loop_logits as plain
 from many_lora import randomize_lora as randomize
 from many_lora import varied_lora_config, with_adapters
 from models import MODELS, count_calls
@@ -43,16 +44,6 @@ def ids(rows: int, tokens: int = 1) -> torch.Tensor:
 @pytest.fixture
 def stacked_calls(monkeypatch):
     return count_calls(monkeypatch, stacked, "stacked_output")
-
-
-def plain(model, inputs, names) -> torch.Tensor:
-    """The per-adapter loop."""
-    saved, gathered.MIN_ADAPTERS = gathered.MIN_ADAPTERS, 10**9
-    try:
-        with torch.no_grad():
-            return model(input_ids=inputs, adapter_names=names).logits
-    finally:
-        gathered.MIN_ADAPTERS = saved
 
 
 def check(model, counter, names, tokens: int = 1, stacked_ran: bool = True) -> torch.Tensor:
