@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 _QV = ["q_proj", "v_proj"]
+# Gemma 4 is multimodal: only the language model's attention (a regex string, as HF PEFT's entry)
+GEMMA4 = r".*language_model\..*\.(q_proj|v_proj)"
 
-LORA_TARGETS: dict[str, list[str]] = {
+LORA_TARGETS: dict[str, list[str] | str] = {
     **{t: _QV for t in (
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "bart",
         "gptj", "stablelm", "mbart", "m2m_100", "marian", "blenderbot", "blenderbot-small", "pegasus",
         "xglm", "llava", "idefics", "gpt_neo", "olmo", "qwen2_moe", "cohere", "granite", "phi3small",
+        "llama4",
     )},
     **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "switch_transformers")},
     **{t: ["query", "value"] for t in (
@@ -25,6 +28,10 @@ LORA_TARGETS: dict[str, list[str]] = {
     "mpt": ["Wqkv"],
     "btlm": ["c_proj", "c_attn"],
     "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "gemma4": GEMMA4,
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ...core.dispatch import DispatchChain
 from ...core.tuner import Tuner
+from ...integrations.transformers_defaults import GEMMA4
 from ...quant.merge import AllOrNothingMerge, register_quantised
 from .._shared.common import bias_file_keys, fill_targets
 from .._shared.modules import is_linear
@@ -32,7 +33,7 @@ register_quantised(DISPATCH, SVDLinear4bit, SVDLinear8bitLt)  # bitsandbytes lay
 _QV = ["q_proj", "v_proj"]
 _FULL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # default target_modules per transformers model_type (HF PEFT 0.21.2's AdaLoRA table)
-ADALORA_TARGETS: dict[str, list[str]] = {
+ADALORA_TARGETS: dict[str, list[str] | str] = {
     "t5": ["q", "k", "v", "o", "wi", "wo"],
     "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": _FULL,
@@ -46,6 +47,7 @@ ADALORA_TARGETS: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
     "deberta": ["in_proj"],
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma4": GEMMA4,
 }
 
 # PeftModel.base_model is this tuner and tuner.model the user's model: adapter file keys start with this

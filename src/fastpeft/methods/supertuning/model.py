@@ -14,7 +14,8 @@ DISPATCH = DispatchChain("Super-Tuning")
 DISPATCH.register(nn.Linear, SupertuningLinear)
 
 # as HF PEFT 0.21: a copy of LoRA's table
-SUPERTUNING_TARGETS: dict[str, list[str]] = {k: list(v) for k, v in LORA_TARGETS.items()}
+SUPERTUNING_TARGETS: dict[str, list[str] | str] = {k: v if isinstance(v, str) else list(v)
+                                                   for k, v in LORA_TARGETS.items()}
 
 
 class SupertuningModel(Tuner):

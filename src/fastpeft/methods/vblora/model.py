@@ -12,6 +12,7 @@ from ...checkpoint.keys import write_tensor
 from ...core.dispatch import DispatchChain
 from ...core.layer import AdapterLayer
 from ...core.tuner import Tuner
+from ...integrations.transformers_defaults import GEMMA4
 from .._shared.common import align_fan_in_fan_out, bias_file_keys, fill_targets, train_base_biases
 from .._shared.modules import is_linear
 from .layer import LOGIT_NAMES, VBLoRALinear
@@ -21,7 +22,7 @@ FILE_PREFIX = "base_model."  # file keys are those of the PeftModel's state dict
 MODEL_PREFIX = FILE_PREFIX + "model."
 
 _QV = ["q_proj", "v_proj"]
-VBLORA_TARGETS: dict[str, list[str]] = {
+VBLORA_TARGETS: dict[str, list[str] | str] = {
     **{t: _QV for t in ("gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text",
                         "qwen2", "qwen3")},
     **{t: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] for t in ("bart", "opt")},
@@ -33,6 +34,7 @@ VBLORA_TARGETS: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
     "deberta": ["in_proj"],
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma4": GEMMA4,
 }
 
 DISPATCH = DispatchChain("VBLoRA")
