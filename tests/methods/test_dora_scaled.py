@@ -228,3 +228,24 @@ def test_autocast_gives_way_and_matches_hf(scaled_calls):
     torch.testing.assert_close(got[0][0], got[1][0], atol=3e-2, rtol=3e-2)
     for k, grad in got[1][1].items():
         torch.testing.assert_close(got[0][1][k], grad, atol=3e-2, rtol=3e-2, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_no_weight_sized_tensor_is_kept_for_backward(scaled_calls):
+    """Between forward and backward the node holds the frozen W itself (no copy) but no other (out, in)
+    tensor: Wk is formed again in backward (HF PEFT's DoRA keeps none either)."""
+    model = build(fastpeft, "stack")
+    weights = {id(m.base_layer.weight): m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A")}
+    shapes = {tuple(w.shape) for w in weights.values()}
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(model, stack_inputs())
+    assert scaled_calls
+    weight_sized = [t for t in kept if tuple(t.shape) in shapes]
+    ptrs = {w.data_ptr() for w in weights.values()}
+    assert weight_sized and all(t.data_ptr() in ptrs for t in weight_sized)
+    (out ** 2).mean().backward()  # and the rebuilt Wk gives the gradients the other tests check

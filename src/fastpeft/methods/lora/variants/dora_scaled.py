@@ -36,7 +36,17 @@ def scaled_weight(w, a, b, m, s: float) -> tuple[torch.Tensor, torch.Tensor, tor
     norm = torch.linalg.vector_norm(v, dim=1).to(m.dtype)
     m = m.reshape(-1)
     k = m / norm
-    return v.mul_(k.to(v.dtype)[:, None]), k, norm
+    return _rescaled(v, k), k, norm
+
+
+def _rescaled(v, k):
+    return v.mul_(k.to(v.dtype)[:, None])
+
+
+def _rebuilt_weight(w, a, b, k, s: float) -> torch.Tensor:
+    """Wk again in backward, by the forward's ops on the same tensors (bit-identical): keeping it from the
+    forward would hold one weight-sized tensor per layer until backward, which HF PEFT's DoRA does not."""
+    return _rescaled(torch.addmm(w, b, a, alpha=s), k)
 
 
 class DoraScaledOutput(torch.autograd.Function):
@@ -55,7 +65,7 @@ class DoraScaledOutput(torch.autograd.Function):
         else:
             torch.addmm(bias, x2, wk.T, out=z.view(-1, wk.shape[0]))
         xa = x2 @ a.T  # (tokens, r): for dB and dA
-        ctx.save_for_backward(x2, w, wk, a, b, m, k, norm, xa, bias)
+        ctx.save_for_backward(x2, w, a, b, m, k, norm, xa, bias)
         # detached: shares z's storage and version counter without a reference back to this node
         ctx.z, ctx.z_version = z.detach().view(-1, z.shape[-1]), z._version
         ctx.s, ctx.x_shape = s, x.shape
@@ -63,12 +73,12 @@ class DoraScaledOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x2, w, wk, a, b, m, k, norm, xa, bias = ctx.saved_tensors
+        x2, w, a, b, m, k, norm, xa, bias = ctx.saved_tensors
         s, needs = ctx.s, ctx.needs_input_grad
-        g = grad.reshape(-1, wk.shape[0])
+        g = grad.reshape(-1, w.shape[0])
         d_x = d_bias = d_a = d_b = d_m = None
         if needs[0]:
-            d_x = (g @ wk).view(ctx.x_shape)
+            d_x = (g @ _rebuilt_weight(w, a, b, k, s)).view(ctx.x_shape)
         gxa = g.T @ xa  # (out, r)
         ks = (k * s)[:, None]
         if needs[4]:
