@@ -183,6 +183,19 @@ class PeftConfig:
             check_file_config(cls, data, path)
             return cls.from_dict(data)
 
+    @classmethod
+    def given_or_saved(cls, config: Any, model_id: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
+        """`config` as the caller passed it to a `from_pretrained`, else the one saved at `model_id`.
+        Anything but a config object is refused with a ValueError (HF PEFT's type for it)."""
+        if config is None:
+            return cls.from_pretrained(model_id, **hub_kwargs)
+        if not isinstance(config, PeftConfig):
+            raise ValueError(
+                f"config must be a PeftConfig (e.g. LoraConfig(...) or PeftConfig.from_pretrained(path)), "
+                f"got {type(config).__name__}; or leave config=None to use the adapter_config.json at "
+                f"{model_id!r}.")
+        return config
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):

@@ -366,10 +366,7 @@ class PeftModel(PeftModelCompat, nn.Module):
         check_adapter_name(adapter_name)
         refuse_second_wrap(model)
         hub_kwargs, _ = io.split_hub_kwargs(kwargs)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        elif not isinstance(config, PeftConfig):
-            raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}.")
+        config = PeftConfig.given_or_saved(config, model_id, **hub_kwargs)
         for name in declared(config, "load_kwarg"):  # values only the caller knows, e.g. where files moved
             if name in kwargs:
                 setattr(config, name, kwargs.pop(name))

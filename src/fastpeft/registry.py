@@ -34,7 +34,7 @@ _REGISTRY: dict[PeftType, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if spec.peft_type in _REGISTRY and _REGISTRY[spec.peft_type] != spec:
+    if _REGISTRY.get(spec.peft_type, spec) != spec:  # the same spec again (a re-import) is fine
         raise ValueError(f"Method {spec.peft_type.value} is registered twice.")
     if spec.tuner_cls is not None:  # first: a refused spec leaves the registry and its classes as they were
         _give_prefix(spec.tuner_cls, spec.prefix)

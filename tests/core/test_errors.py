@@ -463,3 +463,16 @@ def test_saved_adapter_files_get_the_usual_file_mode(tmp_path):
     for fname in ("adapter_model.safetensors", "adapter_config.json"):
         mode_ours = os.stat(tmp_path / "ours" / fname).st_mode & 0o777
         assert mode_ours == expected, f"{fname}: {oct(mode_ours)}, a plain file gets {oct(expected)}"
+
+
+# ------------------------------------------------------------------------------------------ config argument
+@pytest.mark.parametrize("entry", [PeftModel.from_pretrained, fastpeft.PeftMixedModel.from_pretrained])
+def test_a_config_that_is_no_peft_config_is_refused_naming_the_fix(tmp_path, entry):
+    _, path = save_adapter(tmp_path)
+    model = make_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"config must be a PeftConfig .*got dict.*config=None"):
+        entry(model, str(path), config={"r": 4})  # HF PEFT raises ValueError here too
+    assert_unchanged(model, before)
+    given = LoraConfig(**lora_cfg().to_dict() | {"lora_alpha": 5})  # a config object is used as given
+    assert entry(make_mlp(), str(path), config=given).peft_config["default"].lora_alpha == 5

@@ -7,6 +7,7 @@ methods, tests/prompt_helpers.py for soft prompts) or a named dedicated suite.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def test_unregistered_type_error_lists_the_supported_ones(monkeypatch):
     monkeypatch.delitem(registry._REGISTRY, PeftType.XLORA)
     with pytest.raises(ValueError, match="'XLORA' is not supported by fastpeft yet.*LORA"):
         registry.get_spec("XLORA")
+
+
+def test_a_second_spec_for_a_registered_type_is_refused():
+    spec = registry.get_spec("LORA")
+    assert registry.register(spec) is spec  # the same spec again (a module imported twice) is fine
+    other = dataclasses.replace(spec, prefix="other_")
+    with pytest.raises(ValueError, match="LORA is registered twice"):
+        registry.register(other)
+    assert registry.get_spec("LORA") is spec
 
 
 # what a config of each method needs beyond its defaults to be valid

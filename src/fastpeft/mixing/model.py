@@ -188,10 +188,7 @@ class PeftMixedModel(nn.Module):
         """A PeftMixedModel over `model` with the adapter in `model_id` (frozen unless `is_trainable`); add
         more with load_adapter. A failure leaves `model` as it was."""
         hub_kwargs, _ = io.split_hub_kwargs(kwargs)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        elif not isinstance(config, PeftConfig):
-            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
+        config = PeftConfig.given_or_saved(config, model_id, **hub_kwargs)
         check_mixable(config)
         config.inference_mode = not is_trainable
         with loading.all_or_nothing(model, model_id, hub_kwargs):
