@@ -52,8 +52,8 @@ def one_thread():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The `gpu` tests skipped for want of a CUDA device are named in the run's summary, not only counted (this hook
-    lives in the top conftest: under pytest-xdist the controller process loads no sub-folder conftest)."""
+    """The `gpu` tests skipped for want of a CUDA device are named in the run's summary, not only counted
+    (this hook lives in the top conftest: under pytest-xdist the controller loads no sub-folder conftest)."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "gpu" in getattr(r, "keywords", {})]
     if skipped:
         terminalreporter.write_line(

@@ -10,7 +10,8 @@
   (PiSSA) included; a failure after the swap deletes the adapter from every holder (new modules_to_save
   wrappers unwrapped, existing layers keep their other adapters and hand-set flags); steps a method adds after
   the generic injection (LoRA's trainable tokens) are inside the same transaction.
-- The cyclic garbage collector is paused inside a transaction and left as it was after, on success and failure.
+- The cyclic garbage collector is paused inside a transaction and left as it was after, on success and
+  failure.
 - The per-model flags live in one object (`flags_of`); nothing hidden is left on the user's model.
 """
 

@@ -18,6 +18,13 @@ from .layer import AdapterLayer
 EVERY = object()  # `adapter=EVERY`: every per-adapter entry is walked (torch's own walk)
 
 
+def per_adapter_dicts(module: nn.Module) -> list[nn.ModuleDict]:
+    """The per-adapter entries' dicts of `module`: its nn.ModuleDict children if it is an adapter layer."""
+    if not isinstance(module, AdapterLayer):
+        return []
+    return [child for child in module._modules.values() if isinstance(child, nn.ModuleDict)]
+
+
 def all_modules(root: nn.Module) -> list[nn.Module]:
     """Every module under `root` (itself included) once, in no particular order."""
     out = [root]
@@ -47,12 +54,11 @@ def named_modules(root: nn.Module, adapter=EVERY,
                 return
             seen.add(id(module))
         out.append((prefix, module))
-        layer = prune and isinstance(module, AdapterLayer)
+        dicts = {id(d) for d in per_adapter_dicts(module)} if prune else ()
         for key, child in module._modules.items():
             if child is None or (only is not EVERY and key != only):
                 continue
-            entries = adapter if layer and isinstance(child, nn.ModuleDict) else EVERY
-            visit(f"{prefix}.{key}" if prefix else key, child, entries)
+            visit(f"{prefix}.{key}" if prefix else key, child, adapter if id(child) in dicts else EVERY)
 
     visit("", root)
     return out

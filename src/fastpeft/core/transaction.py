@@ -41,8 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import AdapterLayer
-from .module_walk import all_modules
+from .module_walk import all_modules, per_adapter_dicts
 
 _CONTAINERS = (dict, list, set)
 _NONE: dict = {}
@@ -100,13 +99,10 @@ def _plain_adapter_leaves(modules: list[nn.Module]) -> dict[int, nn.Module]:
     never their other attributes."""
     out = {}
     for module in modules:
-        if not isinstance(module, AdapterLayer):
-            continue
-        for container in module._modules.values():
-            if isinstance(container, nn.ModuleDict):
-                for leaf in container._modules.values():
-                    if leaf is not None and not leaf._modules and _is_torch_nn(leaf):
-                        out[id(leaf)] = leaf
+        for container in per_adapter_dicts(module):
+            for leaf in container._modules.values():
+                if leaf is not None and not leaf._modules and _is_torch_nn(leaf):
+                    out[id(leaf)] = leaf
     return out
 
 

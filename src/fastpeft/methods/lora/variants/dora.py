@@ -185,9 +185,9 @@ class Dora(LoraVariant):
         dropout = None if not layer.training or isinstance(dropout, nn.Identity) else dropout
         if dropout is not None and not _dropout_fusable(self, layer, dropout, result):
             return False
-        a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
-        if type(a_mod) is not nn.Linear or type(b_mod) is not nn.Linear or b_mod.bias is not None:
+        if not _plain_factors(layer, name):
             return False
+        a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
         bias = layer.get_base_layer().bias
         tensors = (a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name])
         if any(t.dtype != result.dtype for t in tensors) or (bias is not None and bias.dtype != result.dtype):
@@ -288,11 +288,18 @@ def _scaled_applies(variant, layer, name, x) -> bool:
     dropout = layer.lora_dropout[name]
     if layer.training and not isinstance(dropout, nn.Identity):
         return False
-    a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
-    if type(a_mod) is not nn.Linear or type(b_mod) is not nn.Linear or b_mod.bias is not None:
+    if not _plain_factors(layer, name):
         return False
+    a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
     tensors = (base.weight, a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name], base.bias)
     return all(t is None or t.dtype == x.dtype for t in tensors)
+
+
+def _plain_factors(layer, name) -> bool:
+    """A and B are plain nn.Linear modules and B has no bias (no lora_bias): what the one-node and one-GEMM
+    forms read directly."""
+    a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+    return type(a_mod) is nn.Linear and type(b_mod) is nn.Linear and b_mod.bias is None
 
 
 def _dropout_fusable(variant, layer, dropout, result) -> bool:
