@@ -191,7 +191,7 @@ class PeftConfig:
             return cls.from_pretrained(model_id, **hub_kwargs)
         if not isinstance(config, PeftConfig):
             raise ValueError(
-                f"config must be a PeftConfig (e.g. LoraConfig(...) or PeftConfig.from_pretrained(path)), "
+                f"config must be a PeftConfig (a method's config, or PeftConfig.from_pretrained(path)), "
                 f"got {type(config).__name__}; or leave config=None to use the adapter_config.json at "
                 f"{model_id!r}.")
         return config
