@@ -144,6 +144,38 @@ def run_shape(hidden: int, layers: int, r: int, token_counts: list[int], dtype_n
               f"{t['composed'] / t['peft']:>13.2f} | {t['base'] / t['peft']:>9.2f}", flush=True)
 
 
+def pieces(hidden: int, tokens: int, r: int, dtype_name: str, args) -> None:
+    """Median ms of each op the one-GEMM form (variants/dora_scaled.py) adds to a layer's step, beside the two
+    GEMMs of the floor, on one (tokens, hidden) layer; MB: the bytes each op must read or write at least."""
+    from fastpeft.methods.lora.variants import dora_scaled as ds
+    dtype, gen = getattr(torch, dtype_name), torch.Generator().manual_seed(5)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    x, g = rand(tokens, hidden), rand(tokens, hidden)
+    w, a, b = rand(hidden, hidden, scale=0.03), rand(r, hidden, scale=0.03), rand(hidden, r, scale=0.03)
+    m, s = (torch.rand(hidden, generator=gen) + 0.5).to(dtype), 2.0
+    wk, k, _ = ds.scaled_weight(w, a, b, m, s)
+    z, xa = x @ wk.T, x @ a.T
+    bks, act = b * (k * s)[:, None], tokens * hidden * x.element_size() / 1e6
+    gb, weight = g @ bks, hidden * hidden * x.element_size() / 1e6
+    ops = {"floor: x W^T": (lambda: x @ w.T, 2 * act + weight),
+           "floor: g W": (lambda: g @ w, 2 * act + weight),
+           "Wk and n": (lambda: ds.scaled_weight(w, a, b, m, s), 2 * weight),
+           "x A^T": (lambda: x @ a.T, act),
+           "Wk again (backward)": (lambda: ds._rebuilt_weight(w, a, b, k, s), 2 * weight),
+           "g^T (x A^T)": (lambda: g.T @ xa, act),
+           "sum_t g z": (lambda: ds._column_dots(g, z, None), 2 * act),
+           "g (s k B)": (lambda: g @ bks, act),
+           "(g s k B)^T x": (lambda: gb.T @ x, act)}
+    t = timed(args.clock, {label: fn for label, (fn, _) in ops.items()}, rounds(args), warmup=2)
+    extra = sum(v for label, v in t.items() if not label.startswith("floor"))
+    for label, (_, mb) in ops.items():
+        print(f"{dtype_name:>8} | {hidden:>6} | {tokens:>6} | {label:<20} | {t[label]:>7.2f} | {mb:>5.0f}")
+    print(f"{dtype_name:>8} | {hidden:>6} | {tokens:>6} | {'added, total':<20} | {extra:>7.2f} | "
+          f"{sum(mb for label, (_, mb) in ops.items() if not label.startswith('floor')):>5.0f}", flush=True)
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--hidden", type=int, nargs="+", default=None)
@@ -156,11 +188,20 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=None,
                         help="weights and input (bf16: AMX / AVX512-BF16 matmuls where the CPU has them); "
                              "default: float32 with --quick, both otherwise")
+    parser.add_argument("--pieces", action="store_true", help="time the ops the one-GEMM form adds to one "
+                        "layer's step instead (bf16 unless --dtype)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header(args)
     hiddens, token_counts = SHAPES["quick" if args.quick else "full"]
     layers = 2 if args.quick else args.layers
+    if args.pieces:
+        print(f"{'dtype':>8} | {'H':>6} | {'tokens':>6} | {'op (one layer)':<20} | {'ms':>7} | {'MB':>5}")
+        for dtype_name in args.dtype or ["bfloat16"]:
+            for hidden in args.hidden or hiddens:
+                for tokens in args.tokens or token_counts:
+                    pieces(hidden, tokens, args.r, dtype_name, args)
+        return
     print(f"Linear stack: {layers} x nn.Linear(H, H) + tanh, DoRA r={args.r}, lora_dropout {args.dropout} on "
           f"every layer; one step = forward, mean-square loss, backward, AdamW step; {args.clock} clock, "
           "ms per step")

@@ -90,7 +90,8 @@ def base_weight_mb(model) -> float:
 
 def bytes_floor(r: dict) -> float:
     """(base weights + the batch's LoRA factors) / base weights: the ratio to the base model of a step that
-    only streams weights from memory (decode of a few rows), for any implementation."""
+    reads the factors as fast as the base reads its weights (not a physical floor: the base's matmuls of
+    64+ rows are compute-bound on this CPU, see benchmarks/README.md)."""
     return 1 + r["lora_mb_per_adapter"] * r["n"] / r["base_mb"]
 
 
@@ -155,6 +156,56 @@ def measure(args, n: int, clock) -> dict:
     del ours, theirs, bare, models
     gc.collect()
     return out
+
+
+def decompose(args, n: int, clock) -> str:
+    """Where fastpeft's decode time over the base goes, as ratios to the bare model: "no bmm" runs the stacked
+    path with each group's LoRA output memoised (the two `bmm`s skipped, everything else as usual), "wrapper"
+    calls every LoRA layer as in a mixed batch but runs only its base layer."""
+    from fastpeft.methods.lora import layer as lora_layer
+    ours, bare = with_adapters(fastpeft, args, n), base_model(args).to(torch.bfloat16)
+    rows = max(n, 64)
+    names = [f"a{i % n}" for i in range(rows)]
+    ids = torch.randint(0, args.vocab, (rows, 1), generator=torch.Generator().manual_seed(3))
+    cache = kv_cache(args, rows)
+
+    def call(model, mixed):
+        with torch.inference_mode():
+            return model(input_ids=ids, past_key_values=cache, **({"adapter_names": names} if mixed else {}))
+
+    def reset():
+        extra = cache.get_seq_length() - args.past
+        if extra:
+            cache.crop(-extra)
+
+    real, memo = stacked.stacked_output, {}
+
+    def memoised(x, group):
+        key = (id(group), x.shape)
+        if key not in memo:
+            memo[key] = real(x, group)
+        return memo[key]
+
+    def patched(owner, attr, value):
+        def run():
+            saved = getattr(owner, attr)
+            setattr(owner, attr, value)
+            try:
+                return call(ours, True)
+            finally:
+                setattr(owner, attr, saved)
+        return run
+
+    variants = {"base": lambda: call(bare, False), "fastpeft": lambda: call(ours, True),
+                "no bmm": patched(stacked, "stacked_output", memoised),
+                "wrapper": patched(lora_layer.Linear, "mixed_forward",
+                                   lambda self, x, *a, adapter_names, **k: self.base_forward(x))}
+    t = interleaved(variants, max(args.repeats, 11), clock, reset)
+    lora = [p for name, p in ours.named_parameters() if ".lora_" in name]
+    lora_mb = sum(p.numel() * p.element_size() for p in lora) / 1e6
+    bmm_ms = t["fastpeft"] - t["no bmm"]
+    return (f"| {n} | {t['base']:.1f} | " + " | ".join(f"{t[k] / t['base']:.3f}" for k in list(t)[1:])
+            + f" | {bmm_ms / t['base']:.3f} | {lora_mb:.0f} MB | {lora_mb / bmm_ms:.1f} GB/s |")
 
 
 def check(variants: dict, reset, mode: str, n: int) -> None:
@@ -243,6 +294,8 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="default: benchmarks/many_adapters.png (--quick: none)")
     parser.add_argument("--json", default=None, help="default: benchmarks/many_adapters.json (--quick: none)")
     parser.add_argument("--from-json", default="", help="only print the table and plot of a saved run")
+    parser.add_argument("--decompose", action="store_true", help="decode only: fastpeft's time over the base "
+                        "split into the stacked bmms, the rest of the adapter path and the layer wrapper")
     args = parser.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     if args.png is None:
@@ -270,6 +323,12 @@ def main() -> None:
               f"{PREFILL_TOKENS} tokens in N rows")
     print(f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} thread(s), {args.clock} "
           f"clock, {args.repeats} rounds; {shapes}", flush=True)
+    if args.decompose:
+        print("| N | base ms | fastpeft / base | no bmm / base | wrapper / base | bmm share "
+              "| factors per step | bmm read speed |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n in args.counts.split(","):
+            print(decompose(args, int(n), clock), flush=True)
+        return
     results = [measure(args, int(n), clock) for n in args.counts.split(",")]
     print(table(results, args))
     if args.json:
