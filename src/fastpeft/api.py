@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -112,8 +113,13 @@ def _holders(model: nn.Module, layer_cls: type | None):
 
 def set_adapter(model: nn.Module, adapter_name: str | list[str], inference_mode: bool = False,
                 layer_cls: type | None = None) -> None:
-    """Activate `adapter_name` in every adapter layer of `model` (trainable unless `inference_mode`)."""
+    """Activate `adapter_name` in every adapter layer of `model` (trainable unless `inference_mode`); a layer
+    with merged adapters is unmerged first (with a warning, as HF PEFT)."""
     for holder in _holders(model, layer_cls):
+        if getattr(holder, "merged", False):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                          stacklevel=2)
+            holder.unmerge()
         holder.set_adapter(adapter_name, inference_mode=inference_mode)
 
 

@@ -9,6 +9,7 @@ their base layers back) and puts back base weights an init rewrote, so the model
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -453,6 +454,11 @@ class Tuner(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
+        if any(layer.merged for layer in self.adapter_layers()):
+            # a merged adapter stays in the weights whatever is active: unmerge first, as HF PEFT
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                          stacklevel=2)
+            self.unmerge_adapter()
         self.active_adapter = adapter_name
         self.trainable_adapters = set() if inference_mode else set(names)
         self._apply_adapter_state()

@@ -15,16 +15,12 @@ for one method (where the adapter being loaded is the outermost layer); `file_ke
 
 from __future__ import annotations
 
-import logging
-
 from torch import nn
 
 from ..core.layer import AdapterLayer
 from ..core.tuner import Tuner
 from ..registry import get_spec, registered
 from ..types import PeftType
-
-logger = logging.getLogger(__name__)
 
 
 def compatible_types() -> tuple[PeftType, ...]:
@@ -172,12 +168,6 @@ class MixedModel(Tuner):
         return self.model_generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ activity
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        if any(layer.merged for layer in self.adapter_layers()):
-            logger.warning("Adapter cannot be set when the model is merged. Unmerging the model first.")
-            self.unmerge_adapter()
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
-
     def delete_adapter(self, adapter_name: str | list[str]) -> None:
         """As HF PEFT's mixed model: the other active adapters stay active; when none is left, each layer
         still holding adapters activates its first one."""
