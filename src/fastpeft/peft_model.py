@@ -232,16 +232,12 @@ class PeftModel(PeftModelCompat, nn.Module):
         self.tuner.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        """Switch training on or off for the named adapters' parameters (modules_to_save copies included)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
-        for _, holder in self.tuner.holders():
-            for name in names:
-                frozen = {id(p) for p in holder.frozen_parameters(name)}
-                for _, param in holder.adapter_parameters(name):
-                    param.requires_grad_(requires_grad and id(param) not in frozen)
+        """Switch training on or off for the named adapters' parameters (modules_to_save copies included),
+        until the next `set_adapter`."""
+        if not hasattr(self.tuner, "set_requires_grad"):
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}: their adapters train when active.")
+        self.tuner.set_requires_grad(adapter_names, requires_grad)
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -413,6 +409,9 @@ class PeftModel(PeftModelCompat, nn.Module):
                 with checks.loading_file(), validate.file_errors(model_id):
                     self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
                                      autocast_adapter_dtype=autocast_adapter_dtype)
+                if is_trainable and hasattr(self.tuner, "set_requires_grad"):
+                    # as HF PEFT: the new adapter trains even while another one is active
+                    self.tuner.set_requires_grad(adapter_name)
             fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
                                           strict=bool(rest.get("strict", False)), key_mapping=key_mapping,
                                           **hub_kwargs)

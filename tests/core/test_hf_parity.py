@@ -154,3 +154,51 @@ def test_prepare_model_for_kbit_training_leaves_checkpointing_off_for_unquantize
     model = fastpeft.prepare_model_for_kbit_training(models.make_llama())
     assert not getattr(model, "is_activation_checkpointing",
                        getattr(model, "is_gradient_checkpointing", False))
+
+
+# ------------------------------------------------------------------------------------- trainability on load
+def _trainable_adapters(model) -> list[str]:
+    return sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _steps(lib, folder) -> list[list[str]]:
+    """The trainable adapters after each call of a load / add / switch sequence (HF PEFT 0.21's answers are
+    the oracle: a new adapter loaded with is_trainable=True trains although inactive, adding adapters keeps
+    every flag, set_adapter decides them all again)."""
+    import peft
+
+    config = (peft if lib is peft else fastpeft).LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = lib.PeftModel.from_pretrained(models.make_llama(), folder, is_trainable=True)
+    seen = []
+    model.load_adapter(folder, "o2", is_trainable=True)
+    seen.append(_trainable_adapters(model))
+    model.load_adapter(folder, "o3")  # frozen
+    seen.append(_trainable_adapters(model))
+    model.add_adapter("x", config)
+    seen.append(_trainable_adapters(model))
+    model.set_requires_grad("default", False)
+    model.add_adapter("y", config)
+    seen.append(_trainable_adapters(model))
+    model.set_adapter("o3")
+    seen.append(_trainable_adapters(model))
+    return seen
+
+
+def test_trainability_across_loads_matches_hf_peft(tmp_path):
+    import peft
+
+    get_peft_model(models.make_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path)
+    ours, theirs = _steps(fastpeft, tmp_path), _steps(peft, tmp_path)
+    assert ours == theirs
+    assert ours[0] == ["default", "o2"]  # not vacuous: the loaded inactive adapter trains
+
+
+def test_set_requires_grad_refused_for_prompt_learning():
+    # HF: TypeError "Setting `requires_grad` is not supported for prompt learning methods like ..."
+    model = get_peft_model(models.make_llama(), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=2))
+    import pytest
+
+    with pytest.raises(TypeError, match="prompt learning"):
+        model.set_requires_grad("default")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, NoMatchingPeftModuleError
-from . import module_walk, placement, target_checks, targeting, tying
+from . import grad_flags, module_walk, placement, target_checks, targeting, tying
 from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
@@ -126,6 +126,7 @@ class Tuner(nn.Module):
             peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config})
         self.active_adapter: str | list[str] = adapter_name
         self.trainable_adapters: set[str] = set()
+        self.grad_overrides: dict[str, bool] = {}
         self.autocast_adapter_dtype = autocast_adapter_dtype
         with Transaction(model):  # a method's inject_adapter may add steps after the generic ones: all inside
             self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -388,6 +389,7 @@ class Tuner(nn.Module):
             holder.delete_adapter(adapter_name)
         self.peft_config.pop(adapter_name, None)
         self.trainable_adapters.discard(adapter_name)
+        self.__dict__.get("grad_overrides", {}).pop(adapter_name, None)
         self._drop_empty_layers()
 
     def _no_target_message(self, config: PeftConfig, names: list[str]) -> str:
@@ -444,6 +446,19 @@ class Tuner(nn.Module):
         self.bind_call_state(holders)
         for name in trainable:
             self.hooks_for(self.peft_config[name]).mark_extra_trainable(name, self.peft_config[name])
+        overrides = self.__dict__.get("grad_overrides")
+        if overrides:
+            grad_flags.apply_overrides(holders, overrides)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Training on or off for the named adapters, active or not (modules_to_save copies included); as HF
+        PEFT, it lasts until the next `set_adapter` (adding or loading other adapters keeps it)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
+        self.__dict__.setdefault("grad_overrides", {}).update(dict.fromkeys(names, requires_grad))
+        grad_flags.apply_overrides([h for _, h in self.holders()], dict.fromkeys(names, requires_grad))
 
     def mark_extra_trainable(self, adapter_name: str, config: PeftConfig) -> None:
         """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""
@@ -461,6 +476,7 @@ class Tuner(nn.Module):
             self.unmerge_adapter()
         self.active_adapter = adapter_name
         self.trainable_adapters = set() if inference_mode else set(names)
+        self.__dict__.get("grad_overrides", {}).clear()  # as HF PEFT: set_adapter decides every flag again
         self._apply_adapter_state()
 
     def enable_adapter_layers(self) -> None:
