@@ -231,3 +231,19 @@ def test_state_dict_targets_warn_only_when_they_differ(tmp_path, caplog):
         fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=["lin1"]),
                                          MODELS["mlp"][0](), state_dict=state)
     assert caplog.text.count("state_dict targets") == 1
+
+
+def test_state_dict_functions_refuse_unknown_adapter_name():
+    """HF PEFT raises KeyError for a name the model lacks; returning {} would save an empty file, and a load
+    would write nothing with every key unexpected."""
+    import models
+
+    model = fastpeft.get_peft_model(models.make_llama(), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    state = fastpeft.get_peft_model_state_dict(model)
+    assert state  # the right name gives the adapter's tensors
+    with pytest.raises(KeyError, match="defualt"):
+        fastpeft.get_peft_model_state_dict(model, adapter_name="defualt")
+    with pytest.raises(KeyError, match="defualt"):
+        fastpeft.set_peft_model_state_dict(model, state, adapter_name="defualt")
+    with pytest.raises(KeyError):
+        peft.get_peft_model_state_dict(model, adapter_name="defualt")

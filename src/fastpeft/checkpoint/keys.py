@@ -9,6 +9,7 @@ matching substrings, and used in both directions (save and load).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -97,12 +98,14 @@ def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_
                     modules: Modules) -> list[str]:
     """Full embedding weights stored with the adapter (for a resized vocabulary), as HF PEFT does.
 
-    "auto" saves them when target_modules names an embedding layer; True also saves the model's untargeted
-    input / output embeddings.
+    "auto" saves them when target_modules names an embedding layer, or when the vocabulary differs from the
+    base model's saved config (a resized embedding: its file alone could not rebuild the model); True also
+    saves the model's untargeted input / output embeddings.
     """
     targets_embedding = _targets_embedding(config, modules)
     if save_embedding_layers == "auto":  # trained token rows are stored as rows (as HF PEFT)
-        save_embedding_layers = targets_embedding and not (config is not None and config.trains_token_rows)
+        rows = config is not None and config.trains_token_rows
+        save_embedding_layers = (targets_embedding and not rows) or _vocab_resized(model, config)
     if not save_embedding_layers:
         return []
     keys = []
@@ -124,12 +127,49 @@ def _embedding_keys(model: nn.Module, adapter_name: str, config, save_embedding_
     return keys
 
 
+def _vocab_resized(model: nn.Module, config) -> bool:
+    """Whether the model's vocab_size differs from the one in its base model's config.json (a local folder,
+    or a Hub repo when it can be reached; otherwise assumed unchanged, with a warning), as HF PEFT decides."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not model_id:
+        return False
+    if not os.path.exists(os.path.join(model_id, "config.json")) and not _hub_has_config(model_id):
+        return False
+    try:
+        saved = type(model.config).from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        logger.warning("Could not read the base model's config at %s (%s): embeddings not saved; pass "
+                       "save_embedding_layers=True if the vocabulary was resized.", model_id, err)
+        return False
+    if getattr(saved, "vocab_size", vocab) == vocab:
+        return False
+    logger.warning("Saving the embedding layers with the adapter: the vocabulary was resized (%s -> %s).",
+                   saved.vocab_size, vocab)
+    return True
+
+
+def _hub_has_config(model_id: str) -> bool:
+    try:
+        from huggingface_hub import file_exists
+        from huggingface_hub.utils import HFValidationError
+
+        return file_exists(model_id, "config.json")
+    except (HFValidationError, ValueError):  # not a repo id
+        return False
+    except Exception as err:  # offline, no network: as HF PEFT, assume the vocabulary was not resized
+        logger.warning("Could not find a config file for %s (%s): assuming the vocabulary was not resized; "
+                       "pass save_embedding_layers=True if it was.", model_id, type(err).__name__)
+        return False
+
+
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default",
                               unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto"
                               ) -> dict[str, torch.Tensor]:
     """The tensors of `adapter_name` keyed as in `adapter_model.safetensors`."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    _check_known(model, adapter_name)
     return file_state(model, adapter_name, list(model.named_modules()), state_dict, save_embedding_layers)
 
 
@@ -278,6 +318,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     maps to (embeddings, biases). One transaction (core/transaction.py): inside a load it joins the load's,
     which copies only tensors that outlive its rollback (an adapter the same load created is dropped anyway).
     """
+    _check_known(model, adapter_name)
     tuner = getattr(model, "tuner", None)
     # one walk for the copies and the key map; other adapters' per-adapter entries play no part in it
     modules = module_walk.named_modules(model, adapter=adapter_name)
@@ -352,6 +393,15 @@ def _check_no_meta_left(modules: Modules, adapter_name: str) -> None:
             f"without memory (low_cpu_mem_usage=True), e.g. {left[:3]}; nothing was loaded. Load a file that "
             "holds every adapter weight, or build the adapter with low_cpu_mem_usage=False."
         )
+
+
+def _check_known(model: nn.Module, adapter_name: str) -> None:
+    """KeyError (as HF PEFT) for a name the model's adapters lack: a typo would save an empty file, or load
+    nothing with every key unexpected."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter_name not in configs:
+        raise KeyError(f"No adapter named {adapter_name!r} in this model; its adapters: {sorted(configs)}. "
+                       "Pass one of them as adapter_name.")
 
 
 def _config_of(model: nn.Module, adapter_name: str):
