@@ -267,6 +267,54 @@ def test_sft_trainer_trains_a_wrapped_model(peft_env, tmp_path):
     _assert_states_close(_adapter_state(reloaded), _adapter_state(model), atol=0)
 
 
+def _dpo_run(lib, tmp_path) -> tuple[object, list[float]]:
+    """Two DPO steps on a wrapped LoRA model with no ref_model (no install_as_peft)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model = lib.get_peft_model(models.make_llama(), lib.LoraConfig(task_type="CAUSAL_LM", r=4,
+                                                                   target_modules=["q_proj", "v_proj"],
+                                                                   init_lora_weights=False))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name:
+                param.normal_(std=0.05)
+    data = Dataset.from_dict({"prompt": ["the cat", "a dog"] * 4,
+                              "chosen": [" sat on the mat", " ran in the park"] * 4,
+                              "rejected": [" ran in the park", " sat on the mat"] * 4})
+    args = DPOConfig(str(tmp_path / lib.__name__), max_steps=2, per_device_train_batch_size=2,
+                     learning_rate=5e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                     seed=0, logging_steps=1)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=_tiny_tokenizer())
+    trainer.train()
+    return trainer, _losses(trainer)
+
+
+def test_dpo_trainer_uses_the_adapter_disabled_model_as_reference(tmp_path):
+    """TRL's DPOTrainer asks accelerate's is_peft_model (imported by name): unrecognised, a fastpeft model
+    got a second full model as its reference, and the step failed. Recognised, it runs as with HF PEFT."""
+    import peft
+
+    ours, our_losses = _dpo_run(fastpeft, tmp_path)
+    theirs, their_losses = _dpo_run(peft, tmp_path)
+    assert ours.ref_model is None and theirs.ref_model is None
+    assert our_losses == pytest.approx(their_losses, abs=1e-5)
+    assert our_losses[1] != our_losses[0]
+
+
+@pytest.mark.parametrize("module", [m for m in integration.TARGETS if m.startswith("trl.")])
+def test_trl_trainer_modules_recognise_fastpeft_models(module):
+    import importlib
+
+    trl_module = importlib.import_module(module)
+    integration.enable_trainer_support()
+    model = _lora_llama()
+    assert trl_module.is_peft_model(model) and not trl_module.is_peft_model(models.make_llama())
+    if "BaseTunerLayer" in integration.TARGETS[module]:
+        assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, trl_module.BaseTunerLayer)
+
+
 # ---------------------------------------------------------------------------------------------- Accelerate
 
 

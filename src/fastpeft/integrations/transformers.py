@@ -47,6 +47,14 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "transformers.integrations.neftune": ("_is_peft_model",),
     "trl.trainer.sft_trainer": ("is_peft_model", "BaseTunerLayer"),
     "trl.trainer.base_trainer": ("is_peft_model",),
+    # the preference / RL trainers: with a PEFT model and no ref_model they use the adapter-disabled model
+    # as the reference (else they load a second full model)
+    "trl.trainer.dpo_trainer": ("is_peft_model", "BaseTunerLayer"),
+    "trl.trainer.kto_trainer": ("is_peft_model", "BaseTunerLayer"),
+    "trl.trainer.grpo_trainer": ("is_peft_model", "BaseTunerLayer"),
+    "trl.trainer.rloo_trainer": ("is_peft_model", "BaseTunerLayer"),
+    "trl.trainer.reward_trainer": ("is_peft_model",),
+    "trl.trainer.distillation_trainer": ("is_peft_model", "BaseTunerLayer"),
 }
 
 _lock = threading.RLock()
