@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import fingerprint, io, loading, validate
+from .checkpoint import fingerprint, hub, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
 from .config import PeftConfig, declared
@@ -425,19 +425,18 @@ class PeftModel(PeftModelCompat, nn.Module):
             module_walk.to_eval(self)
         return result
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload adapter", revision: str | None = None, **kwargs: Any):
-        """Save to a temporary folder and upload it with huggingface_hub."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, **kwargs)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                     revision=revision)
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None,
+                    commit_description: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "50GB", tags: list[str] | None = None):
+        """Save to a temporary folder and upload it (the signature of transformers' `PushToHubMixin`, which
+        HF PEFT's PeftModel has): `create_pr=True` opens a pull request instead of committing to `revision`,
+        `tags` are added to the model card. Adapter files are one file, never sharded: a `max_shard_size`
+        below the file's size is refused."""
+        return hub.push_folder(self, repo_id, commit_message=commit_message or "Upload model",
+                               commit_description=commit_description, private=private, token=token,
+                               revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
+                               tags=tags)
 
     @property
     def base_model_torch_dtype(self) -> torch.dtype | None:

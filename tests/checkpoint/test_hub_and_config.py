@@ -123,3 +123,31 @@ def test_model_card_names_base_and_keeps_user_card(tmp_path):
     (tmp_path / "README.md").write_text("my own card")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+def test_push_to_hub_passes_pr_description_and_tags(monkeypatch):
+    """transformers' PushToHubMixin signature (HF PEFT's PeftModel has it): create_pr opens a pull request
+    instead of committing to main, commit_description and tags reach the Hub, a max_shard_size below the
+    adapter file is refused (adapter files are never sharded)."""
+    import os
+
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_upload_folder(self, repo_id, folder_path, **kw):
+        seen.update(kw, card=open(os.path.join(folder_path, "README.md")).read())
+        return "ok"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    model = _trained_mlp()
+    assert model.push_to_hub("me/my-lora", create_pr=True, commit_description="why", tags=["mine"]) == "ok"
+    assert seen["create_pr"] is True and seen["commit_description"] == "why"
+    assert seen["commit_message"] == "Upload model"
+    assert "- mine" in seen["card"] and "- lora" in seen["card"]
+    with pytest.raises(TypeError):
+        model.push_to_hub("me/my-lora", True)  # keyword-only after repo_id, as transformers
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.push_to_hub("me/my-lora", max_shard_size="1KB")
+    model.push_to_hub("me/my-lora", max_shard_size="5GB")
