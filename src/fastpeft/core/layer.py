@@ -141,6 +141,8 @@ class AdapterLayer(nn.Module, AdapterHolder):
     adapter_param_names: tuple[str, ...] = ()
     # set on layers owned by another adapter layer (e.g. MHA's out_proj): the owner merges / unloads them
     nested: bool = False
+    # the wrapped module's parameter this layer adapts, for layers on a bare parameter (else the whole module)
+    parameter_name: str | None = None
     # adapters add to the base output (adapter_output / delta_weight); False: the layer overrides
     # adapted_forward
     additive: bool = True

@@ -24,6 +24,7 @@ from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
 from .names import check_adapter_name
 from .seams import method_call_keywords
+from .target_report import TargetReport
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def _set_training(module: nn.Module, mode: bool) -> None:
             _set_training(child, mode)
 
 
-class Tuner(nn.Module):
+class Tuner(TargetReport, nn.Module):
     """Holds the user's model as `.model` (hence the `base_model.model.` key prefix) and its adapters."""
 
     dispatch: DispatchChain
@@ -446,9 +447,7 @@ class Tuner(nn.Module):
         self.bind_call_state(holders)
         for name in trainable:
             self.hooks_for(self.peft_config[name]).mark_extra_trainable(name, self.peft_config[name])
-        overrides = self.__dict__.get("grad_overrides")
-        if overrides:
-            grad_flags.apply_overrides(holders, overrides)
+        grad_flags.apply_overrides(holders, self.__dict__.get("grad_overrides") or {})
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Training on or off for the named adapters, active or not (modules_to_save copies included); as HF
