@@ -120,6 +120,14 @@ def test_target_modules_matching_nothing_lists_close_names_and_leaves_model_unch
     assert any(isinstance(m, AdapterHolder) for m in pm.modules())
 
 
+def test_no_match_error_names_the_options_that_narrowed_target_modules():
+    # HF: "... Note: You specified 'layers_to_transform': [5]." -- the module names alone do not explain it
+    with pytest.raises(ValueError, match=r"after layers_to_transform=\[5\]"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[5], r=4))
+    with pytest.raises(ValueError, match=r"after exclude_modules="):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"], r=4))
+
+
 # ---------------------------------------------------------------------------------------------- wrong base
 def test_from_pretrained_adapter_for_other_base_names_key_and_shapes_and_leaves_model_unchanged(tmp_path):
     _, path = save_adapter(tmp_path, hidden=8)

@@ -152,3 +152,11 @@ def condense_targets(targets: set[str], module_names: list[str]) -> set[str]:
         if choice is not None:
             kept.add(choice)
     return kept if kept and len(kept) < len(targets) else set(targets)
+
+
+def filters_note(config) -> str:
+    """The options that narrow target_modules, for the no-match error: " (after ...)" or ""."""
+    shown = [f"{option}={getattr(config, option, None)!r}"
+             for option in ("exclude_modules", "layers_to_transform", "layers_pattern")
+             if getattr(config, option, None) not in (None, [], "")]
+    return f" (after {', '.join(shown)})" if shown else ""

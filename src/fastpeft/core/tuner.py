@@ -400,9 +400,7 @@ class Tuner(TargetReport, nn.Module):
         if isinstance(wanted, set):
             shown = repr(sorted(wanted)[:10]) + ("..." if len(wanted) > 10 else "")
         return (
-            f"target_modules={shown} matched no module of the model"
-            + (f" (after exclude_modules={config.exclude_modules!r})"
-               if getattr(config, "exclude_modules", None) else "")
+            f"target_modules={shown} matched no module of the model" + targeting.filters_note(config)
             + f". Module names that look close: {close}. Set target_modules to names (or dotted suffixes) of "
             "modules in model.named_modules(), a full-match regex string, or 'all-linear'."
         )
