@@ -328,7 +328,8 @@ class PeftModel(PeftModelCompat, nn.Module):
             validate.check_write_target(save_directory, os.path.join(out_dir, weights))
             converted = path_initial_model_for_weight_conversion is not None
             # base fingerprint
-            metadata = fingerprint.file_metadata(self, name, converted=converted, modules=modules)
+            metadata = fingerprint.file_metadata(self, name, converted=converted, modules=modules,
+                                                 file_keys=tensors.keys())
             writer = io.weights_writer(tensors, safe_serialization, metadata)
             jobs = [(os.path.join(out_dir, weights), writer),
                     (os.path.join(out_dir, io.CONFIG_NAME), io.json_writer(config_dict))]

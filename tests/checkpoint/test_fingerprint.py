@@ -249,3 +249,23 @@ def test_process_strict_mode_refuses_too(tmp_path):
         fastpeft.PeftModel.from_pretrained(_other_base(), str(tmp_path / "a"))
     with strict():
         fastpeft.PeftModel.from_pretrained(models.make_mlp(), str(tmp_path / "a"))  # the same base loads
+
+
+def test_layers_whose_base_weight_the_file_carries_are_not_fingerprinted(tmp_path, caplog):
+    """LoRA on a resized embed_tokens / lm_head saves their base weights with the adapter (as HF PEFT): a load
+    writes them, so a freshly resized base (other new rows) fits; the other targets are still checked."""
+    def resized(seed):
+        base = models.make_llama()
+        torch.manual_seed(seed)
+        base.resize_token_embeddings(110, mean_resizing=False)
+        return base
+
+    config = fastpeft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens", "lm_head"],
+                                 init_lora_weights=False)
+    fastpeft.get_peft_model(resized(0), config).save_pretrained(tmp_path)
+    stored = fingerprint.stored_fingerprint(str(tmp_path))["modules"]
+    assert any("q_proj" in name for name in stored)
+    assert not [name for name in stored if "embed_tokens" in name or "lm_head" in name]
+    with caplog.at_level(logging.WARNING):
+        fastpeft.PeftModel.from_pretrained(resized(1), str(tmp_path), strict=True)
+    assert "different base" not in caplog.text

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ SAMPLES = 64
 MAX_MODULES = 512  # larger adapters fingerprint an evenly spread subset of their modules
 ROUNDING_EPS = 4
 STATS = ("sum", "abs", "alt")
+# file keys of a base weight an adapter file carries: <FILE_PREFIX><module in the user's model><BASE_WEIGHT>
+FILE_PREFIX, BASE_WEIGHT = "base_model.model.", ".base_layer.weight"
 
 
 # ------------------------------------------------------------------------------------------------- one module
@@ -177,21 +180,26 @@ def _layers(peft_model, modules: Modules | None) -> list[tuple[str, nn.Module]]:
             if isinstance(m, AdapterLayer) and name.startswith(start)]
 
 
-def compute(peft_model, adapter_name: str, modules: Modules | None = None) -> dict[str, Any] | None:
+def compute(peft_model, adapter_name: str, modules: Modules | None = None,
+            file_keys: Iterable[str] = ()) -> dict[str, Any] | None:
     """The fingerprint of the base under adapter `adapter_name`, or None where none applies (see module
-    doc)."""
+    doc). Layers whose base weight the file itself carries (`file_keys`: embeddings saved for a resized
+    vocabulary) are left out: a load writes those weights, so any base fits them."""
     if peft_model.peft_config[adapter_name].rewrites_base_weights:
         return None  # e.g. PiSSA: loading re-runs the init on the original base (see rewrites_base_weights)
-    layers = targeted_layers(peft_model, adapter_name, modules)
+    carried = {key[len(FILE_PREFIX):-len(BASE_WEIGHT)] for key in file_keys
+               if key.startswith(FILE_PREFIX) and key.endswith(BASE_WEIGHT)}
+    layers = [(name, layer) for name, layer in targeted_layers(peft_model, adapter_name, modules)
+              if name not in carried]
     found = module_entries([layer for _, layer in layers])  # the layer at each name: no lookup by path again
     entries = {name: entry for (name, _), entry in zip(layers, found) if entry is not None}
     return {"version": VERSION, "modules": entries} if entries else None
 
 
 def file_metadata(peft_model, adapter_name: str, converted: bool = False,
-                  modules: Modules | None = None) -> dict[str, str]:
+                  modules: Modules | None = None, file_keys: Iterable[str] = ()) -> dict[str, str]:
     """safetensors metadata holding the fingerprint (empty for converted adapters or where none applies)."""
-    found = None if converted else compute(peft_model, adapter_name, modules)
+    found = None if converted else compute(peft_model, adapter_name, modules, file_keys)
     return {} if found is None else {METADATA_KEY: json.dumps(found, separators=(",", ":"))}
 
 
