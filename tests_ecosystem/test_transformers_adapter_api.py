@@ -66,6 +66,26 @@ def test_load_adapter_equals_peft_model_from_pretrained(which, fastpeft_folder):
     assert model.active_adapters() == ["x"]
 
 
+def test_load_adapter_with_dora(tmp_path):
+    """DoRA's magnitude is `...lora_magnitude_vector` in files and `...lora_magnitude_vector.<adapter>.weight`
+    in the model (as HF PEFT): transformers' loader renames it with fastpeft's rules."""
+    torch.manual_seed(5)
+    trained = models.perturb(fastpeft.get_peft_model(models.make_llama(), lora_config(use_dora=True)),
+                             seed=5, scale=0.1)
+    trained.save_pretrained(str(tmp_path))
+    expected = logits(fastpeft.PeftModel.from_pretrained(models.make_llama(), str(tmp_path)))
+    model = models.make_llama()
+    model.load_adapter(str(tmp_path), adapter_name="x")
+    stored = load_file(str(tmp_path / "adapter_model.safetensors"))
+    magnitudes = [k for k in stored if k.endswith("lora_magnitude_vector")]
+    assert magnitudes
+    loaded = dict(model.named_parameters())
+    for key in magnitudes:
+        name = key.removeprefix("base_model.model.") + ".x.weight"
+        assert torch.equal(loaded[name], stored[key]), name
+    torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_add_set_disable_enable_and_state_dict():
     model = models.make_llama()
     base = logits(model)

@@ -272,3 +272,18 @@ def test_merge_on_a_half_precision_base_rounds_once_like_hf(dtype):
         assert weight.dtype == dtype
         torch.testing.assert_close(merged[ours][name], weight, atol=0, rtol=0, msg=name)
         torch.testing.assert_close(restored[ours][name], restored[hf][name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d", "embedding", "llama", "bert"])
+def test_in_memory_names_and_full_state_dict_cross_load(case):
+    """HF PEFT keeps m in a module (`...lora_magnitude_vector.<adapter>.weight`): the same parameter names,
+    so a full `model.state_dict()` (torch.save, Accelerate save_state) loads strictly across libraries."""
+    ours, theirs = build(fastpeft, case, seed=1), build(peft, case, seed=2)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert any(n.endswith("lora_magnitude_vector.default.weight") for n, _ in ours.named_parameters())
+    fresh = build(fastpeft, case, seed=3)
+    fresh.load_state_dict(theirs.state_dict(), strict=True)
+    x = inputs(case)
+    close(models.forward(fresh, x), models.forward(theirs, x), "HF state_dict -> fastpeft")
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    close(models.forward(theirs, x), models.forward(ours, x), "fastpeft state_dict -> HF")

@@ -4,7 +4,6 @@ gradients (A, B, magnitude, input, trainable base bias) and weights after AdamW 
 from __future__ import annotations
 
 import copy
-import re
 
 import peft
 import pytest
@@ -59,11 +58,6 @@ def run(model, x, fused=True):
     return out.logits if hasattr(out, "logits") else out
 
 
-def key(name: str) -> str:
-    """HF PEFT keeps the magnitude in a module (`lora_magnitude_vector.<adapter>.weight`)."""
-    return re.sub(r"(lora_magnitude_vector\.\w+)\.weight$", r"\1", name)
-
-
 def steps(model, case, n=3, fused=True, dtype=torch.float32):
     """n AdamW steps on a mean-square loss: the outputs and gradients of every step, the final weights."""
     x = CASES[case][1]()
@@ -76,10 +70,10 @@ def steps(model, case, n=3, fused=True, dtype=torch.float32):
         torch.manual_seed(100 + i)  # the same dropout masks in every library, fresh ones each step
         out = run(model, x, fused)
         (out.float() ** 2).mean().backward()
-        grads = {key(k): p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         record.append((out.detach().clone(), grads))
         opt.step()
-    return record, {key(k): p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    return record, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def compare(got, want, atol, rtol):
@@ -119,7 +113,7 @@ def grads_of(model, x):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
     (run(model, x) ** 2).mean().backward()
-    return {key(k): p.grad for k, p in model.named_parameters() if p.requires_grad}
+    return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
 def inplace_grads(lib, dropout=0.0):

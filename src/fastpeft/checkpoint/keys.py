@@ -34,6 +34,8 @@ def _file_key(prefix: str, local_key: str, adapter_name: str, holder: AdapterHol
         del parts[at]
     else:
         parts[at] = label
+    if len(parts) == 2 and parts[0] in holder.file_bare_entries and parts[1] == "weight":
+        parts = parts[:1]  # stored under the container's name (AdapterHolder.file_bare_entries)
     if isinstance(holder, ModulesToSaveWrapper):
         parts = parts[1:]  # drop "modules_to_save": the copy is stored at the module's own path
     return ".".join([prefix, *parts]) if prefix else ".".join(parts)

@@ -83,6 +83,9 @@ class AdapterHolder:
     # file keys drop the adapter-name component of a parameter's path; a holder whose file format keeps
     # a fixed name in that place instead (HF PEFT writes `.default.` whatever the adapter's name) says which
     file_adapter_label: str | None = None
+    # per-adapter containers whose entry is one module with one `weight`, stored in files under the
+    # container's own name (HF PEFT's format, e.g. `...lora_magnitude_vector` for `...<adapter>.weight`)
+    file_bare_entries: tuple[str, ...] = ()
 
     def bind_call_state(self, state: CallState, in_encoder: bool) -> None:
         self.__dict__["_call_state"] = state  # plain attributes: no nn.Module bookkeeping

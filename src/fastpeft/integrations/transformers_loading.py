@@ -17,11 +17,27 @@ from ..registry import get_spec, registered
 FILE_PREFIX = r"^base_model\.model\."
 
 
-def _prefixes(peft_config) -> list[str]:
-    """Parameter-name prefixes of the config's method (all registered methods' when there is no config)."""
+def _specs(peft_config) -> list:
+    """The config's method spec (all registered methods' when there is no config)."""
     if peft_config is not None and getattr(peft_config, "peft_type", None) is not None:
-        return [get_spec(peft_config.peft_type).prefix]
-    return sorted({spec.prefix for spec in registered().values() if spec.prefix})
+        return [get_spec(peft_config.peft_type)]
+    return list(registered().values())
+
+
+def _prefixes(peft_config) -> list[str]:
+    """Parameter-name prefixes of the config's method(s)."""
+    return sorted({spec.prefix for spec in _specs(peft_config) if spec.prefix})
+
+
+def _bare_entries(peft_config) -> list[str]:
+    """Containers stored in files under their own name (`AdapterHolder.file_bare_entries` of the methods'
+    layer classes): the model key has `.<adapter>.weight` after them."""
+    found = set()
+    for spec in _specs(peft_config):
+        family = getattr(spec.tuner_cls, "layer_family", ())
+        for cls in family if isinstance(family, tuple) else (family,):
+            found.update(getattr(cls, "file_bare_entries", ()))
+    return sorted(found)
 
 
 def build_peft_weight_mapping(weight_conversions, adapter_name: str, peft_config=None) -> list:
@@ -43,5 +59,8 @@ def build_peft_weight_mapping(weight_conversions, adapter_name: str, peft_config
         # `...q_proj.lora_A.weight` -> `...q_proj.lora_A.<adapter>.weight`: the adapter name follows the
         # method's parameter container (lora_A, lora_magnitude_vector, ...)
         rules.append(WeightRenaming(rf"(?<![^.])({re.escape(prefix)}[^.]*)", rf"\1.{adapter_name}"))
+    for entry in _bare_entries(peft_config):  # renamings chain: `...<entry>.<adapter>` -> `... .weight`
+        pattern = rf"(?<![^.])({re.escape(entry)}\.{re.escape(adapter_name)})$"
+        rules.append(WeightRenaming(pattern, r"\1.weight"))
     rules.extend(c for c in weight_conversions or () if isinstance(c, WeightRenaming))
     return rules

@@ -29,6 +29,7 @@ class LoraLayer(AdapterLayer):
                            "lora_magnitude_vector")
     # HF PEFT's name for them (diffusers' layerwise casting skips these)
     adapter_layer_names = adapter_param_names
+    file_bare_entries = ("lora_magnitude_vector",)  # DoRA's m: `...lora_magnitude_vector` in files
     input_cast_switchable = True  # every input cast goes through cast_input (variants' included)
     is_embedding = False
     variant_kind = "linear"  # layer kind in the rows of variants/table.py VARIANTS
@@ -47,7 +48,7 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (variants/dora.py)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m per adapter, as `.weight` (variants/dora.py)
         self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant; plain LoRA: absent
         self._variant_cache: dict = {}  # variants' derived tensors (never saved)
         # base weight stored (in, out) (Conv1D); set before variants init

@@ -122,7 +122,7 @@ class Dora(LoraVariant):
 
     def magnitude_scale(self, layer, name: str) -> torch.Tensor:
         """m / n, (out,): grads reach m only."""
-        m = layer.lora_magnitude_vector[name]
+        m = magnitude(layer, name)
         return m.flatten() / self.weight_norm(layer, name).to(m.dtype)
 
     # -------- hooks
@@ -135,8 +135,9 @@ class Dora(LoraVariant):
             with torch.no_grad():
                 norm = self.weight_norm(layer, name)  # m starts at ||W + s B A||_row: identity at init
         shape = self.magnitude_shape(layer, norm.shape[0])
-        layer.lora_magnitude_vector[name] = nn.Parameter(
-            norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
+        holder = nn.Module()  # m as `lora_magnitude_vector.<adapter>.weight`, HF PEFT's parameter name
+        holder.weight = nn.Parameter(norm.reshape(shape).to(layer.lora_weights(name)[0].dtype))
+        layer.lora_magnitude_vector[name] = holder
 
     def magnitude_shape(self, layer, out: int) -> tuple[int, ...]:
         return (out,)
@@ -157,7 +158,7 @@ class Dora(LoraVariant):
         x_cast = None if dropout is False else layer.cast_input(x, result.dtype)
         if x_cast is None or x_cast.dtype != result.dtype:  # or: input casting is switched off
             return result + self.contribution(layer, name, x, result)
-        x, m = x_cast, layer.lora_magnitude_vector[name]
+        x, m = x_cast, magnitude(layer, name)
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         norm = self.weight_norm(layer, name).to(m.dtype)
         base = layer.get_base_layer()
@@ -170,7 +171,7 @@ class Dora(LoraVariant):
             return None
         base = layer.get_base_layer()
         return scaled_output(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             layer.lora_magnitude_vector[name], layer.scaling[name])
+                             magnitude(layer, name), layer.scaling[name])
 
     def _fusable(self, layer, name, result):
         """Whether a one-node form (dora_fused.py) applies: False, or the dropout module acting (None when
@@ -189,7 +190,7 @@ class Dora(LoraVariant):
             return False
         a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
         bias = layer.get_base_layer().bias
-        tensors = (a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name])
+        tensors = (a_mod.weight, b_mod.weight, magnitude(layer, name))
         if any(t.dtype != result.dtype for t in tensors) or (bias is not None and bias.dtype != result.dtype):
             return False
         return dropout
@@ -212,7 +213,7 @@ class Dora(LoraVariant):
         return (weight / factor - layer.delta_weight(name)).to(weight.dtype)
 
     def _factor(self, layer, name, norm):
-        m = layer.lora_magnitude_vector[name].detach().flatten()
+        m = magnitude(layer, name).detach().flatten()
         return (m / norm.to(m.dtype)).view(self.weight_view(layer, -1))
 
 
@@ -291,7 +292,7 @@ def _scaled_applies(variant, layer, name, x) -> bool:
     if not _plain_factors(layer, name):
         return False
     a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
-    tensors = (base.weight, a_mod.weight, b_mod.weight, layer.lora_magnitude_vector[name], base.bias)
+    tensors = (base.weight, a_mod.weight, b_mod.weight, magnitude(layer, name), base.bias)
     return all(t is None or t.dtype == x.dtype for t in tensors)
 
 
@@ -351,3 +352,8 @@ def unmerged_base_weight(layer):
             layer.merge(adapter_names=[n for n in merged if n not in layer.merged_adapters])
         finally:
             cache.pop("unmerged", None)
+
+
+def magnitude(layer, name: str) -> nn.Parameter:
+    """DoRA's m of adapter `name` on `layer`."""
+    return layer.lora_magnitude_vector[name].weight
