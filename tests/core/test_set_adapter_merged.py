@@ -55,7 +55,8 @@ def test_set_adapter_unmerges_first(cls, options):
 
 
 def test_set_adapter_after_merge_equals_hf_peft():
-    ours, theirs = (_two_adapters(lib, "LoraConfig", {"init_lora_weights": False}) for lib in (fastpeft, peft))
+    lora = {"init_lora_weights": False}
+    ours, theirs = (_two_adapters(lib, "LoraConfig", lora) for lib in (fastpeft, peft))
     theirs.load_state_dict(ours.state_dict())
     for model in (ours, theirs):
         model.merge_adapter()
