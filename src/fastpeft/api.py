@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .core.layer import AdapterHolder
-from .core.tuner import check_adapter_name
+from .core.tuner import MERGED_SET_ADAPTER, check_adapter_name
 from .peft_model import PeftModel, has_adapters, refuse_second_wrap
 from .registry import get_spec
 from .tasks import TASK_CLASSES
@@ -117,8 +117,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str], inference_mode:
     with merged adapters is unmerged first (with a warning, as HF PEFT)."""
     for holder in _holders(model, layer_cls):
         if getattr(holder, "merged", False):
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
-                          stacklevel=2)
+            warnings.warn(MERGED_SET_ADAPTER, stacklevel=2)
             holder.unmerge()
         holder.set_adapter(adapter_name, inference_mode=inference_mode)
 

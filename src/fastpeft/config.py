@@ -189,7 +189,9 @@ class PeftConfig:
         Anything but a config object is refused with a ValueError (HF PEFT's type for it)."""
         if config is None:
             return cls.from_pretrained(model_id, **hub_kwargs)
-        if not isinstance(config, PeftConfig):
+        from .registry import is_method_config
+
+        if not is_method_config(config):
             raise ValueError(
                 f"config must be a PeftConfig (a method's config, or PeftConfig.from_pretrained(path)), "
                 f"got {type(config).__name__}; or leave config=None to use the adapter_config.json at "

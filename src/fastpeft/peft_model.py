@@ -23,9 +23,10 @@ from .checkpoint import fingerprint, hub, io, loading, validate
 from .checkpoint.config_values import check_config_for_model
 from .checkpoint.keys import file_state, set_peft_model_state_dict
 from .config import PeftConfig, declared
-from .core import checks, module_walk
+from .core import checks, grad_flags, module_walk
 from .core.flags import copy_flags, flags_of
 from .core.layer import AdapterHolder
+from .core.names import known_adapters
 from .core.prompt_adapters import PromptAdapters
 from .core.seams import AdapterManager, method_call_keywords
 from .core.transaction import Transaction
@@ -233,11 +234,17 @@ class PeftModel(PeftModelCompat, nn.Module):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Switch training on or off for the named adapters' parameters (modules_to_save copies included),
-        until the next `set_adapter`."""
-        if not hasattr(self.tuner, "set_requires_grad"):
+        until the next `set_adapter`. Refused for prompt learning, as HF PEFT."""
+        if self.active_peft_config.is_prompt_learning:
             raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
                             f"{self.active_peft_config.peft_type}: their adapters train when active.")
-        self.tuner.set_requires_grad(adapter_names, requires_grad)
+        setter = getattr(self.tuner, "set_requires_grad", None)
+        if setter is not None:
+            setter(adapter_names, requires_grad)
+            return
+        # a tuner without its own (X-LoRA's): the flags of its holders directly
+        names = known_adapters(self.peft_config, adapter_names)
+        grad_flags.apply_overrides([h for _, h in self.tuner.holders()], dict.fromkeys(names, requires_grad))
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -410,9 +417,9 @@ class PeftModel(PeftModelCompat, nn.Module):
                 with checks.loading_file(), validate.file_errors(model_id):
                     self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
                                      autocast_adapter_dtype=autocast_adapter_dtype)
-                if is_trainable and hasattr(self.tuner, "set_requires_grad"):
+                if is_trainable and not config.is_prompt_learning:
                     # as HF PEFT: the new adapter trains even while another one is active
-                    self.tuner.set_requires_grad(adapter_name)
+                    self.set_requires_grad(adapter_name)
             fingerprint.check_fingerprint(self.get_base_model(), model_id, adapter_name,
                                           strict=bool(rest.get("strict", False)), key_mapping=key_mapping,
                                           **hub_kwargs)

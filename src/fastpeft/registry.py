@@ -69,3 +69,11 @@ def get_spec(peft_type: str | PeftType) -> MethodSpec:
 
 def registered() -> dict[PeftType, MethodSpec]:
     return dict(_REGISTRY)
+
+
+def is_method_config(obj: object) -> bool:
+    """Whether `obj` is a config object of a registered method (its spec's config class or a subclass): what
+    generic code accepts where a config is expected (a dict, or another library's config, is not one)."""
+    peft_type = getattr(obj, "peft_type", None)
+    spec = _REGISTRY.get(peft_type) if isinstance(peft_type, str) else None
+    return spec is not None and isinstance(obj, spec.config_cls)

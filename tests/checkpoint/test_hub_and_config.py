@@ -151,3 +151,6 @@ def test_push_to_hub_passes_pr_description_and_tags(monkeypatch):
     with pytest.raises(ValueError, match="max_shard_size"):
         model.push_to_hub("me/my-lora", max_shard_size="1KB")
     model.push_to_hub("me/my-lora", max_shard_size="5GB")
+    for bad in ("5GI", "five GB"):
+        with pytest.raises(ValueError, match="is not a size"):
+            model.push_to_hub("me/my-lora", max_shard_size=bad)

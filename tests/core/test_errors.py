@@ -481,6 +481,10 @@ def test_a_config_that_is_no_peft_config_is_refused_naming_the_fix(tmp_path, ent
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"config must be a PeftConfig .*got dict.*config=None"):
         entry(model, str(path), config={"r": 4})  # HF PEFT raises ValueError here too
+    import peft
+
+    with pytest.raises(ValueError, match=r"config must be a PeftConfig .*got LoraConfig"):
+        entry(model, str(path), config=peft.LoraConfig(target_modules=["lin0"]))  # HF PEFT's own class
     assert_unchanged(model, before)
     given = LoraConfig(**lora_cfg().to_dict() | {"lora_alpha": 5})  # a config object is used as given
     assert entry(make_mlp(), str(path), config=given).peft_config["default"].lora_alpha == 5

@@ -403,3 +403,15 @@ def test_inject_adapter_in_model_refused_leaving_the_model_unchanged(experts):
     with pytest.raises(ValueError, match="inject_adapter_in_model does not support XLORA.*get_peft_model"):
         fastpeft.inject_adapter_in_model(config, model)
     _assert_unchanged(model, before)
+
+
+def test_set_requires_grad_as_hf(experts):
+    """X-LoRA's tuner has no set_requires_grad of its own: PeftModel sets its holders' flags directly, where
+    HF PEFT runs its BaseTuner method (it leaves the classifier as it is for "default"); not refused as
+    for prompt learning."""
+    theirs, ours = pair(experts)
+    for requires_grad in (False, True):
+        for model in (ours, theirs):
+            model.set_requires_grad("default", requires_grad)
+        trained = [{n for n, p in m.named_parameters() if p.requires_grad} for m in (ours, theirs)]
+        assert trained[0] == trained[1] and trained[0]

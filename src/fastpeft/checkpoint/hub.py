@@ -16,7 +16,7 @@ def size_in_bytes(size: int | str) -> int:
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
-    if match is None:
+    if match is None or match.group(2) not in _UNITS:  # e.g. "5GI"
         raise ValueError(f"max_shard_size={size!r} is not a size: an int (bytes) or e.g. '5GB', '500MiB'.")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 

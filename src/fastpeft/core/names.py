@@ -39,3 +39,13 @@ def check_adapter_name(name: str) -> None:
             f"names, so state-dict keys could not tell the name from a parameter; rename it, e.g. to "
             f"{name[len(prefix):] or 'adapter'!r}."
         )
+
+
+def known_adapters(configs: dict, adapter_names: str | list[str]) -> list[str]:
+    """`adapter_names` as a list, each one a key of `configs` (the loaded adapters), else a ValueError
+    naming the unknown ones."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    missing = [n for n in names if n not in configs]
+    if missing:
+        raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(configs)}.")
+    return names

@@ -22,7 +22,7 @@ from . import grad_flags, module_walk, placement, target_checks, targeting, tyin
 from .auxiliary import wrap_modules_to_save
 from .dispatch import DispatchChain
 from .layer import AdapterHolder, AdapterLayer, CallState
-from .names import check_adapter_name
+from .names import check_adapter_name, known_adapters
 from .seams import method_call_keywords
 from .target_report import TargetReport
 from .transaction import Transaction
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..config import PeftConfig
 
 logger = logging.getLogger(__name__)
+MERGED_SET_ADAPTER = "Adapter cannot be set when the model is merged. Unmerging the model first."
 
 
 @contextmanager
@@ -390,7 +391,7 @@ class Tuner(TargetReport, nn.Module):
             holder.delete_adapter(adapter_name)
         self.peft_config.pop(adapter_name, None)
         self.trainable_adapters.discard(adapter_name)
-        self.__dict__.get("grad_overrides", {}).pop(adapter_name, None)
+        self.grad_overrides.pop(adapter_name, None)
         self._drop_empty_layers()
 
     def _no_target_message(self, config: PeftConfig, names: list[str]) -> str:
@@ -445,35 +446,28 @@ class Tuner(TargetReport, nn.Module):
         self.bind_call_state(holders)
         for name in trainable:
             self.hooks_for(self.peft_config[name]).mark_extra_trainable(name, self.peft_config[name])
-        grad_flags.apply_overrides(holders, self.__dict__.get("grad_overrides") or {})
+        grad_flags.apply_overrides(holders, self.grad_overrides)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Training on or off for the named adapters, active or not (modules_to_save copies included); as HF
         PEFT, it lasts until the next `set_adapter` (adding or loading other adapters keeps it)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
-        self.__dict__.setdefault("grad_overrides", {}).update(dict.fromkeys(names, requires_grad))
-        grad_flags.apply_overrides([h for _, h in self.holders()], dict.fromkeys(names, requires_grad))
+        chosen = dict.fromkeys(known_adapters(self.peft_config, adapter_names), requires_grad)
+        self.grad_overrides.update(chosen)
+        grad_flags.apply_overrides([h for _, h in self.holders()], chosen)
 
     def mark_extra_trainable(self, adapter_name: str, config: PeftConfig) -> None:
         """Hook for method options that train base parameters too (e.g. LoRA's `bias`)."""
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate `adapter_name`(s); they become trainable unless `inference_mode` (as HF PEFT)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"Unknown adapter(s) {missing}; loaded adapters: {sorted(self.peft_config)}.")
+        names = known_adapters(self.peft_config, adapter_name)
         if any(layer.merged for layer in self.adapter_layers()):
             # a merged adapter stays in the weights whatever is active: unmerge first, as HF PEFT
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
-                          stacklevel=2)
+            warnings.warn(MERGED_SET_ADAPTER, stacklevel=2)
             self.unmerge_adapter()
         self.active_adapter = adapter_name
         self.trainable_adapters = set() if inference_mode else set(names)
-        self.__dict__.get("grad_overrides", {}).clear()  # as HF PEFT: set_adapter decides every flag again
+        self.grad_overrides.clear()  # as HF PEFT: set_adapter decides every flag again
         self._apply_adapter_state()
 
     def enable_adapter_layers(self) -> None:

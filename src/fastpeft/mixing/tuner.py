@@ -62,6 +62,7 @@ def method_view(tuner_cls: type[Tuner], model: nn.Module) -> Tuner:
     view.peft_config = {}
     view.active_adapter = []
     view.trainable_adapters = set()
+    view.grad_overrides = {}
     return view
 
 
